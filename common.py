@@ -157,11 +157,13 @@ def hparams_from(path):
 
 
 def pick_device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cpu":
+        # Denormal floats are ~50x slower on CPUs; a client that sees one class quickly produces them
+        # (tiny gradients). GPUs flush them to zero anyway, so do the same here.
+        torch.set_flush_denormal(True)
     return dev
 
 
@@ -682,6 +684,14 @@ def fisher_scores(model, batches, device, gen, mask=None, damp=0.1, chunk=16):
         for m, f in zip(fused, saved):
             m.fused_attn = f
     return scores, count
+
+
+def calibration_batches(x, n, args, device, gen):
+    """n random clean images of uint8 x (a fresh sample per call of gen), preprocessed,
+    in batches of --fisher-batch-size: the input of fisher_scores."""
+    idx = torch.randperm(len(x), generator=gen)[:n]
+    for i in range(0, len(idx), args.fisher_batch_size):
+        yield preprocess(x[idx[i:i + args.fisher_batch_size]].to(device), args.img_size)
 
 
 def select_mask(scores, rule, keep, current=None, gen=None, params=None):

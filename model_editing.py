@@ -62,13 +62,6 @@ def warm_up_head(model, data, args, device):
     return {"warmup_val_loss": val[0], "warmup_val_acc": val[1], "test": C.evaluate_head(model.head, *feats["test"])}
 
 
-def calibration_batches(x, args, device, gen):
-    """--fisher-batches random batches of clean training images, preprocessed."""
-    idx = torch.randperm(len(x), generator=gen)[:args.fisher_batches * args.fisher_batch_size]
-    for i in range(0, len(idx), args.fisher_batch_size):
-        yield C.preprocess(x[idx[i:i + args.fisher_batch_size]].to(device), args.img_size)
-
-
 def make_mask(model, data, args, device):
     """Calibrate the mask in --calib-rounds rounds on training images (a fresh sample each round)."""
     x = data["train"][0]
@@ -77,7 +70,8 @@ def make_mask(model, data, args, device):
     def score(mask):
         rnd["r"] += 1
         gen = C.make_generator(args.seed, rnd["r"], 31)
-        scores, n = C.fisher_scores(model, calibration_batches(x, args, device, gen), device, gen,
+        batches = C.calibration_batches(x, args.fisher_batches * args.fisher_batch_size, args, device, gen)
+        scores, n = C.fisher_scores(model, batches, device, gen,
                                     mask=mask, damp=args.calib_damp)
         return {k: v / n for k, v in scores.items()}
 
