@@ -120,13 +120,10 @@ def compare_schedulers(best, ckpt, save, model, feats, args):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.resume and C.finished(args):
-        print(f"{args.out} is already finished")
+    prepared = C.prepare(args)
+    if prepared is None:
         return
-    device = C.pick_device(args.device)
-    C.seed_everything(args.seed)
-    data = C.load_data(args)
-    model = C.build_model(args).to(device)
+    device, data, model = prepared
     ckpt = C.open_run(args)  # after data and weights loaded: a failure there leaves no run dir behind
     for p in model.parameters():
         p.requires_grad_(False)

@@ -511,6 +511,13 @@ def evaluate(model, x, y, args, device):
     return evaluate_logits_fn(logits, x, y, args.eval_batch_size)
 
 
+def evaluate_splits(model, data, args, device):
+    """Validation and test loss and accuracy of the whole model, as one metrics row."""
+    vl, va = evaluate(model, *data["val"], args, device)
+    tl, ta = evaluate(model, *data["test"], args, device)
+    return dict(val_loss=vl, val_acc=va, test_loss=tl, test_acc=ta)
+
+
 def evaluate_head(head, feats, y, batch_size=4096):
     head.eval()
     return evaluate_logits_fn(head, feats, y, batch_size)
@@ -869,6 +876,19 @@ def open_run(args):
     os.makedirs(out, exist_ok=True)
     write_json(config, cfg_path)
     return None
+
+
+def prepare(args):
+    """The start every script shares: None if --resume finds the run already finished,
+    else (device, data, model). Nothing is written yet: bad data or weights leave no run dir."""
+    if args.resume and finished(args):
+        print(f"{args.out} is already finished")
+        return None
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    data = load_data(args)
+    model = build_model(args).to(device)
+    return device, data, model
 
 
 def finished(args):

@@ -232,12 +232,6 @@ def federated_mask(model, shards, x, args, device):
 
 # ----------------------------------------------------------------------------- main
 
-def evaluation(model, data, args, device):
-    vl, va = C.evaluate(model, *data["val"], args, device)
-    tl, ta = C.evaluate(model, *data["test"], args, device)
-    return dict(val_loss=vl, val_acc=va, test_loss=tl, test_acc=ta)
-
-
 def write_outputs(rows, args):
     C.write_csv(rows, os.path.join(args.out, "metrics.csv"))
     r = [row["round"] for row in rows]
@@ -253,13 +247,10 @@ def write_outputs(rows, args):
 def main(argv=None):
     from tqdm import tqdm
     args = get_args(argv)
-    if args.resume and C.finished(args):
-        print(f"{args.out} is already finished")
+    prepared = C.prepare(args)
+    if prepared is None:
         return
-    device = C.pick_device(args.device)
-    C.seed_everything(args.seed)
-    data = C.load_data(args)
-    model = C.build_model(args).to(device)
+    device, data, model = prepared
     given_mask = C.load_mask(args.mask, model) if args.mask else None
     shards = make_shards(data["train"][1], args)  # may refuse a combination the data cannot shard
     ckpt = C.open_run(args)
@@ -300,7 +291,7 @@ def main(argv=None):
         ckpt["round"] = rnd + 1
         if ckpt["round"] % args.eval_every == 0 or ckpt["round"] == total_rounds:
             row = dict(round=ckpt["round"], train_loss=sum(ckpt["losses"]) / len(ckpt["losses"]),
-                       **evaluation(model, data, args, device))
+                       **C.evaluate_splits(model, data, args, device))
             ckpt["rows"].append(row)
             ckpt["losses"] = []
             write_outputs(ckpt["rows"], args)

@@ -96,21 +96,12 @@ def fine_tune_epoch(model, opt, data, args, device, epoch):
     return total / len(x)
 
 
-def evaluation(model, data, args, device):
-    vl, va = C.evaluate(model, *data["val"], args, device)
-    tl, ta = C.evaluate(model, *data["test"], args, device)
-    return dict(val_loss=vl, val_acc=va, test_loss=tl, test_acc=ta)
-
-
 def main(argv=None):
     args = get_args(argv)
-    if args.resume and C.finished(args):
-        print(f"{args.out} is already finished")
+    prepared = C.prepare(args)
+    if prepared is None:
         return
-    device = C.pick_device(args.device)
-    C.seed_everything(args.seed)
-    data = C.load_data(args)
-    model = C.build_model(args).to(device)
+    device, data, model = prepared
     given_mask = C.load_mask(args.mask, model) if args.mask else None
     ckpt = C.open_run(args)
     t0 = time.time() - (ckpt["elapsed"] if ckpt else 0.0)
@@ -137,14 +128,14 @@ def main(argv=None):
         opt.load_state_dict(ckpt["opt"])
     if not ckpt["rows"]:  # epoch 0: the warmed-up model before any edit
         ckpt["rows"].append(dict(epoch=0, train_loss=float("nan"),
-                                 **evaluation(model, data, args, device)))
+                                 **C.evaluate_splits(model, data, args, device)))
 
     while ckpt["epoch"] < args.epochs:
         ep = ckpt["epoch"]
         for g in opt.param_groups:
             g["lr"] = args.lr * C.lr_factor(args.scheduler, ep, args.epochs)
         loss = fine_tune_epoch(model, opt, data, args, device, ep)
-        row = dict(epoch=ep + 1, train_loss=loss, **evaluation(model, data, args, device))
+        row = dict(epoch=ep + 1, train_loss=loss, **C.evaluate_splits(model, data, args, device))
         print(f"epoch {ep + 1}: train loss {loss:.4f}  val acc {row['val_acc']:.4f}  test acc {row['test_acc']:.4f}")
         ckpt["rows"].append(row)
         ckpt.update(epoch=ep + 1, model=model.state_dict(), opt=opt.state_dict(), elapsed=time.time() - t0)
