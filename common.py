@@ -258,6 +258,8 @@ def load_data(args):
         x_tr, y_tr, x_te, y_te = load_cifar100(args.data_dir)
     # The split seed is fixed (not --seed) so that every run and every seed sees the same validation set.
     tr, va = stratified_split(y_tr, args.val_frac, seed=0)
+    if len(va) == 0:
+        raise UserError(f"--val-frac {args.val_frac} leaves no validation image; raise it (or --synthetic-size)")
     return {"train": (x_tr[tr], y_tr[tr]), "val": (x_tr[va], y_tr[va]), "test": (x_te, y_te)}
 
 
@@ -959,10 +961,12 @@ def main():
     p = Parser(description="Download CIFAR-100 and the DINO ViT-S/16 weights, for later offline runs.")
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--arch", default=DEFAULT_ARCH)
+    p.add_argument("--data-only", action="store_true", help="only CIFAR-100 (you bring --weights FILE)")
     a = p.parse_args()
     load_cifar100(a.data_dir)
     print(f"CIFAR-100 is in {a.data_dir}")
-    print(f"weights for {a.arch}: {hub_weights(a.arch)}")
+    if not a.data_only:
+        print(f"weights for {a.arch}: {hub_weights(a.arch)}")
 
 
 if __name__ == "__main__":

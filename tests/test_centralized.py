@@ -100,6 +100,7 @@ def test_refuses_a_directory_holding_a_different_run(tmp_path):
     ["--schedulers", "cosine,bogus", "--compare-schedulers"],
     ["--val-frac", "1.5"],
     ["--grid-lr", "0.1,abc"],
+    ["--synthetic-size", "500"],  # 5 images a class: a 10% validation split would be empty
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, bad):
     proc = run_script("centralized.py", *FAST, "--out", str(tmp_path / "r"), *bad)
