@@ -141,6 +141,8 @@ def mask_parser():
     g.add_argument("--fisher-batch-size", type=positive_int, default=32, help="default: 32")
     g.add_argument("--calib-damp", type=nonneg_float, default=0.1,
                    help="while calibrating, weights already masked out are scaled by this (TaLoS: 0.1)")
+    g.add_argument("--fisher-chunk", type=positive_int, default=16,
+                   help="per-sample gradients computed at once: memory grows with it (default: 16)")
     return p
 
 

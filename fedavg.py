@@ -218,7 +218,7 @@ def federated_mask(model, shards, x, args, device):
         for client, shard in enumerate(shards):
             gen = C.make_generator(args.seed, calib_round["r"], client, 67)
             s, n = C.fisher_scores(model, C.calibration_batches(x[shard], per_client, args, device, gen),
-                                   device, gen, mask=mask, damp=args.calib_damp)
+                                   device, gen, mask=mask, damp=args.calib_damp, chunk=args.fisher_chunk)
             total = s if total is None else {k: total[k] + s[k] for k in total}
             count += n
         return {k: v / count for k, v in total.items()}

@@ -72,7 +72,7 @@ def make_mask(model, data, args, device):
         gen = C.make_generator(args.seed, rnd["r"], 31)
         batches = C.calibration_batches(x, args.fisher_batches * args.fisher_batch_size, args, device, gen)
         scores, n = C.fisher_scores(model, batches, device, gen,
-                                    mask=mask, damp=args.calib_damp)
+                                    mask=mask, damp=args.calib_damp, chunk=args.fisher_chunk)
         return {k: v / n for k, v in scores.items()}
 
     t = time.time()
