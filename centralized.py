@@ -12,8 +12,6 @@ epoch of every trial trains the head on them. Example:
 import os
 import time
 
-import torch
-
 import common as C
 
 
@@ -163,7 +161,7 @@ def main(argv=None):
     C.plot_lines(os.path.join(args.out, "accuracy.png"),
                  {s: (ep, [h[f"{s}_acc"] for h in hist]) for s in ("val", "test")},
                  "epoch", "top-1 accuracy", "Centralized baseline: accuracy")
-    torch.save(final["head"], os.path.join(args.out, "head.pt"))
+    C.atomic_save(final["head"], os.path.join(args.out, "head.pt"))
     best_row = hist[final["best_epoch"] - 1]
     result = {"stage": "centralized", "dataset": args.dataset, "seed": args.seed, "best": hp,
               "best_epoch": final["best_epoch"], "epochs_run": final["epochs_run"],
