@@ -219,7 +219,11 @@ def federated_mask(model, shards, x, args, device):
             gen = C.make_generator(args.seed, calib_round["r"], client, 67)
             s, n = C.fisher_scores(model, C.calibration_batches(x[shard], per_client, args, device, gen),
                                    device, gen, mask=mask, damp=args.calib_damp, chunk=args.fisher_chunk)
-            total = s if total is None else {k: total[k] + s[k] for k in total}
+            if total is None:
+                total = s
+            else:
+                for k in total:
+                    total[k] += s[k]
             count += n
         return {k: v / count for k, v in total.items()}
 
@@ -300,8 +304,7 @@ def main(argv=None):
         if ckpt["round"] % args.ckpt_every == 0 or ckpt["round"] % args.eval_every == 0:
             save()
 
-    rows = ckpt["rows"]
-    write_outputs(rows, args)
+    rows = ckpt["rows"]  # metrics.csv and the plots were written at the last round's evaluation
     if ckpt["calib_log"]:
         C.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
     best = max(rows, key=lambda r: r["val_acc"])  # first of equals wins

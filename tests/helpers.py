@@ -1,9 +1,13 @@
 """Small utilities shared by the test files."""
+import argparse
 import os
 import subprocess
 import sys
 
-from conftest import ROOT
+import torch
+
+import common as C
+from conftest import ROOT, TINY
 
 
 def run_script(script, *argv, cwd=None):
@@ -18,3 +22,28 @@ def assert_usage_error(proc):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1, proc.stderr
     return lines[0]
+
+
+def tiny_model(seed=0):
+    """The tests' tiny random ViT (with its head), as the scripts build it from TINY flags."""
+    p = argparse.ArgumentParser(parents=[C.base_parser()])
+    torch.manual_seed(seed)
+    return C.build_model(p.parse_args(TINY + ["--seed", str(seed)]))
+
+
+def backbone_file(tmp_path, seed=0):
+    """A tiny 'pre-trained' backbone in the official DINO file layout; returns (path, model)."""
+    model = tiny_model(seed)
+    path = tmp_path / "backbone.pth"
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, path)
+    return str(path), model
+
+
+def masked_weights_moved(final, pre, mask):
+    """Assert every masked-out backbone weight of state dict `final` equals the one of model `pre`;
+    return (masked-in weights that moved, masked-in weights)."""
+    moved = 0
+    for n, p in C.backbone_params(pre):
+        assert torch.equal(final[n][~mask[n]], p[~mask[n]]), f"{n}: a masked-out weight changed"
+        moved += int((final[n][mask[n]] != p[mask[n]]).sum())
+    return moved, sum(int(m.sum()) for m in mask.values())

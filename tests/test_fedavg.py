@@ -1,5 +1,4 @@
 """fedavg.py: sharding, one round against the math, sparse rounds, resume, learning, bad flags."""
-import argparse
 import copy
 import json
 
@@ -10,15 +9,9 @@ import torch.nn.functional as F
 import common as C
 import fedavg
 from conftest import TINY
-from helpers import assert_usage_error, run_script
+from helpers import assert_usage_error, backbone_file, masked_weights_moved, run_script, tiny_model
 
 FAST = TINY + ["--synthetic-size", "2000", "--k", "10", "--c", "0.5", "--lr", "0.05", "--batch-size", "32"]
-
-
-def tiny_model(seed=0):
-    p = argparse.ArgumentParser(parents=[C.base_parser()])
-    torch.manual_seed(seed)
-    return C.build_model(p.parse_args(TINY + ["--seed", str(seed)]))
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -132,13 +125,6 @@ def test_head_only_rounds_leave_the_backbone_untouched():
 
 # ----------------------------------------------------------------------------- fedavg.py end to end
 
-def backbone_file(tmp_path):
-    model = tiny_model()
-    path = tmp_path / "backbone.pth"
-    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, path)
-    return str(path), model
-
-
 @pytest.mark.parametrize("rule", ["least-sensitive", "random"])
 def test_sparse_fedavg_never_changes_masked_out_global_weights(tmp_path, rule):
     weights, pre = backbone_file(tmp_path)
@@ -146,11 +132,7 @@ def test_sparse_fedavg_never_changes_masked_out_global_weights(tmp_path, rule):
     fedavg.main(FAST + ["--weights", weights, "--sparse", "--rule", rule, "--sparsity", "0.9",
                         "--calib-rounds", "2", "--rounds", "4", "--eval-every", "2", "--out", str(out)])
     mask = C.load_mask(str(out / "mask.pt"), pre)
-    final = torch.load(out / "model.pt", weights_only=True)
-    for n, p in C.backbone_params(pre):
-        assert torch.equal(final[n][~mask[n]], p[~mask[n]]), f"{n}: a masked-out weight changed"
-    moved = sum(int((final[n][mask[n]] != p[mask[n]]).sum()) for n, p in C.backbone_params(pre))
-    free = sum(int(m.sum()) for m in mask.values())
+    moved, free = masked_weights_moved(torch.load(out / "model.pt", weights_only=True), pre, mask)
     assert 0.99 * free <= moved <= free
     total = sum(p.numel() for _, p in C.backbone_params(pre))
     result = json.loads((out / "result.json").read_text())
