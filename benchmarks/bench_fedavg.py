@@ -13,11 +13,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from isolated import run_isolated  # noqa: E402  (benchmarks/ is on the path: it holds this script)
 
 
 def measure(cfg):
@@ -73,19 +73,11 @@ def main():
     if a.one:
         print(json.dumps(measure(json.loads(a.one))))
         return
-    rows = []
-    for sparse in (False, True):
-        for k in [int(v) for v in a.ks.split(",")]:
-            # the same number of clients per round for every K: only K itself changes
-            cfg = dict(arch=a.arch, img_size=a.img_size, k=k, c=min(1.0, a.c * 100 / k), j=a.j, batch=a.batch,
-                       per_client=a.per_client, rounds=a.rounds, sparse=sparse, device=a.device)
-            out = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"K={k} sparse={sparse}: failed: {out.stderr.strip().splitlines()[-1]}")
-                continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    if not rows:
-        sys.exit(1)
+    # the same number of clients per round for every K: only K itself changes
+    cfgs = [dict(arch=a.arch, img_size=a.img_size, k=k, c=min(1.0, a.c * 100 / k), j=a.j, batch=a.batch,
+                 per_client=a.per_client, rounds=a.rounds, sparse=sparse, device=a.device)
+            for sparse in (False, True) for k in [int(v) for v in a.ks.split(",")]]
+    rows = run_isolated(__file__, cfgs, lambda cfg: f"K={cfg['k']} sparse={cfg['sparse']}")
     r0 = rows[0]
     print(f"\nFedAvg rounds, {r0['arch']} ({r0['params_m']:.1f}M weights) at {r0['img_size']} px, batch {r0['batch']}, "
           f"J={r0['j']}, device {r0['device_name']}; peak = {r0['peak_kind']}\n")

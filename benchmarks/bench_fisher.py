@@ -12,11 +12,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from isolated import run_isolated  # noqa: E402  (benchmarks/ is on the path: it holds this script)
 
 
 def measure(cfg):
@@ -74,16 +74,9 @@ def main():
     if a.one:
         print(json.dumps(measure(json.loads(a.one))))
         return
-    rows = []
-    for chunk in [int(c) for c in a.chunks.split(",")]:
-        cfg = dict(arch=a.arch, img_size=a.img_size, samples=a.samples, batch=a.batch, chunk=chunk, device=a.device)
-        out = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"chunk {chunk}: failed: {out.stderr.strip().splitlines()[-1]}")
-            continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    if not rows:
-        sys.exit(1)
+    cfgs = [dict(arch=a.arch, img_size=a.img_size, samples=a.samples, batch=a.batch, chunk=int(c), device=a.device)
+            for c in a.chunks.split(",")]
+    rows = run_isolated(__file__, cfgs, lambda cfg: f"chunk {cfg['chunk']}")
     r0 = rows[0]
     print(f"\nFisher scoring, {r0['arch']} ({r0['params_m']:.1f}M backbone weights) at {r0['img_size']} px, "
           f"{r0['samples']} samples, device {r0['device_name']}; peak = {r0['peak_kind']}\n")
