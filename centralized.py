@@ -17,26 +17,26 @@ import common as C
 
 def get_args(argv=None):
     p = C.Parser(parents=[C.base_parser()], description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=C.positive_int, default=30, help="epochs per training (default: 30)")
+    p.add_argument("--epochs", type=C.positive_int, default=30, help="epochs per training")
     p.add_argument("--patience", type=C.positive_int, default=5,
-                   help="stop after this many epochs without a better validation accuracy (default: 5)")
-    p.add_argument("--lr", type=C.nonneg_float, default=0.01, help="learning rate without --grid (default: 0.01)")
-    p.add_argument("--momentum", type=C.unit_float, default=0.9, help="momentum without --grid (default: 0.9)")
-    p.add_argument("--wd", type=C.nonneg_float, default=0.0, help="weight decay without --grid (default: 0)")
+                   help="stop after this many epochs without a better validation accuracy")
+    p.add_argument("--lr", type=C.nonneg_float, default=0.01, help="learning rate without --grid")
+    p.add_argument("--momentum", type=C.unit_float, default=0.9, help="momentum without --grid")
+    p.add_argument("--wd", type=C.nonneg_float, default=0.0, help="weight decay without --grid")
     p.add_argument("--hparams", default=None,
                    help="take lr/momentum/wd from an earlier centralized run's result.json")
-    p.add_argument("--scheduler", choices=C.SCHEDULERS, default="cosine", help="LR schedule (default: cosine)")
+    p.add_argument("--scheduler", choices=C.SCHEDULERS, default="cosine",
+                   help="LR schedule (see common.lr_factor), per epoch")
     p.add_argument("--grid", action="store_true", help="grid search lr x momentum x wd first and use the best")
-    p.add_argument("--grid-lr", type=C.float_list, default=[0.1, 0.001, 0.005], help="default: 0.1,0.001,0.005")
-    p.add_argument("--grid-momentum", type=C.float_list, default=[0.8, 0.9, 0.95], help="default: 0.8,0.9,0.95")
-    p.add_argument("--grid-wd", type=C.float_list, default=[0.001, 0.0], help="default: 0.001,0")
+    p.add_argument("--grid-lr", type=C.float_list, default=[0.1, 0.001, 0.005], help="learning rates of the grid")
+    p.add_argument("--grid-momentum", type=C.float_list, default=[0.8, 0.9, 0.95], help="momenta of the grid")
+    p.add_argument("--grid-wd", type=C.float_list, default=[0.001, 0.0], help="weight decays of the grid")
     p.add_argument("--compare-schedulers", action="store_true",
                    help="train once per schedule in --schedulers, plot them, and use the best")
-    p.add_argument("--schedulers", default=",".join(C.SCHEDULERS),
-                   help=f"schedules to compare (default: {','.join(C.SCHEDULERS)})")
+    p.add_argument("--schedulers", default=",".join(C.SCHEDULERS), help="schedules to compare")
     p.add_argument("--aug-views", type=C.nonneg_int, default=0,
                    help="0: train the head on clean images; V: on V cached augmented views "
-                        "(random crop + flip), epoch e uses view e %% V (default: 0)")
+                        "(random crop + flip), epoch e uses view e %% V")
     args = p.parse_args(argv)
     args.schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
     bad = [s for s in args.schedulers if s not in C.SCHEDULERS]
@@ -46,11 +46,9 @@ def get_args(argv=None):
         p.error("--grid-momentum values must be < 1")
     if args.hparams and args.grid:
         p.error("--hparams and --grid both choose the hyperparameters; give one")
-    if args.out is None:
-        hp = "grid" if args.grid else ("hparams" if args.hparams else f"lr{args.lr}_m{args.momentum}_wd{args.wd}")
-        args.out = C.default_out("centralized", {"": args.dataset if args.dataset != "cifar100" else None, "hp": hp,
-                                                 "sched": "compare" if args.compare_schedulers else args.scheduler,
-                                                 "aug": args.aug_views or None, "seed": args.seed})
+    hp = "grid" if args.grid else "hparams" if args.hparams else f"lr{args.lr}_m{args.momentum}_wd{args.wd}"
+    sched = "compare" if args.compare_schedulers else args.scheduler
+    args.out = args.out or f"{args.results}/centralized/{hp}_{sched}/seed{args.seed}"
     return args
 
 
@@ -58,40 +56,34 @@ def trial_key(hp):
     return f"lr={hp['lr']:g} m={hp['momentum']:g} wd={hp['wd']:g} sched={hp['scheduler']}"
 
 
-def run_trial(name, hp, ckpt, save, model, feats, args, test=None):
-    """Train a fresh head for one hyperparameter setting; save() the checkpoint after every epoch."""
+def run_trial(name, hp, ckpt, model, feats, args, test=None):
+    """Train a fresh head for one hyperparameter setting and checkpoint its summary. A linear probe on
+    cached features takes seconds, so an interrupted run redoes at most the trial it was in."""
     if name in ckpt["done"]:
         return ckpt["done"][name]
-    head = model.head
-    C.seed_everything(args.seed)
-    head.load_state_dict(ckpt["init_head"])  # every trial starts from the same head
-    state = ckpt["current"][1] if ckpt.get("current") and ckpt["current"][0] == name else None
+    if C.stop_requested():
+        raise C.Stopped()
     t0 = time.time()
-
-    def on_epoch(s):
-        ckpt["current"] = (name, s)
-        save()
-
-    state = C.train_head(head, feats, hp, args, args.epochs, args.patience, state=state,
-                         on_epoch=on_epoch, test=test)
-    summary = dict(hp, best_val_acc=state["best_acc"], best_epoch=state["best_epoch"],
-                   epochs_run=state["epoch"], history=state["history"], seconds=time.time() - t0)
+    model.head.load_state_dict(ckpt["init_head"])  # every trial starts from the same head
+    history, best_epoch = C.train_head(model.head, feats, hp, args.epochs, args.patience, args.batch_size,
+                                       args.seed, test=test)
+    summary = dict(hp, best_val_acc=history[best_epoch - 1]["val_acc"], best_epoch=best_epoch,
+                   epochs_run=len(history), history=history, seconds=time.time() - t0)
     if test is not None:
-        summary["head"] = state["best_head"]
+        summary["head"] = C.cpu_state(model.head)
     ckpt["done"][name] = summary
-    ckpt["current"] = None
-    save()
-    print(f"  {name}: best val acc {state['best_acc']:.4f} at epoch {state['best_epoch']}")
+    C.save_checkpoint(ckpt, args)
+    print(f"  {name}: best val acc {summary['best_val_acc']:.4f} at epoch {best_epoch}")
     return summary
 
 
-def grid_search(ckpt, save, model, feats, args):
+def grid_search(ckpt, model, feats, args):
     rows = []
     for lr in args.grid_lr:
         for m in args.grid_momentum:
             for wd in args.grid_wd:
                 hp = dict(lr=lr, momentum=m, wd=wd, scheduler=args.scheduler)
-                s = run_trial("grid " + trial_key(hp), hp, ckpt, save, model, feats, args)
+                s = run_trial("grid " + trial_key(hp), hp, ckpt, model, feats, args)
                 rows.append({k: s[k] for k in ("lr", "momentum", "wd", "scheduler", "best_val_acc",
                                                "best_epoch", "epochs_run")})
     rows.sort(key=lambda r: -r["best_val_acc"])  # stable: ties keep grid order
@@ -102,11 +94,11 @@ def grid_search(ckpt, save, model, feats, args):
     return {k: rows[0][k] for k in ("lr", "momentum", "wd")}
 
 
-def compare_schedulers(best, ckpt, save, model, feats, args):
+def compare_schedulers(best, ckpt, model, feats, args):
     rows, curves = [], {}
     for sched in args.schedulers:
         hp = dict(best, scheduler=sched)
-        s = run_trial("sched " + trial_key(hp), hp, ckpt, save, model, feats, args)
+        s = run_trial("sched " + trial_key(hp), hp, ckpt, model, feats, args)
         rows.append({"scheduler": sched, "best_val_acc": s["best_val_acc"], "best_epoch": s["best_epoch"],
                      "epochs_run": s["epochs_run"]})
         curves[sched] = ([h["epoch"] for h in s["history"]], [h["val_acc"] for h in s["history"]])
@@ -122,35 +114,28 @@ def main(argv=None):
     if prepared is None:
         return
     device, data, model = prepared
-    ckpt = C.open_run(args)  # after data and weights loaded: a failure there leaves no run dir behind
+    given = C.hparams_from(args.hparams) if args.hparams else None  # checked before anything is written
+    ckpt = C.open_run(args)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.head.requires_grad_(True)
     feats = C.cached_features(model, data, args, device, args.aug_views)
     if ckpt is None:
-        ckpt = {"done": {}, "current": None, "elapsed": 0.0,
-                "init_head": {k: v.clone() for k, v in model.head.state_dict().items()}}
-    t0 = time.time() - ckpt["elapsed"]  # wall time adds up across interruptions
-
-    def save():
-        ckpt["elapsed"] = time.time() - t0
-        C.save_checkpoint(ckpt, args)
+        ckpt = {"done": {}, "init_head": C.cpu_state(model.head)}
 
     if args.grid:
         print(f"grid search: {len(args.grid_lr) * len(args.grid_momentum) * len(args.grid_wd)} settings")
-        best = grid_search(ckpt, save, model, feats, args)
-    elif args.hparams:
-        lr, m, wd = C.hparams_from(args.hparams)
-        best = dict(lr=lr, momentum=m, wd=wd)
+        best = grid_search(ckpt, model, feats, args)
+    elif given:
+        best = dict(lr=given[0], momentum=given[1], wd=given[2])
     else:
         best = dict(lr=args.lr, momentum=args.momentum, wd=args.wd)
     sched = args.scheduler
     if args.compare_schedulers:
         print(f"comparing schedulers {args.schedulers} at {best}")
-        sched = compare_schedulers(best, ckpt, save, model, feats, args)
+        sched = compare_schedulers(best, ckpt, model, feats, args)
     hp = dict(best, scheduler=sched)
     print(f"final training: {trial_key(hp)}")
-    final = run_trial("final " + trial_key(hp), hp, ckpt, save, model, feats, args, test=feats["test"])
+    final = run_trial("final " + trial_key(hp), hp, ckpt, model, feats, args, test=feats["test"])
 
     hist = final["history"]
     C.write_csv(hist, os.path.join(args.out, "metrics.csv"))
@@ -161,13 +146,13 @@ def main(argv=None):
     C.plot_lines(os.path.join(args.out, "accuracy.png"),
                  {s: (ep, [h[f"{s}_acc"] for h in hist]) for s in ("val", "test")},
                  "epoch", "top-1 accuracy", "Centralized baseline: accuracy")
-    C.atomic_save(final["head"], os.path.join(args.out, "head.pt"))
+    C.atomic_save(final["head"], os.path.join(args.out, "head.pt"))  # CPU tensors: loads anywhere
     best_row = hist[final["best_epoch"] - 1]
     result = {"stage": "centralized", "dataset": args.dataset, "seed": args.seed, "best": hp,
               "best_epoch": final["best_epoch"], "epochs_run": final["epochs_run"],
               "val_acc": best_row["val_acc"], "test_acc": best_row["test_acc"],
               "test_loss": best_row["test_loss"], "final_test_acc": hist[-1]["test_acc"],
-              "seconds": time.time() - t0}
+              "seconds": sum(t["seconds"] for t in ckpt["done"].values())}  # of every trial, across resumes
     C.finish_run(result, args)
     print(f"test accuracy {result['test_acc']:.4f} (val {result['val_acc']:.4f}, epoch {result['best_epoch']}); "
           f"results in {args.out}")

@@ -1,17 +1,20 @@
 """Pieces shared by centralized.py, model_editing.py and fedavg.py.
 
-Data and transforms, the ViT classifier and its weights, SparseSGDM, evaluation,
-frozen-backbone features and head training, Fisher scores and gradient masks,
-and run directories (config, metrics, atomic checkpoints, resume).
+Read it top to bottom: errors and signals, flags, device and precision, random streams, data,
+the ViT and its weights, SparseSGDM, learning-rate schedules, forward passes and evaluation,
+frozen-backbone features and heads (SGD and ridge), Fisher scores and masks, run directories, plots.
 
 Run it as a script to prefetch CIFAR-100 and the DINO weights for offline use:
     python common.py --data-dir ./data
 """
 import argparse
 import csv
+import fcntl
+import io
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -29,17 +32,56 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# ----------------------------------------------------------------------------- errors and signals
+
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, no network): one line, exit 2."""
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGUSR1 arrived (SLURM preemption or time limit); a checkpoint has been saved."""
+
+
+_stop_signal = None
+
+
+def _on_stop_signal(signum, frame):
+    global _stop_signal
+    _stop_signal = signum
+
+
+def stop_requested():
+    """True once SIGTERM/SIGUSR1 arrived: loops checkpoint at the next step boundary, then raise Stopped."""
+    return _stop_signal is not None
+
+
+def die_with_parent():
+    """Under run_all.sh (which sets RUN_ALL_PID), get SIGTERM when run_all.sh dies, even by SIGKILL:
+    an orphaned run would otherwise go on writing while a rerun of run_all.sh starts it again."""
+    parent = os.environ.get("RUN_ALL_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if str(os.getppid()) != parent:  # run_all.sh died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_main(main):
-    """Call main(); turn a UserError into one line on stderr and exit status 2."""
+    """Call main(): a UserError is one line on stderr and exit status 2; SIGTERM/SIGUSR1 make the
+    run checkpoint at its next step boundary and exit 143, ready for --resume."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, _on_stop_signal)
+    die_with_parent()
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped:
+        print(f"stopped by signal {_stop_signal}: checkpoint saved, continue with --resume", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print("interrupted: continue later with --resume", file=sys.stderr)
         sys.exit(130)
@@ -48,7 +90,11 @@ def run_main(main):
 # ----------------------------------------------------------------------------- flags
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (no usage dump) and exit status 2."""
+    """argparse that prints every default in --help (so help cannot drift from the code), and a bad
+    flag as one line (no usage dump) with exit status 2."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -99,50 +145,63 @@ def base_parser():
     g = p.add_argument_group("data and model (shared by all scripts)")
     g.add_argument("--dataset", choices=["cifar100", "synthetic"], default="cifar100",
                    help="cifar100 (downloaded into --data-dir) or a small learnable synthetic "
-                        "CIFAR-shaped set for tests and offline trials (default: cifar100)")
-    g.add_argument("--data-dir", default="./data", help="where CIFAR-100 lives or is downloaded (default: ./data)")
+                        "CIFAR-shaped set for tests and offline trials")
+    g.add_argument("--data-dir", default="./data", help="where CIFAR-100 and cached features live")
     g.add_argument("--synthetic-size", type=positive_int, default=5000,
-                   help="training images in the synthetic set; its test set is a fifth of that (default: 5000)")
+                   help="training images in the synthetic set; its test set is a fifth of that")
     g.add_argument("--val-frac", type=unit_float, default=0.1,
-                   help="fraction of the training set held out for validation, stratified by class (default: 0.1)")
-    g.add_argument("--arch", default=DEFAULT_ARCH,
-                   help=f"timm ViT name (default: {DEFAULT_ARCH}; tests use test_vit)")
+                   help="fraction of the training set held out for validation, stratified by class")
+    g.add_argument("--arch", default=DEFAULT_ARCH, help="timm ViT name (tests use test_vit)")
     g.add_argument("--weights", default=None,
                    help="local weights file: official DINO checkpoint (dino_deitsmall16_pretrain.pth) "
-                        "or a timm state dict (.pth/.safetensors); default: timm's hub weights")
+                        "or a timm state dict (.pth/.safetensors); none: timm's hub weights")
     g.add_argument("--no-pretrained", action="store_true",
                    help="random backbone weights (for tests and smoke runs only)")
     g.add_argument("--img-size", type=positive_int, default=224,
-                   help="images are resized to this many pixels before the ViT (default: 224)")
-    g.add_argument("--batch-size", type=positive_int, default=128, help="training batch size (default: 128)")
-    g.add_argument("--eval-batch-size", type=positive_int, default=256, help="evaluation batch size (default: 256)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
-    g.add_argument("--no-amp", action="store_true",
-                   help="run the ViT in float32 on GPU (default: bfloat16 autocast on GPU, float32 on CPU)")
-    g.add_argument("--out", default=None, help="run directory (default: runs/<stage>/<name from flags>)")
+                   help="images are resized to this many pixels before the ViT (a multiple of its patch size)")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
+    g.add_argument("--eval-batch-size", type=positive_int, default=256, help="evaluation batch size")
+    g.add_argument("--seed", type=int, default=0, help="random seed of everything but the validation split")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (none: cuda if available, else cpu)")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision of the backbone on a GPU: auto = bf16 where the GPU supports it "
+                        "natively (compute capability >= 8.0), fp16 with a gradient scaler on older GPUs "
+                        "(T4, V100), off (fp32) on the CPU. The head and every accuracy are fp32 always")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels (bit-identical reruns and resumes on a GPU; a little slower)")
+    g.add_argument("--results", default="runs", help="root of the default run directories")
+    g.add_argument("--out", default=None,
+                   help="run directory (none: RESULTS/STAGE/NAME/seedSEED, NAME from the main flags)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (starts fresh if there is none)")
     return p
 
 
-def mask_parser():
-    """Mask flags shared by model_editing.py and fedavg.py --sparse (an argparse parent)."""
+def edit_parser():
+    """Head and mask flags shared by model_editing.py and fedavg.py --sparse (an argparse parent)."""
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("gradient mask (model_editing.py, fedavg.py --sparse)")
+    g = p.add_argument_group("step 0: the classifier head, frozen from then on")
+    g.add_argument("--head", default="ridge", metavar="{ridge,warmup,FILE}",
+                   help="ridge: closed-form ridge regression on frozen-backbone features, lambda chosen on "
+                        "the validation split (fedavg.py: from the clients' sufficient statistics, one "
+                        "round); warmup: SGD on the frozen backbone (fedavg.py: --warmup-rounds head-only "
+                        "rounds); FILE: a head.pt saved by an earlier run (e.g. the centralized baseline)")
+    g = p.add_argument_group("steps 1-2: gradient mask (model_editing.py, fedavg.py --sparse)")
     g.add_argument("--rule", choices=MASK_RULES, default="least-sensitive",
-                   help="which backbone weights may be updated (default: least-sensitive, as TaLoS)")
+                   help="which backbone weights may be updated (TaLoS: least-sensitive)")
     g.add_argument("--sparsity", type=unit_float, default=0.9,
-                   help="fraction of backbone weights that are FROZEN: 0.9 updates 10%% of them (default: 0.9)")
+                   help="fraction of the masked tensors' entries that are FROZEN: 0.9 updates 10%% of them")
     g.add_argument("--calib-rounds", type=positive_int, default=4,
-                   help="mask calibration rounds; the kept fraction shrinks exponentially to 1-sparsity (default: 4)")
+                   help="mask calibration rounds; the kept fraction shrinks exponentially to 1-sparsity")
+    g.add_argument("--score", choices=["logit", "loglik"], default="logit",
+                   help="sensitivity: squared per-sample gradient of the sampled class's raw logit (TaLoS's "
+                        "code) or of its log-probability (the textbook Fisher)")
     g.add_argument("--fisher-batches", type=positive_int, default=8,
-                   help="batches of --fisher-batch-size images scored per calibration round (default: 8)")
-    g.add_argument("--fisher-batch-size", type=positive_int, default=32, help="default: 32")
+                   help="batches of --fisher-batch-size images scored per calibration round")
+    g.add_argument("--fisher-batch-size", type=positive_int, default=32,
+                   help="images per Fisher batch; memory grows with it (one layer's per-sample gradients)")
     g.add_argument("--calib-damp", type=nonneg_float, default=0.1,
                    help="while calibrating, weights already masked out are scaled by this (TaLoS: 0.1)")
-    g.add_argument("--fisher-chunk", type=positive_int, default=16,
-                   help="per-sample gradients computed at once: memory grows with it (default: 16)")
     return p
 
 
@@ -152,27 +211,69 @@ def hparams_from(path):
         with open(path) as f:
             best = json.load(f)["best"]
         return float(best["lr"]), float(best["momentum"]), float(best["wd"])
-    except FileNotFoundError:
-        raise UserError(f"no such file: {path} (point --hparams at a finished centralized run's result.json)")
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}): point --hparams at a finished centralized "
+                        f"run's result.json")
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path} is not a centralized result.json with a 'best' entry")
 
 
-def pick_device(name):
-    dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+# ----------------------------------------------------------------------------- device, precision, determinism
+
+def pick_device(name, deterministic=False):
+    """torch.device from --device, checked; also sets TF32 off and, with --deterministic, the
+    deterministic kernels (before any CUDA work, as cuBLAS needs)."""
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device: use cpu, cuda or cuda:N")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        # fp32 means fp32: PyTorch's default lets convolutions (the patch embedding) run in TF32.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     if dev.type == "cpu":
-        # Denormal floats are many times slower on CPUs (a one-class FedAvg client, whose gradients
-        # quickly become tiny, ran ~15x slower). GPUs flush them to zero anyway; do the same here.
+        # Denormal floats are many times slower on CPUs: a one-class FedAvg client, whose gradients
+        # quickly become tiny, ran ~15x slower. Flushing them to zero changes no accuracy we report.
         torch.set_flush_denormal(True)
     return dev
 
 
-def autocast(device, enabled=True):
-    """bfloat16 autocast on GPU (2-3x faster ViT, same accuracy for these models); no-op on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+def resolve_amp(amp, device):
+    """The precision actually used: 'bf16', 'fp16' or 'off' (fp32), from --amp and the device."""
+    if device.type != "cuda":
+        if amp in ("bf16", "fp16"):
+            raise UserError(f"--amp {amp} needs a CUDA GPU; on the CPU use --amp off (or auto)")
+        return "off"
+    if amp != "auto":
+        return amp
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"  # T4 (7.5) and V100 (7.0) have no fast bf16
 
+
+def autocast(device, precision):
+    """Mixed-precision context for the backbone; the head runs outside it (see forward_logits)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def grad_scaler(device, precision):
+    """fp16 gradients underflow without loss scaling; the scaler is a no-op in bf16 and fp32.
+    A step whose gradients hold inf/nan is skipped entirely (SparseSGDM's frozen entries included)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+# ----------------------------------------------------------------------------- seeding and random streams
 
 def seed_everything(seed):
     import random
@@ -187,6 +288,28 @@ def make_generator(*keys):
     for k in keys:
         h = (h * 1_000_003 + int(k)) % (2**63 - 1)
     return torch.Generator().manual_seed(h)
+
+
+# Every kind of random draw has its own stream: the name's number is mixed into the generator's seed
+# last, so two streams never share numbers and adding a draw to one leaves the others unchanged.
+STREAMS = {
+    "head_epoch": 7,       # centralized / warm-up head: order of each epoch's samples
+    "feature_view": 11,    # augmented feature views
+    "edit_calib": 31,      # model_editing.py: calibration images of each round
+    "mask_rule": 37,       # the random mask rule
+    "edit_epoch": 41,      # model_editing.py: order of each epoch's samples
+    "edit_aug": 43,        # model_editing.py: crop/flip of each step
+    "shards": 47,          # fedavg.py: who holds which sample
+    "clients": 53,         # fedavg.py: clients sampled each round
+    "client_batches": 59,  # fedavg.py: a client's local batches
+    "client_aug": 61,      # fedavg.py: crop/flip of a client's local steps
+    "fed_calib": 67,       # fedavg.py: calibration images of each client and round
+}
+
+
+def stream(name, seed, *keys):
+    """The generator of random stream `name` for (seed, *keys)."""
+    return make_generator(seed, *keys, STREAMS[name])
 
 
 # ----------------------------------------------------------------------------- data
@@ -267,12 +390,16 @@ def load_data(args):
 
 # ----------------------------------------------------------------------------- transforms (batched, on device)
 
-def augment(x, gen):
-    """Random crop (4-pixel zero padding) and horizontal flip on a uint8 N×H×W×C batch.
-    The offsets come from the CPU generator `gen`, so the result is the same on any device."""
+def draw_augmentation(n, gen):
+    """Crop offsets (n×2, in 0..8) and flips (n) of `n` images from the CPU generator `gen`:
+    the same numbers on any device. Draw a whole client's or epoch's worth at once, move them once."""
+    return torch.randint(0, 9, (n, 2), generator=gen), torch.rand(n, generator=gen) < 0.5
+
+
+def augment(x, off, flip):
+    """Random crop (4-pixel zero padding) at offsets `off` and horizontal flip where `flip`,
+    on a uint8 N×H×W×C batch (all three on one device)."""
     n, h, w, _ = x.shape
-    off = torch.randint(0, 9, (n, 2), generator=gen).to(x.device)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     xp = F.pad(x, (0, 0, 4, 4, 4, 4))  # pad H and W by 4 on each side
     rows = off[:, 0, None] + torch.arange(h, device=x.device)  # n×h
     cols = off[:, 1, None] + torch.arange(w, device=x.device)  # n×w
@@ -280,13 +407,18 @@ def augment(x, gen):
     return xp[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+_NORMALIZE = {}  # device -> (mean, std): made once per device, not at every batch
+
+
 def preprocess(x, img_size):
     """uint8 N×H×W×C -> normalized float N×C×img_size×img_size (bilinear resize)."""
     x = x.permute(0, 3, 1, 2).float().div_(255)
     if x.shape[-1] != img_size:
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    if x.device not in _NORMALIZE:
+        _NORMALIZE[x.device] = (torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1),
+                                torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1))
+    mean, std = _NORMALIZE[x.device]
     return (x - mean) / std
 
 
@@ -378,6 +510,10 @@ def build_model(args, num_classes=NUM_CLASSES):
         model = timm.create_model(args.arch, pretrained=False, num_classes=num_classes, img_size=args.img_size)
     except Exception as e:  # unknown name, or an image size the arch cannot take
         raise UserError(f"cannot build --arch {args.arch} at --img-size {args.img_size}: {e}")
+    patch = model.patch_embed.patch_size[0]
+    if args.img_size % patch:
+        raise UserError(f"--img-size {args.img_size} is not a multiple of {args.arch}'s patch size {patch}: "
+                        f"use e.g. --img-size {max(patch, args.img_size // patch * patch)}")
     # Same head on every run with this seed, whatever the backbone weights
     # (a weights file saved by this code may bring its own head and replace it).
     g = torch.Generator().manual_seed(args.seed)
@@ -475,51 +611,66 @@ def lr_factor(name, epoch, epochs, warmup=2):
     raise ValueError(f"unknown scheduler {name}")
 
 
-# ----------------------------------------------------------------------------- features, head training, evaluation
+# ----------------------------------------------------------------------------- forward passes, steps, evaluation
 
-@torch.no_grad()
-def extract_features(model, x, args, device, gen=None, desc="features"):
-    """Backbone features (pre-logits) of uint8 images x, batched; augmented views if gen is given."""
-    from tqdm import tqdm
-    model.eval()
-    out = []
-    for i in tqdm(range(0, len(x), args.eval_batch_size), desc=desc, leave=False, disable=None):
-        xb = x[i:i + args.eval_batch_size].to(device)
-        if gen is not None:
-            xb = augment(xb, gen)
-        with autocast(device, not args.no_amp):
-            f = model.forward_head(model.forward_features(preprocess(xb, args.img_size)), pre_logits=True)
-        out.append(f.float())
-    return torch.cat(out)
+def backbone_features(model, x, device, precision):
+    """Pre-logit features of preprocessed images, the backbone in `precision`, returned in fp32."""
+    with autocast(device, precision):
+        f = model.forward_head(model.forward_features(x), pre_logits=True)
+    return f.float()
+
+
+def forward_logits(model, x, device, precision):
+    """Logits of preprocessed images: the backbone in `precision`, the head in fp32 (outside autocast).
+    Every accuracy of the study goes through an fp32 head, whether on images here or on cached
+    features (evaluate_head): bf16 logits tie on a few percent of samples and would bias comparisons."""
+    return model.head(backbone_features(model, x, device, precision))
+
+
+def optimizer_step(opt, loss, scaler):
+    """Backward and step, through the fp16 gradient scaler (a no-op in bf16/fp32)."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+def train_step(model, opt, scaler, xb, yb, args, device):
+    """One optimizer step of the whole model on a uint8 batch already on the device (augmented by the
+    caller). Returns the loss as a 0-d device tensor: reading it with .item() waits for the GPU, so
+    callers add losses up on the device and read them once per client or epoch."""
+    model.train()
+    loss = F.cross_entropy(forward_logits(model, preprocess(xb, args.img_size), device, args.precision), yb)
+    optimizer_step(opt, loss, scaler)
+    return loss.detach()
 
 
 @torch.no_grad()
 def evaluate_logits_fn(fn, xs, ys, batch_size):
-    """Mean cross-entropy and top-1 accuracy of fn(batch) -> logits over (xs, ys)."""
-    loss, correct = 0.0, 0
+    """Mean cross-entropy and top-1 accuracy of fn(batch) -> fp32 logits over (xs, ys)."""
+    loss = correct = 0
     for i in range(0, len(xs), batch_size):
-        logits = fn(xs[i:i + batch_size]).float()
+        logits = fn(xs[i:i + batch_size])
         yb = ys[i:i + batch_size].to(logits.device)
-        loss += F.cross_entropy(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(1) == yb).sum().item()
-    return loss / len(xs), correct / len(xs)
+        loss = loss + F.cross_entropy(logits, yb, reduction="sum")
+        correct = correct + (logits.argmax(1) == yb).sum()
+    return float(loss) / len(xs), int(correct) / len(xs)
 
 
 def evaluate(model, x, y, args, device):
     """(loss, accuracy) of the whole model on uint8 images x, no augmentation, no gradients."""
     model.eval()
-
-    def logits(xb):
-        with autocast(device, not args.no_amp):
-            return model(preprocess(xb.to(device), args.img_size))
-    return evaluate_logits_fn(logits, x, y, args.eval_batch_size)
+    return evaluate_logits_fn(lambda xb: forward_logits(model, preprocess(xb.to(device), args.img_size),
+                                                        device, args.precision),
+                              x, y, args.eval_batch_size)
 
 
-def evaluate_splits(model, data, args, device):
-    """Validation and test loss and accuracy of the whole model, as one metrics row."""
-    vl, va = evaluate(model, *data["val"], args, device)
-    tl, ta = evaluate(model, *data["test"], args, device)
-    return dict(val_loss=vl, val_acc=va, test_loss=tl, test_acc=ta)
+def evaluate_splits(model, data, args, device, splits=("val", "test")):
+    """Loss and accuracy of the whole model on each split, as one metrics row."""
+    row = {}
+    for s in splits:
+        row[f"{s}_loss"], row[f"{s}_acc"] = evaluate(model, *data[s], args, device)
+    return row
 
 
 def evaluate_head(head, feats, y, batch_size=4096):
@@ -527,87 +678,31 @@ def evaluate_head(head, feats, y, batch_size=4096):
     return evaluate_logits_fn(head, feats, y, batch_size)
 
 
-def train_step(model, opt, xb, yb, args, device, gen=None):
-    """One optimizer step of the whole model on a uint8 batch, augmented when `gen` is given.
-    Returns the batch loss."""
-    model.train()
-    xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-    if gen is not None:
-        xb = augment(xb, gen)
-    with autocast(device, not args.no_amp):
-        logits = model(preprocess(xb, args.img_size))
-    loss = F.cross_entropy(logits.float(), yb)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.item()
+# ----------------------------------------------------------------------------- frozen-backbone features and heads
 
-
-def train_head_epoch(head, opt, feats, y, batch_size, gen):
-    """One epoch of the linear head on cached features; returns the mean training loss."""
-    head.train()
-    perm = torch.randperm(len(feats), generator=gen).to(feats.device)
-    total = 0.0
-    for i in range(0, len(feats), batch_size):
-        idx = perm[i:i + batch_size]
-        loss = F.cross_entropy(head(feats[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += loss.item() * len(idx)
-    return total / len(feats)
-
-
-def train_head(head, feats, hp, args, epochs, patience, state=None, on_epoch=None, test=None):
-    """Train a linear head on cached features with SGDM, a schedule and early stopping.
-
-    feats: {'train': (f, y, views or None), 'val': (f, y)}; hp: dict(lr, momentum, wd, scheduler).
-    `state` (from a checkpoint) resumes mid-way; `on_epoch(state)` is called after every epoch
-    so the caller can checkpoint. Returns the final state; the head ends with the best-val weights.
-    """
-    head.requires_grad_(True)
-    opt = torch.optim.SGD(head.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"])
-    if state is None:
-        state = {"epoch": 0, "best_acc": -1.0, "best_epoch": -1, "bad": 0, "history": [],
-                 "best_head": None}
-    else:
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["opt"])
-    f_tr, y_tr, views = feats["train"]
-    f_va, y_va = feats["val"]
-    while state["epoch"] < epochs and state["bad"] < patience:
-        ep = state["epoch"]
-        for g in opt.param_groups:
-            g["lr"] = hp["lr"] * lr_factor(hp["scheduler"], ep, epochs)
-        f = f_tr if views is None else f_tr[ep % views]
-        tr_loss = train_head_epoch(head, opt, f, y_tr, args.batch_size, make_generator(args.seed, ep, 7))
-        va_loss, va_acc = evaluate_head(head, f_va, y_va)
-        row = {"epoch": ep + 1, "lr": opt.param_groups[0]["lr"], "train_loss": tr_loss,
-               "val_loss": va_loss, "val_acc": va_acc}
-        if test is not None:
-            row["test_loss"], row["test_acc"] = evaluate_head(head, *test)
-        state["history"].append(row)
-        if va_acc > state["best_acc"]:
-            state.update(best_acc=va_acc, best_epoch=ep + 1, bad=0,
-                         best_head={k: v.detach().clone() for k, v in head.state_dict().items()})
-        else:
-            state["bad"] += 1
-        state["epoch"] = ep + 1
-        state["head"] = head.state_dict()
-        state["opt"] = opt.state_dict()
-        if on_epoch is not None:
-            on_epoch(state)
-    head.load_state_dict(state["best_head"])
-    return state
+@torch.no_grad()
+def extract_features(model, x, args, device, aug_gen=None, desc="features"):
+    """Backbone features (pre-logits, fp32) of uint8 images x, batched; augmented views if aug_gen is given."""
+    from tqdm import tqdm
+    model.eval()
+    out = []
+    for i in tqdm(range(0, len(x), args.eval_batch_size), desc=desc, leave=False, disable=None):
+        xb = x[i:i + args.eval_batch_size].to(device)
+        if aug_gen is not None:
+            off, flip = draw_augmentation(len(xb), aug_gen)
+            xb = augment(xb, off.to(device), flip.to(device))
+        out.append(backbone_features(model, preprocess(xb, args.img_size), device, args.precision))
+    return torch.cat(out)
 
 
 def feature_cache_path(args, split, views):
-    """Features depend on data, backbone and image size only; cache them so grids and reruns skip it."""
+    """Features depend on data, backbone, image size and the precision they were computed in (fp32 on a
+    CPU and bf16 on a GPU differ slightly); cache them so grids and reruns skip the backbone."""
     w = os.path.basename(args.weights) if args.weights else ("random" if args.no_pretrained else "hub")
     src = f"{args.dataset}{args.synthetic_size if args.dataset == 'synthetic' else ''}"
     aug = f"_{views}views_seed{args.seed}" if views else ""  # augmented views depend on the seed
-    amp = "_fp32" if args.no_amp else ""  # bf16 autocast gives slightly different features
-    name = f"{src}_{args.arch}_{w}_{args.img_size}px{amp}_v{args.val_frac}_{split}{aug}.pt"
+    precision = "fp32" if args.precision == "off" else args.precision
+    name = f"{src}_{args.arch}_{w}_{args.img_size}px_{precision}_v{args.val_frac}_{split}{aug}.pt"
     return os.path.join(args.data_dir, "features", name.replace("/", "_"))
 
 
@@ -631,12 +726,118 @@ def cached_features(model, data, args, device, aug_views=0):
             if views == 0:
                 f = extract_features(model, x, args, device, desc=f"{split} features").cpu()
             else:
-                f = torch.stack([extract_features(model, x, args, device, gen=make_generator(args.seed, v, 11),
+                f = torch.stack([extract_features(model, x, args, device, stream("feature_view", args.seed, v),
                                                   desc=f"{split} view {v}").cpu() for v in range(views)])
             if not args.no_pretrained:  # random backbones differ by seed: never cache them
                 atomic_save(f, path)
         out[split] = (f.to(device), y.to(device)) + ((views or None,) if split == "train" else ())
     return out
+
+
+def train_head_epoch(head, opt, feats, y, batch_size, gen):
+    """One epoch of the linear head on cached features (fp32); returns the mean training loss."""
+    head.train()
+    perm = torch.randperm(len(feats), generator=gen).to(feats.device)
+    total = 0
+    for i in range(0, len(feats), batch_size):
+        idx = perm[i:i + batch_size]
+        loss = F.cross_entropy(head(feats[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total = total + loss.detach() * len(idx)
+    return float(total) / len(feats)
+
+
+def train_head(head, feats, hp, epochs, patience, batch_size, seed, test=None):
+    """Train a linear head on cached features: SGD with momentum, the schedule hp['scheduler'], early
+    stopping after `patience` epochs without a better validation accuracy. The head ends with its
+    best-validation weights. feats: {'train': (f, y, views or None), 'val': (f, y)};
+    hp: dict(lr, momentum, wd, scheduler). Returns (history rows, best epoch)."""
+    head.requires_grad_(True)
+    opt = torch.optim.SGD(head.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"])
+    f_tr, y_tr, views = feats["train"]
+    history, best_acc, best_epoch, best_head = [], -1.0, 0, None
+    for ep in range(epochs):
+        for g in opt.param_groups:
+            g["lr"] = hp["lr"] * lr_factor(hp["scheduler"], ep, epochs)
+        f = f_tr if views is None else f_tr[ep % views]
+        tr_loss = train_head_epoch(head, opt, f, y_tr, batch_size, stream("head_epoch", seed, ep))
+        va_loss, va_acc = evaluate_head(head, *feats["val"])
+        row = {"epoch": ep + 1, "lr": opt.param_groups[0]["lr"], "train_loss": tr_loss,
+               "val_loss": va_loss, "val_acc": va_acc}
+        if test is not None:
+            row["test_loss"], row["test_acc"] = evaluate_head(head, *test)
+        history.append(row)
+        if va_acc > best_acc:
+            best_acc, best_epoch = va_acc, ep + 1
+            best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        elif ep + 1 - best_epoch >= patience:
+            break
+    head.load_state_dict(best_head)
+    return history, best_epoch
+
+
+def ridge_stats(feats, y, num_classes=NUM_CLASSES):
+    """Sufficient statistics of ridge regression from features to one-hot labels, in float64:
+    (A = Σ φφᵀ, B = Σ φ onehot(y)ᵀ, n) with φ = [features, 1]. Statistics of disjoint sets add up,
+    so the sum over clients is exactly the statistics of their union."""
+    phi = torch.cat([feats.double(), torch.ones(len(feats), 1, dtype=torch.float64, device=feats.device)], 1)
+    return phi.T @ phi, phi.T @ F.one_hot(y, num_classes).double(), len(y)
+
+
+def add_ridge_stats(a, b):
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
+
+RIDGE_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # per sample: the penalty is lambda * n * ||W||²
+RIDGE_TEMPERATURES = torch.logspace(0, 3, 31).tolist()  # 1 .. 1000
+
+
+@torch.no_grad()
+def ridge_head(head, stats, val_feats, val_y, lambdas=RIDGE_LAMBDAS):
+    """Set `head` to the ridge solution W = (A + λ·n·I)⁻¹ B (bias not penalized) for the λ with the best
+    validation accuracy (first of equals), its logits then multiplied by the temperature with the lowest
+    validation cross-entropy: regression outputs live near [0, 1], too flat a softmax for the
+    cross-entropy fine-tuning that follows; scaling changes no prediction. Returns what was chosen."""
+    A, B, n = stats
+    penalty = torch.eye(len(A), dtype=A.dtype, device=A.device)
+    penalty[-1, -1] = 0
+    phi_val = torch.cat([val_feats.double(), torch.ones(len(val_feats), 1, dtype=torch.float64,
+                                                        device=val_feats.device)], 1)
+    best = None
+    for lam in lambdas:
+        W = torch.linalg.solve(A + lam * n * penalty, B)
+        acc = float((phi_val @ W).argmax(1).eq(val_y).double().mean())
+        if best is None or acc > best[1]:
+            best = (lam, acc, W)
+    lam, acc, W = best
+    logits = (phi_val @ W).float()
+    losses = [float(F.cross_entropy(t * logits, val_y)) for t in RIDGE_TEMPERATURES]
+    t = RIDGE_TEMPERATURES[losses.index(min(losses))]
+    head.weight.copy_((t * W[:-1]).T.to(head.weight))
+    head.bias.copy_((t * W[-1]).to(head.bias))
+    return {"ridge_lambda": lam, "ridge_temperature": t, "head_val_acc": acc}
+
+
+def load_head_file(path, head):
+    """A head.pt ({'weight', 'bias'} of the classifier, from centralized.py or an editing/FedAvg run)."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--head {path}: no such file (ridge, warmup or a head.pt of an earlier run)")
+    except Exception as e:
+        raise UserError(f"--head {path}: cannot read it ({type(e).__name__}); point it at a head.pt")
+    want = {k: v.shape for k, v in head.state_dict().items()}
+    if not isinstance(sd, dict) or {k: getattr(v, "shape", None) for k, v in sd.items()} != want:
+        raise UserError(f"--head {path} is not a head of this model (want weight {tuple(want['weight'])} "
+                        f"and bias {tuple(want['bias'])})")
+    return sd
+
+
+def cpu_state(module):
+    """A state dict on the CPU: files that load on any machine with a plain torch.load."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- Fisher scores and masks
@@ -794,25 +995,34 @@ def mask_density(mask):
 
 # ----------------------------------------------------------------------------- run directories
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+def atomic_write(path, write):
+    """write(tmp_path) into a temporary file next to `path`, then rename it onto `path`: a reader (or a
+    run killed mid-write) never sees half a file. The file gets the usual permissions (0666 minus the
+    umask; mkstemp alone would make it 0600, unreadable to collaborators on a shared cluster)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def atomic_save(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
 def atomic_write_text(text, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def write_json(obj, path):
@@ -820,11 +1030,10 @@ def write_json(obj, path):
 
 
 def write_csv(rows, path):
-    """Rows (dicts) to CSV, atomically; columns in first-seen order."""
+    """Rows (dicts) to CSV, atomically; columns in first-seen order; None is an empty cell."""
     cols = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    import io
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
@@ -834,25 +1043,64 @@ def write_csv(rows, path):
 
 
 # Flags that do not change a run's result: a run may be resumed with other values of these.
-NON_RESULT_FLAGS = {"out", "resume", "device", "eval_batch_size", "data_dir"}
+NON_RESULT_FLAGS = {"out", "results", "resume", "device", "eval_batch_size", "data_dir"}
 
 
 def run_config(args):
     return {k: v for k, v in sorted(vars(args).items()) if k not in NON_RESULT_FLAGS}
 
 
-def default_out(stage, parts):
-    """runs/<stage>/<k1>_<v1>-<k2>_<v2>...: readable and distinct per flag combination."""
-    name = "-".join(f"{k}{v}" for k, v in parts.items() if v is not None and v is not False)
-    return os.path.join("runs", stage, name.replace("/", "_") or "default")
+LOCK_FILE = ".lock"
+_held_locks = []  # open lock files: the lock lives as long as the process (the OS drops it at exit)
+
+
+def lock_run(out):
+    """Take the exclusive lock of run directory `out` for the life of this process. A second process
+    is refused, naming the PID that holds it; a lock of a dead process is gone (flock dies with it)."""
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"{out} is in use by another process (PID {pid}); wait for it to finish or stop it")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held_locks.append(f)
+
+
+def remove_stale_temporaries(out):
+    """Temporary files of atomic writes that a killed process left behind (we hold the lock: nobody
+    else is writing here)."""
+    for name in os.listdir(out):
+        if name.endswith(".tmp") or name.endswith(".tmp.png"):
+            os.remove(os.path.join(out, name))
 
 
 def open_run(args):
-    """Prepare args.out. Returns the checkpoint to resume from (or None).
+    """Lock and prepare args.out. Returns the checkpoint to resume from (or None).
     Refuses a directory that holds a different run, or an unfinished one without --resume."""
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
+    created = not os.path.exists(out)
+    lock_run(out)
+    try:
+        remove_stale_temporaries(out)
+        return _check_run_dir(args)
+    except UserError:
+        if created:  # leave nothing behind for a refused command
+            import shutil
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _check_run_dir(args):
+    out = args.out
     cfg_path, ckpt_path = os.path.join(out, "config.json"), os.path.join(out, "checkpoint.pt")
     config = run_config(args)
     if os.path.isfile(cfg_path):
@@ -871,13 +1119,12 @@ def open_run(args):
             if not args.resume:
                 raise UserError(f"{out} holds an interrupted run: add --resume to continue it, "
                                 f"or choose another --out")
-            try:
-                return torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            try:  # weights_only: a crafted checkpoint cannot run code
+                return torch.load(ckpt_path, map_location="cpu", weights_only=True)
             except Exception as e:
                 raise UserError(f"cannot read {ckpt_path} ({type(e).__name__}); delete it to start over")
-    elif os.path.isdir(out) and os.listdir(out):
+    elif [n for n in os.listdir(out) if n != LOCK_FILE]:
         raise UserError(f"--out {out} is not empty and holds no run; choose another --out")
-    os.makedirs(out, exist_ok=True)
     write_json(config, cfg_path)
     return None
 
@@ -888,7 +1135,10 @@ def prepare(args):
     if args.resume and finished(args):
         print(f"{args.out} is already finished")
         return None
-    device = pick_device(args.device)
+    device = pick_device(args.device, args.deterministic)
+    args.precision = resolve_amp(args.amp, device)
+    print(f"device {device}, precision {'fp32' if args.precision == 'off' else args.precision} "
+          f"(head and accuracies in fp32){', deterministic' if args.deterministic else ''}")
     seed_everything(args.seed)
     data = load_data(args)
     model = build_model(args).to(device)
@@ -896,12 +1146,14 @@ def prepare(args):
 
 
 def finished(args):
-    """True if args.out holds this very run (same config), finished (result.json written)."""
+    """True if args.out holds a finished run (result.json) of the same flags (config.json, compared
+    without the precision, which is only resolved once the device is known)."""
     try:
         with open(os.path.join(args.out, "config.json")) as f:
-            same = json.load(f) == run_config(args)
+            old = json.load(f)
     except (OSError, ValueError):
         return False
+    same = {k: v for k, v in old.items() if k != "precision"} == run_config(args)
     return same and os.path.isfile(os.path.join(args.out, "result.json"))
 
 
@@ -911,50 +1163,70 @@ def save_checkpoint(state, args):
 
 def finish_run(result, args):
     """Write result.json (the marker of a finished run) and drop the now useless checkpoint."""
-    write_json(result, os.path.join(args.out, "result.json"))
+    write_json(dict(result, amp=args.precision), os.path.join(args.out, "result.json"))
     ckpt = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(ckpt):
         os.remove(ckpt)
 
 
+def check_sparsity(model, sparsity):
+    """Refuse a --sparsity that keeps no entry at all (it would train nothing without a word)."""
+    total = sum(p.numel() for _, p in masked_params(model))
+    if total - int(round(total * sparsity)) < 1:
+        raise UserError(f"--sparsity {sparsity} keeps none of the {total} entries of the masked tensors: "
+                        f"lower it (at most {1 - 1 / total:.6f})")
+
+
+def print_calibration(log, args, seconds):
+    for row in log:
+        print(f"  calibration round {row['round']}: keep {row['kept']} entries ({row['kept_frac']:.4%})")
+    print(f"mask ({args.rule}, sparsity {args.sparsity}, score {args.score}) calibrated in {seconds:.1f}s")
+
+
+def changed_count(model, initial):
+    """(entries of masked_params that differ from `initial` {name: tensor}, entries in all)."""
+    params = masked_params(model)
+    changed = sum(int((p.detach().cpu() != initial[n].cpu()).sum()) for n, p in params)
+    return changed, sum(p.numel() for _, p in params)
+
+
 # ----------------------------------------------------------------------------- plots
 
-def plot_lines(path, series, xlabel, ylabel, title):
-    """series: {label: (xs, ys)} -> one PNG line plot."""
+def _figure(width=6):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(width, 4))
+    return plt, fig, ax
+
+
+def _save_figure(plt, fig, path, title):
+    fig.axes[0].set_title(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def plot_lines(path, series, xlabel, ylabel, title):
+    """series: {label: (xs, ys)} -> one PNG line plot."""
+    plt, fig, ax = _figure()
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(plt, fig, path, title)
 
 
 def plot_bars(path, labels, values, ylabel, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(labels)), 4))
+    plt, fig, ax = _figure(max(6, 0.35 * len(labels)))
     ax.bar(range(len(values)), values)
     ax.set_xticks(range(len(values)))
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(plt, fig, path, title)
 
 
 # ----------------------------------------------------------------------------- prefetch for offline use
@@ -973,3 +1245,54 @@ def main():
 
 if __name__ == "__main__":
     run_main(main)
+
+
+# TEMP STUBS (until the fisher branch is merged)
+def masked_params(model):
+    mods = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm)
+    out = []
+    for mn, m in model.named_modules():
+        if isinstance(m, mods) and not mn.startswith("head"):
+            out += [(f"{mn}.{n}", p) for n, p in m.named_parameters(recurse=False)]
+    return out
+
+
+def draw_calibration(n_items, n, gen):
+    idx = torch.randperm(n_items, generator=gen)[:n]
+    return idx, torch.rand(len(idx), generator=gen, dtype=torch.float64)
+
+
+def fisher_sums(model, images, u, img_size, batch_size, device, mask=None, damp=0.1, score="logit"):
+    model.eval()
+    sums = {n: torch.zeros_like(p) for n, p in masked_params(model)}
+    for _, p in masked_params(model):
+        p.requires_grad_(True)
+    for i in range(len(images)):
+        xb = preprocess(images[i:i + 1].to(device), img_size)
+        out = model(xb)
+        y = int((torch.softmax(out.detach().double(), 1).cumsum(1) < u[i]).sum().clamp(max=99))
+        model.zero_grad()
+        obj = out[0, y] if score == "logit" else torch.log_softmax(out, 1)[0, y]
+        ps = dict(masked_params(model))
+        g = torch.autograd.grad(obj, list(ps.values()))
+        for n, gg in zip(ps, g):
+            sums[n] += gg ** 2
+    for _, p in masked_params(model):
+        p.requires_grad_(False)
+    return sums, len(images)
+
+
+def calibrate_mask(model, score_fn, rule, sparsity, rounds, gen):
+    params = dict(masked_params(model))
+    total = sum(p.numel() for p in params.values())
+    mask, log = None, []
+    for r, keep in enumerate(keep_schedule(total, sparsity, rounds)):
+        scores = score_fn(mask) if rule in ("least-sensitive", "most-sensitive") else None
+        mask = select_mask(scores, rule, keep, current=mask, gen=gen, params=params)
+        log.append({"round": r + 1, "kept": keep, "kept_frac": keep / total})
+    return mask, log
+
+
+def load_mask(path, model):
+    mask = torch.load(path, map_location="cpu", weights_only=True)
+    return {n: m.bool() for n, m in mask.items()}

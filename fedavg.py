@@ -2,11 +2,14 @@
 
 K clients hold disjoint shards of the training set (IID, or Nc classes each). Every round the server
 samples ceil(C*K) clients; each starts from the global model, takes J SGD-momentum steps on its own
-shard, and the server averages the client models weighted by shard size. Clients train one after
-another in the same model, so 100 clients never mean 100 model copies.
+shard, and the server adds the average of the client updates (client - global, weighted by shard size)
+to the global model. Clients train one after another in the same model, so 100 clients never mean 100
+model copies.
 
---sparse runs the same with a gradient mask (TaLoS, from --mask or calibrated federatedly) and
-SparseSGDM: masked-out backbone weights of the global model never change. Example:
+--sparse runs the spec's three steps federatedly: step 0 a classifier head (--head; default: ridge
+regression from the clients' sufficient statistics, one round), frozen from then on; step 1 a gradient
+mask calibrated from the clients' summed Fisher scores (or --mask); step 2 FedAvg rounds in which the
+clients update only masked-in backbone entries with SparseSGDM. Example:
     python fedavg.py --nc 5 --j 8 --sparse
 """
 import math
@@ -14,40 +17,44 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 import common as C
 
 
 def get_args(argv=None):
-    p = C.Parser(parents=[C.base_parser(), C.mask_parser()], description=__doc__.split("\n")[0])
+    p = C.Parser(parents=[C.base_parser(), C.edit_parser()], description=__doc__.split("\n")[0])
     p.set_defaults(batch_size=64)
     g = p.add_argument_group("federation")
-    g.add_argument("--k", type=C.positive_int, default=100, help="number of clients (default: 100)")
-    g.add_argument("--c", type=float, default=0.1,
-                   help="fraction of clients sampled per round, in (0, 1] (default: 0.1)")
-    g.add_argument("--j", type=C.positive_int, default=4,
-                   help="local steps (optimizer steps) per client per round (default: 4)")
-    g.add_argument("--rounds", type=C.positive_int, default=300, help="communication rounds (default: 300)")
+    g.add_argument("--k", type=C.positive_int, default=100, help="number of clients")
+    g.add_argument("--c", type=float, default=0.1, help="fraction of clients sampled per round, in (0, 1]")
+    g.add_argument("--j", type=C.positive_int, default=4, help="local steps (optimizer steps) per client per round")
+    g.add_argument("--rounds", type=C.positive_int, default=300, help="communication rounds")
     g.add_argument("--scale-rounds", action="store_true",
                    help="--rounds is the count for J=4; run rounds*4/J so total local work is equal across J")
     g.add_argument("--iid", action="store_true", help="IID shards (the default when --nc is not given)")
     g.add_argument("--nc", type=int, default=None, help="non-IID: every client holds exactly NC classes")
-    g.add_argument("--eval-every", type=C.positive_int, default=10,
-                   help="evaluate the global model on validation and test every N rounds (default: 10)")
-    g.add_argument("--ckpt-every", type=C.positive_int, default=5, help="checkpoint every N rounds (default: 5)")
+    g.add_argument("--eval-every", type=C.positive_int, default=20,
+                   help="validation accuracy of the global model every N rounds (curves, rounds-to-target); "
+                        "5000 CIFAR images every 20 rounds is ~3%% of a default run's compute")
+    g.add_argument("--test-every", type=C.positive_int, default=100,
+                   help="test accuracy every N rounds, and always after the last round (~1.5%% of the compute)")
+    g.add_argument("--ckpt-every", type=C.positive_int, default=5, help="checkpoint every N rounds")
     g = p.add_argument_group("local training")
-    g.add_argument("--lr", type=C.nonneg_float, default=0.01, help="client learning rate (default: 0.01)")
+    g.add_argument("--lr", type=C.nonneg_float, default=0.01,
+                   help="client learning rate, constant over rounds and steps (no schedule)")
     g.add_argument("--momentum", type=C.unit_float, default=0.9,
-                   help="client momentum; a fresh buffer for every client and round (default: 0.9)")
-    g.add_argument("--wd", type=C.nonneg_float, default=0.0, help="client weight decay (default: 0)")
+                   help="client momentum; a fresh buffer for every client and round")
+    g.add_argument("--wd", type=C.nonneg_float, default=0.0, help="client weight decay")
     g.add_argument("--train", choices=["all", "head"], default="all",
-                   help="what clients train: the whole model (default) or the linear head on the frozen backbone")
-    g.add_argument("--warmup-rounds", type=C.nonneg_int, default=0,
-                   help="extra rounds first that train only the head (federated, not scaled; default: 0)")
+                   help="what dense clients train: the whole model, or only the head on the frozen backbone "
+                        "(then on cached clean features)")
+    g.add_argument("--warmup-rounds", type=C.nonneg_int, default=20,
+                   help="with --head warmup: head-only rounds (on cached clean features) before the main rounds")
     g.add_argument("--no-aug", action="store_true", help="no random crop / flip on the clients")
     g = p.add_argument_group("sparse FedAvg")
     g.add_argument("--sparse", action="store_true",
-                   help="clients update only masked-in backbone weights with SparseSGDM (the head stays dense)")
+                   help="frozen head; clients update only masked-in backbone entries with SparseSGDM")
     g.add_argument("--mask", default=None,
                    help="mask.pt from model_editing.py; without it the mask is calibrated federatedly")
     args = p.parse_args(argv)
@@ -64,17 +71,20 @@ def get_args(argv=None):
     if args.mask and not args.sparse:
         p.error("--mask needs --sparse")
     if args.sparse and args.train == "head":
-        p.error("--sparse masks the backbone; it cannot go with --train head")
+        p.error("--sparse fine-tunes the backbone under a frozen head; it cannot go with --train head")
+    if args.head == "warmup" and args.warmup_rounds < 1:
+        p.error("--head warmup needs --warmup-rounds >= 1")
+    if args.head != "warmup":
+        args.warmup_rounds = 0  # only --head warmup has head-only rounds
     args.iid = args.nc is None
     if args.scale_rounds:
         args.rounds = max(1, round(args.rounds * 4 / args.j))
-    if args.out is None:  # e.g. runs/fedavg/nc5-j8-r150-sparse_least-sensitive_s0.9_r4-seed0
-        sparse = (f"sparse_mask_{os.path.basename(os.path.dirname(os.path.abspath(args.mask)))}" if args.mask else
-                  f"sparse_{args.rule}_s{args.sparsity}_r{args.calib_rounds}") if args.sparse else "dense"
-        args.out = C.default_out("fedavg", {"": args.dataset if args.dataset != "cifar100" else None,
-                                            "iid" if args.iid else "nc": "" if args.iid else args.nc,
-                                            "j": args.j, "r": args.rounds, "headonly": "" if args.train == "head" else None,
-                                            "warm": args.warmup_rounds or None, sparse: "", "seed": args.seed})
+    split = "iid" if args.iid else f"nc{args.nc}"
+    kind = "head" if args.train == "head" else "dense"
+    if args.sparse:
+        kind = (f"sparse-mask-{os.path.basename(os.path.dirname(os.path.abspath(args.mask)))}" if args.mask
+                else f"sparse-{args.rule}_s{args.sparsity}_r{args.calib_rounds}")
+    args.out = args.out or f"{args.results}/fedavg/{split}_j{args.j}_{kind}/seed{args.seed}"
     return args
 
 
@@ -116,136 +126,186 @@ def noniid_shards(labels, k, nc, gen):
 
 
 def make_shards(labels, args):
-    gen = C.make_generator(args.seed, 47)
+    if args.k > len(labels):
+        raise C.UserError(f"--k {args.k} clients for {len(labels)} training images: some would hold nothing; "
+                          f"lower --k")
+    gen = C.stream("shards", args.seed)
     if args.iid:
         return iid_shards(labels, args.k, gen)
     return noniid_shards(labels, args.k, args.nc, gen)
 
 
+# ----------------------------------------------------------------------------- step 0: the head (federated ridge)
+
+def federated_ridge(head, shards, feats):
+    """Each client sends the ridge statistics of its own images (Σφφᵀ, Σφyᵀ, count; features of the
+    shared frozen backbone), the server adds them up and solves once: exactly the ridge solution on the
+    union of the clients' data, in one round, no image pooled. The server picks lambda on the validation
+    split, which it also uses to evaluate the global model."""
+    f, y = feats["train"][:2]
+    stats = None
+    for shard in shards:
+        s = C.ridge_stats(f[shard], y[shard])
+        stats = s if stats is None else C.add_ridge_stats(stats, s)
+    return C.ridge_head(head, stats, *feats["val"])
+
+
+# ----------------------------------------------------------------------------- step 1: federated mask calibration
+
+def federated_mask(model, shards, x, args, device):
+    """Calibrate the mask without pooling data: in every calibration round each of the K clients scores
+    ceil(fisher_batches * fisher_batch_size / K) of its own images (squared per-sample gradients, labels
+    sampled from the model) and sends the per-entry sums and its count; the server adds them up and
+    divides by the total count: the Fisher over the union of the scored images.
+    Simulated in shared batches: per-sample terms do not depend on their batch-mates (eval mode,
+    labels from per-sample uniforms), so the sums are those of per-client scoring, at the cost of
+    central calibration instead of K small calls."""
+    per_client = math.ceil(args.fisher_batches * args.fisher_batch_size / args.k)
+    rounds_done = 0
+
+    def score(mask):
+        nonlocal rounds_done
+        rounds_done += 1
+        idx, u = [], []
+        for client, shard in enumerate(shards):
+            i, v = C.draw_calibration(len(shard), per_client, C.stream("fed_calib", args.seed, rounds_done, client))
+            idx.append(shard[i])
+            u.append(v)
+        sums, n = C.fisher_sums(model, x[torch.cat(idx).to(x.device)], torch.cat(u), args.img_size,
+                                args.fisher_batch_size, device, mask=mask, damp=args.calib_damp, score=args.score)
+        return {k: v / n for k, v in sums.items()}
+
+    t = time.time()
+    mask, log = C.calibrate_mask(model, score, args.rule, args.sparsity, args.calib_rounds,
+                                 C.stream("mask_rule", args.seed))
+    C.print_calibration(log, args, time.time() - t)
+    return mask, log
+
+
 # ----------------------------------------------------------------------------- one round
 
 def clients_per_round(args):
-    return math.ceil(args.c * args.k - 1e-9)  # the epsilon: 0.1 * 100 is 10.000000000000002 in floats
+    # the epsilon: C*K is a float product and can land a hair above an integer (0.7 * 10 is 7.000000000000001)
+    return math.ceil(args.c * args.k - 1e-9)
 
 
 def sample_clients(args, rnd):
     """ceil(C*K) distinct clients, a function of (seed, round) only: a resumed run draws the same ones."""
-    return torch.randperm(args.k, generator=C.make_generator(args.seed, rnd, 53))[:clients_per_round(args)].tolist()
+    return torch.randperm(args.k, generator=C.stream("clients", args.seed, rnd))[:clients_per_round(args)].tolist()
 
 
 def local_batches(shard, j, batch_size, gen):
-    """J batches of sample indices from one shard, walking through fresh permutations of it
+    """J×b sample indices from one shard, walking through fresh permutations of it
     (every sample is seen once before any is seen twice). A batch never exceeds the shard."""
     b = min(batch_size, len(shard))
     perms, n = [], 0
     while n < j * b:
         perms.append(shard[torch.randperm(len(shard), generator=gen)])
         n += len(shard)
-    flat = torch.cat(perms)
-    return [flat[s * b:(s + 1) * b] for s in range(j)]
+    return torch.cat(perms)[:j * b].view(j, b)
 
 
-def make_optimizer(params, mask, args):
-    """Plain SGD for dense clients; SparseSGDM when a mask covers the backbone (the head, not in the
-    mask, stays dense). Created anew for every client: no momentum leaks between clients or rounds."""
-    tensors = [p for _, p in params]
-    if mask is None:
-        return torch.optim.SGD(tensors, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    return C.SparseSGDM(tensors, [mask.get(n) for n, _ in params], lr=args.lr, momentum=args.momentum,
-                        weight_decay=args.wd)
+def client_batches(x, y, shard, rnd, client, args, device, augment):
+    """A client's J local batches, drawn at once: one copy of indices (and crop/flip offsets) to the
+    device per client, none per step. x, y live on the device already."""
+    idx = local_batches(shard, args.j, args.batch_size, C.stream("client_batches", args.seed, rnd, client))
+    idx = idx.to(device, non_blocking=True)
+    xb, yb = x[idx.flatten()], y[idx.flatten()]
+    if augment:
+        off, flip = C.draw_augmentation(len(xb), C.stream("client_aug", args.seed, rnd, client))
+        xb = C.augment(xb, off.to(device, non_blocking=True), flip.to(device, non_blocking=True))
+    return xb.view(args.j, -1, *xb.shape[1:]), yb.view(args.j, -1)
 
 
-def client_update(model, params, mask, shard, x, y, args, device, rnd, client):
-    """J local steps of one client, starting from whatever weights `model` holds. Returns mean loss."""
-    opt = make_optimizer(params, mask, args)
-    batches = local_batches(shard, args.j, args.batch_size, C.make_generator(args.seed, rnd, client, 59))
-    losses = []
-    for s, idx in enumerate(batches):
-        gen = None if args.no_aug else C.make_generator(args.seed, rnd, client, s, 61)
-        losses.append(C.train_step(model, opt, x[idx], y[idx], args, device, gen))
-    return sum(losses) / len(losses)
+def client_update(forward, opt, scaler, batches):
+    """J local steps from whatever weights the model holds, with fresh optimizer state.
+    Returns the mean loss as a device tensor (read once per round, never per step)."""
+    opt.state.clear()  # a fresh momentum buffer: nothing leaks between clients or rounds
+    total = 0
+    for xb, yb in zip(*batches):
+        loss = F.cross_entropy(forward(xb), yb)
+        C.optimizer_step(opt, loss, scaler)
+        total = total + loss.detach()
+    return total / len(batches[0])
 
 
-def trainable(model, head_only):
-    """(name, param) trained this round; everything else is frozen (no gradient computed)."""
-    params = []
-    for n, p in model.named_parameters():
-        p.requires_grad_(not head_only or n.startswith("head."))
-        if p.requires_grad:
-            params.append((n, p))
-    return params
+def fedavg_round(params, clients, weights, train_client):
+    """One round. Each sampled client trains in turn from the global weights, then the server adds
+    the weighted average of the updates Δ_i = client_i - global to the global weights (in `params`).
 
-
-def fedavg_round(model, shards, x, y, args, device, rnd, mask=None, head_only=False):
-    """One round: sampled clients train in turn from the global weights (held in `model`), the server
-    averages their updates weighted by shard size and applies them to `model`. Returns mean client loss.
-
-    The server keeps a running average of the updates (client - global), not of the weights: an entry
-    no client changed (masked out, or frozen) gets an update of exactly 0 and stays bit-for-bit the same,
-    where averaging the weights themselves could round it."""
-    params = trainable(model, head_only)
-    clients = sample_clients(args, rnd)
-    total = sum(len(shards[c]) for c in clients)
-    global_w = {n: p.detach().clone() for n, p in params}
-    update = {n: torch.zeros_like(p) for n, p in params}
-    losses = []
-    for c in clients:
-        losses.append(client_update(model, params, mask, shards[c], x, y, args, device, rnd, c))
-        with torch.no_grad():
-            for n, p in params:
-                update[n].add_(p - global_w[n], alpha=len(shards[c]) / total)
-                p.copy_(global_w[n])  # the next client starts from the global model again
+    Averaging updates rather than weights keeps every entry that no client changed (masked out,
+    frozen) bit-for-bit the same. The task-arithmetic lens is computed on the way, O(1) extra memory:
+    update_norm = mean ||Δ_i||, agreement = ||Σ w_iΔ_i||² / Σ w_i||Δ_i||² (1 when all clients move the
+    same way, 1/n for n equally weighted orthogonal updates, 0 when they cancel).
+    Returns (mean client loss, update_norm, agreement) as floats."""
     with torch.no_grad():
-        for n, p in params:
-            p.add_(update[n])
-    return sum(losses) / len(losses)
+        global_w = [p.detach().clone() for p in params]
+        update = [torch.zeros_like(p) for p in params]
+    losses, sq_norms = [], []
+    for client, w in zip(clients, weights):
+        losses.append(train_client(client))
+        with torch.no_grad():
+            torch._foreach_sub_(params, global_w)  # params now hold Δ_i
+            torch._foreach_add_(update, params, alpha=w)
+            sq_norms.append(torch.stack(torch._foreach_norm(params)).square().sum())
+            torch._foreach_copy_(params, global_w)  # the next client starts from the global model again
+    with torch.no_grad():
+        torch._foreach_add_(params, update)
+        agg = torch.stack(torch._foreach_norm(update)).square().sum()
+    sq = torch.stack(sq_norms)
+    spread = float((torch.tensor(weights, device=sq.device) * sq).sum())
+    return (float(torch.stack(losses).mean()), float(sq.sqrt().mean()),
+            float(agg) / spread if spread > 0 else float("nan"))
 
 
-# ----------------------------------------------------------------------------- federated mask calibration
+def train_round(model, shards, inputs, y, rnd, args, device, scaler, mask=None, head_only=False):
+    """Round `rnd` of FedAvg on `model`, in place. What the clients train: with head_only, the head on
+    cached features (`inputs`); with a mask, the backbone (masked tensors through the mask, the head
+    frozen); else everything, on uint8 images (`inputs`). Returns (loss, update_norm, agreement, the
+    trained (name, param) list)."""
+    if head_only:
+        params, net, augment = list(model.head.named_parameters()), model.head, False
+        forward = model.head
+    else:
+        params = C.backbone_params(model) if mask is not None else list(model.named_parameters())
+        net, augment = model, not args.no_aug
 
-def federated_mask(model, shards, x, args, device):
-    """Calibrate the mask without pooling data: in every calibration round each of the K clients scores
-    its own images (sum of squared per-sample gradients, labels sampled from the model) and sends the
-    per-weight sums and its sample count; the server adds them up and divides by the total count, i.e.
-    the Fisher over the union of the scored samples (client Fishers averaged, weighted by sample count).
-    The --fisher-batches x --fisher-batch-size images of a round are split evenly over the clients."""
-    per_client = math.ceil(args.fisher_batches * args.fisher_batch_size / args.k)
-    calib_round = {"r": 0}
-
-    def score(mask):
-        calib_round["r"] += 1
-        total, count = None, 0
-        for client, shard in enumerate(shards):
-            gen = C.make_generator(args.seed, calib_round["r"], client, 67)
-            s, n = C.fisher_scores(model, C.calibration_batches(x[shard], per_client, args, device, gen),
-                                   device, gen, mask=mask, damp=args.calib_damp, chunk=args.fisher_chunk)
-            if total is None:
-                total = s
-            else:
-                for k in total:
-                    total[k] += s[k]
-            count += n
-        return {k: v / count for k, v in total.items()}
-
-    mask, log = C.calibrate_mask(model, score, args.rule, args.sparsity, args.calib_rounds,
-                                 C.make_generator(args.seed, 37))
-    for row in log:
-        print(f"  calibration round {row['round']}: keep {row['kept']} weights ({row['kept_frac']:.4%})")
-    return mask, log
+        def forward(xb):
+            return C.forward_logits(model, C.preprocess(xb, args.img_size), device, args.precision)
+    tensors = [p for _, p in params]
+    for p in tensors:
+        p.requires_grad_(True)
+    opt = C.SparseSGDM(tensors, [mask.get(n) if mask is not None else None for n, _ in params],
+                       lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    clients = sample_clients(args, rnd)
+    sizes = [len(shards[c]) for c in clients]
+    net.train()
+    out = fedavg_round(tensors, clients, [s / sum(sizes) for s in sizes],
+                       lambda c: client_update(forward, opt, scaler,
+                                               client_batches(inputs, y, shards[c], rnd, c, args, device, augment)))
+    for p in tensors:
+        p.requires_grad_(False)
+    return (*out, params)
 
 
 # ----------------------------------------------------------------------------- main
 
+def upload_per_client(params, mask):
+    """Values one client uploads per round: every trained entry, except that in a sparse run only the
+    masked-in entries of the masked tensors (the server knows the mask; the rest are exactly 0)."""
+    return sum(int(mask[n].sum()) if mask is not None and n in mask else p.numel() for n, p in params)
+
+
 def write_outputs(rows, args):
     C.write_csv(rows, os.path.join(args.out, "metrics.csv"))
-    r = [row["round"] for row in rows]
     name = f"FedAvg {'IID' if args.iid else f'Nc={args.nc}'}, J={args.j}{', sparse' if args.sparse else ''}"
-    C.plot_lines(os.path.join(args.out, "accuracy.png"), {s: (r, [row[f"{s}_acc"] for row in rows])
-                                                         for s in ("val", "test")},
-                 "round", "top-1 accuracy", name)
-    C.plot_lines(os.path.join(args.out, "loss.png"), {s: (r, [row[f"{s}_loss"] for row in rows])
-                                                     for s in ("val", "test")},
-                 "round", "cross-entropy", name)
+    for kind, label in (("acc", "top-1 accuracy"), ("loss", "cross-entropy")):
+        series = {}
+        for split in ("val", "test"):
+            done = [r for r in rows if r.get(f"{split}_{kind}") is not None]
+            series[split] = ([r["round"] for r in done], [r[f"{split}_{kind}"] for r in done])
+        C.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"), series,
+                     "round", label, name)
 
 
 def main(argv=None):
@@ -255,72 +315,115 @@ def main(argv=None):
     if prepared is None:
         return
     device, data, model = prepared
+    # every input is checked before the run directory is touched
     given_mask = C.load_mask(args.mask, model) if args.mask else None
-    shards = make_shards(data["train"][1], args)  # may refuse a combination the data cannot shard
+    if args.sparse and given_mask is None:
+        C.check_sparsity(model, args.sparsity)
+    head_file = C.load_head_file(args.head, model.head) if args.head not in ("ridge", "warmup") else None
+    shards = make_shards(data["train"][1], args)
     ckpt = C.open_run(args)
     x, y = (t.to(device) for t in data["train"])  # uint8: the whole training set fits on any GPU
     total_rounds = args.warmup_rounds + args.rounds
     print(f"{args.k} clients ({'IID' if args.iid else f'{args.nc} classes each'}, "
           f"{min(map(len, shards))}-{max(map(len, shards))} samples), {clients_per_round(args)} per "
           f"round, J={args.j}, {args.warmup_rounds} head warm-up + {args.rounds} rounds"
-          f"{' (scaled from J=4)' if args.scale_rounds else ''}")
-    initial = {n: p.detach().cpu().clone() for n, p in C.backbone_params(model)} if args.sparse else None
-    if ckpt is None:
-        C.write_csv([{"client": i, "samples": len(s), "classes": len(torch.unique(y[s.to(device)]))}
+          f"{' (scaled from J=4)' if args.scale_rounds else ''}; head: {args.head}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # Frozen-backbone features of the clean images: the ridge statistics, head-only rounds and their
+    # evaluation (the backbone does not change there) all read them instead of running the ViT.
+    needs_feats = args.head == "ridge" or args.warmup_rounds or args.train == "head"
+    feats = C.cached_features(model, data, args, device) if needs_feats else None
+    initial = {n: p.detach().cpu().clone() for n, p in C.masked_params(model)}
+    mask_path = os.path.join(args.out, "mask.pt")
+
+    if ckpt is None:  # step 0: the head
+        C.write_csv([{"client": i, "samples": len(s), "classes": len(torch.unique(data["train"][1][s]))}
                      for i, s in enumerate(shards)], os.path.join(args.out, "shards.csv"))
-        ckpt = {"round": 0, "rows": [], "losses": [], "calib_log": [], "elapsed": 0.0}
-        if given_mask is not None:
-            C.save_mask(given_mask, os.path.join(args.out, "mask.pt"))
+        head_info, head_upload = {}, 0
+        if args.head == "ridge":
+            head_info = federated_ridge(model.head, shards, feats)
+            d = model.head.in_features + 1
+            head_upload = d * d + d * C.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ and a count, once per client
+        elif head_file is not None:
+            model.head.load_state_dict(head_file)
+        ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
+                "upload": head_upload * args.k, "elapsed": 0.0}
     else:
         model.load_state_dict(ckpt["model"])
     t0 = time.time() - ckpt["elapsed"]
-    mask_path = os.path.join(args.out, "mask.pt")
-    mask = None
-    if os.path.isfile(mask_path):  # given, or calibrated before an interruption
-        mask = {n: m.to(device) for n, m in C.load_mask(mask_path, model).items()}
+    mask = C.load_mask(mask_path, model) if ckpt["calibrated"] else None
+    mask = {n: m.to(device) for n, m in mask.items()} if mask else None
+    scaler = C.grad_scaler(device, args.precision)
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
 
     def save():
-        ckpt.update(model=model.state_dict(), elapsed=time.time() - t0)
+        ckpt.update(model=C.cpu_state(model), scaler=scaler.state_dict(), elapsed=time.time() - t0)
         C.save_checkpoint(ckpt, args)
+
+    def evaluate(split, backbone_changed):
+        if backbone_changed:
+            return C.evaluate(model, *data[split], args, device)
+        return C.evaluate_head(model.head, *feats[split])  # same numbers, no ViT pass
 
     bar = tqdm(range(ckpt["round"], total_rounds), desc="rounds", disable=None)
     for rnd in bar:
         head_only = rnd < args.warmup_rounds or args.train == "head"
-        if args.sparse and not head_only and mask is None:  # after the head warm-up: the Fisher needs a head
-            mask, ckpt["calib_log"] = federated_mask(model, shards, x, args, device)
+        if args.sparse and not head_only and not ckpt["calibrated"]:  # step 1, once the head is there
+            mask, ckpt["calib_log"] = (given_mask, []) if given_mask is not None else \
+                federated_mask(model, shards, x, args, device)
             C.save_mask(mask, mask_path)
+            mask = {n: m.to(device) for n, m in mask.items()}
+            ckpt["calibrated"] = True
             save()
-        ckpt["losses"].append(fedavg_round(model, shards, x, y, args, device, rnd,
-                                           None if head_only else mask, head_only))
+        round_mask = None if head_only else mask  # None in dense runs
+        loss, norm, agreement, params = train_round(model, shards, feats["train"][0] if head_only else x, y, rnd,
+                                                    args, device, scaler, round_mask, head_only)
+        ckpt["upload"] += upload_per_client(params, round_mask) * clients_per_round(args)
         ckpt["round"] = rnd + 1
-        if ckpt["round"] % args.eval_every == 0 or ckpt["round"] == total_rounds:
-            row = dict(round=ckpt["round"], train_loss=sum(ckpt["losses"]) / len(ckpt["losses"]),
-                       **C.evaluate_splits(model, data, args, device))
-            ckpt["rows"].append(row)
-            ckpt["losses"] = []
+        row = {"round": rnd + 1, "train_loss": loss, "update_norm": norm, "agreement": agreement}
+        last = rnd + 1 == total_rounds
+        for split, every in (("val", args.eval_every), ("test", args.test_every)):
+            if (rnd + 1) % every == 0 or last:
+                row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(split, backbone_changed=not head_only)
+            else:
+                row[f"{split}_loss"] = row[f"{split}_acc"] = None
+        ckpt["rows"].append(row)
+        if row["val_acc"] is not None:
             write_outputs(ckpt["rows"], args)
-            bar.write(f"round {row['round']}: train loss {row['train_loss']:.4f}  val acc {row['val_acc']:.4f}  "
-                      f"test acc {row['test_acc']:.4f}")
-        if ckpt["round"] % args.ckpt_every == 0 or ckpt["round"] % args.eval_every == 0:
+            bar.write(f"round {rnd + 1}: train loss {loss:.4f}  val acc {row['val_acc']:.4f}"
+                      + (f"  test acc {row['test_acc']:.4f}" if row["test_acc"] is not None else ""))
+        if (rnd + 1) % args.ckpt_every == 0 or row["val_acc"] is not None or C.stop_requested():
             save()
+        if C.stop_requested() and not last:  # SLURM preemption / time limit: saved at this round boundary
+            raise C.Stopped()
 
-    rows = ckpt["rows"]  # metrics.csv and the plots were written at the last round's evaluation
+    rows = ckpt["rows"]
+    write_outputs(rows, args)
     if ckpt["calib_log"]:
         C.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
-    best = max(rows, key=lambda r: r["val_acc"])  # first of equals wins
+    evaluated = [r for r in rows if r["val_acc"] is not None]
+    best = max(evaluated, key=lambda r: r["val_acc"])  # first of equals wins
+    main_params = C.backbone_params(model) if args.sparse else \
+        list((model.head if args.train == "head" else model).named_parameters())
+    per_client = upload_per_client(main_params, mask)
     result = {"stage": "fedavg", "dataset": args.dataset, "seed": args.seed, "k": args.k, "c": args.c,
               "j": args.j, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "iid": args.iid,
-              "nc": args.nc, "train": args.train, "sparse": args.sparse,
+              "nc": args.nc, "train": args.train, "sparse": args.sparse, "head": args.head, **ckpt["head_info"],
+              "score": args.score if args.sparse else None,
               "rule": args.rule if args.sparse and not args.mask else None,
-              "sparsity": args.sparsity if args.sparse and not args.mask else None, "mask_file": args.mask,
+              "sparsity": args.sparsity if args.sparse and not args.mask else None,
+              "calib_rounds": args.calib_rounds if args.sparse and not args.mask else None, "mask_file": args.mask,
               "val_acc": rows[-1]["val_acc"], "test_acc": rows[-1]["test_acc"], "test_loss": rows[-1]["test_loss"],
               "best_val_acc": best["val_acc"], "best_round": best["round"],
-              "test_acc_at_best_val": best["test_acc"], "seconds": time.time() - t0}
+              "clients_per_round": clients_per_round(args), "comm_values_per_client_round": per_client,
+              "comm_mb_total": ckpt["upload"] * 4 / 1e6, "seconds": time.time() - t0}
     if args.sparse:
-        params = C.backbone_params(model)
-        changed = sum(int((p.detach().cpu() != initial[n]).sum()) for n, p in params)
-        result.update(mask_kept_frac=C.mask_density(mask), changed_frac=changed / sum(p.numel() for _, p in params))
-    C.atomic_save(model.state_dict(), os.path.join(args.out, "model.pt"))
+        changed, total = C.changed_count(model, initial)
+        result.update(mask_kept_frac=C.mask_density(mask), changed_frac=changed / total)
+    C.atomic_save(C.cpu_state(model), os.path.join(args.out, "model.pt"))
+    C.atomic_save(C.cpu_state(model.head), os.path.join(args.out, "head.pt"))
     C.finish_run(result, args)
     print(f"test acc {result['test_acc']:.4f} after {total_rounds} rounds (best val {best['val_acc']:.4f} at "
           f"round {best['round']}); results in {args.out}")
