@@ -1051,13 +1051,16 @@ def run_config(args):
 
 
 LOCK_FILE = ".lock"
-_held_locks = []  # open lock files: the lock lives as long as the process (the OS drops it at exit)
+_held_locks = {}  # run dir -> open lock file: held as long as the process lives (the OS drops it at exit)
 
 
 def lock_run(out):
     """Take the exclusive lock of run directory `out` for the life of this process. A second process
     is refused, naming the PID that holds it; a lock of a dead process is gone (flock dies with it)."""
     os.makedirs(out, exist_ok=True)
+    key = os.path.realpath(out)
+    if key in _held_locks:  # this process opened the run before (tests call main() repeatedly)
+        return
     f = open(os.path.join(out, LOCK_FILE), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1070,7 +1073,7 @@ def lock_run(out):
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
-    _held_locks.append(f)
+    _held_locks[key] = f
 
 
 def remove_stale_temporaries(out):

@@ -40,10 +40,10 @@ def backbone_file(tmp_path, seed=0):
 
 
 def masked_weights_moved(final, pre, mask):
-    """Assert every masked-out backbone weight of state dict `final` equals the one of model `pre`;
-    return (masked-in weights that moved, masked-in weights)."""
+    """Assert every masked-out entry of state dict `final` equals the one of model `pre`;
+    return (masked-in entries that moved, masked-in entries)."""
     moved = 0
-    for n, p in C.backbone_params(pre):
+    for n, p in C.masked_params(pre):
         assert torch.equal(final[n][~mask[n]], p[~mask[n]]), f"{n}: a masked-out weight changed"
         moved += int((final[n][mask[n]] != p[mask[n]]).sum())
     return moved, sum(int(m.sum()) for m in mask.values())

@@ -1,5 +1,6 @@
 """common.py: optimizer, split, transforms, weight files, synthetic data."""
 import argparse
+import math
 import time
 
 import pytest
@@ -129,7 +130,7 @@ def test_load_data_splits_train_into_train_and_val():
 def test_augment_keeps_shape_and_takes_pixels_from_padded_shifted_image():
     x, _, _, _ = C.make_synthetic(100, 100, seed=0)
     x = x[:16]
-    a = C.augment(x, C.make_generator(0))
+    a = C.augment(x, *C.draw_augmentation(len(x), C.make_generator(0)))
     assert a.shape == x.shape and a.dtype == torch.uint8
     padded = torch.nn.functional.pad(x, (0, 0, 4, 4, 4, 4))
     for i in range(len(x)):  # each output is some 32x32 window of the padded image, maybe flipped
@@ -137,8 +138,8 @@ def test_augment_keeps_shape_and_takes_pixels_from_padded_shifted_image():
                     for dy in range(9) for dx in range(9)
                     for win in [padded[i, dy:dy + 32, dx:dx + 32]])
         assert found
-    assert torch.equal(a, C.augment(x, C.make_generator(0)))  # seeded
-    assert not torch.equal(a, C.augment(x, C.make_generator(1)))
+    assert torch.equal(a, C.augment(x, *C.draw_augmentation(len(x), C.make_generator(0))))  # seeded
+    assert not torch.equal(a, C.augment(x, *C.draw_augmentation(len(x), C.make_generator(1))))
 
 
 def test_preprocess_shape_and_range():
@@ -226,11 +227,24 @@ def test_head_init_depends_on_seed_only():
 
 # ----------------------------------------------------------------------------- schedules
 
+# The documented values of every schedule (common.lr_factor's comments), over 9 epochs.
+DOCUMENTED = {
+    "constant": [1.0] * 9,
+    "cosine": [0.5 * (1 + math.cos(math.pi * e / 9)) for e in range(9)],
+    "step": [1.0] * 3 + [0.1] * 3 + [0.01] * 3,  # /10 at one third and at two thirds
+    "exponential": [0.01 ** (e / 8) for e in range(9)],  # 1 at the start, 1% at the last epoch
+    "warmup-cosine": [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * e / 7)) for e in range(7)],
+}
+
+
 @pytest.mark.parametrize("name", C.SCHEDULERS)
-def test_lr_schedules_start_high_and_stay_positive(name):
-    fs = [C.lr_factor(name, e, 10) for e in range(10)]
-    assert all(0 < f <= 1 for f in fs)
-    if name != "constant":
-        assert fs[-1] < max(fs)
-    if name == "cosine":
-        assert fs[0] == 1.0 and all(a >= b for a, b in zip(fs, fs[1:]))
+def test_lr_schedules_take_their_documented_values(name):
+    assert [C.lr_factor(name, e, 9) for e in range(9)] == pytest.approx(DOCUMENTED[name], rel=1e-12)
+
+
+def test_random_streams_are_distinct_and_replayable():
+    assert len(set(C.STREAMS.values())) == len(C.STREAMS)
+    a = torch.rand(5, generator=C.stream("clients", 0, 3))
+    assert torch.equal(a, torch.rand(5, generator=C.stream("clients", 0, 3)))
+    assert torch.equal(a, torch.rand(5, generator=C.make_generator(0, 3, C.STREAMS["clients"])))
+    assert not torch.equal(a, torch.rand(5, generator=C.stream("client_batches", 0, 3)))

@@ -1,6 +1,7 @@
 """fedavg.py: sharding, one round against the math, sparse rounds, resume, learning, bad flags."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -86,6 +87,16 @@ def test_scale_rounds_keeps_total_local_work_equal(j, rounds):
 
 # ----------------------------------------------------------------------------- one round against the math
 
+def round_args(*extra):
+    args = fedavg.get_args(TINY + list(extra))
+    args.precision = "off"  # prepare() resolves it in the scripts
+    return args
+
+
+def fp32_scaler():
+    return C.grad_scaler(torch.device("cpu"), "off")
+
+
 @pytest.mark.parametrize("sizes", [(50, 50, 50, 50), (20, 80, 35, 65)])
 def test_one_round_with_c1_j1_full_batches_is_one_gradient_step_on_the_union(sizes):
     """Each client's update is -lr * (gradient of its mean loss); weighted by shard size, their sum is
@@ -94,11 +105,11 @@ def test_one_round_with_c1_j1_full_batches_is_one_gradient_step_on_the_union(siz
     x = torch.randint(0, 256, (sum(sizes), 32, 32, 3), dtype=torch.uint8)
     y = torch.randint(0, 100, (sum(sizes),))
     shards = list(torch.split(torch.arange(sum(sizes)), list(sizes)))
-    args = fedavg.get_args(TINY + ["--k", str(len(sizes)), "--c", "1", "--j", "1", "--momentum", "0",
-                                   "--batch-size", "1000", "--no-aug", "--lr", "0.1"])
+    args = round_args("--k", str(len(sizes)), "--c", "1", "--j", "1", "--momentum", "0",
+                      "--batch-size", "1000", "--no-aug", "--lr", "0.1")
     model = tiny_model()
     reference = copy.deepcopy(model)
-    fedavg.fedavg_round(model, shards, x, y, args, torch.device("cpu"), rnd=0)
+    fedavg.train_round(model, shards, x, y, 0, args, torch.device("cpu"), fp32_scaler())
 
     reference.train()
     loss = F.cross_entropy(reference(C.preprocess(x, 32)), y)
@@ -112,38 +123,182 @@ def test_one_round_with_c1_j1_full_batches_is_one_gradient_step_on_the_union(siz
     assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())  # every tensor moved
 
 
-def test_head_only_rounds_leave_the_backbone_untouched():
+def reference_round(params, clients, weights, train_client):
+    """The textbook server, one tensor at a time: Σ_i w_i (client_i - global) added to global."""
+    global_w = [p.detach().clone() for p in params]
+    update = [torch.zeros_like(p) for p in params]
+    deltas = []
+    for c, w in zip(clients, weights):
+        train_client(c)
+        with torch.no_grad():
+            deltas.append([(p - g).clone() for p, g in zip(params, global_w)])
+            for u, p, g in zip(update, params, global_w):
+                u.add_(p - g, alpha=w)
+                p.copy_(g)
+    with torch.no_grad():
+        for p, u in zip(params, update):
+            p.add_(u)
+    return deltas
+
+
+def test_aggregation_is_bit_identical_to_the_per_tensor_server_and_measures_agreement():
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3), torch.randn(7)]
+    moves = {c: [torch.randn(5, 3), torch.randn(7)] for c in range(3)}
+
+    def train_client(c, ps):
+        with torch.no_grad():
+            for p, m in zip(ps, moves[c]):
+                p.add_(m)
+        return torch.tensor(float(c))
+
+    ours = [p.clone() for p in params]
+    loss, norm, agreement = fedavg.fedavg_round(ours, [0, 1, 2], [0.5, 0.3, 0.2], lambda c: train_client(c, ours))
+    ref = [p.clone() for p in params]
+    deltas = reference_round(ref, [0, 1, 2], [0.5, 0.3, 0.2], lambda c: train_client(c, ref))
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))  # same bits as the per-tensor server
+    flat = [torch.cat([d.flatten() for d in ds]) for ds in deltas]
+    avg = sum(w * f for w, f in zip([0.5, 0.3, 0.2], flat))
+    want = float(avg.square().sum() / sum(w * f.square().sum() for w, f in zip([0.5, 0.3, 0.2], flat)))
+    assert agreement == pytest.approx(want, rel=1e-5)
+    assert norm == pytest.approx(float(sum(f.norm() for f in flat) / 3), rel=1e-5)
+    assert loss == pytest.approx(1.0)
+
+
+def test_agreement_is_one_for_identical_clients_and_below_for_different_shards():
+    data = C.load_data(round_args("--synthetic-size", "2000"))
+    x, y = data["train"]
+    args = round_args("--k", "4", "--c", "1", "--j", "1", "--no-aug", "--batch-size", "16", "--lr", "0.05")
+    same = [torch.arange(16)] * 4
+    _, _, a_same, _ = fedavg.train_round(tiny_model(), same, x, y, 0, args, torch.device("cpu"), fp32_scaler())
+    assert a_same == pytest.approx(1.0, abs=1e-5)
+    different = list(torch.arange(64).view(4, 16))
+    _, _, a_diff, _ = fedavg.train_round(tiny_model(), different, x, y, 0, args, torch.device("cpu"), fp32_scaler())
+    assert 0 < a_diff < 0.99
+
+
+def test_head_only_rounds_train_the_head_on_features_and_leave_the_backbone_untouched():
     model = tiny_model()
     before = copy.deepcopy(model.state_dict())
-    args = fedavg.get_args(FAST)
+    args = round_args(*FAST[len(TINY):], "--train", "head")
     data = C.load_data(args)
+    feats = C.cached_features(model, data, args, torch.device("cpu"))
     shards = fedavg.make_shards(data["train"][1], args)
-    fedavg.fedavg_round(model, shards, *data["train"], args, torch.device("cpu"), rnd=0, head_only=True)
+    fedavg.train_round(model, shards, feats["train"][0], data["train"][1], 0, args, torch.device("cpu"),
+                       fp32_scaler(), head_only=True)
     for n, p in model.state_dict().items():
         assert torch.equal(p, before[n]) != n.startswith("head."), n
 
 
+def test_a_client_update_reads_nothing_back_from_the_device_per_step(monkeypatch):
+    args = round_args("--j", "6", "--batch-size", "8")
+    model = tiny_model()
+    data = C.load_data(round_args("--synthetic-size", "2000"))
+    x, y = data["train"]
+    batches = fedavg.client_batches(x, y, torch.arange(100), 0, 0, args, torch.device("cpu"), True)
+    opt = C.SparseSGDM(list(model.parameters()), [None] * len(list(model.parameters())), lr=0.01, momentum=0.9)
+    calls = {"n": 0}
+    real_item = torch.Tensor.item
+
+    def counting_item(self):
+        calls["n"] += 1
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    loss = fedavg.client_update(lambda xb: C.forward_logits(model, C.preprocess(xb, 32), torch.device("cpu"), "off"),
+                                opt, fp32_scaler(), batches)
+    assert calls["n"] <= 1 and loss.dim() == 0
+
+
+def test_federated_ridge_equals_central_ridge_on_the_union():
+    model = tiny_model()
+    args = round_args(*FAST[len(TINY):])
+    data = C.load_data(args)
+    feats = C.cached_features(model, data, args, torch.device("cpu"))
+    central = copy.deepcopy(model.head)
+    C.ridge_head(central, C.ridge_stats(*feats["train"][:2]), *feats["val"])
+    for split in (["--iid"], ["--k", "100", "--nc", "1"]):
+        shards = fedavg.make_shards(data["train"][1], round_args(*FAST[len(TINY):], *split))
+        fed = copy.deepcopy(model.head)
+        fedavg.federated_ridge(fed, shards, feats)
+        torch.testing.assert_close(fed.weight, central.weight, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fed.bias, central.bias, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(central.weight, model.head.weight)
+
+
+def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monkeypatch):
+    model = tiny_model()
+    args = round_args(*FAST[len(TINY):], "--fisher-batches", "1", "--fisher-batch-size", "20", "--calib-rounds", "1")
+    data = C.load_data(args)
+    x = data["train"][0]
+    shards = fedavg.make_shards(data["train"][1], args)
+    seen = []
+    real = C.fisher_sums
+
+    def recording(*a, **k):
+        sums, n = real(*a, **k)
+        seen.append((sums, n))
+        return sums, n
+
+    monkeypatch.setattr(C, "fisher_sums", recording)
+    fedavg.federated_mask(model, shards, x, args, torch.device("cpu"))
+    batched, count = seen[0]
+    monkeypatch.setattr(C, "fisher_sums", real)
+    per_client = math.ceil(20 / args.k)
+    total = {k: torch.zeros_like(v) for k, v in batched.items()}
+    for client, shard in enumerate(shards):  # what each client would send
+        i, u = C.draw_calibration(len(shard), per_client, C.stream("fed_calib", args.seed, 1, client))
+        sums, n = C.fisher_sums(model, x[shard[i]], u, 32, 4, torch.device("cpu"), score=args.score)
+        for k in total:
+            total[k] += sums[k]
+    assert count == per_client * args.k
+    for k in total:
+        torch.testing.assert_close(batched[k], total[k], rtol=1e-4, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- fedavg.py end to end
 
-@pytest.mark.parametrize("rule", ["least-sensitive", "random"])
-def test_sparse_fedavg_never_changes_masked_out_global_weights(tmp_path, rule):
+def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(tmp_path):
     weights, pre = backbone_file(tmp_path)
     out = tmp_path / "sparse"
-    fedavg.main(FAST + ["--weights", weights, "--sparse", "--rule", rule, "--sparsity", "0.9",
+    fedavg.main(FAST + ["--weights", weights, "--sparse", "--sparsity", "0.9", "--no-aug", "--lr", "0.005",
                         "--calib-rounds", "2", "--rounds", "4", "--eval-every", "2", "--out", str(out)])
     mask = C.load_mask(str(out / "mask.pt"), pre)
-    moved, free = masked_weights_moved(torch.load(out / "model.pt", weights_only=True), pre, mask)
+    final = torch.load(out / "model.pt", weights_only=True)
+    moved, free = masked_weights_moved(final, pre, mask)
     assert 0.99 * free <= moved <= free
-    total = sum(p.numel() for _, p in C.backbone_params(pre))
+    head = torch.load(out / "head.pt", weights_only=True)  # the ridge head the run started from
+    assert torch.equal(final["head.weight"], head["weight"]) and torch.equal(final["head.bias"], head["bias"])
+    assert not torch.equal(head["weight"], pre.head.weight)  # it is the ridge head, not the initial one
+    total = sum(p.numel() for _, p in C.masked_params(pre))
     result = json.loads((out / "result.json").read_text())
     assert result["mask_kept_frac"] == (total - round(0.9 * total)) / total
     assert result["changed_frac"] == moved / total
+    dense_extra = sum(p.numel() for n, p in C.backbone_params(pre) if n not in mask)  # cls_token, pos_embed
+    assert result["comm_values_per_client_round"] == sum(int(m.sum()) for m in mask.values()) + dense_extra
+    d = pre.head.in_features + 1
+    assert result["comm_mb_total"] == pytest.approx(
+        (result["comm_values_per_client_round"] * 5 * 4 + (d * d + d * 100 + 1) * 10) * 4 / 1e6)
     assert (out / "calibration.csv").read_text().count("\n") == 3  # header + 2 calibration rounds
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "round,train_loss,update_norm,agreement,val_loss,val_acc,test_loss,test_acc"
+    assert len(rows) == 5 and all(0 < float(r.split(",")[3]) <= 1 for r in rows[1:])
+
+
+def test_dense_fedavg_starts_from_the_given_head_file(tmp_path):
+    weights, pre = backbone_file(tmp_path)
+    head = {"weight": torch.randn(100, pre.head.in_features), "bias": torch.randn(100)}
+    torch.save(head, tmp_path / "head.pt")
+    out = tmp_path / "run"
+    fedavg.main(FAST + ["--weights", weights, "--head", str(tmp_path / "head.pt"), "--lr", "0", "--rounds", "1",
+                        "--out", str(out)])
+    final = torch.load(out / "model.pt", weights_only=True)
+    assert torch.equal(final["head.weight"], head["weight"]) and torch.equal(final["head.bias"], head["bias"])
 
 
 def test_sparse_fedavg_reuses_a_mask_file(tmp_path):
     weights, pre = backbone_file(tmp_path)
-    params = dict(C.backbone_params(pre))
+    params = dict(C.masked_params(pre))
     mask = C.select_mask(None, "random", 5000, gen=C.make_generator(3), params=params)
     C.save_mask(mask, str(tmp_path / "given.pt"))
     out = tmp_path / "run"
@@ -156,40 +311,85 @@ def test_sparse_fedavg_reuses_a_mask_file(tmp_path):
     assert json.loads((out / "result.json").read_text())["changed_frac"] > 0
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    argv = FAST + ["--sparse", "--sparsity", "0.8", "--calib-rounds", "2", "--warmup-rounds", "2", "--rounds", "5",
-                   "--eval-every", "3", "--ckpt-every", "2"]
-    fedavg.main(argv + ["--out", str(tmp_path / "full")])
+RESUME = FAST + ["--sparse", "--sparsity", "0.8", "--calib-rounds", "2", "--rounds", "5", "--eval-every", "3",
+                 "--test-every", "2", "--ckpt-every", "2", "--fisher-batches", "1", "--lr", "0.005"]
 
+
+def assert_same_run(a, b):
+    ma, mb = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    for f in ("metrics.csv", "calibration.csv", "shards.csv", "config.json"):
+        assert (a / f).read_text() == (b / f).read_text(), f
+    ra, rb = json.loads((a / "result.json").read_text()), json.loads((b / "result.json").read_text())
+    ra.pop("seconds"), rb.pop("seconds")
+    assert ra == rb
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    fedavg.main(RESUME + ["--out", str(out)])
+    return out
+
+
+def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch, uninterrupted):
     real, calls = fedavg.client_update, {"n": 0}
 
-    def dying_client(*a, **k):  # 5 clients a round: dies inside round 6, after the checkpoint of round 4
+    def dying_client(*a, **k):  # 5 clients a round: dies inside round 4, after the checkpoint of round 3
         calls["n"] += 1
-        if calls["n"] == 28:
+        if calls["n"] == 18:
             raise KeyboardInterrupt
         return real(*a, **k)
 
     monkeypatch.setattr(fedavg, "client_update", dying_client)
     with pytest.raises(KeyboardInterrupt):
-        fedavg.main(argv + ["--out", str(tmp_path / "cut")])
-    assert (tmp_path / "cut" / "checkpoint.pt").is_file() and not (tmp_path / "cut" / "result.json").exists()
+        fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert ckpt["round"] == 3 and not (tmp_path / "cut" / "result.json").exists()  # cut mid-run
     monkeypatch.setattr(fedavg, "client_update", real)
     with pytest.raises(C.UserError, match="--resume"):
-        fedavg.main(argv + ["--out", str(tmp_path / "cut")])
-    fedavg.main(argv + ["--out", str(tmp_path / "cut"), "--resume"])
+        fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
+    fedavg.main(RESUME + ["--out", str(tmp_path / "cut"), "--resume"])
+    assert_same_run(uninterrupted, tmp_path / "cut")
 
-    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    for f in ("metrics.csv", "calibration.csv", "shards.csv"):
-        assert (tmp_path / "full" / f).read_text() == (tmp_path / "cut" / f).read_text(), f
-    rows = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows] == ["round", "3", "6", "7"]
+
+def test_a_kill_between_the_mask_and_the_checkpoint_recalibrates(tmp_path, monkeypatch, uninterrupted):
+    real = C.save_checkpoint
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(C, "save_checkpoint", killed)  # the first checkpoint follows the mask
+    with pytest.raises(KeyboardInterrupt):
+        fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
+    assert (tmp_path / "cut" / "mask.pt").is_file() and not (tmp_path / "cut" / "checkpoint.pt").exists()
+    monkeypatch.setattr(C, "save_checkpoint", real)
+    fedavg.main(RESUME + ["--out", str(tmp_path / "cut"), "--resume"])
+    assert_same_run(uninterrupted, tmp_path / "cut")
+
+
+def test_a_stop_signal_checkpoints_at_the_round_boundary_and_resumes(tmp_path, monkeypatch, uninterrupted):
+    rounds = {"n": 0}
+    real = fedavg.train_round
+
+    def counting(*a, **k):
+        rounds["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(fedavg, "train_round", counting)
+    monkeypatch.setattr(C, "stop_requested", lambda: rounds["n"] >= 2)  # SIGTERM during round 2
+    with pytest.raises(C.Stopped):
+        fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["round"] == 2
+    monkeypatch.undo()
+    fedavg.main(RESUME + ["--out", str(tmp_path / "cut"), "--resume"])
+    assert_same_run(uninterrupted, tmp_path / "cut")
 
 
 def test_iid_learns_and_one_class_per_client_learns_less(tmp_path):
     argv = TINY + ["--synthetic-size", "4000", "--k", "100", "--c", "0.1", "--j", "4", "--rounds", "24",
-                   "--eval-every", "8", "--lr", "0.05", "--batch-size", "32"]
+                   "--eval-every", "8", "--lr", "0.05", "--batch-size", "32", "--head", "warmup",
+                   "--warmup-rounds", "1"]
     fedavg.main(argv + ["--iid", "--out", str(tmp_path / "iid")])
     fedavg.main(argv + ["--nc", "1", "--out", str(tmp_path / "nc1")])
     iid = json.loads((tmp_path / "iid" / "result.json").read_text())
@@ -199,22 +399,41 @@ def test_iid_learns_and_one_class_per_client_learns_less(tmp_path):
     shards = (tmp_path / "nc1" / "shards.csv").read_text().splitlines()[1:]
     assert len(shards) == 100 and all(r.endswith(",1") for r in shards)
     assert {f.name for f in (tmp_path / "iid").iterdir()} >= {"config.json", "metrics.csv", "accuracy.png",
-                                                             "loss.png", "model.pt", "result.json"}
+                                                             "loss.png", "model.pt", "head.pt", "result.json"}
 
 
 @pytest.mark.parametrize("bad", [["--nc", "0"], ["--nc", "101"], ["--c", "0"], ["--c", "1.5"],
                                  ["--k", "5", "--c", "0.1"], ["--k", "10", "--nc", "5"], ["--j", "0"],
-                                 ["--mask", "m.pt"], ["--sparse", "--train", "head"], ["--iid", "--nc", "5"]])
-def test_bad_flags_are_one_line_errors(tmp_path, bad):
-    proc = run_script("fedavg.py", *FAST, "--out", str(tmp_path / "r"), *bad)
-    assert_usage_error(proc)
+                                 ["--mask", "m.pt"], ["--sparse", "--train", "head"], ["--iid", "--nc", "5"],
+                                 ["--head", "warmup", "--warmup-rounds", "0"], ["--score", "fisher"],
+                                 ["--amp", "fp8"], ["--eval-every", "0"]])
+def test_bad_flags_are_one_line_errors(capsys, bad):
+    with pytest.raises(SystemExit) as e:
+        fedavg.get_args(FAST + bad)
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("bad,says", [(["--k", "3000"], "lower --k"), (["--img-size", "30"], "multiple"),
+                                      (["--device", "bogus"], "not a device"), (["--amp", "bf16"], "needs a CUDA"),
+                                      (["--sparse", "--sparsity", "0.9999999"], "keeps none"),
+                                      (["--head", "nohead.pt"], "no such file")])
+def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, bad, says):
+    with pytest.raises(C.UserError, match=says):
+        fedavg.main(FAST + ["--out", str(tmp_path / "r")] + bad)
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_flag_end_to_end_is_one_line_and_exit_2(tmp_path):
+    proc = run_script("fedavg.py", *FAST, "--out", str(tmp_path / "r"), "--img-size", "30")
+    assert "multiple" in assert_usage_error(proc)
     assert not (tmp_path / "r").exists()
 
 
 def test_missing_or_misfit_mask_is_a_one_line_error(tmp_path):
-    proc = run_script("fedavg.py", *FAST, "--sparse", "--mask", str(tmp_path / "none.pt"), "--out", str(tmp_path / "r"))
-    assert "not found" in assert_usage_error(proc)
-    torch.save({"cls_token": torch.ones(3, dtype=torch.bool)}, tmp_path / "bad.pt")
-    proc = run_script("fedavg.py", *FAST, "--sparse", "--mask", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "r"))
-    assert "does not fit" in assert_usage_error(proc)
+    with pytest.raises(C.UserError, match="not found"):
+        fedavg.main(FAST + ["--sparse", "--mask", str(tmp_path / "none.pt"), "--out", str(tmp_path / "r")])
+    torch.save({"blocks.0.norm1.weight": torch.ones(3, dtype=torch.bool)}, tmp_path / "bad.pt")
+    with pytest.raises(C.UserError, match="does not fit"):
+        fedavg.main(FAST + ["--sparse", "--mask", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()

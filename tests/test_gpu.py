@@ -1,0 +1,83 @@
+"""The stages on a CUDA GPU, in every precision it supports. Skipped without a GPU.
+
+Run on a GPU box or in Colab:  python -m pytest -q tests/test_gpu.py
+"""
+import json
+
+import pytest
+import torch
+
+import centralized
+import common as C
+import fedavg
+import model_editing
+from helpers import masked_weights_moved, tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU = ["--dataset", "synthetic", "--arch", "test_vit", "--no-pretrained", "--img-size", "32", "--device", "cuda",
+       "--synthetic-size", "2000", "--batch-size", "32"]
+
+
+def precisions():
+    if not torch.cuda.is_available():
+        return []
+    return ["fp16", "off"] + (["bf16"] if torch.cuda.get_device_capability()[0] >= 8 else [])
+
+
+def load_on_cpu(path):
+    """A file a CPU-only machine can read: plain torch.load, no map_location."""
+    sd = torch.load(path, weights_only=True)
+    assert all(v.device.type == "cpu" for v in sd.values())
+    return sd
+
+
+@pytest.mark.parametrize("amp", precisions())
+def test_every_stage_runs_on_the_gpu(tmp_path, amp):
+    centralized.main(GPU + ["--amp", amp, "--epochs", "2", "--out", str(tmp_path / "c")])
+    load_on_cpu(tmp_path / "c" / "head.pt")
+    model_editing.main(GPU + ["--amp", amp, "--epochs", "1", "--fisher-batches", "1", "--out", str(tmp_path / "e")])
+    load_on_cpu(tmp_path / "e" / "model.pt")
+    for extra in ([], ["--sparse", "--fisher-batches", "1"]):
+        out = tmp_path / f"f{len(extra)}"
+        fedavg.main(GPU + ["--amp", amp, "--k", "10", "--c", "0.5", "--rounds", "2", "--out", str(out)] + extra)
+        result = json.loads((out / "result.json").read_text())
+        assert result["amp"] == amp and result["test_acc"] >= 0
+        load_on_cpu(out / "model.pt")
+
+
+def test_auto_picks_what_the_gpu_supports(tmp_path):
+    fedavg.main(GPU + ["--k", "10", "--c", "0.5", "--rounds", "1", "--out", str(tmp_path / "r")])
+    want = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["amp"] == want
+
+
+def test_sparse_fedavg_under_fp16_scaling_keeps_masked_entries_bit_identical(tmp_path):
+    out = tmp_path / "r"
+    fedavg.main(GPU + ["--amp", "fp16", "--k", "10", "--c", "0.5", "--rounds", "3", "--sparse", "--lr", "0.05",
+                       "--fisher-batches", "1", "--out", str(out)])
+    pre = tiny_model()
+    mask = C.load_mask(str(out / "mask.pt"), pre)
+    moved, free = masked_weights_moved(load_on_cpu(out / "model.pt"), pre, mask)
+    assert 0 < moved <= free
+
+
+def test_deterministic_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    argv = GPU + ["--deterministic", "--k", "10", "--c", "0.5", "--rounds", "4", "--ckpt-every", "1", "--sparse",
+                  "--fisher-batches", "1"]
+    fedavg.main(argv + ["--out", str(tmp_path / "full")])
+    real, calls = fedavg.client_update, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 13:  # inside round 3
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(fedavg, "client_update", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fedavg.main(argv + ["--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    fedavg.main(argv + ["--out", str(tmp_path / "cut"), "--resume"])
+    a, b = load_on_cpu(tmp_path / "full" / "model.pt"), load_on_cpu(tmp_path / "cut" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
