@@ -154,31 +154,50 @@ def test_sparse_fine_tuning_touches_exactly_the_masked_in_weights(tmp_path, rule
     weights, pre = backbone_file(tmp_path)
     out = tmp_path / rule
     model_editing.main(FAST + ["--weights", weights, "--rule", rule, "--sparsity", "0.8", "--calib-rounds", "2",
-                               "--epochs", "1", "--warmup-epochs", "2", "--synthetic-size", "1000", "--out", str(out)])
+                               "--epochs", "1", "--fisher-batches", "1", "--synthetic-size", "1000",
+                               "--out", str(out)])
     mask = C.load_mask(str(out / "mask.pt"), pre)
-    moved, free = masked_weights_moved(torch.load(out / "model.pt", weights_only=True), pre, mask)
+    final = torch.load(out / "model.pt", weights_only=True)
+    moved, free = masked_weights_moved(final, pre, mask)
     # Nearly every masked-in weight moves; a handful may not, when their update is below float32
     # resolution (least-sensitive picks weights with near-zero gradients by design).
     assert 0.999 * free <= moved <= free
+    head = torch.load(out / "head.pt", weights_only=True)  # step 0's head, frozen through step 2
+    assert torch.equal(final["head.weight"], head["weight"]) and torch.equal(final["head.bias"], head["bias"])
     result = json.loads((out / "result.json").read_text())
-    total = sum(p.numel() for _, p in C.backbone_params(pre))
+    total = sum(p.numel() for _, p in C.masked_params(pre))
     assert result["mask_kept_frac"] == (total - round(0.8 * total)) / total
     assert result["changed_frac"] == moved / total
 
 
-def test_short_edit_improves_validation_accuracy_over_the_warm_head(tmp_path):
+def test_short_edit_improves_validation_accuracy_over_the_frozen_head(tmp_path):
     out = tmp_path / "edit"
-    model_editing.main(FAST + ["--sparsity", "0.5", "--epochs", "3", "--lr", "0.01", "--out", str(out)])
+    model_editing.main(FAST + ["--sparsity", "0.5", "--epochs", "3", "--lr", "0.001", "--no-aug",
+                               "--fisher-batches", "1", "--out", str(out)])
     result = json.loads((out / "result.json").read_text())
+    assert result["head"] == "ridge" and result["score"] == "logit"
     assert result["val_acc"] > result["warmup_val_acc"] + 0.05
-    for f in ("mask.pt", "metrics.csv", "calibration.csv", "accuracy.png", "config.json"):
+    for f in ("mask.pt", "head.pt", "metrics.csv", "calibration.csv", "accuracy.png", "config.json"):
         assert (out / f).is_file(), f
+
+
+def test_head_sources_warmup_and_file(tmp_path):
+    weights, _ = backbone_file(tmp_path)
+    common = FAST + ["--weights", weights, "--epochs", "0", "--rule", "random", "--synthetic-size", "1000"]
+    model_editing.main(common + ["--head", "warmup", "--warmup-epochs", "2", "--out", str(tmp_path / "w")])
+    warm = json.loads((tmp_path / "w" / "result.json").read_text())
+    assert warm["warmup_val_acc"] > 0.05 and warm["warmup_epoch"] >= 1  # the SGD warm-up learned something
+    model_editing.main(common + ["--head", str(tmp_path / "w" / "head.pt"), "--out", str(tmp_path / "f")])
+    a = torch.load(tmp_path / "w" / "head.pt", weights_only=True)
+    b = torch.load(tmp_path / "f" / "head.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "f" / "result.json").read_text())["warmup_val_acc"] == warm["warmup_val_acc"]
 
 
 def test_editing_reuses_a_saved_mask_and_rejects_a_bad_one(tmp_path):
     weights, _ = backbone_file(tmp_path)
     first = tmp_path / "first"
-    common = FAST + ["--weights", weights, "--epochs", "1", "--warmup-epochs", "1", "--synthetic-size", "1000"]
+    common = FAST + ["--weights", weights, "--epochs", "1", "--synthetic-size", "1000"]
     model_editing.main(common + ["--rule", "random", "--out", str(first)])
     second = tmp_path / "second"
     model_editing.main(common + ["--mask", str(first / "mask.pt"), "--out", str(second)])
@@ -186,21 +205,23 @@ def test_editing_reuses_a_saved_mask_and_rejects_a_bad_one(tmp_path):
     b = torch.load(second / "mask.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    bad = tmp_path / "bad.pt"
-    torch.save({"cls_token": torch.ones(1, 1, 64, dtype=torch.bool)}, bad)
-    proc = run_script("model_editing.py", *common, "--mask", str(bad), "--out", str(tmp_path / "third"))
-    assert "does not fit" in assert_usage_error(proc)
+    old = dict(a, cls_token=torch.ones(1, 1, 64, dtype=torch.bool))  # a mask made before cls/pos left it
+    torch.save(old, tmp_path / "old.pt")
+    proc = run_script("model_editing.py", *common, "--mask", str(tmp_path / "old.pt"), "--out", str(tmp_path / "third"))
+    assert "recalibrate" in assert_usage_error(proc)
     assert not (tmp_path / "third").exists()
 
 
 @pytest.mark.parametrize("bad", [["--sparsity", "1.0"], ["--sparsity", "-0.1"], ["--rule", "largest"],
-                                 ["--calib-rounds", "0"]])
-def test_bad_mask_flags_are_one_line_errors(bad):
-    assert_usage_error(run_script("model_editing.py", *FAST, *bad))
+                                 ["--calib-rounds", "0"], ["--score", "grad"], ["--hparams", "r.json"]])
+def test_bad_mask_flags_are_one_line_errors(capsys, bad):
+    with pytest.raises(SystemExit) as e:
+        model_editing.get_args(FAST + bad)
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_interrupted_edit_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    argv = FAST + ["--epochs", "2", "--warmup-epochs", "2", "--synthetic-size", "1000", "--sparsity", "0.7"]
+    argv = FAST + ["--epochs", "2", "--synthetic-size", "1000", "--sparsity", "0.7", "--fisher-batches", "1"]
     model_editing.main(argv + ["--out", str(tmp_path / "full")])
 
     real_step, calls = C.train_step, {"n": 0}
@@ -214,6 +235,7 @@ def test_interrupted_edit_resumes_to_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         model_editing.main(argv + ["--out", str(tmp_path / "cut")])
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # cut mid-run
     monkeypatch.setattr(C, "train_step", real_step)
     model_editing.main(argv + ["--out", str(tmp_path / "cut"), "--resume"])
 
