@@ -38,7 +38,7 @@ def get_args(argv=None):
                    help="validation accuracy of the global model every N rounds (curves, rounds-to-target); "
                         "5000 CIFAR images every 20 rounds is ~3%% of a default run's compute")
     g.add_argument("--test-every", type=C.positive_int, default=100,
-                   help="test accuracy every N rounds, and always after the last round (~1.5%% of the compute)")
+                   help="test accuracy every N rounds, and always after the last round (~1.3%% of the compute)")
     g.add_argument("--ckpt-every", type=C.positive_int, default=5, help="checkpoint every N rounds")
     g = p.add_argument_group("local training")
     g.add_argument("--lr", type=C.nonneg_float, default=0.01,
