@@ -707,10 +707,10 @@ def feature_cache_path(args, split, views):
 
 
 def cached_features(model, data, args, device, aug_views=0):
-    """{'train': (f, y, views), 'val': (f, y), 'test': (f, y)} of the frozen backbone, on device.
-    aug_views=0: clean training images (exact: training without augmentation).
-    aug_views=V: V augmented copies of the training set, epoch e uses copy e % V (exact for that
-    augmentation schedule). Features are cached on disk in --data-dir/features."""
+    """{split: (features, labels)} of the frozen backbone for 'train', 'val', 'test', on device.
+    aug_views=0: features of the clean training images (N×D; exact: training without augmentation).
+    aug_views=V: of V augmented copies of the training set (V×N×D), epoch e uses copy e % V (exact
+    for that augmentation schedule). Features are cached on disk in --data-dir/features."""
     out = {}
     for split in ("train", "val", "test"):
         views = aug_views if split == "train" else 0
@@ -730,7 +730,7 @@ def cached_features(model, data, args, device, aug_views=0):
                                                   desc=f"{split} view {v}").cpu() for v in range(views)])
             if not args.no_pretrained:  # random backbones differ by seed: never cache them
                 atomic_save(f, path)
-        out[split] = (f.to(device), y.to(device)) + ((views or None,) if split == "train" else ())
+        out[split] = (f.to(device), y.to(device))
     return out
 
 
@@ -752,16 +752,16 @@ def train_head_epoch(head, opt, feats, y, batch_size, gen):
 def train_head(head, feats, hp, epochs, patience, batch_size, seed, test=None):
     """Train a linear head on cached features: SGD with momentum, the schedule hp['scheduler'], early
     stopping after `patience` epochs without a better validation accuracy. The head ends with its
-    best-validation weights. feats: {'train': (f, y, views or None), 'val': (f, y)};
+    best-validation weights. feats: cached_features(...) (train features N×D, or V×N×D views);
     hp: dict(lr, momentum, wd, scheduler). Returns (history rows, best epoch)."""
     head.requires_grad_(True)
     opt = torch.optim.SGD(head.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"])
-    f_tr, y_tr, views = feats["train"]
+    f_tr, y_tr = feats["train"]
     history, best_acc, best_epoch, best_head = [], -1.0, 0, None
     for ep in range(epochs):
         for g in opt.param_groups:
             g["lr"] = hp["lr"] * lr_factor(hp["scheduler"], ep, epochs)
-        f = f_tr if views is None else f_tr[ep % views]
+        f = f_tr if f_tr.dim() == 2 else f_tr[ep % len(f_tr)]  # clean, or the epoch's augmented view
         tr_loss = train_head_epoch(head, opt, f, y_tr, batch_size, stream("head_epoch", seed, ep))
         va_loss, va_acc = evaluate_head(head, *feats["val"])
         row = {"epoch": ep + 1, "lr": opt.param_groups[0]["lr"], "train_loss": tr_loss,

@@ -53,7 +53,7 @@ def make_head(model, data, args, device, head_file):
     feats = C.cached_features(model, data, args, device)
     info = {}
     if args.head == "ridge":
-        info = C.ridge_head(model.head, C.ridge_stats(*feats["train"][:2]), *feats["val"])
+        info = C.ridge_head(model.head, C.ridge_stats(*feats["train"]), *feats["val"])
     elif args.head == "warmup":
         lr, m, wd = C.hparams_from(args.hparams) if args.hparams else \
             (args.warmup_lr, args.warmup_momentum, args.warmup_wd)

@@ -216,7 +216,7 @@ def test_federated_ridge_equals_central_ridge_on_the_union():
     data = C.load_data(args)
     feats = C.cached_features(model, data, args, torch.device("cpu"))
     central = copy.deepcopy(model.head)
-    C.ridge_head(central, C.ridge_stats(*feats["train"][:2]), *feats["val"])
+    C.ridge_head(central, C.ridge_stats(*feats["train"]), *feats["val"])
     for split in (["--iid"], ["--k", "100", "--nc", "1"]):
         shards = fedavg.make_shards(data["train"][1], round_args(*FAST[len(TINY):], *split))
         fed = copy.deepcopy(model.head)
