@@ -406,7 +406,13 @@ class SparseSGDM(torch.optim.Optimizer):
 
     A frozen entry never changes: its gradient and weight-decay term are zeroed *before*
     they reach the momentum buffer, so the buffer stays 0 there and the update is exactly +0.
-    `masks` is a list aligned with `params`; None means dense (no mask) for that tensor."""
+    `masks` is a list aligned with `params`; None means dense (no mask) for that tensor.
+
+    step() runs multi-tensor (torch._foreach_*) ops over all parameters at once. The masking is
+    z + d * keep, with keep (1 or 0) and z (-0.0 where kept, +0.0 where frozen) cast once to the
+    parameter's dtype and device: that is exactly torch.where(mask, d, +0.0) for finite d (-0.0 adds
+    nothing, and +0.0 turns the ±0 of a frozen entry into +0), so results are bit for bit those of
+    the per-tensor where() form. A non-finite gradient at a frozen entry is not zeroed (inf * 0)."""
 
     def __init__(self, params, masks, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
         params = list(params)
@@ -423,7 +429,9 @@ class SparseSGDM(torch.optim.Optimizer):
             if m is not None:
                 if m.shape != p.shape:
                     raise ValueError(f"mask shape {tuple(m.shape)} != parameter shape {tuple(p.shape)}")
-                self.masks[p] = m.to(device=p.device, dtype=torch.bool)
+                m = m.to(device=p.device, dtype=torch.bool)
+                zero = torch.zeros((), dtype=p.dtype, device=p.device)
+                self.masks[p] = (m.to(p.dtype), torch.where(m, -zero, zero))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -432,24 +440,31 @@ class SparseSGDM(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                d_p = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-                mask = self.masks.get(p)
-                if mask is not None:
-                    d_p = torch.where(mask, d_p, torch.zeros((), dtype=d_p.dtype, device=d_p.device))
-                if mom != 0:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d_p.clone()
-                    else:
-                        buf.mul_(mom).add_(d_p, alpha=1 - damp)
-                    d_p = d_p.add(buf, alpha=mom) if group["nesterov"] else buf
-                p.add_(d_p, alpha=-lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(group, params)
         return loss
+
+    def _update(self, group, params):
+        lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        d = list(torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads)
+        masked = [i for i, p in enumerate(params) if p in self.masks]
+        if masked:
+            keep, zero = zip(*(self.masks[params[i]] for i in masked))
+            for i, t in zip(masked, torch._foreach_addcmul(list(zero), [d[i] for i in masked], list(keep))):
+                d[i] = t
+        if mom != 0:
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            old = [i for i, b in enumerate(bufs) if b is not None]
+            if old:
+                torch._foreach_mul_([bufs[i] for i in old], mom)
+                torch._foreach_add_([bufs[i] for i in old], [d[i] for i in old], alpha=1 - damp)
+            for i, b in enumerate(bufs):
+                if b is None:
+                    bufs[i] = self.state[params[i]]["momentum_buffer"] = d[i].clone()
+            d = torch._foreach_add(d, bufs, alpha=mom) if group["nesterov"] else bufs
+        torch._foreach_add_(params, d, alpha=-lr)
 
 
 # ----------------------------------------------------------------------------- learning-rate schedules
