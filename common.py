@@ -405,14 +405,17 @@ class SparseSGDM(torch.optim.Optimizer):
     where each parameter has a mask: 1/True = may change, 0/False = frozen.
 
     A frozen entry never changes: its gradient and weight-decay term are zeroed *before*
-    they reach the momentum buffer, so the buffer stays 0 there and the update is exactly +0.
+    they reach the momentum buffer, so the buffer stays +0 there and the update is exactly -0.
     `masks` is a list aligned with `params`; None means dense (no mask) for that tensor.
 
-    step() runs multi-tensor (torch._foreach_*) ops over all parameters at once. The masking is
-    z + d * keep, with keep (1 or 0) and z (-0.0 where kept, +0.0 where frozen) cast once to the
-    parameter's dtype and device: that is exactly torch.where(mask, d, +0.0) for finite d (-0.0 adds
-    nothing, and +0.0 turns the ±0 of a frozen entry into +0), so results are bit for bit those of
-    the per-tensor where() form. A non-finite gradient at a frozen entry is not zeroed (inf * 0)."""
+    step() runs multi-tensor (torch._foreach_*) ops over all parameters at once, using p.grad as
+    scratch space (afterwards it holds the decayed gradient, masked or not: zero_grad discards it).
+    Each mask is cast once to the parameter's dtype and device as keep (1 kept, 0 frozen) and
+    drop = keep - 1. Masking d is d + d * drop: for finite d exactly torch.where(mask, d, +0.0)
+    (d plus a zero of d's own sign is d; d - d is +0). With momentum, no dampening and no Nesterov
+    (the default) the mask rides on the buffer update instead, buf + d * keep (buf + d where kept,
+    +0 + ±0 = +0 where frozen), which saves a pass. Either way the results are bit for bit those of
+    a per-tensor torch.where form. A non-finite gradient at a frozen entry is not zeroed (inf * 0)."""
 
     def __init__(self, params, masks, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
         params = list(params)
@@ -429,9 +432,8 @@ class SparseSGDM(torch.optim.Optimizer):
             if m is not None:
                 if m.shape != p.shape:
                     raise ValueError(f"mask shape {tuple(m.shape)} != parameter shape {tuple(p.shape)}")
-                m = m.to(device=p.device, dtype=torch.bool)
-                zero = torch.zeros((), dtype=p.dtype, device=p.device)
-                self.masks[p] = (m.to(p.dtype), torch.where(m, -zero, zero))
+                keep = m.to(device=p.device, dtype=torch.bool).to(p.dtype)
+                self.masks[p] = (keep, keep - 1)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -447,24 +449,40 @@ class SparseSGDM(torch.optim.Optimizer):
 
     def _update(self, group, params):
         lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
-        grads = [p.grad for p in params]
-        d = list(torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads)
+        d = [p.grad for p in params]
+        if wd != 0:
+            torch._foreach_add_(d, params, alpha=wd)
+        bufs = [self.state[p].get("momentum_buffer") for p in params] if mom != 0 else []
+        on_buffer = mom != 0 and damp == 0 and not group["nesterov"] and all(b is not None for b in bufs)
         masked = [i for i, p in enumerate(params) if p in self.masks]
-        if masked:
-            keep, zero = zip(*(self.masks[params[i]] for i in masked))
-            for i, t in zip(masked, torch._foreach_addcmul(list(zero), [d[i] for i in masked], list(keep))):
-                d[i] = t
+        pick = lambda ts, idx: [ts[i] for i in idx]
+        if not on_buffer:
+            _foreach(torch._foreach_addcmul_, pick(d, masked), pick(d, masked),
+                     [self.masks[params[i]][1] for i in masked])
         if mom != 0:
-            bufs = [self.state[p].get("momentum_buffer") for p in params]
             old = [i for i, b in enumerate(bufs) if b is not None]
-            if old:
-                torch._foreach_mul_([bufs[i] for i in old], mom)
-                torch._foreach_add_([bufs[i] for i in old], [d[i] for i in old], alpha=1 - damp)
+            _foreach(torch._foreach_mul_, pick(bufs, old), mom)
+            if on_buffer:
+                dense = [i for i in old if params[i] not in self.masks]
+                _foreach(torch._foreach_add_, pick(bufs, dense), pick(d, dense))
+                _foreach(torch._foreach_addcmul_, pick(bufs, masked), pick(d, masked),
+                         [self.masks[params[i]][0] for i in masked])
+            else:
+                _foreach(torch._foreach_add_, pick(bufs, old), pick(d, old), alpha=1 - damp)
             for i, b in enumerate(bufs):
                 if b is None:
                     bufs[i] = self.state[params[i]]["momentum_buffer"] = d[i].clone()
-            d = torch._foreach_add(d, bufs, alpha=mom) if group["nesterov"] else bufs
+            if group["nesterov"]:
+                torch._foreach_add_(d, bufs, alpha=mom)
+            else:
+                d = bufs
         torch._foreach_add_(params, d, alpha=-lr)
+
+
+def _foreach(op, tensors, *args, **kwargs):
+    """op(tensors, *args, **kwargs) unless the list is empty (torch._foreach_* ops refuse that)."""
+    if tensors:
+        op(tensors, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- learning-rate schedules
