@@ -736,15 +736,33 @@ def _per_sample_grads(module, x, g):
     return flat(g * x_hat).sum(1), flat(g).sum(1)
 
 
+# Up to this many tokens per sample, a Linear layer's squared per-sample gradients are summed without
+# forming them: sum_n (G_n^T A_n)^2 = sum over n and token pairs t <= t' of (g_t g_t')^T (a_t a_t'), one
+# matrix product. Its cost grows with tokens^2 (forming them: with tokens); measured on one CPU thread
+# for ViT-S's fc1 at 32 images, it is 5x faster at 5 tokens (ViT-S at 32 px), 2x at 8, 2x slower at 16.
+GRAM_MAX_TOKENS = 8
+
+
+def _squared_sums(module, x, g):
+    """(weight, bias) sums over the batch of the squared per-sample gradients of `module`."""
+    if isinstance(module, torch.nn.Linear) and x.dim() > 2 and x[0].numel() <= GRAM_MAX_TOKENS * x.shape[-1]:
+        x, g = x.reshape(len(x), -1, x.shape[-1]), g.reshape(len(g), -1, g.shape[-1])
+        i, j = torch.triu_indices(x.shape[1], x.shape[1], device=x.device)
+        twice = torch.where(i == j, 1.0, 2.0).to(g.dtype)[None, :, None]  # t != t' pairs count twice
+        gg = (g[:, i] * g[:, j] * twice).reshape(-1, g.shape[-1])
+        return gg.T @ (x[:, i] * x[:, j]).reshape(-1, x.shape[-1]), g.sum(1).square_().sum(0)
+    return tuple(t.square_().sum(0) for t in _per_sample_grads(module, x, g))
+
+
 def _square_into(sums, prefix, module):
     """Forward hook for `module` (named prefix): on the output it registers a gradient hook that adds
     the squared per-sample gradients of the module's weight and bias into sums, one layer at a time."""
     names = [f"{prefix}.weight", f"{prefix}.bias"]
 
     def add_squares(x, g):
-        for name, grad in zip(names, _per_sample_grads(module, x, g)):
+        for name, sq in zip(names, _squared_sums(module, x, g)):
             if name in sums:
-                sums[name].add_(grad.square_().sum(0))
+                sums[name].add_(sq)
 
     def hook(mod, inputs, out):
         if out.requires_grad:
@@ -778,7 +796,8 @@ def fisher_sums(model, images, u, img_size, batch_size, device, mask=None, damp=
 
     Per-sample gradients come layer by layer out of one batched backward: hooks keep each masked layer's
     input, receive its output gradient, and square and add the per-sample weight and bias gradients at
-    once, so at most one layer's per-sample gradients exist at a time. The backward computes no .grad
+    once, so at most one layer's per-sample gradients exist at a time (none for a Linear layer with few
+    tokens: see GRAM_MAX_TOKENS). The backward computes no .grad
     of any parameter (their requires_grad is off meanwhile; the input image requires grad instead).
     Runs in the model's own dtype (float32), never under autocast: the sums are squared, often tiny
     gradients whose ranking decides the mask, and bfloat16's 8-bit mantissa would tie and reorder them."""

@@ -193,22 +193,28 @@ def test_loglik_score_is_the_textbook_fisher_and_gives_its_mask():
     (torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), (5, 4, 11, 9)),
     (torch.nn.Conv2d(3, 8, 4, stride=4), (5, 3, 8, 8)),            # patch embedding: stride = kernel
     (torch.nn.Linear(6, 4), (5, 6)),                                # no token dimension
-    (torch.nn.Linear(6, 4, bias=False), (5, 3, 2, 6)),              # several token dimensions
+    (torch.nn.Linear(6, 4, bias=False), (5, 3, 2, 6)),              # several token dimensions, few tokens
+    (torch.nn.Linear(6, 4), (5, 20, 6)),                            # more than GRAM_MAX_TOKENS tokens
     (torch.nn.LayerNorm((3, 6), eps=1e-3), (5, 7, 3, 6)),           # normalized over two dimensions
 ])
 def test_per_sample_gradients_of_each_layer_kind(layer, shape):
     torch.manual_seed(0)
     layer = layer.double()
     x = torch.randn(shape, dtype=torch.float64)
-    out = layer(x)
-    g = torch.randn_like(out)
+    g = torch.randn_like(layer(x))
     got = C._per_sample_grads(layer, x, g)
+    squares = C._squared_sums(layer, x, g)
+    want = [None if p is None else torch.zeros_like(p) for p in (layer.weight, layer.bias)]
     for i in range(len(x)):
         layer.zero_grad()
         (layer(x[i:i + 1]) * g[i:i + 1]).sum().backward()
-        torch.testing.assert_close(got[0][i], layer.weight.grad)
-        if layer.bias is not None:
-            torch.testing.assert_close(got[1][i], layer.bias.grad)
+        for k, p in enumerate((layer.weight, layer.bias)):
+            if p is not None:
+                torch.testing.assert_close(got[k][i], p.grad)
+                want[k] += p.grad ** 2
+    torch.testing.assert_close(squares[0], want[0])
+    if layer.bias is not None:
+        torch.testing.assert_close(squares[1], want[1])
 
 
 def test_sampled_labels_invert_the_cdf():
