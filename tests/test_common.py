@@ -87,6 +87,72 @@ def test_sparse_sgdm_frozen_weights_keep_their_bits():
     assert p.detach()[4] != before[4]
 
 
+class PerTensorSparseSGDM(torch.optim.Optimizer):
+    """SparseSGDM as it was before the multi-tensor step (one torch.where per tensor): the reference
+    the current one must match bit for bit."""
+
+    def __init__(self, params, masks, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+        params = list(params)
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov))
+        self.masks = {p: m.to(device=p.device, dtype=torch.bool) for p, m in zip(params, masks) if m is not None}
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                d_p = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+                mask = self.masks.get(p)
+                if mask is not None:
+                    d_p = torch.where(mask, d_p, torch.zeros((), dtype=d_p.dtype, device=d_p.device))
+                if mom != 0:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d_p.clone()
+                    else:
+                        buf.mul_(mom).add_(d_p, alpha=1 - damp)
+                    d_p = d_p.add(buf, alpha=mom) if group["nesterov"] else buf
+                p.add_(d_p, alpha=-lr)
+
+
+def bits(t):
+    return t.detach().view(torch.int32)
+
+
+@pytest.mark.parametrize("cfg", SGD_CONFIGS + [dict(momentum=0.5, dampening=0.5, weight_decay=0.0, nesterov=False)])
+def test_sparse_sgdm_is_bit_identical_to_the_per_tensor_form(cfg):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 2, 4), (6,)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    start[0][0, :3] = torch.tensor([-0.0, 0.0, -0.0])  # signed zeros, masked in and out below
+    masks = [torch.rand(s, generator=g) < 0.3 for s in shapes]
+    masks[0][0, :3] = torch.tensor([True, False, False])
+    masks[2] = None  # dense tensors among masked ones
+    ours, ref = [[t.clone().requires_grad_() for t in start] for _ in range(2)]
+    opts = [C.SparseSGDM(ours, masks, lr=0.1, **cfg), PerTensorSparseSGDM(ref, masks, lr=0.1, **cfg)]
+    for step in range(6):
+        grads = [torch.randn(s, generator=g) * 10 ** step for s in shapes]
+        grads[0][0, :3] = torch.tensor([-0.0, -5.0, -3.0])
+        for ps, opt in zip((ours, ref), opts):
+            for p, gr in zip(ps, grads):
+                p.grad = None if (step == 0 and p is ps[3]) else gr.clone()  # a late first gradient
+            opt.step()
+        for a, b in zip(ours, ref):
+            assert torch.equal(bits(a), bits(b))
+            assert set(opts[0].state[a]) == set(opts[1].state[b])
+            if opts[1].state[b]:
+                assert torch.equal(bits(opts[0].state[a]["momentum_buffer"]), bits(opts[1].state[b]["momentum_buffer"]))
+    assert not torch.equal(ours[0], start[0]) and torch.equal(bits(ours[0][0, 1:3]), bits(start[0][0, 1:3]))
+    # masks are configuration: the state dict holds momentum buffers only, and loads back
+    sd = opts[0].state_dict()
+    assert all(set(s) <= {"momentum_buffer"} for s in sd["state"].values())
+    opts[0].load_state_dict(sd)
+
+
 def test_sparse_sgdm_rejects_wrong_mask_shape():
     p = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError):

@@ -1,4 +1,5 @@
 """Fisher scores, mask rules and calibration (common.py) and model_editing.py end to end."""
+import copy
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from helpers import assert_usage_error, backbone_file, masked_weights_moved, run
 
 FAST = TINY + ["--synthetic-size", "3000", "--batch-size", "64", "--warmup-lr", "0.1", "--fisher-batches", "2",
                "--fisher-batch-size", "16"]
+CPU = torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- rules on a hand-built example
@@ -57,10 +59,10 @@ def test_random_rule_is_seeded_and_exact():
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
 def test_every_rule_gives_the_exact_sparsity_on_a_vit(rule, sparsity):
     model = tiny_model()
-    total = sum(p.numel() for _, p in C.backbone_params(model))
-    scores = {n: torch.rand(p.shape) for n, p in C.backbone_params(model)}
+    total = sum(p.numel() for _, p in C.masked_params(model))
+    scores = {n: torch.rand(p.shape) for n, p in C.masked_params(model)}
     mask, log = C.calibrate_mask(model, lambda m: scores, rule, sparsity, 3, C.make_generator(0))
-    assert set(mask) == {n for n, _ in C.backbone_params(model)}
+    assert set(mask) == {n for n, _ in C.masked_params(model)}
     assert sum(int(m.sum()) for m in mask.values()) == total - round(total * sparsity)
 
 
@@ -68,13 +70,13 @@ def test_every_rule_gives_the_exact_sparsity_on_a_vit(rule, sparsity):
 
 def test_calibration_rounds_only_grow_the_masked_out_set():
     model = tiny_model()
-    total = sum(p.numel() for _, p in C.backbone_params(model))
+    total = sum(p.numel() for _, p in C.masked_params(model))
     seen = []
     gen = torch.Generator().manual_seed(0)
 
     def fresh_scores(mask):  # new random scores each round: only the held-out rule keeps it monotone
         seen.append(None if mask is None else {k: v.clone() for k, v in mask.items()})
-        return {n: torch.rand(p.shape, generator=gen) for n, p in C.backbone_params(model)}
+        return {n: torch.rand(p.shape, generator=gen) for n, p in C.masked_params(model)}
 
     mask, log = C.calibrate_mask(model, fresh_scores, "least-sensitive", 0.95, 4, C.make_generator(0))
     masks = [m for m in seen[1:]] + [mask]
@@ -89,57 +91,170 @@ def test_calibration_rounds_only_grow_the_masked_out_set():
     assert max(ratios) - min(ratios) < 1e-3
 
 
-def test_calibration_recomputes_scores_with_the_mask_applied():
+def images_and_uniforms(n=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 32, 32, 3), generator=gen, dtype=torch.uint8),
+            torch.rand(n, generator=gen, dtype=torch.float64))
+
+
+def random_mask(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(p.shape, generator=gen) < 0.5 for n, p in C.masked_params(model)}
+
+
+def per_sample_loop(model, images, u, score, mask=None, damp=0.1):
+    """One forward and one backward per image into .grad of a copy of the model whose masked-out
+    entries are damped; objective: the sampled class's logit or log-probability."""
+    model = copy.deepcopy(model).eval()
+    params = C.masked_params(model)
+    with torch.no_grad():
+        for n, p in params:
+            if mask is not None:
+                p.copy_(torch.where(mask[n], p, p * damp))
+    sums = {n: torch.zeros_like(p) for n, p in params}
+    x = C.preprocess(images, 32).to(params[0][1].dtype)
+    for i in range(len(x)):
+        model.zero_grad()
+        logits = model(x[i:i + 1])
+        out = logits if score == "logit" else torch.log_softmax(logits, dim=1)
+        out[0, C.sample_labels(logits, u[i:i + 1])[0]].backward()
+        for n, p in params:
+            sums[n] += p.grad ** 2
+    return sums
+
+
+@pytest.mark.parametrize("score", C.SCORES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_fisher_sums_equal_a_per_sample_loop_for_any_batch_size(score, masked):
     model = tiny_model()
-    x = torch.randn(4, 3, 32, 32)
-    s0, _ = C.fisher_scores(model, [x], torch.device("cpu"), C.make_generator(1))
-    mask = C.select_mask(s0, "least-sensitive", 1000)
-    s1, _ = C.fisher_scores(model, [x], torch.device("cpu"), C.make_generator(1), mask=mask, damp=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    images, u = images_and_uniforms()
+    mask = random_mask(model) if masked else None
+    want = per_sample_loop(model, images, u, score, mask)
+    for batch in (3, 7):
+        sums, n = C.fisher_sums(model, images, u, 32, batch, CPU, mask=mask, damp=0.1, score=score)
+        assert n == 7 and list(sums) == [k for k, _ in C.masked_params(model)]
+        for k in want:
+            torch.testing.assert_close(sums[k], want[k], rtol=1e-4, atol=1e-12)
+    assert all(v.abs().sum() > 0 for v in want.values())
+    # the model comes back bit for bit, trainable, in training mode and without any .grad
+    for n, p in model.named_parameters():
+        assert torch.equal(p.view(torch.int32), before[n].view(torch.int32)) and p.requires_grad and p.grad is None
+    assert model.training
+
+
+def test_scores_depend_on_the_damping_and_labels_on_the_uniforms():
+    model = tiny_model()
+    images, u = images_and_uniforms()
+    mask = random_mask(model)
+    s0, _ = C.fisher_sums(model, images, u, 32, 7, CPU)
+    s1, _ = C.fisher_sums(model, images, u, 32, 7, CPU, mask=mask, damp=0.1)
     assert not all(torch.equal(s0[k], s1[k]) for k in s0)  # the damped weights change the model
-    s2, _ = C.fisher_scores(model, [x], torch.device("cpu"), C.make_generator(1), mask=mask, damp=1.0)
+    s2, _ = C.fisher_sums(model, images, u, 32, 7, CPU, mask=mask, damp=1.0)
     assert all(torch.equal(s0[k], s2[k]) for k in s0)  # damp=1 is no damping
+    s3, _ = C.fisher_sums(model, images, 1 - u, 32, 7, CPU)
+    assert not all(torch.equal(s0[k], s3[k]) for k in s0)  # other uniforms, other labels
 
 
-# ----------------------------------------------------------------------------- Fisher
+def textbook_fisher(model, x, y):
+    """The previous implementation's quantity: torch.func per-sample gradients of log p(y|x) at the
+    given labels, squared and summed, on the masked tensors."""
+    from torch.func import functional_call, grad, vmap
+    names = [n for n, _ in C.masked_params(model)]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    for m in model.modules():  # timm's fused attention kernel has no vmap rule (slow fallback)
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
 
-def test_fisher_matches_a_per_sample_loop():
-    model = tiny_model()
-    x = torch.randn(7, 3, 32, 32)
-    scores, n = C.fisher_scores(model, [x[:5], x[5:]], torch.device("cpu"), C.make_generator(3), chunk=3)
-    assert n == 7
-    # reference: one backward per sample, labels drawn the same way from the same generator
-    gen = C.make_generator(3)
-    ref = {k: torch.zeros_like(p) for k, p in C.backbone_params(model)}
-    for xb in (x[:5], x[5:]):
-        with torch.no_grad():
-            y = C.sample_labels(model(xb), gen)
-        for i in range(len(xb)):
-            model.zero_grad()
-            torch.log_softmax(model(xb[i:i + 1]), dim=1)[0, y[i]].backward()
-            for k, p in C.backbone_params(model):
-                ref[k] += p.grad ** 2
-    for k in ref:
-        torch.testing.assert_close(scores[k], ref[k], rtol=1e-4, atol=1e-10)
-    assert any(v.abs().sum() > 0 for v in scores.values())
+    def log_lik(masked, xi, yi):
+        out = functional_call(model, {**params, **masked}, (xi[None],))
+        return torch.log_softmax(out, dim=1).gather(1, yi.view(1, 1)).sum()
+
+    g = vmap(grad(log_lik), in_dims=(None, 0, 0))({n: params[n] for n in names}, x, y)
+    return {n: g[n].pow(2).sum(0) for n in names}
+
+
+def test_loglik_score_is_the_textbook_fisher_and_gives_its_mask():
+    model = tiny_model().double().eval()  # float64: the two masks must agree entry for entry
+    images, u = images_and_uniforms(9)
+    x = C.preprocess(images, 32).double()
+    with torch.no_grad():
+        y = C.sample_labels(model(x), u)
+    want = textbook_fisher(model, x, y)
+    sums, _ = C.fisher_sums(model, images, u, 32, 4, CPU, score="loglik")
+    for k in want:
+        torch.testing.assert_close(sums[k], want[k], rtol=1e-9, atol=1e-20)
+    keep = sum(v.numel() for v in want.values()) // 10
+    got, ref = C.select_mask(sums, "least-sensitive", keep), C.select_mask(want, "least-sensitive", keep)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), (5, 4, 11, 9)),
+    (torch.nn.Conv2d(3, 8, 4, stride=4), (5, 3, 8, 8)),            # patch embedding: stride = kernel
+    (torch.nn.Linear(6, 4), (5, 6)),                                # no token dimension
+    (torch.nn.Linear(6, 4, bias=False), (5, 3, 2, 6)),              # several token dimensions, few tokens
+    (torch.nn.Linear(6, 4), (5, 20, 6)),                            # more than GRAM_MAX_TOKENS tokens
+    (torch.nn.LayerNorm((3, 6), eps=1e-3), (5, 7, 3, 6)),           # normalized over two dimensions
+])
+def test_per_sample_gradients_of_each_layer_kind(layer, shape):
+    torch.manual_seed(0)
+    layer = layer.double()
+    x = torch.randn(shape, dtype=torch.float64)
+    g = torch.randn_like(layer(x))
+    got = C._per_sample_grads(layer, x, g)
+    squares = C._squared_sums(layer, x, g)
+    want = [None if p is None else torch.zeros_like(p) for p in (layer.weight, layer.bias)]
+    for i in range(len(x)):
+        layer.zero_grad()
+        (layer(x[i:i + 1]) * g[i:i + 1]).sum().backward()
+        for k, p in enumerate((layer.weight, layer.bias)):
+            if p is not None:
+                torch.testing.assert_close(got[k][i], p.grad)
+                want[k] += p.grad ** 2
+    torch.testing.assert_close(squares[0], want[0])
+    if layer.bias is not None:
+        torch.testing.assert_close(squares[1], want[1])
+
+
+def test_sampled_labels_invert_the_cdf():
+    logits = torch.log(torch.tensor([[0.2, 0.3, 0.5]])).expand(6, 3)
+    u = torch.tensor([0.0, 0.1999, 0.2001, 0.4999, 0.5001, 1 - 2 ** -53], dtype=torch.float64)
+    assert C.sample_labels(logits, u).tolist() == [0, 0, 1, 1, 2, 2]
+    # a cdf that ends below u by rounding (0.9999999999999993 here) still gives a valid class, the last
+    logits = torch.randn(1, 100, generator=torch.Generator().manual_seed(2))
+    assert C.sample_labels(logits, torch.tensor([1 - 2 ** -53], dtype=torch.float64)).tolist() == [99]
+
+
+def test_draw_calibration_is_seeded():
+    idx, u = C.draw_calibration(50, 8, C.make_generator(1))
+    idx2, u2 = C.draw_calibration(50, 8, C.make_generator(1))
+    assert torch.equal(idx, idx2) and torch.equal(u, u2) and u.dtype == torch.float64
+    assert len(set(idx.tolist())) == 8 and len(C.draw_calibration(5, 8, C.make_generator(1))[0]) == 5
 
 
 # ----------------------------------------------------------------------------- mask files
 
 def test_mask_file_round_trip_and_bad_masks(tmp_path):
     model = tiny_model()
-    mask = C.select_mask({n: torch.rand(p.shape) for n, p in C.backbone_params(model)}, "least-sensitive", 500)
+    mask = C.select_mask({n: torch.rand(p.shape) for n, p in C.masked_params(model)}, "least-sensitive", 500)
     C.save_mask(mask, str(tmp_path / "mask.pt"))
     raw = torch.load(tmp_path / "mask.pt", weights_only=True)  # plain dict of bool tensors
     assert all(v.dtype == torch.bool for v in raw.values())
     back = C.load_mask(str(tmp_path / "mask.pt"), model)
     assert all(torch.equal(back[k], mask[k]) for k in mask)
 
+    old = dict(raw, cls_token=torch.ones(1, 1, 64, dtype=torch.bool), pos_embed=torch.ones(1, 5, 64, dtype=torch.bool))
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(C.UserError, match="older version.*recalibrate") as err:
+        C.load_mask(str(tmp_path / "old.pt"), model)
+    assert "\n" not in str(err.value)
     missing = dict(raw)
-    missing.pop("cls_token")
+    missing.pop("norm.bias")
     torch.save(missing, tmp_path / "missing.pt")
     with pytest.raises(C.UserError, match="missing"):
         C.load_mask(str(tmp_path / "missing.pt"), model)
-    shaped = dict(raw, cls_token=torch.ones(3, dtype=torch.bool))
+    shaped = dict(raw, **{"norm.bias": torch.ones(3, dtype=torch.bool)})
     torch.save(shaped, tmp_path / "shape.pt")
     with pytest.raises(C.UserError, match="shape"):
         C.load_mask(str(tmp_path / "shape.pt"), model)
