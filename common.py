@@ -530,7 +530,8 @@ def build_model(args, num_classes=NUM_CLASSES):
 
 
 def backbone_params(model):
-    """(name, param) of every weight except the classifier head: the tensors that masks cover."""
+    """(name, param) of every weight except the classifier head: what sparse fine-tuning trains (the
+    masked tensors through their masks, cls_token and pos_embed densely; see masked_params)."""
     return [(n, p) for n, p in model.named_parameters() if not n.startswith("head.")]
 
 

@@ -1,0 +1,284 @@
+"""Benchmark: a FedAvg round against the compute floor and against a typical student implementation.
+
+Prints one table of ratios, measured on whatever device it runs on (CPU here; the same command on a GPU):
+
+  time   (interleaved repetitions in one process, median of the per-repetition ratios)
+    floor         a bare loop: the same forward + backward + SGD step calls on one model, batches ready
+    ours dense    fedavg.train_round (no augmentation, like the floor)
+    ours sparse   fedavg.train_round with a 10% mask (SparseSGDM, frozen head)
+    peer-style    what published student projects do: a deepcopy of the global model per client, a torch
+                  DataLoader over a Subset with PIL transforms, state_dict averaging
+    SparseSGDM step / torch.optim.SGD step (foreach), the whole model's parameters
+    federated calibration (clients' images scored in shared batches) / central, per scored image
+    evaluation share of a default run (val 5000 images every 20 rounds, test 10000 every 100)
+  memory (each in a fresh subprocess, so every peak is its own)
+    peer-style / ours, and ours for K = 10, 100, 1000 clients
+
+    python benchmarks/bench_round.py                               # ViT-S/16 at 32 px, batch 8: minutes on a CPU
+    python benchmarks/bench_round.py --img-size 224 --batch 64     # the real setting (on a GPU)
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from isolated import run_isolated  # noqa: E402  (benchmarks/ is on the path: it holds this script)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common as C  # noqa: E402
+import fedavg  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def setup(a, k=None):
+    """Model, data (random uint8 CIFAR-shaped images on the device), shards, args, a random 10% mask."""
+    argv = ["--arch", a.arch, "--img-size", str(a.img_size), "--no-pretrained", "--k", str(k or a.k),
+            "--c", str(a.c * a.k / (k or a.k)), "--j", str(a.j), "--batch-size", str(a.batch), "--no-aug"]
+    args = fedavg.get_args(argv + (["--device", a.device] if a.device else []))
+    device = C.pick_device(args.device)
+    args.precision = C.resolve_amp("auto", device)
+    model = C.build_model(args).to(device)
+    n = args.k * a.per_client
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g).to(device)
+    y = (torch.arange(n) % C.NUM_CLASSES).to(device)
+    shards = list(torch.arange(n).chunk(args.k))
+    params = dict(C.masked_params(model))
+    mask = C.select_mask(None, "random", sum(p.numel() for p in params.values()) // 10,
+                         gen=C.make_generator(0), params=params)
+    mask = {n: m.to(device) for n, m in mask.items()}
+    return args, device, model, x, y, shards, mask
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- the four round implementations
+
+def floor_round(model, x, y, shards, rnd, args, device):
+    """The compute floor: the forward/backward/step calls of a round, nothing else."""
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    model.train()
+    for c in fedavg.sample_clients(args, rnd):
+        idx = fedavg.local_batches(shards[c], args.j, args.batch_size, C.make_generator(rnd, c)).to(device)
+        for s in range(args.j):
+            loss = F.cross_entropy(C.forward_logits(model, C.preprocess(x[idx[s]], args.img_size), device,
+                                                    args.precision), y[idx[s]])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+def ours_round(model, x, y, shards, rnd, args, device, mask=None):
+    fedavg.train_round(model, shards, x, y, rnd, args, device, C.grad_scaler(device, args.precision), mask)
+
+
+class PilDataset(torch.utils.data.Dataset):
+    """CIFAR-style dataset of PIL images with torchvision transforms, as the student projects have it."""
+
+    def __init__(self, x, y, img_size):
+        import torchvision.transforms as T
+        self.x, self.y = x.cpu().numpy(), y.cpu().tolist()
+        self.t = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.Resize(img_size),
+                            T.ToTensor(), T.Normalize(C.IMAGENET_MEAN, C.IMAGENET_STD)])
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.t(Image.fromarray(self.x[i])), self.y[i]
+
+
+def peer_round(model, dataset, shards, rnd, args, device):
+    """Deepcopy per client, DataLoader over a Subset, state_dict averaging."""
+    states, sizes = [], []
+    for c in fedavg.sample_clients(args, rnd):
+        local = copy.deepcopy(model)
+        local.train()
+        opt = torch.optim.SGD(local.parameters(), lr=args.lr, momentum=args.momentum)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shards[c].tolist()),
+                                             batch_size=args.batch_size, shuffle=True)
+        it = iter(loader)
+        for _ in range(args.j):
+            try:
+                xb, yb = next(it)
+            except StopIteration:
+                it = iter(loader)
+                xb, yb = next(it)
+            xb, yb = xb.to(device), yb.to(device)
+            with C.autocast(device, args.precision):
+                loss = F.cross_entropy(local(xb).float(), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        states.append(copy.deepcopy(local.state_dict()))
+        sizes.append(len(shards[c]))
+    total = sum(sizes)
+    model.load_state_dict({k: sum(s[k] * (n / total) for s, n in zip(states, sizes)) for k in states[0]})
+
+
+# ----------------------------------------------------------------------------- time (interleaved)
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def time_rounds(a):
+    args, device, model, x, y, shards, mask = setup(a)
+    dataset = PilDataset(x, y, a.img_size)
+    variants = {
+        "floor": lambda r: floor_round(model, x, y, shards, r, args, device),
+        "ours dense": lambda r: ours_round(model, x, y, shards, r, args, device),
+        "ours sparse": lambda r: ours_round(model, x, y, shards, r, args, device, mask),
+        "peer-style": lambda r: peer_round(model, dataset, shards, r, args, device),
+    }
+    for fn in variants.values():  # warm-up (allocator, kernels)
+        fn(0)
+    times = {name: [] for name in variants}
+    for rep in range(a.reps):
+        for name, fn in variants.items():
+            times[name].append(timed(lambda: fn(rep + 1), device))
+    ratio = {name: statistics.median(t / f for t, f in zip(ts, times["floor"])) for name, ts in times.items()}
+    return times, ratio, (args, device, model, x, y, shards, mask)
+
+
+def time_optimizers(model, mask, device, reps):
+    """SparseSGDM (10% mask on the masked tensors, the rest dense) vs torch.optim.SGD(foreach=True)."""
+    params = [p for _, p in model.named_parameters()]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.randn_like(p) * 1e-3
+    masks = [mask.get(n) for n, _ in model.named_parameters()]
+    sparse = C.SparseSGDM(params, masks, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    dense = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4, foreach=True)
+    ratios = []
+    for _ in range(reps):
+        ts = timed(lambda: [sparse.step() for _ in range(10)], device)
+        td = timed(lambda: [dense.step() for _ in range(10)], device)
+        ratios.append(ts / td)
+    return statistics.median(ratios)
+
+
+def time_calibration(a, model, x, shards, args, device, reps):
+    """Per scored image: the federated score of one calibration round (each client's images, scored in
+    shared batches) vs a central one on as many images; and vs one call per client (today's before)."""
+    per_client = math.ceil(8 * 32 / len(shards))
+    u = torch.rand(per_client * len(shards), dtype=torch.float64)
+    idx = torch.cat([s[:per_client] for s in shards]).to(device)
+    central = torch.randperm(len(x))[:len(idx)].to(device)
+    out = {"federated": [], "central": [], "one call per client": []}
+    for _ in range(reps):
+        out["federated"].append(timed(lambda: C.fisher_sums(model, x[idx], u, args.img_size, 32, device), device))
+        out["central"].append(timed(lambda: C.fisher_sums(model, x[central], u, args.img_size, 32, device), device))
+        out["one call per client"].append(timed(lambda: [
+            C.fisher_sums(model, x[idx[i:i + per_client]], u[i:i + per_client], args.img_size, 32, device)
+            for i in range(0, len(idx), per_client)], device))
+    return {k: statistics.median(v) / statistics.median(out["central"]) for k, v in out.items()}
+
+
+def evaluation_share(a, model, x, y, args, device, round_seconds):
+    """Share of a default run's time spent evaluating: 5000 val images every 20 rounds and 10000 test
+    images every 100, at the measured cost per evaluated image and per round (--eval-batch-size 256)."""
+    args.eval_batch_size = 256
+    n = min(len(x), 1024)
+    t = timed(lambda: C.evaluate(model, x[:n], y[:n], args, device), device) / n
+    per_round_eval = t * (5000 / 20 + 10000 / 100)
+    return per_round_eval / (per_round_eval + round_seconds)
+
+
+# ----------------------------------------------------------------------------- memory (one subprocess each)
+
+def measure_memory(cfg):
+    a = argparse.Namespace(**cfg)
+    args, device, model, x, y, shards, mask = setup(a, k=cfg["k"])
+    dataset = PilDataset(x, y, a.img_size) if cfg["kind"] == "peer-style" else None
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for r in range(2):
+        if cfg["kind"] == "peer-style":
+            peer_round(model, dataset, shards, r, args, device)
+        else:
+            ours_round(model, x, y, shards, r, args, device, mask if cfg["kind"] == "ours sparse" else None)
+    sync(device)
+    if device.type == "cuda":
+        peak, what = (torch.cuda.max_memory_allocated(device) - base) / 2**20, "GPU MiB allocated above model+data"
+    else:
+        peak, what = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**10, "CPU peak RSS growth, MiB"
+    return dict(cfg, peak_mib=peak, what=what)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="vit_small_patch16_224", help="timm ViT, random weights")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--c", type=float, default=0.1)
+    p.add_argument("--j", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--per-client", type=int, default=40, help="images per client")
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the ratios are per thread)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one memory config as JSON
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.one:
+        print(json.dumps(measure_memory(json.loads(a.one))))
+        return
+    times, ratio, (args, device, model, x, y, shards, mask) = time_rounds(a)
+    opt_ratio = time_optimizers(model, mask, device, a.reps)
+    calib = time_calibration(a, model, x, shards, args, device, max(3, a.reps // 2))
+    share = evaluation_share(a, model, x, y, args, device, statistics.median(times["ours dense"]))
+    base = {k: v for k, v in vars(a).items() if k not in ("one", "reps")}
+    mem = run_isolated(__file__, [dict(base, kind=kind, k=a.k) for kind in ("ours dense", "peer-style")] +
+                       [dict(base, kind="ours dense", k=k) for k in (10, 1000)],
+                       lambda cfg: f"{cfg['kind']} K={cfg['k']}")
+    peak = {(m["kind"], m["k"]): m["peak_mib"] for m in mem}
+
+    print(f"\nFedAvg round, {a.arch} (random weights) at {a.img_size} px, K={a.k}, C={a.c}, J={a.j}, batch {a.batch}, "
+          f"device {device}, {torch.get_num_threads()} thread(s), precision {args.precision}, "
+          f"{a.reps} interleaved repetitions (median ratio)\n")
+    print(f"| {'what':<48} | {'value':>8} |")
+    print(f"|{'-' * 50}|{'-' * 10}|")
+    rows = [("floor, seconds per round", statistics.median(times["floor"]), ".3f"),
+            ("dense FedAvg round / floor", ratio["ours dense"], ".3f"),
+            ("sparse FedAvg round / floor", ratio["ours sparse"], ".3f"),
+            ("peer-style round / ours dense", ratio["peer-style"] / ratio["ours dense"], ".3f"),
+            ("SparseSGDM step / torch.optim.SGD step (foreach)", opt_ratio, ".3f"),
+            ("federated calibration / central, per image", calib["federated"], ".3f"),
+            ("  (one fisher call per client / central)", calib["one call per client"], ".3f"),
+            ("evaluation share of a default run", share, ".1%")]
+    if ("ours dense", a.k) in peak and ("peer-style", a.k) in peak:
+        rows.append(("peak memory, peer-style / ours", peak[("peer-style", a.k)] / peak[("ours dense", a.k)], ".2f"))
+    for k in (10, a.k, 1000):
+        if ("ours dense", k) in peak:
+            rows.append((f"peak memory, ours, K={k} (MiB)", peak[("ours dense", k)], ".0f"))
+    for name, v, fmt in rows:
+        print(f"| {name:<48} | {format(v, fmt):>8} |")
+    if mem:
+        print(f"\nmemory: {mem[0]['what']}")
+
+
+if __name__ == "__main__":
+    main()
