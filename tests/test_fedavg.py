@@ -387,9 +387,8 @@ def test_a_stop_signal_checkpoints_at_the_round_boundary_and_resumes(tmp_path, m
 
 
 def test_iid_learns_and_one_class_per_client_learns_less(tmp_path):
-    argv = TINY + ["--synthetic-size", "4000", "--k", "100", "--c", "0.1", "--j", "4", "--rounds", "24",
-                   "--eval-every", "8", "--lr", "0.05", "--batch-size", "32", "--head", "warmup",
-                   "--warmup-rounds", "1"]
+    argv = TINY + ["--synthetic-size", "2000", "--k", "100", "--c", "0.1", "--j", "4", "--rounds", "8",
+                   "--eval-every", "4", "--lr", "0.01", "--batch-size", "16", "--no-aug"]
     fedavg.main(argv + ["--iid", "--out", str(tmp_path / "iid")])
     fedavg.main(argv + ["--nc", "1", "--out", str(tmp_path / "nc1")])
     iid = json.loads((tmp_path / "iid" / "result.json").read_text())
