@@ -218,9 +218,9 @@ def client_batches(x, y, shard, rnd, client, args, device, augment):
 
 
 def client_update(forward, opt, scaler, batches):
-    """J local steps from whatever weights the model holds, with fresh optimizer state.
+    """J local steps from whatever weights the model holds, with fresh momentum.
     Returns the mean loss as a device tensor (read once per round, never per step)."""
-    opt.state.clear()  # a fresh momentum buffer: nothing leaks between clients or rounds
+    opt.restart()  # nothing leaks between clients or rounds
     total = 0
     for xb, yb in zip(*batches):
         loss = F.cross_entropy(forward(xb), yb)
@@ -241,33 +241,58 @@ def fedavg_round(params, clients, weights, train_client):
     with torch.no_grad():
         global_w = [p.detach().clone() for p in params]
         update = [torch.zeros_like(p) for p in params]
+    groups = cache_sized_groups(params)
     losses, sq_norms = [], []
     for client, w in zip(clients, weights):
         losses.append(train_client(client))
         with torch.no_grad():
-            torch._foreach_sub_(params, global_w)  # params now hold Δ_i
-            torch._foreach_add_(update, params, alpha=w)
-            sq_norms.append(torch.stack(torch._foreach_norm(params)).square().sum())
-            torch._foreach_copy_(params, global_w)  # the next client starts from the global model again
+            for i in groups:  # a few MB at a time: the four passes below then read it from the cache
+                p, g, u = [params[k] for k in i], [global_w[k] for k in i], [update[k] for k in i]
+                torch._foreach_sub_(p, g)  # p now holds Δ_i
+                torch._foreach_add_(u, p, alpha=w)
+                sq_norms += torch._foreach_norm(p)
+                torch._foreach_copy_(p, g)  # the next client starts from the global model again
     with torch.no_grad():
         torch._foreach_add_(params, update)
         agg = torch.stack(torch._foreach_norm(update)).square().sum()
-    sq = torch.stack(sq_norms)
+    sq = torch.stack(sq_norms).square().view(len(clients), -1).sum(1)
     spread = float((torch.tensor(weights, device=sq.device) * sq).sum())
     return (float(torch.stack(losses).mean()), float(sq.sqrt().mean()),
             float(agg) / spread if spread > 0 else float("nan"))
 
 
-def train_round(model, shards, inputs, y, rnd, args, device, scaler, mask=None, head_only=False):
-    """Round `rnd` of FedAvg on `model`, in place. What the clients train: with head_only, the head on
-    cached features (`inputs`); with a mask, the backbone (masked tensors through the mask, the head
-    frozen); else everything, on uint8 images (`inputs`). Returns (loss, update_norm, agreement, the
-    trained (name, param) list)."""
+def cache_sized_groups(tensors, size=256 * 1024):
+    """Index lists of consecutive tensors of about `size` entries each."""
+    groups, cur, n = [], [], 0
+    for i, t in enumerate(tensors):
+        cur.append(i)
+        n += t.numel()
+        if n >= size:
+            groups.append(cur)
+            cur, n = [], 0
+    return groups + ([cur] if cur else [])
+
+
+def round_optimizer(model, args, mask=None, head_only=False):
+    """What the clients train, and one SparseSGDM over it, made once per phase (masks cast once; each
+    client restarts the momentum): with head_only the head, with a mask the backbone (masked tensors
+    through the mask, cls_token/pos_embed densely, the head frozen), else everything."""
     if head_only:
-        params, net, augment = list(model.head.named_parameters()), model.head, False
-        forward = model.head
+        params = list(model.head.named_parameters())
     else:
         params = C.backbone_params(model) if mask is not None else list(model.named_parameters())
+    opt = C.SparseSGDM([p for _, p in params], [mask.get(n) if mask is not None else None for n, _ in params],
+                       lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    return params, opt
+
+
+def train_round(model, params, opt, shards, inputs, y, rnd, args, device, scaler, head_only=False):
+    """Round `rnd` of FedAvg on `model`, in place, training `params` with `opt` (round_optimizer): with
+    head_only on cached features (`inputs`), else on uint8 images (`inputs`).
+    Returns (loss, update_norm, agreement)."""
+    if head_only:
+        net, augment, forward = model.head, False, model.head
+    else:
         net, augment = model, not args.no_aug
 
         def forward(xb):
@@ -275,8 +300,6 @@ def train_round(model, shards, inputs, y, rnd, args, device, scaler, mask=None, 
     tensors = [p for _, p in params]
     for p in tensors:
         p.requires_grad_(True)
-    opt = C.SparseSGDM(tensors, [mask.get(n) if mask is not None else None for n, _ in params],
-                       lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     clients = sample_clients(args, rnd)
     sizes = [len(shards[c]) for c in clients]
     net.train()
@@ -285,7 +308,7 @@ def train_round(model, shards, inputs, y, rnd, args, device, scaler, mask=None, 
                                                client_batches(inputs, y, shards[c], rnd, c, args, device, augment)))
     for p in tensors:
         p.requires_grad_(False)
-    return (*out, params)
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -367,6 +390,7 @@ def main(argv=None):
             return C.evaluate(model, *data[split], args, device)
         return C.evaluate_head(model.head, *feats[split])  # same numbers, no ViT pass
 
+    phase = None
     bar = tqdm(range(ckpt["round"], total_rounds), desc="rounds", disable=None)
     for rnd in bar:
         head_only = rnd < args.warmup_rounds or args.train == "head"
@@ -377,10 +401,12 @@ def main(argv=None):
             mask = {n: m.to(device) for n, m in mask.items()}
             ckpt["calibrated"] = True
             save()
-        round_mask = None if head_only else mask  # None in dense runs
-        loss, norm, agreement, params = train_round(model, shards, feats["train"][0] if head_only else x, y, rnd,
-                                                    args, device, scaler, round_mask, head_only)
-        ckpt["upload"] += upload_per_client(params, round_mask) * clients_per_round(args)
+        if phase is None or phase[0] != head_only:  # the clients' parameters and optimizer, once per phase
+            phase = (head_only, *round_optimizer(model, args, None if head_only else mask, head_only))
+        _, params, opt = phase
+        loss, norm, agreement = train_round(model, params, opt, shards, feats["train"][0] if head_only else x, y,
+                                            rnd, args, device, scaler, head_only)
+        ckpt["upload"] += upload_per_client(params, None if head_only else mask) * clients_per_round(args)
         ckpt["round"] = rnd + 1
         row = {"round": rnd + 1, "train_loss": loss, "update_norm": norm, "agreement": agreement}
         last = rnd + 1 == total_rounds

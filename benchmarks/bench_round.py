@@ -52,10 +52,8 @@ def setup(a, k=None):
     x = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g).to(device)
     y = (torch.arange(n) % C.NUM_CLASSES).to(device)
     shards = list(torch.arange(n).chunk(args.k))
-    params = dict(C.masked_params(model))
-    mask = C.select_mask(None, "random", sum(p.numel() for p in params.values()) // 10,
-                         gen=C.make_generator(0), params=params)
-    mask = {n: m.to(device) for n, m in mask.items()}
+    # a random 10% mask, drawn tensor by tensor (select_mask's global sort would set the memory peak)
+    mask = {n: (torch.rand(p.shape, generator=g) < 0.1).to(device) for n, p in C.masked_params(model)}
     return args, device, model, x, y, shards, mask
 
 
@@ -68,6 +66,7 @@ def sync(device):
 
 def floor_round(model, x, y, shards, rnd, args, device):
     """The compute floor: the forward/backward/step calls of a round, nothing else."""
+    model.requires_grad_(True)  # train_round leaves every parameter frozen between rounds
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     model.train()
     for c in fedavg.sample_clients(args, rnd):
@@ -80,8 +79,9 @@ def floor_round(model, x, y, shards, rnd, args, device):
             opt.step()
 
 
-def ours_round(model, x, y, shards, rnd, args, device, mask=None):
-    fedavg.train_round(model, shards, x, y, rnd, args, device, C.grad_scaler(device, args.precision), mask)
+def ours_round(model, x, y, shards, rnd, args, device, phase):
+    """fedavg.py's round; `phase` = fedavg.round_optimizer(...), made once per run as fedavg.py does."""
+    fedavg.train_round(model, *phase, shards, x, y, rnd, args, device, C.grad_scaler(device, args.precision))
 
 
 class PilDataset(torch.utils.data.Dataset):
@@ -104,6 +104,7 @@ class PilDataset(torch.utils.data.Dataset):
 def peer_round(model, dataset, shards, rnd, args, device):
     """Deepcopy per client, DataLoader over a Subset, state_dict averaging."""
     states, sizes = [], []
+    model.requires_grad_(True)
     for c in fedavg.sample_clients(args, rnd):
         local = copy.deepcopy(model)
         local.train()
@@ -142,10 +143,11 @@ def timed(fn, device):
 def time_rounds(a):
     args, device, model, x, y, shards, mask = setup(a)
     dataset = PilDataset(x, y, a.img_size)
+    dense, sparse = fedavg.round_optimizer(model, args), fedavg.round_optimizer(model, args, mask)
     variants = {
         "floor": lambda r: floor_round(model, x, y, shards, r, args, device),
-        "ours dense": lambda r: ours_round(model, x, y, shards, r, args, device),
-        "ours sparse": lambda r: ours_round(model, x, y, shards, r, args, device, mask),
+        "ours dense": lambda r: ours_round(model, x, y, shards, r, args, device, dense),
+        "ours sparse": lambda r: ours_round(model, x, y, shards, r, args, device, sparse),
         "peer-style": lambda r: peer_round(model, dataset, shards, r, args, device),
     }
     for fn in variants.values():  # warm-up (allocator, kernels)
@@ -217,7 +219,8 @@ def measure_memory(cfg):
         if cfg["kind"] == "peer-style":
             peer_round(model, dataset, shards, r, args, device)
         else:
-            ours_round(model, x, y, shards, r, args, device, mask if cfg["kind"] == "ours sparse" else None)
+            ours_round(model, x, y, shards, r, args, device,
+                       fedavg.round_optimizer(model, args, mask if cfg["kind"] == "ours sparse" else None))
     sync(device)
     if device.type == "cuda":
         peak, what = (torch.cuda.max_memory_allocated(device) - base) / 2**20, "GPU MiB allocated above model+data"
@@ -269,7 +272,7 @@ def main():
             ("federated calibration / central, per image", calib["federated"], ".3f"),
             ("  (one fisher call per client / central)", calib["one call per client"], ".3f"),
             ("evaluation share of a default run", share, ".1%")]
-    if ("ours dense", a.k) in peak and ("peer-style", a.k) in peak:
+    if peak.get(("ours dense", a.k)) and ("peer-style", a.k) in peak:
         rows.append(("peak memory, peer-style / ours", peak[("peer-style", a.k)] / peak[("ours dense", a.k)], ".2f"))
     for k in (10, a.k, 1000):
         if ("ours dense", k) in peak:

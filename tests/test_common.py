@@ -314,3 +314,26 @@ def test_random_streams_are_distinct_and_replayable():
     assert torch.equal(a, torch.rand(5, generator=C.stream("clients", 0, 3)))
     assert torch.equal(a, torch.rand(5, generator=C.make_generator(0, 3, C.STREAMS["clients"])))
     assert not torch.equal(a, torch.rand(5, generator=C.stream("client_batches", 0, 3)))
+
+
+@pytest.mark.parametrize("cfg", SGD_CONFIGS)
+def test_sparse_sgdm_restart_is_a_fresh_optimizer_bit_for_bit(cfg):
+    """FedAvg restarts one optimizer per client instead of making a new one: same numbers."""
+    a, b, w0, bias0 = quadratic_problem()
+    mask = torch.rand(w0.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+
+    def steps(opt, w, bias, n=4):
+        for _ in range(n):
+            loss = ((a @ w + bias - b) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    w1, bias1 = w0.clone().requires_grad_(), bias0.clone().requires_grad_()
+    reused = C.SparseSGDM([w1, bias1], [mask, None], lr=0.05, **cfg)
+    steps(reused, w1, bias1)
+    w2, bias2 = w1.detach().clone().requires_grad_(), bias1.detach().clone().requires_grad_()
+    reused.restart()
+    steps(reused, w1, bias1)
+    steps(C.SparseSGDM([w2, bias2], [mask, None], lr=0.05, **cfg), w2, bias2)
+    assert torch.equal(w1, w2) and torch.equal(bias1, bias2)

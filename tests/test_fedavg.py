@@ -97,6 +97,12 @@ def fp32_scaler():
     return C.grad_scaler(torch.device("cpu"), "off")
 
 
+def one_round(model, shards, inputs, y, args, mask=None, head_only=False):
+    params, opt = fedavg.round_optimizer(model, args, mask, head_only)
+    return fedavg.train_round(model, params, opt, shards, inputs, y, 0, args, torch.device("cpu"), fp32_scaler(),
+                              head_only)
+
+
 @pytest.mark.parametrize("sizes", [(50, 50, 50, 50), (20, 80, 35, 65)])
 def test_one_round_with_c1_j1_full_batches_is_one_gradient_step_on_the_union(sizes):
     """Each client's update is -lr * (gradient of its mean loss); weighted by shard size, their sum is
@@ -109,7 +115,7 @@ def test_one_round_with_c1_j1_full_batches_is_one_gradient_step_on_the_union(siz
                       "--batch-size", "1000", "--no-aug", "--lr", "0.1")
     model = tiny_model()
     reference = copy.deepcopy(model)
-    fedavg.train_round(model, shards, x, y, 0, args, torch.device("cpu"), fp32_scaler())
+    one_round(model, shards, x, y, args)
 
     reference.train()
     loss = F.cross_entropy(reference(C.preprocess(x, 32)), y)
@@ -170,10 +176,10 @@ def test_agreement_is_one_for_identical_clients_and_below_for_different_shards()
     x, y = data["train"]
     args = round_args("--k", "4", "--c", "1", "--j", "1", "--no-aug", "--batch-size", "16", "--lr", "0.05")
     same = [torch.arange(16)] * 4
-    _, _, a_same, _ = fedavg.train_round(tiny_model(), same, x, y, 0, args, torch.device("cpu"), fp32_scaler())
+    _, _, a_same = one_round(tiny_model(), same, x, y, args)
     assert a_same == pytest.approx(1.0, abs=1e-5)
     different = list(torch.arange(64).view(4, 16))
-    _, _, a_diff, _ = fedavg.train_round(tiny_model(), different, x, y, 0, args, torch.device("cpu"), fp32_scaler())
+    _, _, a_diff = one_round(tiny_model(), different, x, y, args)
     assert 0 < a_diff < 0.99
 
 
@@ -184,8 +190,7 @@ def test_head_only_rounds_train_the_head_on_features_and_leave_the_backbone_unto
     data = C.load_data(args)
     feats = C.cached_features(model, data, args, torch.device("cpu"))
     shards = fedavg.make_shards(data["train"][1], args)
-    fedavg.train_round(model, shards, feats["train"][0], data["train"][1], 0, args, torch.device("cpu"),
-                       fp32_scaler(), head_only=True)
+    one_round(model, shards, feats["train"][0], data["train"][1], args, head_only=True)
     for n, p in model.state_dict().items():
         assert torch.equal(p, before[n]) != n.startswith("head."), n
 
