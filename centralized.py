@@ -110,11 +110,7 @@ def compare_schedulers(best, ckpt, model, feats, args):
 
 def main(argv=None):
     args = get_args(argv)
-    prepared = C.prepare(args)
-    if prepared is None:
-        return
-    device, data, model = prepared
-    given = C.hparams_from(args.hparams) if args.hparams else None  # checked before anything is written
+    device, data, model, inputs = C.prepare(args)
     ckpt = C.open_run(args)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -125,8 +121,8 @@ def main(argv=None):
     if args.grid:
         print(f"grid search: {len(args.grid_lr) * len(args.grid_momentum) * len(args.grid_wd)} settings")
         best = grid_search(ckpt, model, feats, args)
-    elif given:
-        best = dict(lr=given[0], momentum=given[1], wd=given[2])
+    elif inputs["hparams"]:
+        best = dict(zip(("lr", "momentum", "wd"), inputs["hparams"]))
     else:
         best = dict(lr=args.lr, momentum=args.momentum, wd=args.wd)
     sched = args.scheduler

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -36,6 +37,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, no network): one line, exit 2."""
+
+
+class Finished(Exception):
+    """--resume found the run already finished: nothing to do (exit status 0)."""
 
 
 class Stopped(Exception):
@@ -76,6 +81,8 @@ def run_main(main):
     die_with_parent()
     try:
         main()
+    except Finished as e:
+        print(e)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -865,14 +872,20 @@ def ridge_head(head, stats, val_feats, val_y, lambdas=RIDGE_LAMBDAS):
     return {"ridge_lambda": lam, "ridge_temperature": t, "head_val_acc": acc}
 
 
+def load_tensor_file(path, what, fix):
+    """torch.load of a file the user names, on the CPU and weights_only (a crafted pickle cannot run
+    code); a missing or unreadable file is one line saying `fix`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path} ({fix})")
+    except Exception as e:
+        raise UserError(f"cannot read {what} {path} ({type(e).__name__}): {fix}")
+
+
 def load_head_file(path, head):
     """A head.pt ({'weight', 'bias'} of the classifier, from centralized.py or an editing/FedAvg run)."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"--head {path}: no such file (ridge, warmup or a head.pt of an earlier run)")
-    except Exception as e:
-        raise UserError(f"--head {path}: cannot read it ({type(e).__name__}); point it at a head.pt")
+    sd = load_tensor_file(path, "--head file", "use ridge, warmup or a head.pt of an earlier run")
     want = {k: v.shape for k, v in head.state_dict().items()}
     if not isinstance(sd, dict) or {k: getattr(v, "shape", None) for k, v in sd.items()} != want:
         raise UserError(f"--head {path} is not a head of this model (want weight {tuple(want['weight'])} "
@@ -1113,12 +1126,7 @@ def save_mask(mask, path):
 
 def load_mask(path, model):
     """Read a mask file and check it fits masked_params(model) (every name, every shape)."""
-    try:
-        mask = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"mask file not found: {path} (make one with model_editing.py)")
-    except Exception as e:
-        raise UserError(f"cannot read mask file {path} ({type(e).__name__}); recreate it with model_editing.py")
+    mask = load_tensor_file(path, "mask file", "make one with model_editing.py")
     params = dict(masked_params(model))
     if isinstance(mask, dict) and {"cls_token", "pos_embed"} & set(mask):
         raise UserError(f"mask {path} was made by an older version (it masks cls_token/pos_embed); "
@@ -1277,11 +1285,11 @@ def _check_run_dir(args):
 
 
 def prepare(args):
-    """The start every script shares: None if --resume finds the run already finished,
-    else (device, data, model). Nothing is written yet: bad data or weights leave no run dir."""
+    """The start every script shares, before anything is written: (device, data, model, inputs), inputs
+    being every file the flags name (--hparams, --mask, --head FILE), read and checked. Bad data,
+    weights or input files thus leave no run directory. Raises Finished if --resume finds the run done."""
     if args.resume and finished(args):
-        print(f"{args.out} is already finished")
-        return None
+        raise Finished(f"{args.out} is already finished")
     device = pick_device(args.device, args.deterministic)
     args.precision = resolve_amp(args.amp, device)
     print(f"device {device}, precision {'fp32' if args.precision == 'off' else args.precision} "
@@ -1289,7 +1297,19 @@ def prepare(args):
     seed_everything(args.seed)
     data = load_data(args)
     model = build_model(args).to(device)
-    return device, data, model
+    return device, data, model, read_inputs(args, model)
+
+
+def read_inputs(args, model):
+    """The input files named by the flags of any script, read and checked: {'hparams', 'mask', 'head'}
+    (None where not given); also refuses a --sparsity that would keep nothing."""
+    hparams, mask, head = (getattr(args, k, None) for k in ("hparams", "mask", "head"))
+    inputs = {"hparams": hparams_from(hparams) if hparams else None,
+              "mask": load_mask(mask, model) if mask else None,
+              "head": load_head_file(head, model.head) if head not in (None, "ridge", "warmup") else None}
+    if hasattr(args, "sparsity") and getattr(args, "sparse", True) and inputs["mask"] is None:
+        check_sparsity(model, args.sparsity)
+    return inputs
 
 
 def finished(args):
@@ -1324,10 +1344,26 @@ def check_sparsity(model, sparsity):
                         f"lower it (at most {1 - 1 / total:.6f})")
 
 
-def print_calibration(log, args, seconds):
+def calibrate(model, draw, args, device):
+    """Step 1 of model_editing.py and fedavg.py --sparse: calibrate_mask with --rule, --sparsity and
+    --calib-rounds, round r scoring the images draw(r) -> (uint8 images, uniforms for their labels)
+    with --score and --calib-damp. Prints the rounds; returns (mask, per-round log)."""
+    rounds_done = 0
+
+    def score(mask):
+        nonlocal rounds_done
+        rounds_done += 1
+        images, u = draw(rounds_done)
+        sums, n = fisher_sums(model, images, u, args.img_size, args.fisher_batch_size, device,
+                              mask=mask, damp=args.calib_damp, score=args.score)
+        return {k: v / n for k, v in sums.items()}
+
+    t = time.time()
+    mask, log = calibrate_mask(model, score, args.rule, args.sparsity, args.calib_rounds, stream("mask_rule", args.seed))
     for row in log:
         print(f"  calibration round {row['round']}: keep {row['kept']} entries ({row['kept_frac']:.4%})")
-    print(f"mask ({args.rule}, sparsity {args.sparsity}, score {args.score}) calibrated in {seconds:.1f}s")
+    print(f"mask ({args.rule}, sparsity {args.sparsity}, score {args.score}) calibrated in {time.time() - t:.1f}s")
+    return mask, log
 
 
 def changed_count(model, initial):

@@ -161,25 +161,15 @@ def federated_mask(model, shards, x, args, device):
     labels from per-sample uniforms), so the sums are those of per-client scoring, at the cost of
     central calibration instead of K small calls."""
     per_client = math.ceil(args.fisher_batches * args.fisher_batch_size / args.k)
-    rounds_done = 0
 
-    def score(mask):
-        nonlocal rounds_done
-        rounds_done += 1
+    def draw(r):
         idx, u = [], []
         for client, shard in enumerate(shards):
-            i, v = C.draw_calibration(len(shard), per_client, C.stream("fed_calib", args.seed, rounds_done, client))
+            i, v = C.draw_calibration(len(shard), per_client, C.stream("fed_calib", args.seed, r, client))
             idx.append(shard[i])
             u.append(v)
-        sums, n = C.fisher_sums(model, x[torch.cat(idx).to(x.device)], torch.cat(u), args.img_size,
-                                args.fisher_batch_size, device, mask=mask, damp=args.calib_damp, score=args.score)
-        return {k: v / n for k, v in sums.items()}
-
-    t = time.time()
-    mask, log = C.calibrate_mask(model, score, args.rule, args.sparsity, args.calib_rounds,
-                                 C.stream("mask_rule", args.seed))
-    C.print_calibration(log, args, time.time() - t)
-    return mask, log
+        return x[torch.cat(idx).to(x.device)], torch.cat(u)
+    return C.calibrate(model, draw, args, device)
 
 
 # ----------------------------------------------------------------------------- one round
@@ -334,15 +324,8 @@ def write_outputs(rows, args):
 def main(argv=None):
     from tqdm import tqdm
     args = get_args(argv)
-    prepared = C.prepare(args)
-    if prepared is None:
-        return
-    device, data, model = prepared
-    # every input is checked before the run directory is touched
-    given_mask = C.load_mask(args.mask, model) if args.mask else None
-    if args.sparse and given_mask is None:
-        C.check_sparsity(model, args.sparsity)
-    head_file = C.load_head_file(args.head, model.head) if args.head not in ("ridge", "warmup") else None
+    device, data, model, inputs = C.prepare(args)
+    given_mask = inputs["mask"]
     shards = make_shards(data["train"][1], args)
     ckpt = C.open_run(args)
     x, y = (t.to(device) for t in data["train"])  # uint8: the whole training set fits on any GPU
@@ -368,8 +351,8 @@ def main(argv=None):
             head_info = federated_ridge(model.head, shards, feats)
             d = model.head.in_features + 1
             head_upload = d * d + d * C.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ and a count, once per client
-        elif head_file is not None:
-            model.head.load_state_dict(head_file)
+        elif inputs["head"] is not None:
+            model.head.load_state_dict(inputs["head"])
         ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
                 "upload": head_upload * args.k, "elapsed": 0.0}
     else:

@@ -48,20 +48,19 @@ def get_args(argv=None):
     return args
 
 
-def make_head(model, data, args, device, head_file):
+def make_head(model, data, args, device, inputs):
     """Step 0: the classifier head on the frozen backbone, then frozen. Returns its accuracies."""
     feats = C.cached_features(model, data, args, device)
     info = {}
     if args.head == "ridge":
         info = C.ridge_head(model.head, C.ridge_stats(*feats["train"]), *feats["val"])
     elif args.head == "warmup":
-        lr, m, wd = C.hparams_from(args.hparams) if args.hparams else \
-            (args.warmup_lr, args.warmup_momentum, args.warmup_wd)
+        lr, m, wd = inputs["hparams"] or (args.warmup_lr, args.warmup_momentum, args.warmup_wd)
         _, best_epoch = C.train_head(model.head, feats, dict(lr=lr, momentum=m, wd=wd, scheduler="cosine"),
                                      args.warmup_epochs, args.patience, args.batch_size, args.seed)
         info = {"warmup_epoch": best_epoch, "warmup_lr": lr, "warmup_momentum": m, "warmup_wd": wd}
     else:
-        model.head.load_state_dict(head_file)
+        model.head.load_state_dict(inputs["head"])
     model.head.requires_grad_(False)
     val, test = C.evaluate_head(model.head, *feats["val"]), C.evaluate_head(model.head, *feats["test"])
     print(f"head ({args.head}): val acc {val[1]:.4f}, test acc {test[1]:.4f} {info}")
@@ -72,37 +71,17 @@ def make_mask(model, data, args, device):
     """Step 1: calibrate the mask on --fisher-batches x --fisher-batch-size training images, a fresh
     sample each round (TaLoS scores its validation split; we keep that split for model selection)."""
     x = data["train"][0]
-    rounds_done = 0
 
-    def score(mask):
-        nonlocal rounds_done
-        rounds_done += 1
+    def draw(r):
         idx, u = C.draw_calibration(len(x), args.fisher_batches * args.fisher_batch_size,
-                                    C.stream("edit_calib", args.seed, rounds_done))
-        sums, n = C.fisher_sums(model, x[idx], u, args.img_size, args.fisher_batch_size, device,
-                                mask=mask, damp=args.calib_damp, score=args.score)
-        return {k: v / n for k, v in sums.items()}
-
-    t = time.time()
-    mask, log = C.calibrate_mask(model, score, args.rule, args.sparsity, args.calib_rounds,
-                                 C.stream("mask_rule", args.seed))
-    C.print_calibration(log, args, time.time() - t)
-    return mask, log
+                                    C.stream("edit_calib", args.seed, r))
+        return x[idx], u
+    return C.calibrate(model, draw, args, device)
 
 
 def main(argv=None):
     args = get_args(argv)
-    prepared = C.prepare(args)
-    if prepared is None:
-        return
-    device, data, model = prepared
-    # every input file is checked before the run directory is touched
-    given_mask = C.load_mask(args.mask, model) if args.mask else None
-    if given_mask is None:
-        C.check_sparsity(model, args.sparsity)
-    head_file = C.load_head_file(args.head, model.head) if args.head not in ("ridge", "warmup") else None
-    if args.hparams:
-        C.hparams_from(args.hparams)
+    device, data, model, inputs = C.prepare(args)
     ckpt = C.open_run(args)
     t0 = time.time() - (ckpt["elapsed"] if ckpt else 0.0)
     for p in model.parameters():
@@ -111,8 +90,8 @@ def main(argv=None):
     mask_path = os.path.join(args.out, "mask.pt")
 
     if ckpt is None:  # steps 0 and 1, checkpointed together once both are done
-        head = make_head(model, data, args, device, head_file)
-        mask, log = (given_mask, []) if given_mask is not None else make_mask(model, data, args, device)
+        head = make_head(model, data, args, device, inputs)
+        mask, log = (inputs["mask"], []) if inputs["mask"] is not None else make_mask(model, data, args, device)
         C.save_mask(mask, mask_path)
         C.atomic_save(C.cpu_state(model.head), os.path.join(args.out, "head.pt"))
         ckpt = {"epoch": 0, "step": 0, "loss_sum": torch.zeros(()), "rows": [], "head_info": head,

@@ -22,7 +22,6 @@ import copy
 import json
 import math
 import os
-import resource
 import statistics
 import sys
 import time
@@ -194,17 +193,28 @@ def time_calibration(a, model, x, shards, args, device, reps):
     return {k: statistics.median(v) / statistics.median(out["central"]) for k, v in out.items()}
 
 
-def evaluation_share(a, model, x, y, args, device, round_seconds):
-    """Share of a default run's time spent evaluating: 5000 val images every 20 rounds and 10000 test
-    images every 100, at the measured cost per evaluated image and per round (--eval-batch-size 256)."""
-    args.eval_batch_size = 256
+def evaluation_share(model, x, y, shards, args, device):
+    """Share of a default run's time spent evaluating (val 5000 images every 20 rounds, test 10000 every
+    100, batch 256), from the measured time of one evaluated image and of one round at fedavg.py's
+    default client batch (64)."""
     n = min(len(x), 1024)
-    t = timed(lambda: C.evaluate(model, x[:n], y[:n], args, device), device) / n
-    per_round_eval = t * (5000 / 20 + 10000 / 100)
-    return per_round_eval / (per_round_eval + round_seconds)
+    args.eval_batch_size = 256
+    per_image = timed(lambda: C.evaluate(model, x[:n], y[:n], args, device), device) / n
+    default = argparse.Namespace(**dict(vars(args), batch_size=64))
+    phase = fedavg.round_optimizer(model, default)
+    ours_round(model, x, y, shards, 0, default, device, phase)  # warm-up
+    per_round = statistics.median(timed(lambda: ours_round(model, x, y, shards, r, default, device, phase), device)
+                                  for r in range(1, 4))
+    per_round_eval = per_image * (5000 / 20 + 10000 / 100)
+    return per_round_eval / (per_round_eval + per_round)
 
 
 # ----------------------------------------------------------------------------- memory (one subprocess each)
+
+def proc_status_mib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
 
 def measure_memory(cfg):
     a = argparse.Namespace(**cfg)
@@ -214,7 +224,10 @@ def measure_memory(cfg):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    else:
+        base = proc_status_mib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak (VmHWM) to the current RSS
+            f.write("5")
     for r in range(2):
         if cfg["kind"] == "peer-style":
             peer_round(model, dataset, shards, r, args, device)
@@ -225,7 +238,7 @@ def measure_memory(cfg):
     if device.type == "cuda":
         peak, what = (torch.cuda.max_memory_allocated(device) - base) / 2**20, "GPU MiB allocated above model+data"
     else:
-        peak, what = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**10, "CPU peak RSS growth, MiB"
+        peak, what = proc_status_mib("VmHWM") - base, "CPU peak RSS above model + data (MiB)"
     return dict(cfg, peak_mib=peak, what=what)
 
 
@@ -252,7 +265,7 @@ def main():
     times, ratio, (args, device, model, x, y, shards, mask) = time_rounds(a)
     opt_ratio = time_optimizers(model, mask, device, a.reps)
     calib = time_calibration(a, model, x, shards, args, device, max(3, a.reps // 2))
-    share = evaluation_share(a, model, x, y, args, device, statistics.median(times["ours dense"]))
+    share = evaluation_share(model, x, y, shards, args, device)
     base = {k: v for k, v in vars(a).items() if k not in ("one", "reps")}
     mem = run_isolated(__file__, [dict(base, kind=kind, k=a.k) for kind in ("ours dense", "peer-style")] +
                        [dict(base, kind="ours dense", k=k) for k in (10, 1000)],

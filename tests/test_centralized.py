@@ -93,7 +93,8 @@ def test_refuses_a_directory_holding_a_different_run(tmp_path):
         centralized.main(FAST + ["--epochs", "2", "--out", out])
     with pytest.raises(C.UserError, match="finished"):
         centralized.main(FAST + ["--epochs", "1", "--out", out])
-    centralized.main(FAST + ["--epochs", "1", "--out", out, "--resume"])  # finished: nothing to do
+    with pytest.raises(C.Finished):  # finished: nothing to do (run_main exits 0)
+        centralized.main(FAST + ["--epochs", "1", "--out", out, "--resume"])
     assert read(os.path.join(out, "result.json")) == before
 
 

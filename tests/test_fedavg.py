@@ -421,7 +421,7 @@ def test_bad_flags_are_one_line_errors(capsys, bad):
 @pytest.mark.parametrize("bad,says", [(["--k", "3000"], "lower --k"), (["--img-size", "30"], "multiple"),
                                       (["--device", "bogus"], "not a device"), (["--amp", "bf16"], "needs a CUDA"),
                                       (["--sparse", "--sparsity", "0.9999999"], "keeps none"),
-                                      (["--head", "nohead.pt"], "no such file")])
+                                      (["--head", "nohead.pt"], "not found")])
 def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, bad, says):
     with pytest.raises(C.UserError, match=says):
         fedavg.main(FAST + ["--out", str(tmp_path / "r")] + bad)
