@@ -75,10 +75,12 @@ def schema_problem(d, schema):
 
 def read_result(path):
     """(result.json as a dict, None), or (None, what is wrong with it)."""
+    if not os.path.isfile(path):  # a FIFO would block the read
+        return None, "not a regular file"
     try:
         with open(path) as f:
             r = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+    except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
         return None, f"unreadable ({type(e).__name__})"
     if not isinstance(r, dict):
         return None, "not a JSON object"
@@ -116,8 +118,8 @@ def read_metrics(d):
             raise ValueError("no rows with round and val_acc")
         m = {k: [None if row.get(k) in (None, "") else float(row[k]) for row in rows]
              for k in ("round", "val_acc", "agreement", "update_norm")}
-        if None in m["round"]:
-            raise ValueError("a row without round")
+        if not all(x is not None and math.isfinite(x) for x in m["round"]):
+            raise ValueError("a row whose round is not a number")
         return m
     except (OSError, ValueError, csv.Error) as e:
         warn(f"{path}: {e}; this run has no curves and no rounds to target")

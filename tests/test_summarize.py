@@ -188,6 +188,16 @@ def test_the_mask_comes_from_its_editing_run_and_heads_are_never_mixed(tmp_path)
     assert sparse["editing/most-sensitive_s0.5_r2/seed0/mask.pt"]["rule"] == "most-sensitive"
 
 
+def test_the_six_models_take_the_editing_run_whose_mask_sparse_fedavg_used(tmp_path):
+    write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", 0, 0.70)  # the usual default, not used here
+    write_run(tmp_path, "editing", "least-sensitive_s0.5_r2", 0, 0.55, sparsity=0.5, calib_rounds=2)
+    fed(tmp_path, "nc5", 4, 0, 0.4)
+    fed(tmp_path, "nc5", 4, 0, 0.45, mask=("least-sensitive", 0.5, 2))
+    _, report, _ = summarize_root(tmp_path)
+    assert table(report, "The six models")["Centralized"] == ["–", pm(0.55)]
+    assert table(report, "The six models")["FedAvg Nc=5"] == [pm(0.4), pm(0.45)]
+
+
 # ----------------------------------------------------------------------------- rounds to target, communication
 
 def test_rounds_to_target_per_seed_else_the_mean_and_not_reached(tmp_path, capsys):
@@ -270,6 +280,7 @@ def check_latex(tex):
 def test_tables_tex_is_well_formed_escaped_and_bolds_the_best(tmp_path):
     study(tmp_path)
     fed(tmp_path, "nc5", 4, 5, 0.2, head="runs/my_head%#&.pt")  # a head FILE with LaTeX specials
+    fed(tmp_path, "iid", 8, 5, 0.2, mask=("most-sensitive", 0.9, 4))  # a 2nd rules table, title as J=4's
     _, report, tex = summarize_root(tmp_path)
     check_latex(tex)
     assert tex.count(r"\begin{table}") == len(md_tables(report))
@@ -336,7 +347,7 @@ def test_curves_average_over_the_rounds_every_seed_has():
 def test_bad_runs_are_left_out_with_one_warning_each(tmp_path, capsys):
     write_run(tmp_path, "centralized", "grid_compare", 0, 0.8)
     fed(tmp_path, "nc5", 4, 0, 0.5)
-    bad = {"not_json": "{", "list": "[1]", "binary": b"\xff\xfe\x00",
+    bad = {"not_json": "{", "list": "[1]", "binary": b"\xff\xfe\x00", "deep": "[" * 10 ** 5 + "]" * 10 ** 5,
            "unknown_stage": dict(stage="other"), "missing_key": dict(drop="test_acc"),
            "wrong_type": dict(test_acc="0.5"), "bool_seed": dict(seed=True), "nc_null": dict(nc=None),
            "best_not_dict": dict(stage="centralized", best=[0.1])}
