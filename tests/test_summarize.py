@@ -2,18 +2,14 @@
 the tables over seeds, rounds to target, communication, LaTeX, plots, and bad runs left out."""
 import csv
 import json
-import os
 import re
 import shutil
 import statistics
 import subprocess
-import sys
 
 import pytest
 
 import summarize
-from conftest import ROOT
-from helpers import assert_usage_error
 
 # ----------------------------------------------------------------------------- a fake results root
 
@@ -61,6 +57,14 @@ def fed(root, split, j, seed, acc, mask=None, curve=None, **fields):
         fields = dict(dict(sparse=True, rule=rule, sparsity=s, calib_rounds=r, mask_file=str(mask_file)), **fields)
     return write_run(root, "fedavg", f"{split}_j{j}_{kind}", seed, acc, curve or {1: acc / 2, 2: acc}, j=j,
                      iid=split == "iid", nc=nc, **fields)
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Tables only: drawing PNGs takes most of summarize.py's time (test_plots_... draws them)."""
+    monkeypatch.setattr(summarize, "fedavg_plots", lambda *a: [])
+    monkeypatch.setattr(summarize.common, "plot_lines", lambda *a: None)
+    monkeypatch.setattr(summarize.common, "plot_bars", lambda *a: None)
 
 
 def summarize_root(root, *flags):
@@ -133,7 +137,7 @@ def study(root):
         fed(root, "nc5", 4, seed, 0.31 + d, mask=("least-sensitive", 0.9, 1))
 
 
-def test_every_table_of_the_study_picks_its_runs(tmp_path):
+def test_every_table_of_the_study_picks_its_runs(tmp_path, no_plots):
     study(tmp_path)
     rows, report, _ = summarize_root(tmp_path)
     assert len(rows) == 2 * (1 + 4 + 12)
@@ -170,7 +174,7 @@ def test_every_table_of_the_study_picks_its_runs(tmp_path):
     assert csv_sparse[0]["mask"] == "editing/least-sensitive_s0.9_r4/seed0/mask.pt"
 
 
-def test_the_mask_comes_from_its_editing_run_and_heads_are_never_mixed(tmp_path):
+def test_the_mask_comes_from_its_editing_run_and_heads_are_never_mixed(tmp_path, no_plots):
     # the FedAvg result.json says nothing of the mask (mask_file given): the editing run tells
     write_run(tmp_path, "editing", "most-sensitive_s0.5_r2", 0, 0.5, rule="most-sensitive", sparsity=0.5,
               calib_rounds=2)
@@ -188,7 +192,7 @@ def test_the_mask_comes_from_its_editing_run_and_heads_are_never_mixed(tmp_path)
     assert sparse["editing/most-sensitive_s0.5_r2/seed0/mask.pt"]["rule"] == "most-sensitive"
 
 
-def test_the_six_models_take_the_editing_run_whose_mask_sparse_fedavg_used(tmp_path):
+def test_the_six_models_take_the_editing_run_whose_mask_sparse_fedavg_used(tmp_path, no_plots):
     write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", 0, 0.70)  # the usual default, not used here
     write_run(tmp_path, "editing", "least-sensitive_s0.5_r2", 0, 0.55, sparsity=0.5, calib_rounds=2)
     fed(tmp_path, "nc5", 4, 0, 0.4)
@@ -200,7 +204,7 @@ def test_the_six_models_take_the_editing_run_whose_mask_sparse_fedavg_used(tmp_p
 
 # ----------------------------------------------------------------------------- rounds to target, communication
 
-def test_rounds_to_target_per_seed_else_the_mean_and_not_reached(tmp_path, capsys):
+def test_rounds_to_target_per_seed_else_the_mean_and_not_reached(tmp_path, capsys, no_plots):
     write_run(tmp_path, "centralized", "grid_compare", 0, 0.80)
     write_run(tmp_path, "centralized", "grid_compare", 2, 0.60)
     curve = {20: 0.65, 40: 0.73, 60: 0.70}
@@ -224,14 +228,14 @@ def test_rounds_to_target_per_seed_else_the_mean_and_not_reached(tmp_path, capsy
     assert "| 20 ± 0 (2/2 reached) |" in report and "FedAvg cost: rounds to 0.5" in report
 
 
-def test_without_a_centralized_run_rounds_to_target_is_not_computed(tmp_path):
+def test_without_a_centralized_run_rounds_to_target_is_not_computed(tmp_path, no_plots):
     fed(tmp_path, "nc5", 4, 0, 0.7)
     rows, report, _ = summarize_root(tmp_path)
     assert (rows[0]["target_val_acc"], rows[0]["rounds_to_target"]) == ("", "")
     assert table(report, "FedAvg cost")["dense; head ridge, K=100, C=0.1"][4] == "–"
 
 
-def test_communication_is_read_from_result_json(tmp_path):
+def test_communication_is_read_from_result_json(tmp_path, no_plots):
     write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", 0, 0.6)
     fed(tmp_path, "nc5", 4, 0, 0.5, comm_values_per_client_round=21_000_000, comm_mb_total=25200.0)
     fed(tmp_path, "nc5", 4, 0, 0.5, mask=("least-sensitive", 0.9, 4), comm_values_per_client_round=2_100_000,
@@ -277,7 +281,7 @@ def check_latex(tex):
     assert tex.count(r"\begin{table}") == len(labels) == tex.count(r"\caption{")
 
 
-def test_tables_tex_is_well_formed_escaped_and_bolds_the_best(tmp_path):
+def test_tables_tex_is_well_formed_escaped_and_bolds_the_best(tmp_path, no_plots):
     study(tmp_path)
     fed(tmp_path, "nc5", 4, 5, 0.2, head="runs/my_head%#&.pt")  # a head FILE with LaTeX specials
     fed(tmp_path, "iid", 8, 5, 0.2, mask=("most-sensitive", 0.9, 4))  # a 2nd rules table, title as J=4's
@@ -294,7 +298,7 @@ def test_tables_tex_is_well_formed_escaped_and_bolds_the_best(tmp_path):
 
 
 
-def test_tables_tex_compiles_if_a_tex_engine_is_here(tmp_path):
+def test_tables_tex_compiles_if_a_tex_engine_is_here(tmp_path, no_plots):
     engine = next((e for e in ("pdflatex", "lualatex", "tectonic") if shutil.which(e)), None)
     if engine is None:
         pytest.skip("no TeX engine on this machine (the LaTeX-free check above still runs)")
@@ -382,10 +386,11 @@ def test_bad_runs_are_left_out_with_one_warning_each(tmp_path, capsys):
     assert table(report, "FedAvg, dense")["Nc=5"] == [pm(0.5), pm(0.45)]
 
 
-def test_summarize_refuses_a_missing_root(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "summarize.py"), str(tmp_path / "nope")],
-                          capture_output=True, text=True)
-    assert "not a directory" in assert_usage_error(proc)
+def test_summarize_refuses_a_missing_root(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # what `python summarize.py ROOT` runs, in-process (3 s less)
+        summarize.common.run_main(lambda: summarize.main([str(tmp_path / "nope")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "not a directory" in err
 
 
 def test_target_flag_help_and_bad_value(tmp_path, capsys):
