@@ -345,11 +345,12 @@ def editing_doc(runs, out_dir):
     doc, plots = ["## Model editing", ""], []
     if not runs:
         return doc + ["_No finished editing run._", ""], plots
-    doc += ["Test accuracy (%) after sparse fine-tuning (last epoch). Before editing (the warmed-up head, frozen "
-            f"backbone): {Stat([r['warmup_test_acc'] for r in runs]).text()}.", ""]
+    doc += ["Test accuracy (%) after sparse fine-tuning (last epoch).", ""]
     heads = group(runs, lambda r: (r.get("head"), r.get("score")))
     for i, ((head, score), hr) in enumerate(heads.items()):  # plots: the first head only
         on = f"head {head}, {score} score"
+        warm = {r["seed"]: r["warmup_test_acc"] for r in hr}  # one warm-up per seed, shared by its runs
+        doc += [f"Before editing ({on}: the warmed-up head, frozen backbone): {Stat(warm.values()).text()}.", ""]
         least = group([r for r in hr if r["rule"] == "least-sensitive"], lambda r: (r["sparsity"], r["calib_rounds"]))
         sparsities, rounds = sorted({s for s, _ in least}), sorted({n for _, n in least})
         if least:
@@ -586,6 +587,7 @@ def plot_heatmap(path, dense, sparse, title):
 
 
 def smooth(xs, ys):
+    """Moving average over SMOOTH rounds (the curves are noisy round to round); as is when shorter."""
     if len(ys) < SMOOTH:
         return xs, ys
     return xs[SMOOTH - 1:], np.convolve(ys, np.ones(SMOOTH) / SMOOTH, mode="valid")
@@ -594,19 +596,19 @@ def smooth(xs, ys):
 def plot_agreement(path, dense, sparse, title):
     """Update agreement and update norm per round, one line per (split, dense/sparse), mean over seeds."""
     fig, axes = plt().subplots(1, 2, figsize=(11, 4), layout="constrained")
-    colors = {}
+    colors, longest = {}, 0
     for kind, rs, style in (("dense", dense, "-"), ("sparse", sparse, "--")):
         for split, x in sorted(group(rs, lambda r: r["split"]).items(), key=lambda kv: split_order(kv[0])):
             for ax, col in zip(axes, ("agreement", "update_norm")):
                 xs, mean, _ = curve(x, col)
+                longest = max(longest, len(xs))
                 if len(xs):
                     line, = ax.plot(*smooth(xs, mean), style, color=colors.get(split), label=f"{split}, {kind}")
                     colors[split] = line.get_color()
-    axes[0].set(ylabel="agreement ‖Σ wᵢΔᵢ‖² / Σ wᵢ‖Δᵢ‖²",
-                title=f"moving average over {SMOOTH} rounds")
-    axes[1].set(ylabel="mean client update norm ‖Δᵢ‖", title=f"moving average over {SMOOTH} rounds")
+    axes[0].set(ylabel="agreement ‖Σ wᵢΔᵢ‖² / Σ wᵢ‖Δᵢ‖²")
+    axes[1].set(ylabel="mean client update norm ‖Δᵢ‖")
     for ax in axes:
-        ax.set(xlabel="round")
+        ax.set(xlabel="round", title=f"moving average over {SMOOTH} rounds" if longest >= SMOOTH else "per round")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
