@@ -284,7 +284,7 @@ def tex_table(t, label):
     right = [any(isinstance(row[i], Stat) for row in t.rows) for i in range(len(t.header))]
     body = [" & ".join(c.text(tex=True, bold=t.bold(i, c)) if isinstance(c, Stat) else tex_escape(c)
                        for i, c in enumerate(row)) + r" \\" for row in t.rows]
-    bold = "max" in t.best or "min" in t.best
+    bold = any(t.bold(i, c) for row in t.rows for i, c in enumerate(row))
     caption = f"{tex_escape(t.title)}. {tex_escape(t.note) + ' ' if t.note else ''}Mean $\\pm$ sample std " \
               f"over seeds (n: seeds){'; bold: best mean per column' if bold else ''}."
     return "\n".join([r"\begin{table}[htbp]", r"\centering", r"\small", rf"\caption{{{caption}}}",
@@ -541,12 +541,14 @@ def save_fig(fig, path):
 
 
 def curve(runs, col):
-    """(rounds, mean, std) of a metrics.csv column over runs, at the rounds every run has a value at."""
+    """(rounds, mean, sample std) of a metrics.csv column over runs, at the rounds every run has a value at."""
     per = [{x: y for x, y in zip(r["metrics"]["round"], r["metrics"][col]) if y is not None}
            for r in runs if r["metrics"]]
-    xs = sorted(set.intersection(*map(set, per))) if per else []
+    if not per:
+        return np.array([]), np.array([]), np.array([])
+    xs = sorted(set.intersection(*map(set, per)))
     ys = np.array([[p[x] for x in xs] for p in per]).reshape(len(per), len(xs))
-    return np.array(xs), ys.mean(0) if per else ys, ys.std(0) if per else ys
+    return np.array(xs), ys.mean(0), ys.std(0, ddof=1) if len(per) > 1 else np.zeros(len(xs))
 
 
 def plot_curves(path, by_split, title):
@@ -559,7 +561,8 @@ def plot_curves(path, by_split, title):
     ax.set(xlabel="round", ylabel="validation accuracy (%)")
     ax.set_title(title + "\nline: mean over seeds, band: ± std", fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save_fig(fig, path)
 
@@ -630,8 +633,9 @@ def fedavg_plots(runs, shown, out_dir):
         rs = [r for r in runs if setup(r) == key]
         for j in sorted({r["j"] for r in rs if r["metrics"]}):
             paths.append(os.path.join(out_dir, f"fedavg_{tag}_j{j}.png"))
-            plot_curves(paths[-1], group(sorted([r for r in rs if r["j"] == j], key=lambda r: split_order(r["split"])),
-                                         lambda r: r["split"]), f"FedAvg J={j}, " + setup_name(key).replace("; ", "\n"))
+            by_split = group(sorted([r for r in rs if r["j"] == j], key=lambda r: split_order(r["split"])),
+                             lambda r: r["split"])
+            plot_curves(paths[-1], by_split, f"FedAvg J={j}, " + setup_name(key).replace("; ", "\n"))
     for i, head in enumerate(heads):
         dense, sparse = ([r for r in runs if setup(r) == k] for k in mains[head])
         suffix = f"_head{i}" if i else ""
@@ -682,7 +686,10 @@ def summarize(root, target=0.9):
     out_dir = os.path.join(root, "summary")
     os.makedirs(out_dir, exist_ok=True)
     rows, path = [csv_row(r, root) for r in runs], os.path.join(out_dir, "results.csv")
-    common.write_csv(rows, path) if rows else common.atomic_write_text(",".join(COLUMNS) + "\n", path)
+    if rows:
+        common.write_csv(rows, path)
+    else:  # write_csv takes its header from the rows
+        common.atomic_write_text(",".join(COLUMNS) + "\n", path)
 
     by_stage = {s: [r for r in runs if r["stage"] == s] for s in STAGES}
     seeds = sorted({r["seed"] for r in runs})
@@ -720,7 +727,8 @@ def main(argv=None):
     p.add_argument("root", help="results root, e.g. run_all.sh's $RESULTS (default there: ./runs)")
     p.add_argument("--target", type=fraction, default=0.9,
                    help="rounds to target: the first FedAvg round whose validation accuracy reaches this fraction "
-                        "of the centralized validation accuracy of the same seed (or the mean over seeds)")
+                        "of the centralized validation accuracy of the same seed (of the mean over the centralized "
+                        "runs when that seed has none)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.root):
         raise common.UserError(f"{args.root} is not a directory")
