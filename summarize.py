@@ -354,11 +354,8 @@ def editing_doc(runs, out_dir):
         least = group([r for r in hr if r["rule"] == "least-sensitive"], lambda r: (r["sparsity"], r["calib_rounds"]))
         sparsities, rounds = sorted({s for s, _ in least}), sorted({n for _, n in least})
         if least:
-            doc.append(Table(f"Sparsity × calibration rounds in model editing (least-sensitive mask; {on}): "
-                             "test accuracy (%)",
-                             ["sparsity"] + [f"{n} round{'s' * (n != 1)}" for n in rounds],
-                             [[f"{s:g}"] + [acc(least.get((s, n), [])) for n in rounds] for s in sparsities],
-                             [None] + ["max"] * len(rounds), "Rows: fraction of backbone weights frozen."))
+            doc.append(sparsity_table(f"Sparsity × calibration rounds in model editing (least-sensitive mask; {on})",
+                                      least))
         if len(sparsities) > 1 and i == 0:
             path = os.path.join(out_dir, "editing_sparsity.png")
             common.plot_lines(path, {f"{n} calibration round{'s' * (n != 1)}":
@@ -422,20 +419,20 @@ def rules_tables(runs, covered):
     """Mask rules inside sparse FedAvg: rule × split at each J, with the dense runs of the same head."""
     out = []
     sparse = group([r for r in runs if r["mask"] and None not in r["mask"]],
-                   lambda r: (setup(r)[:5], r["mask"][1:], r["j"]))
+                   lambda r: (setup(r)[:6], r["mask"][1:], r["j"]))
     for (base, (s, n, by), j), rs in sparse.items():
         rules = group(sorted(rs, key=lambda r: rule_order(r["mask"][0])), lambda r: r["mask"][0])
         if len(rules) < 2:
             continue
         covered.update(setup(r) for r in rs)
-        dense = [r for r in runs if not r["mask"] and setup(r)[:5] == base and r["j"] == j]
+        dense = [r for r in runs if not r["mask"] and setup(r)[:5] == base[:5] and r["j"] == j]
         splits = sorted({r["split"] for r in rs}, key=split_order)
         rows = [[rule] + [acc([r for r in x if r["split"] == sp]) for sp in splits] for rule, x in rules.items()]
         if dense:
             rows.append(["dense (no mask)"] + [acc([r for r in dense if r["split"] == sp]) for sp in splits])
-        train, head, k, c, warm = base
-        out.append(Table(f"Mask rules inside sparse FedAvg at sparsity {s:g}, {n} calibration rounds ({by}), J={j}; "
-                         f"head {head}, K={k}, C={c:g}: test accuracy (%)", ["rule"] + splits, rows,
+        train, head, k, c, warm, score = base
+        out.append(Table(f"Mask rules inside sparse FedAvg at sparsity {s:g}, {n} calibration rounds ({by}, {score} "
+                         f"score), J={j}; head {head}, K={k}, C={c:g}: test accuracy (%)", ["rule"] + splits, rows,
                          [None] + ["max"] * len(splits)))
     return out
 
@@ -450,13 +447,18 @@ def sparsity_tables(runs, covered):
         if len(cells) < 2:
             continue
         covered.update(setup(r) for r in rs)
-        sparsities, rounds = sorted({s for s, _ in cells}), sorted({n for _, n in cells})
-        out.append(Table(f"Sparsity × calibration rounds inside sparse FedAvg ({rule}, {by} calibration) at {split}, "
-                         f"J={j}; head {base[1]}, K={base[2]}, C={base[3]:g}: test accuracy (%)",
-                         ["sparsity"] + [f"{n} round{'s' * (n != 1)}" for n in rounds],
-                         [[f"{s:g}"] + [acc(cells.get((s, n), [])) for n in rounds] for s in sparsities],
-                         [None] + ["max"] * len(rounds)))
+        out.append(sparsity_table(f"Sparsity × calibration rounds inside sparse FedAvg ({rule}, {by} calibration, "
+                                  f"{base[5]} score) at {split}, J={j}; head {base[1]}, K={base[2]}, C={base[3]:g}",
+                                  cells))
     return out
+
+
+def sparsity_table(title, cells):
+    """Test accuracy over sparsity (rows) × calibration rounds (columns); cells: {(sparsity, rounds): runs}."""
+    sparsities, rounds = sorted({s for s, _ in cells}), sorted({n for _, n in cells})
+    return Table(title + ": test accuracy (%)", ["sparsity"] + [f"{n} round{'s' * (n != 1)}" for n in rounds],
+                 [[f"{s:g}"] + [acc(cells.get((s, n), [])) for n in rounds] for s in sparsities],
+                 [None] + ["max"] * len(rounds), "Rows: fraction of backbone weights frozen.")
 
 
 def main_setups(runs, head):

@@ -148,12 +148,13 @@ def test_every_table_of_the_study_picks_its_runs(tmp_path, no_plots):
                    "FedAvg IID": [pm(0.60, 0.61), pm(0.62, 0.63)],  # J=4, least-sensitive s=0.9 r=4
                    "FedAvg Nc=5": [pm(0.40, 0.41), pm(0.42, 0.43)]}
 
-    rules = table(report, "Mask rules inside sparse FedAvg at sparsity 0.9, 4 calibration rounds (central), J=4")
+    rules = table(report, "Mask rules inside sparse FedAvg at sparsity 0.9, 4 calibration rounds (central, logit "
+                          "score), J=4")
     assert rules == {"rule": ["IID", "Nc=5"], "least-sensitive": [pm(0.62, 0.63), pm(0.42, 0.43)],
                      "most-sensitive": [pm(0.61, 0.62), pm(0.41, 0.42)],
                      "dense (no mask)": [pm(0.60, 0.61), pm(0.40, 0.41)]}
     ablation = table(report, "Sparsity × calibration rounds inside sparse FedAvg (least-sensitive, central "
-                             "calibration) at Nc=5, J=4")
+                             "calibration, logit score) at Nc=5, J=4")
     assert ablation == {"sparsity": ["1 round", "4 rounds"], "0.5": ["–", pm(0.30, 0.31)],
                         "0.9": [pm(0.31, 0.32), pm(0.42, 0.43)]}
 
