@@ -328,9 +328,9 @@ def centralized_doc(runs):
                        acc(rs, "val_acc"), acc(rs)] for (lr, m, wd, s), rs in chosen.items()],
                      [None] * 5 + ["max", "max"]))
     for file, cols, title in [("grid.csv", ["lr", "momentum", "wd", "scheduler"],
-                               "Centralized grid search: validation accuracy (%), best epoch with early stopping"),
+                               "Grid search (centralized): validation accuracy (%), best epoch with early stopping"),
                               ("schedulers.csv", ["scheduler"],
-                               "Centralized learning-rate schedulers: validation accuracy (%) at the chosen "
+                               "Learning-rate schedulers (centralized): validation accuracy (%) at the chosen "
                                "hyperparameters")]:
         rows = group([row for r in runs for row in read_table(os.path.join(r["dir"], file), cols + ["best_val_acc"])],
                      lambda row: tuple(row[c] for c in cols))
