@@ -265,7 +265,7 @@ class Table:
 
 
 def md_table(t):
-    cells = [[c.text() if isinstance(c, Stat) else str(c) for c in row] for row in t.rows]
+    cells = [[c.text() if isinstance(c, Stat) else str(c).replace("|", "\\|") for c in row] for row in t.rows]
     lines = ["| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 

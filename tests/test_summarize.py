@@ -24,6 +24,9 @@ BASE = {
                    test_loss=1.0, best_round=300, clients_per_round=10, comm_values_per_client_round=1000,
                    comm_mb_total=12.0),
 }
+ACC_KEYS = {"centralized": ["val_acc", "test_acc", "final_test_acc"],  # exactly CONTRACT.md's, per stage
+            "editing": ["val_acc", "test_acc", "best_val_acc", "test_acc_at_best_val"],
+            "fedavg": ["val_acc", "test_acc", "best_val_acc"]}
 
 
 def write_run(root, stage, name, seed, acc, curve=None, **fields):
@@ -33,7 +36,7 @@ def write_run(root, stage, name, seed, acc, curve=None, **fields):
     d.mkdir(parents=True)
     (d / "config.json").write_text("{}")
     result = dict(BASE[stage], stage=stage, dataset="cifar100", seed=seed, seconds=10.0, amp="bf16",
-                  val_acc=acc, test_acc=acc, final_test_acc=acc, best_val_acc=acc, test_acc_at_best_val=acc)
+                  **dict.fromkeys(ACC_KEYS[stage], acc))
     result.update(fields)
     (d / "result.json").write_text(json.dumps(result))
     if curve:
