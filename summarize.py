@@ -1,113 +1,221 @@
 """Tables and plots of a whole study: every finished run (result.json) under a results root.
 
-    python summarize.py RESULTS_DIR          (run_all.sh runs it at the end)
+    python summarize.py RESULTS_DIR [--target 0.9]      (run_all.sh runs it at the end)
 
-Writes RESULTS_DIR/summary/: results.csv (one row per run), report.md (centralized grid search and
-schedulers; editing: sparsity x calibration rounds and mask rules; FedAvg: data split x local steps J,
-dense and sparse; mean ± std over seeds where there are several) and PNG plots. A stage without
-finished runs gives no table, and the report says so. Every file is written atomically.
+Writes RESULTS_DIR/summary/:
+  results.csv  one row per run: what defines it, accuracies, rounds to target, communication
+  report.md    every table; each cell is the mean ± sample std over seeds and their number n
+  tables.tex   the same tables in LaTeX (booktabs), ready to \\input
+  *.png        heatmap, accuracy-vs-round curves, update agreement, editing plots
+A run whose result.json (or its mask's editing result.json) is unreadable is left out with one
+warning on stderr; a FedAvg run without a readable metrics.csv keeps its table cells but has no
+curves and no rounds to target. Every file is written atomically (temporary file, then rename).
 """
+import argparse
 import csv
 import json
+import math
 import os
+import re
 import statistics
+import sys
+import tempfile
 
-import common as C
+import numpy as np
+
+import common
 
 STAGES = ["centralized", "editing", "fedavg"]
-COLUMNS = ["stage", "run", "dataset", "seed", "lr", "momentum", "wd", "scheduler", "rule", "sparsity",
-           "calib_rounds", "mask", "k", "c", "j", "rounds", "warmup_rounds", "split", "sparse", "train",
-           "best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc", "seconds"]
+COLUMNS = ["stage", "run", "dataset", "seed", "head", "score", "lr", "momentum", "wd", "scheduler", "rule",
+           "sparsity", "calib_rounds", "mask", "k", "c", "j", "rounds", "warmup_rounds", "split", "sparse",
+           "train", "best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc", "target_val_acc",
+           "rounds_to_target", "comm_values_per_client_round", "comm_mb_total", "amp", "seconds"]
+SMOOTH = 5  # rounds in the moving average of the agreement / update-norm curves
 
 
-# ----------------------------------------------------------------------------- reading
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr)
 
 
-def read_csv(path):
-    """Rows (dicts of strings) of a CSV file; [] if there is none."""
+# ----------------------------------------------------------------------------- reading and checking runs
+
+# The keys summarize.py reads from each stage's result.json (see CONTRACT.md) and their types;
+# "?" marks a key that may be null or absent (runs written before it existed).
+SCHEMA = {
+    "all": dict(stage="str", dataset="str", seed="int", seconds="num", amp="str?"),
+    "centralized": dict(best="dict", best_epoch="int", val_acc="num", test_acc="num", final_test_acc="num"),
+    "editing": dict(rule="str", sparsity="num", calib_rounds="int", head="str?", score="str?",
+                    mask_kept_frac="num", changed_frac="num", warmup_test_acc="num", val_acc="num",
+                    test_acc="num", best_val_acc="num", test_acc_at_best_val="num"),
+    "fedavg": dict(k="int", c="num", j="int", rounds="int", warmup_rounds="int?", iid="bool", nc="int?",
+                   train="str", sparse="bool", head="str?", score="str?", rule="str?", sparsity="num?",
+                   calib_rounds="int?", mask_file="str?", val_acc="num", test_acc="num", best_val_acc="num",
+                   test_acc_at_best_val="num?", comm_values_per_client_round="int?", comm_mb_total="num?"),
+    "best": dict(lr="num", momentum="num", wd="num", scheduler="str"),  # centralized "best"
+}
+
+
+def type_ok(v, t):
+    if t.endswith("?"):
+        return v is None or type_ok(v, t[:-1])
+    if isinstance(v, bool):  # bool is an int to Python, never to us
+        return t == "bool"
+    return isinstance(v, {"str": str, "int": int, "num": (int, float), "dict": dict, "bool": bool}[t])
+
+
+def schema_problem(d, schema):
+    """What is wrong with dict d against schema (the first problem), or None."""
+    for key, t in schema.items():
+        if key not in d and not t.endswith("?"):
+            return f'no key "{key}"'
+        if not type_ok(d.get(key), t):
+            return f'"{key}" is {json.dumps(d[key])[:40]}, not {t.rstrip("?")}'
+    return None
+
+
+def read_result(path):
+    """(result.json as a dict, None), or (None, what is wrong with it)."""
+    if not os.path.isfile(path):  # a FIFO would block the read
+        return None, "not a regular file"
+    try:
+        with open(path) as f:
+            r = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+        return None, f"unreadable ({type(e).__name__})"
+    if not isinstance(r, dict):
+        return None, "not a JSON object"
+    if r.get("stage") not in STAGES:
+        return None, f'"stage" is not one of {", ".join(STAGES)}'
+    problem = (schema_problem(r, SCHEMA["all"]) or schema_problem(r, SCHEMA[r["stage"]])
+               or (r["stage"] == "centralized" and schema_problem(r["best"], SCHEMA["best"]))
+               or (r["stage"] == "fedavg" and not r["iid"] and r["nc"] is None and '"nc" is null but not iid'))
+    return (None, problem) if problem else (r, None)
+
+
+def mask_of(r):
+    """A sparse FedAvg run's mask as (rule, sparsity, calib_rounds, calibrated by): from the editing
+    run that wrote mask_file when its result.json is there (the truth about that mask), else from the
+    FedAvg run's own result.json (federated calibration: mask_file is null). Raises ValueError when the
+    editing run's result.json is there but unreadable."""
+    if not r["mask_file"]:
+        return r["rule"], r["sparsity"], r["calib_rounds"], "federated"
+    path = os.path.join(os.path.dirname(r["mask_file"]), "result.json")
     if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return r["rule"], r["sparsity"], r["calib_rounds"], "central"
+    e, problem = read_result(path)
+    if problem or e["stage"] != "editing":
+        raise ValueError(f"its mask's editing run {path} is {problem or 'not an editing run'}")
+    return e["rule"], e["sparsity"], e["calib_rounds"], "central"
+
+
+def read_metrics(d):
+    """A FedAvg run's metrics.csv as {column: [float or None per round]}, or None (with a warning)."""
+    path = os.path.join(d, "metrics.csv")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"round", "val_acc"} <= set(rows[0]):
+            raise ValueError("no rows with round and val_acc")
+        m = {k: [None if row.get(k) in (None, "") else float(row[k]) for row in rows]
+             for k in ("round", "val_acc", "agreement", "update_norm")}
+        if not all(x is not None and math.isfinite(x) for x in m["round"]):
+            raise ValueError("a row whose round is not a number")
+        return m
+    except (OSError, ValueError, csv.Error) as e:
+        warn(f"{path}: {e}; this run has no curves and no rounds to target")
+        return None
 
 
 def load_runs(root):
-    """Every finished run under root: its result.json plus 'dir', sorted by stage and directory."""
+    """Every finished, readable run under root: its result.json plus 'dir', 'split', 'mask' and
+    (FedAvg) 'metrics', sorted by stage and directory."""
     runs = []
     for d, subdirs, files in os.walk(root):
         subdirs[:] = sorted(s for s in subdirs if not (d == root and s == "summary"))
         if "result.json" not in files:
             continue
-        try:
-            r = read_json(os.path.join(d, "result.json"))
-        except ValueError:
-            print(f"warning: {d}/result.json is not JSON; left out")
+        path = os.path.join(d, "result.json")
+        r, problem = read_result(path)
+        if r and r["stage"] == "fedavg":
+            try:
+                r.update(split="IID" if r["iid"] else f"Nc={r['nc']}", mask=mask_of(r) if r["sparse"] else None)
+            except ValueError as e:
+                problem = str(e)
+        if problem:
+            warn(f"{path}: {problem}; run left out")
             continue
-        if isinstance(r, dict) and r.get("stage") in STAGES:
-            runs.append(dict(r, dir=d))
-    return sorted(runs, key=lambda r: (STAGES.index(r["stage"]), r["dir"], r["seed"]))
+        r["dir"] = d
+        if r["stage"] == "fedavg":
+            r["metrics"] = read_metrics(d)
+        runs.append(r)
+    return sorted(runs, key=lambda r: (STAGES.index(r["stage"]), r["dir"]))
 
 
-def split_name(r):
-    return "IID" if r["iid"] else f"Nc={r['nc']}"
+def read_table(path, columns):
+    """Rows of a side CSV (grid.csv, schedulers.csv) with the given columns; [] with a warning if bad."""
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            row.update({c: float(row[c]) if c.endswith("acc") else str(row[c]) for c in columns})
+        return rows
+    except (OSError, ValueError, TypeError, KeyError, csv.Error) as e:
+        warn(f"{path}: malformed ({type(e).__name__}: {e}); left out")
+        return []
 
 
-def mask_name(r, root):
-    """The mask of a sparse FedAvg run: the editing run that made it (read from its result.json),
-    or the federated calibration's own rule and sparsity."""
-    if not r.get("sparse"):
-        return None
-    if r.get("mask_file"):
-        edit = os.path.join(os.path.dirname(r["mask_file"]), "result.json")
-        if os.path.isfile(edit):
-            e = read_json(edit)
-            return f"{e['rule']} s={e['sparsity']:g} r={e['calib_rounds']}"
-        return os.path.relpath(r["mask_file"], root)
-    return f"{r['rule']} s={r['sparsity']:g} (federated)"
+# ----------------------------------------------------------------------------- derived per-run values
+
+def add_rounds_to_target(runs, frac):
+    """Each FedAvg run's target (frac × the centralized validation accuracy of its seed, or of the
+    mean over seeds when its seed has none) and the first round whose val_acc reaches it."""
+    central = {}
+    for r in runs:
+        if r["stage"] == "centralized":
+            central.setdefault(r["seed"], []).append(r["val_acc"])
+    every = [v for vs in central.values() for v in vs]
+    for r in runs:
+        if r["stage"] != "fedavg":
+            continue
+        base = central.get(r["seed"]) or every
+        r["target"] = frac * statistics.mean(base) if base and r["metrics"] else None
+        r["rounds_to_target"] = None
+        if r["target"] is not None:
+            m = r["metrics"]
+            r["rounds_to_target"] = next((int(x) for x, v in zip(m["round"], m["val_acc"])
+                                          if v is not None and v >= r["target"]), None)
 
 
-def csv_row(r, root):
-    """One results.csv row: what defines the run, and its accuracies in the same columns for every
-    stage: at the best validation epoch/round, and at the last one (centralized.py logs no final
-    validation accuracy; the head it keeps is the best-validation one)."""
-    row = dict.fromkeys(COLUMNS)
-    row.update(stage=r["stage"], run=os.path.relpath(r["dir"], root), dataset=r["dataset"], seed=r["seed"],
-               seconds=r["seconds"])
-    if r["stage"] == "centralized":
-        row.update({k: r["best"][k] for k in ("lr", "momentum", "wd", "scheduler")})
-        row.update(best_val_acc=r["val_acc"], test_acc_at_best_val=r["test_acc"], final_test_acc=r["final_test_acc"])
-        return row
-    row.update(best_val_acc=r["best_val_acc"], test_acc_at_best_val=r["test_acc_at_best_val"],
-               final_val_acc=r["val_acc"], final_test_acc=r["test_acc"])
-    if r["stage"] == "editing":
-        row.update({k: r[k] for k in ("rule", "sparsity", "calib_rounds")})
+def setup(r):
+    """What defines a FedAvg experiment apart from split, J and seed."""
+    return (r["train"], r.get("head"), r["k"], r["c"], r.get("warmup_rounds") or 0,
+            r.get("score") if r["mask"] else None, r["mask"])
+
+
+def mask_name(mask):
+    """'least-sensitive s=0.9 r=4' (what is known of it)."""
+    rule, s, n = mask[:3]
+    return " ".join([rule or "given mask"] + ([f"s={s:g}"] if s is not None else []) +
+                    ([f"r={n}"] if n is not None else []))
+
+
+def setup_name(key):
+    train, head, k, c, warm, score, mask = key
+    if mask:
+        kind = f"sparse, {mask_name(mask)}, {mask[3]} calibration" + (f", {score} score" if score else "")
     else:
-        row.update({k: r.get(k) for k in ("k", "c", "j", "rounds", "warmup_rounds", "sparse", "train")})
-        row.update(split=split_name(r), mask=mask_name(r, root))
-    return row
+        kind = "dense" if train == "all" else f"train {train}"
+    return f"{kind}; head {head}, K={k}, C={c:g}" + (f", {warm} head warm-up rounds" if warm else "")
 
 
-# ----------------------------------------------------------------------------- formatting
-
-def cell(values, n_seeds):
-    """Accuracy in percent: the mean ± std over seeds (n=... when some seeds are missing)."""
-    if not values:
-        return "–"
-    s = f"{100 * statistics.mean(values):.2f}"
-    if len(values) > 1:
-        s += f" ± {100 * statistics.stdev(values):.2f}"
-    if len(values) < n_seeds:
-        s += f" (n={len(values)})"
-    return s
+def split_order(name):  # IID first, then Nc from many classes per client to one
+    return (0, 0) if name == "IID" else (1, -int(name.split("=")[1]))
 
 
-def md_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+def rule_order(rule):
+    return common.MASK_RULES.index(rule) if rule in common.MASK_RULES else len(common.MASK_RULES)
 
 
 def group(runs, key):
@@ -118,186 +226,519 @@ def group(runs, key):
     return out
 
 
-def mean_curve(runs, file, x, y):
-    """(xs, mean of y over the runs) from each run's CSV, at the x values every run has."""
-    by_x = {}
-    for r in runs:
-        for row in read_csv(os.path.join(r["dir"], file)):
-            if row.get(y) not in (None, ""):
-                by_x.setdefault(float(row[x]), []).append(float(row[y]))
-    xs = sorted(v for v, ys in by_x.items() if len(ys) == len(runs))
-    return xs, [statistics.mean(by_x[v]) for v in xs]
+# ----------------------------------------------------------------------------- cells and tables
+
+class Stat:
+    """One table cell: values over seeds, shown as mean ± sample std (n=...). With `of` set (rounds to
+    target), the values are the runs that reached the target and `of` the runs that had one."""
+
+    def __init__(self, values, scale=100, digits=2, of=None):
+        self.values, self.scale, self.digits, self.of = [v for v in values if v is not None], scale, digits, of
+
+    def mean(self):
+        return statistics.mean(self.values) if self.values else None
+
+    def text(self, tex=False, bold=False):
+        if not self.values:
+            return f"not reached (n={self.of})" if self.of else ("--" if tex else "–")
+        n = f"({len(self.values)}/{self.of} reached)" if self.of is not None else f"(n={len(self.values)})"
+        s = f"{self.scale * self.mean():.{self.digits}f}"
+        s = rf"\textbf{{{s}}}" if bold else s
+        if len(self.values) > 1:
+            s += (r" $\pm$ " if tex else " ± ") + f"{self.scale * statistics.stdev(self.values):.{self.digits}f}"
+        return f"{s} {n}"
 
 
-def mean(values):
-    return statistics.mean(values) if values else float("nan")
+class Table:
+    """A titled table of plain cells and Stat cells; best[i] is "max" or "min" for a column whose best
+    mean is bold in LaTeX, None for no bold."""
+
+    def __init__(self, title, header, rows, best=None, note=""):
+        self.title, self.header, self.rows, self.note = title, header, rows, note
+        self.best = best or [None] * len(header)
+
+    def bold(self, i, c):
+        means = [row[i].mean() for row in self.rows if isinstance(row[i], Stat) and row[i].values]
+        if not self.best[i] or len(means) < 2 or not isinstance(c, Stat) or not c.values:
+            return False
+        return c.mean() == (max if self.best[i] == "max" else min)(means)
 
 
-# ----------------------------------------------------------------------------- the three stages
+def md_table(t):
+    cells = [[c.text() if isinstance(c, Stat) else str(c).replace("|", "\\|") for c in row] for row in t.rows]
+    lines = ["| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
-def centralized_section(runs, n_seeds):
+
+TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+       "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "×": r"$\times$", "±": r"$\pm$",
+       "–": "--", "→": r"$\to$"}
+
+
+def tex_escape(s):
+    """Text as LaTeX that pdflatex compiles: specials escaped, anything else non-ASCII as '?'."""
+    return "".join(TEX.get(ch, ch if ch.isascii() else "?") for ch in str(s))
+
+
+def tex_table(t, label):
+    right = [any(isinstance(row[i], Stat) for row in t.rows) for i in range(len(t.header))]
+    body = [" & ".join(c.text(tex=True, bold=t.bold(i, c)) if isinstance(c, Stat) else tex_escape(c)
+                       for i, c in enumerate(row)) + r" \\" for row in t.rows]
+    bold = any(t.bold(i, c) for row in t.rows for i, c in enumerate(row))
+    caption = f"{tex_escape(t.title)}. {tex_escape(t.note) + ' ' if t.note else ''}Mean $\\pm$ sample std " \
+              f"over seeds (n: seeds){'; bold: best mean per column' if bold else ''}."
+    return "\n".join([r"\begin{table}[htbp]", r"\centering", r"\small", rf"\caption{{{caption}}}",
+                      rf"\label{{{label}}}", rf"\begin{{tabular}}{{{''.join('r' if x else 'l' for x in right)}}}",
+                      r"\toprule", " & ".join(tex_escape(h) for h in t.header) + r" \\", r"\midrule", *body,
+                      r"\bottomrule", r"\end{tabular}", r"\end{table}"])
+
+
+def render(doc):
+    """doc: a list of Markdown lines and Tables -> (report.md text, tables.tex text)."""
+    md, tex, labels = [], [r"% summarize.py: every table of report.md; needs \usepackage{booktabs}"], set()
+    for block in doc:
+        if isinstance(block, Table):
+            md += [f"### {block.title}", ""] + ([block.note, ""] if block.note else []) + [md_table(block), ""]
+            label = base = "tab:" + re.sub(r"[^a-z0-9]+", "-", block.title.lower()).strip("-")[:50]
+            for i in range(2, len(labels) + 2):  # a title repeated (one table per head): number it
+                if label not in labels:
+                    break
+                label = f"{base}-{i}"
+            labels.add(label)
+            tex += ["", tex_table(block, label)]
+        else:
+            md.append(block)
+    return "\n".join(md).rstrip() + "\n", "\n".join(tex) + "\n"
+
+
+def acc(runs, key="test_acc"):
+    return Stat([r[key] for r in runs])
+
+
+# ----------------------------------------------------------------------------- centralized and editing
+
+def centralized_doc(runs):
+    doc = ["## Centralized baseline", ""]
     if not runs:
-        return ["## Centralized baseline", "", "_No finished centralized run._"]
-    out = ["## Centralized baseline", "",
-           "Chosen hyperparameters and test accuracy (%) of the head with the best validation accuracy.", "",
-           md_table(["seed", "lr", "momentum", "wd", "scheduler", "best epoch", "val acc", "test acc"],
-                    [[r["seed"], f"{r['best']['lr']:g}", f"{r['best']['momentum']:g}", f"{r['best']['wd']:g}",
-                      r["best"]["scheduler"], r["best_epoch"], cell([r["val_acc"]], 1), cell([r["test_acc"]], 1)]
-                     for r in runs])]
-    if len(runs) > 1:
-        out += ["", f"Test accuracy over seeds: **{cell([r['test_acc'] for r in runs], n_seeds)}**"]
+        return doc + ["_No finished centralized run._", ""]
+    chosen = group(runs, lambda r: tuple(r["best"][k] for k in ("lr", "momentum", "wd", "scheduler")))
+    doc.append(Table("Centralized linear probe: chosen hyperparameters, accuracy (%) of the best-validation head",
+                     ["lr", "momentum", "wd", "scheduler", "best epoch", "val acc", "test acc"],
+                     [[f"{lr:g}", f"{m:g}", f"{wd:g}", s, Stat([r["best_epoch"] for r in rs], 1, 1),
+                       acc(rs, "val_acc"), acc(rs)] for (lr, m, wd, s), rs in chosen.items()],
+                     [None] * 5 + ["max", "max"]))
+    for file, cols, title in [("grid.csv", ["lr", "momentum", "wd", "scheduler"],
+                               "Grid search (centralized): validation accuracy (%), best epoch with early stopping"),
+                              ("schedulers.csv", ["scheduler"],
+                               "Learning-rate schedulers (centralized): validation accuracy (%) at the chosen "
+                               "hyperparameters")]:
+        rows = group([row for r in runs for row in read_table(os.path.join(r["dir"], file), cols + ["best_val_acc"])],
+                     lambda row: tuple(row[c] for c in cols))
+        rows = sorted(rows.items(), key=lambda kv: -statistics.mean(row["best_val_acc"] for row in kv[1]))
+        if rows:
+            doc.append(Table(title, cols + ["val acc"], [[*key, Stat([g["best_val_acc"] for g in rs])]
+                                                         for key, rs in rows], [None] * len(cols) + ["max"]))
+    return doc
 
-    grid = group([row for r in runs for row in read_csv(os.path.join(r["dir"], "grid.csv"))],
-                 lambda row: (row["lr"], row["momentum"], row["wd"], row["scheduler"]))
-    if grid:
-        rows = sorted(grid.items(), key=lambda kv: -mean([float(g["best_val_acc"]) for g in kv[1]]))
-        out += ["", "### Grid search (validation accuracy, %, best epoch with early stopping)", "",
-                md_table(["lr", "momentum", "wd", "scheduler", "val acc"],
-                         [[*key, cell([float(g["best_val_acc"]) for g in rs], n_seeds)] for key, rs in rows])]
-    scheds = group([row for r in runs for row in read_csv(os.path.join(r["dir"], "schedulers.csv"))],
-                   lambda row: row["scheduler"])
-    if scheds:
-        rows = sorted(scheds.items(), key=lambda kv: -mean([float(s["best_val_acc"]) for s in kv[1]]))
-        out += ["", "### Learning-rate schedulers (validation accuracy, %, with the chosen hyperparameters)", "",
-                md_table(["scheduler", "val acc"],
-                         [[name, cell([float(s["best_val_acc"]) for s in rs], n_seeds)] for name, rs in rows])]
+
+def editing_doc(runs, out_dir):
+    doc, plots = ["## Model editing", ""], []
+    if not runs:
+        return doc + ["_No finished editing run._", ""], plots
+    doc += ["Test accuracy (%) after sparse fine-tuning (last epoch).", ""]
+    heads = group(runs, lambda r: (r.get("head"), r.get("score")))
+    for i, ((head, score), hr) in enumerate(heads.items()):  # plots: the first head only
+        on = f"head {head}, {score} score"
+        warm = {r["seed"]: r["warmup_test_acc"] for r in hr}  # one warm-up per seed, shared by its runs
+        doc += [f"Before editing ({on}: the warmed-up head, frozen backbone): {Stat(warm.values()).text()}.", ""]
+        least = group([r for r in hr if r["rule"] == "least-sensitive"], lambda r: (r["sparsity"], r["calib_rounds"]))
+        sparsities, rounds = sorted({s for s, _ in least}), sorted({n for _, n in least})
+        if least:
+            doc.append(sparsity_table(f"Sparsity × calibration rounds in model editing (least-sensitive mask; {on})",
+                                      least))
+        if len(sparsities) > 1 and i == 0:
+            path = os.path.join(out_dir, "editing_sparsity.png")
+            common.plot_lines(path, {f"{n} calibration round{'s' * (n != 1)}":
+                                     ([s for s in sparsities if (s, n) in least],
+                                      [acc(least[(s, n)]).mean() for s in sparsities if (s, n) in least])
+                                     for n in rounds},
+                              "sparsity (fraction of backbone weights frozen)", "test accuracy",
+                              "Model editing: sparsity × calibration rounds")
+            plots.append(path)
+        labels, values = [], []
+        settings = group(hr, lambda r: (r["sparsity"], r["calib_rounds"]))
+        for (s, n), rs in settings.items():  # mask rules: every setting more than one rule ran at
+            rules = group(sorted(rs, key=lambda r: rule_order(r["rule"])), lambda r: r["rule"])
+            if len(rules) < 2:
+                continue
+            doc.append(Table(f"Mask rules in model editing at sparsity {s:g}, "
+                             f"{n} calibration round{'s' * (n != 1)} ({on})",
+                             ["rule", "test acc (%)", "best val acc (%)", "kept (%)", "changed (%)"],
+                             [[rule, acc(x), acc(x, "best_val_acc"), acc(x, "mask_kept_frac"), acc(x, "changed_frac")]
+                              for rule, x in rules.items()], [None, "max", "max", None, None]))
+            labels += [rule + (f" (s={s:g}, r={n})" if len(settings) > 1 else "") for rule in rules]
+            values += [acc(x).mean() for x in rules.values()]
+        if labels and i == 0:
+            path = os.path.join(out_dir, "editing_rules.png")
+            common.plot_bars(path, labels, values, "test accuracy", "Model editing: mask rules")
+            plots.append(path)
+    return doc, plots
+
+
+# ----------------------------------------------------------------------------- FedAvg tables
+
+def fedavg_doc(runs, central, editing, frac):
+    """The FedAvg tables, and the setups whose split × J table was written (the plots follow those)."""
+    doc = ["## FedAvg", ""]
+    if not runs:
+        return doc + ["_No finished FedAvg run._", ""], []
+    doc += ["Test accuracy (%) of the final global model. Splits: IID, or Nc classes per client. Dense and "
+            "sparse runs are compared only with the same head source (named in each title).", ""]
+    if central:
+        doc += [f"Centralized baseline for reference: {acc(central).text()}.", ""]
+    covered = set()
+    doc += rules_tables(runs, covered) + sparsity_tables(runs, covered)
+    shown = []
+    for key, rs in group(runs, setup).items():
+        js = sorted({r["j"] for r in rs})
+        if len(js) == 1 and key in covered:  # already in a table above
+            continue
+        shown.append(key)
+        splits = sorted({r["split"] for r in rs}, key=split_order)
+        cells = group(rs, lambda r: (r["split"], r["j"]))
+        rounds = {j: "/".join(str(n) for n in sorted({r["rounds"] for r in rs if r["j"] == j})) for j in js}
+        doc.append(Table(f"FedAvg, {setup_name(key)}: test accuracy (%)",
+                         ["split"] + [f"J={j} ({rounds[j]} rounds)" for j in js],
+                         [[s] + [acc(cells.get((s, j), [])) for j in js] for s in splits], [None] + ["max"] * len(js)))
+    doc += six_models_tables(runs, central, editing)
+    doc.append(cost_table(runs, frac))
+    return doc, shown
+
+
+def rules_tables(runs, covered):
+    """Mask rules inside sparse FedAvg: rule × split at each J, with the dense runs of the same head."""
+    out = []
+    sparse = group([r for r in runs if r["mask"] and None not in r["mask"]],
+                   lambda r: (setup(r)[:6], r["mask"][1:], r["j"]))
+    for (base, (s, n, by), j), rs in sparse.items():
+        rules = group(sorted(rs, key=lambda r: rule_order(r["mask"][0])), lambda r: r["mask"][0])
+        if len(rules) < 2:
+            continue
+        covered.update(setup(r) for r in rs)
+        dense = [r for r in runs if not r["mask"] and setup(r)[:5] == base[:5] and r["j"] == j]
+        splits = sorted({r["split"] for r in rs}, key=split_order)
+        rows = [[rule] + [acc([r for r in x if r["split"] == sp]) for sp in splits] for rule, x in rules.items()]
+        if dense:
+            rows.append(["dense (no mask)"] + [acc([r for r in dense if r["split"] == sp]) for sp in splits])
+        train, head, k, c, warm, score = base
+        out.append(Table(f"Mask rules inside sparse FedAvg at sparsity {s:g}, {n} calibration rounds ({by}, {score} "
+                         f"score), J={j}; head {head}, K={k}, C={c:g}: test accuracy (%)", ["rule"] + splits, rows,
+                         [None] + ["max"] * len(splits)))
     return out
 
 
-def editing_section(runs, n_seeds, out_dir):
-    if not runs:
-        return ["## Model editing", "", "_No finished editing run._"], []
-    warm = {r["seed"]: r["warmup_test_acc"] for r in runs}  # one warm-up per seed, shared by its runs
-    out, plots = ["## Model editing", "",
-                  "Test accuracy (%) after sparse fine-tuning (last epoch). Before editing (the warmed-up "
-                  f"head, frozen backbone): {cell(list(warm.values()), n_seeds)}."], []
-
-    least = [r for r in runs if r["rule"] == "least-sensitive"]
-    if least:
-        sparsities = sorted({r["sparsity"] for r in least})
-        rounds = sorted({r["calib_rounds"] for r in least})
-        cells = group(least, lambda r: (r["sparsity"], r["calib_rounds"]))
-        out += ["", "### Sparsity × calibration rounds (least-sensitive mask), test accuracy (%)", "",
-                md_table(["sparsity"] + [f"{n} round{'s' * (n > 1)}" for n in rounds],
-                         [[f"{s:g}"] + [cell([r["test_acc"] for r in cells.get((s, n), [])], n_seeds)
-                                        for n in rounds] for s in sparsities])]
-        if len(sparsities) > 1:
-            path = os.path.join(out_dir, "editing_sparsity.png")
-            C.plot_lines(path, {f"{n} calibration round{'s' * (n > 1)}":
-                                ([s for s in sparsities if (s, n) in cells],
-                                 [mean([r["test_acc"] for r in cells[(s, n)]]) for s in sparsities if (s, n) in cells])
-                                for n in rounds},
-                         "sparsity (fraction of backbone weights frozen)", "test accuracy",
-                         "Model editing: sparsity × calibration rounds")
-            plots.append(path)
-
-    # Mask rules: every (sparsity, rounds) setting that more than one rule was run at.
-    settings = group(runs, lambda r: (r["sparsity"], r["calib_rounds"]))
-    labels, values = [], []
-    for (s, n), rs in settings.items():
-        rules = group(sorted(rs, key=lambda r: C.MASK_RULES.index(r["rule"])), lambda r: r["rule"])
-        if len(rules) < 2:
+def sparsity_tables(runs, covered):
+    """Sparsity × calibration rounds inside sparse FedAvg, at each non-IID split and J that has several."""
+    out = []
+    sparse = group([r for r in runs if r["mask"] and None not in r["mask"] and not r["iid"]],
+                   lambda r: (setup(r)[:6], r["mask"][0], r["mask"][3], r["split"], r["j"]))
+    for (base, rule, by, split, j), rs in sparse.items():
+        cells = group(rs, lambda r: r["mask"][1:3])
+        if len(cells) < 2:
             continue
-        out += ["", f"### Mask rules at sparsity {s:g}, {n} calibration round{'s' * (n > 1)}", "",
-                md_table(["rule", "test acc", "best val acc", "kept %", "changed %"],
-                         [[rule, cell([r["test_acc"] for r in x], n_seeds),
-                           cell([r["best_val_acc"] for r in x], n_seeds),
-                           f"{100 * mean([r['mask_kept_frac'] for r in x]):.2f}",
-                           f"{100 * mean([r['changed_frac'] for r in x]):.2f}"] for rule, x in rules.items()])]
-        suffix = f" (s={s:g}, r={n})" if len(settings) > 1 else ""
-        labels += [rule + suffix for rule in rules]
-        values += [mean([r["test_acc"] for r in x]) for x in rules.values()]
-    if labels:
-        path = os.path.join(out_dir, "editing_rules.png")
-        C.plot_bars(path, labels, values, "test accuracy", "Model editing: mask rules")
-        plots.append(path)
-    return out, plots
+        covered.update(setup(r) for r in rs)
+        out.append(sparsity_table(f"Sparsity × calibration rounds inside sparse FedAvg ({rule}, {by} calibration, "
+                                  f"{base[5]} score) at {split}, J={j}; head {base[1]}, K={base[2]}, C={base[3]:g}",
+                                  cells))
+    return out
 
 
-def fedavg_section(runs, n_seeds, out_dir, root, central):
-    if not runs:
-        return ["## FedAvg", "", "_No finished FedAvg run._"], []
-    out, plots = ["## FedAvg", "", "Test accuracy (%) of the final global model. Rows: how the training set is "
-                                   "split over the clients; columns: local steps J per round."], []
-    if central:
-        out += ["", f"Centralized baseline for reference: {cell([r['test_acc'] for r in central], n_seeds)}."]
-
-    def order(name):  # IID first, then Nc from many classes per client to one
-        return (0, 0) if name == "IID" else (1, -int(name.split("=")[1]))
-
-    setups = group(runs, lambda r: (r["sparse"], mask_name(r, root), r["k"], r["c"], r["train"],
-                                    r.get("warmup_rounds") or 0))
-    for (sparse, mask, k, c, train, warm), rs in setups.items():
-        title = f"{'sparse' if sparse else 'dense'}" + (f" (mask: {mask})" if mask else "") + \
-                f", K={k}, C={c:g}, train {train}" + (f", {warm} head warm-up rounds" if warm else "")
-        js = sorted({r["j"] for r in rs})
-        rounds = {j: sorted({r["rounds"] for r in rs if r["j"] == j}) for j in js}
-        splits = sorted({split_name(r) for r in rs}, key=order)
-        cells = group(rs, lambda r: (split_name(r), r["j"]))
-        out += ["", f"### FedAvg, {title}", "",
-                md_table(["split"] + [f"J={j} ({'/'.join(map(str, rounds[j]))} rounds)" for j in js],
-                         [[name] + [cell([r["test_acc"] for r in cells.get((name, j), [])], n_seeds) for j in js]
-                          for name in splits])]
-        tag = "sparse" if sparse else "dense"
-        if sum(1 for key in setups if key[0] == sparse) > 1:  # several setups of one kind: tell them apart
-            tag += f"_{list(setups).index((sparse, mask, k, c, train, warm))}"
-        for j in js:
-            series = {name: mean_curve(cells[(name, j)], "metrics.csv", "round", "test_acc")
-                      for name in splits if (name, j) in cells}
-            path = os.path.join(out_dir, f"fedavg_{tag}_j{j}.png")
-            C.plot_lines(path, series, "round", "test accuracy",
-                         f"FedAvg, {'sparse' if sparse else 'dense'}, J={j}: global model")
-            plots.append(path)
-    return out, plots
+def sparsity_table(title, cells):
+    """Test accuracy over sparsity (rows) × calibration rounds (columns); cells: {(sparsity, rounds): runs}."""
+    sparsities, rounds = sorted({s for s, _ in cells}), sorted({n for _, n in cells})
+    return Table(title + ": test accuracy (%)", ["sparsity"] + [f"{n} round{'s' * (n != 1)}" for n in rounds],
+                 [[f"{s:g}"] + [acc(cells.get((s, n), [])) for n in rounds] for s in sparsities],
+                 [None] + ["max"] * len(rounds), "Rows: fraction of backbone weights frozen.")
 
 
-# ----------------------------------------------------------------------------- main
+def main_setups(runs, head):
+    """The dense (train all) and sparse setups of one head with the most (split, J) cells: the ones the
+    six-models table, the heatmap and the agreement plot use."""
+    def best(rs):
+        cells = group(rs, setup)
+        return max(cells, key=lambda k: (len({(r["split"], r["j"]) for r in cells[k]}), len(cells[k]),
+                                         str(k)), default=None)
+    mine = [r for r in runs if r.get("head") == head]
+    sparse = [r for r in mine if r["mask"] and r["mask"][0] in ("least-sensitive", None)] or \
+             [r for r in mine if r["mask"]]
+    return best([r for r in mine if not r["mask"] and r["train"] == "all"]), best(sparse)
 
-def summarize(root):
+
+def six_models_tables(runs, central, editing):
+    """Centralized / FedAvg IID / FedAvg non-IID, each without and with task arithmetic (sparse fine-tuning)."""
+    out = []
+    for head in group(runs, lambda r: r.get("head")):
+        dense, sparse = main_setups(runs, head)
+        js = sorted({r["j"] for r in runs if setup(r) in (dense, sparse)})
+        if not js:  # only head-only runs
+            continue
+        j = 4 if 4 in js else js[0]
+        mask = sparse[6][:3] if sparse else None
+        edits = group([r for r in editing if r.get("head") == head and r["rule"] == "least-sensitive"],
+                      lambda r: (r["rule"], r["sparsity"], r["calib_rounds"]))
+        edit = mask if mask in edits else ("least-sensitive", 0.9, 4) if ("least-sensitive", 0.9, 4) in edits else \
+            max(edits, key=lambda k: len(edits[k]), default=None)
+        fed = [r for r in runs if setup(r) in (dense, sparse) and r["j"] == j]
+        splits = sorted({r["split"] for r in fed}, key=split_order)
+        rows = [["Centralized", acc(central), acc(edits.get(edit, []))]]
+        rows += [[f"FedAvg {s}", acc([r for r in fed if r["split"] == s and setup(r) == dense]),
+                  acc([r for r in fed if r["split"] == s and setup(r) == sparse])] for s in splits]
+        what = lambda m: mask_name(m) if m else "–"
+        out.append(Table(f"The six models (head {head}): test accuracy (%)",
+                         ["model", "without task arithmetic", "with task arithmetic"], rows, [None, "max", "max"],
+                         f"Without: centralized linear probe of the frozen backbone, dense FedAvg. With: sparse "
+                         f"fine-tuning, centralized model editing ({what(edit)}) and sparse FedAvg ({what(mask)}). "
+                         f"FedAvg at J={j}."))
+    return out
+
+
+def cost_table(runs, frac):
+    rows = []
+    for key, rs in sorted(group(runs, setup).items(), key=lambda kv: (kv[0][6] is not None, setup_name(kv[0]))):
+        for (split, j), x in sorted(group(rs, lambda r: (r["split"], r["j"])).items(),
+                                    key=lambda kv: (split_order(kv[0][0]), kv[0][1])):
+            rows.append([setup_name(key), split, j, "/".join(str(n) for n in sorted({r["rounds"] for r in x})),
+                         acc(x), Stat([r["rounds_to_target"] for r in x], 1, 0,
+                                      of=sum(r["target"] is not None for r in x)),
+                         Stat([r.get("comm_values_per_client_round") for r in x], 1e-6, 3),
+                         Stat([r.get("comm_mb_total") for r in x], 1, 1)])
+    return Table(f"FedAvg cost: rounds to {frac:g} × the centralized validation accuracy, communication",
+                 ["run", "split", "J", "rounds", "test acc (%)", "rounds to target", "M values / client / round",
+                  "MB uploaded / run"], rows, [None] * 4 + ["max", "min", None, None],
+                 "Rounds to target: the first round (head warm-up rounds included) whose validation accuracy "
+                 "reaches the target; validation runs every --eval-every rounds. Communication: values one "
+                 "client uploads per round (sparse: masked-in entries only) and the run's total at 4 bytes each.")
+
+
+# ----------------------------------------------------------------------------- plots
+
+def plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    return matplotlib.pyplot
+
+
+def save_fig(fig, path):
+    """Save atomically: a temporary PNG in the same folder, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt().close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def curve(runs, col):
+    """(rounds, mean, sample std) of a metrics.csv column over runs, at the rounds every run has a value at."""
+    per = [{x: y for x, y in zip(r["metrics"]["round"], r["metrics"][col]) if y is not None}
+           for r in runs if r["metrics"]]
+    if not per:
+        return np.array([]), np.array([]), np.array([])
+    xs = sorted(set.intersection(*map(set, per)))
+    ys = np.array([[p[x] for x in xs] for p in per]).reshape(len(per), len(xs))
+    return np.array(xs), ys.mean(0), ys.std(0, ddof=1) if len(per) > 1 else np.zeros(len(xs))
+
+
+def plot_curves(path, by_split, title):
+    fig, ax = plt().subplots(figsize=(6, 4))
+    for split, rs in by_split.items():
+        xs, mean, std = curve(rs, "val_acc")
+        if len(xs):
+            ax.plot(xs, 100 * mean, marker="." if len(xs) < 40 else None, label=f"{split} (n={len(rs)})")
+            ax.fill_between(xs, 100 * (mean - std), 100 * (mean + std), alpha=0.2)
+    ax.set(xlabel="round", ylabel="validation accuracy (%)")
+    ax.set_title(title + "\nline: mean over seeds, band: ± std", fontsize=8)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_fig(fig, path)
+
+
+def plot_heatmap(path, dense, sparse, title):
+    """Final test accuracy over split × J, dense and sparse side by side on one color scale."""
+    splits = sorted({r["split"] for r in dense + sparse}, key=split_order)
+    js = sorted({r["j"] for r in dense + sparse})
+    means = [[[acc([r for r in rs if r["split"] == s and r["j"] == j]).mean() for j in js] for s in splits]
+             for rs in (dense, sparse)]
+    grids = [100 * np.array(m, dtype=float) for m in means]  # None (no run) -> nan
+    lo, hi = np.nanmin(grids), np.nanmax(grids)
+    fig, axes = plt().subplots(1, 2, figsize=(3 + 2.4 * len(js), 1.4 + 0.6 * len(splits)),
+                               squeeze=False, layout="constrained")
+    for ax, g, name in zip(axes[0], grids, ("dense", "sparse")):
+        im = ax.imshow(g, vmin=lo, vmax=hi, cmap="viridis", aspect="auto")
+        ax.set(xticks=range(len(js)), xticklabels=[f"J={j}" for j in js], yticks=range(len(splits)),
+               yticklabels=splits, title=name)
+        for (i, k), v in np.ndenumerate(g):
+            if not math.isnan(v):
+                ax.text(k, i, f"{v:.1f}", ha="center", va="center", color="w" if v < (lo + hi) / 2 else "k", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), label="test accuracy (%)")
+    fig.suptitle(title, fontsize=9)
+    save_fig(fig, path)
+
+
+def smooth(xs, ys):
+    """Moving average over SMOOTH rounds (the curves are noisy round to round); as is when shorter."""
+    if len(ys) < SMOOTH:
+        return xs, ys
+    return xs[SMOOTH - 1:], np.convolve(ys, np.ones(SMOOTH) / SMOOTH, mode="valid")
+
+
+def plot_agreement(path, dense, sparse, title):
+    """Update agreement and update norm per round, one line per (split, dense/sparse), mean over seeds."""
+    fig, axes = plt().subplots(1, 2, figsize=(11, 4), layout="constrained")
+    colors, longest = {}, 0
+    for kind, rs, style in (("dense", dense, "-"), ("sparse", sparse, "--")):
+        for split, x in sorted(group(rs, lambda r: r["split"]).items(), key=lambda kv: split_order(kv[0])):
+            for ax, col in zip(axes, ("agreement", "update_norm")):
+                xs, mean, _ = curve(x, col)
+                longest = max(longest, len(xs))
+                if len(xs):
+                    line, = ax.plot(*smooth(xs, mean), style, color=colors.get(split), label=f"{split}, {kind}")
+                    colors[split] = line.get_color()
+    axes[0].set(ylabel="agreement ‖Σ wᵢΔᵢ‖² / Σ wᵢ‖Δᵢ‖²")
+    axes[1].set(ylabel="mean client update norm ‖Δᵢ‖")
+    for ax in axes:
+        ax.set(xlabel="round", title=f"moving average over {SMOOTH} rounds" if longest >= SMOOTH else "per round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    save_fig(fig, path)
+
+
+def fedavg_plots(runs, shown, out_dir):
+    """Curves for every setup with a split × J table; heatmap and agreement for each head's main setups."""
+    paths, tags = [], {}
+    heads = list(group(runs, lambda r: r.get("head")))
+    mains = {h: main_setups(runs, h) for h in heads}
+    for key in shown:
+        head, mask = key[1], key[6]
+        tag = ("dense" if not mask else "sparse") if key in mains[head] else \
+            ("train-" + key[0] if not mask else "sparse-" + mask_name(mask))
+        tag = re.sub(r"[^A-Za-z0-9._-]+", "-", tag + (f"_head{heads.index(head)}" if head != heads[0] else ""))
+        tags[tag] = tags.get(tag, 0) + 1
+        tag += f"_{tags[tag]}" if tags[tag] > 1 else ""
+        rs = [r for r in runs if setup(r) == key]
+        for j in sorted({r["j"] for r in rs if r["metrics"]}):
+            paths.append(os.path.join(out_dir, f"fedavg_{tag}_j{j}.png"))
+            by_split = group(sorted([r for r in rs if r["j"] == j], key=lambda r: split_order(r["split"])),
+                             lambda r: r["split"])
+            plot_curves(paths[-1], by_split, f"FedAvg J={j}, " + setup_name(key).replace("; ", "\n"))
+    for i, head in enumerate(heads):
+        dense, sparse = ([r for r in runs if setup(r) == k] for k in mains[head])
+        suffix = f"_head{i}" if i else ""
+        if dense and sparse:
+            paths.append(os.path.join(out_dir, f"fedavg_heatmap{suffix}.png"))
+            plot_heatmap(paths[-1], dense, sparse, f"FedAvg final test accuracy (%), head {head}; "
+                                                   f"{setup_name(mains[head][1]).split(';')[0]}")
+        for j in sorted({r["j"] for r in dense + sparse}):
+            at = lambda rs: [r for r in rs if r["j"] == j and r["metrics"] and any(
+                v is not None for v in r["metrics"]["agreement"])]
+            if at(dense) or at(sparse):
+                paths.append(os.path.join(out_dir, f"fedavg_agreement{suffix}_j{j}.png"))
+                plot_agreement(paths[-1], at(dense), at(sparse), f"FedAvg update agreement and norm, J={j}, "
+                                                                 f"head {head}: dense (solid) vs sparse (dashed)")
+    return paths
+
+
+# ----------------------------------------------------------------------------- results.csv and main
+
+def csv_row(r, root):
+    """One results.csv row: what defines the run, and its accuracies in the same columns for every
+    stage: at the best validation epoch/round, and at the last one (centralized.py logs no final
+    validation accuracy; the head it keeps is the best-validation one)."""
+    row = dict.fromkeys(COLUMNS)
+    row.update({k: r.get(k) for k in ("stage", "dataset", "seed", "seconds", "amp", "head", "score")},
+               run=os.path.relpath(r["dir"], root))
+    if r["stage"] == "centralized":
+        row.update({k: r["best"][k] for k in ("lr", "momentum", "wd", "scheduler")})
+        row.update(best_val_acc=r["val_acc"], test_acc_at_best_val=r["test_acc"], final_test_acc=r["final_test_acc"])
+        return row
+    row.update(best_val_acc=r["best_val_acc"], test_acc_at_best_val=r.get("test_acc_at_best_val"),
+               final_val_acc=r["val_acc"], final_test_acc=r["test_acc"])
+    if r["stage"] == "editing":
+        row.update({k: r[k] for k in ("rule", "sparsity", "calib_rounds")})
+        return row
+    row.update({k: r.get(k) for k in ("k", "c", "j", "rounds", "warmup_rounds", "sparse", "train", "split",
+                                      "comm_values_per_client_round", "comm_mb_total", "rounds_to_target")},
+               target_val_acc=r["target"])
+    if r["mask"]:
+        row.update(zip(("rule", "sparsity", "calib_rounds"), r["mask"][:3]),
+                   mask=os.path.relpath(r["mask_file"], root) if r["mask_file"] else "federated")
+    return row
+
+
+def summarize(root, target=0.9):
     runs = load_runs(root)
+    add_rounds_to_target(runs, target)
     out_dir = os.path.join(root, "summary")
     os.makedirs(out_dir, exist_ok=True)
-    rows = [csv_row(r, root) for r in runs]
+    rows, path = [csv_row(r, root) for r in runs], os.path.join(out_dir, "results.csv")
     if rows:
-        C.write_csv(rows, os.path.join(out_dir, "results.csv"))
-    else:
-        C.atomic_write_text(",".join(COLUMNS) + "\n", os.path.join(out_dir, "results.csv"))
+        common.write_csv(rows, path)
+    else:  # write_csv takes its header from the rows
+        common.atomic_write_text(",".join(COLUMNS) + "\n", path)
 
     by_stage = {s: [r for r in runs if r["stage"] == s] for s in STAGES}
     seeds = sorted({r["seed"] for r in runs})
     datasets = sorted({r["dataset"] for r in runs})
-    hours = sum(r["seconds"] for r in runs) / 3600
-    report = ["# Results", "",
-              f"{len(runs)} finished runs under `{root}` ({', '.join(f'{s}: {len(by_stage[s])}' for s in STAGES)}), "
-              f"seeds {', '.join(map(str, seeds)) or '–'}, dataset {', '.join(datasets) or '–'}, "
-              f"{hours:.2f} h of run time."]
-    if len(seeds) > 1:
-        report += ["", f"Cells are mean ± sample std over the {len(seeds)} seeds; (n=...) marks a cell "
-                       "with fewer finished seeds."]
+    doc = ["# Results", "",
+           f"{len(runs)} finished runs under `{root}` ({', '.join(f'{s}: {len(by_stage[s])}' for s in STAGES)}), "
+           f"seeds {', '.join(map(str, seeds)) or '–'}, dataset {', '.join(datasets) or '–'}, "
+           f"{sum(r['seconds'] for r in runs) / 3600:.2f} h of run time. Cells: mean ± sample std over seeds, "
+           "(n=...) the number of seeds. Every run, with best-validation and final accuracies, rounds to target "
+           "and communication: `results.csv`; these tables in LaTeX: `tables.tex`.", ""]
     if "synthetic" in datasets:
-        report += ["", "**Synthetic data: these numbers say nothing about CIFAR-100.**"]
-    report += ["", "Every run, with best-validation and final accuracies and wall time: `results.csv`."]
-
-    report += [""] + centralized_section(by_stage["centralized"], len(seeds))
-    section, plots = editing_section(by_stage["editing"], len(seeds), out_dir)
-    report += [""] + section
-    section, more = fedavg_section(by_stage["fedavg"], len(seeds), out_dir, root, by_stage["centralized"])
-    report += [""] + section
-    plots += more
+        doc += ["**Synthetic data: these numbers say nothing about CIFAR-100.**", ""]
+    doc += centralized_doc(by_stage["centralized"])
+    section, plots = editing_doc(by_stage["editing"], out_dir)
+    section2, shown = fedavg_doc(by_stage["fedavg"], by_stage["centralized"], by_stage["editing"], target)
+    plots += fedavg_plots(by_stage["fedavg"], shown, out_dir)
+    doc += section + section2
     if plots:
-        report += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
-    C.atomic_write_text("\n".join(report) + "\n", os.path.join(out_dir, "report.md"))
-    print(f"{len(runs)} runs summarized: {out_dir}/report.md, results.csv and {len(plots)} plots")
+        doc += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    md, tex = render(doc)
+    common.atomic_write_text(md, os.path.join(out_dir, "report.md"))
+    common.atomic_write_text(tex, os.path.join(out_dir, "tables.tex"))
+    print(f"{len(runs)} runs summarized: {out_dir}/report.md, tables.tex, results.csv and {len(plots)} plots")
+
+
+def fraction(s):
+    v = float(s)
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {s}")
+    return v
 
 
 def main(argv=None):
-    p = C.Parser(description=__doc__.split("\n")[0])
+    p = common.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("root", help="results root, e.g. run_all.sh's $RESULTS (default there: ./runs)")
+    p.add_argument("--target", type=fraction, default=0.9,
+                   help="rounds to target: the first FedAvg round whose validation accuracy reaches this fraction "
+                        "of the centralized validation accuracy of the same seed (of the mean over the centralized "
+                        "runs when that seed has none)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.root):
-        raise C.UserError(f"{args.root} is not a directory")
-    summarize(args.root)
+        raise common.UserError(f"{args.root} is not a directory")
+    try:
+        summarize(args.root, args.target)
+    except OSError as e:  # e.g. a read-only results root
+        raise common.UserError(f"cannot write the summary: {e}")
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    common.run_main(main)

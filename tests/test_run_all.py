@@ -1,17 +1,15 @@
-"""run_all.sh and summarize.py: the grid it lists, a quick study end to end, SLURM submission,
-the stage barrier, bad input; summarize.py's tables over seeds."""
+"""run_all.sh: the grid it lists, a quick study end to end, SLURM submission, the stage barrier,
+bad input. (summarize.py on its own: test_summarize.py.)"""
 import csv
 import json
 import os
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 
 import pytest
 
-import summarize
 from conftest import ROOT, TINY
 from helpers import assert_usage_error
 
@@ -288,47 +286,3 @@ def test_slurm_without_sbatch_is_refused(tmp_path):
     results = tmp_path / "runs"
     assert "sbatch" in assert_usage_error(run_all("--slurm", results=results, env={"PATH": path}))
     assert not results.exists()
-
-
-# ----------------------------------------------------------------------------- summarize.py
-
-def fake_run(root, stage, name, seed, **result):
-    d = root / stage / name / f"seed{seed}"
-    d.mkdir(parents=True)
-    (d / "result.json").write_text(json.dumps(dict(stage=stage, dataset="cifar100", seed=seed, seconds=10.0,
-                                                   **result)))
-    return d
-
-
-def test_summary_averages_over_seeds_and_says_what_is_missing(tmp_path):
-    accs = {}
-    for seed, (e, f) in enumerate([(0.50, 0.30), (0.70, 0.40)]):
-        fake_run(tmp_path, "editing", "least-sensitive_s0.9_r4", seed, rule="least-sensitive", sparsity=0.9,
-                 calib_rounds=4, mask_file=None, mask_kept_frac=0.1, changed_frac=0.1, warmup_val_acc=0.4,
-                 warmup_test_acc=0.4, val_acc=e, test_acc=e, best_val_acc=e, best_epoch=3, test_acc_at_best_val=e)
-        d = fake_run(tmp_path, "fedavg", "nc5_j8_dense", seed, k=100, c=0.1, j=8, rounds=150, iid=False, nc=5,
-                     train="all", sparse=False, rule=None, sparsity=None, mask_file=None, val_acc=f, test_acc=f,
-                     best_val_acc=f, best_round=150, test_acc_at_best_val=f)
-        (d / "metrics.csv").write_text(f"round,train_loss,val_loss,val_acc,test_loss,test_acc\n"
-                                       f"75,1,1,{f / 2},1,{f / 2}\n150,1,1,{f},1,{f}\n")
-        accs.setdefault("editing", []).append(e)
-        accs.setdefault("fedavg", []).append(f)
-    summarize.main([str(tmp_path)])
-
-    report = (tmp_path / "summary" / "report.md").read_text()
-    for stage in ("editing", "fedavg"):
-        v = accs[stage]
-        assert f"{100 * statistics.mean(v):.2f} ± {100 * statistics.stdev(v):.2f}" in report
-    assert "_No finished centralized run._" in report
-    assert "| Nc=5 |" in report and "J=8 (150 rounds)" in report
-    assert (tmp_path / "summary" / "fedavg_dense_j8.png").is_file()
-    with open(tmp_path / "summary" / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and [r["seed"] for r in rows if r["stage"] == "fedavg"] == ["0", "1"]
-    assert {r["split"] for r in rows if r["stage"] == "fedavg"} == {"Nc=5"}
-
-
-def test_summarize_refuses_a_missing_root(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "summarize.py"), str(tmp_path / "nope")],
-                          capture_output=True, text=True)
-    assert "not a directory" in assert_usage_error(proc)

@@ -1,0 +1,412 @@
+"""summarize.py on fake results roots (result.json, metrics.csv as CONTRACT.md has them; no script runs):
+the tables over seeds, rounds to target, communication, LaTeX, plots, and bad runs left out."""
+import csv
+import json
+import re
+import shutil
+import statistics
+import subprocess
+
+import pytest
+
+import summarize
+
+# ----------------------------------------------------------------------------- a fake results root
+
+BASE = {
+    "centralized": dict(best=dict(lr=0.1, momentum=0.9, wd=0.0, scheduler="cosine"), best_epoch=5, epochs_run=10,
+                        test_loss=1.0),
+    "editing": dict(rule="least-sensitive", sparsity=0.9, calib_rounds=4, mask_file=None, head="ridge",
+                    score="logit", mask_kept_frac=0.1, changed_frac=0.05, warmup_val_acc=0.4, warmup_test_acc=0.4,
+                    best_epoch=3),
+    "fedavg": dict(k=100, c=0.1, j=4, rounds=300, warmup_rounds=0, iid=False, nc=5, train="all", sparse=False,
+                   head="ridge", score="logit", rule=None, sparsity=None, calib_rounds=None, mask_file=None,
+                   test_loss=1.0, best_round=300, clients_per_round=10, comm_values_per_client_round=1000,
+                   comm_mb_total=12.0),
+}
+ACC_KEYS = {"centralized": ["val_acc", "test_acc", "final_test_acc"],  # exactly CONTRACT.md's, per stage
+            "editing": ["val_acc", "test_acc", "best_val_acc", "test_acc_at_best_val"],
+            "fedavg": ["val_acc", "test_acc", "best_val_acc"]}
+
+
+def write_run(root, stage, name, seed, acc, curve=None, **fields):
+    """A finished run: config.json, result.json (accuracy fields all `acc`) and, given curve
+    {round: val_acc}, a FedAvg metrics.csv with one row per round."""
+    d = root / stage / name / f"seed{seed}"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    result = dict(BASE[stage], stage=stage, dataset="cifar100", seed=seed, seconds=10.0, amp="bf16",
+                  **dict.fromkeys(ACC_KEYS[stage], acc))
+    result.update(fields)
+    (d / "result.json").write_text(json.dumps(result))
+    if curve:
+        last = max(curve)
+        with open(d / "metrics.csv", "w") as f:
+            f.write("round,train_loss,update_norm,agreement,val_loss,val_acc,test_loss,test_acc\n")
+            for x in range(1, last + 1):
+                v = curve.get(x, "")
+                f.write(f"{x},1.0,{0.5 + seed},{0.2 + 0.1 * seed},{'' if v == '' else 1},{v},,\n")
+    return d
+
+
+def fed(root, split, j, seed, acc, mask=None, curve=None, **fields):
+    """A FedAvg run; mask=(rule, sparsity, rounds) makes it sparse with the mask of that editing run."""
+    nc = None if split == "iid" else int(split[2:])
+    kind = "dense"
+    if mask:
+        rule, s, r = mask
+        kind = f"sparse-{rule}_s{s}_r{r}"
+        mask_file = root / "editing" / f"{rule}_s{s}_r{r}" / f"seed{seed}" / "mask.pt"
+        fields = dict(dict(sparse=True, rule=rule, sparsity=s, calib_rounds=r, mask_file=str(mask_file)), **fields)
+    return write_run(root, "fedavg", f"{split}_j{j}_{kind}", seed, acc, curve or {1: acc / 2, 2: acc}, j=j,
+                     iid=split == "iid", nc=nc, **fields)
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Tables only: drawing PNGs takes most of summarize.py's time (test_plots_... draws them)."""
+    monkeypatch.setattr(summarize, "fedavg_plots", lambda *a: [])
+    monkeypatch.setattr(summarize.common, "plot_lines", lambda *a: None)
+    monkeypatch.setattr(summarize.common, "plot_bars", lambda *a: None)
+
+
+def summarize_root(root, *flags):
+    summarize.main([str(root), *flags])
+    out = root / "summary"
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    return rows, (out / "report.md").read_text(), (out / "tables.tex").read_text()
+
+
+def md_tables(report):
+    """{title: {first cell: [other cells]}} of every table in report.md."""
+    tables, title = {}, None
+    for line in report.splitlines():
+        if line.startswith("### "):
+            title = line[4:]
+            tables[title] = {}
+        elif line.startswith("| ") and title and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            tables[title][cells[0]] = cells[1:]
+    return tables
+
+
+def table(report, start):
+    found = [t for title, t in md_tables(report).items() if title.startswith(start)]
+    assert len(found) == 1, (start, list(md_tables(report)))
+    return found[0]
+
+
+def pm(*accs):
+    """A report cell of accuracies (fractions): mean ± std (n=...)."""
+    m = f"{100 * statistics.mean(accs):.2f}"
+    return m + (f" ± {100 * statistics.stdev(accs):.2f}" if len(accs) > 1 else "") + f" (n={len(accs)})"
+
+
+# ----------------------------------------------------------------------------- tables over seeds
+
+def test_summary_averages_over_seeds_and_says_what_is_missing(tmp_path):
+    for seed, (e, f) in enumerate([(0.50, 0.30), (0.70, 0.40)]):
+        write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", seed, e)
+        fed(tmp_path, "nc5", 8, seed, f, rounds=150)
+    rows, report, _ = summarize_root(tmp_path)
+
+    assert table(report, "Sparsity × calibration rounds in model editing")["0.9"] == [pm(0.5, 0.7)]
+    assert table(report, "FedAvg, dense")["Nc=5"] == [pm(0.3, 0.4)]
+    assert "| split | J=8 (150 rounds) |" in report
+    assert "_No finished centralized run._" in report
+    assert (tmp_path / "summary" / "fedavg_dense_j8.png").is_file()
+    assert len(rows) == 4 and [r["seed"] for r in rows if r["stage"] == "fedavg"] == ["0", "1"]
+    assert {r["split"] for r in rows if r["stage"] == "fedavg"} == {"Nc=5"}
+
+
+def study(root):
+    """Two seeds of a small study: centralized, editing (rules, sparsity), dense and sparse FedAvg over
+    IID/Nc=5 × J=4/8, a second rule and a sparsity ablation inside FedAvg at Nc=5. Test accuracies
+    are distinct per cell so that a table that picks the wrong runs shows other numbers."""
+    for seed in (0, 1):
+        d = 0.01 * seed
+        write_run(root, "centralized", "grid_compare", seed, 0.80 + d)
+        for rule, s, r, a in [("least-sensitive", 0.9, 4, 0.70), ("most-sensitive", 0.9, 4, 0.60),
+                              ("least-sensitive", 0.5, 4, 0.72), ("least-sensitive", 0.9, 1, 0.68)]:
+            write_run(root, "editing", f"{rule}_s{s}_r{r}", seed, a + d, rule=rule, sparsity=s, calib_rounds=r)
+        for split, base in [("iid", 0.60), ("nc5", 0.40)]:
+            for j, dj in [(4, 0.0), (8, 0.05)]:
+                fed(root, split, j, seed, base + dj + d)
+                fed(root, split, j, seed, base + dj + d + 0.02, mask=("least-sensitive", 0.9, 4),
+                    comm_values_per_client_round=100, comm_mb_total=1.2)
+            fed(root, split, 4, seed, base + d + 0.01, mask=("most-sensitive", 0.9, 4))
+        fed(root, "nc5", 4, seed, 0.30 + d, mask=("least-sensitive", 0.5, 4))
+        fed(root, "nc5", 4, seed, 0.31 + d, mask=("least-sensitive", 0.9, 1))
+
+
+def test_every_table_of_the_study_picks_its_runs(tmp_path, no_plots):
+    study(tmp_path)
+    rows, report, _ = summarize_root(tmp_path)
+    assert len(rows) == 2 * (1 + 4 + 12)
+
+    six = table(report, "The six models (head ridge)")
+    assert six == {"model": ["without task arithmetic", "with task arithmetic"],
+                   "Centralized": [pm(0.80, 0.81), pm(0.70, 0.71)],  # linear probe; editing s=0.9 r=4
+                   "FedAvg IID": [pm(0.60, 0.61), pm(0.62, 0.63)],  # J=4, least-sensitive s=0.9 r=4
+                   "FedAvg Nc=5": [pm(0.40, 0.41), pm(0.42, 0.43)]}
+
+    rules = table(report, "Mask rules inside sparse FedAvg at sparsity 0.9, 4 calibration rounds (central, logit "
+                          "score), J=4")
+    assert rules == {"rule": ["IID", "Nc=5"], "least-sensitive": [pm(0.62, 0.63), pm(0.42, 0.43)],
+                     "most-sensitive": [pm(0.61, 0.62), pm(0.41, 0.42)],
+                     "dense (no mask)": [pm(0.60, 0.61), pm(0.40, 0.41)]}
+    ablation = table(report, "Sparsity × calibration rounds inside sparse FedAvg (least-sensitive, central "
+                             "calibration, logit score) at Nc=5, J=4")
+    assert ablation == {"sparsity": ["1 round", "4 rounds"], "0.5": ["–", pm(0.30, 0.31)],
+                        "0.9": [pm(0.31, 0.32), pm(0.42, 0.43)]}
+
+    dense = table(report, "FedAvg, dense; head ridge")
+    assert dense == {"split": ["J=4 (300 rounds)", "J=8 (300 rounds)"], "IID": [pm(0.60, 0.61), pm(0.65, 0.66)],
+                     "Nc=5": [pm(0.40, 0.41), pm(0.45, 0.46)]}
+    assert table(report, "FedAvg, sparse, least-sensitive s=0.9 r=4")["Nc=5"] == [pm(0.42, 0.43), pm(0.47, 0.48)]
+    # a setup with one J that a table above already shows gets no split × J table of its own
+    assert not [t for t in md_tables(report) if t.startswith("FedAvg, sparse, most-sensitive")]
+
+    # one warm-up per seed, shared by that seed's four editing runs: n counts seeds
+    assert "Before editing (head ridge, logit score: the warmed-up head, frozen backbone): 40.00 ± 0.00 (n=2)." \
+        in report
+    editing_rules = table(report, "Mask rules in model editing at sparsity 0.9, 4 calibration rounds")
+    assert editing_rules["most-sensitive"][0] == pm(0.60, 0.61)
+    assert table(report, "Centralized linear probe")["0.1"][-1] == pm(0.80, 0.81)
+
+    csv_sparse = [r for r in rows if r["run"].startswith("fedavg/nc5_j4_sparse-least-sensitive_s0.9_r4")]
+    assert [(r["rule"], r["sparsity"], r["calib_rounds"], r["head"], r["score"], r["amp"]) for r in csv_sparse] == \
+        [("least-sensitive", "0.9", "4", "ridge", "logit", "bf16")] * 2
+    assert csv_sparse[0]["mask"] == "editing/least-sensitive_s0.9_r4/seed0/mask.pt"
+
+
+def test_the_mask_comes_from_its_editing_run_and_heads_are_never_mixed(tmp_path, no_plots):
+    # the FedAvg result.json says nothing of the mask (mask_file given): the editing run tells
+    write_run(tmp_path, "editing", "most-sensitive_s0.5_r2", 0, 0.5, rule="most-sensitive", sparsity=0.5,
+              calib_rounds=2)
+    fed(tmp_path, "nc5", 4, 0, 0.3, mask=("most-sensitive", 0.5, 2), rule=None, sparsity=None, calib_rounds=None)
+    fed(tmp_path, "nc5", 4, 0, 0.2, head="warmup")  # dense, another head
+    fed(tmp_path, "nc5", 4, 0, 0.25, mask=("least-sensitive", 0.9, 4), mask_file=None)  # federated calibration
+    rows, report, _ = summarize_root(tmp_path)
+    assert table(report, "FedAvg, sparse, most-sensitive s=0.5 r=2, central calibration")["Nc=5"] == [pm(0.3)]
+    assert table(report, "FedAvg, sparse, least-sensitive s=0.9 r=4, federated calibration")["Nc=5"] == [pm(0.25)]
+    # the dense run of head "warmup" is not the sparse runs' (ridge) reference
+    assert table(report, "The six models (head ridge)")["FedAvg Nc=5"][0] == "–"
+    assert table(report, "The six models (head warmup)")["FedAvg Nc=5"] == [pm(0.2), "–"]
+    sparse = {r["mask"]: r for r in rows if r["stage"] == "fedavg" and r["sparse"] == "True"}
+    assert sparse["federated"]["calib_rounds"] == "4"
+    assert sparse["editing/most-sensitive_s0.5_r2/seed0/mask.pt"]["rule"] == "most-sensitive"
+
+
+def test_the_six_models_take_the_editing_run_whose_mask_sparse_fedavg_used(tmp_path, no_plots):
+    write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", 0, 0.70)  # the usual default, not used here
+    write_run(tmp_path, "editing", "least-sensitive_s0.5_r2", 0, 0.55, sparsity=0.5, calib_rounds=2)
+    fed(tmp_path, "nc5", 4, 0, 0.4)
+    fed(tmp_path, "nc5", 4, 0, 0.45, mask=("least-sensitive", 0.5, 2))
+    _, report, _ = summarize_root(tmp_path)
+    assert table(report, "The six models")["Centralized"] == ["–", pm(0.55)]
+    assert table(report, "The six models")["FedAvg Nc=5"] == [pm(0.4), pm(0.45)]
+
+
+# ----------------------------------------------------------------------------- rounds to target, communication
+
+def test_rounds_to_target_per_seed_else_the_mean_and_not_reached(tmp_path, capsys, no_plots):
+    write_run(tmp_path, "centralized", "grid_compare", 0, 0.80)
+    write_run(tmp_path, "centralized", "grid_compare", 2, 0.60)
+    curve = {20: 0.65, 40: 0.73, 60: 0.70}
+    fed(tmp_path, "nc5", 4, 0, 0.7, curve=curve)  # target 0.9 × 0.80 = 0.72: round 40
+    fed(tmp_path, "nc5", 4, 1, 0.7, curve=curve)  # no seed 1: 0.9 × mean(0.80, 0.60) = 0.63: round 20
+    fed(tmp_path, "iid", 4, 0, 0.7, curve={20: 0.5, 40: 0.71})  # never 0.72: not reached
+    broken = fed(tmp_path, "iid", 4, 1, 0.7)
+    (broken / "metrics.csv").write_text("round,val_acc\n1,0.5\nx,0.7\n")
+    rows, report, _ = summarize_root(tmp_path)
+
+    got = {r["run"]: (r["target_val_acc"], r["rounds_to_target"]) for r in rows if r["stage"] == "fedavg"}
+    assert got == {"fedavg/nc5_j4_dense/seed0": ("0.72", "40"), "fedavg/nc5_j4_dense/seed1": ("0.63", "20"),
+                   "fedavg/iid_j4_dense/seed0": ("0.72", ""), "fedavg/iid_j4_dense/seed1": ("", "")}
+    cost = table(report, "FedAvg cost: rounds to 0.9")
+    assert cost["dense; head ridge, K=100, C=0.1"][4] == "30 ± 14 (2/2 reached)"
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and str(broken / "metrics.csv") in warnings[0]
+
+    rows, report, _ = summarize_root(tmp_path, "--target", "0.5")  # 0.40 and 0.35: round 20 everywhere
+    assert {r["rounds_to_target"] for r in rows if r["stage"] == "fedavg"} == {"20", ""}
+    assert "| 20 ± 0 (2/2 reached) |" in report and "FedAvg cost: rounds to 0.5" in report
+
+
+def test_without_a_centralized_run_rounds_to_target_is_not_computed(tmp_path, no_plots):
+    fed(tmp_path, "nc5", 4, 0, 0.7)
+    rows, report, _ = summarize_root(tmp_path)
+    assert (rows[0]["target_val_acc"], rows[0]["rounds_to_target"]) == ("", "")
+    assert table(report, "FedAvg cost")["dense; head ridge, K=100, C=0.1"][4] == "–"
+
+
+def test_communication_is_read_from_result_json(tmp_path, no_plots):
+    write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", 0, 0.6)
+    fed(tmp_path, "nc5", 4, 0, 0.5, comm_values_per_client_round=21_000_000, comm_mb_total=25200.0)
+    fed(tmp_path, "nc5", 4, 0, 0.5, mask=("least-sensitive", 0.9, 4), comm_values_per_client_round=2_100_000,
+        comm_mb_total=2520.0)
+    rows, report, _ = summarize_root(tmp_path)
+    assert sorted((r["comm_values_per_client_round"], r["comm_mb_total"]) for r in rows if r["stage"] == "fedavg") \
+        == [("2100000", "2520"), ("21000000", "25200")]
+    cost = [line for line in report.splitlines() if line.startswith("| dense;") or line.startswith("| sparse,")]
+    assert cost[0].endswith("| 21.000 (n=1) | 25200.0 (n=1) |") and cost[1].endswith("| 2.100 (n=1) | 2520.0 (n=1) |")
+
+
+# ----------------------------------------------------------------------------- LaTeX
+
+def check_latex(tex):
+    """A LaTeX-free check: environments balanced, every tabular row has its spec's column count,
+    booktabs rules, unique labels, ASCII only, no unescaped specials in cells."""
+    assert tex.isascii()
+    stack, cols, labels = [], None, []
+    for line in tex.splitlines():
+        if line.startswith("%"):
+            continue
+        for kind, env in re.findall(r"\\(begin|end)\{(\w+)\}", line):
+            if kind == "begin":
+                stack.append(env)
+            else:
+                assert stack.pop() == env, line
+        m = re.match(r"\\begin\{tabular\}\{([lrc]+)\}$", line)
+        if m:
+            cols = len(m.group(1))
+            rules = []
+        elif line in (r"\toprule", r"\midrule", r"\bottomrule"):
+            rules.append(line)
+        elif line == r"\end{tabular}":
+            assert rules == [r"\toprule", r"\midrule", r"\bottomrule"]
+            cols = None
+        elif cols:
+            assert line.endswith(r" \\") and len(re.split(r"(?<!\\)&", line)) == cols, line
+        else:
+            assert not re.search(r"(?<!\\)&", line), line
+        assert not re.search(r"(?<!\\)[_%#]", line), line
+        labels += re.findall(r"\\label\{([^}]*)\}", line)
+    assert not stack and len(labels) == len(set(labels)) > 0
+    assert tex.count(r"\begin{table}") == len(labels) == tex.count(r"\caption{")
+
+
+def test_tables_tex_is_well_formed_escaped_and_bolds_the_best(tmp_path, no_plots):
+    study(tmp_path)
+    fed(tmp_path, "nc5", 4, 5, 0.2, head="runs/my_head%#&.pt")  # a head FILE with LaTeX specials
+    fed(tmp_path, "iid", 8, 5, 0.2, mask=("most-sensitive", 0.9, 4))  # a 2nd rules table, title as J=4's
+    _, report, tex = summarize_root(tmp_path)
+    check_latex(tex)
+    assert tex.count(r"\begin{table}") == len(md_tables(report))
+    assert r"my\_head\%\#\&.pt" in tex
+    dense = tex.split(r"\caption{FedAvg, dense; head ridge")[1].split(r"\end{table}")[0]
+    assert r"IID & \textbf{60.50} $\pm$ 0.71 (n=2) & \textbf{65.50} $\pm$ 0.71 (n=2) \\" in dense
+    assert r"Nc=5 & 40.50 $\pm$ 0.71 (n=2) & 45.50 $\pm$ 0.71 (n=2) \\" in dense
+    cost = tex.split(r"\caption{FedAvg cost")[1].split(r"\end{table}")[0]
+    assert "not reached (n=2)" in cost  # nothing to bold there; communication has no "best"
+    assert cost.count(r"\textbf") == 1 and r"\textbf{67.50}" in cost  # test acc: IID, J=8, sparse
+
+
+
+def test_tables_tex_compiles_if_a_tex_engine_is_here(tmp_path, no_plots):
+    engine = next((e for e in ("pdflatex", "lualatex", "tectonic") if shutil.which(e)), None)
+    if engine is None:
+        pytest.skip("no TeX engine on this machine (the LaTeX-free check above still runs)")
+    study(tmp_path)
+    fed(tmp_path, "nc5", 4, 5, 0.2, head="runs/my_head%#&.pt")
+    summarize_root(tmp_path)
+    doc = tmp_path / "doc.tex"
+    doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+                   f"\\input{{{tmp_path / 'summary' / 'tables.tex'}}}\n\\end{{document}}\n")
+    cmd = [engine, doc.name] if engine == "tectonic" else [engine, "-interaction=nonstopmode", "-halt-on-error",
+                                                           doc.name]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_the_latex_checker_catches_what_it_checks():
+    good = "\\begin{table}\n\\caption{x}\n\\label{tab:a}\n\\begin{tabular}{lr}\n\\toprule\na & b \\\\\n" \
+           "\\midrule\nc & d \\\\\n\\bottomrule\n\\end{tabular}\n\\end{table}"
+    check_latex(good)
+    for bad in (good.replace("c & d", "c & d & e"), good.replace("\\end{table}", ""), good.replace("c & d", "c_1 & d"),
+                good + "\n" + good, good.replace("\\midrule\n", ""), good.replace("a & b", "a × b")):
+        with pytest.raises(AssertionError):
+            check_latex(bad)
+
+
+# ----------------------------------------------------------------------------- plots
+
+def test_plots_heatmap_curves_and_agreement(tmp_path):
+    study(tmp_path)
+    summarize_root(tmp_path)
+    out = tmp_path / "summary"
+    pngs = {p.name for p in out.iterdir() if p.suffix == ".png"}
+    assert {"fedavg_heatmap.png", "fedavg_agreement_j4.png", "fedavg_agreement_j8.png", "fedavg_dense_j4.png",
+            "fedavg_sparse_j8.png", "editing_rules.png"} <= pngs
+    assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == ["report.md", "results.csv", "tables.tex"]
+    report = (out / "report.md").read_text()
+    assert all(f"({p})" in report for p in pngs)
+
+
+def test_curves_average_over_the_rounds_every_seed_has():
+    runs = [{"metrics": {"round": [1, 2, 3], "val_acc": [0.2, None, 0.4]}},
+            {"metrics": {"round": [1, 2, 3], "val_acc": [0.4, 0.5, 0.8]}}, {"metrics": None}]
+    xs, mean, std = summarize.curve(runs, "val_acc")
+    assert list(xs) == [1, 3] and list(mean) == pytest.approx([0.3, 0.6])
+    assert list(std) == pytest.approx([statistics.stdev([0.2, 0.4]), statistics.stdev([0.4, 0.8])])  # as the tables
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_runs_are_left_out_with_one_warning_each(tmp_path, capsys):
+    write_run(tmp_path, "centralized", "grid_compare", 0, 0.8)
+    fed(tmp_path, "nc5", 4, 0, 0.5)
+    bad = {"not_json": "{", "list": "[1]", "binary": b"\xff\xfe\x00", "deep": "[" * 10 ** 5 + "]" * 10 ** 5,
+           "unknown_stage": dict(stage="other"), "missing_key": dict(drop="test_acc"),
+           "wrong_type": dict(test_acc="0.5"), "bool_seed": dict(seed=True), "nc_null": dict(nc=None),
+           "best_not_dict": dict(stage="centralized", best=[0.1])}
+    paths = {}
+    for name, content in bad.items():
+        d = fed(tmp_path, "nc10", 4, 0, 0.4, curve={1: 0.4}, head=name)
+        d = d.rename(d.parent.parent / name)
+        if isinstance(content, dict):
+            r = json.loads((d / "result.json").read_text())
+            r.pop(content.pop("drop", None), None)
+            r.update(content)
+            content = json.dumps(r)
+        (d / "result.json").write_bytes(content if isinstance(content, bytes) else content.encode())
+        paths[name] = d / "result.json"
+    editing = write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", 0, 0.6)
+    fed(tmp_path, "iid", 4, 0, 0.5, mask=("least-sensitive", 0.9, 4))
+    (editing / "result.json").write_text('{"stage": "editing"}')  # corrupt: the editing run and the
+    paths["editing"] = editing / "result.json"                    # sparse run on its mask are left out
+    no_metrics = fed(tmp_path, "nc5", 8, 0, 0.45)
+    (no_metrics / "metrics.csv").unlink()  # kept, without curves: one warning
+    paths["metrics"] = no_metrics / "metrics.csv"
+
+    rows, report, _ = summarize_root(tmp_path)
+    err = capsys.readouterr().err.splitlines()
+    assert all(line.startswith("warning: ") for line in err) and "Traceback" not in "".join(err)
+    assert len(err) == len(paths) + 1, err
+    for name, path in paths.items():  # the editing run's also in the warning of the sparse run on its mask
+        assert sum(str(path) in line for line in err) == 1 + (name == "editing"), (name, err)
+    assert sum("fedavg/iid_j4_sparse" in line and str(paths["editing"]) in line for line in err) == 1
+    assert sorted(r["run"] for r in rows) == ["centralized/grid_compare/seed0", "fedavg/nc5_j4_dense/seed0",
+                                              "fedavg/nc5_j8_dense/seed0"]
+    assert table(report, "FedAvg, dense")["Nc=5"] == [pm(0.5), pm(0.45)]
+
+
+def test_summarize_refuses_a_missing_root(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # what `python summarize.py ROOT` runs, in-process (3 s less)
+        summarize.common.run_main(lambda: summarize.main([str(tmp_path / "nope")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "not a directory" in err
+
+
+def test_target_flag_help_and_bad_value(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        summarize.main(["--help"])
+    assert e.value.code == 0 and "(default: 0.9)" in capsys.readouterr().out
+    for bad in ("0", "-1", "x", "inf"):
+        with pytest.raises(SystemExit) as e:
+            summarize.main([str(tmp_path), "--target", bad])
+        assert e.value.code == 2
+    assert not (tmp_path / "summary").exists()
