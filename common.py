@@ -544,6 +544,20 @@ def backbone_params(model):
 
 # ----------------------------------------------------------------------------- optimizer
 
+def cache_sized_groups(tensors, size=256 * 1024):
+    """Index lists of consecutive tensors of about `size` entries (1 MB of fp32) each. Multi-tensor ops
+    applied group by group find their operands still in the CPU cache from the previous op; over all
+    of a ViT-S at once every op streams 88 MB from memory (measured: 25% slower per pass on one core)."""
+    groups, cur, n = [], [], 0
+    for i, t in enumerate(tensors):
+        cur.append(i)
+        n += t.numel()
+        if n >= size:
+            groups.append(cur)
+            cur, n = [], 0
+    return groups + ([cur] if cur else [])
+
+
 class SparseSGDM(torch.optim.Optimizer):
     """SGD with momentum, dampening, Nesterov and weight decay (same update as torch.optim.SGD)
     where each parameter has a mask: 1/True = may change, 0/False = frozen.
@@ -594,8 +608,8 @@ class SparseSGDM(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                self._update(group, params)
+            for idx in cache_sized_groups(params):
+                self._update(group, [params[i] for i in idx])
         return loss
 
     def _update(self, group, params):

@@ -36,9 +36,10 @@ def get_args(argv=None):
     g.add_argument("--nc", type=int, default=None, help="non-IID: every client holds exactly NC classes")
     g.add_argument("--eval-every", type=C.positive_int, default=20,
                    help="validation accuracy of the global model every N rounds (curves, rounds-to-target); "
-                        "5000 CIFAR images every 20 rounds is ~3%% of a default run's compute")
-    g.add_argument("--test-every", type=C.positive_int, default=100,
-                   help="test accuracy every N rounds, and always after the last round (~1.3%% of the compute)")
+                        "with the test every 300 rounds, evaluation is ~5%% of a default run's time "
+                        "(benchmarks/bench_round.py)")
+    g.add_argument("--test-every", type=C.positive_int, default=300,
+                   help="test accuracy every N rounds, and always after the last round")
     g.add_argument("--ckpt-every", type=C.positive_int, default=5, help="checkpoint every N rounds")
     g = p.add_argument_group("local training")
     g.add_argument("--lr", type=C.nonneg_float, default=0.01,
@@ -219,7 +220,7 @@ def client_update(forward, opt, scaler, batches):
     return total / len(batches[0])
 
 
-def fedavg_round(params, clients, weights, train_client):
+def fedavg_round(params, clients, weights, train_client, global_w=None, update=None):
     """One round. Each sampled client trains in turn from the global weights, then the server adds
     the weighted average of the updates Δ_i = client_i - global to the global weights (in `params`).
 
@@ -227,11 +228,14 @@ def fedavg_round(params, clients, weights, train_client):
     frozen) bit-for-bit the same. The task-arithmetic lens is computed on the way, O(1) extra memory:
     update_norm = mean ||Δ_i||, agreement = ||Σ w_iΔ_i||² / Σ w_i||Δ_i||² (1 when all clients move the
     same way, 1/n for n equally weighted orthogonal updates, 0 when they cancel).
-    Returns (mean client loss, update_norm, agreement) as floats."""
+    `global_w` and `update` are the server's buffers (shaped like params), reused across rounds when
+    given. Returns (mean client loss, update_norm, agreement) as floats."""
     with torch.no_grad():
-        global_w = [p.detach().clone() for p in params]
-        update = [torch.zeros_like(p) for p in params]
-    groups = cache_sized_groups(params)
+        if global_w is None:
+            global_w, update = [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(global_w, params)
+        torch._foreach_zero_(update)
+    groups = C.cache_sized_groups(params)
     losses, sq_norms = [], []
     for client, w in zip(clients, weights):
         losses.append(train_client(client))
@@ -251,51 +255,45 @@ def fedavg_round(params, clients, weights, train_client):
             float(agg) / spread if spread > 0 else float("nan"))
 
 
-def cache_sized_groups(tensors, size=256 * 1024):
-    """Index lists of consecutive tensors of about `size` entries each."""
-    groups, cur, n = [], [], 0
-    for i, t in enumerate(tensors):
-        cur.append(i)
-        n += t.numel()
-        if n >= size:
-            groups.append(cur)
-            cur, n = [], 0
-    return groups + ([cur] if cur else [])
+class Phase:
+    """What the clients train in a phase of the run (head warm-up or main rounds), made once: the
+    (name, param) list, one SparseSGDM over it (masks cast once; each client restarts its momentum)
+    and the server's two buffers, reused every round. With head_only the head trains, with a mask
+    the backbone (masked tensors through the mask, cls_token/pos_embed densely, the head frozen),
+    else everything."""
+
+    def __init__(self, model, args, mask=None, head_only=False):
+        if head_only:
+            self.params = list(model.head.named_parameters())
+        else:
+            self.params = C.backbone_params(model) if mask is not None else list(model.named_parameters())
+        tensors = [p for _, p in self.params]
+        self.opt = C.SparseSGDM(tensors, [mask.get(n) if mask is not None else None for n, _ in self.params],
+                                lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+        self.global_w, self.update = [torch.empty_like(p) for p in tensors], [torch.empty_like(p) for p in tensors]
+        self.head_only = head_only
 
 
-def round_optimizer(model, args, mask=None, head_only=False):
-    """What the clients train, and one SparseSGDM over it, made once per phase (masks cast once; each
-    client restarts the momentum): with head_only the head, with a mask the backbone (masked tensors
-    through the mask, cls_token/pos_embed densely, the head frozen), else everything."""
-    if head_only:
-        params = list(model.head.named_parameters())
-    else:
-        params = C.backbone_params(model) if mask is not None else list(model.named_parameters())
-    opt = C.SparseSGDM([p for _, p in params], [mask.get(n) if mask is not None else None for n, _ in params],
-                       lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    return params, opt
-
-
-def train_round(model, params, opt, shards, inputs, y, rnd, args, device, scaler, head_only=False):
-    """Round `rnd` of FedAvg on `model`, in place, training `params` with `opt` (round_optimizer): with
-    head_only on cached features (`inputs`), else on uint8 images (`inputs`).
-    Returns (loss, update_norm, agreement)."""
-    if head_only:
+def train_round(model, phase, shards, inputs, y, rnd, args, device, scaler):
+    """Round `rnd` of FedAvg on `model`, in place, for a Phase: on cached features (`inputs`) in a
+    head-only phase, else on uint8 images (`inputs`). Returns (loss, update_norm, agreement)."""
+    if phase.head_only:
         net, augment, forward = model.head, False, model.head
     else:
         net, augment = model, not args.no_aug
 
         def forward(xb):
             return C.forward_logits(model, C.preprocess(xb, args.img_size), device, args.precision)
-    tensors = [p for _, p in params]
+    tensors = [p for _, p in phase.params]
     for p in tensors:
         p.requires_grad_(True)
     clients = sample_clients(args, rnd)
     sizes = [len(shards[c]) for c in clients]
     net.train()
     out = fedavg_round(tensors, clients, [s / sum(sizes) for s in sizes],
-                       lambda c: client_update(forward, opt, scaler,
-                                               client_batches(inputs, y, shards[c], rnd, c, args, device, augment)))
+                       lambda c: client_update(forward, phase.opt, scaler,
+                                               client_batches(inputs, y, shards[c], rnd, c, args, device, augment)),
+                       phase.global_w, phase.update)
     for p in tensors:
         p.requires_grad_(False)
     return out
@@ -384,12 +382,11 @@ def main(argv=None):
             mask = {n: m.to(device) for n, m in mask.items()}
             ckpt["calibrated"] = True
             save()
-        if phase is None or phase[0] != head_only:  # the clients' parameters and optimizer, once per phase
-            phase = (head_only, *round_optimizer(model, args, None if head_only else mask, head_only))
-        _, params, opt = phase
-        loss, norm, agreement = train_round(model, params, opt, shards, feats["train"][0] if head_only else x, y,
-                                            rnd, args, device, scaler, head_only)
-        ckpt["upload"] += upload_per_client(params, None if head_only else mask) * clients_per_round(args)
+        if phase is None or phase.head_only != head_only:
+            phase = Phase(model, args, None if head_only else mask, head_only)
+        loss, norm, agreement = train_round(model, phase, shards, feats["train"][0] if head_only else x, y, rnd,
+                                            args, device, scaler)
+        ckpt["upload"] += upload_per_client(phase.params, None if head_only else mask) * clients_per_round(args)
         ckpt["round"] = rnd + 1
         row = {"round": rnd + 1, "train_loss": loss, "update_norm": norm, "agreement": agreement}
         last = rnd + 1 == total_rounds

@@ -79,8 +79,8 @@ def floor_round(model, x, y, shards, rnd, args, device):
 
 
 def ours_round(model, x, y, shards, rnd, args, device, phase):
-    """fedavg.py's round; `phase` = fedavg.round_optimizer(...), made once per run as fedavg.py does."""
-    fedavg.train_round(model, *phase, shards, x, y, rnd, args, device, C.grad_scaler(device, args.precision))
+    """fedavg.py's round; `phase` = fedavg.Phase(...), made once per run as fedavg.py does."""
+    fedavg.train_round(model, phase, shards, x, y, rnd, args, device, C.grad_scaler(device, args.precision))
 
 
 class PilDataset(torch.utils.data.Dataset):
@@ -142,7 +142,7 @@ def timed(fn, device):
 def time_rounds(a):
     args, device, model, x, y, shards, mask = setup(a)
     dataset = PilDataset(x, y, a.img_size)
-    dense, sparse = fedavg.round_optimizer(model, args), fedavg.round_optimizer(model, args, mask)
+    dense, sparse = fedavg.Phase(model, args), fedavg.Phase(model, args, mask)
     variants = {
         "floor": lambda r: floor_round(model, x, y, shards, r, args, device),
         "ours dense": lambda r: ours_round(model, x, y, shards, r, args, device, dense),
@@ -201,7 +201,7 @@ def evaluation_share(model, x, y, shards, args, device):
     args.eval_batch_size = 256
     per_image = timed(lambda: C.evaluate(model, x[:n], y[:n], args, device), device) / n
     default = argparse.Namespace(**dict(vars(args), batch_size=64))
-    phase = fedavg.round_optimizer(model, default)
+    phase = fedavg.Phase(model, default)
     ours_round(model, x, y, shards, 0, default, device, phase)  # warm-up
     per_round = statistics.median(timed(lambda: ours_round(model, x, y, shards, r, default, device, phase), device)
                                   for r in range(1, 4))
@@ -233,7 +233,7 @@ def measure_memory(cfg):
             peer_round(model, dataset, shards, r, args, device)
         else:
             ours_round(model, x, y, shards, r, args, device,
-                       fedavg.round_optimizer(model, args, mask if cfg["kind"] == "ours sparse" else None))
+                       fedavg.Phase(model, args, mask if cfg["kind"] == "ours sparse" else None))
     sync(device)
     if device.type == "cuda":
         peak, what = (torch.cuda.max_memory_allocated(device) - base) / 2**20, "GPU MiB allocated above model+data"

@@ -98,9 +98,8 @@ def fp32_scaler():
 
 
 def one_round(model, shards, inputs, y, args, mask=None, head_only=False):
-    params, opt = fedavg.round_optimizer(model, args, mask, head_only)
-    return fedavg.train_round(model, params, opt, shards, inputs, y, 0, args, torch.device("cpu"), fp32_scaler(),
-                              head_only)
+    phase = fedavg.Phase(model, args, mask, head_only)
+    return fedavg.train_round(model, phase, shards, inputs, y, 0, args, torch.device("cpu"), fp32_scaler())
 
 
 @pytest.mark.parametrize("sizes", [(50, 50, 50, 50), (20, 80, 35, 65)])
