@@ -12,36 +12,36 @@ epoch of every trial trains the head on them. Example:
 import os
 import time
 
-import common as C
+import common
 
 
 def get_args(argv=None):
-    p = C.Parser(parents=[C.base_parser()], description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=C.positive_int, default=30, help="epochs per training")
-    p.add_argument("--patience", type=C.positive_int, default=5,
+    p = common.Parser(parents=[common.base_parser()], description=__doc__.split("\n")[0])
+    p.add_argument("--epochs", type=common.positive_int, default=30, help="epochs per training")
+    p.add_argument("--patience", type=common.positive_int, default=5,
                    help="stop after this many epochs without a better validation accuracy")
-    p.add_argument("--lr", type=C.nonneg_float, default=0.01, help="learning rate without --grid")
-    p.add_argument("--momentum", type=C.unit_float, default=0.9, help="momentum without --grid")
-    p.add_argument("--wd", type=C.nonneg_float, default=0.0, help="weight decay without --grid")
+    p.add_argument("--lr", type=common.nonneg_float, default=0.01, help="learning rate without --grid")
+    p.add_argument("--momentum", type=common.unit_float, default=0.9, help="momentum without --grid")
+    p.add_argument("--wd", type=common.nonneg_float, default=0.0, help="weight decay without --grid")
     p.add_argument("--hparams", default=None,
                    help="take lr/momentum/wd from an earlier centralized run's result.json")
-    p.add_argument("--scheduler", choices=C.SCHEDULERS, default="cosine",
+    p.add_argument("--scheduler", choices=common.SCHEDULERS, default="cosine",
                    help="LR schedule (see common.lr_factor), per epoch")
     p.add_argument("--grid", action="store_true", help="grid search lr x momentum x wd first and use the best")
-    p.add_argument("--grid-lr", type=C.float_list, default=[0.1, 0.001, 0.005], help="learning rates of the grid")
-    p.add_argument("--grid-momentum", type=C.float_list, default=[0.8, 0.9, 0.95], help="momenta of the grid")
-    p.add_argument("--grid-wd", type=C.float_list, default=[0.001, 0.0], help="weight decays of the grid")
+    p.add_argument("--grid-lr", type=common.float_list, default=[0.1, 0.001, 0.005], help="learning rates of the grid")
+    p.add_argument("--grid-momentum", type=common.float_list, default=[0.8, 0.9, 0.95], help="momenta of the grid")
+    p.add_argument("--grid-wd", type=common.float_list, default=[0.001, 0.0], help="weight decays of the grid")
     p.add_argument("--compare-schedulers", action="store_true",
                    help="train once per schedule in --schedulers, plot them, and use the best")
-    p.add_argument("--schedulers", default=",".join(C.SCHEDULERS), help="schedules to compare")
-    p.add_argument("--aug-views", type=C.nonneg_int, default=0,
+    p.add_argument("--schedulers", default=",".join(common.SCHEDULERS), help="schedules to compare")
+    p.add_argument("--aug-views", type=common.nonneg_int, default=0,
                    help="0: train the head on clean images; V: on V cached augmented views "
                         "(random crop + flip), epoch e uses view e %% V")
     args = p.parse_args(argv)
     args.schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
-    bad = [s for s in args.schedulers if s not in C.SCHEDULERS]
+    bad = [s for s in args.schedulers if s not in common.SCHEDULERS]
     if bad or not args.schedulers:
-        p.error(f"unknown scheduler in --schedulers: {','.join(bad) or '(empty)'}; choose from {','.join(C.SCHEDULERS)}")
+        p.error(f"unknown scheduler in --schedulers: {','.join(bad) or '(empty)'}; choose from {','.join(common.SCHEDULERS)}")
     if any(m >= 1 for m in args.grid_momentum):
         p.error("--grid-momentum values must be < 1")
     if args.hparams and args.grid:
@@ -61,18 +61,18 @@ def run_trial(name, hp, ckpt, model, feats, args, test=None):
     cached features takes seconds, so an interrupted run redoes at most the trial it was in."""
     if name in ckpt["done"]:
         return ckpt["done"][name]
-    if C.stop_requested():
-        raise C.Stopped()
+    if common.stop_requested():
+        raise common.Stopped()
     t0 = time.time()
     model.head.load_state_dict(ckpt["init_head"])  # every trial starts from the same head
-    history, best_epoch = C.train_head(model.head, feats, hp, args.epochs, args.patience, args.batch_size,
+    history, best_epoch = common.train_head(model.head, feats, hp, args.epochs, args.patience, args.batch_size,
                                        args.seed, test=test)
     summary = dict(hp, best_val_acc=history[best_epoch - 1]["val_acc"], best_epoch=best_epoch,
                    epochs_run=len(history), history=history, seconds=time.time() - t0)
     if test is not None:
-        summary["head"] = C.cpu_state(model.head)
+        summary["head"] = common.cpu_state(model.head)
     ckpt["done"][name] = summary
-    C.save_checkpoint(ckpt, args)
+    common.save_checkpoint(ckpt, args)
     print(f"  {name}: best val acc {summary['best_val_acc']:.4f} at epoch {best_epoch}")
     return summary
 
@@ -87,8 +87,8 @@ def grid_search(ckpt, model, feats, args):
                 rows.append({k: s[k] for k in ("lr", "momentum", "wd", "scheduler", "best_val_acc",
                                                "best_epoch", "epochs_run")})
     rows.sort(key=lambda r: -r["best_val_acc"])  # stable: ties keep grid order
-    C.write_csv(rows, os.path.join(args.out, "grid.csv"))
-    C.plot_bars(os.path.join(args.out, "grid.png"),
+    common.write_csv(rows, os.path.join(args.out, "grid.csv"))
+    common.plot_bars(os.path.join(args.out, "grid.png"),
                 [f"lr={r['lr']:g} m={r['momentum']:g} wd={r['wd']:g}" for r in rows],
                 [r["best_val_acc"] for r in rows], "best validation accuracy", "Grid search (sorted)")
     return {k: rows[0][k] for k in ("lr", "momentum", "wd")}
@@ -102,21 +102,21 @@ def compare_schedulers(best, ckpt, model, feats, args):
         rows.append({"scheduler": sched, "best_val_acc": s["best_val_acc"], "best_epoch": s["best_epoch"],
                      "epochs_run": s["epochs_run"]})
         curves[sched] = ([h["epoch"] for h in s["history"]], [h["val_acc"] for h in s["history"]])
-    C.write_csv(rows, os.path.join(args.out, "schedulers.csv"))
-    C.plot_lines(os.path.join(args.out, "schedulers.png"), curves, "epoch", "validation accuracy",
+    common.write_csv(rows, os.path.join(args.out, "schedulers.csv"))
+    common.plot_lines(os.path.join(args.out, "schedulers.png"), curves, "epoch", "validation accuracy",
                  "LR schedulers")
     return max(rows, key=lambda r: r["best_val_acc"])["scheduler"]  # first of equals wins
 
 
 def main(argv=None):
     args = get_args(argv)
-    device, data, model, inputs = C.prepare(args)
-    ckpt = C.open_run(args)
+    device, data, model, inputs = common.prepare(args)
+    ckpt = common.open_run(args)
     for p in model.parameters():
         p.requires_grad_(False)
-    feats = C.cached_features(model, data, args, device, args.aug_views)
+    feats = common.cached_features(model, data, args, device, args.aug_views)
     if ckpt is None:
-        ckpt = {"done": {}, "init_head": C.cpu_state(model.head)}
+        ckpt = {"done": {}, "init_head": common.cpu_state(model.head)}
 
     if args.grid:
         print(f"grid search: {len(args.grid_lr) * len(args.grid_momentum) * len(args.grid_wd)} settings")
@@ -134,25 +134,25 @@ def main(argv=None):
     final = run_trial("final " + trial_key(hp), hp, ckpt, model, feats, args, test=feats["test"])
 
     hist = final["history"]
-    C.write_csv(hist, os.path.join(args.out, "metrics.csv"))
+    common.write_csv(hist, os.path.join(args.out, "metrics.csv"))
     ep = [h["epoch"] for h in hist]
-    C.plot_lines(os.path.join(args.out, "loss.png"),
+    common.plot_lines(os.path.join(args.out, "loss.png"),
                  {s: (ep, [h[f"{s}_loss"] for h in hist]) for s in ("train", "val", "test")},
                  "epoch", "cross-entropy", "Centralized baseline: loss")
-    C.plot_lines(os.path.join(args.out, "accuracy.png"),
+    common.plot_lines(os.path.join(args.out, "accuracy.png"),
                  {s: (ep, [h[f"{s}_acc"] for h in hist]) for s in ("val", "test")},
                  "epoch", "top-1 accuracy", "Centralized baseline: accuracy")
-    C.atomic_save(final["head"], os.path.join(args.out, "head.pt"))  # CPU tensors: loads anywhere
+    common.atomic_save(final["head"], os.path.join(args.out, "head.pt"))  # CPU tensors: loads anywhere
     best_row = hist[final["best_epoch"] - 1]
     result = {"stage": "centralized", "dataset": args.dataset, "seed": args.seed, "best": hp,
               "best_epoch": final["best_epoch"], "epochs_run": final["epochs_run"],
               "val_acc": best_row["val_acc"], "test_acc": best_row["test_acc"],
               "test_loss": best_row["test_loss"], "final_test_acc": hist[-1]["test_acc"],
               "seconds": sum(t["seconds"] for t in ckpt["done"].values())}  # of every trial, across resumes
-    C.finish_run(result, args)
+    common.finish_run(result, args)
     print(f"test accuracy {result['test_acc']:.4f} (val {result['val_acc']:.4f}, epoch {result['best_epoch']}); "
           f"results in {args.out}")
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    common.run_main(main)

@@ -245,7 +245,7 @@ def pick_device(name, deterministic=False):
         # fp32 means fp32: PyTorch's default lets convolutions (the patch embedding) run in TF32.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    if deterministic:
+    if deterministic and dev.type == "cuda":  # CPU kernels are deterministic already (and the switch costs ~2 s)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False

@@ -19,38 +19,38 @@ import time
 import torch
 import torch.nn.functional as F
 
-import common as C
+import common
 
 
 def get_args(argv=None):
-    p = C.Parser(parents=[C.base_parser(), C.edit_parser()], description=__doc__.split("\n")[0])
+    p = common.Parser(parents=[common.base_parser(), common.edit_parser()], description=__doc__.split("\n")[0])
     p.set_defaults(batch_size=64)
     g = p.add_argument_group("federation")
-    g.add_argument("--k", type=C.positive_int, default=100, help="number of clients")
+    g.add_argument("--k", type=common.positive_int, default=100, help="number of clients")
     g.add_argument("--c", type=float, default=0.1, help="fraction of clients sampled per round, in (0, 1]")
-    g.add_argument("--j", type=C.positive_int, default=4, help="local steps (optimizer steps) per client per round")
-    g.add_argument("--rounds", type=C.positive_int, default=300, help="communication rounds")
+    g.add_argument("--j", type=common.positive_int, default=4, help="local steps (optimizer steps) per client per round")
+    g.add_argument("--rounds", type=common.positive_int, default=300, help="communication rounds")
     g.add_argument("--scale-rounds", action="store_true",
                    help="--rounds is the count for J=4; run rounds*4/J so total local work is equal across J")
     g.add_argument("--iid", action="store_true", help="IID shards (the default when --nc is not given)")
     g.add_argument("--nc", type=int, default=None, help="non-IID: every client holds exactly NC classes")
-    g.add_argument("--eval-every", type=C.positive_int, default=20,
+    g.add_argument("--eval-every", type=common.positive_int, default=20,
                    help="validation accuracy of the global model every N rounds (curves, rounds-to-target); "
                         "with the test every 300 rounds, evaluation is ~5%% of a default run's time "
                         "(benchmarks/bench_round.py)")
-    g.add_argument("--test-every", type=C.positive_int, default=300,
+    g.add_argument("--test-every", type=common.positive_int, default=300,
                    help="test accuracy every N rounds, and always after the last round")
-    g.add_argument("--ckpt-every", type=C.positive_int, default=5, help="checkpoint every N rounds")
+    g.add_argument("--ckpt-every", type=common.positive_int, default=5, help="checkpoint every N rounds")
     g = p.add_argument_group("local training")
-    g.add_argument("--lr", type=C.nonneg_float, default=0.01,
+    g.add_argument("--lr", type=common.nonneg_float, default=0.01,
                    help="client learning rate, constant over rounds and steps (no schedule)")
-    g.add_argument("--momentum", type=C.unit_float, default=0.9,
+    g.add_argument("--momentum", type=common.unit_float, default=0.9,
                    help="client momentum; a fresh buffer for every client and round")
-    g.add_argument("--wd", type=C.nonneg_float, default=0.0, help="client weight decay")
+    g.add_argument("--wd", type=common.nonneg_float, default=0.0, help="client weight decay")
     g.add_argument("--train", choices=["all", "head"], default="all",
                    help="what dense clients train: the whole model, or only the head on the frozen backbone "
                         "(then on cached clean features)")
-    g.add_argument("--warmup-rounds", type=C.nonneg_int, default=20,
+    g.add_argument("--warmup-rounds", type=common.nonneg_int, default=20,
                    help="with --head warmup: head-only rounds (on cached clean features) before the main rounds")
     g.add_argument("--no-aug", action="store_true", help="no random crop / flip on the clients")
     g = p.add_argument_group("sparse FedAvg")
@@ -65,10 +65,10 @@ def get_args(argv=None):
         p.error(f"--k {args.k} x --c {args.c} < 1: no client would be sampled")
     if args.nc is not None and args.iid:
         p.error("--iid and --nc exclude each other")
-    if args.nc is not None and not 1 <= args.nc <= C.NUM_CLASSES:
-        p.error(f"--nc must be in 1..{C.NUM_CLASSES}, got {args.nc}")
-    if args.nc is not None and args.k * args.nc < C.NUM_CLASSES:
-        p.error(f"--k x --nc must be >= {C.NUM_CLASSES} so that every class (every sample) has a client")
+    if args.nc is not None and not 1 <= args.nc <= common.NUM_CLASSES:
+        p.error(f"--nc must be in 1..{common.NUM_CLASSES}, got {args.nc}")
+    if args.nc is not None and args.k * args.nc < common.NUM_CLASSES:
+        p.error(f"--k x --nc must be >= {common.NUM_CLASSES} so that every class (every sample) has a client")
     if args.mask and not args.sparse:
         p.error("--mask needs --sparse")
     if args.sparse and args.train == "head":
@@ -118,7 +118,7 @@ def noniid_shards(labels, k, nc, gen):
     for c in sorted(holders):
         idx = torch.nonzero(labels == c).flatten()
         if len(idx) < len(holders[c]):
-            raise C.UserError(f"class {c} has {len(idx)} samples for {len(holders[c])} clients; "
+            raise common.UserError(f"class {c} has {len(idx)} samples for {len(holders[c])} clients; "
                               f"use fewer clients (--k) or classes per client (--nc)")
         idx = idx[torch.randperm(len(idx), generator=gen)]
         for client, piece in zip(holders[c], torch.tensor_split(idx, len(holders[c]))):
@@ -128,9 +128,9 @@ def noniid_shards(labels, k, nc, gen):
 
 def make_shards(labels, args):
     if args.k > len(labels):
-        raise C.UserError(f"--k {args.k} clients for {len(labels)} training images: some would hold nothing; "
+        raise common.UserError(f"--k {args.k} clients for {len(labels)} training images: some would hold nothing; "
                           f"lower --k")
-    gen = C.stream("shards", args.seed)
+    gen = common.stream("shards", args.seed)
     if args.iid:
         return iid_shards(labels, args.k, gen)
     return noniid_shards(labels, args.k, args.nc, gen)
@@ -146,9 +146,9 @@ def federated_ridge(head, shards, feats):
     f, y = feats["train"]
     stats = None
     for shard in shards:
-        s = C.ridge_stats(f[shard], y[shard])
-        stats = s if stats is None else C.add_ridge_stats(stats, s)
-    return C.ridge_head(head, stats, *feats["val"])
+        s = common.ridge_stats(f[shard], y[shard])
+        stats = s if stats is None else common.add_ridge_stats(stats, s)
+    return common.ridge_head(head, stats, *feats["val"])
 
 
 # ----------------------------------------------------------------------------- step 1: federated mask calibration
@@ -166,11 +166,11 @@ def federated_mask(model, shards, x, args, device):
     def draw(r):
         idx, u = [], []
         for client, shard in enumerate(shards):
-            i, v = C.draw_calibration(len(shard), per_client, C.stream("fed_calib", args.seed, r, client))
+            i, v = common.draw_calibration(len(shard), per_client, common.stream("fed_calib", args.seed, r, client))
             idx.append(shard[i])
             u.append(v)
         return x[torch.cat(idx).to(x.device)], torch.cat(u)
-    return C.calibrate(model, draw, args, device)
+    return common.calibrate(model, draw, args, device)
 
 
 # ----------------------------------------------------------------------------- one round
@@ -182,7 +182,7 @@ def clients_per_round(args):
 
 def sample_clients(args, rnd):
     """ceil(C*K) distinct clients, a function of (seed, round) only: a resumed run draws the same ones."""
-    return torch.randperm(args.k, generator=C.stream("clients", args.seed, rnd))[:clients_per_round(args)].tolist()
+    return torch.randperm(args.k, generator=common.stream("clients", args.seed, rnd))[:clients_per_round(args)].tolist()
 
 
 def local_batches(shard, j, batch_size, gen):
@@ -199,12 +199,12 @@ def local_batches(shard, j, batch_size, gen):
 def client_batches(x, y, shard, rnd, client, args, device, augment):
     """A client's J local batches, drawn at once: one copy of indices (and crop/flip offsets) to the
     device per client, none per step. x, y live on the device already."""
-    idx = local_batches(shard, args.j, args.batch_size, C.stream("client_batches", args.seed, rnd, client))
+    idx = local_batches(shard, args.j, args.batch_size, common.stream("client_batches", args.seed, rnd, client))
     idx = idx.to(device, non_blocking=True)
     xb, yb = x[idx.flatten()], y[idx.flatten()]
     if augment:
-        off, flip = C.draw_augmentation(len(xb), C.stream("client_aug", args.seed, rnd, client))
-        xb = C.augment(xb, off.to(device, non_blocking=True), flip.to(device, non_blocking=True))
+        off, flip = common.draw_augmentation(len(xb), common.stream("client_aug", args.seed, rnd, client))
+        xb = common.augment(xb, off.to(device, non_blocking=True), flip.to(device, non_blocking=True))
     return xb.view(args.j, -1, *xb.shape[1:]), yb.view(args.j, -1)
 
 
@@ -215,7 +215,7 @@ def client_update(forward, opt, scaler, batches):
     total = 0
     for xb, yb in zip(*batches):
         loss = F.cross_entropy(forward(xb), yb)
-        C.optimizer_step(opt, loss, scaler)
+        common.optimizer_step(opt, loss, scaler)
         total = total + loss.detach()
     return total / len(batches[0])
 
@@ -235,7 +235,7 @@ def fedavg_round(params, clients, weights, train_client, global_w=None, update=N
             global_w, update = [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in params]
         torch._foreach_copy_(global_w, params)
         torch._foreach_zero_(update)
-    groups = C.cache_sized_groups(params)
+    groups = common.cache_sized_groups(params)
     losses, sq_norms = [], []
     for client, w in zip(clients, weights):
         losses.append(train_client(client))
@@ -266,9 +266,9 @@ class Phase:
         if head_only:
             self.params = list(model.head.named_parameters())
         else:
-            self.params = C.backbone_params(model) if mask is not None else list(model.named_parameters())
+            self.params = common.backbone_params(model) if mask is not None else list(model.named_parameters())
         tensors = [p for _, p in self.params]
-        self.opt = C.SparseSGDM(tensors, [mask.get(n) if mask is not None else None for n, _ in self.params],
+        self.opt = common.SparseSGDM(tensors, [mask.get(n) if mask is not None else None for n, _ in self.params],
                                 lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
         self.global_w, self.update = [torch.empty_like(p) for p in tensors], [torch.empty_like(p) for p in tensors]
         self.head_only = head_only
@@ -283,7 +283,7 @@ def train_round(model, phase, shards, inputs, y, rnd, args, device, scaler):
         net, augment = model, not args.no_aug
 
         def forward(xb):
-            return C.forward_logits(model, C.preprocess(xb, args.img_size), device, args.precision)
+            return common.forward_logits(model, common.preprocess(xb, args.img_size), device, args.precision)
     tensors = [p for _, p in phase.params]
     for p in tensors:
         p.requires_grad_(True)
@@ -308,24 +308,24 @@ def upload_per_client(params, mask):
 
 
 def write_outputs(rows, args):
-    C.write_csv(rows, os.path.join(args.out, "metrics.csv"))
+    common.write_csv(rows, os.path.join(args.out, "metrics.csv"))
     name = f"FedAvg {'IID' if args.iid else f'Nc={args.nc}'}, J={args.j}{', sparse' if args.sparse else ''}"
     for kind, label in (("acc", "top-1 accuracy"), ("loss", "cross-entropy")):
         series = {}
         for split in ("val", "test"):
             done = [r for r in rows if r.get(f"{split}_{kind}") is not None]
             series[split] = ([r["round"] for r in done], [r[f"{split}_{kind}"] for r in done])
-        C.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"), series,
+        common.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"), series,
                      "round", label, name)
 
 
 def main(argv=None):
     from tqdm import tqdm
     args = get_args(argv)
-    device, data, model, inputs = C.prepare(args)
+    device, data, model, inputs = common.prepare(args)
     given_mask = inputs["mask"]
     shards = make_shards(data["train"][1], args)
-    ckpt = C.open_run(args)
+    ckpt = common.open_run(args)
     x, y = (t.to(device) for t in data["train"])  # uint8: the whole training set fits on any GPU
     total_rounds = args.warmup_rounds + args.rounds
     print(f"{args.k} clients ({'IID' if args.iid else f'{args.nc} classes each'}, "
@@ -337,18 +337,18 @@ def main(argv=None):
     # Frozen-backbone features of the clean images: the ridge statistics, head-only rounds and their
     # evaluation (the backbone does not change there) all read them instead of running the ViT.
     needs_feats = args.head == "ridge" or args.warmup_rounds or args.train == "head"
-    feats = C.cached_features(model, data, args, device) if needs_feats else None
-    initial = {n: p.detach().cpu().clone() for n, p in C.masked_params(model)}
+    feats = common.cached_features(model, data, args, device) if needs_feats else None
+    initial = {n: p.detach().cpu().clone() for n, p in common.masked_params(model)}
     mask_path = os.path.join(args.out, "mask.pt")
 
     if ckpt is None:  # step 0: the head
-        C.write_csv([{"client": i, "samples": len(s), "classes": len(torch.unique(data["train"][1][s]))}
+        common.write_csv([{"client": i, "samples": len(s), "classes": len(torch.unique(data["train"][1][s]))}
                      for i, s in enumerate(shards)], os.path.join(args.out, "shards.csv"))
         head_info, head_upload = {}, 0
         if args.head == "ridge":
             head_info = federated_ridge(model.head, shards, feats)
             d = model.head.in_features + 1
-            head_upload = d * d + d * C.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ and a count, once per client
+            head_upload = d * d + d * common.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ and a count, once per client
         elif inputs["head"] is not None:
             model.head.load_state_dict(inputs["head"])
         ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
@@ -356,20 +356,20 @@ def main(argv=None):
     else:
         model.load_state_dict(ckpt["model"])
     t0 = time.time() - ckpt["elapsed"]
-    mask = C.load_mask(mask_path, model) if ckpt["calibrated"] else None
+    mask = common.load_mask(mask_path, model) if ckpt["calibrated"] else None
     mask = {n: m.to(device) for n, m in mask.items()} if mask else None
-    scaler = C.grad_scaler(device, args.precision)
+    scaler = common.grad_scaler(device, args.precision)
     if "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
 
     def save():
-        ckpt.update(model=C.cpu_state(model), scaler=scaler.state_dict(), elapsed=time.time() - t0)
-        C.save_checkpoint(ckpt, args)
+        ckpt.update(model=common.cpu_state(model), scaler=scaler.state_dict(), elapsed=time.time() - t0)
+        common.save_checkpoint(ckpt, args)
 
     def evaluate(split, backbone_changed):
         if backbone_changed:
-            return C.evaluate(model, *data[split], args, device)
-        return C.evaluate_head(model.head, *feats[split])  # same numbers, no ViT pass
+            return common.evaluate(model, *data[split], args, device)
+        return common.evaluate_head(model.head, *feats[split])  # same numbers, no ViT pass
 
     phase = None
     bar = tqdm(range(ckpt["round"], total_rounds), desc="rounds", disable=None)
@@ -378,7 +378,7 @@ def main(argv=None):
         if args.sparse and not head_only and not ckpt["calibrated"]:  # step 1, once the head is there
             mask, ckpt["calib_log"] = (given_mask, []) if given_mask is not None else \
                 federated_mask(model, shards, x, args, device)
-            C.save_mask(mask, mask_path)
+            common.save_mask(mask, mask_path)
             mask = {n: m.to(device) for n, m in mask.items()}
             ckpt["calibrated"] = True
             save()
@@ -400,18 +400,18 @@ def main(argv=None):
             write_outputs(ckpt["rows"], args)
             bar.write(f"round {rnd + 1}: train loss {loss:.4f}  val acc {row['val_acc']:.4f}"
                       + (f"  test acc {row['test_acc']:.4f}" if row["test_acc"] is not None else ""))
-        if (rnd + 1) % args.ckpt_every == 0 or row["val_acc"] is not None or C.stop_requested():
+        if (rnd + 1) % args.ckpt_every == 0 or row["val_acc"] is not None or common.stop_requested():
             save()
-        if C.stop_requested() and not last:  # SLURM preemption / time limit: saved at this round boundary
-            raise C.Stopped()
+        if common.stop_requested() and not last:  # SLURM preemption / time limit: saved at this round boundary
+            raise common.Stopped()
 
     rows = ckpt["rows"]
     write_outputs(rows, args)
     if ckpt["calib_log"]:
-        C.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
+        common.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
     evaluated = [r for r in rows if r["val_acc"] is not None]
     best = max(evaluated, key=lambda r: r["val_acc"])  # first of equals wins
-    main_params = C.backbone_params(model) if args.sparse else \
+    main_params = common.backbone_params(model) if args.sparse else \
         list((model.head if args.train == "head" else model).named_parameters())
     per_client = upload_per_client(main_params, mask)
     result = {"stage": "fedavg", "dataset": args.dataset, "seed": args.seed, "k": args.k, "c": args.c,
@@ -426,14 +426,14 @@ def main(argv=None):
               "clients_per_round": clients_per_round(args), "comm_values_per_client_round": per_client,
               "comm_mb_total": ckpt["upload"] * 4 / 1e6, "seconds": time.time() - t0}
     if args.sparse:
-        changed, total = C.changed_count(model, initial)
-        result.update(mask_kept_frac=C.mask_density(mask), changed_frac=changed / total)
-    C.atomic_save(C.cpu_state(model), os.path.join(args.out, "model.pt"))
-    C.atomic_save(C.cpu_state(model.head), os.path.join(args.out, "head.pt"))
-    C.finish_run(result, args)
+        changed, total = common.changed_count(model, initial)
+        result.update(mask_kept_frac=common.mask_density(mask), changed_frac=changed / total)
+    common.atomic_save(common.cpu_state(model), os.path.join(args.out, "model.pt"))
+    common.atomic_save(common.cpu_state(model.head), os.path.join(args.out, "head.pt"))
+    common.finish_run(result, args)
     print(f"test acc {result['test_acc']:.4f} after {total_rounds} rounds (best val {best['val_acc']:.4f} at "
           f"round {best['round']}); results in {args.out}")
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    common.run_main(main)

@@ -16,28 +16,28 @@ import time
 
 import torch
 
-import common as C
+import common
 
 
 def get_args(argv=None):
-    p = C.Parser(parents=[C.base_parser(), C.edit_parser()], description=__doc__.split("\n")[0])
+    p = common.Parser(parents=[common.base_parser(), common.edit_parser()], description=__doc__.split("\n")[0])
     g = p.add_argument_group("--head warmup: SGD on cached frozen-backbone features, cosine schedule")
     g.add_argument("--hparams", default=None,
                    help="lr/momentum/wd of the warm-up from a centralized run's result.json")
-    g.add_argument("--warmup-lr", type=C.nonneg_float, default=0.01, help="warm-up lr without --hparams")
-    g.add_argument("--warmup-momentum", type=C.unit_float, default=0.9, help="warm-up momentum without --hparams")
-    g.add_argument("--warmup-wd", type=C.nonneg_float, default=0.0, help="warm-up weight decay without --hparams")
-    g.add_argument("--warmup-epochs", type=C.positive_int, default=20, help="warm-up epochs (early stopping)")
-    g.add_argument("--patience", type=C.positive_int, default=5,
+    g.add_argument("--warmup-lr", type=common.nonneg_float, default=0.01, help="warm-up lr without --hparams")
+    g.add_argument("--warmup-momentum", type=common.unit_float, default=0.9, help="warm-up momentum without --hparams")
+    g.add_argument("--warmup-wd", type=common.nonneg_float, default=0.0, help="warm-up weight decay without --hparams")
+    g.add_argument("--warmup-epochs", type=common.positive_int, default=20, help="warm-up epochs (early stopping)")
+    g.add_argument("--patience", type=common.positive_int, default=5,
                    help="warm-up stops after this many epochs without a better validation accuracy")
     g = p.add_argument_group("mask")
     g.add_argument("--mask", default=None, help="use this mask.pt instead of calibrating one")
     g = p.add_argument_group("step 2: sparse fine-tuning of the backbone (head frozen)")
-    g.add_argument("--epochs", type=C.nonneg_int, default=5, help="fine-tuning epochs")
-    g.add_argument("--lr", type=C.nonneg_float, default=1e-3, help="fine-tuning learning rate")
-    g.add_argument("--momentum", type=C.unit_float, default=0.9, help="SparseSGDM momentum")
-    g.add_argument("--wd", type=C.nonneg_float, default=0.0, help="SparseSGDM weight decay (masked entries: none)")
-    g.add_argument("--scheduler", choices=C.SCHEDULERS, default="cosine", help="LR schedule, per epoch")
+    g.add_argument("--epochs", type=common.nonneg_int, default=5, help="fine-tuning epochs")
+    g.add_argument("--lr", type=common.nonneg_float, default=1e-3, help="fine-tuning learning rate")
+    g.add_argument("--momentum", type=common.unit_float, default=0.9, help="SparseSGDM momentum")
+    g.add_argument("--wd", type=common.nonneg_float, default=0.0, help="SparseSGDM weight decay (masked entries: none)")
+    g.add_argument("--scheduler", choices=common.SCHEDULERS, default="cosine", help="LR schedule, per epoch")
     g.add_argument("--no-aug", action="store_true", help="no random crop / flip while fine-tuning")
     args = p.parse_args(argv)
     if args.hparams and args.head != "warmup":
@@ -50,19 +50,19 @@ def get_args(argv=None):
 
 def make_head(model, data, args, device, inputs):
     """Step 0: the classifier head on the frozen backbone, then frozen. Returns its accuracies."""
-    feats = C.cached_features(model, data, args, device)
+    feats = common.cached_features(model, data, args, device)
     info = {}
     if args.head == "ridge":
-        info = C.ridge_head(model.head, C.ridge_stats(*feats["train"]), *feats["val"])
+        info = common.ridge_head(model.head, common.ridge_stats(*feats["train"]), *feats["val"])
     elif args.head == "warmup":
         lr, m, wd = inputs["hparams"] or (args.warmup_lr, args.warmup_momentum, args.warmup_wd)
-        _, best_epoch = C.train_head(model.head, feats, dict(lr=lr, momentum=m, wd=wd, scheduler="cosine"),
+        _, best_epoch = common.train_head(model.head, feats, dict(lr=lr, momentum=m, wd=wd, scheduler="cosine"),
                                      args.warmup_epochs, args.patience, args.batch_size, args.seed)
         info = {"warmup_epoch": best_epoch, "warmup_lr": lr, "warmup_momentum": m, "warmup_wd": wd}
     else:
         model.head.load_state_dict(inputs["head"])
     model.head.requires_grad_(False)
-    val, test = C.evaluate_head(model.head, *feats["val"]), C.evaluate_head(model.head, *feats["test"])
+    val, test = common.evaluate_head(model.head, *feats["val"]), common.evaluate_head(model.head, *feats["test"])
     print(f"head ({args.head}): val acc {val[1]:.4f}, test acc {test[1]:.4f} {info}")
     return dict(info, warmup_val_acc=val[1], warmup_test_acc=test[1])
 
@@ -73,101 +73,101 @@ def make_mask(model, data, args, device):
     x = data["train"][0]
 
     def draw(r):
-        idx, u = C.draw_calibration(len(x), args.fisher_batches * args.fisher_batch_size,
-                                    C.stream("edit_calib", args.seed, r))
+        idx, u = common.draw_calibration(len(x), args.fisher_batches * args.fisher_batch_size,
+                                    common.stream("edit_calib", args.seed, r))
         return x[idx], u
-    return C.calibrate(model, draw, args, device)
+    return common.calibrate(model, draw, args, device)
 
 
 def main(argv=None):
     args = get_args(argv)
-    device, data, model, inputs = C.prepare(args)
-    ckpt = C.open_run(args)
+    device, data, model, inputs = common.prepare(args)
+    ckpt = common.open_run(args)
     t0 = time.time() - (ckpt["elapsed"] if ckpt else 0.0)
     for p in model.parameters():
         p.requires_grad_(False)
-    pretrained = {n: p.detach().cpu().clone() for n, p in C.masked_params(model)}
+    pretrained = {n: p.detach().cpu().clone() for n, p in common.masked_params(model)}
     mask_path = os.path.join(args.out, "mask.pt")
 
     if ckpt is None:  # steps 0 and 1, checkpointed together once both are done
         head = make_head(model, data, args, device, inputs)
         mask, log = (inputs["mask"], []) if inputs["mask"] is not None else make_mask(model, data, args, device)
-        C.save_mask(mask, mask_path)
-        C.atomic_save(C.cpu_state(model.head), os.path.join(args.out, "head.pt"))
+        common.save_mask(mask, mask_path)
+        common.atomic_save(common.cpu_state(model.head), os.path.join(args.out, "head.pt"))
         ckpt = {"epoch": 0, "step": 0, "loss_sum": torch.zeros(()), "rows": [], "head_info": head,
-                "calib_log": log, "head": C.cpu_state(model.head), "elapsed": time.time() - t0}
-        C.save_checkpoint(ckpt, args)
-    mask = C.load_mask(mask_path, model)
+                "calib_log": log, "head": common.cpu_state(model.head), "elapsed": time.time() - t0}
+        common.save_checkpoint(ckpt, args)
+    mask = common.load_mask(mask_path, model)
     model.head.load_state_dict(ckpt["head"])
 
     # Step 2. The optimizer sees the whole backbone: the masked tensors through their masks, cls_token
     # and pos_embed (outside TaLoS's mask) densely; the head stays frozen.
-    params = C.backbone_params(model)
+    params = common.backbone_params(model)
     for _, p in params:
         p.requires_grad_(True)
-    opt = C.SparseSGDM([p for _, p in params], [mask.get(n) for n, _ in params],
+    opt = common.SparseSGDM([p for _, p in params], [mask.get(n) for n, _ in params],
                        lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    scaler = C.grad_scaler(device, args.precision)
+    scaler = common.grad_scaler(device, args.precision)
     if "model" in ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         scaler.load_state_dict(ckpt["scaler"])
     if not ckpt["rows"]:  # epoch 0: the model with its frozen head, before any edit
-        ckpt["rows"].append(dict(epoch=0, train_loss=None, **C.evaluate_splits(model, data, args, device)))
+        ckpt["rows"].append(dict(epoch=0, train_loss=None, **common.evaluate_splits(model, data, args, device)))
 
     def save():
-        ckpt.update(model=C.cpu_state(model), opt=opt.state_dict(), scaler=scaler.state_dict(),
+        ckpt.update(model=common.cpu_state(model), opt=opt.state_dict(), scaler=scaler.state_dict(),
                     loss_sum=loss_sum.cpu(), elapsed=time.time() - t0)
-        C.save_checkpoint(ckpt, args)
+        common.save_checkpoint(ckpt, args)
 
     x, y = data["train"]
     loss_sum = ckpt["loss_sum"].to(device)
     while ckpt["epoch"] < args.epochs:
         ep = ckpt["epoch"]
         for g in opt.param_groups:
-            g["lr"] = args.lr * C.lr_factor(args.scheduler, ep, args.epochs)
-        perm = torch.randperm(len(x), generator=C.stream("edit_epoch", args.seed, ep))
+            g["lr"] = args.lr * common.lr_factor(args.scheduler, ep, args.epochs)
+        perm = torch.randperm(len(x), generator=common.stream("edit_epoch", args.seed, ep))
         for s in range(ckpt["step"], -(-len(x) // args.batch_size)):
             idx = perm[s * args.batch_size:(s + 1) * args.batch_size]
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             if not args.no_aug:
-                off, flip = C.draw_augmentation(len(idx), C.stream("edit_aug", args.seed, ep, s))
-                xb = C.augment(xb, off.to(device), flip.to(device))
-            loss_sum += C.train_step(model, opt, scaler, xb, yb, args, device) * len(idx)
+                off, flip = common.draw_augmentation(len(idx), common.stream("edit_aug", args.seed, ep, s))
+                xb = common.augment(xb, off.to(device), flip.to(device))
+            loss_sum += common.train_step(model, opt, scaler, xb, yb, args, device) * len(idx)
             ckpt["step"] = s + 1
-            if C.stop_requested():  # SLURM preemption / time limit: save at this step boundary
+            if common.stop_requested():  # SLURM preemption / time limit: save at this step boundary
                 save()
-                raise C.Stopped()
-        row = dict(epoch=ep + 1, train_loss=float(loss_sum) / len(x), **C.evaluate_splits(model, data, args, device))
+                raise common.Stopped()
+        row = dict(epoch=ep + 1, train_loss=float(loss_sum) / len(x), **common.evaluate_splits(model, data, args, device))
         print(f"epoch {ep + 1}: train loss {row['train_loss']:.4f}  val acc {row['val_acc']:.4f}  "
               f"test acc {row['test_acc']:.4f}")
         loss_sum.zero_()
         ckpt["rows"].append(row)
         ckpt.update(epoch=ep + 1, step=0)
         save()
-        C.write_csv(ckpt["rows"], os.path.join(args.out, "metrics.csv"))
+        common.write_csv(ckpt["rows"], os.path.join(args.out, "metrics.csv"))
 
     rows = ckpt["rows"]
-    C.write_csv(rows, os.path.join(args.out, "metrics.csv"))
+    common.write_csv(rows, os.path.join(args.out, "metrics.csv"))
     if ckpt["calib_log"]:
-        C.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
+        common.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
     ep = [r["epoch"] for r in rows]
     for kind, label in (("acc", "top-1 accuracy"), ("loss", "cross-entropy")):
-        C.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"),
+        common.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"),
                      {s: (ep, [r[f"{s}_{kind}"] for r in rows]) for s in ("val", "test")},
                      "epoch (0 = frozen head, before editing)", label,
                      f"Sparse fine-tuning ({args.rule}, sparsity {args.sparsity}, head {args.head})")
-    changed, total = C.changed_count(model, pretrained)
+    changed, total = common.changed_count(model, pretrained)
     best = max(rows, key=lambda r: r["val_acc"])  # first of equals wins
     result = {"stage": "editing", "dataset": args.dataset, "seed": args.seed, "rule": args.rule,
               "sparsity": args.sparsity, "calib_rounds": args.calib_rounds, "mask_file": args.mask,
               "head": args.head, "score": args.score, **ckpt["head_info"],
-              "mask_kept_frac": C.mask_density(mask), "changed_frac": changed / total,
+              "mask_kept_frac": common.mask_density(mask), "changed_frac": changed / total,
               "val_acc": rows[-1]["val_acc"], "test_acc": rows[-1]["test_acc"],
               "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "test_acc_at_best_val": best["test_acc"],
               "seconds": time.time() - t0}
-    C.atomic_save(C.cpu_state(model), os.path.join(args.out, "model.pt"))
-    C.finish_run(result, args)
+    common.atomic_save(common.cpu_state(model), os.path.join(args.out, "model.pt"))
+    common.finish_run(result, args)
     print(f"changed {changed}/{total} entries of the masked tensors ({changed / total:.4%}); "
           f"mask keeps {result['mask_kept_frac']:.4%}")
     print(f"val acc {result['warmup_val_acc']:.4f} (frozen head) -> {result['val_acc']:.4f}; "
@@ -175,4 +175,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    common.run_main(main)

@@ -34,37 +34,37 @@ def grad_sums(model, params, sums, objective):
 
 def score(method, model, images, u, cfg, device):
     import torch
-    import common as C
+    import common
     if method == "layerwise":
-        return C.fisher_sums(model, images, u, cfg["img_size"], cfg["batch"], device)[0]
+        return common.fisher_sums(model, images, u, cfg["img_size"], cfg["batch"], device)[0]
     model.eval()
-    params = C.masked_params(model)
+    params = common.masked_params(model)
     sums = {n: torch.zeros_like(p) for n, p in params}
     for i in range(0, len(images), cfg["batch"]):
-        x = C.preprocess(images[i:i + cfg["batch"]].to(device), cfg["img_size"])
+        x = common.preprocess(images[i:i + cfg["batch"]].to(device), cfg["img_size"])
         ub = u[i:i + cfg["batch"]]
         if method == "talos":
             logits = model(x)
-            samples = logits.gather(1, C.sample_labels(logits, ub)[:, None])
+            samples = logits.gather(1, common.sample_labels(logits, ub)[:, None])
             for j in range(len(x)):
                 grad_sums(model, params, sums, samples[j, 0])
         else:
             for j in range(len(x)):
                 logits = model(x[j:j + 1])
-                grad_sums(model, params, sums, logits[0, C.sample_labels(logits, ub[j:j + 1])[0]])
+                grad_sums(model, params, sums, logits[0, common.sample_labels(logits, ub[j:j + 1])[0]])
     return sums
 
 
 def measure(cfg):
     """Run one method in this process; return a dict of measurements."""
     import torch
-    import common as C
+    import common
     torch.set_num_threads(cfg["threads"])
-    p = argparse.ArgumentParser(parents=[C.base_parser()])
+    p = argparse.ArgumentParser(parents=[common.base_parser()])
     args = p.parse_args(["--arch", cfg["arch"], "--img-size", str(cfg["img_size"]), "--no-pretrained"])
-    device = C.pick_device(cfg["device"])
+    device = common.pick_device(cfg["device"])
     torch.manual_seed(0)  # the same random backbone in every subprocess
-    model = C.build_model(args).to(device)
+    model = common.build_model(args).to(device)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (cfg["samples"], cfg["img_size"], cfg["img_size"], 3), generator=gen,
                            dtype=torch.uint8)
@@ -85,7 +85,7 @@ def measure(cfg):
         extra, kind = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**10, "CPU max RSS growth"
     total = sum(float(s.double().sum()) for s in sums.values())
     return dict(cfg, seconds=secs, extra_mib=extra, peak_kind=kind, checksum=total,
-                params_m=sum(q.numel() for _, q in C.masked_params(model)) / 1e6, device_name=str(device),
+                params_m=sum(q.numel() for _, q in common.masked_params(model)) / 1e6, device_name=str(device),
                 threads=torch.get_num_threads())
 
 

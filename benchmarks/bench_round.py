@@ -32,7 +32,7 @@ from isolated import run_isolated  # noqa: E402  (benchmarks/ is on the path: it
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import common as C  # noqa: E402
+import common  # noqa: E402
 import fedavg  # noqa: E402
 
 
@@ -43,16 +43,16 @@ def setup(a, k=None):
     argv = ["--arch", a.arch, "--img-size", str(a.img_size), "--no-pretrained", "--k", str(k or a.k),
             "--c", str(a.c * a.k / (k or a.k)), "--j", str(a.j), "--batch-size", str(a.batch), "--no-aug"]
     args = fedavg.get_args(argv + (["--device", a.device] if a.device else []))
-    device = C.pick_device(args.device)
-    args.precision = C.resolve_amp("auto", device)
-    model = C.build_model(args).to(device)
+    device = common.pick_device(args.device)
+    args.precision = common.resolve_amp("auto", device)
+    model = common.build_model(args).to(device)
     n = args.k * a.per_client
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g).to(device)
-    y = (torch.arange(n) % C.NUM_CLASSES).to(device)
+    y = (torch.arange(n) % common.NUM_CLASSES).to(device)
     shards = list(torch.arange(n).chunk(args.k))
     # a random 10% mask, drawn tensor by tensor (select_mask's global sort would set the memory peak)
-    mask = {n: (torch.rand(p.shape, generator=g) < 0.1).to(device) for n, p in C.masked_params(model)}
+    mask = {n: (torch.rand(p.shape, generator=g) < 0.1).to(device) for n, p in common.masked_params(model)}
     return args, device, model, x, y, shards, mask
 
 
@@ -69,9 +69,9 @@ def floor_round(model, x, y, shards, rnd, args, device):
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     model.train()
     for c in fedavg.sample_clients(args, rnd):
-        idx = fedavg.local_batches(shards[c], args.j, args.batch_size, C.make_generator(rnd, c)).to(device)
+        idx = fedavg.local_batches(shards[c], args.j, args.batch_size, common.make_generator(rnd, c)).to(device)
         for s in range(args.j):
-            loss = F.cross_entropy(C.forward_logits(model, C.preprocess(x[idx[s]], args.img_size), device,
+            loss = F.cross_entropy(common.forward_logits(model, common.preprocess(x[idx[s]], args.img_size), device,
                                                     args.precision), y[idx[s]])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -80,7 +80,7 @@ def floor_round(model, x, y, shards, rnd, args, device):
 
 def ours_round(model, x, y, shards, rnd, args, device, phase):
     """fedavg.py's round; `phase` = fedavg.Phase(...), made once per run as fedavg.py does."""
-    fedavg.train_round(model, phase, shards, x, y, rnd, args, device, C.grad_scaler(device, args.precision))
+    fedavg.train_round(model, phase, shards, x, y, rnd, args, device, common.grad_scaler(device, args.precision))
 
 
 class PilDataset(torch.utils.data.Dataset):
@@ -90,7 +90,7 @@ class PilDataset(torch.utils.data.Dataset):
         import torchvision.transforms as T
         self.x, self.y = x.cpu().numpy(), y.cpu().tolist()
         self.t = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.Resize(img_size),
-                            T.ToTensor(), T.Normalize(C.IMAGENET_MEAN, C.IMAGENET_STD)])
+                            T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
 
     def __len__(self):
         return len(self.y)
@@ -118,7 +118,7 @@ def peer_round(model, dataset, shards, rnd, args, device):
                 it = iter(loader)
                 xb, yb = next(it)
             xb, yb = xb.to(device), yb.to(device)
-            with C.autocast(device, args.precision):
+            with common.autocast(device, args.precision):
                 loss = F.cross_entropy(local(xb).float(), yb)
             opt.zero_grad()
             loss.backward()
@@ -166,7 +166,7 @@ def time_optimizers(model, mask, device, reps):
         p.requires_grad_(True)
         p.grad = torch.randn_like(p) * 1e-3
     masks = [mask.get(n) for n, _ in model.named_parameters()]
-    sparse = C.SparseSGDM(params, masks, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    sparse = common.SparseSGDM(params, masks, lr=1e-3, momentum=0.9, weight_decay=1e-4)
     dense = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4, foreach=True)
     ratios = []
     for _ in range(reps):
@@ -185,10 +185,10 @@ def time_calibration(a, model, x, shards, args, device, reps):
     central = torch.randperm(len(x))[:len(idx)].to(device)
     out = {"federated": [], "central": [], "one call per client": []}
     for _ in range(reps):
-        out["federated"].append(timed(lambda: C.fisher_sums(model, x[idx], u, args.img_size, 32, device), device))
-        out["central"].append(timed(lambda: C.fisher_sums(model, x[central], u, args.img_size, 32, device), device))
+        out["federated"].append(timed(lambda: common.fisher_sums(model, x[idx], u, args.img_size, 32, device), device))
+        out["central"].append(timed(lambda: common.fisher_sums(model, x[central], u, args.img_size, 32, device), device))
         out["one call per client"].append(timed(lambda: [
-            C.fisher_sums(model, x[idx[i:i + per_client]], u[i:i + per_client], args.img_size, 32, device)
+            common.fisher_sums(model, x[idx[i:i + per_client]], u[i:i + per_client], args.img_size, 32, device)
             for i in range(0, len(idx), per_client)], device))
     return {k: statistics.median(v) / statistics.median(out["central"]) for k, v in out.items()}
 
@@ -199,7 +199,7 @@ def evaluation_share(model, x, y, shards, args, device):
     default client batch (64)."""
     n = min(len(x), 1024)
     args.eval_batch_size = 256
-    per_image = timed(lambda: C.evaluate(model, x[:n], y[:n], args, device), device) / n
+    per_image = timed(lambda: common.evaluate(model, x[:n], y[:n], args, device), device) / n
     default = argparse.Namespace(**dict(vars(args), batch_size=64))
     phase = fedavg.Phase(model, default)
     ours_round(model, x, y, shards, 0, default, device, phase)  # warm-up
