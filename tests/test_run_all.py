@@ -87,7 +87,7 @@ echo "$script ${{CUDA_VISIBLE_DEVICES-unset}} ${{RUN_ALL_PID-unset}} ${{*:2}}" >
 [[ $script != summarize.py ]] || exit 0
 [[ {runs} == fake ]] || exec {sys.executable} "$@"
 if [[ -n ${{FAKE_WAIT:-}} ]]; then
-  trap 'echo "got USR1" >> "$FAKE_LOG"; exit 143' USR1
+  trap 'echo "got signal" >> "$FAKE_LOG"; exit 143' USR1 TERM
   echo "waiting" >> "$FAKE_LOG"
   while :; do sleep 0.05; done
 fi
@@ -334,7 +334,24 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
     assert "other settings" in assert_usage_error(proc)
 
 
-# ----------------------------------------------------------------------------- settings, --gpus (fake runs)
+# ----------------------------------------------------------------------------- settings, --gpus, signals (fake runs)
+
+def test_sigterm_stops_the_running_runs_and_exits_130(tmp_path):
+    results, log = tmp_path / "runs", tmp_path / "calls.log"
+    env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_WAIT": "1", "FAKE_MAP": "/dev/null",
+           "CUDA_VISIBLE_DEVICES": "0,1"}
+    proc = subprocess.Popen(["bash", SCRIPT, "--quick", "--gpus", "2", "--", "--dataset", "synthetic"],
+                            env={**os.environ, "RESULTS": str(results), **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while [c[0] for c in calls(log)].count("waiting") < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    children = stage_children(proc.pid)
+    assert len(children) == 2
+    proc.terminate()
+    assert proc.wait(timeout=30) == 130 and "interrupted" in proc.stderr.read()
+    assert [c[0] for c in calls(log)].count("got") == 2 and not any(map(alive, children))
+
 
 def test_settings_are_recorded_only_once_a_run_succeeded(tmp_path):
     results, log = tmp_path / "runs", tmp_path / "calls.log"
