@@ -506,7 +506,7 @@ def test_slurm_task_passes_the_warning_signal_to_the_run_and_requeues_itself(tmp
                                   ["--", "--resume"]])
 def test_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, argv):
     results = tmp_path / "runs"
-    assert_usage_error(run_all("--quick", *argv, results=results))
+    assert_usage_error(run_all("--quick", "--dry-run", *argv, results=results))
     assert not results.exists()
 
 
