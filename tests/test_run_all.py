@@ -291,17 +291,34 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
     with open(tmp_path / "killed.out", "w") as out:
         proc = subprocess.Popen(["bash", SCRIPT, *argv], stdout=out, stderr=subprocess.STDOUT, env=full_env)
     deadline = time.time() + 300
-    while not (list(results.rglob("result.json")) and stage_children(proc.pid)) and time.time() < deadline \
-            and proc.poll() is None:
-        time.sleep(0.2)
-    children = stage_children(proc.pid)
-    assert children, (tmp_path / "killed.out").read_text()
+    first = None  # the children running when the first run had finished
+    while time.time() < deadline and proc.poll() is None:
+        children = stage_children(proc.pid)
+        if first is None and list(results.rglob("result.json")):
+            first = set(children)
+        if first is not None and set(children) - first:  # a run started since: far from its end
+            break
+        time.sleep(0.1)
+    assert first is not None and set(children) - first, (tmp_path / "killed.out").read_text()
+    runs = []  # the run directory of each child, from its command line
+    for pid in children:
+        try:
+            words = open(f"/proc/{pid}/cmdline").read().split("\0")[:-1]
+        except OSError:  # finished in the meantime
+            continue
+        script = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        runs.append(C.describe_run(shlex.join([os.path.basename(words[script])] + words[script + 1:]))[0])
     proc.kill()
     proc.wait()
     deadline = time.time() + 30  # each saves a checkpoint at its next step boundary first
     while any(map(alive, children)) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(map(alive, children))
+    # stopped, not finished (one killed at its very last step may still finish)
+    logs = [results / "logs" / (os.path.relpath(r, results).replace("/", "_") + ".log") for r in runs]
+    stopped = [log for log in logs if "stopped by signal 15" in log.read_text()]
+    assert stopped and all(not os.path.exists(os.path.join(r, "result.json")) for r, log in zip(runs, logs)
+                           if log in stopped)
     finished_before = len(list(results.rglob("result.json")))
     assert 0 < finished_before < 17
 
