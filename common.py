@@ -1426,18 +1426,123 @@ def plot_bars(path, labels, values, ylabel, title):
     _save_figure(plt, fig, path, title)
 
 
-# ----------------------------------------------------------------------------- prefetch for offline use
+# ----------------------------------------------------------------------------- prefetch, and run_all.sh's questions
 
-def main():
-    p = Parser(description="Download CIFAR-100 and the DINO ViT-S/16 weights, for later offline runs.")
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--arch", default=DEFAULT_ARCH)
+def prefetch(args):
+    """Download what a stage script run with these flags needs, once, before parallel runs or job-array
+    tasks would all try at once: nothing for --dataset synthetic; CIFAR-100; timm's hub weights unless
+    --weights or --no-pretrained say where the backbone comes from."""
+    if args.dataset == "synthetic":
+        print("--dataset synthetic: nothing to download")
+        return
+    load_cifar100(args.data_dir)
+    print(f"CIFAR-100 is in {args.data_dir}")
+    if args.weights is None and not args.no_pretrained:
+        print(f"weights for {args.arch}: {hub_weights(args.arch)}")
+
+
+# Images a run will push through the ViT, (forward+backward, forward only), from its parsed flags: an
+# ESTIMATE for sizing a cluster request (run_all.sh --dry-run), not a measurement. It counts a run from
+# scratch (cached features and a resumed run cost less) and ignores that a FedAvg client's batch never
+# exceeds its shard. Work on cached features (linear heads, ridge statistics, head-only rounds) is not an
+# image pass. Keep it next to the loops it describes when they change.
+
+def split_sizes(a):
+    """(train, val, test) image counts, as load_data splits them."""
+    n, test = (50000, 10000) if a.dataset == "cifar100" else (a.synthetic_size, max(a.synthetic_size // 5, NUM_CLASSES))
+    val = round(n * a.val_frac)
+    return n - val, val, test
+
+
+def centralized_images(a, train, val, test):
+    # a linear probe: backbone features of every image once (--aug-views V: V views of the training set)
+    return 0, train * max(1, a.aug_views) + val + test
+
+
+def editing_images(a, train, val, test):
+    # features once (the head), Fisher calibration (sensitivity rules only, per-sample gradients),
+    # fine-tuning epochs, and val+test evaluation before editing and after every epoch
+    calib = a.calib_rounds * a.fisher_batches * a.fisher_batch_size if not a.mask and "sensitive" in a.rule else 0
+    return calib + a.epochs * train, train + val + test + (a.epochs + 1) * (val + test)
+
+
+def fedavg_images(a, train, val, test):
+    # features once (ridge head / head-only rounds); sampled clients x J local batches per main round;
+    # federated calibration: every client scores ceil(fisher_batches * fisher_batch_size / k) images per
+    # calibration round; validation every --eval-every rounds, test every --test-every, both at the end
+    feats = train + val + test if a.head == "ridge" or a.warmup_rounds or a.train == "head" else 0
+    if a.train == "head":  # every round and every evaluation on cached features
+        return 0, feats
+    clients = math.ceil(a.c * a.k - 1e-9)
+    calib = 0
+    if a.sparse and not a.mask and "sensitive" in a.rule:
+        calib = a.calib_rounds * a.k * math.ceil(a.fisher_batches * a.fisher_batch_size / a.k)
+    evals = (a.rounds // a.eval_every + 1) * val + (a.rounds // a.test_every + 1) * test
+    return a.rounds * clients * a.j * a.batch_size + calib, feats + evals
+
+
+IMAGE_PASSES = {"centralized": centralized_images, "model_editing": editing_images, "fedavg": fedavg_images}
+
+
+def describe_run(line):
+    """'SCRIPT ARG...' (shell-quoted) -> (run directory, images forward+backward, images forward only),
+    from the script's own get_args: the run directory is named in exactly one place."""
+    import contextlib
+    import importlib
+    import shlex
+    line = line.strip()
+    try:
+        words = shlex.split(line)
+    except ValueError as e:
+        raise UserError(f"cannot split {line!r}: {e}")
+    script = os.path.basename(words[0]) if words else ""
+    name = script[:-3] if script.endswith(".py") else script
+    if name not in IMAGE_PASSES:
+        raise UserError(f"{line!r}: the first word must be one of {', '.join(s + '.py' for s in IMAGE_PASSES)}")
+    said = io.StringIO()
+    try:  # argparse reports a bad flag by printing it and exiting: turn that into one line naming the script
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            args = importlib.import_module(name).get_args(words[1:])
+    except SystemExit:
+        raise UserError(f"{script}: {said.getvalue().strip().partition('error: ')[2] or 'not a run'}")
+    if any(c in args.out for c in "\t\n"):
+        raise UserError(f"{script}: run directory {args.out!r} holds a tab or a newline")
+    return (args.out, *IMAGE_PASSES[name](args, *split_sizes(args)))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own, flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, None)
+    p = Parser(description="Download CIFAR-100 and the DINO ViT-S/16 weights for later offline runs; "
+                           "with --prefetch or --describe-runs, answer run_all.sh.",
+               epilog="e.g. python common.py --prefetch -- --dataset cifar100 --weights dino.pth")
+    p.add_argument("--data-dir", default="./data", help="where CIFAR-100 goes")
+    p.add_argument("--arch", default=DEFAULT_ARCH, help="timm ViT whose hub weights to download")
     p.add_argument("--data-only", action="store_true", help="only CIFAR-100 (you bring --weights FILE)")
-    a = p.parse_args()
-    load_cifar100(a.data_dir)
-    print(f"CIFAR-100 is in {a.data_dir}")
-    if not a.data_only:
-        print(f"weights for {a.arch}: {hub_weights(a.arch)}")
+    p.add_argument("--prefetch", action="store_true",
+                   help="download what a stage script needs when run with the flags after -- (it reads "
+                        "--dataset, --data-dir, --arch, --weights, --no-pretrained and ignores the rest)")
+    p.add_argument("--describe-runs", action="store_true",
+                   help="read lines 'SCRIPT ARG...' (shell-quoted) on stdin and print for each "
+                        "'RUN_DIR<tab>IMAGES_FWD_BWD<tab>IMAGES_FWD': its run directory and an estimate of "
+                        "the images it will process with forward+backward and forward-only passes")
+    a = p.parse_args(own)
+    if flags is not None and not a.prefetch:
+        p.error("flags after -- go with --prefetch")
+    if a.prefetch and len(own) > 1:
+        p.error("--prefetch takes the stage scripts' flags after --, not its own")
+    if a.describe_runs:
+        if len(own) > 1:
+            p.error("--describe-runs takes no other flag")
+        described = ["\t".join(map(str, describe_run(line))) for line in sys.stdin if line.strip()]
+        print(*described, sep="\n") if described else None  # all or nothing: a bad line prints no row
+    elif a.prefetch:
+        script_flags = Parser(parents=[base_parser()], prog="common.py --prefetch --", add_help=False)
+        prefetch(script_flags.parse_known_args(flags or [])[0])
+    else:
+        # --data-only: as if the backbone came from elsewhere (prefetch then skips the hub weights)
+        prefetch(argparse.Namespace(dataset="cifar100", data_dir=a.data_dir, arch=a.arch, weights=None,
+                                    no_pretrained=a.data_only))
 
 
 if __name__ == "__main__":

@@ -1,31 +1,48 @@
 #!/usr/bin/env bash
-# run_all.sh - the whole study: centralized baseline -> model editing -> FedAvg -> summary.
+# run_all.sh - the whole study: every run of the grid below, then the tables and plots (summarize.py).
 #
-# usage: [RESULTS=./runs] ./run_all.sh [--quick] [--seeds 0,1,2] [--gpus N | --slurm] [--dry-run]
-#                                      [--summary-only] [-- FLAGS FOR EVERY PYTHON COMMAND]
+# usage: [RESULTS=./runs] [PYTHON=python] ./run_all.sh [--quick] [--seeds 0,1,2] [--dry-run]
+#          [--gpus N | --slurm [--partition P] [--time T] [--account A] [--gres G] [--max-parallel M]]
+#          [--summary-only] [-- FLAGS FOR EVERY RUN]
 #
-#   --quick           a reduced grid with short runs (a smoke check of the whole pipeline)
-#   --seeds LIST      comma-separated seeds; every experiment runs once per seed (default: 0)
-#   --gpus N          N runs at once, one per GPU (CUDA_VISIBLE_DEVICES); default: one at a time
-#   --slurm           submit one job array per stage to SLURM instead of running here
-#     --partition P --time T --account A   sbatch options (default: $SLURM_PARTITION, $SLURM_TIME,
-#                     $SLURM_ACCOUNT; unset: the cluster's defaults)
-#     --gres G        GPUs per task (default: gpu:1; --gres '' asks for none)
-#   --dry-run         print the commands (and skip lines) and do nothing else
+#   --quick           a tiny grid with short runs that still holds every kind of run (a smoke check
+#                     of the whole pipeline); its seeds default to 0
+#   --seeds LIST      comma-separated seeds; every run of the grid runs once per seed (default: 0,1,2)
+#   --dry-run         print the commands, then per stage the runs still to do and the images they will
+#                     process (forward+backward and forward only, an estimate); do nothing else
+#   --gpus N          N runs at once, one per visible GPU (CUDA_VISIBLE_DEVICES if set, an empty one
+#                     meaning none; else `nvidia-smi -L`); default: one run at a time
+#   --slurm           submit one job array (a task per run) and a summary job instead of running here.
+#                     sbatch reads SBATCH_PARTITION, SBATCH_TIMELIMIT, SBATCH_ACCOUNT, SBATCH_GRES, ...
+#                     from the environment as always; these flags, when given, override them:
+#     --partition P --time T --account A
+#     --gres G        per task (default: gpu:1, or SBATCH_GRES if set; --gres '' for none)
+#     --max-parallel M  at most M tasks at once (--array 0-N%M)
+#                     Tasks run with --requeue --signal=B:USR1@120: two minutes before the time limit
+#                     (or on preemption) the run checkpoints at its next step and the task requeues
+#                     itself; the summary job runs after every task ended (afterany).
 #   --summary-only    only rebuild the tables and plots (python summarize.py $RESULTS)
-#   -- FLAGS          appended last to every python command, e.g.
-#                     -- --dataset synthetic --arch test_vit --no-pretrained --img-size 32 --device cpu
+#   -- FLAGS          appended to every run, e.g. a CPU-only smoke test in about a minute:
+#                     ./run_all.sh --quick -- --dataset synthetic --arch test_vit --no-pretrained --img-size 32 --device cpu
 #
-# Stages (each waits for the previous one): 1. centralized grid search + dense FedAvg (they need
-# nothing), 2. model editing (reads the centralized result.json of its seed), 3. sparse FedAvg
-# (reads the mask.pt of the default editing run of its seed). A run whose result.json exists is
-# skipped; any other run is started with --resume, so an interrupted study continues where it
-# stopped. Every run has its own directory under $RESULTS, its log in $RESULTS/logs/.
-# $PYTHON picks the interpreter (default: python).
+# Grid (per seed; the full study):
+#   centralized       centralized.py --grid --compare-schedulers                                   1
+#   editing           the 5 mask rules at sparsity 0.9, 4 calibration rounds; least-sensitive at
+#                     sparsity {0.5,0.75,0.9,0.95,0.99} x rounds {1,2,4,8}                        24
+#   FedAvg dense      splits {iid,nc1,nc5,nc10,nc50} x J {4,8,16}, K=100, C=0.1, --scale-rounds   15
+#   FedAvg sparse     the same 15, least-sensitive s0.9 r4;                                        15
+#                     the 5 rules x {iid,nc5,nc10}, J=4                                            +12
+#                     sparsity {0.5,0.75,0.9,0.95,0.99} x rounds {1,4,8} at nc10, J=4              +14
+# Every run is `python SCRIPT GRID-FLAGS --results $RESULTS --seed S --resume --deterministic FLAGS`.
+# No run reads another (every head is a ridge regression on frozen features), so runs go in any
+# order. A run whose result.json exists is skipped, any other resumes from its checkpoint: the same
+# command continues an interrupted study. Logs: $RESULTS/logs/<run directory, / as _>.log.
+# $RESULTS/run_all.settings records --quick and FLAGS once a run has succeeded; from then on the root
+# refuses a study with other settings (run directories do not encode them).
 set -euo pipefail
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
-# A command as one shell-quoted line: printed, logged, written to SLURM command files, eval'ed.
+# A command as one shell-quoted line: printed, logged, read by Python and by SLURM tasks, eval'ed.
 quote() { local s; s=$(printf '%q ' "$@"); echo "${s% }"; }
 
 HERE=$(dirname "$0")
@@ -35,8 +52,8 @@ RESULTS=${RESULTS%/}
 
 # ----------------------------------------------------------------------------- flags
 
-QUICK=0 SEEDS=0 GPUS="" SLURM=0 DRY=0 SUMMARY_ONLY=0 EXTRA=()
-PARTITION=${SLURM_PARTITION:-} TIME=${SLURM_TIME:-} ACCOUNT=${SLURM_ACCOUNT:-} GRES=gpu:1
+QUICK=0 SEEDS="" GPUS="" SLURM=0 DRY=0 SUMMARY_ONLY=0 EXTRA=() SLURM_ONLY=""
+PARTITION="" TIME="" ACCOUNT="" GRES="" GRES_GIVEN=0 MAX_PARALLEL=""
 needs_value() { [[ $# -ge 2 && $2 != --* ]] || die "$1 needs a value"; }
 while (($#)); do
   case $1 in
@@ -44,10 +61,11 @@ while (($#)); do
     --seeds) needs_value "$@"; SEEDS=$2; shift ;;
     --gpus) needs_value "$@"; GPUS=$2; shift ;;
     --slurm) SLURM=1 ;;
-    --partition) needs_value "$@"; PARTITION=$2; shift ;;
-    --time) needs_value "$@"; TIME=$2; shift ;;
-    --account) needs_value "$@"; ACCOUNT=$2; shift ;;
-    --gres) [[ $# -ge 2 ]] || die "--gres needs a value"; GRES=$2; shift ;;
+    --partition) needs_value "$@"; PARTITION=$2 SLURM_ONLY=$1; shift ;;
+    --time) needs_value "$@"; TIME=$2 SLURM_ONLY=$1; shift ;;
+    --account) needs_value "$@"; ACCOUNT=$2 SLURM_ONLY=$1; shift ;;
+    --gres) [[ $# -ge 2 ]] || die "--gres needs a value ('' for none)"; GRES=$2 GRES_GIVEN=1 SLURM_ONLY=$1; shift ;;
+    --max-parallel) needs_value "$@"; MAX_PARALLEL=$2 SLURM_ONLY=$1; shift ;;
     --dry-run) DRY=1 ;;
     --summary-only) SUMMARY_ONLY=1 ;;
     -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
@@ -57,23 +75,33 @@ while (($#)); do
   shift
 done
 
+# The quick grid is a smoke check: one seed unless asked for more.
+[[ -n $SEEDS ]] || { ((QUICK)) && SEEDS=0 || SEEDS=0,1,2; }
 SEED_RE='(0|[1-9][0-9]*)'
 [[ $SEEDS =~ ^$SEED_RE(,$SEED_RE)*$ ]] || die "--seeds wants comma-separated integers >= 0, got '$SEEDS'"
 [[ -z $(tr , '\n' <<< "$SEEDS" | sort | uniq -d) ]] || die "--seeds lists a seed twice: $SEEDS"
 [[ -z $GPUS || $GPUS =~ ^[1-9][0-9]*$ ]] || die "--gpus wants an integer >= 1, got '$GPUS'"
-GPUS=${GPUS:-0}
-((!(SLURM && GPUS))) || die "--gpus and --slurm exclude each other (SLURM gives each task its GPU)"
+[[ -z $MAX_PARALLEL || $MAX_PARALLEL =~ ^[1-9][0-9]*$ ]] || die "--max-parallel wants an integer >= 1, got '$MAX_PARALLEL'"
+((SLURM)) || [[ -z $SLURM_ONLY ]] || die "$SLURM_ONLY goes with --slurm"
+((!SLURM)) || [[ -z $GPUS ]] || die "--gpus and --slurm exclude each other (SLURM gives each task its GPU)"
 [[ ! -e $RESULTS || -d $RESULTS ]] || die "RESULTS=$RESULTS is a file, not a directory"
 for a in "${EXTRA[@]}"; do
   case $a in
-    --out|--out=*|--seed|--seed=*|--resume)
+    --out|--out=*|--seed|--seed=*|--resume|--results|--results=*)
       die "'$a' after -- is set by run_all.sh itself (use --seeds and RESULTS=)" ;;
   esac
 done
-# With --gpus, run k uses the k-th visible GPU (the k-th entry of CUDA_VISIBLE_DEVICES if set).
-if ((GPUS)); then
-  IFS=, read -ra DEVICES <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((GPUS - 1)))}"
-  ((${#DEVICES[@]} >= GPUS)) || die "--gpus $GPUS but CUDA_VISIBLE_DEVICES lists ${#DEVICES[@]} GPUs"
+
+# Asking for more GPUs than exist would hand out device numbers that do not exist, and those runs
+# would silently fall back to the CPU (100x slower). An empty CUDA_VISIBLE_DEVICES hides every GPU.
+DEVICES=()
+if [[ -n $GPUS ]]; then
+  if [[ -v CUDA_VISIBLE_DEVICES ]]; then
+    IFS=, read -ra DEVICES <<< "$CUDA_VISIBLE_DEVICES"
+  elif command -v nvidia-smi > /dev/null; then
+    mapfile -t DEVICES < <(nvidia-smi -L 2> /dev/null | grep '^GPU' | awk '{print NR - 1}')
+  fi
+  ((${#DEVICES[@]} >= GPUS)) || die "--gpus $GPUS but only ${#DEVICES[@]} GPU(s) visible"
 fi
 if ((SLURM && !DRY && !SUMMARY_ONLY)); then
   command -v sbatch > /dev/null || die "--slurm: sbatch is not on PATH (run this on a SLURM login node)"
@@ -86,12 +114,12 @@ if ((SUMMARY_ONLY)); then
   exec "$PY" "$HERE/summarize.py" "$RESULTS"
 fi
 
-# The directory names below do not encode --quick or the flags after --, so one results root
-# holds one kind of study: the first real run records its settings, a later one must match.
-GRID=full EXTRA_LINE=""
+# Run directories do not encode --quick or the flags after --, so one root holds one kind of study.
+# The settings are recorded only once a run has succeeded: a typo after -- that fails every run must
+# not lock the root, and a root with no finished run takes any settings.
+GRID=full
 ((QUICK == 0)) || GRID=quick
-((${#EXTRA[@]} == 0)) || EXTRA_LINE=$(quote "${EXTRA[@]}")
-SETTINGS="grid=$GRID extra=$EXTRA_LINE"
+SETTINGS="grid=$GRID extra=$( ((${#EXTRA[@]} == 0)) || quote "${EXTRA[@]}")"
 if [[ -f $RESULTS/run_all.settings && $(< "$RESULTS/run_all.settings") != "$SETTINGS" ]]; then
   die "RESULTS=$RESULTS holds a study with other settings ($(< "$RESULTS/run_all.settings")): use another RESULTS="
 fi
@@ -99,174 +127,196 @@ fi
 # ----------------------------------------------------------------------------- the grid
 
 RULES=(least-sensitive most-sensitive lowest-magnitude highest-magnitude random)
-RULE_SPARSITY=0.9  # the 5 rules run at this sparsity and RULE_ROUNDS calibration rounds; this
-                   # least-sensitive run is the "default editing run" whose mask sparse FedAvg uses
-if ((QUICK)); then
-  CENTRAL_ARGS=(--grid --compare-schedulers --epochs 2 --grid-lr 0.1,0.01 --grid-momentum 0.9 --grid-wd 0
-                --schedulers cosine,constant)
-  EDIT_ARGS=(--epochs 1 --warmup-epochs 2 --fisher-batches 1)
-  RULE_ROUNDS=2 SPARSITIES=(0.5 0.9) ROUNDS=(1 2)
-  SPLITS=(iid nc1) JS=(4 8) FED_ARGS=(--rounds 4 --eval-every 2)
+if ((QUICK)); then  # every kind of run of the full grid, each as small as it gets
+  CENTRAL=(--grid --compare-schedulers --epochs 2 --grid-lr 0.1,0.01 --grid-momentum 0.9 --grid-wd 0
+           --schedulers cosine,constant)
+  EDIT=(--epochs 1 --fisher-batches 1)
+  FED=(--k 100 --c 0.1 --scale-rounds --rounds 4 --eval-every 2 --test-every 2)
+  MASK_FLAGS=(--fisher-batches 1)
+  EDIT_RULES=(least-sensitive random) SPARSITY=0.9 CALIB=2
+  EDIT_SPARSITIES=(0.5 0.9) EDIT_CALIBS=(1 2)
+  SPLITS=(iid nc5) JS=(4 8)
+  RULE_SPLITS=(iid nc5) ABLATION_SPLIT=nc5 FED_SPARSITIES=(0.5 0.9) FED_CALIBS=(2)
 else
-  CENTRAL_ARGS=(--grid --compare-schedulers)  # 3 lr x 3 momentum x 2 wd, then all 5 schedulers
-  EDIT_ARGS=()
-  RULE_ROUNDS=4 SPARSITIES=(0.5 0.75 0.9 0.95 0.99) ROUNDS=(1 2 4 8)
-  SPLITS=(iid nc1 nc5 nc10 nc50) JS=(4 8 16) FED_ARGS=()
+  CENTRAL=(--grid --compare-schedulers)  # 3 lr x 3 momentum x 2 wd, then all 5 schedulers
+  EDIT=() FED=(--k 100 --c 0.1 --scale-rounds) MASK_FLAGS=()
+  EDIT_RULES=("${RULES[@]}") SPARSITY=0.9 CALIB=4
+  EDIT_SPARSITIES=(0.5 0.75 0.9 0.95 0.99) EDIT_CALIBS=(1 2 4 8)
+  SPLITS=(iid nc1 nc5 nc10 nc50) JS=(4 8 16)
+  # Sparsity x calibration rounds inside FedAvg at ONE non-IID setting: Nc=10 is heterogeneous, yet
+  # FedAvg still learns well there (published results); at Nc=1 it collapses, which would hide any
+  # effect of the mask. Nc=5 and Nc=10 also carry the mask-rule comparison.
+  RULE_SPLITS=(iid nc5 nc10) ABLATION_SPLIT=nc10 FED_SPARSITIES=(0.5 0.75 0.9 0.95 0.99) FED_CALIBS=(1 4 8)
 fi
-STAGE_NAMES=("" "centralized + dense FedAvg" "model editing (needs the centralized result)"
-             "sparse FedAvg (needs the editing mask)")
 
-RUN_STAGE=() RUN_DIR=() RUN_CMD=()
-add_run() {  # add_run STAGE DIR SCRIPT ARGS...: one experiment for $seed
-  local stage=$1 dir=$2 script=$3
-  shift 3
-  RUN_STAGE+=("$stage") RUN_DIR+=("$dir")
-  RUN_CMD+=("$(quote "$PY" "$HERE/$script" "$@" --seed "$seed" --out "$dir" --resume "${EXTRA[@]}")")
+# One list of runs. STAGE, SCRIPT and ARGS (shell-quoted, with the common flags) per run; a run
+# that two parts of the grid both name (e.g. least-sensitive at the default sparsity) is listed once.
+STAGE=() SCRIPT=() ARGS=()
+declare -A LISTED=()
+add() {  # add STAGE SCRIPT GRID-FLAGS...: one run for $seed
+  local stage=$1 script=$2 args
+  shift 2
+  args=$(quote "$@" --results "$RESULTS" --seed "$seed" --resume --deterministic "${EXTRA[@]}")
+  [[ -z ${LISTED["$script $args"]:-} ]] || return 0
+  LISTED["$script $args"]=1
+  STAGE+=("$stage") SCRIPT+=("$script") ARGS+=("$args")
+}
+split_flags() { [[ $1 == iid ]] && echo --iid || echo "--nc ${1#nc}"; }
+add_sparse_fedavg() {  # add_sparse_fedavg SPLIT J RULE SPARSITY CALIB
+  add "fedavg sparse" fedavg.py "${FED[@]}" $(split_flags "$1") --j "$2" --sparse --rule "$3" \
+    --sparsity "$4" --calib-rounds "$5" "${MASK_FLAGS[@]}"
 }
 
-add_fedavg() {  # add_fedavg STAGE DENSE|SPARSE-ARGS...
-  local stage=$1 kind=$2 split j
-  shift 2
-  for split in "${SPLITS[@]}"; do
-    for j in "${JS[@]}"; do
-      local data=(--iid)
-      [[ $split == iid ]] || data=(--nc "${split#nc}")
-      add_run "$stage" "$RESULTS/fedavg/${split}_j${j}_$kind/seed$seed" fedavg.py \
-        --k 100 --c 0.1 --j "$j" --scale-rounds "${data[@]}" "${FED_ARGS[@]}" "$@"
+# Seed by seed, so that a study stopped early has whole seeds to summarize.
+for seed in ${SEEDS//,/ }; do
+  add centralized centralized.py "${CENTRAL[@]}"
+  for rule in "${EDIT_RULES[@]}"; do
+    add editing model_editing.py "${EDIT[@]}" --rule "$rule" --sparsity $SPARSITY --calib-rounds $CALIB
+  done
+  for s in "${EDIT_SPARSITIES[@]}"; do
+    for r in "${EDIT_CALIBS[@]}"; do
+      add editing model_editing.py "${EDIT[@]}" --rule least-sensitive --sparsity "$s" --calib-rounds "$r"
     done
   done
-}
-
-for seed in ${SEEDS//,/ }; do
-  central=$RESULTS/centralized/seed$seed
-  add_run 1 "$central" centralized.py "${CENTRAL_ARGS[@]}"
-  add_fedavg 1 dense
-
-  declare -A seen=()
-  edits=()
-  for rule in "${RULES[@]}"; do edits+=("$rule $RULE_SPARSITY $RULE_ROUNDS"); done
-  for s in "${SPARSITIES[@]}"; do
-    for r in "${ROUNDS[@]}"; do edits+=("least-sensitive $s $r"); done
+  for split in "${SPLITS[@]}"; do
+    for j in "${JS[@]}"; do add "fedavg dense" fedavg.py "${FED[@]}" $(split_flags "$split") --j "$j"; done
   done
-  for e in "${edits[@]}"; do
-    read -r rule s r <<< "$e"
-    dir=$RESULTS/editing/${rule}_s${s}_r${r}/seed$seed
-    [[ -z ${seen[$dir]:-} ]] || continue  # least-sensitive at the rules' setting is in both lists
-    seen[$dir]=1
-    add_run 2 "$dir" model_editing.py --hparams "$central/result.json" --rule "$rule" --sparsity "$s" \
-      --calib-rounds "$r" "${EDIT_ARGS[@]}"
+  for split in "${SPLITS[@]}"; do
+    for j in "${JS[@]}"; do add_sparse_fedavg "$split" "$j" least-sensitive $SPARSITY $CALIB; done
   done
-
-  default_edit=$RESULTS/editing/least-sensitive_s${RULE_SPARSITY}_r${RULE_ROUNDS}/seed$seed
-  add_fedavg 3 sparse --sparse --mask "$default_edit/mask.pt"
+  for split in "${RULE_SPLITS[@]}"; do
+    for rule in "${EDIT_RULES[@]}"; do add_sparse_fedavg "$split" 4 "$rule" $SPARSITY $CALIB; done
+  done
+  for s in "${FED_SPARSITIES[@]}"; do
+    for r in "${FED_CALIBS[@]}"; do add_sparse_fedavg $ABLATION_SPLIT 4 least-sensitive "$s" "$r"; done
+  done
 done
 
-# Finished runs are skipped: TODO lists (the indices of) the runs still to do.
-TODO=()
-for i in "${!RUN_DIR[@]}"; do
-  if [[ -f ${RUN_DIR[i]}/result.json ]]; then echo "skip (done): ${RUN_DIR[i]}"; else TODO+=("$i"); fi
+# The scripts themselves name each run's directory and, from their parsed flags, the images it will
+# process: one Python call for all runs (a bad flag after -- stops here, before anything is written).
+DESCRIBED=$(for i in "${!ARGS[@]}"; do echo "${SCRIPT[i]} ${ARGS[i]}"; done |
+            "$PY" "$HERE/common.py" --describe-runs) || exit 2
+mapfile -t ROWS <<< "$DESCRIBED"
+((${#ROWS[@]} == ${#ARGS[@]})) || die "common.py --describe-runs answered ${#ROWS[@]} lines for ${#ARGS[@]} runs"
+OUT=() FWD_BWD=() FWD=() TODO=()
+for i in "${!ROWS[@]}"; do
+  IFS=$'\t' read -r 'OUT[i]' 'FWD_BWD[i]' 'FWD[i]' <<< "${ROWS[i]}"
+  if [[ -f ${OUT[i]}/result.json ]]; then echo "skip (done): ${OUT[i]}"; else TODO+=("$i"); fi
 done
-stage_todo() {  # stage_todo K: sets STAGE_TODO to the runs of stage K still to do
-  local i
-  STAGE_TODO=()
-  for i in "${TODO[@]}"; do [[ ${RUN_STAGE[i]} != "$1" ]] || STAGE_TODO+=("$i"); done
-}
-
+command_of() { echo "$(quote "$PY" "$HERE/${SCRIPT[$1]}") ${ARGS[$1]}"; }
+log_of() { local rel=${OUT[$1]#"$RESULTS"/}; echo "$RESULTS/logs/${rel//\//_}.log"; }
 # Download CIFAR-100 and the weights once, before parallel runs or array tasks could all try.
-prefetch_cmd() {
-  local dataset=cifar100 data_dir=./data arch="" hub=1 i
-  for ((i = 0; i < ${#EXTRA[@]}; i++)); do
-    case ${EXTRA[i]} in
-      --dataset) dataset=${EXTRA[i + 1]:-} ;;  --dataset=*) dataset=${EXTRA[i]#*=} ;;
-      --data-dir) data_dir=${EXTRA[i + 1]:-} ;;  --data-dir=*) data_dir=${EXTRA[i]#*=} ;;
-      --arch) arch=${EXTRA[i + 1]:-} ;;  --arch=*) arch=${EXTRA[i]#*=} ;;
-      --weights|--weights=*|--no-pretrained) hub=0 ;;
-    esac
-  done
-  [[ $dataset != synthetic ]] || return 0
-  if ((hub)); then
-    quote "$PY" "$HERE/common.py" --data-dir "$data_dir" ${arch:+--arch "$arch"}
-  else  # a local weights file or a random backbone: only the data
-    quote "$PY" "$HERE/common.py" --data-dir "$data_dir" --data-only
-  fi
-}
-PREFETCH=$( ((${#TODO[@]})) && prefetch_cmd || true)
+PREFETCH=$(quote "$PY" "$HERE/common.py" --prefetch -- "${EXTRA[@]}")
 
 if ((DRY)); then
-  [[ -z $PREFETCH ]] || echo "$PREFETCH"
-  for k in 1 2 3; do
-    stage_todo $k
-    echo "# stage $k/3: ${STAGE_NAMES[k]}: ${#STAGE_TODO[@]} to run"
-    for i in "${STAGE_TODO[@]}"; do echo "${RUN_CMD[i]}"; done
-  done
+  ((${#TODO[@]} == 0)) || echo "$PREFETCH"
+  for i in "${TODO[@]}"; do command_of "$i"; done
   echo "$SUMMARY_CMD"
+  echo "# runs still to do, and the images they will process (an estimate: common.py IMAGE_PASSES)"
+  total_n=0 total_fb=0 total_f=0
+  for stage in centralized editing "fedavg dense" "fedavg sparse"; do
+    n=0 fb=0 f=0
+    for i in "${TODO[@]}"; do
+      [[ ${STAGE[i]} == "$stage" ]] || continue
+      ((n += 1, fb += FWD_BWD[i], f += FWD[i])) || true
+    done
+    echo "stage $stage: $n runs, $fb images forward+backward, $f forward only"
+    ((total_n += n, total_fb += fb, total_f += f)) || true
+  done
+  echo "total: $total_n runs, $total_fb images forward+backward, $total_f forward only"
   exit 0
 fi
 
 # ----------------------------------------------------------------------------- running
 
-if [[ -n $PREFETCH ]]; then  # first: if it fails (no network, no data), nothing else is written
+if ((${#TODO[@]})); then  # first: if it fails (no network, no data), nothing else is written
   echo "prefetch: $PREFETCH"
-  eval "$PREFETCH"
+  "$PY" "$HERE/common.py" --prefetch -- "${EXTRA[@]}" || exit 2
 fi
 mkdir -p "$RESULTS/logs"
-[[ -f $RESULTS/run_all.settings ]] || echo "$SETTINGS" > "$RESULTS/run_all.settings"
-log_of() { local rel=${1#"$RESULTS"/}; echo "$RESULTS/logs/${rel//\//_}.log"; }
+record_settings() { [[ -f $RESULTS/run_all.settings ]] || echo "$SETTINGS" > "$RESULTS/run_all.settings"; }
 
 if ((SLURM)); then
+  n=${#TODO[@]}
+  ((n)) || { echo "nothing to run"; exit 0; }
   mkdir -p "$RESULTS/slurm"
+  stamp=$(date +%Y%m%d-%H%M%S)-$$  # files of earlier submissions may still be read by their tasks
+  cmds=$RESULTS/slurm/$stamp.cmds
+  for i in "${TODO[@]}"; do echo "$(quote "$(log_of "$i")") $(command_of "$i")"; done > "$cmds"
   task=$RESULTS/slurm/task.sh
   cat > "$task.tmp" << 'EOF'
 #!/usr/bin/env bash
-# One task of a run_all.sh job array: runs line $SLURM_ARRAY_TASK_ID (counted from 0) of the file $1.
-set -euo pipefail
-cmd=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$1")
-echo "$cmd"
-eval "$cmd"
+# One task of a run_all.sh job array: line SLURM_ARRAY_TASK_ID (from 0) of the file $1 is
+# 'LOG COMMAND...'; the first run that succeeds writes the study's settings $2 into the file $3.
+# SLURM's warning signal (--signal=B:USR1@120) and a preemption's TERM reach this
+# shell only: pass them to the run, which checkpoints at its next step and exits 143; then requeue the
+# task, which resumes the run from that checkpoint.
+set -uo pipefail
+eval "words=($(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$1"))"
+export RUN_ALL_PID=$$  # the run dies with this shell, whatever kills it
+pid=""
+forward() { [[ -z $pid ]] || kill -USR1 "$pid" 2> /dev/null || true; }
+trap forward USR1 TERM
+echo "${words[*]:1}"
+"${words[@]:1}" >> "${words[0]}" 2>&1 &
+pid=$!
+while :; do  # a trapped signal ends `wait` early; wait again until the run has saved and exited
+  status=0
+  wait "$pid" || status=$?
+  ((status > 128)) && kill -0 "$pid" 2> /dev/null || break
+done
+if ((status == 0)) && [[ ! -f $3 ]]; then  # tasks may race here: each writes whole, same content
+  echo "$2" > "$3.$$" && mv "$3.$$" "$3"
+fi
+if ((status == 143)); then
+  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+fi
+exit "$status"
 EOF
   mv "$task.tmp" "$task"
+  chmod +x "$task"
+  # Only what was given here goes on the command line; sbatch reads its SBATCH_* variables itself.
   opts=(--parsable --chdir "$PWD" ${PARTITION:+--partition "$PARTITION"} ${TIME:+--time "$TIME"}
         ${ACCOUNT:+--account "$ACCOUNT"})
-  stamp=$(date +%Y%m%d-%H%M%S)-$$  # command files of earlier submissions may still be read
-  prev=""
-  for k in 1 2 3; do
-    stage_todo $k
-    n=${#STAGE_TODO[@]}
-    ((n)) || { echo "stage $k/3: nothing to run"; continue; }
-    cmds=$RESULTS/slurm/$stamp-stage$k.cmds
-    for i in "${STAGE_TODO[@]}"; do
-      echo "${RUN_CMD[i]} >> $(quote "$(log_of "${RUN_DIR[i]}")") 2>&1"
-    done > "$cmds.tmp"
-    mv "$cmds.tmp" "$cmds"
-    id=$(sbatch "${opts[@]}" ${GRES:+--gres "$GRES"} ${prev:+--dependency "afterok:$prev"} \
-      --array "0-$((n - 1))" --job-name "run_all-stage$k" \
-      --output "$RESULTS/logs/slurm-%A_%a.out" "$task" "$cmds")
-    prev=${id%%;*}  # --parsable prints "jobid" or "jobid;cluster"
-    echo "stage $k/3: ${STAGE_NAMES[k]}: job array $prev, $n tasks ($cmds)"
-  done
-  id=$(sbatch "${opts[@]}" ${prev:+--dependency "afterok:$prev"} --job-name run_all-summary \
-    --output "$RESULTS/logs/slurm-summary-%j.out" --wrap "$SUMMARY_CMD")
-  echo "summary: job ${id%%;*}; tables and plots will be in $RESULTS/summary/ (logs in $RESULTS/logs/)"
+  gres=() no_gres=()
+  if ((GRES_GIVEN)) && [[ -z $GRES ]]; then no_gres=(env -u SBATCH_GRES)  # --gres '': none at all
+  elif ((GRES_GIVEN)); then gres=(--gres "$GRES")
+  elif [[ ! -v SBATCH_GRES ]]; then gres=(--gres gpu:1)
+  fi
+  id=$("${no_gres[@]}" sbatch "${opts[@]}" "${gres[@]}" --array "0-$((n - 1))${MAX_PARALLEL:+%$MAX_PARALLEL}" \
+    --requeue --signal=B:USR1@120 --job-name run_all --output "$RESULTS/logs/slurm-%A_%a.out" \
+    "$task" "$cmds" "$SETTINGS" "$RESULTS/run_all.settings")
+  id=${id%%;*}  # --parsable prints "jobid" or "jobid;cluster"
+  echo "job array $id: $n runs ($cmds)"
+  # afterany: summarize whatever finished, failed tasks included; a dependency that can never be met
+  # (e.g. the array was cancelled before it existed) cancels the summary instead of leaving it pending.
+  sid=$(env -u SBATCH_GRES sbatch "${opts[@]}" --dependency "afterany:$id" --kill-on-invalid-dep=yes \
+    --job-name run_all-summary --output "$RESULTS/logs/slurm-summary-%j.out" --wrap "$SUMMARY_CMD")
+  echo "summary: job ${sid%%;*}; tables and plots will be in $RESULTS/summary/ (logs in $RESULTS/logs/)"
   exit 0
 fi
 
-# Local: a pool of max(GPUS, 1) slots; slot g runs on DEVICES[g]. Between stages, all runs finish.
+# Local: a pool of max(GPUS, 1) slots; slot g runs on DEVICES[g].
 # Runs side by side share the CPU cores (unless OMP_NUM_THREADS says otherwise): torch's default of
 # one thread per core in every process oversubscribes the CPU and can slow all of them down many times.
-SLOTS=$((GPUS > 0 ? GPUS : 1))
+SLOTS=${GPUS:-1}
 THREADS=$(($(nproc) / SLOTS > 0 ? $(nproc) / SLOTS : 1))
 SLOT_PID=() SLOT_RUN=() SLOT_T0=() FAILED=()
 for ((g = 0; g < SLOTS; g++)); do SLOT_PID[g]=""; done
+# A run gets SIGTERM when this shell dies, even by SIGKILL (PR_SET_PDEATHSIG, see common.die_with_parent):
+# an orphan would go on writing while a rerun starts the same run again.
+export RUN_ALL_PID=$$
 
 reap() {  # reap G: collect the finished run of slot G
   local g=$1 i=${SLOT_RUN[$1]} status=0
   wait "${SLOT_PID[g]}" || status=$?
   SLOT_PID[g]=""
-  if ((status == 0)) && [[ -f ${RUN_DIR[i]}/result.json ]]; then
-    echo "done ($((SECONDS - SLOT_T0[g]))s): ${RUN_DIR[i]}"
+  if ((status == 0)) && [[ -f ${OUT[i]}/result.json ]]; then
+    echo "done ($((SECONDS - SLOT_T0[g]))s): ${OUT[i]}"
+    record_settings
   else
-    echo "FAILED (exit $status): ${RUN_DIR[i]}; see $(log_of "${RUN_DIR[i]}")"
-    FAILED+=("${RUN_DIR[i]}")
+    echo "FAILED (exit $status): ${OUT[i]}; see $(log_of "$i")"
+    FAILED+=("$i")
   fi
 }
 
@@ -281,36 +331,38 @@ free_slot() {  # sets FREE to an idle slot, waiting for a run to finish if there
   done
 }
 
-interrupted() {
+interrupted() {  # the runs save a checkpoint at their next step and exit; wait for that
   local g
+  trap '' INT TERM
   for ((g = 0; g < SLOTS; g++)); do
     [[ -z ${SLOT_PID[g]} ]] || kill -TERM "${SLOT_PID[g]}" 2> /dev/null || true
   done
+  wait
   echo "interrupted: run the same command again to continue (finished runs are skipped)" >&2
   exit 130
 }
 trap interrupted INT TERM
 
-for k in 1 2 3; do
-  stage_todo $k
-  echo "stage $k/3: ${STAGE_NAMES[k]}: ${#STAGE_TODO[@]} to run"
-  for i in "${STAGE_TODO[@]}"; do
-    free_slot
-    g=$FREE
-    echo "run: ${RUN_CMD[i]}"
-    (
-      ((GPUS == 0)) || export CUDA_VISIBLE_DEVICES=${DEVICES[g]} OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
-      eval "exec ${RUN_CMD[i]}"  # exec: the slot's pid is the python process itself
-    ) >> "$(log_of "${RUN_DIR[i]}")" 2>&1 &
-    SLOT_PID[g]=$! SLOT_RUN[g]=$i SLOT_T0[g]=$SECONDS
-  done
-  for ((g = 0; g < SLOTS; g++)); do [[ -z ${SLOT_PID[g]} ]] || reap "$g"; done
-  if ((${#FAILED[@]})); then
-    echo "stopped after stage $k/3: ${#FAILED[@]} run(s) failed; the later stages need them." >&2
-    echo "Fix the cause and run the same command again (finished runs are skipped)." >&2
-    exit 1
-  fi
+echo "${#TODO[@]} runs to do"
+for i in "${TODO[@]}"; do
+  free_slot
+  g=$FREE
+  echo "run: $(command_of "$i")"
+  (
+    ((GPUS == 0)) || export CUDA_VISIBLE_DEVICES=${DEVICES[g]} OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
+    eval "exec $(command_of "$i")"  # exec: the slot's pid is the run itself, a child of this shell
+  ) >> "$(log_of "$i")" 2>&1 &
+  SLOT_PID[g]=$! SLOT_RUN[g]=$i SLOT_T0[g]=$SECONDS
 done
+for ((g = 0; g < SLOTS; g++)); do [[ -z ${SLOT_PID[g]} ]] || reap "$g"; done
 
-echo "summary: $SUMMARY_CMD"
-eval "$SUMMARY_CMD"
+if compgen -G "$RESULTS/*/*/*/result.json" > /dev/null; then  # summarize whatever finished
+  echo "summary: $SUMMARY_CMD"
+  "$PY" "$HERE/summarize.py" "$RESULTS" || { echo "summary FAILED" >&2; exit 1; }
+fi
+if ((${#FAILED[@]})); then
+  echo "${#FAILED[@]} run(s) failed:" >&2
+  for i in "${FAILED[@]}"; do echo "  ${OUT[i]}: see $(log_of "$i")" >&2; done
+  echo "Fix the cause and run the same command again (finished runs are skipped)." >&2
+  exit 1
+fi

@@ -1,20 +1,30 @@
-"""run_all.sh: the grid it lists, a quick study end to end, SLURM submission, the stage barrier,
-bad input. (summarize.py on its own: test_summarize.py.)"""
-import csv
+"""run_all.sh and its helpers in common.py: the grid it lists and what it costs (--dry-run,
+--describe-runs, --prefetch), a quick study end to end (killed, resumed, then nothing to redo), the
+settings file, --gpus, SLURM submission and its task script, bad input."""
 import json
+import math
 import os
 import shlex
-import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+import centralized
+import common as C
+import fedavg
+import model_editing
 from conftest import ROOT, TINY
 from helpers import assert_usage_error
 
 SCRIPT = os.path.join(ROOT, "run_all.sh")
 RULES = ["least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"]
+STAGES = ["centralized", "editing", "fedavg dense", "fedavg sparse"]
+# A tiny study on the CPU: 600 synthetic images is the smallest set that leaves a validation image per
+# class. Its time goes mostly into starting 17 processes (importing torch, timm, matplotlib), not compute.
+SMALL = TINY + ["--synthetic-size", "600", "--batch-size", "16"]
 
 
 def run_all(*argv, results, env=None, timeout=600):
@@ -24,35 +34,78 @@ def run_all(*argv, results, env=None, timeout=600):
                           timeout=timeout)
 
 
-def commands(stdout):
-    """The python command lines of a --dry-run, each as {'script': ..., 'flags': {flag: value or True}}."""
+def listed_runs(stdout):
+    """The stage-script commands of a --dry-run, each as (script, parsed args): parsed by the script's
+    own get_args, so a flag it would refuse fails here."""
+    parse = {"centralized.py": centralized.get_args, "model_editing.py": model_editing.get_args,
+             "fedavg.py": fedavg.get_args}
     out = []
     for line in stdout.splitlines():
         words = shlex.split(line)
-        if not words or words[0] != sys.executable or not words[1].endswith(".py"):
-            continue
-        flags, i = {}, 2
-        while i < len(words):
-            takes_value = i + 1 < len(words) and not words[i + 1].startswith("--")
-            flags[words[i]] = words[i + 1] if takes_value else True
-            i += 2 if takes_value else 1
-        out.append({"script": os.path.basename(words[1]), "flags": flags})
+        if len(words) > 1 and words[0] == sys.executable and os.path.basename(words[1]) in parse:
+            script = os.path.basename(words[1])
+            out.append((script, parse[script](words[2:]), words[2:]))
     return out
 
 
-def fake_python(tmp_path):
-    """A stand-in for python that records every call (script, CUDA_VISIBLE_DEVICES, --out) in
-    calls.log and 'finishes' the run by writing result.json into --out; it fails (exit 1) when its
-    arguments contain $FAIL_IF."""
-    path = tmp_path / "fake_python"
-    path.write_text("""#!/usr/bin/env bash
-out=""; prev=""
-for a in "$@"; do [[ $prev == --out ]] && out=$a; prev=$a; done
-echo "$(basename "$1") ${CUDA_VISIBLE_DEVICES:-none} $out" >> "$FAKE_LOG"
-if [[ -n ${FAIL_IF:-} && " $* " == *" $FAIL_IF "* ]]; then echo "failing on purpose" >&2; exit 1; fi
-if [[ -n $out ]]; then mkdir -p "$out" && echo '{}' > "$out/result.json"; fi
+def stage_lines(stdout):
+    """{stage: (runs, images fwd+bwd, images fwd)} and the total, from the summary lines of a --dry-run."""
+    got = {}
+    for line in stdout.splitlines():
+        if line.startswith(("stage ", "total: ")):
+            name, _, rest = line.partition(": ")
+            words = rest.split()
+            got[name.removeprefix("stage ")] = (int(words[0]), int(words[2]), int(words[5]))
+    return got
+
+
+def run_key(script, a):
+    """(stage, what distinguishes the run in the grid)."""
+    if script == "centralized.py":
+        return "centralized", (a.grid, a.compare_schedulers)
+    if script == "model_editing.py":
+        return "editing", (a.rule, a.sparsity, a.calib_rounds)
+    split = "iid" if a.iid else f"nc{a.nc}"
+    if a.sparse:
+        return "fedavg sparse", (split, a.j, a.rule, a.sparsity, a.calib_rounds)
+    return "fedavg dense", (split, a.j)
+
+
+def fake_python(tmp_path, runs="fake"):
+    """A stand-in for $PYTHON. common.py always runs for real (run_all.sh asks it for run directories).
+    summarize.py is recorded and does nothing (its own tests are in test_summarize.py). A stage script
+    is run for real with runs='real'; with runs='fake' it is recorded in $FAKE_LOG as
+    'SCRIPT CUDA_VISIBLE_DEVICES RUN_ALL_PID ARGS...' and 'finishes' by writing result.json into the run
+    directory that $FAKE_MAP gives for its arguments (lines 'ARGS<tab>DIR'); it fails (exit 1) when its
+    arguments contain $FAIL_IF, and with $FAKE_WAIT it waits for SIGUSR1, then exits 143 as a
+    checkpointing run does."""
+    path = tmp_path / f"python_{runs}"
+    path.write_text(f"""#!/usr/bin/env bash
+script=$(basename "$1")
+[[ $script != common.py ]] || exec {sys.executable} "$@"
+echo "$script ${{CUDA_VISIBLE_DEVICES-unset}} ${{RUN_ALL_PID-unset}} ${{*:2}}" >> "$FAKE_LOG"
+[[ $script != summarize.py ]] || exit 0
+[[ {runs} == fake ]] || exec {sys.executable} "$@"
+if [[ -n ${{FAKE_WAIT:-}} ]]; then
+  trap 'echo "got signal" >> "$FAKE_LOG"; exit 143' USR1 TERM
+  echo "waiting" >> "$FAKE_LOG"
+  while :; do sleep 0.05; done
+fi
+if [[ -n ${{FAIL_IF:-}} && " $* " == *" $FAIL_IF "* ]]; then echo "failing on purpose" >&2; exit 1; fi
+out=$(awk -F'\\t' -v k="${{*:2}}" '$1 == k {{print $2}}' "$FAKE_MAP")
+mkdir -p "$out" && echo '{{}}' > "$out/result.json"
 """)
     path.chmod(0o755)
+    return str(path)
+
+
+def fake_map(tmp_path, *dry_runs):
+    """$FAKE_MAP for the runs listed by these --dry-run outputs."""
+    path = tmp_path / "fake.map"
+    with open(path, "a") as f:
+        for stdout in dry_runs:
+            for _, a, words in listed_runs(stdout):
+                f.write(" ".join(words) + "\t" + a.out + "\n")
     return str(path)
 
 
@@ -62,212 +115,422 @@ def calls(log):
 
 # ----------------------------------------------------------------------------- the grid (--dry-run)
 
-FULL = dict(edits={(r, "0.9", "4") for r in RULES} |
-                  {("least-sensitive", s, r) for s in ("0.5", "0.75", "0.9", "0.95", "0.99") for r in "1248"},
-            feds={(split, j, sparse) for split in ("iid", "1", "5", "10", "50") for j in ("4", "8", "16")
-                  for sparse in (False, True)},
-            default_mask="least-sensitive_s0.9_r4", per_seed=(1, 24, 30), per_stage=(16, 24, 15))
-QUICK = dict(edits={(r, "0.9", "2") for r in RULES} |
-                   {("least-sensitive", s, r) for s in ("0.5", "0.9") for r in "12"},
-             feds={(split, j, sparse) for split in ("iid", "1") for j in ("4", "8") for sparse in (False, True)},
-             default_mask="least-sensitive_s0.9_r2", per_seed=(1, 8, 8), per_stage=(5, 8, 4))
+S5 = (0.5, 0.75, 0.9, 0.95, 0.99)
+SPLITS = ("iid", "nc1", "nc5", "nc10", "nc50")
+FULL = {  # the grid of the study, as the issue defines it
+    "centralized": {(True, True)},
+    "editing": {(r, 0.9, 4) for r in RULES} | {("least-sensitive", s, r) for s in S5 for r in (1, 2, 4, 8)},
+    "fedavg dense": {(sp, j) for sp in SPLITS for j in (4, 8, 16)},
+    "fedavg sparse": {(sp, j, "least-sensitive", 0.9, 4) for sp in SPLITS for j in (4, 8, 16)}
+                     | {(sp, 4, r, 0.9, 4) for sp in ("iid", "nc5", "nc10") for r in RULES}
+                     | {("nc10", 4, "least-sensitive", s, r) for s in S5 for r in (1, 4, 8)},
+}
+QUICK = {  # every kind of run of FULL, each as small as it gets
+    "centralized": {(True, True)},
+    "editing": {(r, 0.9, 2) for r in ("least-sensitive", "random")}
+               | {("least-sensitive", s, r) for s in (0.5, 0.9) for r in (1, 2)},
+    "fedavg dense": {(sp, j) for sp in ("iid", "nc5") for j in (4, 8)},
+    "fedavg sparse": {(sp, j, "least-sensitive", 0.9, 2) for sp in ("iid", "nc5") for j in (4, 8)}
+                     | {(sp, 4, r, 0.9, 2) for sp in ("iid", "nc5") for r in ("least-sensitive", "random")}
+                     | {("nc5", 4, "least-sensitive", s, 2) for s in (0.5, 0.9)},
+}
 
 
-@pytest.mark.parametrize("grid,argv", [(FULL, []), (FULL, ["--seeds", "0,1"]), (QUICK, ["--quick"]),
-                                       (QUICK, ["--quick", "--seeds", "3,5,7"])])
-def test_dry_run_lists_exactly_the_grid(tmp_path, grid, argv):
+def test_the_grids_have_the_sizes_the_issue_states():
+    """The per-seed sizes: overlaps (least-sensitive at the default setting) count once."""
+    assert [len(FULL[s]) for s in STAGES] == [1, 24, 15, 15 + 12 + 14]
+    assert [len(QUICK[s]) for s in STAGES] == [1, 5, 4, 4 + 2 + 1]
+
+
+@pytest.mark.parametrize("grid,argv,seeds", [(FULL, [], [0, 1, 2]), (QUICK, ["--quick"], [0]),
+                                             (QUICK, ["--quick", "--seeds", "3,5"], [3, 5])])
+def test_dry_run_lists_the_grid_and_counts_its_runs_and_images(tmp_path, grid, argv, seeds):
     results = tmp_path / "runs"
     proc = run_all("--dry-run", *argv, results=results)
     assert proc.returncode == 0, proc.stderr
     assert not results.exists()  # a dry run writes nothing
-    cmds = commands(proc.stdout)
-    seeds = argv[argv.index("--seeds") + 1].split(",") if "--seeds" in argv else ["0"]
-    headers = [line for line in proc.stdout.splitlines() if line.startswith("# stage ")]
-    assert [int(h.split(": ")[-1].split()[0]) for h in headers] == [n * len(seeds) for n in grid["per_stage"]]
 
-    prefetch = [c for c in cmds if c["script"] == "common.py"]
-    assert len(prefetch) == 1 and cmds[0] is prefetch[0]  # cifar100: downloaded once, before any run
-    for c in cmds:
-        if c["script"] not in ("common.py", "summarize.py"):
-            assert c["flags"]["--resume"] is True and c["flags"]["--seed"] in seeds
-            assert c["flags"]["--out"].endswith(f"/seed{c['flags']['--seed']}")
-    assert len({c["flags"].get("--out") for c in cmds if "--out" in c["flags"]}) == len(cmds) - 2  # distinct dirs
-    assert cmds[-1]["script"] == "summarize.py"
+    runs = listed_runs(proc.stdout)
+    for _, a, words in runs:  # what run_all.sh adds to every run
+        assert a.results == str(results) and a.resume and a.deterministic and a.seed in seeds
+        assert a.out.startswith(f"{results}/") and a.out.endswith(f"/seed{a.seed}")
+    assert len({a.out for _, a, _ in runs}) == len(runs)  # no run twice
+    got = {(seed, *run_key(s, a)) for s, a, _ in runs for seed in [a.seed]}
+    assert got == {(seed, stage, key) for seed in seeds for stage in STAGES for key in grid[stage]}
+    for script, a, _ in runs:
+        if script == "fedavg.py":
+            assert (a.k, a.c, a.scale_rounds) == (100, 0.1, True)
+    if grid is QUICK:  # short runs
+        assert all(a.epochs <= 2 for s, a, _ in runs if s != "fedavg.py")
+        assert all(a.rounds <= 4 and a.eval_every == a.test_every == 2 for s, a, _ in runs if s == "fedavg.py")
+        assert all(a.fisher_batches == 1 for s, a, _ in runs if s == "model_editing.py" or getattr(a, "sparse", 0))
 
-    central = [c for c in cmds if c["script"] == "centralized.py"]
-    edits = [c for c in cmds if c["script"] == "model_editing.py"]
-    feds = [c for c in cmds if c["script"] == "fedavg.py"]
-    assert (len(central), len(edits), len(feds)) == tuple(n * len(seeds) for n in grid["per_seed"])
-    assert (1, len(grid["edits"]), len(grid["feds"])) == grid["per_seed"]
-    for seed in seeds:
-        c = [c for c in central if c["flags"]["--seed"] == seed]
-        assert len(c) == 1 and c[0]["flags"]["--grid"] and c[0]["flags"]["--compare-schedulers"]
-        e = [c for c in edits if c["flags"]["--seed"] == seed]
-        assert {tuple(x["flags"][k] for k in ("--rule", "--sparsity", "--calib-rounds")) for x in e} == grid["edits"]
-        assert all(x["flags"]["--hparams"] == f"{results}/centralized/seed{seed}/result.json" for x in e)
-        fd = [c for c in feds if c["flags"]["--seed"] == seed]
-        assert {(x["flags"].get("--nc", "iid"), x["flags"]["--j"], "--sparse" in x["flags"]) for x in fd} == \
-            grid["feds"]
-        mask_dir = f"{results}/editing/{grid['default_mask']}/seed{seed}"
-        assert any(x["flags"]["--out"] == mask_dir for x in e)  # the default editing run is in the grid
-        for x in fd:
-            assert x["flags"]["--scale-rounds"] and x["flags"]["--k"] == "100" and x["flags"]["--c"] == "0.1"
-            assert x["flags"].get("--mask") == (f"{mask_dir}/mask.pt" if "--sparse" in x["flags"] else None)
-
-    # stages in order: whatever a run reads is made in an earlier stage
-    at = {}
-    for i, c in enumerate(cmds):
-        at.setdefault(c["script"] + (" sparse" if "--sparse" in c["flags"] else ""), []).append(i)
-    assert max(at["centralized.py"] + at["fedavg.py"]) < min(at["model_editing.py"])
-    assert max(at["model_editing.py"]) < min(at["fedavg.py sparse"])
+    counted = stage_lines(proc.stdout)
+    assert [counted[s][0] for s in STAGES] == [len(grid[s]) * len(seeds) for s in STAGES]
+    images = {s: [0, 0] for s in STAGES}
+    for script, a, words in runs:
+        _, fb, f = C.describe_run(shlex.join([script] + words))
+        images[run_key(script, a)[0]][0] += fb
+        images[run_key(script, a)[0]][1] += f
+    for s in STAGES:
+        assert counted[s][1:] == tuple(images[s])
+        assert counted[s][2] > 0 and (counted[s][1] > 0) == (s != "centralized")  # a probe trains no backbone
+    assert counted["total"] == tuple(sum(counted[s][k] for s in STAGES) for k in range(3))
 
 
-def test_dry_run_skips_finished_runs_and_appends_the_passthrough_flags_last(tmp_path):
+def test_dry_run_skips_finished_runs_and_appends_the_flags_after_the_separator_last(tmp_path):
     results = tmp_path / "runs"
-    (results / "centralized" / "seed0").mkdir(parents=True)
-    (results / "centralized" / "seed0" / "result.json").write_text("{}")
-    before = sorted(p for p in results.rglob("*"))
+    first = run_all("--dry-run", "--quick", "--", "--dataset", "synthetic", "--batch-size", "9", results=results)
+    assert first.returncode == 0, first.stderr
+    done = [a.out for s, a, _ in listed_runs(first.stdout) if s == "model_editing.py"][0]
+    os.makedirs(done)
+    with open(os.path.join(done, "result.json"), "w") as f:
+        f.write("{}")
     proc = run_all("--dry-run", "--quick", "--", "--dataset", "synthetic", "--batch-size", "9", results=results)
     assert proc.returncode == 0, proc.stderr
-    assert f"skip (done): {results}/centralized/seed0" in proc.stdout.splitlines()
-    cmds = commands(proc.stdout)
-    assert not [c for c in cmds if c["script"] in ("centralized.py", "common.py")]  # synthetic: no prefetch
-    assert len(cmds) == 16 + 1
-    for c in cmds[:-1]:
-        assert list(c["flags"])[-2:] == ["--dataset", "--batch-size"] and c["flags"]["--batch-size"] == "9"
-    assert sorted(p for p in results.rglob("*")) == before
+    assert f"skip (done): {done}" in proc.stdout.splitlines()
+    runs = listed_runs(proc.stdout)
+    assert len(runs) == 16 and done not in {a.out for _, a, _ in runs}
+    assert stage_lines(proc.stdout)["editing"][0] == 4
+    for _, a, words in runs:
+        assert words[-4:] == ["--dataset", "synthetic", "--batch-size", "9"] and a.batch_size == 9
+    prefetch = [line for line in proc.stdout.splitlines() if line.startswith(sys.executable) and "common.py" in line]
+    assert prefetch == [shlex.join([sys.executable, os.path.join(ROOT, "common.py"), "--prefetch", "--",
+                                    "--dataset", "synthetic", "--batch-size", "9"])]
 
 
-# ----------------------------------------------------------------------------- a quick study, end to end
+# ----------------------------------------------------------------------------- common.py --describe-runs / --prefetch
 
-def test_quick_study_end_to_end_then_nothing_to_redo(tmp_path):
-    results = tmp_path / "runs"
-    tiny = TINY + ["--synthetic-size", "1000"]
-    proc = run_all("--quick", "--gpus", "2", "--", *tiny, results=results)  # two at a time, even on a CPU
+def describe(*lines):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "common.py"), "--describe-runs"],
+                          input="".join(line + "\n" for line in lines), capture_output=True, text=True)
+
+
+def test_describe_runs_names_the_run_directory_and_counts_images_by_hand(tmp_path):
+    line = (f"fedavg.py --k 100 --c 0.1 --j 8 --scale-rounds --nc 10 --sparse --rule least-sensitive "
+            f"--sparsity 0.9 --calib-rounds 4 --results {tmp_path}/r --seed 1")
+    proc = describe(line, f"model_editing.py --rule random --epochs 2 --results {tmp_path}/r")
+    assert proc.returncode == 0, proc.stderr
+    fed, edit = [row.split("\t") for row in proc.stdout.splitlines()]
+    # CIFAR-100: 45000 train, 5000 val, 10000 test. J=8 scales 300 rounds to 150; 10 clients a round,
+    # batch 64; calibration: 4 rounds x 100 clients x ceil(8 x 32 / 100) = 3 images; val after rounds
+    # 20, 40, ..., 140 and 150; test after 100 and 150; features of every image once (the ridge head).
+    assert fed == [f"{tmp_path}/r/fedavg/nc10_j8_sparse-least-sensitive_s0.9_r4/seed1",
+                   str(150 * 10 * 8 * 64 + 4 * 100 * 3), str(60000 + 8 * 5000 + 2 * 10000)]
+    # editing with a magnitude-free rule: no Fisher pass; 2 epochs; val+test before and after each epoch
+    assert edit == [f"{tmp_path}/r/editing/random_s0.9_r4/seed0", str(2 * 45000), str(60000 + 3 * 15000)]
+
+
+@pytest.mark.parametrize("line,says", [("fedavg.py --bogus 3", "fedavg.py: unrecognized arguments: --bogus"),
+                                       ("fedavg.py --iid --nc 5", "fedavg.py: --iid and --nc exclude"),
+                                       ("train.py --lr 1", "first word must be one of"),
+                                       ("fedavg.py 'unclosed", "cannot split"),
+                                       ("centralized.py --help", "centralized.py: not a run")])
+def test_describe_run_refuses_a_bad_line_in_one_line(line, says):
+    with pytest.raises(C.UserError, match=says.replace("(", r"\(")):
+        C.describe_run(line)
+
+
+def test_describe_runs_refuses_a_bad_line_with_exit_2_and_prints_no_row():
+    proc = describe("centralized.py", "fedavg.py --k 0")
+    assert "fedavg.py: argument --k" in assert_usage_error(proc) and proc.stdout == ""
+
+
+@pytest.mark.parametrize("flags,want", [(["--dataset", "synthetic", "--k", "5"], []),
+                                        (["--data-dir", "D", "--weights", "w.pth"], ["data D"]),
+                                        (["--no-pretrained", "--data-dir=D"], ["data D"]),
+                                        (["--arch", "vit_x", "--epochs", "3"], ["data ./data", "hub vit_x"])])
+def test_prefetch_fetches_what_the_flags_after_the_separator_need(monkeypatch, flags, want):
+    got = []
+    monkeypatch.setattr(C, "load_cifar100", lambda d: got.append(f"data {d}"))
+    monkeypatch.setattr(C, "hub_weights", lambda arch: got.append(f"hub {arch}"))
+    C.main(["--prefetch", "--", *flags])
+    assert got == want
+
+
+@pytest.mark.parametrize("argv", [["--prefetch", "--data-dir", "x", "--"], ["--", "--dataset", "synthetic"],
+                                  ["--prefetch", "--", "--dataset", "bogus"], ["--describe-runs", "--data-only"]])
+def test_common_main_refuses_bad_combinations(argv):
+    with pytest.raises(SystemExit) as e:
+        C.main(argv)
+    assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- a quick study: killed, resumed, done
+
+def stage_children(pid):
+    """PIDs of the stage-script processes whose parent is pid."""
+    out = []
+    for p in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{p}/stat").read()
+            cmd = open(f"/proc/{p}/cmdline").read()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid and any(s in cmd for s in
+                                                                 ("centralized.py", "model_editing.py", "fedavg.py")):
+            out.append(int(p))
+    return out
+
+
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] != "Z"  # a zombie is gone
+    except OSError:
+        return False
+
+
+def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
+    results, log = tmp_path / "runs", tmp_path / "calls.log"
+    env = {"PYTHON": fake_python(tmp_path, runs="real"), "FAKE_LOG": str(log), "CUDA_VISIBLE_DEVICES": "0,1"}
+    argv = ["--quick", "--gpus", "2", "--", *SMALL]  # two at a time, on the CPU (--device cpu)
+    full_env = {**os.environ, "RESULTS": str(results), **env}
+
+    # SIGKILL run_all.sh while runs are going (after at least one finished): its children must not go on
+    # as orphans that a rerun would race with
+    with open(tmp_path / "killed.out", "w") as out:
+        proc = subprocess.Popen(["bash", SCRIPT, *argv], stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    deadline = time.time() + 300
+    first = None  # the children running when the first run had finished
+    while time.time() < deadline and proc.poll() is None:
+        children = stage_children(proc.pid)
+        if first is None and list(results.rglob("result.json")):
+            first = set(children)
+        if first is not None and set(children) - first:  # a run started since: far from its end
+            break
+        time.sleep(0.1)
+    assert first is not None and set(children) - first, (tmp_path / "killed.out").read_text()
+    runs = []  # the run directory of each child, from its command line
+    for pid in children:
+        try:
+            words = open(f"/proc/{pid}/cmdline").read().split("\0")[:-1]
+        except OSError:  # finished in the meantime
+            continue
+        script = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        runs.append(C.describe_run(shlex.join([os.path.basename(words[script])] + words[script + 1:]))[0])
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30  # each saves a checkpoint at its next step boundary first
+    while any(map(alive, children)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, children))
+    # stopped, not finished (one killed at its very last step may still finish)
+    logs = [results / "logs" / (os.path.relpath(r, results).replace("/", "_") + ".log") for r in runs]
+    stopped = [log for log in logs if "stopped by signal 15" in log.read_text()]
+    assert stopped and all(not os.path.exists(os.path.join(r, "result.json")) for r, log in zip(runs, logs)
+                           if log in stopped)
+    finished_before = len(list(results.rglob("result.json")))
+    assert 0 < finished_before < 17
+
+    # the same command continues the study
+    proc = run_all(*argv, results=results, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert sum(line.startswith("run: ") for line in proc.stdout.splitlines()) == 17
-    assert "skip (done)" not in proc.stdout
-
+    assert proc.stdout.count("skip (done): ") == finished_before
+    assert sum(line.startswith("run: ") for line in proc.stdout.splitlines()) == 17 - finished_before
     finished = sorted(results.rglob("result.json"))
-    assert len(finished) == 17
-    by_stage = {}
+    kinds = {}
     for path in finished:
-        by_stage.setdefault(json.loads(path.read_text())["stage"], []).append(path)
-    assert {s: len(p) for s, p in by_stage.items()} == {"centralized": 1, "editing": 8, "fedavg": 8}
-    mask = results / "editing" / "least-sensitive_s0.9_r2" / "seed0" / "mask.pt"
-    for path in by_stage["fedavg"]:
         r = json.loads(path.read_text())
-        assert r["mask_file"] == (str(mask) if r["sparse"] else None)
-    for path in finished:  # logs live outside the run directories
-        assert not list(path.parent.glob("*.log"))
+        kind = r["stage"] + (" sparse" if r.get("sparse") else " dense" if r["stage"] == "fedavg" else "")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert kinds == {"centralized": 1, "editing": 5, "fedavg dense": 4, "fedavg sparse": 7}
     assert len(list((results / "logs").glob("*.log"))) == 17
+    assert calls(log)[-1][:1] == ["summarize.py"] and calls(log)[-1][-1] == str(results)
+    assert all(c[2] != "unset" for c in calls(log) if c[0] != "summarize.py")  # RUN_ALL_PID for every run
+    assert (results / "run_all.settings").read_text().startswith("grid=quick extra=--dataset synthetic")
 
-    summary = results / "summary"
-    with open(summary / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 17 and {r["stage"] for r in rows} == {"centralized", "editing", "fedavg"}
-    assert all(0 <= float(r["final_test_acc"]) <= 1 and float(r["seconds"]) > 0 for r in rows)
-    report = (summary / "report.md").read_text()
-    for title in ("Grid search", "schedulers", "Sparsity × calibration rounds", "Mask rules",
-                  "FedAvg, dense", "FedAvg, sparse"):
-        assert title in report, title
-    pngs = sorted(p.name for p in summary.glob("*.png"))
-    assert "editing_rules.png" in pngs and "fedavg_dense_j4.png" in pngs and "fedavg_sparse_j8.png" in pngs
-
-    # again (one run at a time this time): every run is skipped, none is touched
+    # again: every run is skipped, none is touched
     mtimes = {p: p.stat().st_mtime_ns for p in finished}
-    proc = run_all("--quick", "--", *tiny, results=results)
+    proc = run_all(*argv, results=results, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    skipped = [line for line in proc.stdout.splitlines() if line.startswith("skip (done): ")]
-    assert len(skipped) == 17 and "run: " not in proc.stdout
+    assert proc.stdout.count("skip (done): ") == 17 and "run: " not in proc.stdout
     assert {p: p.stat().st_mtime_ns for p in results.rglob("result.json")} == mtimes
 
     # the same root with other settings is refused rather than silently mixed
-    proc = run_all("--", *tiny, results=results)
+    proc = run_all("--quick", "--", *SMALL, "--batch-size", "8", results=results, env=env)
     assert "other settings" in assert_usage_error(proc)
 
 
-# ----------------------------------------------------------------------------- local runner, stage barrier
+# ----------------------------------------------------------------------------- settings, --gpus, signals (fake runs)
 
-def test_a_failed_run_stops_at_the_stage_barrier_and_a_rerun_does_only_the_rest(tmp_path):
+def test_sigterm_stops_the_running_runs_and_exits_130(tmp_path):
     results, log = tmp_path / "runs", tmp_path / "calls.log"
-    env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAIL_IF": "random",
-           "CUDA_VISIBLE_DEVICES": "5,7"}
-    proc = run_all("--quick", "--gpus", "2", "--", "--dataset", "synthetic", results=results, env=env)
-    assert proc.returncode == 1
-    assert "FAILED (exit 1)" in proc.stdout and "random_s0.9_r2" in proc.stdout
-    assert "failing on purpose" in (results / "logs" / "editing_random_s0.9_r2_seed0.log").read_text()
-    first = calls(log)
-    scripts = [c[0] for c in first]
-    assert scripts.count("centralized.py") == 1 and scripts.count("model_editing.py") == 8
-    assert scripts.count("fedavg.py") == 4  # the dense ones; sparse FedAvg (stage 3) never started
-    assert "summarize.py" not in scripts
-    assert {c[1] for c in first} == {"5", "7"}  # one run per listed GPU
+    env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_WAIT": "1", "FAKE_MAP": "/dev/null",
+           "CUDA_VISIBLE_DEVICES": "0,1"}
+    proc = subprocess.Popen(["bash", SCRIPT, "--quick", "--gpus", "2", "--", "--dataset", "synthetic"],
+                            env={**os.environ, "RESULTS": str(results), **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while [c[0] for c in calls(log)].count("waiting") < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    children = stage_children(proc.pid)
+    assert len(children) == 2
+    proc.terminate()
+    assert proc.wait(timeout=30) == 130 and "interrupted" in proc.stderr.read()
+    assert [c[0] for c in calls(log)].count("got") == 2 and not any(map(alive, children))
 
-    env.pop("FAIL_IF")
-    proc = run_all("--quick", "--", "--dataset", "synthetic", results=results, env=env)
+
+def test_settings_are_recorded_only_once_a_run_succeeded(tmp_path):
+    results, log = tmp_path / "runs", tmp_path / "calls.log"
+    typo, good = ["--dataset", "synthetic", "--weights", "typo.pth"], ["--dataset", "synthetic", "--weights", "w.pth"]
+    planned = [run_all("--dry-run", "--quick", "--", *f, results=results).stdout for f in (typo, good)]
+    maps = fake_map(tmp_path, *planned)
+    env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": maps, "FAIL_IF": "typo.pth",
+           "CUDA_VISIBLE_DEVICES": "5,7"}
+
+    proc = run_all("--quick", "--gpus", "2", "--", *typo, results=results, env=env)  # every run fails
+    assert proc.returncode == 1
+    assert "17 run(s) failed" in proc.stderr and "summarize.py" not in log.read_text()
+    some = [a.out for _, a, _ in listed_runs(planned[0])][3]
+    log_file = results / "logs" / (os.path.relpath(some, results).replace("/", "_") + ".log")
+    assert f"{some}: see {log_file}" in proc.stderr and "failing on purpose" in log_file.read_text()
+    assert not (results / "run_all.settings").exists()
+    first = calls(log)
+    assert len(first) == 17 and {c[1] for c in first} == {"5", "7"}  # one run per listed GPU
+    assert all(c[2] != "unset" for c in first)  # RUN_ALL_PID: the runs die with run_all.sh
+
+    proc = run_all("--quick", "--", *good, results=results, env=env)  # the corrected command works
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    again = calls(log)[len(first):]
-    assert sorted(c[2].split("/")[-2] for c in again if c[0] != "summarize.py") == \
-        ["iid_j4_sparse", "iid_j8_sparse", "nc1_j4_sparse", "nc1_j8_sparse", "random_s0.9_r2"]
-    assert again[-1][0] == "summarize.py"
-    assert proc.stdout.count("skip (done): ") == 12
+    assert (results / "run_all.settings").read_text() == f"grid=quick extra={shlex.join(good)}\n"
+    assert len(calls(log)) == 17 + 17 + 1 and calls(log)[-1][0] == "summarize.py"
+
+    proc = run_all("--quick", "--", *typo, results=results, env=env)  # now the root holds a study
+    assert "other settings" in assert_usage_error(proc)
+
+
+def test_gpus_beyond_the_visible_ones_are_refused(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\n[[ $1 == -L ]] && printf 'GPU 0: A (UUID: a)\\n"
+                                        "GPU 1: B (UUID: b)\\n'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    results = tmp_path / "runs"
+
+    def go(gpus, **extra):
+        return subprocess.run(["bash", SCRIPT, "--dry-run", "--quick", "--gpus", gpus, "--", "--dataset", "synthetic"],
+                              capture_output=True, text=True, env={**env, "RESULTS": str(results),
+                                                                   "PYTHON": sys.executable, **extra})
+    assert "only 2 GPU(s) visible" in assert_usage_error(go("3"))  # nvidia-smi -L: 2
+    assert "only 0 GPU(s) visible" in assert_usage_error(go("1", CUDA_VISIBLE_DEVICES=""))  # empty: none
+    assert "only 1 GPU(s) visible" in assert_usage_error(go("2", CUDA_VISIBLE_DEVICES="3"))
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != str(bin_dir))
+    if not any(os.path.exists(os.path.join(p, "nvidia-smi")) for p in env["PATH"].split(os.pathsep)):
+        assert "only 0 GPU(s) visible" in assert_usage_error(go("1"))  # no nvidia-smi, nothing set: none
+    assert not results.exists()
+    assert go("2", CUDA_VISIBLE_DEVICES="3,4").returncode == 0
 
 
 # ----------------------------------------------------------------------------- SLURM
 
-def test_slurm_submits_one_array_per_stage_chained_by_dependencies(tmp_path):
-    results, log = tmp_path / "runs", tmp_path / "calls.log"
+def sbatch_on_path(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    sbatch = bin_dir / "sbatch"  # records its arguments, answers like `sbatch --parsable`
+    sbatch = bin_dir / "sbatch"  # records its arguments and SBATCH_GRES, answers like `sbatch --parsable`
     sbatch.write_text(f"""#!{sys.executable}
 import json, os, sys
 log = os.environ["SBATCH_LOG"]
 n = sum(1 for _ in open(log)) if os.path.exists(log) else 0
-open(log, "a").write(json.dumps(sys.argv[1:]) + "\\n")
+open(log, "a").write(json.dumps([os.environ.get("SBATCH_GRES")] + sys.argv[1:]) + "\\n")
 print(f"{{4200 + n}};cluster")
 """)
     sbatch.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_LOG": str(tmp_path / "sbatch.log"),
-           "PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "SLURM_ACCOUNT": "proj1", "SLURM_TIME": ""}
-    proc = run_all("--slurm", "--seeds", "0,1", "--partition", "gpu", "--time", "2:00:00", results=results, env=env)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/usr/bin/env bash\necho "scontrol $*" >> "$FAKE_LOG"\n')
+    scontrol.chmod(0o755)
+    return str(bin_dir)
+
+
+def opt(argv, name):
+    """The value of option `name` in argv ('--name value' or '--name=value'), None if absent."""
+    for i, a in enumerate(argv):
+        if a == name:
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def test_slurm_submits_one_throttled_array_and_a_summary_after_it(tmp_path):
+    results, log, sub_log = tmp_path / "runs", tmp_path / "calls.log", tmp_path / "sbatch.log"
+    flags = ["--dataset", "synthetic"]
+    env = {"PATH": f"{sbatch_on_path(tmp_path)}:{os.environ['PATH']}", "SBATCH_LOG": str(sub_log),
+           "PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "SBATCH_ACCOUNT": "proj1",
+           "FAKE_MAP": fake_map(tmp_path, run_all("--dry-run", "--quick", "--", *flags, results=results).stdout)}
+    proc = run_all("--slurm", "--quick", "--max-parallel", "3", "--partition", "gpu", "--time", "2:00:00",
+                   "--", *flags, results=results, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    subs = [json.loads(line) for line in (tmp_path / "sbatch.log").read_text().splitlines()]
-    assert len(subs) == 4
-    prefetch = calls(log)
-    assert [c[0] for c in prefetch] == ["common.py"]  # once, on this node, before anything is submitted
+    (gres, *array), (summary_gres, *summary) = [json.loads(line) for line in sub_log.read_text().splitlines()]
+    assert opt(array, "--array") == "0-16%3"
+    assert opt(array, "--signal") == "B:USR1@120" and "--requeue" in array
+    assert opt(array, "--partition") == "gpu" and opt(array, "--time") == "2:00:00"
+    assert opt(array, "--account") is None  # sbatch reads SBATCH_ACCOUNT itself
+    assert opt(array, "--gres") == "gpu:1" and opt(array, "--dependency") is None
+    assert opt(summary, "--dependency") == "afterany:4200" and opt(summary, "--kill-on-invalid-dep") == "yes"
+    assert "--array" not in summary and opt(summary, "--gres") is None and summary_gres is None
+    assert "summarize.py" in opt(summary, "--wrap") and opt(summary, "--partition") == "gpu"
+    assert [c[0] for c in calls(log)] == []  # nothing ran here (the prefetch is common.py: not logged)
+    assert not (results / "run_all.settings").exists()
 
-    def opt(argv, name):
-        return argv[argv.index(name) + 1] if name in argv else None
+    # a task runs its line of the command file, records the settings once it succeeded
+    task, cmds = array[-4:-2]
+    lines = open(cmds).read().splitlines()
+    assert len(lines) == 17
+    subprocess.run(["bash", task, *array[-3:]], env={**os.environ, **env, "SLURM_ARRAY_TASK_ID": "16",
+                                                     "SLURM_ARRAY_JOB_ID": "4200"}, check=True, capture_output=True)
+    (ran,) = calls(log)
+    assert ran[3:] == shlex.split(lines[16])[3:]
+    assert (results / "run_all.settings").read_text() == f"grid=quick extra={shlex.join(flags)}\n"
 
-    for k, (argv, size) in enumerate(zip(subs[:3], (16 * 2, 24 * 2, 15 * 2))):
-        assert opt(argv, "--array") == f"0-{size - 1}"
-        assert opt(argv, "--dependency") == (None if k == 0 else f"afterok:{4200 + k - 1}")
-        assert opt(argv, "--partition") == "gpu" and opt(argv, "--time") == "2:00:00"
-        assert opt(argv, "--account") == "proj1" and opt(argv, "--gres") == "gpu:1"
-        task, cmds = argv[-2:]
-        lines = open(cmds).read().splitlines()
-        assert len(lines) == size
-        # the array task runs line SLURM_ARRAY_TASK_ID of the command file
-        last = len(calls(log))
-        subprocess.run(["bash", task, cmds], env=dict(os.environ, SLURM_ARRAY_TASK_ID=str(size - 1), **env),
-                       check=True, capture_output=True)
-        ran = calls(log)[last:]
-        assert len(ran) == 1 and ran[0][2] == shlex.split(lines[-1])[shlex.split(lines[-1]).index("--out") + 1]
-    summary = subs[3]
-    assert opt(summary, "--dependency") == "afterok:4202" and "--array" not in summary
-    assert "summarize.py" in opt(summary, "--wrap") and "--gres" not in summary
+    # SBATCH_GRES in the environment is sbatch's to read; --gres '' asks for no GPU at all
+    for gres_flag, want in ([], (None, "gpu:a100:2")), (["--gres", ""], (None, None)):
+        sub_log.unlink()
+        proc = run_all("--slurm", "--quick", *gres_flag, "--", *flags, results=results,
+                       env={**env, "SBATCH_GRES": "gpu:a100:2"})
+        assert proc.returncode == 0, proc.stderr
+        (gres, *array), _ = [json.loads(line) for line in sub_log.read_text().splitlines()]
+        assert (opt(array, "--gres"), gres) == want and opt(array, "--array") == "0-15"  # one run done
+
+
+def test_slurm_task_passes_the_warning_signal_to_the_run_and_requeues_itself(tmp_path):
+    results, log = tmp_path / "runs", tmp_path / "calls.log"
+    env = {"PATH": f"{sbatch_on_path(tmp_path)}:{os.environ['PATH']}", "SBATCH_LOG": str(tmp_path / "sbatch.log"),
+           "PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": "/dev/null"}
+    proc = run_all("--slurm", "--quick", "--", "--dataset", "synthetic", results=results, env=env)
+    assert proc.returncode == 0, proc.stderr
+    array = json.loads((tmp_path / "sbatch.log").read_text().splitlines()[0])[1:]
+    task = subprocess.Popen(["bash", *array[-4:]], env={**os.environ, **env, "FAKE_WAIT": "1",
+                                                        "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_JOB_ID": "77"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(calls(log)) < 2 and time.time() < deadline:  # the fake run has set its trap
+        time.sleep(0.05)
+    task.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends: to the batch shell only
+    assert task.wait(timeout=30) == 143
+    assert [c[0] for c in calls(log)] == ["model_editing.py", "waiting", "got", "scontrol"]
+    assert calls(log)[-1] == ["scontrol", "requeue", "77_3"]
+    assert not (results / "run_all.settings").exists()
 
 
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("argv", [["--frobnicate"], ["--seeds", "a,b"], ["--seeds", "0,,1"], ["--seeds", "0,1,0"],
                                   ["--seeds", "01"], ["--seeds"], ["--gpus", "0"], ["--gpus", "two"],
-                                  ["--gpus", "2", "--slurm"], ["--", "--seed", "3"], ["--", "--out", "x"]])
+                                  ["--gpus", "2", "--slurm"], ["--max-parallel", "0", "--slurm"],
+                                  ["--partition", "gpu"], ["--max-parallel", "4"],
+                                  ["--", "--seed", "3"], ["--", "--out", "x"], ["--", "--results=x"],
+                                  ["--", "--resume"]])
 def test_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, argv):
     results = tmp_path / "runs"
-    assert_usage_error(run_all(*argv, results=results))
+    assert_usage_error(run_all("--quick", "--dry-run", *argv, results=results))
+    assert not results.exists()
+
+
+def test_a_flag_the_scripts_refuse_stops_everything_before_anything_is_written(tmp_path):
+    results = tmp_path / "runs"
+    proc = run_all("--quick", "--", "--dataset", "synthetic", "--bogus", results=results)
+    assert "unrecognized arguments: --bogus" in assert_usage_error(proc)
     assert not results.exists()
 
 
@@ -279,10 +542,17 @@ def test_a_results_root_that_is_a_file_is_refused(tmp_path):
 
 
 def test_slurm_without_sbatch_is_refused(tmp_path):
-    bash_dir = os.path.dirname(shutil.which("bash"))
+    bash_dir = os.path.dirname(subprocess.run(["bash", "-c", "command -v bash"], capture_output=True,
+                                              text=True).stdout.strip())
     path = os.pathsep.join(dict.fromkeys([bash_dir, "/usr/bin", "/bin"]))
-    if shutil.which("sbatch", path=path):
+    if any(os.path.exists(os.path.join(p, "sbatch")) for p in path.split(os.pathsep)):
         pytest.skip("sbatch is installed here")
     results = tmp_path / "runs"
     assert "sbatch" in assert_usage_error(run_all("--slurm", results=results, env={"PATH": path}))
     assert not results.exists()
+
+
+def test_help_is_the_header_comment(tmp_path):
+    proc = run_all("--help", results=tmp_path / "runs")
+    assert proc.returncode == 0 and proc.stdout.startswith("run_all.sh - the whole study")
+    assert "--max-parallel M" in proc.stdout and "set -euo" not in proc.stdout
