@@ -101,7 +101,7 @@ class Parser(argparse.ArgumentParser):
     flag as one line (no usage dump) with exit status 2."""
 
     def __init__(self, **kw):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, **kw})
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -14,6 +14,8 @@ import pytest
 
 import centralized
 import common as C
+import summarize
+from test_summarize import check_latex
 import fedavg
 import model_editing
 from conftest import ROOT, TINY
@@ -338,6 +340,15 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
     assert calls(log)[-1][:1] == ["summarize.py"] and calls(log)[-1][-1] == str(results)
     assert all(c[2] != "unset" for c in calls(log) if c[0] != "summarize.py")  # RUN_ALL_PID for every run
     assert (results / "run_all.settings").read_text().startswith("grid=quick extra=--dataset synthetic")
+    # the real summary of the real study: every table in LaTeX, the heatmap, the agreement plot
+    summarize.main([str(results)])
+    check_latex((results / "summary" / "tables.tex").read_text())
+    report = (results / "summary" / "report.md").read_text()
+    assert "six models" in report.lower() and "Synthetic data" in report
+    for png in ("fedavg_heatmap.png", "fedavg_agreement_j4.png"):
+        assert (results / "summary" / png).stat().st_size > 1000, png
+    rows = (results / "summary" / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 17
 
     # again: every run is skipped, none is touched
     mtimes = {p: p.stat().st_mtime_ns for p in finished}
