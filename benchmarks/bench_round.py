@@ -10,7 +10,7 @@ Prints one table of ratios, measured on whatever device it runs on (CPU here; th
                   DataLoader over a Subset with PIL transforms, state_dict averaging
     SparseSGDM step / torch.optim.SGD step (foreach), the whole model's parameters
     federated calibration (clients' images scored in shared batches) / central, per scored image
-    evaluation share of a default run (val 5000 images every 20 rounds, test 10000 every 100)
+    evaluation share of a default fedavg.py run (its --eval-every and --test-every)
   memory (each in a fresh subprocess, so every peak is its own)
     peer-style / ours, and ours for K = 10, 100, 1000 clients
 
@@ -194,18 +194,20 @@ def time_calibration(a, model, x, shards, args, device, reps):
 
 
 def evaluation_share(model, x, y, shards, args, device):
-    """Share of a default run's time spent evaluating (val 5000 images every 20 rounds, test 10000 every
-    100, batch 256), from the measured time of one evaluated image and of one round at fedavg.py's
-    default client batch (64)."""
+    """Share of a default fedavg.py run's time spent evaluating: CIFAR-100's 5000 validation images
+    every --eval-every rounds and 10000 test images every --test-every rounds (their defaults), from
+    the measured time of one evaluated image (--eval-batch-size) and of one round at the default
+    client batch size."""
+    default = fedavg.get_args([])
     n = min(len(x), 1024)
-    args.eval_batch_size = 256
+    args.eval_batch_size = default.eval_batch_size
     per_image = timed(lambda: common.evaluate(model, x[:n], y[:n], args, device), device) / n
-    default = argparse.Namespace(**dict(vars(args), batch_size=64))
-    phase = fedavg.Phase(model, default)
-    ours_round(model, x, y, shards, 0, default, device, phase)  # warm-up
-    per_round = statistics.median(timed(lambda: ours_round(model, x, y, shards, r, default, device, phase), device)
+    run = argparse.Namespace(**dict(vars(args), batch_size=default.batch_size))
+    phase = fedavg.Phase(model, run)
+    ours_round(model, x, y, shards, 0, run, device, phase)  # warm-up
+    per_round = statistics.median(timed(lambda: ours_round(model, x, y, shards, r, run, device, phase), device)
                                   for r in range(1, 4))
-    per_round_eval = per_image * (5000 / 20 + 10000 / 100)
+    per_round_eval = per_image * (5000 / default.eval_every + 10000 / default.test_every)
     return per_round_eval / (per_round_eval + per_round)
 
 
