@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-import common as C
+import common
 from conftest import ROOT, TINY
 
 
@@ -26,9 +26,9 @@ def assert_usage_error(proc):
 
 def tiny_model(seed=0):
     """The tests' tiny random ViT (with its head), as the scripts build it from TINY flags."""
-    p = argparse.ArgumentParser(parents=[C.base_parser()])
+    p = argparse.ArgumentParser(parents=[common.base_parser()])
     torch.manual_seed(seed)
-    return C.build_model(p.parse_args(TINY + ["--seed", str(seed)]))
+    return common.build_model(p.parse_args(TINY + ["--seed", str(seed)]))
 
 
 def backbone_file(tmp_path, seed=0):
@@ -43,7 +43,7 @@ def masked_weights_moved(final, pre, mask):
     """Assert every masked-out entry of state dict `final` equals the one of model `pre`;
     return (masked-in entries that moved, masked-in entries)."""
     moved = 0
-    for n, p in C.masked_params(pre):
+    for n, p in common.masked_params(pre):
         assert torch.equal(final[n][~mask[n]], p[~mask[n]]), f"{n}: a masked-out weight changed"
         moved += int((final[n][mask[n]] != p[mask[n]]).sum())
     return moved, sum(int(m.sum()) for m in mask.values())

@@ -6,12 +6,12 @@ import time
 import pytest
 import torch
 
-import common as C
+import common
 from conftest import TINY
 
 
 def tiny_args(*extra):
-    p = argparse.ArgumentParser(parents=[C.base_parser()])
+    p = argparse.ArgumentParser(parents=[common.base_parser()])
     return p.parse_args(TINY + list(extra))
 
 
@@ -50,12 +50,12 @@ def run_steps(opt_factory, steps=50, seed=0):
 def test_sparse_sgdm_all_ones_matches_torch_sgd(cfg):
     ref_w, ref_b, _, _ = run_steps(lambda ps: torch.optim.SGD(ps, lr=0.05, **cfg))
     ones = lambda ps: [torch.ones_like(p, dtype=torch.bool) for p in ps]
-    w, b, w0, _ = run_steps(lambda ps: C.SparseSGDM(ps, ones(ps), lr=0.05, **cfg))
+    w, b, w0, _ = run_steps(lambda ps: common.SparseSGDM(ps, ones(ps), lr=0.05, **cfg))
     assert not torch.allclose(w, w0)  # it did train
     torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b, ref_b, rtol=1e-5, atol=1e-6)
     # None (dense) is the same as all ones
-    w2, b2, _, _ = run_steps(lambda ps: C.SparseSGDM(ps, [None] * len(ps), lr=0.05, **cfg))
+    w2, b2, _, _ = run_steps(lambda ps: common.SparseSGDM(ps, [None] * len(ps), lr=0.05, **cfg))
     torch.testing.assert_close(w2, ref_w, rtol=1e-5, atol=1e-6)
 
 
@@ -66,7 +66,7 @@ def test_sparse_sgdm_never_changes_frozen_weights(cfg):
 
     def factory(ps):
         masks.extend(torch.rand(p.shape, generator=g) < 0.5 for p in ps)
-        return C.SparseSGDM(ps, masks, lr=0.05, **cfg)
+        return common.SparseSGDM(ps, masks, lr=0.05, **cfg)
 
     w, b, w0, b0 = run_steps(factory, steps=100)
     for new, old, m in ((w, w0, masks[0]), (b, b0, masks[1])):
@@ -79,7 +79,7 @@ def test_sparse_sgdm_frozen_weights_keep_their_bits():
     p = torch.tensor([-0.0, 0.0, 1e-38, -3e38, 1.0], requires_grad=True)
     before = p.detach().clone()
     mask = torch.tensor([False, False, False, False, True])
-    opt = C.SparseSGDM([p], [mask], lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
+    opt = common.SparseSGDM([p], [mask], lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
     for _ in range(10):
         p.grad = torch.tensor([-5.0, 5.0, -1.0, 1.0, 1.0])
         opt.step()
@@ -133,7 +133,7 @@ def test_sparse_sgdm_is_bit_identical_to_the_per_tensor_form(cfg):
     masks[0][0, :3] = torch.tensor([True, False, False])
     masks[2] = None  # dense tensors among masked ones
     ours, ref = [[t.clone().requires_grad_() for t in start] for _ in range(2)]
-    opts = [C.SparseSGDM(ours, masks, lr=0.1, **cfg), PerTensorSparseSGDM(ref, masks, lr=0.1, **cfg)]
+    opts = [common.SparseSGDM(ours, masks, lr=0.1, **cfg), PerTensorSparseSGDM(ref, masks, lr=0.1, **cfg)]
     for step in range(6):
         grads = [torch.randn(s, generator=g) * 10 ** step for s in shapes]
         grads[0][0, :3] = torch.tensor([-0.0, -5.0, -3.0])
@@ -156,7 +156,7 @@ def test_sparse_sgdm_is_bit_identical_to_the_per_tensor_form(cfg):
 def test_sparse_sgdm_rejects_wrong_mask_shape():
     p = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError):
-        C.SparseSGDM([p], [torch.ones(4, dtype=torch.bool)], lr=0.1)
+        common.SparseSGDM([p], [torch.ones(4, dtype=torch.bool)], lr=0.1)
 
 
 # ----------------------------------------------------------------------------- split and data
@@ -164,29 +164,29 @@ def test_sparse_sgdm_rejects_wrong_mask_shape():
 def test_stratified_split_is_stratified_disjoint_and_seeded():
     labels = torch.arange(100).repeat_interleave(50)  # 50 per class
     labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))]
-    tr, va = C.stratified_split(labels, 0.1, seed=0)
+    tr, va = common.stratified_split(labels, 0.1, seed=0)
     assert len(set(tr.tolist()) & set(va.tolist())) == 0
     assert sorted(tr.tolist() + va.tolist()) == list(range(len(labels)))
     assert torch.equal(torch.bincount(labels[va], minlength=100), torch.full((100,), 5))
-    tr2, va2 = C.stratified_split(labels, 0.1, seed=0)
+    tr2, va2 = common.stratified_split(labels, 0.1, seed=0)
     assert torch.equal(va, va2) and torch.equal(tr, tr2)
-    _, va3 = C.stratified_split(labels, 0.1, seed=1)
+    _, va3 = common.stratified_split(labels, 0.1, seed=1)
     assert not torch.equal(va, va3)
 
 
 def test_synthetic_data_is_balanced_cifar_shaped_and_seeded():
-    x, y, xt, yt = C.make_synthetic(1000, 200, seed=0)
+    x, y, xt, yt = common.make_synthetic(1000, 200, seed=0)
     assert x.shape == (1000, 32, 32, 3) and x.dtype == torch.uint8
     assert xt.shape == (200, 32, 32, 3)
     assert torch.equal(torch.bincount(y, minlength=100), torch.full((100,), 10))
-    x2, y2, _, _ = C.make_synthetic(1000, 200, seed=0)
+    x2, y2, _, _ = common.make_synthetic(1000, 200, seed=0)
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    x3, _, _, _ = C.make_synthetic(1000, 200, seed=1)
+    x3, _, _, _ = common.make_synthetic(1000, 200, seed=1)
     assert not torch.equal(x, x3)
 
 
 def test_load_data_splits_train_into_train_and_val():
-    data = C.load_data(tiny_args("--synthetic-size", "1000"))
+    data = common.load_data(tiny_args("--synthetic-size", "1000"))
     assert len(data["train"][0]) == 900 and len(data["val"][0]) == 100 and len(data["test"][0]) == 200
     assert torch.equal(torch.bincount(data["val"][1], minlength=100), torch.ones(100, dtype=torch.long))
 
@@ -194,9 +194,9 @@ def test_load_data_splits_train_into_train_and_val():
 # ----------------------------------------------------------------------------- transforms
 
 def test_augment_keeps_shape_and_takes_pixels_from_padded_shifted_image():
-    x, _, _, _ = C.make_synthetic(100, 100, seed=0)
+    x, _, _, _ = common.make_synthetic(100, 100, seed=0)
     x = x[:16]
-    a = C.augment(x, *C.draw_augmentation(len(x), C.make_generator(0)))
+    a = common.augment(x, *common.draw_augmentation(len(x), common.make_generator(0)))
     assert a.shape == x.shape and a.dtype == torch.uint8
     padded = torch.nn.functional.pad(x, (0, 0, 4, 4, 4, 4))
     for i in range(len(x)):  # each output is some 32x32 window of the padded image, maybe flipped
@@ -204,16 +204,16 @@ def test_augment_keeps_shape_and_takes_pixels_from_padded_shifted_image():
                     for dy in range(9) for dx in range(9)
                     for win in [padded[i, dy:dy + 32, dx:dx + 32]])
         assert found
-    assert torch.equal(a, C.augment(x, *C.draw_augmentation(len(x), C.make_generator(0))))  # seeded
-    assert not torch.equal(a, C.augment(x, *C.draw_augmentation(len(x), C.make_generator(1))))
+    assert torch.equal(a, common.augment(x, *common.draw_augmentation(len(x), common.make_generator(0))))  # seeded
+    assert not torch.equal(a, common.augment(x, *common.draw_augmentation(len(x), common.make_generator(1))))
 
 
 def test_preprocess_shape_and_range():
     x = torch.tensor([0, 255], dtype=torch.uint8).repeat(2 * 32 * 16 * 3)[:2 * 32 * 32 * 3].view(2, 32, 32, 3)
-    out = C.preprocess(x, 64)
+    out = common.preprocess(x, 64)
     assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
-    mean = torch.tensor(C.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(C.IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
     lo, hi = (0 - mean) / std, (1 - mean) / std
     assert (out >= lo - 1e-5).all() and (out <= hi + 1e-5).all()
     assert torch.allclose(out.amin(dim=(0, 2, 3)), lo.flatten(), atol=1e-5)
@@ -229,7 +229,7 @@ def backbone_out(model, x):
 
 
 def test_dino_and_timm_weight_files_load_and_agree(tmp_path):
-    src = C.build_model(tiny_args("--seed", "5"))
+    src = common.build_model(tiny_args("--seed", "5"))
     backbone = {k: v for k, v in src.state_dict().items() if not k.startswith("head.")}
     dino_plain = tmp_path / "dino_deitsmall16_pretrain.pth"  # official release: backbone only
     torch.save(backbone, dino_plain)
@@ -243,33 +243,33 @@ def test_dino_and_timm_weight_files_load_and_agree(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     want = backbone_out(src, x)
     for f in (dino_plain, dino_train, timm_file):
-        m = C.build_model(tiny_args("--weights", str(f)))
+        m = common.build_model(tiny_args("--weights", str(f)))
         torch.testing.assert_close(backbone_out(m, x), want, rtol=0, atol=0)
     # the timm file carries our head; DINO files do not, so the head comes from --seed
-    m = C.build_model(tiny_args("--weights", str(timm_file)))
+    m = common.build_model(tiny_args("--weights", str(timm_file)))
     assert torch.equal(m.head.weight, src.head.weight)
 
 
 def test_weights_are_resized_to_another_image_size(tmp_path):
-    src = C.build_model(tiny_args())
+    src = common.build_model(tiny_args())
     f = tmp_path / "w.pth"
     torch.save({k: v for k, v in src.state_dict().items() if not k.startswith("head.")}, f)
-    m = C.build_model(tiny_args("--weights", str(f), "--img-size", "64"))
+    m = common.build_model(tiny_args("--weights", str(f), "--img-size", "64"))
     assert m.pos_embed.shape[1] == 1 + (64 // 16) ** 2
     assert torch.equal(m.patch_embed.proj.weight, src.patch_embed.proj.weight)
 
 
 def test_bad_weight_files_are_user_errors(tmp_path):
-    with pytest.raises(C.UserError, match="not found"):
-        C.build_model(tiny_args("--weights", str(tmp_path / "missing.pth")))
+    with pytest.raises(common.UserError, match="not found"):
+        common.build_model(tiny_args("--weights", str(tmp_path / "missing.pth")))
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(C.UserError, match="cannot read"):
-        C.build_model(tiny_args("--weights", str(corrupt)))
+    with pytest.raises(common.UserError, match="cannot read"):
+        common.build_model(tiny_args("--weights", str(corrupt)))
     wrong = tmp_path / "wrong.pth"
     torch.save({"blocks.0.norm1.weight": torch.ones(3)}, wrong)
-    with pytest.raises(C.UserError, match="does not fit"):
-        C.build_model(tiny_args("--weights", str(wrong)))
+    with pytest.raises(common.UserError, match="does not fit"):
+        common.build_model(tiny_args("--weights", str(wrong)))
 
 
 def test_offline_without_cached_weights_fails_fast(monkeypatch):
@@ -279,15 +279,15 @@ def test_offline_without_cached_weights_fails_fast(monkeypatch):
     args = tiny_args()
     args.no_pretrained, args.arch = False, "vit_small_patch16_224.dino"
     t = time.time()
-    with pytest.raises(C.UserError, match="--weights"):
-        C.build_model(args)
+    with pytest.raises(common.UserError, match="--weights"):
+        common.build_model(args)
     assert time.time() - t < 10
 
 
 def test_head_init_depends_on_seed_only():
-    a = C.build_model(tiny_args("--seed", "1"))
-    b = C.build_model(tiny_args("--seed", "1"))
-    c = C.build_model(tiny_args("--seed", "2"))
+    a = common.build_model(tiny_args("--seed", "1"))
+    b = common.build_model(tiny_args("--seed", "1"))
+    c = common.build_model(tiny_args("--seed", "2"))
     assert torch.equal(a.head.weight, b.head.weight) and not torch.equal(a.head.weight, c.head.weight)
 
 
@@ -303,17 +303,17 @@ DOCUMENTED = {
 }
 
 
-@pytest.mark.parametrize("name", C.SCHEDULERS)
+@pytest.mark.parametrize("name", common.SCHEDULERS)
 def test_lr_schedules_take_their_documented_values(name):
-    assert [C.lr_factor(name, e, 9) for e in range(9)] == pytest.approx(DOCUMENTED[name], rel=1e-12)
+    assert [common.lr_factor(name, e, 9) for e in range(9)] == pytest.approx(DOCUMENTED[name], rel=1e-12)
 
 
 def test_random_streams_are_distinct_and_replayable():
-    assert len(set(C.STREAMS.values())) == len(C.STREAMS)
-    a = torch.rand(5, generator=C.stream("clients", 0, 3))
-    assert torch.equal(a, torch.rand(5, generator=C.stream("clients", 0, 3)))
-    assert torch.equal(a, torch.rand(5, generator=C.make_generator(0, 3, C.STREAMS["clients"])))
-    assert not torch.equal(a, torch.rand(5, generator=C.stream("client_batches", 0, 3)))
+    assert len(set(common.STREAMS.values())) == len(common.STREAMS)
+    a = torch.rand(5, generator=common.stream("clients", 0, 3))
+    assert torch.equal(a, torch.rand(5, generator=common.stream("clients", 0, 3)))
+    assert torch.equal(a, torch.rand(5, generator=common.make_generator(0, 3, common.STREAMS["clients"])))
+    assert not torch.equal(a, torch.rand(5, generator=common.stream("client_batches", 0, 3)))
 
 
 @pytest.mark.parametrize("cfg", SGD_CONFIGS)
@@ -330,10 +330,10 @@ def test_sparse_sgdm_restart_is_a_fresh_optimizer_bit_for_bit(cfg):
             opt.step()
 
     w1, bias1 = w0.clone().requires_grad_(), bias0.clone().requires_grad_()
-    reused = C.SparseSGDM([w1, bias1], [mask, None], lr=0.05, **cfg)
+    reused = common.SparseSGDM([w1, bias1], [mask, None], lr=0.05, **cfg)
     steps(reused, w1, bias1)
     w2, bias2 = w1.detach().clone().requires_grad_(), bias1.detach().clone().requires_grad_()
     reused.restart()
     steps(reused, w1, bias1)
-    steps(C.SparseSGDM([w2, bias2], [mask, None], lr=0.05, **cfg), w2, bias2)
+    steps(common.SparseSGDM([w2, bias2], [mask, None], lr=0.05, **cfg), w2, bias2)
     assert torch.equal(w1, w2) and torch.equal(bias1, bias2)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import common as C
+import common
 import model_editing
 from conftest import TINY
 from helpers import assert_usage_error, backbone_file, masked_weights_moved, run_script, tiny_model
@@ -34,35 +34,35 @@ def kept(mask):
     ("highest-magnitude", 2, [4, 7]),      # 4, 6
 ])
 def test_rules_pick_exactly_the_right_entries(rule, keep, want):
-    mask = C.select_mask(SCORES, rule, keep, params=PARAMS)
+    mask = common.select_mask(SCORES, rule, keep, params=PARAMS)
     assert kept(mask) == want
     assert mask["a"].dtype == torch.bool and mask["a"].shape == (2, 2) and mask["b"].shape == (4,)
 
 
 def test_ties_are_broken_by_position():
     scores = {"w": torch.zeros(10)}
-    assert C.select_mask(scores, "least-sensitive", 4)["w"].nonzero().flatten().tolist() == [0, 1, 2, 3]
-    assert C.select_mask(scores, "most-sensitive", 4)["w"].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert common.select_mask(scores, "least-sensitive", 4)["w"].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert common.select_mask(scores, "most-sensitive", 4)["w"].nonzero().flatten().tolist() == [0, 1, 2, 3]
 
 
 def test_random_rule_is_seeded_and_exact():
     params = {"w": torch.zeros(1000), "v": torch.zeros(10, 10)}
-    m1 = C.select_mask(None, "random", 123, gen=C.make_generator(5), params=params)
-    m2 = C.select_mask(None, "random", 123, gen=C.make_generator(5), params=params)
-    m3 = C.select_mask(None, "random", 123, gen=C.make_generator(6), params=params)
+    m1 = common.select_mask(None, "random", 123, gen=common.make_generator(5), params=params)
+    m2 = common.select_mask(None, "random", 123, gen=common.make_generator(5), params=params)
+    m3 = common.select_mask(None, "random", 123, gen=common.make_generator(6), params=params)
     assert sum(int(m.sum()) for m in m1.values()) == 123
     assert all(torch.equal(m1[k], m2[k]) for k in m1)
     assert not all(torch.equal(m1[k], m3[k]) for k in m1)
 
 
-@pytest.mark.parametrize("rule", C.MASK_RULES)
+@pytest.mark.parametrize("rule", common.MASK_RULES)
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
 def test_every_rule_gives_the_exact_sparsity_on_a_vit(rule, sparsity):
     model = tiny_model()
-    total = sum(p.numel() for _, p in C.masked_params(model))
-    scores = {n: torch.rand(p.shape) for n, p in C.masked_params(model)}
-    mask, log = C.calibrate_mask(model, lambda m: scores, rule, sparsity, 3, C.make_generator(0))
-    assert set(mask) == {n for n, _ in C.masked_params(model)}
+    total = sum(p.numel() for _, p in common.masked_params(model))
+    scores = {n: torch.rand(p.shape) for n, p in common.masked_params(model)}
+    mask, log = common.calibrate_mask(model, lambda m: scores, rule, sparsity, 3, common.make_generator(0))
+    assert set(mask) == {n for n, _ in common.masked_params(model)}
     assert sum(int(m.sum()) for m in mask.values()) == total - round(total * sparsity)
 
 
@@ -70,15 +70,15 @@ def test_every_rule_gives_the_exact_sparsity_on_a_vit(rule, sparsity):
 
 def test_calibration_rounds_only_grow_the_masked_out_set():
     model = tiny_model()
-    total = sum(p.numel() for _, p in C.masked_params(model))
+    total = sum(p.numel() for _, p in common.masked_params(model))
     seen = []
     gen = torch.Generator().manual_seed(0)
 
     def fresh_scores(mask):  # new random scores each round: only the held-out rule keeps it monotone
         seen.append(None if mask is None else {k: v.clone() for k, v in mask.items()})
-        return {n: torch.rand(p.shape, generator=gen) for n, p in C.masked_params(model)}
+        return {n: torch.rand(p.shape, generator=gen) for n, p in common.masked_params(model)}
 
-    mask, log = C.calibrate_mask(model, fresh_scores, "least-sensitive", 0.95, 4, C.make_generator(0))
+    mask, log = common.calibrate_mask(model, fresh_scores, "least-sensitive", 0.95, 4, common.make_generator(0))
     masks = [m for m in seen[1:]] + [mask]
     for before, after in zip(masks, masks[1:]):
         for n in before:
@@ -99,31 +99,31 @@ def images_and_uniforms(n=7, seed=0):
 
 def random_mask(model, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(p.shape, generator=gen) < 0.5 for n, p in C.masked_params(model)}
+    return {n: torch.rand(p.shape, generator=gen) < 0.5 for n, p in common.masked_params(model)}
 
 
 def per_sample_loop(model, images, u, score, mask=None, damp=0.1):
     """One forward and one backward per image into .grad of a copy of the model whose masked-out
     entries are damped; objective: the sampled class's logit or log-probability."""
     model = copy.deepcopy(model).eval()
-    params = C.masked_params(model)
+    params = common.masked_params(model)
     with torch.no_grad():
         for n, p in params:
             if mask is not None:
                 p.copy_(torch.where(mask[n], p, p * damp))
     sums = {n: torch.zeros_like(p) for n, p in params}
-    x = C.preprocess(images, 32).to(params[0][1].dtype)
+    x = common.preprocess(images, 32).to(params[0][1].dtype)
     for i in range(len(x)):
         model.zero_grad()
         logits = model(x[i:i + 1])
         out = logits if score == "logit" else torch.log_softmax(logits, dim=1)
-        out[0, C.sample_labels(logits, u[i:i + 1])[0]].backward()
+        out[0, common.sample_labels(logits, u[i:i + 1])[0]].backward()
         for n, p in params:
             sums[n] += p.grad ** 2
     return sums
 
 
-@pytest.mark.parametrize("score", C.SCORES)
+@pytest.mark.parametrize("score", common.SCORES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_fisher_sums_equal_a_per_sample_loop_for_any_batch_size(score, masked):
     model = tiny_model()
@@ -132,8 +132,8 @@ def test_fisher_sums_equal_a_per_sample_loop_for_any_batch_size(score, masked):
     mask = random_mask(model) if masked else None
     want = per_sample_loop(model, images, u, score, mask)
     for batch in (3, 7):
-        sums, n = C.fisher_sums(model, images, u, 32, batch, CPU, mask=mask, damp=0.1, score=score)
-        assert n == 7 and list(sums) == [k for k, _ in C.masked_params(model)]
+        sums, n = common.fisher_sums(model, images, u, 32, batch, CPU, mask=mask, damp=0.1, score=score)
+        assert n == 7 and list(sums) == [k for k, _ in common.masked_params(model)]
         for k in want:
             torch.testing.assert_close(sums[k], want[k], rtol=1e-4, atol=1e-12)
     assert all(v.abs().sum() > 0 for v in want.values())
@@ -147,12 +147,12 @@ def test_scores_depend_on_the_damping_and_labels_on_the_uniforms():
     model = tiny_model()
     images, u = images_and_uniforms()
     mask = random_mask(model)
-    s0, _ = C.fisher_sums(model, images, u, 32, 7, CPU)
-    s1, _ = C.fisher_sums(model, images, u, 32, 7, CPU, mask=mask, damp=0.1)
+    s0, _ = common.fisher_sums(model, images, u, 32, 7, CPU)
+    s1, _ = common.fisher_sums(model, images, u, 32, 7, CPU, mask=mask, damp=0.1)
     assert not all(torch.equal(s0[k], s1[k]) for k in s0)  # the damped weights change the model
-    s2, _ = C.fisher_sums(model, images, u, 32, 7, CPU, mask=mask, damp=1.0)
+    s2, _ = common.fisher_sums(model, images, u, 32, 7, CPU, mask=mask, damp=1.0)
     assert all(torch.equal(s0[k], s2[k]) for k in s0)  # damp=1 is no damping
-    s3, _ = C.fisher_sums(model, images, 1 - u, 32, 7, CPU)
+    s3, _ = common.fisher_sums(model, images, 1 - u, 32, 7, CPU)
     assert not all(torch.equal(s0[k], s3[k]) for k in s0)  # other uniforms, other labels
 
 
@@ -160,7 +160,7 @@ def textbook_fisher(model, x, y):
     """The previous implementation's quantity: torch.func per-sample gradients of log p(y|x) at the
     given labels, squared and summed, on the masked tensors."""
     from torch.func import functional_call, grad, vmap
-    names = [n for n, _ in C.masked_params(model)]
+    names = [n for n, _ in common.masked_params(model)]
     params = {n: p.detach() for n, p in model.named_parameters()}
     for m in model.modules():  # timm's fused attention kernel has no vmap rule (slow fallback)
         if hasattr(m, "fused_attn"):
@@ -177,15 +177,15 @@ def textbook_fisher(model, x, y):
 def test_loglik_score_is_the_textbook_fisher_and_gives_its_mask():
     model = tiny_model().double().eval()  # float64: the two masks must agree entry for entry
     images, u = images_and_uniforms(9)
-    x = C.preprocess(images, 32).double()
+    x = common.preprocess(images, 32).double()
     with torch.no_grad():
-        y = C.sample_labels(model(x), u)
+        y = common.sample_labels(model(x), u)
     want = textbook_fisher(model, x, y)
-    sums, _ = C.fisher_sums(model, images, u, 32, 4, CPU, score="loglik")
+    sums, _ = common.fisher_sums(model, images, u, 32, 4, CPU, score="loglik")
     for k in want:
         torch.testing.assert_close(sums[k], want[k], rtol=1e-9, atol=1e-20)
     keep = sum(v.numel() for v in want.values()) // 10
-    got, ref = C.select_mask(sums, "least-sensitive", keep), C.select_mask(want, "least-sensitive", keep)
+    got, ref = common.select_mask(sums, "least-sensitive", keep), common.select_mask(want, "least-sensitive", keep)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
@@ -202,8 +202,8 @@ def test_per_sample_gradients_of_each_layer_kind(layer, shape):
     layer = layer.double()
     x = torch.randn(shape, dtype=torch.float64)
     g = torch.randn_like(layer(x))
-    got = C._per_sample_grads(layer, x, g)
-    squares = C._squared_sums(layer, x, g)
+    got = common._per_sample_grads(layer, x, g)
+    squares = common._squared_sums(layer, x, g)
     want = [None if p is None else torch.zeros_like(p) for p in (layer.weight, layer.bias)]
     for i in range(len(x)):
         layer.zero_grad()
@@ -220,58 +220,58 @@ def test_per_sample_gradients_of_each_layer_kind(layer, shape):
 def test_sampled_labels_invert_the_cdf():
     logits = torch.log(torch.tensor([[0.2, 0.3, 0.5]])).expand(6, 3)
     u = torch.tensor([0.0, 0.1999, 0.2001, 0.4999, 0.5001, 1 - 2 ** -53], dtype=torch.float64)
-    assert C.sample_labels(logits, u).tolist() == [0, 0, 1, 1, 2, 2]
+    assert common.sample_labels(logits, u).tolist() == [0, 0, 1, 1, 2, 2]
     # a cdf that ends below u by rounding (0.9999999999999993 here) still gives a valid class, the last
     logits = torch.randn(1, 100, generator=torch.Generator().manual_seed(2))
-    assert C.sample_labels(logits, torch.tensor([1 - 2 ** -53], dtype=torch.float64)).tolist() == [99]
+    assert common.sample_labels(logits, torch.tensor([1 - 2 ** -53], dtype=torch.float64)).tolist() == [99]
 
 
 def test_draw_calibration_is_seeded():
-    idx, u = C.draw_calibration(50, 8, C.make_generator(1))
-    idx2, u2 = C.draw_calibration(50, 8, C.make_generator(1))
+    idx, u = common.draw_calibration(50, 8, common.make_generator(1))
+    idx2, u2 = common.draw_calibration(50, 8, common.make_generator(1))
     assert torch.equal(idx, idx2) and torch.equal(u, u2) and u.dtype == torch.float64
-    assert len(set(idx.tolist())) == 8 and len(C.draw_calibration(5, 8, C.make_generator(1))[0]) == 5
+    assert len(set(idx.tolist())) == 8 and len(common.draw_calibration(5, 8, common.make_generator(1))[0]) == 5
 
 
 # ----------------------------------------------------------------------------- mask files
 
 def test_mask_file_round_trip_and_bad_masks(tmp_path):
     model = tiny_model()
-    mask = C.select_mask({n: torch.rand(p.shape) for n, p in C.masked_params(model)}, "least-sensitive", 500)
-    C.save_mask(mask, str(tmp_path / "mask.pt"))
+    mask = common.select_mask({n: torch.rand(p.shape) for n, p in common.masked_params(model)}, "least-sensitive", 500)
+    common.save_mask(mask, str(tmp_path / "mask.pt"))
     raw = torch.load(tmp_path / "mask.pt", weights_only=True)  # plain dict of bool tensors
     assert all(v.dtype == torch.bool for v in raw.values())
-    back = C.load_mask(str(tmp_path / "mask.pt"), model)
+    back = common.load_mask(str(tmp_path / "mask.pt"), model)
     assert all(torch.equal(back[k], mask[k]) for k in mask)
 
     old = dict(raw, cls_token=torch.ones(1, 1, 64, dtype=torch.bool), pos_embed=torch.ones(1, 5, 64, dtype=torch.bool))
     torch.save(old, tmp_path / "old.pt")
-    with pytest.raises(C.UserError, match="older version.*recalibrate") as err:
-        C.load_mask(str(tmp_path / "old.pt"), model)
+    with pytest.raises(common.UserError, match="older version.*recalibrate") as err:
+        common.load_mask(str(tmp_path / "old.pt"), model)
     assert "\n" not in str(err.value)
     missing = dict(raw)
     missing.pop("norm.bias")
     torch.save(missing, tmp_path / "missing.pt")
-    with pytest.raises(C.UserError, match="missing"):
-        C.load_mask(str(tmp_path / "missing.pt"), model)
+    with pytest.raises(common.UserError, match="missing"):
+        common.load_mask(str(tmp_path / "missing.pt"), model)
     shaped = dict(raw, **{"norm.bias": torch.ones(3, dtype=torch.bool)})
     torch.save(shaped, tmp_path / "shape.pt")
-    with pytest.raises(C.UserError, match="shape"):
-        C.load_mask(str(tmp_path / "shape.pt"), model)
-    with pytest.raises(C.UserError, match="not found"):
-        C.load_mask(str(tmp_path / "nope.pt"), model)
+    with pytest.raises(common.UserError, match="shape"):
+        common.load_mask(str(tmp_path / "shape.pt"), model)
+    with pytest.raises(common.UserError, match="not found"):
+        common.load_mask(str(tmp_path / "nope.pt"), model)
 
 
 # ----------------------------------------------------------------------------- model_editing.py
 
-@pytest.mark.parametrize("rule", C.MASK_RULES)
+@pytest.mark.parametrize("rule", common.MASK_RULES)
 def test_sparse_fine_tuning_touches_exactly_the_masked_in_weights(tmp_path, rule):
     weights, pre = backbone_file(tmp_path)
     out = tmp_path / rule
     model_editing.main(FAST + ["--weights", weights, "--rule", rule, "--sparsity", "0.8", "--calib-rounds", "2",
                                "--epochs", "1", "--fisher-batches", "1", "--synthetic-size", "1000",
                                "--out", str(out)])
-    mask = C.load_mask(str(out / "mask.pt"), pre)
+    mask = common.load_mask(str(out / "mask.pt"), pre)
     final = torch.load(out / "model.pt", weights_only=True)
     moved, free = masked_weights_moved(final, pre, mask)
     # Nearly every masked-in weight moves; a handful may not, when their update is below float32
@@ -280,7 +280,7 @@ def test_sparse_fine_tuning_touches_exactly_the_masked_in_weights(tmp_path, rule
     head = torch.load(out / "head.pt", weights_only=True)  # step 0's head, frozen through step 2
     assert torch.equal(final["head.weight"], head["weight"]) and torch.equal(final["head.bias"], head["bias"])
     result = json.loads((out / "result.json").read_text())
-    total = sum(p.numel() for _, p in C.masked_params(pre))
+    total = sum(p.numel() for _, p in common.masked_params(pre))
     assert result["mask_kept_frac"] == (total - round(0.8 * total)) / total
     assert result["changed_frac"] == moved / total
 
@@ -298,11 +298,11 @@ def test_short_edit_improves_validation_accuracy_over_the_frozen_head(tmp_path):
 
 def test_head_sources_warmup_and_file(tmp_path):
     weights, _ = backbone_file(tmp_path)
-    common = FAST + ["--weights", weights, "--epochs", "0", "--rule", "random", "--synthetic-size", "1000"]
-    model_editing.main(common + ["--head", "warmup", "--warmup-epochs", "2", "--out", str(tmp_path / "w")])
+    shared = FAST + ["--weights", weights, "--epochs", "0", "--rule", "random", "--synthetic-size", "1000"]
+    model_editing.main(shared + ["--head", "warmup", "--warmup-epochs", "2", "--out", str(tmp_path / "w")])
     warm = json.loads((tmp_path / "w" / "result.json").read_text())
     assert warm["warmup_val_acc"] > 0.05 and warm["warmup_epoch"] >= 1  # the SGD warm-up learned something
-    model_editing.main(common + ["--head", str(tmp_path / "w" / "head.pt"), "--out", str(tmp_path / "f")])
+    model_editing.main(shared + ["--head", str(tmp_path / "w" / "head.pt"), "--out", str(tmp_path / "f")])
     a = torch.load(tmp_path / "w" / "head.pt", weights_only=True)
     b = torch.load(tmp_path / "f" / "head.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -312,17 +312,17 @@ def test_head_sources_warmup_and_file(tmp_path):
 def test_editing_reuses_a_saved_mask_and_rejects_a_bad_one(tmp_path):
     weights, _ = backbone_file(tmp_path)
     first = tmp_path / "first"
-    common = FAST + ["--weights", weights, "--epochs", "1", "--synthetic-size", "1000"]
-    model_editing.main(common + ["--rule", "random", "--out", str(first)])
+    shared = FAST + ["--weights", weights, "--epochs", "1", "--synthetic-size", "1000"]
+    model_editing.main(shared + ["--rule", "random", "--out", str(first)])
     second = tmp_path / "second"
-    model_editing.main(common + ["--mask", str(first / "mask.pt"), "--out", str(second)])
+    model_editing.main(shared + ["--mask", str(first / "mask.pt"), "--out", str(second)])
     a = torch.load(first / "mask.pt", weights_only=True)
     b = torch.load(second / "mask.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     old = dict(a, cls_token=torch.ones(1, 1, 64, dtype=torch.bool))  # a mask made before cls/pos left it
     torch.save(old, tmp_path / "old.pt")
-    proc = run_script("model_editing.py", *common, "--mask", str(tmp_path / "old.pt"), "--out", str(tmp_path / "third"))
+    proc = run_script("model_editing.py", *shared, "--mask", str(tmp_path / "old.pt"), "--out", str(tmp_path / "third"))
     assert "recalibrate" in assert_usage_error(proc)
     assert not (tmp_path / "third").exists()
 
@@ -339,7 +339,7 @@ def test_interrupted_edit_resumes_to_the_same_weights(tmp_path, monkeypatch):
     argv = FAST + ["--epochs", "2", "--synthetic-size", "1000", "--sparsity", "0.7", "--fisher-batches", "1"]
     model_editing.main(argv + ["--out", str(tmp_path / "full")])
 
-    real_step, calls = C.train_step, {"n": 0}
+    real_step, calls = common.train_step, {"n": 0}
 
     def dying_step(*a, **k):  # dies in the middle of the second epoch (15 steps per epoch)
         calls["n"] += 1

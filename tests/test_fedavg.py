@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common as C
+import common
 import fedavg
 from conftest import TINY
 from helpers import assert_usage_error, backbone_file, masked_weights_moved, run_script, tiny_model
@@ -50,7 +50,7 @@ def test_shards_are_disjoint_covering_balanced_with_nc_classes(n, nc):
 def test_noniid_shards_on_uneven_sizes_stay_as_close_as_the_classes_allow(k, nc):
     # classes of unequal size (20..119 samples) and K*nc not a multiple of 100
     y = torch.cat([torch.full((20 + c,), c) for c in range(100)])
-    shards = fedavg.noniid_shards(y, k, nc, C.make_generator(0))
+    shards = fedavg.noniid_shards(y, k, nc, common.make_generator(0))
     check_partition(shards, len(y))
     for s in shards:
         assert int((torch.bincount(y[s], minlength=100) > 0).sum()) == nc
@@ -94,7 +94,7 @@ def round_args(*extra):
 
 
 def fp32_scaler():
-    return C.grad_scaler(torch.device("cpu"), "off")
+    return common.grad_scaler(torch.device("cpu"), "off")
 
 
 def one_round(model, shards, inputs, y, args, mask=None, head_only=False):
@@ -117,7 +117,7 @@ def test_one_round_with_c1_j1_full_batches_is_one_gradient_step_on_the_union(siz
     one_round(model, shards, x, y, args)
 
     reference.train()
-    loss = F.cross_entropy(reference(C.preprocess(x, 32)), y)
+    loss = F.cross_entropy(reference(common.preprocess(x, 32)), y)
     loss.backward()
     with torch.no_grad():
         for p in reference.parameters():
@@ -171,7 +171,7 @@ def test_aggregation_is_bit_identical_to_the_per_tensor_server_and_measures_agre
 
 
 def test_agreement_is_one_for_identical_clients_and_below_for_different_shards():
-    data = C.load_data(round_args("--synthetic-size", "2000"))
+    data = common.load_data(round_args("--synthetic-size", "2000"))
     x, y = data["train"]
     args = round_args("--k", "4", "--c", "1", "--j", "1", "--no-aug", "--batch-size", "16", "--lr", "0.05")
     same = [torch.arange(16)] * 4
@@ -186,8 +186,8 @@ def test_head_only_rounds_train_the_head_on_features_and_leave_the_backbone_unto
     model = tiny_model()
     before = copy.deepcopy(model.state_dict())
     args = round_args(*FAST[len(TINY):], "--train", "head")
-    data = C.load_data(args)
-    feats = C.cached_features(model, data, args, torch.device("cpu"))
+    data = common.load_data(args)
+    feats = common.cached_features(model, data, args, torch.device("cpu"))
     shards = fedavg.make_shards(data["train"][1], args)
     one_round(model, shards, feats["train"][0], data["train"][1], args, head_only=True)
     for n, p in model.state_dict().items():
@@ -197,10 +197,10 @@ def test_head_only_rounds_train_the_head_on_features_and_leave_the_backbone_unto
 def test_a_client_update_reads_nothing_back_from_the_device_per_step(monkeypatch):
     args = round_args("--j", "6", "--batch-size", "8")
     model = tiny_model()
-    data = C.load_data(round_args("--synthetic-size", "2000"))
+    data = common.load_data(round_args("--synthetic-size", "2000"))
     x, y = data["train"]
     batches = fedavg.client_batches(x, y, torch.arange(100), 0, 0, args, torch.device("cpu"), True)
-    opt = C.SparseSGDM(list(model.parameters()), [None] * len(list(model.parameters())), lr=0.01, momentum=0.9)
+    opt = common.SparseSGDM(list(model.parameters()), [None] * len(list(model.parameters())), lr=0.01, momentum=0.9)
     calls = {"n": 0}
     real_item = torch.Tensor.item
 
@@ -209,7 +209,7 @@ def test_a_client_update_reads_nothing_back_from_the_device_per_step(monkeypatch
         return real_item(self)
 
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
-    loss = fedavg.client_update(lambda xb: C.forward_logits(model, C.preprocess(xb, 32), torch.device("cpu"), "off"),
+    loss = fedavg.client_update(lambda xb: common.forward_logits(model, common.preprocess(xb, 32), torch.device("cpu"), "off"),
                                 opt, fp32_scaler(), batches)
     assert calls["n"] <= 1 and loss.dim() == 0
 
@@ -217,10 +217,10 @@ def test_a_client_update_reads_nothing_back_from_the_device_per_step(monkeypatch
 def test_federated_ridge_equals_central_ridge_on_the_union():
     model = tiny_model()
     args = round_args(*FAST[len(TINY):])
-    data = C.load_data(args)
-    feats = C.cached_features(model, data, args, torch.device("cpu"))
+    data = common.load_data(args)
+    feats = common.cached_features(model, data, args, torch.device("cpu"))
     central = copy.deepcopy(model.head)
-    C.ridge_head(central, C.ridge_stats(*feats["train"]), *feats["val"])
+    common.ridge_head(central, common.ridge_stats(*feats["train"]), *feats["val"])
     for split in (["--iid"], ["--k", "100", "--nc", "1"]):
         shards = fedavg.make_shards(data["train"][1], round_args(*FAST[len(TINY):], *split))
         fed = copy.deepcopy(model.head)
@@ -233,11 +233,11 @@ def test_federated_ridge_equals_central_ridge_on_the_union():
 def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monkeypatch):
     model = tiny_model()
     args = round_args(*FAST[len(TINY):], "--fisher-batches", "1", "--fisher-batch-size", "20", "--calib-rounds", "1")
-    data = C.load_data(args)
+    data = common.load_data(args)
     x = data["train"][0]
     shards = fedavg.make_shards(data["train"][1], args)
     seen = []
-    real = C.fisher_sums
+    real = common.fisher_sums
 
     def recording(*a, **k):
         sums, n = real(*a, **k)
@@ -251,8 +251,8 @@ def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monke
     per_client = math.ceil(20 / args.k)
     total = {k: torch.zeros_like(v) for k, v in batched.items()}
     for client, shard in enumerate(shards):  # what each client would send
-        i, u = C.draw_calibration(len(shard), per_client, C.stream("fed_calib", args.seed, 1, client))
-        sums, n = C.fisher_sums(model, x[shard[i]], u, 32, 4, torch.device("cpu"), score=args.score)
+        i, u = common.draw_calibration(len(shard), per_client, common.stream("fed_calib", args.seed, 1, client))
+        sums, n = common.fisher_sums(model, x[shard[i]], u, 32, 4, torch.device("cpu"), score=args.score)
         for k in total:
             total[k] += sums[k]
     assert count == per_client * args.k
@@ -267,18 +267,18 @@ def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(t
     out = tmp_path / "sparse"
     fedavg.main(FAST + ["--weights", weights, "--sparse", "--sparsity", "0.9", "--no-aug", "--lr", "0.005",
                         "--calib-rounds", "2", "--rounds", "4", "--eval-every", "2", "--out", str(out)])
-    mask = C.load_mask(str(out / "mask.pt"), pre)
+    mask = common.load_mask(str(out / "mask.pt"), pre)
     final = torch.load(out / "model.pt", weights_only=True)
     moved, free = masked_weights_moved(final, pre, mask)
     assert 0.99 * free <= moved <= free
     head = torch.load(out / "head.pt", weights_only=True)  # the ridge head the run started from
     assert torch.equal(final["head.weight"], head["weight"]) and torch.equal(final["head.bias"], head["bias"])
     assert not torch.equal(head["weight"], pre.head.weight)  # it is the ridge head, not the initial one
-    total = sum(p.numel() for _, p in C.masked_params(pre))
+    total = sum(p.numel() for _, p in common.masked_params(pre))
     result = json.loads((out / "result.json").read_text())
     assert result["mask_kept_frac"] == (total - round(0.9 * total)) / total
     assert result["changed_frac"] == moved / total
-    dense_extra = sum(p.numel() for n, p in C.backbone_params(pre) if n not in mask)  # cls_token, pos_embed
+    dense_extra = sum(p.numel() for n, p in common.backbone_params(pre) if n not in mask)  # cls_token, pos_embed
     assert result["comm_values_per_client_round"] == sum(int(m.sum()) for m in mask.values()) + dense_extra
     d = pre.head.in_features + 1
     assert result["comm_mb_total"] == pytest.approx(
@@ -302,13 +302,13 @@ def test_dense_fedavg_starts_from_the_given_head_file(tmp_path):
 
 def test_sparse_fedavg_reuses_a_mask_file(tmp_path):
     weights, pre = backbone_file(tmp_path)
-    params = dict(C.masked_params(pre))
-    mask = C.select_mask(None, "random", 5000, gen=C.make_generator(3), params=params)
-    C.save_mask(mask, str(tmp_path / "given.pt"))
+    params = dict(common.masked_params(pre))
+    mask = common.select_mask(None, "random", 5000, gen=common.make_generator(3), params=params)
+    common.save_mask(mask, str(tmp_path / "given.pt"))
     out = tmp_path / "run"
     fedavg.main(FAST + ["--weights", weights, "--sparse", "--mask", str(tmp_path / "given.pt"),
                         "--rounds", "2", "--out", str(out)])
-    saved = C.load_mask(str(out / "mask.pt"), pre)
+    saved = common.load_mask(str(out / "mask.pt"), pre)
     assert all(torch.equal(saved[n], mask[n]) for n in mask)
     final = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.equal(final[n][~mask[n]], p[~mask[n]]) for n, p in params.items())
@@ -351,14 +351,14 @@ def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch, uninte
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ckpt["round"] == 3 and not (tmp_path / "cut" / "result.json").exists()  # cut mid-run
     monkeypatch.setattr(fedavg, "client_update", real)
-    with pytest.raises(C.UserError, match="--resume"):
+    with pytest.raises(common.UserError, match="--resume"):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     fedavg.main(RESUME + ["--out", str(tmp_path / "cut"), "--resume"])
     assert_same_run(uninterrupted, tmp_path / "cut")
 
 
 def test_a_kill_between_the_mask_and_the_checkpoint_recalibrates(tmp_path, monkeypatch, uninterrupted):
-    real = C.save_checkpoint
+    real = common.save_checkpoint
 
     def killed(*a, **k):
         raise KeyboardInterrupt
@@ -382,7 +382,7 @@ def test_a_stop_signal_checkpoints_at_the_round_boundary_and_resumes(tmp_path, m
 
     monkeypatch.setattr(fedavg, "train_round", counting)
     monkeypatch.setattr(C, "stop_requested", lambda: rounds["n"] >= 2)  # SIGTERM during round 2
-    with pytest.raises(C.Stopped):
+    with pytest.raises(common.Stopped):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["round"] == 2
     monkeypatch.undo()
@@ -422,7 +422,7 @@ def test_bad_flags_are_one_line_errors(capsys, bad):
                                       (["--sparse", "--sparsity", "0.9999999"], "keeps none"),
                                       (["--head", "nohead.pt"], "not found")])
 def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, bad, says):
-    with pytest.raises(C.UserError, match=says):
+    with pytest.raises(common.UserError, match=says):
         fedavg.main(FAST + ["--out", str(tmp_path / "r")] + bad)
     assert not (tmp_path / "r").exists()
 
@@ -434,9 +434,9 @@ def test_bad_flag_end_to_end_is_one_line_and_exit_2(tmp_path):
 
 
 def test_missing_or_misfit_mask_is_a_one_line_error(tmp_path):
-    with pytest.raises(C.UserError, match="not found"):
+    with pytest.raises(common.UserError, match="not found"):
         fedavg.main(FAST + ["--sparse", "--mask", str(tmp_path / "none.pt"), "--out", str(tmp_path / "r")])
     torch.save({"blocks.0.norm1.weight": torch.ones(3, dtype=torch.bool)}, tmp_path / "bad.pt")
-    with pytest.raises(C.UserError, match="does not fit"):
+    with pytest.raises(common.UserError, match="does not fit"):
         fedavg.main(FAST + ["--sparse", "--mask", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()

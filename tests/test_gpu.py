@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import centralized
-import common as C
+import common
 import fedavg
 import model_editing
 from helpers import masked_weights_moved, tiny_model
@@ -57,7 +57,7 @@ def test_sparse_fedavg_under_fp16_scaling_keeps_masked_entries_bit_identical(tmp
     fedavg.main(GPU + ["--amp", "fp16", "--k", "10", "--c", "0.5", "--rounds", "3", "--sparse", "--lr", "0.05",
                        "--fisher-batches", "1", "--out", str(out)])
     pre = tiny_model()
-    mask = C.load_mask(str(out / "mask.pt"), pre)
+    mask = common.load_mask(str(out / "mask.pt"), pre)
     moved, free = masked_weights_moved(load_on_cpu(out / "model.pt"), pre, mask)
     assert 0 < moved <= free
 

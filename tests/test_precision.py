@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import common as C
+import common
 import fedavg
 from conftest import TINY
 from helpers import tiny_model
@@ -13,16 +13,16 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("capability,want", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16")])
 def test_auto_precision_follows_the_gpu_capability(monkeypatch, capability, want):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert C.resolve_amp("auto", torch.device("cuda")) == want  # T4 is 7.5, V100 7.0, A100 8.0, H100 9.0
-    assert C.resolve_amp("off", torch.device("cuda")) == "off"
-    assert C.resolve_amp("fp16", torch.device("cuda")) == "fp16"
+    assert common.resolve_amp("auto", torch.device("cuda")) == want  # T4 is 7.5, V100 7.0, A100 8.0, H100 9.0
+    assert common.resolve_amp("off", torch.device("cuda")) == "off"
+    assert common.resolve_amp("fp16", torch.device("cuda")) == "fp16"
 
 
 def test_the_cpu_runs_fp32_and_refuses_gpu_precisions():
-    assert C.resolve_amp("auto", CPU) == "off"
+    assert common.resolve_amp("auto", CPU) == "off"
     for amp in ("bf16", "fp16"):
-        with pytest.raises(C.UserError, match="needs a CUDA GPU"):
-            C.resolve_amp(amp, CPU)
+        with pytest.raises(common.UserError, match="needs a CUDA GPU"):
+            common.resolve_amp(amp, CPU)
 
 
 def test_feature_cache_is_keyed_by_the_precision_computed_in():
@@ -30,7 +30,7 @@ def test_feature_cache_is_keyed_by_the_precision_computed_in():
     paths = set()
     for precision in ("off", "bf16", "fp16"):
         args.precision = precision
-        paths.add(C.feature_cache_path(args, "train", 0))
+        paths.add(common.feature_cache_path(args, "train", 0))
     assert len(paths) == 3
 
 
@@ -38,8 +38,8 @@ def test_feature_cache_is_keyed_by_the_precision_computed_in():
 def test_bad_devices_are_refused(monkeypatch, name, says):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(C.UserError, match=says):
-        C.pick_device(name)
+    with pytest.raises(common.UserError, match=says):
+        common.pick_device(name)
 
 
 def test_the_head_and_its_argmax_are_fp32_under_mixed_precision():
@@ -48,11 +48,11 @@ def test_the_head_and_its_argmax_are_fp32_under_mixed_precision():
     model = tiny_model().eval()
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
-        logits = C.forward_logits(model, x, CPU, "bf16")
-        feats = C.backbone_features(model, x, CPU, "bf16")
+        logits = common.forward_logits(model, x, CPU, "bf16")
+        feats = common.backbone_features(model, x, CPU, "bf16")
     assert logits.dtype == torch.float32 and feats.dtype == torch.float32
     assert torch.equal(logits, model.head(feats))
-    with torch.no_grad(), C.autocast(CPU, "bf16"):
+    with torch.no_grad(), common.autocast(CPU, "bf16"):
         assert model(x).dtype == torch.bfloat16  # what evaluating the whole model under autocast would give
 
 
@@ -61,7 +61,7 @@ def test_sparse_sgdm_frozen_entries_hold_under_the_gradient_scaler_and_skipped_s
     w = torch.randn(6, 4, requires_grad=True)
     start = w.detach().clone()
     mask = torch.rand(6, 4) < 0.5
-    opt = C.SparseSGDM([w], [mask], lr=0.1, momentum=0.9, weight_decay=0.01)
+    opt = common.SparseSGDM([w], [mask], lr=0.1, momentum=0.9, weight_decay=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     for step in range(4):
         loss = (w ** 2).sum() * (float("inf") if step == 1 else 1.0)  # step 1 overflows: skipped

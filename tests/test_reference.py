@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import common as C
+import common
 from helpers import tiny_model
 
 CPU = torch.device("cpu")
@@ -34,7 +34,7 @@ def talos_score(model, x, u, masks):
     scores = {n: torch.zeros_like(p) for n, p in tensors}
     params = dict(model.named_parameters())
     logits = functional_call(model, {**params, **{n: p * masks[n] for n, p in tensors}}, (x,))
-    outdx = C.sample_labels(logits, u).unsqueeze(1).detach()
+    outdx = common.sample_labels(logits, u).unsqueeze(1).detach()
     samples = logits.gather(1, outdx)
     for idx in range(len(x)):
         model.zero_grad()
@@ -62,7 +62,7 @@ def talos_calibrate(model, x, us, sparsity, rounds):
     """prune_finetune.py's loop: score with the current mask, threshold, `rounds` times."""
     masks = {n: torch.ones_like(p) for n, p in talos_tensors(model)}
     total = sum(m.numel() for m in masks.values())
-    for r, keep in enumerate(C.keep_schedule(total, sparsity, rounds)):
+    for r, keep in enumerate(common.keep_schedule(total, sparsity, rounds)):
         kept = talos_global_copy(talos_score(model, x, us[r], masks), masks, keep)
         # kthvalue keeps every entry tied with the threshold, the project keeps exactly `keep` (ties to the
         # lower flat index): the two agree when the threshold is not tied, as here (random weights).
@@ -72,7 +72,7 @@ def talos_calibrate(model, x, us, sparsity, rounds):
 
 def test_talos_tensors_are_masked_params():
     model = tiny_model()
-    names = [n for n, _ in C.masked_params(model)]
+    names = [n for n, _ in common.masked_params(model)]
     assert names == [n for n, _ in talos_tensors(model)]
     assert "cls_token" not in names and "pos_embed" not in names and "norm.bias" in names
     assert not any(n.startswith("head.") for n in names)
@@ -84,15 +84,15 @@ def test_calibrated_mask_equals_the_talos_port(rounds):
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (12, 32, 32, 3), generator=gen, dtype=torch.uint8)
     us = [torch.rand(len(images), generator=gen, dtype=torch.float64) for _ in range(rounds)]
-    want = talos_calibrate(model, C.preprocess(images, 32).double(), us, 0.9, rounds)
+    want = talos_calibrate(model, common.preprocess(images, 32).double(), us, 0.9, rounds)
 
     seen = []
 
     def score(mask):  # the project's scores, 5 images per batch (the port takes all 12 at once)
         seen.append(mask)
-        return C.fisher_sums(model, images, us[len(seen) - 1], 32, 5, CPU, mask=mask, damp=0.1)[0]
+        return common.fisher_sums(model, images, us[len(seen) - 1], 32, 5, CPU, mask=mask, damp=0.1)[0]
 
-    mask, _ = C.calibrate_mask(model, score, "least-sensitive", 0.9, rounds, C.make_generator(0))
+    mask, _ = common.calibrate_mask(model, score, "least-sensitive", 0.9, rounds, common.make_generator(0))
     assert len(seen) == rounds
     assert list(mask) == list(want)
     for n in want:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import centralized
-import common as C
+import common
 import summarize
 from test_summarize import check_latex
 import fedavg
@@ -171,7 +171,7 @@ def test_dry_run_lists_the_grid_and_counts_its_runs_and_images(tmp_path, grid, a
     assert [counted[s][0] for s in STAGES] == [len(grid[s]) * len(seeds) for s in STAGES]
     images = {s: [0, 0] for s in STAGES}
     for script, a, words in runs:
-        _, fb, f = C.describe_run(shlex.join([script] + words))
+        _, fb, f = common.describe_run(shlex.join([script] + words))
         images[run_key(script, a)[0]][0] += fb
         images[run_key(script, a)[0]][1] += f
     for s in STAGES:
@@ -229,8 +229,8 @@ def test_describe_runs_names_the_run_directory_and_counts_images_by_hand(tmp_pat
                                        ("fedavg.py 'unclosed", "cannot split"),
                                        ("centralized.py --help", "centralized.py: not a run")])
 def test_describe_run_refuses_a_bad_line_in_one_line(line, says):
-    with pytest.raises(C.UserError, match=says.replace("(", r"\(")):
-        C.describe_run(line)
+    with pytest.raises(common.UserError, match=says.replace("(", r"\(")):
+        common.describe_run(line)
 
 
 def test_describe_runs_refuses_a_bad_line_with_exit_2_and_prints_no_row():
@@ -246,7 +246,7 @@ def test_prefetch_fetches_what_the_flags_after_the_separator_need(monkeypatch, f
     got = []
     monkeypatch.setattr(C, "load_cifar100", lambda d: got.append(f"data {d}"))
     monkeypatch.setattr(C, "hub_weights", lambda arch: got.append(f"hub {arch}"))
-    C.main(["--prefetch", "--", *flags])
+    common.main(["--prefetch", "--", *flags])
     assert got == want
 
 
@@ -254,7 +254,7 @@ def test_prefetch_fetches_what_the_flags_after_the_separator_need(monkeypatch, f
                                   ["--prefetch", "--", "--dataset", "bogus"], ["--describe-runs", "--data-only"]])
 def test_common_main_refuses_bad_combinations(argv):
     with pytest.raises(SystemExit) as e:
-        C.main(argv)
+        common.main(argv)
     assert e.value.code == 2
 
 
@@ -309,7 +309,7 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
         except OSError:  # finished in the meantime
             continue
         script = next(i for i, w in enumerate(words) if w.endswith(".py"))
-        runs.append(C.describe_run(shlex.join([os.path.basename(words[script])] + words[script + 1:]))[0])
+        runs.append(common.describe_run(shlex.join([os.path.basename(words[script])] + words[script + 1:]))[0])
     proc.kill()
     proc.wait()
     deadline = time.time() + 30  # each saves a checkpoint at its next step boundary first

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import centralized
-import common as C
+import common
 import fedavg
 import model_editing
 from conftest import TINY
@@ -41,25 +41,25 @@ def test_no_file_the_code_reads_can_run_code(tmp_path):
     centralized.main(FAST + ["--epochs", "1", "--out", str(out)])
     (out / "result.json").unlink()  # make it look interrupted
     craft(out / "checkpoint.pt", marker)
-    with pytest.raises(C.UserError, match="cannot read"):
+    with pytest.raises(common.UserError, match="cannot read"):
         centralized.main(FAST + ["--epochs", "1", "--out", str(out), "--resume"])
     # mask.pt, head.pt, --weights and a cached feature file
     craft(tmp_path / "mask.pt", marker)
-    with pytest.raises(C.UserError):
-        C.load_mask(str(tmp_path / "mask.pt"), model)
+    with pytest.raises(common.UserError):
+        common.load_mask(str(tmp_path / "mask.pt"), model)
     craft(tmp_path / "head.pt", marker)
-    with pytest.raises(C.UserError):
-        C.load_head_file(str(tmp_path / "head.pt"), model.head)
+    with pytest.raises(common.UserError):
+        common.load_head_file(str(tmp_path / "head.pt"), model.head)
     craft(tmp_path / "weights.pth", marker)
-    with pytest.raises(C.UserError):
-        C.read_weights_file(str(tmp_path / "weights.pth"))
+    with pytest.raises(common.UserError):
+        common.read_weights_file(str(tmp_path / "weights.pth"))
     args = centralized.get_args(FAST + ["--data-dir", str(tmp_path / "data")])
     args.precision, args.no_pretrained = "off", False  # a cached file is only read for real weights
-    path = C.feature_cache_path(args, "val", 0)
+    path = common.feature_cache_path(args, "val", 0)
     os.makedirs(os.path.dirname(path))
     craft(path, marker)
-    data = C.load_data(args)
-    feats = C.cached_features(model, data, args, torch.device("cpu"))  # a bad cache file is recomputed
+    data = common.load_data(args)
+    feats = common.cached_features(model, data, args, torch.device("cpu"))  # a bad cache file is recomputed
     assert feats["val"][0].shape == (len(data["val"][1]), model.head.in_features)
     assert not marker.exists()
 
@@ -91,7 +91,7 @@ def test_a_second_writer_is_refused_naming_the_pid_and_a_dead_ones_lock_does_not
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(C.UserError, match=f"in use by another process \\(PID {holder.pid}\\)"):
+        with pytest.raises(common.UserError, match=f"in use by another process \\(PID {holder.pid}\\)"):
             centralized.main(FAST + ["--epochs", "1", "--out", str(out)])
         assert os.listdir(out) == [".lock"]  # nothing written
     finally:
@@ -116,13 +116,13 @@ def test_stop_signals_set_the_flag_that_loops_check():
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         for s in old:
-            signal.signal(s, C._on_stop_signal)
-        assert not C.stop_requested()
+            signal.signal(s, common._on_stop_signal)
+        assert not common.stop_requested()
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.1)
-        assert C.stop_requested()
+        assert common.stop_requested()
     finally:
-        C._stop_signal = None
+        common._stop_signal = None
         for s, h in old.items():
             signal.signal(s, h)
 
@@ -133,7 +133,7 @@ def test_sigterm_mid_editing_saves_the_step_and_resumes_to_the_same_model(tmp_pa
                    "--fisher-batches", "1", "--no-aug", "--lr", "0.002"]
     model_editing.main(argv + ["--out", str(tmp_path / "full")])
     steps = {"n": 0}
-    real = C.train_step
+    real = common.train_step
 
     def counting(*a, **k):
         steps["n"] += 1
@@ -141,7 +141,7 @@ def test_sigterm_mid_editing_saves_the_step_and_resumes_to_the_same_model(tmp_pa
 
     monkeypatch.setattr(C, "train_step", counting)
     monkeypatch.setattr(C, "stop_requested", lambda: steps["n"] == 10)  # SIGTERM in step 10 of epoch 1 (of 15)
-    with pytest.raises(C.Stopped):
+    with pytest.raises(common.Stopped):
         model_editing.main(argv + ["--out", str(tmp_path / "cut")])
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (0, 10)  # saved mid-epoch, at the step boundary
@@ -155,7 +155,7 @@ def test_sigterm_mid_editing_saves_the_step_and_resumes_to_the_same_model(tmp_pa
 
 def test_a_script_exits_143_with_a_checkpoint_on_sigterm(tmp_path):
     out = tmp_path / "run"
-    argv = [sys.executable, os.path.join(os.path.dirname(C.__file__), "fedavg.py"), *FAST, "--k", "10",
+    argv = [sys.executable, os.path.join(os.path.dirname(common.__file__), "fedavg.py"), *FAST, "--k", "10",
             "--c", "0.5", "--rounds", "400", "--eval-every", "400", "--test-every", "400", "--ckpt-every", "1000",
             "--head", "warmup", "--warmup-rounds", "400", "--out", str(out)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -175,7 +175,7 @@ def test_an_orphan_dies_with_run_all(tmp_path):
     """A script started by run_all.sh (RUN_ALL_PID set) gets SIGTERM when its parent dies, even by SIGKILL."""
     out = tmp_path / "run"
     script = (f"import subprocess, sys, os; os.environ['RUN_ALL_PID'] = str(os.getpid()); "
-              f"p = subprocess.Popen([sys.executable, {os.path.join(os.path.dirname(C.__file__), 'fedavg.py')!r}, "
+              f"p = subprocess.Popen([sys.executable, {os.path.join(os.path.dirname(common.__file__), 'fedavg.py')!r}, "
               f"*{FAST!r}, '--k', '10', '--c', '0.5', '--rounds', '400', '--head', 'warmup', "
               f"'--warmup-rounds', '400', '--out', {str(out)!r}]); print(p.pid, flush=True); "
               f"import time; time.sleep(120)")
