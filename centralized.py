@@ -9,10 +9,22 @@ The backbone is frozen, so its features are computed once (and cached on disk) a
 epoch of every trial trains the head on them. Example:
     python centralized.py --grid --compare-schedulers
 """
+import argparse
+import math
 import os
 import time
 
 import common
+
+
+def float_list(s):
+    try:
+        vals = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+    if not vals or any(v < 0 or math.isinf(v) or math.isnan(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {s!r}")
+    return vals
 
 
 def get_args(argv=None):
@@ -28,9 +40,9 @@ def get_args(argv=None):
     p.add_argument("--scheduler", choices=common.SCHEDULERS, default="cosine",
                    help="LR schedule (see common.lr_factor), per epoch")
     p.add_argument("--grid", action="store_true", help="grid search lr x momentum x wd first and use the best")
-    p.add_argument("--grid-lr", type=common.float_list, default=[0.1, 0.001, 0.005], help="learning rates of the grid")
-    p.add_argument("--grid-momentum", type=common.float_list, default=[0.8, 0.9, 0.95], help="momenta of the grid")
-    p.add_argument("--grid-wd", type=common.float_list, default=[0.001, 0.0], help="weight decays of the grid")
+    p.add_argument("--grid-lr", type=float_list, default=[0.1, 0.001, 0.005], help="learning rates of the grid")
+    p.add_argument("--grid-momentum", type=float_list, default=[0.8, 0.9, 0.95], help="momenta of the grid")
+    p.add_argument("--grid-wd", type=float_list, default=[0.001, 0.0], help="weight decays of the grid")
     p.add_argument("--compare-schedulers", action="store_true",
                    help="train once per schedule in --schedulers, plot them, and use the best")
     p.add_argument("--schedulers", default=",".join(common.SCHEDULERS), help="schedules to compare")

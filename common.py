@@ -1,8 +1,10 @@
 """Pieces shared by centralized.py, model_editing.py and fedavg.py.
 
-Read it top to bottom: errors and signals, flags, device and precision, random streams, data,
-the ViT and its weights, SparseSGDM, learning-rate schedules, forward passes and evaluation,
-frozen-backbone features and heads (SGD and ridge), Fisher scores and masks, run directories, plots.
+Read it top to bottom: errors and signals, flags, device and precision, random streams, data and
+transforms, the ViT and its weights, SparseSGDM, learning-rate schedules, forward passes and
+evaluation, frozen-backbone features and heads (SGD and ridge), Fisher scores and masks (TaLoS steps
+1-2), files and run directories (atomic writes, locks, resume), plots, and the command line (prefetch
+for offline use, the run list of run_all.sh).
 
 Run it as a script to prefetch CIFAR-100 and the DINO weights for offline use:
     python common.py --data-dir ./data
@@ -134,16 +136,6 @@ def unit_float(s):
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
     return v
-
-
-def float_list(s):
-    try:
-        vals = [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
-    if not vals or any(v < 0 or math.isinf(v) or math.isnan(v) for v in vals):
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {s!r}")
-    return vals
 
 
 def base_parser():
@@ -701,16 +693,6 @@ def optimizer_step(opt, loss, scaler):
     scaler.update()
 
 
-def train_step(model, opt, scaler, xb, yb, args, device):
-    """One optimizer step of the whole model on a uint8 batch already on the device (augmented by the
-    caller). Returns the loss as a 0-d device tensor: reading it with .item() waits for the GPU, so
-    callers add losses up on the device and read them once per client or epoch."""
-    model.train()
-    loss = F.cross_entropy(forward_logits(model, preprocess(xb, args.img_size), device, args.precision), yb)
-    optimizer_step(opt, loss, scaler)
-    return loss.detach()
-
-
 @torch.no_grad()
 def evaluate_logits_fn(fn, xs, ys, batch_size):
     """Mean cross-entropy and top-1 accuracy of fn(batch) -> fp32 logits over (xs, ys)."""
@@ -729,14 +711,6 @@ def evaluate(model, x, y, args, device):
     return evaluate_logits_fn(lambda xb: forward_logits(model, preprocess(xb.to(device), args.img_size),
                                                         device, args.precision),
                               x, y, args.eval_batch_size)
-
-
-def evaluate_splits(model, data, args, device, splits=("val", "test")):
-    """Loss and accuracy of the whole model on each split, as one metrics row."""
-    row = {}
-    for s in splits:
-        row[f"{s}_loss"], row[f"{s}_acc"] = evaluate(model, *data[s], args, device)
-    return row
 
 
 def evaluate_head(head, feats, y, batch_size=4096):
@@ -852,10 +826,6 @@ def ridge_stats(feats, y, num_classes=NUM_CLASSES):
     return phi.T @ phi, phi.T @ F.one_hot(y, num_classes).double(), len(y)
 
 
-def add_ridge_stats(a, b):
-    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
-
-
 RIDGE_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # per sample: the penalty is lambda * n * ||W||²
 RIDGE_TEMPERATURES = torch.logspace(0, 3, 31).tolist()  # 1 .. 1000
 
@@ -884,17 +854,6 @@ def ridge_head(head, stats, val_feats, val_y, lambdas=RIDGE_LAMBDAS):
     head.weight.copy_((t * W[:-1]).T.to(head.weight))
     head.bias.copy_((t * W[-1]).to(head.bias))
     return {"ridge_lambda": lam, "ridge_temperature": t, "head_val_acc": acc}
-
-
-def load_tensor_file(path, what, fix):
-    """torch.load of a file the user names, on the CPU and weights_only (a crafted pickle cannot run
-    code); a missing or unreadable file is one line saying `fix`."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{what} not found: {path} ({fix})")
-    except Exception as e:
-        raise UserError(f"cannot read {what} {path} ({type(e).__name__}): {fix}")
 
 
 def load_head_file(path, head):
@@ -1159,7 +1118,55 @@ def mask_density(mask):
     return sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
 
 
-# ----------------------------------------------------------------------------- run directories
+def check_sparsity(model, sparsity):
+    """Refuse a --sparsity that keeps no entry at all (it would train nothing without a word)."""
+    total = sum(p.numel() for _, p in masked_params(model))
+    if total - int(round(total * sparsity)) < 1:
+        raise UserError(f"--sparsity {sparsity} keeps none of the {total} entries of the masked tensors: "
+                        f"lower it (at most {1 - 1 / total:.6f})")
+
+
+def calibrate(model, draw, args, device):
+    """Step 1 of model_editing.py and fedavg.py --sparse: calibrate_mask with --rule, --sparsity and
+    --calib-rounds, round r scoring the images draw(r) -> (uint8 images, uniforms for their labels)
+    with --score and --calib-damp. Prints the rounds; returns (mask, per-round log)."""
+    rounds_done = 0
+
+    def score(mask):
+        nonlocal rounds_done
+        rounds_done += 1
+        images, u = draw(rounds_done)
+        sums, n = fisher_sums(model, images, u, args.img_size, args.fisher_batch_size, device,
+                              mask=mask, damp=args.calib_damp, score=args.score)
+        return {k: v / n for k, v in sums.items()}
+
+    t = time.time()
+    mask, log = calibrate_mask(model, score, args.rule, args.sparsity, args.calib_rounds, stream("mask_rule", args.seed))
+    for row in log:
+        print(f"  calibration round {row['round']}: keep {row['kept']} entries ({row['kept_frac']:.4%})")
+    print(f"mask ({args.rule}, sparsity {args.sparsity}, score {args.score}) calibrated in {time.time() - t:.1f}s")
+    return mask, log
+
+
+def changed_count(model, initial):
+    """(entries of masked_params that differ from `initial` {name: tensor}, entries in all)."""
+    params = masked_params(model)
+    changed = sum(int((p.detach().cpu() != initial[n].cpu()).sum()) for n, p in params)
+    return changed, sum(p.numel() for _, p in params)
+
+
+# ----------------------------------------------------------------------------- files and run directories
+
+def load_tensor_file(path, what, fix):
+    """torch.load of a file the user names, on the CPU and weights_only (a crafted pickle cannot run
+    code); a missing or unreadable file is one line saying `fix`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path} ({fix})")
+    except Exception as e:
+        raise UserError(f"cannot read {what} {path} ({type(e).__name__}): {fix}")
+
 
 def atomic_write(path, write):
     """write(tmp_path) into a temporary file next to `path`, then rename it onto `path`: a reader (or a
@@ -1348,43 +1355,6 @@ def finish_run(result, args):
     ckpt = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(ckpt):
         os.remove(ckpt)
-
-
-def check_sparsity(model, sparsity):
-    """Refuse a --sparsity that keeps no entry at all (it would train nothing without a word)."""
-    total = sum(p.numel() for _, p in masked_params(model))
-    if total - int(round(total * sparsity)) < 1:
-        raise UserError(f"--sparsity {sparsity} keeps none of the {total} entries of the masked tensors: "
-                        f"lower it (at most {1 - 1 / total:.6f})")
-
-
-def calibrate(model, draw, args, device):
-    """Step 1 of model_editing.py and fedavg.py --sparse: calibrate_mask with --rule, --sparsity and
-    --calib-rounds, round r scoring the images draw(r) -> (uint8 images, uniforms for their labels)
-    with --score and --calib-damp. Prints the rounds; returns (mask, per-round log)."""
-    rounds_done = 0
-
-    def score(mask):
-        nonlocal rounds_done
-        rounds_done += 1
-        images, u = draw(rounds_done)
-        sums, n = fisher_sums(model, images, u, args.img_size, args.fisher_batch_size, device,
-                              mask=mask, damp=args.calib_damp, score=args.score)
-        return {k: v / n for k, v in sums.items()}
-
-    t = time.time()
-    mask, log = calibrate_mask(model, score, args.rule, args.sparsity, args.calib_rounds, stream("mask_rule", args.seed))
-    for row in log:
-        print(f"  calibration round {row['round']}: keep {row['kept']} entries ({row['kept_frac']:.4%})")
-    print(f"mask ({args.rule}, sparsity {args.sparsity}, score {args.score}) calibrated in {time.time() - t:.1f}s")
-    return mask, log
-
-
-def changed_count(model, initial):
-    """(entries of masked_params that differ from `initial` {name: tensor}, entries in all)."""
-    params = masked_params(model)
-    changed = sum(int((p.detach().cpu() != initial[n].cpu()).sum()) for n, p in params)
-    return changed, sum(p.numel() for _, p in params)
 
 
 # ----------------------------------------------------------------------------- plots

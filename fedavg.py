@@ -147,7 +147,7 @@ def federated_ridge(head, shards, feats):
     stats = None
     for shard in shards:
         s = common.ridge_stats(f[shard], y[shard])
-        stats = s if stats is None else common.add_ridge_stats(stats, s)
+        stats = s if stats is None else tuple(a + b for a, b in zip(stats, s))
     return common.ridge_head(head, stats, *feats["val"])
 
 

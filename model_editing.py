@@ -15,6 +15,7 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 import common
 
@@ -46,6 +47,25 @@ def get_args(argv=None):
         f"{args.rule}_s{args.sparsity}_r{args.calib_rounds}"
     args.out = args.out or f"{args.results}/editing/{mask}/seed{args.seed}"
     return args
+
+
+def train_step(model, opt, scaler, xb, yb, args, device):
+    """One optimizer step of the whole model on a uint8 batch already on the device (augmented by the
+    caller). Returns the loss as a 0-d device tensor: reading it with .item() waits for the GPU, so the
+    loop adds losses up on the device and reads them once per epoch."""
+    model.train()
+    logits = common.forward_logits(model, common.preprocess(xb, args.img_size), device, args.precision)
+    loss = F.cross_entropy(logits, yb)
+    common.optimizer_step(opt, loss, scaler)
+    return loss.detach()
+
+
+def evaluate_splits(model, data, args, device, splits=("val", "test")):
+    """Loss and accuracy of the whole model on each split, as one metrics row."""
+    row = {}
+    for s in splits:
+        row[f"{s}_loss"], row[f"{s}_acc"] = common.evaluate(model, *data[s], args, device)
+    return row
 
 
 def make_head(model, data, args, device, inputs):
@@ -113,7 +133,7 @@ def main(argv=None):
         opt.load_state_dict(ckpt["opt"])
         scaler.load_state_dict(ckpt["scaler"])
     if not ckpt["rows"]:  # epoch 0: the model with its frozen head, before any edit
-        ckpt["rows"].append(dict(epoch=0, train_loss=None, **common.evaluate_splits(model, data, args, device)))
+        ckpt["rows"].append(dict(epoch=0, train_loss=None, **evaluate_splits(model, data, args, device)))
 
     def save():
         ckpt.update(model=common.cpu_state(model), opt=opt.state_dict(), scaler=scaler.state_dict(),
@@ -133,12 +153,12 @@ def main(argv=None):
             if not args.no_aug:
                 off, flip = common.draw_augmentation(len(idx), common.stream("edit_aug", args.seed, ep, s))
                 xb = common.augment(xb, off.to(device), flip.to(device))
-            loss_sum += common.train_step(model, opt, scaler, xb, yb, args, device) * len(idx)
+            loss_sum += train_step(model, opt, scaler, xb, yb, args, device) * len(idx)
             ckpt["step"] = s + 1
             if common.stop_requested():  # SLURM preemption / time limit: save at this step boundary
                 save()
                 raise common.Stopped()
-        row = dict(epoch=ep + 1, train_loss=float(loss_sum) / len(x), **common.evaluate_splits(model, data, args, device))
+        row = dict(epoch=ep + 1, train_loss=float(loss_sum) / len(x), **evaluate_splits(model, data, args, device))
         print(f"epoch {ep + 1}: train loss {row['train_loss']:.4f}  val acc {row['val_acc']:.4f}  "
               f"test acc {row['test_acc']:.4f}")
         loss_sum.zero_()

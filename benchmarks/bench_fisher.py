@@ -69,18 +69,18 @@ def measure(cfg):
     images = torch.randint(0, 256, (cfg["samples"], cfg["img_size"], cfg["img_size"], 3), generator=gen,
                            dtype=torch.uint8)
     u = torch.rand(cfg["samples"], generator=gen, dtype=torch.float64)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    if device.type == "cuda":  # the device given, not the current one (cuda:0)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     sums = score(cfg["method"], model, images, u, cfg, device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     secs = time.perf_counter() - t
     if device.type == "cuda":
-        extra, kind = (torch.cuda.max_memory_allocated() - base) / 2**20, "CUDA allocated"
+        extra, kind = (torch.cuda.max_memory_allocated(device) - base) / 2**20, "CUDA allocated"
     else:
         extra, kind = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**10, "CPU max RSS growth"
     total = sum(float(s.double().sum()) for s in sums.values())

@@ -63,13 +63,13 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_epoch(*a, **k)
 
-    monkeypatch.setattr(C, "train_head_epoch", dying_epoch)
+    monkeypatch.setattr(common, "train_head_epoch", dying_epoch)
     with pytest.raises(KeyboardInterrupt):
         centralized.main(argv + ["--out", str(tmp_path / "cut")])
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert len(ckpt["done"]) == 1  # cut inside the second trial, the first one saved
     assert not (tmp_path / "cut" / "result.json").exists()
-    monkeypatch.setattr(C, "train_head_epoch", real_epoch)
+    monkeypatch.setattr(common, "train_head_epoch", real_epoch)
 
     with pytest.raises(common.UserError, match="--resume"):  # no silent restart over an interrupted run
         centralized.main(argv + ["--out", str(tmp_path / "cut")])

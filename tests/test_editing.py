@@ -339,7 +339,7 @@ def test_interrupted_edit_resumes_to_the_same_weights(tmp_path, monkeypatch):
     argv = FAST + ["--epochs", "2", "--synthetic-size", "1000", "--sparsity", "0.7", "--fisher-batches", "1"]
     model_editing.main(argv + ["--out", str(tmp_path / "full")])
 
-    real_step, calls = common.train_step, {"n": 0}
+    real_step, calls = model_editing.train_step, {"n": 0}
 
     def dying_step(*a, **k):  # dies in the middle of the second epoch (15 steps per epoch)
         calls["n"] += 1
@@ -347,11 +347,11 @@ def test_interrupted_edit_resumes_to_the_same_weights(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_step(*a, **k)
 
-    monkeypatch.setattr(C, "train_step", dying_step)
+    monkeypatch.setattr(model_editing, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         model_editing.main(argv + ["--out", str(tmp_path / "cut")])
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # cut mid-run
-    monkeypatch.setattr(C, "train_step", real_step)
+    monkeypatch.setattr(model_editing, "train_step", real_step)
     model_editing.main(argv + ["--out", str(tmp_path / "cut"), "--resume"])
 
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)

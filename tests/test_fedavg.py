@@ -244,10 +244,10 @@ def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monke
         seen.append((sums, n))
         return sums, n
 
-    monkeypatch.setattr(C, "fisher_sums", recording)
+    monkeypatch.setattr(common, "fisher_sums", recording)
     fedavg.federated_mask(model, shards, x, args, torch.device("cpu"))
     batched, count = seen[0]
-    monkeypatch.setattr(C, "fisher_sums", real)
+    monkeypatch.setattr(common, "fisher_sums", real)
     per_client = math.ceil(20 / args.k)
     total = {k: torch.zeros_like(v) for k, v in batched.items()}
     for client, shard in enumerate(shards):  # what each client would send
@@ -363,11 +363,11 @@ def test_a_kill_between_the_mask_and_the_checkpoint_recalibrates(tmp_path, monke
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(C, "save_checkpoint", killed)  # the first checkpoint follows the mask
+    monkeypatch.setattr(common, "save_checkpoint", killed)  # the first checkpoint follows the mask
     with pytest.raises(KeyboardInterrupt):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     assert (tmp_path / "cut" / "mask.pt").is_file() and not (tmp_path / "cut" / "checkpoint.pt").exists()
-    monkeypatch.setattr(C, "save_checkpoint", real)
+    monkeypatch.setattr(common, "save_checkpoint", real)
     fedavg.main(RESUME + ["--out", str(tmp_path / "cut"), "--resume"])
     assert_same_run(uninterrupted, tmp_path / "cut")
 
@@ -381,7 +381,7 @@ def test_a_stop_signal_checkpoints_at_the_round_boundary_and_resumes(tmp_path, m
         return real(*a, **k)
 
     monkeypatch.setattr(fedavg, "train_round", counting)
-    monkeypatch.setattr(C, "stop_requested", lambda: rounds["n"] >= 2)  # SIGTERM during round 2
+    monkeypatch.setattr(common, "stop_requested", lambda: rounds["n"] >= 2)  # SIGTERM during round 2
     with pytest.raises(common.Stopped):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["round"] == 2

@@ -2,7 +2,6 @@
 --describe-runs, --prefetch), a quick study end to end (killed, resumed, then nothing to redo), the
 settings file, --gpus, SLURM submission and its task script, bad input."""
 import json
-import math
 import os
 import shlex
 import signal
@@ -244,8 +243,8 @@ def test_describe_runs_refuses_a_bad_line_with_exit_2_and_prints_no_row():
                                         (["--arch", "vit_x", "--epochs", "3"], ["data ./data", "hub vit_x"])])
 def test_prefetch_fetches_what_the_flags_after_the_separator_need(monkeypatch, flags, want):
     got = []
-    monkeypatch.setattr(C, "load_cifar100", lambda d: got.append(f"data {d}"))
-    monkeypatch.setattr(C, "hub_weights", lambda arch: got.append(f"hub {arch}"))
+    monkeypatch.setattr(common, "load_cifar100", lambda d: got.append(f"data {d}"))
+    monkeypatch.setattr(common, "hub_weights", lambda arch: got.append(f"hub {arch}"))
     common.main(["--prefetch", "--", *flags])
     assert got == want
 

@@ -11,7 +11,6 @@ import torch
 
 import centralized
 import common
-import fedavg
 import model_editing
 from conftest import TINY
 from helpers import backbone_file, tiny_model
@@ -133,14 +132,14 @@ def test_sigterm_mid_editing_saves_the_step_and_resumes_to_the_same_model(tmp_pa
                    "--fisher-batches", "1", "--no-aug", "--lr", "0.002"]
     model_editing.main(argv + ["--out", str(tmp_path / "full")])
     steps = {"n": 0}
-    real = common.train_step
+    real = model_editing.train_step
 
     def counting(*a, **k):
         steps["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(C, "train_step", counting)
-    monkeypatch.setattr(C, "stop_requested", lambda: steps["n"] == 10)  # SIGTERM in step 10 of epoch 1 (of 15)
+    monkeypatch.setattr(model_editing, "train_step", counting)
+    monkeypatch.setattr(common, "stop_requested", lambda: steps["n"] == 10)  # SIGTERM in step 10 of epoch 1 (of 15)
     with pytest.raises(common.Stopped):
         model_editing.main(argv + ["--out", str(tmp_path / "cut")])
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
