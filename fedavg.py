@@ -351,6 +351,8 @@ def main(argv=None):
             head_upload = d * d + d * common.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ and a count, once per client
         elif inputs["head"] is not None:
             model.head.load_state_dict(inputs["head"])
+        # the head the run starts from (with --sparse: the frozen head throughout); model.pt holds the final one
+        common.atomic_save(common.cpu_state(model.head), os.path.join(args.out, "head.pt"))
         ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
                 "upload": head_upload * args.k, "elapsed": 0.0}
     else:
@@ -429,7 +431,6 @@ def main(argv=None):
         changed, total = common.changed_count(model, initial)
         result.update(mask_kept_frac=common.mask_density(mask), changed_frac=changed / total)
     common.atomic_save(common.cpu_state(model), os.path.join(args.out, "model.pt"))
-    common.atomic_save(common.cpu_state(model.head), os.path.join(args.out, "head.pt"))
     common.finish_run(result, args)
     print(f"test acc {result['test_acc']:.4f} after {total_rounds} rounds (best val {best['val_acc']:.4f} at "
           f"round {best['round']}); results in {args.out}")

@@ -271,9 +271,15 @@ def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(t
     final = torch.load(out / "model.pt", weights_only=True)
     moved, free = masked_weights_moved(final, pre, mask)
     assert 0.99 * free <= moved <= free
-    head = torch.load(out / "head.pt", weights_only=True)  # the ridge head the run started from
+    head = torch.load(out / "head.pt", weights_only=True)  # written at step 0, before any round
     assert torch.equal(final["head.weight"], head["weight"]) and torch.equal(final["head.bias"], head["bias"])
-    assert not torch.equal(head["weight"], pre.head.weight)  # it is the ridge head, not the initial one
+    args = fedavg.get_args(FAST + ["--weights", weights])
+    args.precision = "off"
+    data = common.load_data(args)
+    feats = common.cached_features(pre, data, args, torch.device("cpu"))
+    ridge = copy.deepcopy(pre.head)
+    fedavg.federated_ridge(ridge, fedavg.make_shards(data["train"][1], args), feats)
+    assert torch.equal(head["weight"], ridge.weight) and torch.equal(head["bias"], ridge.bias)  # the ridge head
     total = sum(p.numel() for _, p in common.masked_params(pre))
     result = json.loads((out / "result.json").read_text())
     assert result["mask_kept_frac"] == (total - round(0.9 * total)) / total
