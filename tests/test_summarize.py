@@ -169,7 +169,7 @@ def test_every_table_of_the_study_picks_its_runs(tmp_path, no_plots):
     assert not [t for t in md_tables(report) if t.startswith("FedAvg, sparse, most-sensitive")]
 
     # one warm-up per seed, shared by that seed's four editing runs: n counts seeds
-    assert "Before editing (head ridge, logit score: the warmed-up head, frozen backbone): 40.00 ± 0.00 (n=2)." \
+    assert "Before editing (head ridge, logit score: the step-0 head on the pre-trained backbone): 40.00 ± 0.00 (n=2)." \
         in report
     editing_rules = table(report, "Mask rules in model editing at sparsity 0.9, 4 calibration rounds")
     assert editing_rules["most-sensitive"][0] == pm(0.60, 0.61)
