@@ -53,7 +53,8 @@ def get_args(argv=None):
     args.schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
     bad = [s for s in args.schedulers if s not in common.SCHEDULERS]
     if bad or not args.schedulers:
-        p.error(f"unknown scheduler in --schedulers: {','.join(bad) or '(empty)'}; choose from {','.join(common.SCHEDULERS)}")
+        p.error(f"unknown scheduler in --schedulers: {','.join(bad) or '(empty)'}; "
+                f"choose from {','.join(common.SCHEDULERS)}")
     if any(m >= 1 for m in args.grid_momentum):
         p.error("--grid-momentum values must be < 1")
     if args.hparams and args.grid:
@@ -78,7 +79,7 @@ def run_trial(name, hp, ckpt, model, feats, args, test=None):
     t0 = time.time()
     model.head.load_state_dict(ckpt["init_head"])  # every trial starts from the same head
     history, best_epoch = common.train_head(model.head, feats, hp, args.epochs, args.patience, args.batch_size,
-                                       args.seed, test=test)
+                                            args.seed, test=test)
     summary = dict(hp, best_val_acc=history[best_epoch - 1]["val_acc"], best_epoch=best_epoch,
                    epochs_run=len(history), history=history, seconds=time.time() - t0)
     if test is not None:
@@ -101,8 +102,8 @@ def grid_search(ckpt, model, feats, args):
     rows.sort(key=lambda r: -r["best_val_acc"])  # stable: ties keep grid order
     common.write_csv(rows, os.path.join(args.out, "grid.csv"))
     common.plot_bars(os.path.join(args.out, "grid.png"),
-                [f"lr={r['lr']:g} m={r['momentum']:g} wd={r['wd']:g}" for r in rows],
-                [r["best_val_acc"] for r in rows], "best validation accuracy", "Grid search (sorted)")
+                     [f"lr={r['lr']:g} m={r['momentum']:g} wd={r['wd']:g}" for r in rows],
+                     [r["best_val_acc"] for r in rows], "best validation accuracy", "Grid search (sorted)")
     return {k: rows[0][k] for k in ("lr", "momentum", "wd")}
 
 
@@ -116,7 +117,7 @@ def compare_schedulers(best, ckpt, model, feats, args):
         curves[sched] = ([h["epoch"] for h in s["history"]], [h["val_acc"] for h in s["history"]])
     common.write_csv(rows, os.path.join(args.out, "schedulers.csv"))
     common.plot_lines(os.path.join(args.out, "schedulers.png"), curves, "epoch", "validation accuracy",
-                 "LR schedulers")
+                      "LR schedulers")
     return max(rows, key=lambda r: r["best_val_acc"])["scheduler"]  # first of equals wins
 
 
@@ -149,11 +150,11 @@ def main(argv=None):
     common.write_csv(hist, os.path.join(args.out, "metrics.csv"))
     ep = [h["epoch"] for h in hist]
     common.plot_lines(os.path.join(args.out, "loss.png"),
-                 {s: (ep, [h[f"{s}_loss"] for h in hist]) for s in ("train", "val", "test")},
-                 "epoch", "cross-entropy", "Centralized baseline: loss")
+                      {s: (ep, [h[f"{s}_loss"] for h in hist]) for s in ("train", "val", "test")},
+                      "epoch", "cross-entropy", "Centralized baseline: loss")
     common.plot_lines(os.path.join(args.out, "accuracy.png"),
-                 {s: (ep, [h[f"{s}_acc"] for h in hist]) for s in ("val", "test")},
-                 "epoch", "top-1 accuracy", "Centralized baseline: accuracy")
+                      {s: (ep, [h[f"{s}_acc"] for h in hist]) for s in ("val", "test")},
+                      "epoch", "top-1 accuracy", "Centralized baseline: accuracy")
     common.atomic_save(final["head"], os.path.join(args.out, "head.pt"))  # CPU tensors: loads anywhere
     best_row = hist[final["best_epoch"] - 1]
     result = {"stage": "centralized", "dataset": args.dataset, "seed": args.seed, "best": hp,

@@ -1141,7 +1141,8 @@ def calibrate(model, draw, args, device):
         return {k: v / n for k, v in sums.items()}
 
     t = time.time()
-    mask, log = calibrate_mask(model, score, args.rule, args.sparsity, args.calib_rounds, stream("mask_rule", args.seed))
+    mask, log = calibrate_mask(model, score, args.rule, args.sparsity, args.calib_rounds,
+                               stream("mask_rule", args.seed))
     for row in log:
         print(f"  calibration round {row['round']}: keep {row['kept']} entries ({row['kept_frac']:.4%})")
     print(f"mask ({args.rule}, sparsity {args.sparsity}, score {args.score}) calibrated in {time.time() - t:.1f}s")

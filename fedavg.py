@@ -28,7 +28,8 @@ def get_args(argv=None):
     g = p.add_argument_group("federation")
     g.add_argument("--k", type=common.positive_int, default=100, help="number of clients")
     g.add_argument("--c", type=float, default=0.1, help="fraction of clients sampled per round, in (0, 1]")
-    g.add_argument("--j", type=common.positive_int, default=4, help="local steps (optimizer steps) per client per round")
+    g.add_argument("--j", type=common.positive_int, default=4,
+                   help="local steps (optimizer steps) per client per round")
     g.add_argument("--rounds", type=common.positive_int, default=300, help="communication rounds")
     g.add_argument("--scale-rounds", action="store_true",
                    help="--rounds is the count for J=4; run rounds*4/J so total local work is equal across J")
@@ -119,7 +120,7 @@ def noniid_shards(labels, k, nc, gen):
         idx = torch.nonzero(labels == c).flatten()
         if len(idx) < len(holders[c]):
             raise common.UserError(f"class {c} has {len(idx)} samples for {len(holders[c])} clients; "
-                              f"use fewer clients (--k) or classes per client (--nc)")
+                                   f"use fewer clients (--k) or classes per client (--nc)")
         idx = idx[torch.randperm(len(idx), generator=gen)]
         for client, piece in zip(holders[c], torch.tensor_split(idx, len(holders[c]))):
             shards[client].append(piece)
@@ -129,7 +130,7 @@ def noniid_shards(labels, k, nc, gen):
 def make_shards(labels, args):
     if args.k > len(labels):
         raise common.UserError(f"--k {args.k} clients for {len(labels)} training images: some would hold nothing; "
-                          f"lower --k")
+                               f"lower --k")
     gen = common.stream("shards", args.seed)
     if args.iid:
         return iid_shards(labels, args.k, gen)
@@ -269,7 +270,7 @@ class Phase:
             self.params = common.backbone_params(model) if mask is not None else list(model.named_parameters())
         tensors = [p for _, p in self.params]
         self.opt = common.SparseSGDM(tensors, [mask.get(n) if mask is not None else None for n, _ in self.params],
-                                lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+                                     lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
         self.global_w, self.update = [torch.empty_like(p) for p in tensors], [torch.empty_like(p) for p in tensors]
         self.head_only = head_only
 
@@ -316,7 +317,7 @@ def write_outputs(rows, args):
             done = [r for r in rows if r.get(f"{split}_{kind}") is not None]
             series[split] = ([r["round"] for r in done], [r[f"{split}_{kind}"] for r in done])
         common.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"), series,
-                     "round", label, name)
+                          "round", label, name)
 
 
 def main(argv=None):
@@ -343,7 +344,7 @@ def main(argv=None):
 
     if ckpt is None:  # step 0: the head
         common.write_csv([{"client": i, "samples": len(s), "classes": len(torch.unique(data["train"][1][s]))}
-                     for i, s in enumerate(shards)], os.path.join(args.out, "shards.csv"))
+                          for i, s in enumerate(shards)], os.path.join(args.out, "shards.csv"))
         head_info, head_upload = {}, 0
         if args.head == "ridge":
             head_info = federated_ridge(model.head, shards, feats)

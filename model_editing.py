@@ -77,7 +77,7 @@ def make_head(model, data, args, device, inputs):
     elif args.head == "warmup":
         lr, m, wd = inputs["hparams"] or (args.warmup_lr, args.warmup_momentum, args.warmup_wd)
         _, best_epoch = common.train_head(model.head, feats, dict(lr=lr, momentum=m, wd=wd, scheduler="cosine"),
-                                     args.warmup_epochs, args.patience, args.batch_size, args.seed)
+                                          args.warmup_epochs, args.patience, args.batch_size, args.seed)
         info = {"warmup_epoch": best_epoch, "warmup_lr": lr, "warmup_momentum": m, "warmup_wd": wd}
     else:
         model.head.load_state_dict(inputs["head"])
@@ -94,7 +94,7 @@ def make_mask(model, data, args, device):
 
     def draw(r):
         idx, u = common.draw_calibration(len(x), args.fisher_batches * args.fisher_batch_size,
-                                    common.stream("edit_calib", args.seed, r))
+                                         common.stream("edit_calib", args.seed, r))
         return x[idx], u
     return common.calibrate(model, draw, args, device)
 
@@ -126,7 +126,7 @@ def main(argv=None):
     for _, p in params:
         p.requires_grad_(True)
     opt = common.SparseSGDM([p for _, p in params], [mask.get(n) for n, _ in params],
-                       lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+                            lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = common.grad_scaler(device, args.precision)
     if "model" in ckpt:
         model.load_state_dict(ckpt["model"])
@@ -174,9 +174,9 @@ def main(argv=None):
     ep = [r["epoch"] for r in rows]
     for kind, label in (("acc", "top-1 accuracy"), ("loss", "cross-entropy")):
         common.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"),
-                     {s: (ep, [r[f"{s}_{kind}"] for r in rows]) for s in ("val", "test")},
-                     "epoch (0 = frozen head, before editing)", label,
-                     f"Sparse fine-tuning ({args.rule}, sparsity {args.sparsity}, head {args.head})")
+                          {s: (ep, [r[f"{s}_{kind}"] for r in rows]) for s in ("val", "test")},
+                          "epoch (0 = frozen head, before editing)", label,
+                          f"Sparse fine-tuning ({args.rule}, sparsity {args.sparsity}, head {args.head})")
     changed, total = common.changed_count(model, pretrained)
     best = max(rows, key=lambda r: r["val_acc"])  # first of equals wins
     result = {"stage": "editing", "dataset": args.dataset, "seed": args.seed, "rule": args.rule,

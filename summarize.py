@@ -350,7 +350,8 @@ def editing_doc(runs, out_dir):
     for i, ((head, score), hr) in enumerate(heads.items()):  # plots: the first head only
         on = f"head {head}, {score} score"
         warm = {r["seed"]: r["warmup_test_acc"] for r in hr}  # one warm-up per seed, shared by its runs
-        doc += [f"Before editing ({on}: the step-0 head on the pre-trained backbone): {Stat(warm.values()).text()}.", ""]
+        doc += [f"Before editing ({on}: the step-0 head on the pre-trained backbone): "
+                f"{Stat(warm.values()).text()}.", ""]
         least = group([r for r in hr if r["rule"] == "least-sensitive"], lambda r: (r["sparsity"], r["calib_rounds"]))
         sparsities, rounds = sorted({s for s, _ in least}), sorted({n for _, n in least})
         if least:

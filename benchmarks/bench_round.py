@@ -72,7 +72,7 @@ def floor_round(model, x, y, shards, rnd, args, device):
         idx = fedavg.local_batches(shards[c], args.j, args.batch_size, common.make_generator(rnd, c)).to(device)
         for s in range(args.j):
             loss = F.cross_entropy(common.forward_logits(model, common.preprocess(x[idx[s]], args.img_size), device,
-                                                    args.precision), y[idx[s]])
+                                                         args.precision), y[idx[s]])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
