@@ -1265,6 +1265,10 @@ def open_run(args):
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
     created = not os.path.exists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror}); choose another --out or --results")
     lock_run(out)
     try:
         remove_stale_temporaries(out)

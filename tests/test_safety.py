@@ -195,3 +195,9 @@ def test_an_orphan_dies_with_run_all(tmp_path):
         os.kill(child, signal.SIGKILL)
         pytest.fail("the child outlived its parent")
     assert (out / "checkpoint.pt").is_file()
+
+
+def test_an_out_dir_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(common.UserError, match="cannot create --out"):
+        centralized.main(FAST + ["--epochs", "1", "--out", str(tmp_path / "afile" / "run")])
