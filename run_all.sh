@@ -25,20 +25,10 @@
 #   -- FLAGS          appended to every run, e.g. a CPU-only smoke test in about a minute:
 #                     ./run_all.sh --quick -- --dataset synthetic --arch test_vit --no-pretrained --img-size 32 --device cpu
 #
-# Grid (per seed; the full study):
-#   centralized       centralized.py --grid --compare-schedulers                                   1
-#   editing           the 5 mask rules at sparsity 0.9, 4 calibration rounds; least-sensitive at
-#                     sparsity {0.5,0.75,0.9,0.95,0.99} x rounds {1,2,4,8}                        24
-#   FedAvg dense      splits {iid,nc1,nc5,nc10,nc50} x J {4,8,16}, K=100, C=0.1, --scale-rounds   15
-#   FedAvg sparse     the same 15, least-sensitive s0.9 r4;                                        15
-#                     the 5 rules x {iid,nc5,nc10}, J=4                                            +12
-#                     sparsity {0.5,0.75,0.9,0.95,0.99} x rounds {1,4,8} at nc10, J=4              +14
-# Every run is `python SCRIPT GRID-FLAGS --results $RESULTS --seed S --resume --deterministic FLAGS`.
-# No run reads another (every head is a ridge regression on frozen features), so runs go in any
-# order. A run whose result.json exists is skipped, any other resumes from its checkpoint: the same
-# command continues an interrupted study. Logs: $RESULTS/logs/<run directory, / as _>.log.
-# $RESULTS/run_all.settings records --quick and FLAGS once a run has succeeded; from then on the root
-# refuses a study with other settings (run directories do not encode them).
+# The grid (81 runs per seed, --quick 17), the layout of RESULTS and the SLURM details: README.md.
+# Every run is `python SCRIPT GRID-FLAGS --results $RESULTS --seed S --resume --deterministic FLAGS`;
+# no run reads another, a run whose result.json exists is skipped and any other resumes from its
+# checkpoint: the same command continues an interrupted study. Logs: $RESULTS/logs/.
 set -euo pipefail
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
