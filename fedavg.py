@@ -256,18 +256,21 @@ def fedavg_round(params, clients, weights, train_client, global_w=None, update=N
             float(agg) / spread if spread > 0 else float("nan"))
 
 
+def trained_params(model, mask=None, head_only=False):
+    """(name, param) the clients train: with head_only the head, with a mask the backbone (masked
+    tensors through the mask, cls_token/pos_embed densely, the head frozen), else everything."""
+    if head_only:
+        return list(model.head.named_parameters())
+    return common.backbone_params(model) if mask is not None else list(model.named_parameters())
+
+
 class Phase:
     """What the clients train in a phase of the run (head warm-up or main rounds), made once: the
     (name, param) list, one SparseSGDM over it (masks cast once; each client restarts its momentum)
-    and the server's two buffers, reused every round. With head_only the head trains, with a mask
-    the backbone (masked tensors through the mask, cls_token/pos_embed densely, the head frozen),
-    else everything."""
+    and the server's two buffers, reused every round (see trained_params)."""
 
     def __init__(self, model, args, mask=None, head_only=False):
-        if head_only:
-            self.params = list(model.head.named_parameters())
-        else:
-            self.params = common.backbone_params(model) if mask is not None else list(model.named_parameters())
+        self.params = trained_params(model, mask, head_only)
         tensors = [p for _, p in self.params]
         self.opt = common.SparseSGDM(tensors, [mask.get(n) if mask is not None else None for n, _ in self.params],
                                      lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
@@ -414,9 +417,7 @@ def main(argv=None):
         common.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
     evaluated = [r for r in rows if r["val_acc"] is not None]
     best = max(evaluated, key=lambda r: r["val_acc"])  # first of equals wins
-    main_params = common.backbone_params(model) if args.sparse else \
-        list((model.head if args.train == "head" else model).named_parameters())
-    per_client = upload_per_client(main_params, mask)
+    per_client = upload_per_client(trained_params(model, mask, args.train == "head"), mask)
     result = {"stage": "fedavg", "dataset": args.dataset, "seed": args.seed, "k": args.k, "c": args.c,
               "j": args.j, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "iid": args.iid,
               "nc": args.nc, "train": args.train, "sparse": args.sparse, "head": args.head, **ckpt["head_info"],

@@ -39,6 +39,20 @@ def backbone_file(tmp_path, seed=0):
     return str(path), model
 
 
+def stop_during_call(monkeypatch, module, name, n):
+    """Make common.stop_requested() answer True from the n-th call of module.name on (as if SIGTERM
+    arrived during it)."""
+    calls = {"n": 0}
+    real = getattr(module, name)
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, counting)
+    monkeypatch.setattr(common, "stop_requested", lambda: calls["n"] >= n)
+
+
 def masked_weights_moved(final, pre, mask):
     """Assert every masked-out entry of state dict `final` equals the one of model `pre`;
     return (masked-in entries that moved, masked-in entries)."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import common
 import fedavg
 from conftest import TINY
-from helpers import assert_usage_error, backbone_file, masked_weights_moved, run_script, tiny_model
+from helpers import assert_usage_error, backbone_file, masked_weights_moved, run_script, stop_during_call, tiny_model
 
 FAST = TINY + ["--synthetic-size", "2000", "--k", "10", "--c", "0.5", "--lr", "0.05", "--batch-size", "32"]
 
@@ -379,15 +379,7 @@ def test_a_kill_between_the_mask_and_the_checkpoint_recalibrates(tmp_path, monke
 
 
 def test_a_stop_signal_checkpoints_at_the_round_boundary_and_resumes(tmp_path, monkeypatch, uninterrupted):
-    rounds = {"n": 0}
-    real = fedavg.train_round
-
-    def counting(*a, **k):
-        rounds["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(fedavg, "train_round", counting)
-    monkeypatch.setattr(common, "stop_requested", lambda: rounds["n"] >= 2)  # SIGTERM during round 2
+    stop_during_call(monkeypatch, fedavg, "train_round", 2)  # SIGTERM during round 2
     with pytest.raises(common.Stopped):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["round"] == 2

@@ -13,7 +13,7 @@ import centralized
 import common
 import model_editing
 from conftest import TINY
-from helpers import backbone_file, tiny_model
+from helpers import backbone_file, stop_during_call, tiny_model
 
 FAST = TINY + ["--synthetic-size", "2000", "--batch-size", "64"]
 
@@ -131,15 +131,7 @@ def test_sigterm_mid_editing_saves_the_step_and_resumes_to_the_same_model(tmp_pa
     argv = FAST + ["--weights", weights, "--epochs", "2", "--synthetic-size", "1000", "--sparsity", "0.7",
                    "--fisher-batches", "1", "--no-aug", "--lr", "0.002"]
     model_editing.main(argv + ["--out", str(tmp_path / "full")])
-    steps = {"n": 0}
-    real = model_editing.train_step
-
-    def counting(*a, **k):
-        steps["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(model_editing, "train_step", counting)
-    monkeypatch.setattr(common, "stop_requested", lambda: steps["n"] == 10)  # SIGTERM in step 10 of epoch 1 (of 15)
+    stop_during_call(monkeypatch, model_editing, "train_step", 10)  # SIGTERM in step 10 of epoch 1 (of 15)
     with pytest.raises(common.Stopped):
         model_editing.main(argv + ["--out", str(tmp_path / "cut")])
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
