@@ -1450,7 +1450,8 @@ def fedavg_images(a, train, val, test):
     feats = train + val + test if a.head == "ridge" or a.warmup_rounds or a.train == "head" else 0
     if a.train == "head":  # every round and every evaluation on cached features
         return 0, feats
-    clients = math.ceil(a.c * a.k - 1e-9)
+    import fedavg  # its own ceil(C*K), epsilon included
+    clients = fedavg.clients_per_round(a)
     calib = 0
     if a.sparse and not a.mask and "sensitive" in a.rule:
         calib = a.calib_rounds * a.k * math.ceil(a.fisher_batches * a.fisher_batch_size / a.k)
