@@ -1366,24 +1366,23 @@ def finish_run(result, args):
 
 # ----------------------------------------------------------------------------- plots
 
-def _figure(width=6):
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (no display on a cluster node)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(width, 4))
-    return plt, fig, ax
+    return plt
 
 
-def _save_figure(plt, fig, path, title):
-    fig.axes[0].set_title(title)
-    fig.tight_layout()
+def save_figure(fig, path):
+    """Write a figure as PNG atomically (atomic_write: umask respected, never half a file) and close it."""
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_lines(path, series, xlabel, ylabel, title):
     """series: {label: (xs, ys)} -> one PNG line plot."""
-    plt, fig, ax = _figure()
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label)
     ax.set_xlabel(xlabel)
@@ -1391,16 +1390,20 @@ def plot_lines(path, series, xlabel, ylabel, title):
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
-    _save_figure(plt, fig, path, title)
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def plot_bars(path, labels, values, ylabel, title):
-    plt, fig, ax = _figure(max(6, 0.35 * len(labels)))
+    fig, ax = pyplot().subplots(figsize=(max(6, 0.35 * len(labels)), 4))
     ax.bar(range(len(values)), values)
     ax.set_xticks(range(len(values)))
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
-    _save_figure(plt, fig, path, title)
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- prefetch, and run_all.sh's questions

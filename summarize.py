@@ -19,7 +19,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 
 import numpy as np
 
@@ -523,26 +522,6 @@ def cost_table(runs, frac):
 
 # ----------------------------------------------------------------------------- plots
 
-def plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot
-    return matplotlib.pyplot
-
-
-def save_fig(fig, path):
-    """Save atomically: a temporary PNG in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt().close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def curve(runs, col):
     """(rounds, mean, sample std) of a metrics.csv column over runs, at the rounds every run has a value at."""
     per = [{x: y for x, y in zip(r["metrics"]["round"], r["metrics"][col]) if y is not None}
@@ -555,7 +534,7 @@ def curve(runs, col):
 
 
 def plot_curves(path, by_split, title):
-    fig, ax = plt().subplots(figsize=(6, 4))
+    fig, ax = common.pyplot().subplots(figsize=(6, 4))
     for split, rs in by_split.items():
         xs, mean, std = curve(rs, "val_acc")
         if len(xs):
@@ -567,7 +546,7 @@ def plot_curves(path, by_split, title):
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    save_fig(fig, path)
+    common.save_figure(fig, path)
 
 
 def plot_heatmap(path, dense, sparse, title):
@@ -578,7 +557,7 @@ def plot_heatmap(path, dense, sparse, title):
              for rs in (dense, sparse)]
     grids = [100 * np.array(m, dtype=float) for m in means]  # None (no run) -> nan
     lo, hi = np.nanmin(grids), np.nanmax(grids)
-    fig, axes = plt().subplots(1, 2, figsize=(3 + 2.4 * len(js), 1.4 + 0.6 * len(splits)),
+    fig, axes = common.pyplot().subplots(1, 2, figsize=(3 + 2.4 * len(js), 1.4 + 0.6 * len(splits)),
                                squeeze=False, layout="constrained")
     for ax, g, name in zip(axes[0], grids, ("dense", "sparse")):
         im = ax.imshow(g, vmin=lo, vmax=hi, cmap="viridis", aspect="auto")
@@ -589,7 +568,7 @@ def plot_heatmap(path, dense, sparse, title):
                 ax.text(k, i, f"{v:.1f}", ha="center", va="center", color="w" if v < (lo + hi) / 2 else "k", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), label="test accuracy (%)")
     fig.suptitle(title, fontsize=9)
-    save_fig(fig, path)
+    common.save_figure(fig, path)
 
 
 def smooth(xs, ys):
@@ -601,7 +580,7 @@ def smooth(xs, ys):
 
 def plot_agreement(path, dense, sparse, title):
     """Update agreement and update norm per round, one line per (split, dense/sparse), mean over seeds."""
-    fig, axes = plt().subplots(1, 2, figsize=(11, 4), layout="constrained")
+    fig, axes = common.pyplot().subplots(1, 2, figsize=(11, 4), layout="constrained")
     colors, longest = {}, 0
     for kind, rs, style in (("dense", dense, "-"), ("sparse", sparse, "--")):
         for split, x in sorted(group(rs, lambda r: r["split"]).items(), key=lambda kv: split_order(kv[0])):
@@ -618,7 +597,7 @@ def plot_agreement(path, dense, sparse, title):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    save_fig(fig, path)
+    common.save_figure(fig, path)
 
 
 def fedavg_plots(runs, shown, out_dir):

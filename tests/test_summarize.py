@@ -2,6 +2,7 @@
 the tables over seeds, rounds to target, communication, LaTeX, plots, and bad runs left out."""
 import csv
 import json
+import os
 import re
 import shutil
 import statistics
@@ -335,9 +336,14 @@ def test_the_latex_checker_catches_what_it_checks():
 
 def test_plots_heatmap_curves_and_agreement(tmp_path):
     study(tmp_path)
-    summarize_root(tmp_path)
+    old = os.umask(0o022)
+    try:
+        summarize_root(tmp_path)
+    finally:
+        os.umask(old)
     out = tmp_path / "summary"
     pngs = {p.name for p in out.iterdir() if p.suffix == ".png"}
+    assert all((out / p).stat().st_mode & 0o777 == 0o644 for p in pngs)  # readable by collaborators
     assert {"fedavg_heatmap.png", "fedavg_agreement_j4.png", "fedavg_agreement_j8.png", "fedavg_dense_j4.png",
             "fedavg_sparse_j8.png", "editing_rules.png"} <= pngs
     assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
