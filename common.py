@@ -153,7 +153,9 @@ def base_parser():
     g.add_argument("--arch", default=DEFAULT_ARCH, help="timm ViT name (tests use test_vit)")
     g.add_argument("--weights", default=None,
                    help="local weights file: official DINO checkpoint (dino_deitsmall16_pretrain.pth) "
-                        "or a timm state dict (.pth/.safetensors); none: timm's hub weights")
+                        "or a timm state dict (.pth/.safetensors); none: timm's hub weights; "
+                        "standin or standin-sharp (with --arch test_vit): a tiny ViT the project pretrains "
+                        "itself on other synthetic classes, cached in DATA_DIR/standin/ (tests, offline trials)")
     g.add_argument("--no-pretrained", action="store_true",
                    help="random backbone weights (for tests and smoke runs only)")
     g.add_argument("--img-size", type=positive_int, default=224,
@@ -305,6 +307,7 @@ STREAMS = {
     "client_batches": 59,  # fedavg.py: a client's local batches
     "client_aug": 61,      # fedavg.py: crop/flip of a client's local steps
     "fed_calib": 67,       # fedavg.py: calibration images of each client and round
+    "standin": 71,         # the pretrained stand-in backbone: its batches and crops
 }
 
 
@@ -335,12 +338,13 @@ def load_cifar100(data_dir):
     return tuple(sets)
 
 
-def make_synthetic(n_train, n_test, seed=0, num_classes=NUM_CLASSES, noise=0.3):
+def make_synthetic(n_train, n_test, seed=0, num_classes=NUM_CLASSES, noise=0.3, family=0):
     """A learnable CIFAR-shaped set: each class is a fixed smooth, mirror-symmetric colour pattern;
     each image is that pattern, randomly shifted a little, plus pixel noise. Classes are balanced.
     Hard enough that a linear probe on a random tiny ViT stays well below 100%, so fine-tuning
-    and federated runs have something left to learn."""
-    g = torch.Generator().manual_seed(1234)  # the class patterns do not depend on --seed
+    and federated runs have something left to learn. `family` picks another set of class patterns
+    (family 0 is --dataset synthetic; the pretrained stand-in learns on family 1)."""
+    g = torch.Generator().manual_seed(1234 + family)  # the class patterns do not depend on --seed
     coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
     protos = F.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
     protos = (protos + protos.flip(-1)) / 2  # mirror-symmetric: a horizontal flip keeps the class
@@ -503,6 +507,43 @@ def hub_weights(arch):
         raise UserError(f"could not download weights for {arch} ({type(e).__name__}); pass --weights FILE")
 
 
+# Pretrained stand-ins for the DINO backbone, for tests and offline trials: test_vit pretrained on another
+# family of synthetic classes than --dataset synthetic's, so its features transfer but were not learned on
+# the set it is then used on. name -> (pretraining classes, AdamW steps). On the synthetic set (5000
+# images, 32 px) the step-0 ridge head reaches about 85% (standin: few classes seen, room to learn) and
+# 100% (standin-sharp: where a frozen head's logit scale matters most).
+STANDINS = {"standin": (3, 150), "standin-sharp": (100, 200)}
+
+
+def standin_weights(name, data_dir):
+    """Path of the stand-in backbone `name` (see STANDINS), pretrained on first use (seconds on a CPU,
+    deterministic) and cached in DATA_DIR/standin/ like the features."""
+    path = os.path.join(data_dir, "standin", f"{name}.pt")
+    if os.path.isfile(path):
+        return path
+    import timm
+    classes, steps = STANDINS[name]
+    x, y, _, _ = make_synthetic(4000, 1, seed=1, num_classes=classes, family=1)
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=classes, img_size=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    gen, batch, step = stream("standin", 0), 128, 0
+    while step < steps:
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x) - batch + 1, batch):
+            off, flip = draw_augmentation(batch, gen)
+            loss = F.cross_entropy(model(preprocess(augment(x[perm[i:i + batch]], off, flip), 32)),
+                                   y[perm[i:i + batch]])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == steps:
+                break
+    atomic_save({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, path)
+    return path
+
+
 def build_model(args, num_classes=NUM_CLASSES):
     """timm ViT with a fresh linear head of `num_classes`; backbone weights from --weights,
     the hub, or random (--no-pretrained). The head is initialized from --seed."""
@@ -522,7 +563,11 @@ def build_model(args, num_classes=NUM_CLASSES):
         bound = 1 / math.sqrt(model.head.in_features)
         model.head.weight.copy_(torch.empty_like(model.head.weight).uniform_(-bound, bound, generator=g))
         model.head.bias.zero_()
-    if args.weights:
+    if args.weights in STANDINS:
+        if args.arch != "test_vit":
+            raise UserError(f"--weights {args.weights} is a pretrained test_vit: use it with --arch test_vit")
+        load_backbone_weights(model, read_weights_file(standin_weights(args.weights, args.data_dir)), args.weights)
+    elif args.weights:
         load_backbone_weights(model, read_weights_file(args.weights), args.weights)
     elif not args.no_pretrained:
         path = hub_weights(args.arch)
@@ -830,14 +875,21 @@ def ridge_stats(feats, y, num_classes=NUM_CLASSES):
 
 RIDGE_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # per sample: the penalty is lambda * n * ||W||²
 RIDGE_TEMPERATURES = torch.logspace(0, 3, 31).tolist()  # 1 .. 1000
+# The temperature minimizes a label-smoothed validation cross-entropy. Plain cross-entropy keeps falling
+# as the temperature grows on a well-separated validation set, so it ran to the end of the grid (631-1000
+# on the pretrained stand-in), and every image the head gets wrong while fine-tuning (augmented, or a
+# client's) then sent the backbone gradients hundreds of times too large: the first round wrecked the
+# features. With smoothing eps the best logit margin is finite, about ln((1 - eps) * K / eps) = 6.8.
+RIDGE_LABEL_SMOOTHING = 0.1
 
 
 @torch.no_grad()
 def ridge_head(head, stats, val_feats, val_y, lambdas=RIDGE_LAMBDAS):
     """Set `head` to the ridge solution W = (A + λ·n·I)⁻¹ B (bias not penalized) for the λ with the best
     validation accuracy (first of equals), its logits then multiplied by the temperature with the lowest
-    validation cross-entropy: regression outputs live near [0, 1], too flat a softmax for the
-    cross-entropy fine-tuning that follows; scaling changes no prediction. Returns what was chosen."""
+    label-smoothed validation cross-entropy: regression outputs live near [0, 1], too flat a softmax for
+    the cross-entropy fine-tuning that follows, while an unbounded temperature makes the frozen head
+    wreck the backbone (see RIDGE_LABEL_SMOOTHING); scaling changes no prediction. Returns what was chosen."""
     A, B, n = stats
     penalty = torch.eye(len(A), dtype=A.dtype, device=A.device)
     penalty[-1, -1] = 0
@@ -851,7 +903,8 @@ def ridge_head(head, stats, val_feats, val_y, lambdas=RIDGE_LAMBDAS):
             best = (lam, acc, W)
     lam, acc, W = best
     logits = (phi_val @ W).float()
-    losses = [float(F.cross_entropy(t * logits, val_y)) for t in RIDGE_TEMPERATURES]
+    losses = [float(F.cross_entropy(t * logits, val_y, label_smoothing=RIDGE_LABEL_SMOOTHING))
+              for t in RIDGE_TEMPERATURES]
     t = RIDGE_TEMPERATURES[losses.index(min(losses))]
     head.weight.copy_((t * W[:-1]).T.to(head.weight))
     head.bias.copy_((t * W[-1]).to(head.bias))

@@ -43,8 +43,12 @@ def get_args(argv=None):
                    help="test accuracy every N rounds, and always after the last round")
     g.add_argument("--ckpt-every", type=common.positive_int, default=5, help="checkpoint every N rounds")
     g = p.add_argument_group("local training")
-    g.add_argument("--lr", type=common.nonneg_float, default=0.01,
-                   help="client learning rate, constant over rounds and steps (no schedule)")
+    g.add_argument("--lr", type=common.nonneg_float, default=1e-4,
+                   help="client learning rate of rounds that train the backbone (dense or --sparse), constant "
+                        "over rounds and steps (no schedule); higher rates wrecked the step-0 head's accuracy "
+                        "in the first rounds on the pretrained stand-in (README: choosing the defaults)")
+    g.add_argument("--head-lr", type=common.nonneg_float, default=0.1,
+                   help="client learning rate of head-only rounds (--head warmup's warm-up, --train head)")
     g.add_argument("--momentum", type=common.unit_float, default=0.9,
                    help="client momentum; a fresh buffer for every client and round")
     g.add_argument("--wd", type=common.nonneg_float, default=0.0, help="client weight decay")
@@ -273,7 +277,8 @@ class Phase:
         self.params = trained_params(model, mask, head_only)
         tensors = [p for _, p in self.params]
         self.opt = common.SparseSGDM(tensors, [mask.get(n) if mask is not None else None for n, _ in self.params],
-                                     lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+                                     lr=args.head_lr if head_only else args.lr, momentum=args.momentum,
+                                     weight_decay=args.wd)
         self.global_w, self.update = [torch.empty_like(p) for p in tensors], [torch.empty_like(p) for p in tensors]
         self.head_only = head_only
 

@@ -35,7 +35,8 @@ def get_args(argv=None):
     g.add_argument("--mask", default=None, help="use this mask.pt instead of calibrating one")
     g = p.add_argument_group("step 2: sparse fine-tuning of the backbone (head frozen)")
     g.add_argument("--epochs", type=common.nonneg_int, default=5, help="fine-tuning epochs")
-    g.add_argument("--lr", type=common.nonneg_float, default=1e-3, help="fine-tuning learning rate")
+    g.add_argument("--lr", type=common.nonneg_float, default=1e-4,
+                   help="fine-tuning learning rate (as fedavg.py's --lr: README, choosing the defaults)")
     g.add_argument("--momentum", type=common.unit_float, default=0.9, help="SparseSGDM momentum")
     g.add_argument("--wd", type=common.nonneg_float, default=0.0, help="SparseSGDM weight decay (masked entries: none)")
     g.add_argument("--scheduler", choices=common.SCHEDULERS, default="cosine", help="LR schedule, per epoch")
