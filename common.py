@@ -191,9 +191,12 @@ def edit_parser():
     g.add_argument("--rule", choices=MASK_RULES, default="least-sensitive",
                    help="which backbone weights may be updated (TaLoS: least-sensitive)")
     g.add_argument("--sparsity", type=unit_float, default=0.9,
-                   help="fraction of the masked tensors' entries that are FROZEN: 0.9 updates 10%% of them")
+                   help="fraction of the masked tensors' N entries that are FROZEN: the mask keeps "
+                        "int((1 - sparsity) * N) of them updatable, 1 - sparsity in floating point (TaLoS's "
+                        "count; 0.9 updates 10%% of them, rounded down)")
     g.add_argument("--calib-rounds", type=positive_int, default=4,
-                   help="mask calibration rounds; the kept fraction shrinks exponentially to 1-sparsity")
+                   help="mask calibration rounds; round r keeps int((1 - sparsity) ** (r / rounds) * N) "
+                        "entries (TaLoS's count), at least one fewer than the round before")
     g.add_argument("--score", choices=["logit", "loglik"], default="logit",
                    help="sensitivity: squared per-sample gradient of the sampled class's raw logit (TaLoS's "
                         "code) or of its log-probability (the textbook Fisher)")
@@ -203,6 +206,10 @@ def edit_parser():
                    help="images per Fisher batch; memory grows with it (one layer's per-sample gradients)")
     g.add_argument("--calib-damp", type=nonneg_float, default=0.1,
                    help="while calibrating, weights already masked out are scaled by this (TaLoS: 0.1)")
+    g.add_argument("--calib-images", choices=CALIB_IMAGES, default="train-aug",
+                   help="calibration images scored through the training augmentation, a fresh random crop "
+                        "and flip each round (train-aug: TaLoS scores through its training preprocessing) "
+                        "or as they are (clean); independent of --no-aug")
     return p
 
 
@@ -307,7 +314,9 @@ STREAMS = {
     "client_batches": 59,  # fedavg.py: a client's local batches
     "client_aug": 61,      # fedavg.py: crop/flip of a client's local steps
     "fed_calib": 67,       # fedavg.py: calibration images of each client and round
-    "standin": 71,         # the pretrained stand-in backbone: its batches and crops
+    "edit_calib_aug": 71,  # model_editing.py: crop/flip of each round's calibration images
+    "fed_calib_aug": 73,   # fedavg.py: crop/flip of each client's calibration images, per round
+    "standin": 79,         # the pretrained stand-in backbone: its batches and crops
 }
 
 
@@ -930,6 +939,7 @@ def cpu_state(module):
 
 MASK_RULES = ["least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"]
 SCORES = ["logit", "loglik"]
+CALIB_IMAGES = ["train-aug", "clean"]
 # The layers whose weight and bias TaLoS masks (its layers.mask_pretrained_vit wraps exactly these).
 MASKED_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm)
 
@@ -964,6 +974,18 @@ def draw_calibration(n_items, n, gen):
     for sample_labels, both from the CPU generator gen (a fresh draw per call)."""
     idx = torch.randperm(n_items, generator=gen)[:n]
     return idx, torch.rand(len(idx), generator=gen, dtype=torch.float64)
+
+
+def calibration_view(images, how, gen):
+    """Calibration images as scored (--calib-images): `how` "train-aug" passes the uint8 batch through
+    the training augmentation (augment, with offsets and flips from the CPU generator gen), "clean"
+    returns it unchanged."""
+    if how not in CALIB_IMAGES:
+        raise ValueError(f"unknown calibration images {how}")
+    if how == "clean":
+        return images
+    off, flip = draw_augmentation(len(images), gen)
+    return augment(images, off.to(images.device), flip.to(images.device))
 
 
 def _per_sample_grads(module, x, g):
@@ -1125,12 +1147,20 @@ def select_mask(scores, rule, keep, current=None, gen=None, params=None):
 
 
 def keep_schedule(total, sparsity, rounds):
-    """Entries kept after each calibration round: exponential decay of the kept fraction,
-    (1 - sparsity) ** (r / rounds), ending at exactly round(total * (1 - sparsity))."""
-    final = total - int(round(total * sparsity))
-    ks = [int(round(total * (1 - sparsity) ** (r / rounds))) for r in range(1, rounds + 1)]
-    ks[-1] = final
-    return [max(k, final) for k in ks]
+    """Entries kept after each calibration round r = 1..rounds, counted exactly as the TaLoS reference
+    counts them (prune_finetune.py's round loop, Pruner._global_copy): int((1 - sparsity) ** (r / rounds)
+    * total), truncated, with 1 - sparsity in floating point (1 - 0.95 = 0.050000000000000044), in every
+    round including the last, which keeps int((1 - sparsity) * total); and at least one entry fewer than
+    the round before (the reference's kthvalue index is capped at the kept count - 1; this only matters
+    when consecutive rounds would keep the same count). A kept fraction of 1.0 keeps everything (the
+    reference skips calibration then). Counts below 1 are refused earlier, by check_sparsity."""
+    kept_frac = 1.0 - sparsity
+    if kept_frac >= 1.0:
+        return [total] * rounds
+    ks = []
+    for r in range(1, rounds + 1):
+        ks.append(min(int(kept_frac ** (r / rounds) * total), (ks[-1] if ks else total) - 1))
+    return ks
 
 
 def calibrate_mask(model, score_fn, rule, sparsity, rounds, gen):
@@ -1173,12 +1203,13 @@ def mask_density(mask):
     return sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
 
 
-def check_sparsity(model, sparsity):
-    """Refuse a --sparsity that keeps no entry at all (it would train nothing without a word)."""
+def check_sparsity(model, sparsity, rounds):
+    """Refuse a --sparsity that keeps no entry at all after --calib-rounds (it would train nothing
+    without a word; the reference's kthvalue fails there)."""
     total = sum(p.numel() for _, p in masked_params(model))
-    if total - int(round(total * sparsity)) < 1:
-        raise UserError(f"--sparsity {sparsity} keeps none of the {total} entries of the masked tensors: "
-                        f"lower it (at most {1 - 1 / total:.6f})")
+    if keep_schedule(total, sparsity, rounds)[-1] < 1:
+        raise UserError(f"--sparsity {sparsity} keeps none of the {total} entries of the masked tensors "
+                        f"after {rounds} calibration round(s): lower it")
 
 
 def calibrate(model, draw, args, device):
@@ -1200,7 +1231,8 @@ def calibrate(model, draw, args, device):
                                stream("mask_rule", args.seed))
     for row in log:
         print(f"  calibration round {row['round']}: keep {row['kept']} entries ({row['kept_frac']:.4%})")
-    print(f"mask ({args.rule}, sparsity {args.sparsity}, score {args.score}) calibrated in {time.time() - t:.1f}s")
+    print(f"mask ({args.rule}, sparsity {args.sparsity}, score {args.score}, {args.calib_images} images) "
+          f"calibrated in {time.time() - t:.1f}s")
     return mask, log
 
 
@@ -1389,7 +1421,7 @@ def read_inputs(args, model):
               "mask": load_mask(mask, model) if mask else None,
               "head": load_head_file(head, model.head) if head not in (None, "ridge", "warmup") else None}
     if hasattr(args, "sparsity") and getattr(args, "sparse", True) and inputs["mask"] is None:
-        check_sparsity(model, args.sparsity)
+        check_sparsity(model, args.sparsity, args.calib_rounds)
     return inputs
 
 

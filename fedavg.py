@@ -168,13 +168,14 @@ def federated_mask(model, shards, x, args, device):
     central calibration instead of K small calls."""
     per_client = math.ceil(args.fisher_batches * args.fisher_batch_size / args.k)
 
-    def draw(r):
-        idx, u = [], []
+    def draw(r):  # each client draws (and, by default, crops and flips) its own images
+        images, u = [], []
         for client, shard in enumerate(shards):
             i, v = common.draw_calibration(len(shard), per_client, common.stream("fed_calib", args.seed, r, client))
-            idx.append(shard[i])
+            images.append(common.calibration_view(x[shard[i].to(x.device)], args.calib_images,
+                                                  common.stream("fed_calib_aug", args.seed, r, client)))
             u.append(v)
-        return x[torch.cat(idx).to(x.device)], torch.cat(u)
+        return torch.cat(images), torch.cat(u)
     return common.calibrate(model, draw, args, device)
 
 

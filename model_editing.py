@@ -2,9 +2,10 @@
 
   step 0  a classifier head on the frozen backbone (--head: ridge regression in closed form, an SGD
           warm-up, or a head.pt file), frozen from then on
-  step 1  a gradient mask calibrated in --calib-rounds rounds from a sensitivity score (--score); in
-          round r the kept fraction shrinks to (1 - sparsity) ** (r / rounds), entries already masked
-          out are damped by --calib-damp while the rest are re-scored
+  step 1  a gradient mask calibrated in --calib-rounds rounds from a sensitivity score (--score) of
+          training images cropped and flipped as in training (--calib-images); round r keeps
+          int((1 - sparsity) ** (r / rounds) * N) of the N masked entries (TaLoS's count), entries
+          already masked out are damped by --calib-damp while the rest are re-scored
   step 2  sparse fine-tuning of the backbone with SparseSGDM: a masked-out entry never changes
 
 The mask is saved as mask.pt ({parameter name: bool tensor}; torch.load(..., weights_only=True))
@@ -90,13 +91,14 @@ def make_head(model, data, args, device, inputs):
 
 def make_mask(model, data, args, device):
     """Step 1: calibrate the mask on --fisher-batches x --fisher-batch-size training images, a fresh
-    sample each round (TaLoS scores its validation split; we keep that split for model selection)."""
+    sample each round (TaLoS scores its validation split; we keep that split for model selection),
+    as --calib-images says (by default with a fresh crop and flip each round)."""
     x = data["train"][0]
 
     def draw(r):
         idx, u = common.draw_calibration(len(x), args.fisher_batches * args.fisher_batch_size,
                                          common.stream("edit_calib", args.seed, r))
-        return x[idx], u
+        return common.calibration_view(x[idx], args.calib_images, common.stream("edit_calib_aug", args.seed, r)), u
     return common.calibrate(model, draw, args, device)
 
 

@@ -56,14 +56,15 @@ def test_random_rule_is_seeded_and_exact():
 
 
 @pytest.mark.parametrize("rule", common.MASK_RULES)
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.95, 0.99])
 def test_every_rule_gives_the_exact_sparsity_on_a_vit(rule, sparsity):
     model = tiny_model()
     total = sum(p.numel() for _, p in common.masked_params(model))
     scores = {n: torch.rand(p.shape) for n, p in common.masked_params(model)}
     mask, log = common.calibrate_mask(model, lambda m: scores, rule, sparsity, 3, common.make_generator(0))
     assert set(mask) == {n for n, _ in common.masked_params(model)}
-    assert sum(int(m.sum()) for m in mask.values()) == total - round(total * sparsity)
+    # the reference's final count: int((1 - S) * N), 1 - S in floating point (at 0.95 one fewer than rounding)
+    assert sum(int(m.sum()) for m in mask.values()) == int((1 - sparsity) * total)
 
 
 # ----------------------------------------------------------------------------- calibration rounds
@@ -85,10 +86,46 @@ def test_calibration_rounds_only_grow_the_masked_out_set():
             assert not (after[n] & ~before[n]).any(), "a masked-out weight came back"
     kept_counts = [r["kept"] for r in log]
     assert kept_counts == sorted(kept_counts, reverse=True) and len(set(kept_counts)) == 4
-    assert kept_counts[-1] == total - round(total * 0.95)
-    # exponential schedule: equal ratios between rounds (up to rounding)
+    assert kept_counts[-1] == int((1 - 0.95) * total)
+    # exponential schedule: equal ratios between rounds (up to truncation)
     ratios = [b / a for a, b in zip([total] + kept_counts, kept_counts)]
     assert max(ratios) - min(ratios) < 1e-3
+
+
+@pytest.mark.parametrize("flags,how", [([], "train-aug"), (["--calib-images", "train-aug"], "train-aug"),
+                                       (["--calib-images", "clean"], "clean")])
+def test_calibration_scores_the_images_calib_images_names(monkeypatch, flags, how):
+    """Default: the drawn images through the training crop and flip, a fresh draw each round (as the TaLoS
+    reference scores through its training preprocessing); clean: the drawn images as they are."""
+    args = model_editing.get_args(FAST + ["--synthetic-size", "1000", "--calib-rounds", "2"] + flags)
+    data = common.load_data(args)
+    x = data["train"][0]
+    seen = []
+
+    def recording(model, images, *a, **k):
+        seen.append(images.clone())
+        return {n: torch.zeros_like(p) for n, p in common.masked_params(model)}, len(images)
+
+    monkeypatch.setattr(common, "fisher_sums", recording)
+    model_editing.make_mask(tiny_model(), data, args, CPU)
+    assert len(seen) == 2
+    n = args.fisher_batches * args.fisher_batch_size
+    for r, images in enumerate(seen, 1):
+        idx, _ = common.draw_calibration(len(x), n, common.stream("edit_calib", args.seed, r))
+        off, flip = common.draw_augmentation(n, common.stream("edit_calib_aug", args.seed, r))
+        augmented = common.augment(x[idx], off, flip)
+        assert not torch.equal(augmented, x[idx])
+        assert torch.equal(images, augmented if how == "train-aug" else x[idx])
+
+
+def test_a_sparsity_that_keeps_nothing_after_the_rounds_is_refused():
+    """The last round keeps int((1 - S) * N) entries: where that is none (the reference's kthvalue fails
+    there), the run is refused."""
+    model = tiny_model()
+    total = sum(p.numel() for _, p in common.masked_params(model))
+    common.check_sparsity(model, 1 - 1.5 / total, 4)  # keeps int(1.5) = 1 entry
+    with pytest.raises(common.UserError, match="keeps none of the .* after 4 calibration round"):
+        common.check_sparsity(model, 1 - 0.5 / total, 4)  # int(0.5) = 0
 
 
 def images_and_uniforms(n=7, seed=0):
@@ -281,7 +318,7 @@ def test_sparse_fine_tuning_touches_exactly_the_masked_in_weights(tmp_path, rule
     assert torch.equal(final["head.weight"], head["weight"]) and torch.equal(final["head.bias"], head["bias"])
     result = json.loads((out / "result.json").read_text())
     total = sum(p.numel() for _, p in common.masked_params(pre))
-    assert result["mask_kept_frac"] == (total - round(0.8 * total)) / total
+    assert result["mask_kept_frac"] == int((1 - 0.8) * total) / total  # the reference's count
     assert result["changed_frac"] == moved / total
 
 

@@ -250,14 +250,47 @@ def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monke
     monkeypatch.setattr(common, "fisher_sums", real)
     per_client = math.ceil(20 / args.k)
     total = {k: torch.zeros_like(v) for k, v in batched.items()}
-    for client, shard in enumerate(shards):  # what each client would send
+    for client, shard in enumerate(shards):  # what each client would send: its own images, cropped and flipped
         i, u = common.draw_calibration(len(shard), per_client, common.stream("fed_calib", args.seed, 1, client))
-        sums, n = common.fisher_sums(model, x[shard[i]], u, 32, 4, torch.device("cpu"), score=args.score)
+        off, flip = common.draw_augmentation(len(i), common.stream("fed_calib_aug", args.seed, 1, client))
+        sums, n = common.fisher_sums(model, common.augment(x[shard[i]], off, flip), u, 32, 4, torch.device("cpu"),
+                                     score=args.score)
         for k in total:
             total[k] += sums[k]
     assert count == per_client * args.k
     for k in total:
         torch.testing.assert_close(batched[k], total[k], rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("flags,how", [([], "train-aug"), (["--calib-images", "clean"], "clean")])
+def test_federated_calibration_scores_the_images_calib_images_names(monkeypatch, flags, how):
+    """Default: each client's calibration images through the training crop and flip, a fresh draw per
+    client and round (as the TaLoS reference scores through its training preprocessing); clean: as they are."""
+    args = round_args(*FAST[len(TINY):], "--fisher-batches", "1", "--fisher-batch-size", "20", "--calib-rounds", "2",
+                      *flags)
+    data = common.load_data(args)
+    x = data["train"][0]
+    shards = fedavg.make_shards(data["train"][1], args)
+    seen = []
+
+    def recording(model, images, *a, **k):
+        seen.append(images.clone())
+        return {n: torch.zeros_like(p) for n, p in common.masked_params(model)}, len(images)
+
+    monkeypatch.setattr(common, "fisher_sums", recording)
+    fedavg.federated_mask(tiny_model(), shards, x, args, torch.device("cpu"))
+    assert len(seen) == 2
+    per_client = math.ceil(20 / args.k)
+    for r, images in enumerate(seen, 1):
+        clean, augmented = [], []
+        for client, shard in enumerate(shards):
+            i, _ = common.draw_calibration(len(shard), per_client, common.stream("fed_calib", args.seed, r, client))
+            off, flip = common.draw_augmentation(len(i), common.stream("fed_calib_aug", args.seed, r, client))
+            clean.append(x[shard[i]])
+            augmented.append(common.augment(x[shard[i]], off, flip))
+        clean, augmented = torch.cat(clean), torch.cat(augmented)
+        assert not torch.equal(clean, augmented)
+        assert torch.equal(images, augmented if how == "train-aug" else clean)
 
 
 # ----------------------------------------------------------------------------- fedavg.py end to end
@@ -282,7 +315,7 @@ def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(t
     assert torch.equal(head["weight"], ridge.weight) and torch.equal(head["bias"], ridge.bias)  # the ridge head
     total = sum(p.numel() for _, p in common.masked_params(pre))
     result = json.loads((out / "result.json").read_text())
-    assert result["mask_kept_frac"] == (total - round(0.9 * total)) / total
+    assert result["mask_kept_frac"] == int((1 - 0.9) * total) / total  # the reference's count
     assert result["changed_frac"] == moved / total
     dense_extra = sum(p.numel() for n, p in common.backbone_params(pre) if n not in mask)  # cls_token, pos_embed
     assert result["comm_values_per_client_round"] == sum(int(m.sum()) for m in mask.values()) + dense_extra
