@@ -35,7 +35,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=common.nonneg_float, default=0.01, help="learning rate without --grid")
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="momentum without --grid")
     p.add_argument("--wd", type=common.nonneg_float, default=0.0, help="weight decay without --grid")
-    p.add_argument("--hparams", default=None,
+    p.add_argument("--hparams", type=common.path, default=None,
                    help="take lr/momentum/wd from an earlier centralized run's result.json")
     p.add_argument("--scheduler", choices=common.SCHEDULERS, default="cosine",
                    help="LR schedule (see common.lr_factor), per epoch")

@@ -23,7 +23,7 @@ import common
 def get_args(argv=None):
     p = common.Parser(parents=[common.base_parser(), common.edit_parser()], description=__doc__.split("\n")[0])
     g = p.add_argument_group("--head warmup: SGD on cached frozen-backbone features, cosine schedule")
-    g.add_argument("--hparams", default=None,
+    g.add_argument("--hparams", type=common.path, default=None,
                    help="lr/momentum/wd of the warm-up from a centralized run's result.json")
     g.add_argument("--warmup-lr", type=common.nonneg_float, default=0.01, help="warm-up lr without --hparams")
     g.add_argument("--warmup-momentum", type=common.unit_float, default=0.9, help="warm-up momentum without --hparams")
@@ -32,7 +32,7 @@ def get_args(argv=None):
     g.add_argument("--patience", type=common.positive_int, default=5,
                    help="warm-up stops after this many epochs without a better validation accuracy")
     g = p.add_argument_group("mask")
-    g.add_argument("--mask", default=None, help="use this mask.pt instead of calibrating one")
+    g.add_argument("--mask", type=common.path, default=None, help="use this mask.pt instead of calibrating one")
     g = p.add_argument_group("step 2: sparse fine-tuning of the backbone (head frozen)")
     g.add_argument("--epochs", type=common.nonneg_int, default=5, help="fine-tuning epochs")
     g.add_argument("--lr", type=common.nonneg_float, default=1e-3, help="fine-tuning learning rate")
@@ -113,10 +113,11 @@ def main(argv=None):
         head = make_head(model, data, args, device, inputs)
         mask, log = (inputs["mask"], []) if inputs["mask"] is not None else make_mask(model, data, args, device)
         common.save_mask(mask, mask_path)
-        common.atomic_save(common.cpu_state(model.head), os.path.join(args.out, "head.pt"))
         ckpt = {"epoch": 0, "step": 0, "loss_sum": torch.zeros(()), "rows": [], "head_info": head,
                 "calib_log": log, "head": common.cpu_state(model.head), "elapsed": time.time() - t0}
         common.save_checkpoint(ckpt, args)
+    # (re)written from the checkpoint on resume too: a head.pt damaged meanwhile does not survive
+    common.atomic_save(ckpt["head"], os.path.join(args.out, "head.pt"))
     mask = common.load_mask(mask_path, model)
     model.head.load_state_dict(ckpt["head"])
 

@@ -706,7 +706,7 @@ def fraction(s):
 
 def main(argv=None):
     p = common.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("root", help="results root, e.g. run_all.sh's $RESULTS (default there: ./runs)")
+    p.add_argument("root", type=common.path, help="results root, e.g. run_all.sh's $RESULTS (default there: ./runs)")
     p.add_argument("--target", type=fraction, default=0.9,
                    help="rounds to target: the first FedAvg round whose validation accuracy reaches this fraction "
                         "of the centralized validation accuracy of the same seed (of the mean over the centralized "
