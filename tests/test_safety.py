@@ -162,10 +162,13 @@ def test_sigterm_mid_editing_saves_the_step_and_resumes_to_the_same_model(tmp_pa
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (0, 10)  # saved mid-epoch, at the step boundary
     monkeypatch.undo()
+    (tmp_path / "cut" / "head.pt").write_bytes(b"")  # damaged while the run was away: not in the finished run
     model_editing.main(argv + ["--out", str(tmp_path / "cut"), "--resume"])
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("head.pt", "mask.pt", "model.pt"):
+        assert (tmp_path / "full" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
     assert (tmp_path / "full" / "metrics.csv").read_text() == (tmp_path / "cut" / "metrics.csv").read_text()
 
 
