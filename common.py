@@ -158,12 +158,38 @@ def path(s):
     return s
 
 
+def damping(s):
+    """A factor in [0, 1]: 1 damps nothing, above 1 would amplify."""
+    v = float(s)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (a damping factor), got {s}")
+    return v
+
+
 def unit_float(s):
     """A fraction in [0, 1)."""
     v = float(s)
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
     return v
+
+
+def changed_flags(p, args, names):
+    """The flags among `names` (dest names) whose value differs from their default: given on purpose."""
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != p.get_default(n)]
+
+
+def refuse_ignored(p, args, names, why):
+    """p.error if a flag among `names` was changed from its default although `why` makes it do nothing."""
+    given = changed_flags(p, args, names)
+    if given:
+        p.error(f"{' '.join(given)} would be ignored: {why}; drop {'it' if len(given) == 1 else 'them'}")
+
+
+def check_base_flags(p, args):
+    """Contradictions among base_parser's flags (every script's get_args calls this)."""
+    if args.weights and args.no_pretrained:
+        p.error("--weights and --no-pretrained both say where the backbone comes from; give one")
 
 
 def base_parser():
@@ -227,9 +253,14 @@ def edit_parser():
                    help="batches of --fisher-batch-size images scored per calibration round")
     g.add_argument("--fisher-batch-size", type=positive_int, default=32,
                    help="images per Fisher batch; memory grows with it (one layer's per-sample gradients)")
-    g.add_argument("--calib-damp", type=nonneg_float, default=0.1,
+    g.add_argument("--calib-damp", type=damping, default=0.1,
                    help="while calibrating, weights already masked out are scaled by this (TaLoS: 0.1)")
     return p
+
+
+# edit_parser's flags that make a mask: they do nothing without one to make (no --sparse, or --mask FILE)
+CALIBRATION_FLAGS = ("rule", "sparsity", "calib_rounds", "score", "fisher_batches", "fisher_batch_size",
+                     "calib_damp")
 
 
 def hparams_from(path):
@@ -357,7 +388,12 @@ def load_cifar100(data_dir):
     for train in (True, False):
         try:
             ds = torchvision.datasets.CIFAR100(data_dir, train=train, download=False)
-        except RuntimeError:  # not there yet: download it
+        except RuntimeError:  # not there yet (or its files fail torchvision's checksum): download it
+            folder = os.path.join(data_dir, "cifar-100-python")
+            if os.path.isdir(folder) and not network_reachable("www.cs.toronto.edu"):
+                raise UserError(f"CIFAR-100 in {folder} is incomplete or corrupt (its files fail the checksum) and "
+                                f"there is no network to download it again: copy a good {folder} here, or "
+                                f"delete it and run `python common.py --data-dir DIR` on a machine with internet")
             if not network_reachable("www.cs.toronto.edu"):
                 raise UserError(f"CIFAR-100 is not in {data_dir} and there is no network: run "
                                 f"`python common.py --data-dir DIR` on a machine with internet, copy DIR here "
@@ -542,10 +578,18 @@ def build_model(args, num_classes=NUM_CLASSES):
     """timm ViT with a fresh linear head of `num_classes`; backbone weights from --weights,
     the hub, or random (--no-pretrained). The head is initialized from --seed."""
     import timm
+    from timm.models.vision_transformer import VisionTransformer
+    if not timm.is_model(args.arch):
+        raise UserError(f"--arch {args.arch}: timm has no such model (e.g. {DEFAULT_ARCH})")
     try:
         model = timm.create_model(args.arch, pretrained=False, num_classes=num_classes, img_size=args.img_size)
-    except Exception as e:  # unknown name, or an image size the arch cannot take
+    except TypeError:  # a model that takes no img_size: not a ViT
+        model = None
+    except Exception as e:  # an image size the arch cannot take
         raise UserError(f"cannot build --arch {args.arch} at --img-size {args.img_size}: {e}")
+    if not isinstance(model, VisionTransformer):
+        raise UserError(f"--arch {args.arch} is not a timm VisionTransformer, which this code needs "
+                        f"(its patch embedding, tokens and masked layers), e.g. {DEFAULT_ARCH}")
     patch = model.patch_embed.patch_size[0]
     if args.img_size % patch:
         raise UserError(f"--img-size {args.img_size} is not a multiple of {args.arch}'s patch size {patch}: "
@@ -903,6 +947,30 @@ def load_head_file(path, head):
     return sd
 
 
+# What a head's input features depend on: a head from a run that differed in these (another backbone of
+# the same width) has the right shape but reads other features.
+BACKBONE_FLAGS = ("arch", "weights", "no_pretrained", "img_size")
+
+
+def check_head_source(path, args):
+    """Refuse a head file whose run (the config.json next to it, when there is one) had another backbone."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")) as f:
+            source = json.load(f)
+    except (OSError, ValueError):
+        return  # a head file from elsewhere: only its shape can be checked
+    if not isinstance(source, dict):
+        return
+    def same(k):  # weights files by name, as the feature cache keys them (the same file, another path)
+        a, b = source[k], getattr(args, k)
+        return (os.path.basename(a) == os.path.basename(b)) if k == "weights" and a and b else a == b
+    differ = [k for k in BACKBONE_FLAGS if k in source and not same(k)]
+    if differ:
+        k = differ[0]
+        raise UserError(f"--head {path} was trained on another backbone (its run has --{k.replace('_', '-')} "
+                        f"{source[k]}, this one {getattr(args, k)}); use a head of this backbone, or ridge")
+
+
 def cpu_state(module):
     """A state dict on the CPU: files that load on any machine with a plain torch.load."""
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -1138,17 +1206,22 @@ def load_mask(path, model):
     """Read a mask file and check it fits masked_params(model) (every name, every shape)."""
     mask = load_tensor_file(path, "mask file", "make one with model_editing.py")
     params = dict(masked_params(model))
-    if isinstance(mask, dict) and {"cls_token", "pos_embed"} & set(mask):
+    if not isinstance(mask, dict):
+        raise UserError(f"{path} is not a mask file (a dict of bool tensors by parameter name; it holds a "
+                        f"{type(mask).__name__}): make one with model_editing.py")
+    if {"cls_token", "pos_embed"} & set(mask):
         raise UserError(f"mask {path} was made by an older version (it masks cls_token/pos_embed); "
                         "recalibrate it: rerun model_editing.py")
-    if not isinstance(mask, dict) or set(mask) != set(params):
-        extra = sorted(set(mask) - set(params)) if isinstance(mask, dict) else []
-        missing = sorted(set(params) - set(mask)) if isinstance(mask, dict) else []
+    if set(mask) != set(params):
+        extra, missing = sorted(set(mask) - set(params)), sorted(set(params) - set(mask))
         raise UserError(f"mask {path} does not fit --arch: missing {missing[:3]}, unknown {extra[:3]}")
     for n, p in params.items():
         if not isinstance(mask[n], torch.Tensor) or mask[n].shape != p.shape:
             raise UserError(f"mask {path} does not fit --arch: {n} should have shape {tuple(p.shape)}")
-    return {n: m.bool() for n, m in mask.items()}
+    mask = {n: m.bool() for n, m in mask.items()}
+    if not any(bool(m.any()) for m in mask.values()):  # as --sparsity that keeps nothing (check_sparsity)
+        raise UserError(f"mask {path} keeps no entry at all (every value False): it would train nothing")
+    return mask
 
 
 def mask_density(mask):
@@ -1426,7 +1499,10 @@ def read_inputs(args, model):
     hparams, mask, head = (getattr(args, k, None) for k in ("hparams", "mask", "head"))
     inputs = {"hparams": hparams_from(hparams) if hparams else None,
               "mask": load_mask(mask, model) if mask else None,
-              "head": load_head_file(head, model.head) if head not in (None, "ridge", "warmup") else None}
+              "head": None}
+    if head not in (None, "ridge", "warmup"):
+        check_head_source(head, args)
+        inputs["head"] = load_head_file(head, model.head)
     if hasattr(args, "sparsity") and getattr(args, "sparse", True) and inputs["mask"] is None:
         check_sparsity(model, args.sparsity)
     return inputs

@@ -77,6 +77,16 @@ def get_args(argv=None):
     if args.head == "warmup" and args.warmup_rounds < 1:
         p.error("--head warmup needs --warmup-rounds >= 1")
     if args.head != "warmup":
+        common.refuse_ignored(p, args, ["warmup_rounds"], f"head-only rounds are --head warmup's, not --head {args.head}'s")
+    if not args.sparse:
+        common.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "they make the mask of --sparse")
+    elif args.mask:
+        common.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
+    if args.scale_rounds and args.rounds * 4 % args.j:
+        p.error(f"--scale-rounds: {args.rounds} rounds x 4 / J={args.j} is not a whole number of rounds, so local "
+                f"work would not be equal across J; choose --rounds a multiple of {args.j // math.gcd(args.j, 4)}")
+    common.check_base_flags(p, args)
+    if args.head != "warmup":
         args.warmup_rounds = 0  # only --head warmup has head-only rounds
     args.iid = args.nc is None
     if args.scale_rounds:

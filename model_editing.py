@@ -43,6 +43,12 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.hparams and args.head != "warmup":
         p.error("--hparams sets the SGD warm-up of the head: it needs --head warmup")
+    if args.hparams:
+        common.refuse_ignored(p, args, ["warmup_lr", "warmup_momentum", "warmup_wd"],
+                              "--hparams sets the warm-up's lr, momentum and weight decay")
+    if args.mask:
+        common.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
+    common.check_base_flags(p, args)
     mask = f"mask-{os.path.basename(os.path.dirname(os.path.abspath(args.mask)))}" if args.mask else \
         f"{args.rule}_s{args.sparsity}_r{args.calib_rounds}"
     args.out = args.out or f"{args.results}/editing/{mask}/seed{args.seed}"
@@ -177,11 +183,14 @@ def main(argv=None):
         common.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"),
                           {s: (ep, [r[f"{s}_{kind}"] for r in rows]) for s in ("val", "test")},
                           "epoch (0 = frozen head, before editing)", label,
-                          f"Sparse fine-tuning ({args.rule}, sparsity {args.sparsity}, head {args.head})")
+                          f"Sparse fine-tuning ({f'{args.rule}, sparsity {args.sparsity}' if args.mask is None else 'mask ' + args.mask}, "
+                          f"head {args.head})")
     changed, total = common.changed_count(model, pretrained)
     best = max(rows, key=lambda r: r["val_acc"])  # first of equals wins
-    result = {"stage": "editing", "dataset": args.dataset, "seed": args.seed, "rule": args.rule,
-              "sparsity": args.sparsity, "calib_rounds": args.calib_rounds, "mask_file": args.mask,
+    calibrated = args.mask is None  # a given mask's rule and rounds are its own run's (summarize.py reads them)
+    result = {"stage": "editing", "dataset": args.dataset, "seed": args.seed,
+              "rule": args.rule if calibrated else None, "sparsity": args.sparsity if calibrated else None,
+              "calib_rounds": args.calib_rounds if calibrated else None, "mask_file": args.mask,
               "head": args.head, "score": args.score, **ckpt["head_info"],
               "mask_kept_frac": common.mask_density(mask), "changed_frac": changed / total,
               "val_acc": rows[-1]["val_acc"], "test_acc": rows[-1]["test_acc"],

@@ -1,5 +1,6 @@
 """Files and processes a run must survive: crafted pickles, a second writer, stale temporaries,
 permissions, stop signals."""
+import csv
 import json
 import os
 import re
@@ -326,3 +327,70 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_kept(tmp_path, monke
         centralized.main(GRID + ["--out", str(out), "--resume"])
     assert (out / "checkpoint.pt").read_bytes() == kept
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_an_edit_on_a_given_mask_is_filed_under_that_masks_settings(tmp_path):
+    base = FAST + ["--synthetic-size", "1000", "--epochs", "0", "--results", str(tmp_path)]
+    model_editing.main(base + ["--rule", "random", "--sparsity", "0.5", "--calib-rounds", "1"])
+    made = tmp_path / "editing" / "random_s0.5_r1" / "seed0"
+    model_editing.main(base + ["--mask", str(made / "mask.pt")])
+    given = json.loads((tmp_path / "editing" / "mask-seed0" / "seed0" / "result.json").read_text())
+    assert (given["rule"], given["sparsity"], given["calib_rounds"]) == (None, None, None)  # not the flag defaults
+    summarize.main([str(tmp_path)])
+    with open(tmp_path / "summary" / "results.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    row = rows["editing/mask-seed0/seed0"]
+    assert (row["rule"], row["sparsity"], row["calib_rounds"]) == ("random", "0.5", "1")
+
+
+@pytest.mark.parametrize("get_args, argv, says", [
+    (centralized.get_args, ["--weights", "w.pth", "--no-pretrained"], "--weights and --no-pretrained"),
+    (centralized.get_args, ["--hparams", "r.json", "--lr", "0.5"], "--lr would be ignored: --hparams chooses"),
+    (centralized.get_args, ["--grid", "--wd", "0.1"], "--wd would be ignored: --grid chooses"),
+    (centralized.get_args, ["--grid-lr", "0.1,,0.2"], "--grid-lr: expected comma-separated numbers"),
+    (model_editing.get_args, ["--head", "warmup", "--hparams", "r.json", "--warmup-lr", "0.5"],
+     "--warmup-lr would be ignored: --hparams sets"),
+    (model_editing.get_args, ["--mask", "m.pt", "--rule", "random"], "--rule would be ignored: --mask gives"),
+    (model_editing.get_args, ["--calib-damp", "2"], "--calib-damp: must be in [0, 1]"),
+    (fedavg.get_args, ["--warmup-rounds", "5"], "--warmup-rounds would be ignored"),
+    (fedavg.get_args, ["--sparsity", "0.5", "--rule", "random"], "--rule --sparsity would be ignored: they make "
+                                                                 "the mask of --sparse"),
+    (fedavg.get_args, ["--sparse", "--mask", "m.pt", "--calib-rounds", "2"], "--calib-rounds would be ignored"),
+    (fedavg.get_args, ["--scale-rounds", "--j", "16", "--rounds", "2"], "not a whole number of rounds"),
+    (fedavg.get_args, ["--scale-rounds", "--j", "3", "--rounds", "4"], "choose --rounds a multiple of 3"),
+])
+def test_contradicting_flags_are_refused(get_args, argv, says, capsys):
+    assert says in parse_refused(get_args, argv, capsys)
+
+
+def test_input_files_that_fit_only_in_shape_are_refused(tmp_path):
+    model = tiny_model()
+    nothing = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in common.masked_params(model)}
+    torch.save(nothing, tmp_path / "none.pt")  # as --sparsity that keeps nothing, which is refused
+    with pytest.raises(common.UserError, match="keeps no entry"):
+        common.load_mask(str(tmp_path / "none.pt"), model)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(common.UserError, match="not a mask file .*holds a list"):
+        common.load_mask(str(tmp_path / "list.pt"), model)
+    # a head of another backbone of the same width: its run's config.json says so
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(common.cpu_state(model.head), src / "head.pt")
+    config = vars(centralized.get_args(FAST))
+    (src / "config.json").write_text(json.dumps(dict(config, arch="vit_small_patch16_224", img_size=224)))
+    with pytest.raises(common.UserError, match="trained on another backbone .*--arch vit_small_patch16_224"):
+        model_editing.main(FAST + ["--head", str(src / "head.pt"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    (src / "config.json").write_text(json.dumps(config))  # the same backbone: accepted
+    model_editing.main(FAST + ["--head", str(src / "head.pt"), "--epochs", "0", "--rule", "random",
+                               "--out", str(tmp_path / "run")])
+
+
+def test_messages_say_what_is_wrong(tmp_path, monkeypatch):
+    with pytest.raises(common.UserError, match="resnet18 is not a timm VisionTransformer"):
+        centralized.main(FAST + ["--arch", "resnet18", "--out", str(tmp_path / "r")])
+    (tmp_path / "cifar-100-python").mkdir()
+    (tmp_path / "cifar-100-python" / "train").write_bytes(b"junk")
+    monkeypatch.setattr(common, "network_reachable", lambda *a, **k: False)
+    with pytest.raises(common.UserError, match="incomplete or corrupt"):
+        common.load_cifar100(str(tmp_path))
