@@ -344,7 +344,6 @@ def test_an_edit_on_a_given_mask_is_filed_under_that_masks_settings(tmp_path):
 
 
 @pytest.mark.parametrize("get_args, argv, says", [
-    (centralized.get_args, ["--weights", "w.pth", "--no-pretrained"], "--weights and --no-pretrained"),
     (centralized.get_args, ["--hparams", "r.json", "--lr", "0.5"], "--lr would be ignored: --hparams chooses"),
     (centralized.get_args, ["--grid", "--wd", "0.1"], "--wd would be ignored: --grid chooses"),
     (centralized.get_args, ["--grid-lr", "0.1,,0.2"], "--grid-lr: expected comma-separated numbers"),
@@ -361,6 +360,13 @@ def test_an_edit_on_a_given_mask_is_filed_under_that_masks_settings(tmp_path):
 ])
 def test_contradicting_flags_are_refused(get_args, argv, says, capsys):
     assert says in parse_refused(get_args, argv, capsys)
+
+
+def test_weights_with_no_pretrained_say_which_one_counts(capsys):
+    for get_args in (centralized.get_args, model_editing.get_args, fedavg.get_args):
+        get_args(["--weights", "w.pth", "--no-pretrained"])
+        out = capsys.readouterr().out.splitlines()
+        assert out == ["note: --no-pretrained is ignored: --weights w.pth gives the backbone"]
 
 
 def test_input_files_that_fit_only_in_shape_are_refused(tmp_path):
