@@ -232,7 +232,7 @@ def test_federated_ridge_equals_central_ridge_on_the_union():
 
 def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monkeypatch):
     model = tiny_model()
-    args = round_args(*FAST[len(TINY):], "--fisher-batches", "1", "--fisher-batch-size", "20", "--calib-rounds", "1")
+    args = round_args(*FAST[len(TINY):], "--fisher-batches", "1", "--fisher-batch-size", "20", "--calib-rounds", "1", "--sparse")
     data = common.load_data(args)
     x = data["train"][0]
     shards = fedavg.make_shards(data["train"][1], args)
