@@ -19,7 +19,7 @@ import common
 
 def float_list(s):
     try:
-        vals = [float(x) for x in s.split(",") if x.strip()]
+        vals = [float(x) for x in s.split(",")]  # an empty item ("0.1,,0.2") is an error, not skipped
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
     if not vals or any(v < 0 or math.isinf(v) or math.isnan(v) for v in vals):
@@ -35,7 +35,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=common.nonneg_float, default=0.01, help="learning rate without --grid")
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="momentum without --grid")
     p.add_argument("--wd", type=common.nonneg_float, default=0.0, help="weight decay without --grid")
-    p.add_argument("--hparams", default=None,
+    p.add_argument("--hparams", type=common.path, default=None,
                    help="take lr/momentum/wd from an earlier centralized run's result.json")
     p.add_argument("--scheduler", choices=common.SCHEDULERS, default="cosine",
                    help="LR schedule (see common.lr_factor), per epoch")
@@ -59,6 +59,10 @@ def get_args(argv=None):
         p.error("--grid-momentum values must be < 1")
     if args.hparams and args.grid:
         p.error("--hparams and --grid both choose the hyperparameters; give one")
+    if args.hparams or args.grid:
+        common.refuse_ignored(p, args, ["lr", "momentum", "wd"],
+                              f"--{'hparams' if args.hparams else 'grid'} chooses the hyperparameters")
+    common.check_base_flags(p, args)
     hp = "grid" if args.grid else "hparams" if args.hparams else f"lr{args.lr}_m{args.momentum}_wd{args.wd}"
     sched = "compare" if args.compare_schedulers else args.scheduler
     args.out = args.out or f"{args.results}/centralized/{hp}_{sched}/seed{args.seed}"

@@ -11,6 +11,7 @@ Run it as a script to prefetch CIFAR-100 and the DINO weights for offline use:
 """
 import argparse
 import csv
+import errno
 import fcntl
 import io
 import json
@@ -130,12 +131,65 @@ def nonneg_float(s):
     return v
 
 
+def seed_int(s):
+    """A seed torch can take: from -2^63 to 2^64 - 1."""
+    v = int(s)
+    if not -2**63 <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer from -2^63 to 2^64-1 (torch's seed range), got {s}")
+    return v
+
+
+MAX_SYNTHETIC = 200_000  # 4x CIFAR-100's training set; the set is built in float32 (12 kB an image)
+
+
+def synthetic_size(s):
+    v = positive_int(s)
+    if v > MAX_SYNTHETIC:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SYNTHETIC} (it is built in memory, "
+                                         f"12 kB an image), got {s}")
+    return v
+
+
+def path(s):
+    """A file or folder flag: an empty one is refused (it would silently mean the current folder, or the
+    root: --results "" put runs under /fedavg/...)."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return s
+
+
+def damping(s):
+    """A factor in [0, 1]: 1 damps nothing, above 1 would amplify."""
+    v = float(s)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (a damping factor), got {s}")
+    return v
+
+
 def unit_float(s):
     """A fraction in [0, 1)."""
     v = float(s)
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
     return v
+
+
+def changed_flags(p, args, names):
+    """The flags among `names` (dest names) whose value differs from their default: given on purpose."""
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != p.get_default(n)]
+
+
+def refuse_ignored(p, args, names, why):
+    """p.error if a flag among `names` was changed from its default although `why` makes it do nothing."""
+    given = changed_flags(p, args, names)
+    if given:
+        p.error(f"{' '.join(given)} would be ignored: {why}; drop {'it' if len(given) == 1 else 'them'}")
+
+
+def check_base_flags(p, args):
+    """Contradictions among base_parser's flags (every script's get_args calls this)."""
+    if args.weights and args.no_pretrained:  # said, not refused: the tests' tiny flags carry --no-pretrained
+        print(f"note: --no-pretrained is ignored: --weights {args.weights} gives the backbone")
 
 
 def base_parser():
@@ -145,13 +199,13 @@ def base_parser():
     g.add_argument("--dataset", choices=["cifar100", "synthetic"], default="cifar100",
                    help="cifar100 (downloaded into --data-dir) or a small learnable synthetic "
                         "CIFAR-shaped set for tests and offline trials")
-    g.add_argument("--data-dir", default="./data", help="where CIFAR-100 and cached features live")
-    g.add_argument("--synthetic-size", type=positive_int, default=5000,
+    g.add_argument("--data-dir", type=path, default="./data", help="where CIFAR-100 and cached features live")
+    g.add_argument("--synthetic-size", type=synthetic_size, default=5000,
                    help="training images in the synthetic set; its test set is a fifth of that")
     g.add_argument("--val-frac", type=unit_float, default=0.1,
                    help="fraction of the training set held out for validation, stratified by class")
     g.add_argument("--arch", default=DEFAULT_ARCH, help="timm ViT name (tests use test_vit)")
-    g.add_argument("--weights", default=None,
+    g.add_argument("--weights", type=path, default=None,
                    help="local weights file: official DINO checkpoint (dino_deitsmall16_pretrain.pth) "
                         "or a timm state dict (.pth/.safetensors); none: timm's hub weights; "
                         "standin or standin-sharp (with --arch test_vit): a tiny ViT the project pretrains "
@@ -162,7 +216,7 @@ def base_parser():
                    help="images are resized to this many pixels before the ViT (a multiple of its patch size)")
     g.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
     g.add_argument("--eval-batch-size", type=positive_int, default=256, help="evaluation batch size")
-    g.add_argument("--seed", type=int, default=0, help="random seed of everything but the validation split")
+    g.add_argument("--seed", type=seed_int, default=0, help="random seed of everything but the validation split")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (none: cuda if available, else cpu)")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision of the backbone on a GPU: auto = bf16 where the GPU supports it "
@@ -170,8 +224,8 @@ def base_parser():
                         "(T4, V100), off (fp32) on the CPU. The head and every accuracy are fp32 always")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic GPU kernels (bit-identical reruns and resumes on a GPU; a little slower)")
-    g.add_argument("--results", default="runs", help="root of the default run directories")
-    g.add_argument("--out", default=None,
+    g.add_argument("--results", type=path, default="runs", help="root of the default run directories")
+    g.add_argument("--out", type=path, default=None,
                    help="run directory (none: RESULTS/STAGE/NAME/seedSEED, NAME from the main flags)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (starts fresh if there is none)")
@@ -182,7 +236,7 @@ def edit_parser():
     """Head and mask flags shared by model_editing.py and fedavg.py --sparse (an argparse parent)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("step 0: the classifier head, frozen from then on")
-    g.add_argument("--head", default="ridge", metavar="{ridge,warmup,FILE}",
+    g.add_argument("--head", type=path, default="ridge", metavar="{ridge,warmup,FILE}",
                    help="ridge: closed-form ridge regression on frozen-backbone features, lambda chosen on "
                         "the validation split (fedavg.py: from the clients' sufficient statistics, one "
                         "round); warmup: SGD on the frozen backbone (fedavg.py: --warmup-rounds head-only "
@@ -204,7 +258,7 @@ def edit_parser():
                    help="batches of --fisher-batch-size images scored per calibration round")
     g.add_argument("--fisher-batch-size", type=positive_int, default=32,
                    help="images per Fisher batch; memory grows with it (one layer's per-sample gradients)")
-    g.add_argument("--calib-damp", type=nonneg_float, default=0.1,
+    g.add_argument("--calib-damp", type=damping, default=0.1,
                    help="while calibrating, weights already masked out are scaled by this (TaLoS: 0.1)")
     g.add_argument("--calib-images", choices=CALIB_IMAGES, default="train-aug",
                    help="calibration images scored through the training augmentation, a fresh random crop "
@@ -213,17 +267,29 @@ def edit_parser():
     return p
 
 
+# edit_parser's flags that make a mask: they do nothing without one to make (no --sparse, or --mask FILE)
+CALIBRATION_FLAGS = ("rule", "sparsity", "calib_rounds", "score", "fisher_batches", "fisher_batch_size",
+                     "calib_damp")
+
+
 def hparams_from(path):
-    """lr / momentum / weight decay chosen by a centralized run (its result.json)."""
+    """lr / momentum / weight decay chosen by a centralized run (its result.json), checked as the flags
+    --lr, --momentum and --wd are."""
     try:
         with open(path) as f:
             best = json.load(f)["best"]
-        return float(best["lr"]), float(best["momentum"]), float(best["wd"])
+        hp = float(best["lr"]), float(best["momentum"]), float(best["wd"])
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}): point --hparams at a finished centralized "
                         f"run's result.json")
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path} is not a centralized result.json with a 'best' entry")
+    for name, v, check in zip(("lr", "momentum", "wd"), hp, (nonneg_float, unit_float, nonneg_float)):
+        try:
+            check(v)
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"--hparams {path}: its {name} {e}")
+    return hp
 
 
 # ----------------------------------------------------------------------------- device, precision, determinism
@@ -334,7 +400,12 @@ def load_cifar100(data_dir):
     for train in (True, False):
         try:
             ds = torchvision.datasets.CIFAR100(data_dir, train=train, download=False)
-        except RuntimeError:  # not there yet: download it
+        except RuntimeError:  # not there yet (or its files fail torchvision's checksum): download it
+            folder = os.path.join(data_dir, "cifar-100-python")
+            if os.path.isdir(folder) and not network_reachable("www.cs.toronto.edu"):
+                raise UserError(f"CIFAR-100 in {folder} is incomplete or corrupt (its files fail the checksum) and "
+                                f"there is no network to download it again: copy a good {folder} here, or "
+                                f"delete it and run `python common.py --data-dir DIR` on a machine with internet")
             if not network_reachable("www.cs.toronto.edu"):
                 raise UserError(f"CIFAR-100 is not in {data_dir} and there is no network: run "
                                 f"`python common.py --data-dir DIR` on a machine with internet, copy DIR here "
@@ -557,10 +628,18 @@ def build_model(args, num_classes=NUM_CLASSES):
     """timm ViT with a fresh linear head of `num_classes`; backbone weights from --weights,
     the hub, or random (--no-pretrained). The head is initialized from --seed."""
     import timm
+    from timm.models.vision_transformer import VisionTransformer
+    if not timm.is_model(args.arch):
+        raise UserError(f"--arch {args.arch}: timm has no such model (e.g. {DEFAULT_ARCH})")
     try:
         model = timm.create_model(args.arch, pretrained=False, num_classes=num_classes, img_size=args.img_size)
-    except Exception as e:  # unknown name, or an image size the arch cannot take
+    except TypeError:  # a model that takes no img_size: not a ViT
+        model = None
+    except Exception as e:  # an image size the arch cannot take
         raise UserError(f"cannot build --arch {args.arch} at --img-size {args.img_size}: {e}")
+    if not isinstance(model, VisionTransformer):
+        raise UserError(f"--arch {args.arch} is not a timm VisionTransformer, which this code needs "
+                        f"(its patch embedding, tokens and masked layers), e.g. {DEFAULT_ARCH}")
     patch = model.patch_embed.patch_size[0]
     if args.img_size % patch:
         raise UserError(f"--img-size {args.img_size} is not a multiple of {args.arch}'s patch size {patch}: "
@@ -930,6 +1009,30 @@ def load_head_file(path, head):
     return sd
 
 
+# What a head's input features depend on: a head from a run that differed in these (another backbone of
+# the same width) has the right shape but reads other features.
+BACKBONE_FLAGS = ("arch", "weights", "no_pretrained", "img_size")
+
+
+def check_head_source(path, args):
+    """Refuse a head file whose run (the config.json next to it, when there is one) had another backbone."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")) as f:
+            source = json.load(f)
+    except (OSError, ValueError):
+        return  # a head file from elsewhere: only its shape can be checked
+    if not isinstance(source, dict):
+        return
+    def same(k):  # weights files by name, as the feature cache keys them (the same file, another path)
+        a, b = source[k], getattr(args, k)
+        return (os.path.basename(a) == os.path.basename(b)) if k == "weights" and a and b else a == b
+    differ = [k for k in BACKBONE_FLAGS if k in source and not same(k)]
+    if differ:
+        k = differ[0]
+        raise UserError(f"--head {path} was trained on another backbone (its run has --{k.replace('_', '-')} "
+                        f"{source[k]}, this one {getattr(args, k)}); use a head of this backbone, or ridge")
+
+
 def cpu_state(module):
     """A state dict on the CPU: files that load on any machine with a plain torch.load."""
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -1186,17 +1289,22 @@ def load_mask(path, model):
     """Read a mask file and check it fits masked_params(model) (every name, every shape)."""
     mask = load_tensor_file(path, "mask file", "make one with model_editing.py")
     params = dict(masked_params(model))
-    if isinstance(mask, dict) and {"cls_token", "pos_embed"} & set(mask):
+    if not isinstance(mask, dict):
+        raise UserError(f"{path} is not a mask file (a dict of bool tensors by parameter name; it holds a "
+                        f"{type(mask).__name__}): make one with model_editing.py")
+    if {"cls_token", "pos_embed"} & set(mask):
         raise UserError(f"mask {path} was made by an older version (it masks cls_token/pos_embed); "
                         "recalibrate it: rerun model_editing.py")
-    if not isinstance(mask, dict) or set(mask) != set(params):
-        extra = sorted(set(mask) - set(params)) if isinstance(mask, dict) else []
-        missing = sorted(set(params) - set(mask)) if isinstance(mask, dict) else []
+    if set(mask) != set(params):
+        extra, missing = sorted(set(mask) - set(params)), sorted(set(params) - set(mask))
         raise UserError(f"mask {path} does not fit --arch: missing {missing[:3]}, unknown {extra[:3]}")
     for n, p in params.items():
         if not isinstance(mask[n], torch.Tensor) or mask[n].shape != p.shape:
             raise UserError(f"mask {path} does not fit --arch: {n} should have shape {tuple(p.shape)}")
-    return {n: m.bool() for n, m in mask.items()}
+    mask = {n: m.bool() for n, m in mask.items()}
+    if not any(bool(m.any()) for m in mask.values()):  # as --sparsity that keeps nothing (check_sparsity)
+        raise UserError(f"mask {path} keeps no entry at all (every value False): it would train nothing")
+    return mask
 
 
 def mask_density(mask):
@@ -1259,24 +1367,37 @@ def load_tensor_file(path, what, fix):
 def atomic_write(path, write):
     """write(tmp_path) into a temporary file next to `path`, then rename it onto `path`: a reader (or a
     run killed mid-write) never sees half a file. The file gets the usual permissions (0666 minus the
-    umask; mkstemp alone would make it 0600, unreadable to collaborators on a shared cluster)."""
+    umask; mkstemp alone would make it 0600, unreadable to collaborators on a shared cluster). A write
+    that fails (a full disk, a read-only folder) is one line: `path` keeps its earlier version, if any."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the device (or quota) to write {path}: it was not written and "
+                            f"its earlier version, if any, is kept (a run keeps its last checkpoint); free "
+                            f"some space, then run the same command again (with --resume for a run)")
+        raise UserError(f"cannot write {path} ({e.strerror or e}); earlier files are kept")
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
 def atomic_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through a file object: the record name inside the zip is then always 'archive' (given a
+    path, torch names it after the temporary file), so identical runs write byte-identical files."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    atomic_write(path, write)
 
 
 def atomic_write_text(text, path):
@@ -1304,7 +1425,8 @@ def write_csv(rows, path):
 
 
 # Flags that do not change a run's result: a run may be resumed with other values of these.
-NON_RESULT_FLAGS = {"out", "results", "resume", "device", "eval_batch_size", "data_dir"}
+# (Not --eval-batch-size: the order in which evaluation sums its batches shows in the last digits.)
+NON_RESULT_FLAGS = {"out", "results", "resume", "device", "data_dir"}
 
 
 def run_config(args):
@@ -1322,7 +1444,11 @@ def lock_run(out):
     key = os.path.realpath(out)
     if key in _held_locks:  # this process opened the run before (tests call main() repeatedly)
         return
-    f = open(os.path.join(out, LOCK_FILE), "a+")
+    try:
+        f = open(os.path.join(out, LOCK_FILE), "a+")
+    except OSError as e:  # a read-only folder, a .lock that is a directory
+        raise UserError(f"cannot open {os.path.join(out, LOCK_FILE)} ({e.strerror}): the run directory must be "
+                        f"writable and its {LOCK_FILE} a file; fix it or choose another --out")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -1337,27 +1463,36 @@ def lock_run(out):
     _held_locks[key] = f
 
 
+def is_temporary(name):
+    """A temporary file of atomic_write (older versions also wrote NAME.tmp.png)."""
+    return name.endswith(".tmp") or name.endswith(".tmp.png")
+
+
 def remove_stale_temporaries(out):
     """Temporary files of atomic writes that a killed process left behind (we hold the lock: nobody
     else is writing here)."""
     for name in os.listdir(out):
-        if name.endswith(".tmp") or name.endswith(".tmp.png"):
+        if is_temporary(name):
             os.remove(os.path.join(out, name))
 
 
 def open_run(args):
     """Lock and prepare args.out. Returns the checkpoint to resume from (or None).
-    Refuses a directory that holds a different run, or an unfinished one without --resume."""
+    Refuses a directory that holds a different run, or an unfinished one without --resume. An existing
+    folder is checked before anything in it is touched (lock file, temporaries): only then is it known
+    to be this run's; the check is repeated under the lock."""
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
     created = not os.path.exists(out)
+    if not created:
+        _check_run_dir(args, before_lock=True)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --out {out} ({e.strerror}); choose another --out or --results")
-    lock_run(out)
     try:
+        lock_run(out)
         remove_stale_temporaries(out)
         return _check_run_dir(args)
     except UserError:
@@ -1367,34 +1502,64 @@ def open_run(args):
         raise
 
 
-def _check_run_dir(args):
+def read_result_json(out):
+    """The result.json of run directory `out` as a dict, or None: a run is finished only when its
+    result.json is a JSON object (an empty or truncated file marks nothing)."""
+    try:
+        with open(os.path.join(out, "result.json")) as f:
+            r = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return r if isinstance(r, dict) else None
+
+
+def _check_run_dir(args, before_lock=False):
+    """Refuse args.out unless it is this run's: a new folder, or one whose config.json is this run's.
+    before_lock: only look (nothing written). Else load the checkpoint to resume from (checked to be
+    this run's) or write config.json, and return the checkpoint or None."""
     out = args.out
-    cfg_path, ckpt_path = os.path.join(out, "config.json"), os.path.join(out, "checkpoint.pt")
+    names = {n: os.path.join(out, n) for n in ("config.json", "checkpoint.pt", "result.json")}
+    for n, path in names.items():
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UserError(f"{path} is not a regular file; remove it or choose another --out")
+    cfg_path, ckpt_path = names["config.json"], names["checkpoint.pt"]
     config = run_config(args)
-    if os.path.isfile(cfg_path):
-        try:
-            with open(cfg_path) as f:
-                old = json.load(f)
-        except ValueError:
-            raise UserError(f"{cfg_path} is corrupt; delete {out} or choose another --out")
-        if old != config:
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise UserError(f"{out} holds a different run (differs in {', '.join(diff)}); "
-                            f"choose another --out or delete it")
-        if os.path.isfile(os.path.join(out, "result.json")) and not args.resume:
-            raise UserError(f"{out} already holds a finished run; choose another --out or delete it")
-        if os.path.isfile(ckpt_path):
-            if not args.resume:
-                raise UserError(f"{out} holds an interrupted run: add --resume to continue it, "
-                                f"or choose another --out")
-            try:  # weights_only: a crafted checkpoint cannot run code
-                return torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise UserError(f"cannot read {ckpt_path} ({type(e).__name__}); delete it to start over")
-    elif [n for n in os.listdir(out) if n != LOCK_FILE]:
-        raise UserError(f"--out {out} is not empty and holds no run; choose another --out")
-    write_json(config, cfg_path)
-    return None
+    if not os.path.isfile(cfg_path):
+        # a new run: the folder must be empty, but for what a run of ours killed before config.json
+        # existed leaves (its lock file, and temporaries only next to that lock file)
+        entries = os.listdir(out)
+        stray = [n for n in entries if n != LOCK_FILE and not (LOCK_FILE in entries and is_temporary(n))]
+        if stray:
+            raise UserError(f"--out {out} is not empty and holds no run (it has {sorted(stray)[0]!r}); "
+                            f"choose another --out")
+        if not before_lock:
+            write_json(config, cfg_path)
+        return None
+    try:
+        with open(cfg_path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg_path} is unreadable ({type(e).__name__}); delete {out} or choose another --out")
+    if not isinstance(old, dict):
+        raise UserError(f"{cfg_path} is not a run's config (not a JSON object); delete {out} or choose another --out")
+    if old != config:
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise UserError(f"{out} holds a different run (differs in {', '.join(diff)}); "
+                        f"choose another --out or delete it")
+    if read_result_json(out) is not None and not args.resume:
+        raise UserError(f"{out} already holds a finished run; choose another --out or delete it")
+    if read_result_json(out) is None and not args.resume:
+        raise UserError(f"{out} holds an interrupted run: add --resume to continue it, or choose another --out")
+    if before_lock or not os.path.isfile(ckpt_path):
+        return None  # --resume of a run killed before its first checkpoint: it starts over
+    try:  # weights_only: a crafted checkpoint cannot run code
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {ckpt_path} ({type(e).__name__}); delete it to start over")
+    if not isinstance(ckpt, dict) or ckpt.get("run") != config:
+        raise UserError(f"{ckpt_path} is not this run's checkpoint (its run's flags differ, or it predates this "
+                        f"check); delete it to start the run over")
+    return ckpt
 
 
 def prepare(args):
@@ -1419,7 +1584,10 @@ def read_inputs(args, model):
     hparams, mask, head = (getattr(args, k, None) for k in ("hparams", "mask", "head"))
     inputs = {"hparams": hparams_from(hparams) if hparams else None,
               "mask": load_mask(mask, model) if mask else None,
-              "head": load_head_file(head, model.head) if head not in (None, "ridge", "warmup") else None}
+              "head": None}
+    if head not in (None, "ridge", "warmup"):
+        check_head_source(head, args)
+        inputs["head"] = load_head_file(head, model.head)
     if hasattr(args, "sparsity") and getattr(args, "sparse", True) and inputs["mask"] is None:
         check_sparsity(model, args.sparsity, args.calib_rounds)
     return inputs
@@ -1433,12 +1601,15 @@ def finished(args):
             old = json.load(f)
     except (OSError, ValueError):
         return False
+    if not isinstance(old, dict):
+        return False
     same = {k: v for k, v in old.items() if k != "precision"} == run_config(args)
-    return same and os.path.isfile(os.path.join(args.out, "result.json"))
+    return same and read_result_json(args.out) is not None
 
 
 def save_checkpoint(state, args):
-    atomic_save(state, os.path.join(args.out, "checkpoint.pt"))
+    """The checkpoint carries its run's config: one copied from another run is refused (_check_run_dir)."""
+    atomic_save(dict(state, run=run_config(args)), os.path.join(args.out, "checkpoint.pt"))
 
 
 def finish_run(result, args):
@@ -1582,7 +1753,7 @@ def main(argv=None):
     p = Parser(description="Download CIFAR-100 and the DINO ViT-S/16 weights for later offline runs; "
                            "with --prefetch or --describe-runs, answer run_all.sh.",
                epilog="e.g. python common.py --prefetch -- --dataset cifar100 --weights dino.pth")
-    p.add_argument("--data-dir", default="./data", help="where CIFAR-100 goes")
+    p.add_argument("--data-dir", type=path, default="./data", help="where CIFAR-100 goes")
     p.add_argument("--arch", default=DEFAULT_ARCH, help="timm ViT whose hub weights to download")
     p.add_argument("--data-only", action="store_true", help="only CIFAR-100 (you bring --weights FILE)")
     p.add_argument("--prefetch", action="store_true",

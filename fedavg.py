@@ -61,7 +61,7 @@ def get_args(argv=None):
     g = p.add_argument_group("sparse FedAvg")
     g.add_argument("--sparse", action="store_true",
                    help="frozen head; clients update only masked-in backbone entries with SparseSGDM")
-    g.add_argument("--mask", default=None,
+    g.add_argument("--mask", type=common.path, default=None,
                    help="mask.pt from model_editing.py; without it the mask is calibrated federatedly")
     args = p.parse_args(argv)
     if not 0 < args.c <= 1:
@@ -80,6 +80,16 @@ def get_args(argv=None):
         p.error("--sparse fine-tunes the backbone under a frozen head; it cannot go with --train head")
     if args.head == "warmup" and args.warmup_rounds < 1:
         p.error("--head warmup needs --warmup-rounds >= 1")
+    if args.head != "warmup":
+        common.refuse_ignored(p, args, ["warmup_rounds"], f"head-only rounds are --head warmup's, not --head {args.head}'s")
+    if not args.sparse:
+        common.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "they make the mask of --sparse")
+    elif args.mask:
+        common.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
+    if args.scale_rounds and args.rounds * 4 % args.j:
+        p.error(f"--scale-rounds: {args.rounds} rounds x 4 / J={args.j} is not a whole number of rounds, so local "
+                f"work would not be equal across J; choose --rounds a multiple of {args.j // math.gcd(args.j, 4)}")
+    common.check_base_flags(p, args)
     if args.head != "warmup":
         args.warmup_rounds = 0  # only --head warmup has head-only rounds
     args.iid = args.nc is None
@@ -351,9 +361,10 @@ def main(argv=None):
     initial = {n: p.detach().cpu().clone() for n, p in common.masked_params(model)}
     mask_path = os.path.join(args.out, "mask.pt")
 
+    # written on resume too (the same bytes): a shards.csv damaged meanwhile does not survive
+    common.write_csv([{"client": i, "samples": len(s), "classes": len(torch.unique(data["train"][1][s]))}
+                      for i, s in enumerate(shards)], os.path.join(args.out, "shards.csv"))
     if ckpt is None:  # step 0: the head
-        common.write_csv([{"client": i, "samples": len(s), "classes": len(torch.unique(data["train"][1][s]))}
-                          for i, s in enumerate(shards)], os.path.join(args.out, "shards.csv"))
         head_info, head_upload = {}, 0
         if args.head == "ridge":
             head_info = federated_ridge(model.head, shards, feats)
@@ -361,12 +372,13 @@ def main(argv=None):
             head_upload = d * d + d * common.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ and a count, once per client
         elif inputs["head"] is not None:
             model.head.load_state_dict(inputs["head"])
-        # the head the run starts from (with --sparse: the frozen head throughout); model.pt holds the final one
-        common.atomic_save(common.cpu_state(model.head), os.path.join(args.out, "head.pt"))
         ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
-                "upload": head_upload * args.k, "elapsed": 0.0}
+                "upload": head_upload * args.k, "elapsed": 0.0, "head": common.cpu_state(model.head)}
     else:
         model.load_state_dict(ckpt["model"])
+    # the head the run starts from (with --sparse: the frozen head throughout); model.pt holds the final
+    # one. Rewritten from the checkpoint on resume: a head.pt damaged meanwhile does not survive
+    common.atomic_save(ckpt["head"], os.path.join(args.out, "head.pt"))
     t0 = time.time() - ckpt["elapsed"]
     mask = common.load_mask(mask_path, model) if ckpt["calibrated"] else None
     mask = {n: m.to(device) for n, m in mask.items()} if mask else None

@@ -24,7 +24,7 @@ import common
 def get_args(argv=None):
     p = common.Parser(parents=[common.base_parser(), common.edit_parser()], description=__doc__.split("\n")[0])
     g = p.add_argument_group("--head warmup: SGD on cached frozen-backbone features, cosine schedule")
-    g.add_argument("--hparams", default=None,
+    g.add_argument("--hparams", type=common.path, default=None,
                    help="lr/momentum/wd of the warm-up from a centralized run's result.json")
     g.add_argument("--warmup-lr", type=common.nonneg_float, default=0.01, help="warm-up lr without --hparams")
     g.add_argument("--warmup-momentum", type=common.unit_float, default=0.9, help="warm-up momentum without --hparams")
@@ -33,7 +33,7 @@ def get_args(argv=None):
     g.add_argument("--patience", type=common.positive_int, default=5,
                    help="warm-up stops after this many epochs without a better validation accuracy")
     g = p.add_argument_group("mask")
-    g.add_argument("--mask", default=None, help="use this mask.pt instead of calibrating one")
+    g.add_argument("--mask", type=common.path, default=None, help="use this mask.pt instead of calibrating one")
     g = p.add_argument_group("step 2: sparse fine-tuning of the backbone (head frozen)")
     g.add_argument("--epochs", type=common.nonneg_int, default=5, help="fine-tuning epochs")
     g.add_argument("--lr", type=common.nonneg_float, default=1e-4,
@@ -45,6 +45,12 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.hparams and args.head != "warmup":
         p.error("--hparams sets the SGD warm-up of the head: it needs --head warmup")
+    if args.hparams:
+        common.refuse_ignored(p, args, ["warmup_lr", "warmup_momentum", "warmup_wd"],
+                              "--hparams sets the warm-up's lr, momentum and weight decay")
+    if args.mask:
+        common.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
+    common.check_base_flags(p, args)
     mask = f"mask-{os.path.basename(os.path.dirname(os.path.abspath(args.mask)))}" if args.mask else \
         f"{args.rule}_s{args.sparsity}_r{args.calib_rounds}"
     args.out = args.out or f"{args.results}/editing/{mask}/seed{args.seed}"
@@ -116,10 +122,11 @@ def main(argv=None):
         head = make_head(model, data, args, device, inputs)
         mask, log = (inputs["mask"], []) if inputs["mask"] is not None else make_mask(model, data, args, device)
         common.save_mask(mask, mask_path)
-        common.atomic_save(common.cpu_state(model.head), os.path.join(args.out, "head.pt"))
         ckpt = {"epoch": 0, "step": 0, "loss_sum": torch.zeros(()), "rows": [], "head_info": head,
                 "calib_log": log, "head": common.cpu_state(model.head), "elapsed": time.time() - t0}
         common.save_checkpoint(ckpt, args)
+    # (re)written from the checkpoint on resume too: a head.pt damaged meanwhile does not survive
+    common.atomic_save(ckpt["head"], os.path.join(args.out, "head.pt"))
     mask = common.load_mask(mask_path, model)
     model.head.load_state_dict(ckpt["head"])
 
@@ -179,11 +186,14 @@ def main(argv=None):
         common.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"),
                           {s: (ep, [r[f"{s}_{kind}"] for r in rows]) for s in ("val", "test")},
                           "epoch (0 = frozen head, before editing)", label,
-                          f"Sparse fine-tuning ({args.rule}, sparsity {args.sparsity}, head {args.head})")
+                          f"Sparse fine-tuning ({f'{args.rule}, sparsity {args.sparsity}' if args.mask is None else 'mask ' + args.mask}, "
+                          f"head {args.head})")
     changed, total = common.changed_count(model, pretrained)
     best = max(rows, key=lambda r: r["val_acc"])  # first of equals wins
-    result = {"stage": "editing", "dataset": args.dataset, "seed": args.seed, "rule": args.rule,
-              "sparsity": args.sparsity, "calib_rounds": args.calib_rounds, "mask_file": args.mask,
+    calibrated = args.mask is None  # a given mask's rule and rounds are its own run's (summarize.py reads them)
+    result = {"stage": "editing", "dataset": args.dataset, "seed": args.seed,
+              "rule": args.rule if calibrated else None, "sparsity": args.sparsity if calibrated else None,
+              "calib_rounds": args.calib_rounds if calibrated else None, "mask_file": args.mask,
               "head": args.head, "score": args.score, **ckpt["head_info"],
               "mask_kept_frac": common.mask_density(mask), "changed_frac": changed / total,
               "val_acc": rows[-1]["val_acc"], "test_acc": rows[-1]["test_acc"],

@@ -43,7 +43,7 @@ def warn(msg):
 SCHEMA = {
     "all": dict(stage="str", dataset="str", seed="int", seconds="num", amp="str?"),
     "centralized": dict(best="dict", best_epoch="int", val_acc="num", test_acc="num", final_test_acc="num"),
-    "editing": dict(rule="str", sparsity="num", calib_rounds="int", head="str?", score="str?",
+    "editing": dict(rule="str?", sparsity="num?", calib_rounds="int?", mask_file="str?", head="str?", score="str?",
                     mask_kept_frac="num", changed_frac="num", warmup_test_acc="num", val_acc="num",
                     test_acc="num", best_val_acc="num", test_acc_at_best_val="num"),
     "fedavg": dict(k="int", c="num", j="int", rounds="int", warmup_rounds="int?", iid="bool", nc="int?",
@@ -135,19 +135,56 @@ def load_runs(root):
             continue
         path = os.path.join(d, "result.json")
         r, problem = read_result(path)
-        if r and r["stage"] == "fedavg":
-            try:
+        try:
+            if r and r["stage"] == "fedavg":
                 r.update(split="IID" if r["iid"] else f"Nc={r['nc']}", mask=mask_of(r) if r["sparse"] else None)
-            except ValueError as e:
-                problem = str(e)
+            elif r and r["stage"] == "editing" and r.get("mask_file"):  # a given mask: its own run's settings
+                r.update(zip(("rule", "sparsity", "calib_rounds"), mask_of(r)[:3]))
+        except ValueError as e:
+            problem = str(e)
         if problem:
             warn(f"{path}: {problem}; run left out")
             continue
-        r["dir"] = d
+        r["dir"], r["config"] = d, read_config(d)
         if r["stage"] == "fedavg":
             r["metrics"] = read_metrics(d)
         runs.append(r)
-    return sorted(runs, key=lambda r: (STAGES.index(r["stage"]), r["dir"]))
+    return once_each(sorted(runs, key=lambda r: (STAGES.index(r["stage"]), r["dir"])))
+
+
+def read_config(d):
+    """A run's config.json (every flag that defines it, the seed included) as a dict; {} if unreadable."""
+    try:
+        with open(os.path.join(d, "config.json")) as f:
+            c = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return c if isinstance(c, dict) else {}
+
+
+def once_each(runs):
+    """The runs without copies: a run directory whose config.json equals an earlier one's (same flags, same
+    seed: a copied or moved run) is the same run, counted once, with one warning."""
+    seen, out = {}, []
+    for r in runs:
+        key = json.dumps(r["config"], sort_keys=True) if r["config"] else None
+        if key in seen:
+            warn(f"{r['dir']} is the same run as {seen[key]} (same config.json, seed included); counted once")
+            continue
+        if key:
+            seen[key] = r["dir"]
+        out.append(r)
+    return out
+
+
+# What the editing tables show or group by already; any other flag that differs between editing runs
+# (epochs, lr, augmentation, ...) splits them into separate tables, named in the titles.
+EDITING_SHOWN = {"seed", "rule", "sparsity", "calib_rounds", "mask", "head", "score"}
+
+
+def variant(r, shown):
+    """The run's flags (config.json) except those in `shown`, as a hashable tuple."""
+    return tuple(sorted((k, json.dumps(v)) for k, v in r["config"].items() if k not in shown))
 
 
 def read_table(path, columns):
@@ -345,9 +382,11 @@ def editing_doc(runs, out_dir):
     if not runs:
         return doc + ["_No finished editing run._", ""], plots
     doc += ["Test accuracy (%) after sparse fine-tuning (last epoch).", ""]
-    heads = group(runs, lambda r: (r.get("head"), r.get("score")))
-    for i, ((head, score), hr) in enumerate(heads.items()):  # plots: the first head only
-        on = f"head {head}, {score} score"
+    heads = group(runs, lambda r: (r.get("head"), r.get("score"), variant(r, EDITING_SHOWN)))
+    varying = sorted({k for r in runs for k, v in variant(r, EDITING_SHOWN)
+                      if any(dict(variant(o, EDITING_SHOWN)).get(k) != v for o in runs)})
+    for i, ((head, score, flags), hr) in enumerate(heads.items()):  # plots: the first head only
+        on = f"head {head}, {score} score" + "".join(f", {k} {v}" for k, v in flags if k in varying)
         warm = {r["seed"]: r["warmup_test_acc"] for r in hr}  # one warm-up per seed, shared by its runs
         doc += [f"Before editing ({on}: the step-0 head on the pre-trained backbone): "
                 f"{Stat(warm.values()).text()}.", ""]
@@ -691,6 +730,9 @@ def summarize(root, target=0.9):
     doc += section + section2
     if plots:
         doc += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    for name in os.listdir(out_dir):  # plots of an earlier summary that this one did not draw
+        if name.endswith(".png") and os.path.join(out_dir, name) not in plots:
+            os.remove(os.path.join(out_dir, name))
     md, tex = render(doc)
     common.atomic_write_text(md, os.path.join(out_dir, "report.md"))
     common.atomic_write_text(tex, os.path.join(out_dir, "tables.tex"))
@@ -706,7 +748,7 @@ def fraction(s):
 
 def main(argv=None):
     p = common.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("root", help="results root, e.g. run_all.sh's $RESULTS (default there: ./runs)")
+    p.add_argument("root", type=common.path, help="results root, e.g. run_all.sh's $RESULTS (default there: ./runs)")
     p.add_argument("--target", type=fraction, default=0.9,
                    help="rounds to target: the first FedAvg round whose validation accuracy reaches this fraction "
                         "of the centralized validation accuracy of the same seed (of the mean over the centralized "

@@ -61,3 +61,15 @@ def masked_weights_moved(final, pre, mask):
         assert torch.equal(final[n][~mask[n]], p[~mask[n]]), f"{n}: a masked-out weight changed"
         moved += int((final[n][mask[n]] != p[mask[n]]).sum())
     return moved, sum(int(m.sum()) for m in mask.values())
+
+
+def parse_refused(get_args, argv, capsys):
+    """Assert that a script's get_args refuses argv as a usage error: exit status 2 and one line on
+    stderr, nothing else done; returns that line."""
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        get_args(argv)
+    assert e.value.code == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]

@@ -349,7 +349,8 @@ def test_head_sources_warmup_and_file(tmp_path):
 def test_editing_reuses_a_saved_mask_and_rejects_a_bad_one(tmp_path):
     weights, _ = backbone_file(tmp_path)
     first = tmp_path / "first"
-    shared = FAST + ["--weights", weights, "--epochs", "1", "--synthetic-size", "1000"]
+    no_calibration = FAST[:FAST.index("--fisher-batches")]  # --mask: nothing to calibrate, no such flag
+    shared = no_calibration + ["--weights", weights, "--epochs", "1", "--synthetic-size", "1000"]
     model_editing.main(shared + ["--rule", "random", "--out", str(first)])
     second = tmp_path / "second"
     model_editing.main(shared + ["--mask", str(first / "mask.pt"), "--out", str(second)])

@@ -232,7 +232,7 @@ def test_federated_ridge_equals_central_ridge_on_the_union():
 
 def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monkeypatch):
     model = tiny_model()
-    args = round_args(*FAST[len(TINY):], "--fisher-batches", "1", "--fisher-batch-size", "20", "--calib-rounds", "1")
+    args = round_args(*FAST[len(TINY):], "--fisher-batches", "1", "--fisher-batch-size", "20", "--calib-rounds", "1", "--sparse")
     data = common.load_data(args)
     x = data["train"][0]
     shards = fedavg.make_shards(data["train"][1], args)
@@ -361,6 +361,8 @@ RESUME = FAST + ["--sparse", "--sparsity", "0.8", "--calib-rounds", "2", "--roun
 def assert_same_run(a, b):
     ma, mb = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    for f in ("model.pt", "head.pt", "mask.pt"):  # byte for byte (common.atomic_save)
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
     for f in ("metrics.csv", "calibration.csv", "shards.csv", "config.json"):
         assert (a / f).read_text() == (b / f).read_text(), f
     ra, rb = json.loads((a / "result.json").read_text()), json.loads((b / "result.json").read_text())
@@ -392,6 +394,8 @@ def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch, uninte
     monkeypatch.setattr(fedavg, "client_update", real)
     with pytest.raises(common.UserError, match="--resume"):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
+    (tmp_path / "cut" / "head.pt").write_bytes(b"")  # damaged while the run was away: not in the finished run
+    (tmp_path / "cut" / "shards.csv").write_text("junk\n")
     fedavg.main(RESUME + ["--out", str(tmp_path / "cut"), "--resume"])
     assert_same_run(uninterrupted, tmp_path / "cut")
 

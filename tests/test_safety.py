@@ -1,6 +1,9 @@
 """Files and processes a run must survive: crafted pickles, a second writer, stale temporaries,
 permissions, stop signals."""
+import csv
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,9 +14,12 @@ import torch
 
 import centralized
 import common
+import fedavg
 import model_editing
+import summarize
 from conftest import TINY
-from helpers import backbone_file, stop_during_call, tiny_model
+from helpers import (assert_usage_error, backbone_file, parse_refused, run_script, stop_during_call,
+                     tiny_model)
 
 FAST = TINY + ["--synthetic-size", "2000", "--batch-size", "64"]
 
@@ -104,11 +110,31 @@ def test_a_second_writer_is_refused_naming_the_pid_and_a_dead_ones_lock_does_not
 def test_stale_temporaries_are_cleaned_and_a_dir_holding_only_them_is_empty(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "tmpab12cd.tmp").write_bytes(b"x" * 1000)  # a checkpoint write killed mid-way
+    (out / ".lock").write_text("12345\n")  # a run of ours killed before config.json: its lock file is there
+    (out / "tmpab12cd.tmp").write_bytes(b"x" * 1000)  # config.json's write killed mid-way
     (out / "accuracy.png.tmp.png").write_bytes(b"x")
     centralized.main(FAST + ["--epochs", "1", "--out", str(out), "--resume"])
     assert (out / "result.json").is_file()
     assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def test_a_folder_not_known_to_be_this_runs_is_not_touched(tmp_path):
+    # a folder that holds no run: its *.tmp files stay, and no lock file is left behind
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "a.tmp").write_text("x")
+    (mine / "b.tmp.png").write_text("y")
+    with pytest.raises(common.UserError, match="holds no run"):
+        centralized.main(FAST + ["--epochs", "1", "--out", str(mine)])
+    assert sorted(os.listdir(mine)) == ["a.tmp", "b.tmp.png"] and (mine / "a.tmp").read_text() == "x"
+    # another run's folder (maybe alive, writing a temporary right now): refused, its files as they were
+    other = tmp_path / "other"
+    centralized.main(FAST + ["--epochs", "1", "--out", str(other)])
+    (other / "tmpq1w2e3r4.tmp").write_text("being written")
+    before = {n: (other / n).read_bytes() for n in os.listdir(other)}
+    with pytest.raises(common.UserError, match="different run"):
+        centralized.main(FAST + ["--epochs", "2", "--out", str(other)])
+    assert {n: (other / n).read_bytes() for n in os.listdir(other)} == before
 
 
 def test_stop_signals_set_the_flag_that_loops_check():
@@ -137,10 +163,13 @@ def test_sigterm_mid_editing_saves_the_step_and_resumes_to_the_same_model(tmp_pa
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (0, 10)  # saved mid-epoch, at the step boundary
     monkeypatch.undo()
+    (tmp_path / "cut" / "head.pt").write_bytes(b"")  # damaged while the run was away: not in the finished run
     model_editing.main(argv + ["--out", str(tmp_path / "cut"), "--resume"])
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("head.pt", "mask.pt", "model.pt"):
+        assert (tmp_path / "full" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
     assert (tmp_path / "full" / "metrics.csv").read_text() == (tmp_path / "cut" / "metrics.csv").read_text()
 
 
@@ -193,3 +222,181 @@ def test_an_out_dir_that_cannot_be_created_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(common.UserError, match="cannot create --out"):
         centralized.main(FAST + ["--epochs", "1", "--out", str(tmp_path / "afile" / "run")])
+
+
+def test_an_empty_path_is_refused_in_every_path_flag(tmp_path, capsys):
+    proc = run_script("fedavg.py", *FAST, "--results", "", cwd=tmp_path)  # wrote to /fedavg/... before
+    assert "--results: an empty path" in assert_usage_error(proc)
+    assert os.listdir(tmp_path) == []
+    for get_args, flags in [(centralized.get_args, ["--results", "--out", "--data-dir", "--weights", "--hparams"]),
+                            (model_editing.get_args, ["--head", "--mask", "--hparams"]),
+                            (fedavg.get_args, ["--head", "--mask"])]:
+        for flag in flags:
+            assert f"{flag}: an empty path" in parse_refused(get_args, [f"{flag}="], capsys)
+    assert "root: an empty path" in parse_refused(summarize.main, [""], capsys)
+
+
+GRID = FAST + ["--grid", "--grid-lr", "0.1,0.01", "--grid-momentum", "0.9", "--grid-wd", "0", "--epochs", "1"]
+
+
+def interrupted_grid(out, monkeypatch):
+    """A centralized grid run stopped after its first trial, with that trial in checkpoint.pt."""
+    stop_during_call(monkeypatch, common, "train_head", 1)
+    with pytest.raises(common.Stopped):
+        centralized.main(GRID + ["--out", str(out)])
+    monkeypatch.undo()
+    assert len(torch.load(out / "checkpoint.pt", weights_only=True)["done"]) == 1
+
+
+def test_a_resumed_run_reads_only_its_own_files(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    centralized.main(FAST + ["--epochs", "1", "--out", str(out)])
+    (out / "result.json").write_text("")  # an empty result.json does not mark a finished run
+    with pytest.raises(common.UserError, match="interrupted run: add --resume"):  # nor does config.json alone
+        centralized.main(FAST + ["--epochs", "1", "--out", str(out)])
+    with pytest.raises(common.UserError, match="differs in eval_batch_size"):  # it changes test_loss
+        centralized.main(FAST + ["--epochs", "1", "--out", str(out), "--resume", "--eval-batch-size", "100"])
+    centralized.main(FAST + ["--epochs", "1", "--out", str(out), "--resume"])  # runs again, from the start
+    assert json.loads((out / "result.json").read_text())["test_acc"] > 0
+    # a checkpoint copied from another run: refused, not resumed from
+    interrupted_grid(tmp_path / "grid", monkeypatch)
+    (out / "result.json").unlink()
+    os.replace(tmp_path / "grid" / "checkpoint.pt", out / "checkpoint.pt")
+    with pytest.raises(common.UserError, match="not this run's checkpoint"):
+        centralized.main(FAST + ["--epochs", "1", "--out", str(out), "--resume"])
+
+
+def test_identical_runs_write_byte_identical_files(tmp_path):
+    for name in ("a", "b"):
+        centralized.main(FAST + ["--epochs", "1", "--out", str(tmp_path / name)])
+    for f in ("head.pt", "metrics.csv", "config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--seed", str(2**64)], "--seed: must be an integer from -2^63 to 2^64-1"),
+    (["--synthetic-size", "100000000000"], "--synthetic-size: must be at most"),
+])
+def test_flags_beyond_what_torch_or_memory_take_are_one_line(argv, says, capsys):
+    for get_args in (centralized.get_args, model_editing.get_args, fedavg.get_args):
+        assert says in parse_refused(get_args, argv, capsys)
+
+
+@pytest.mark.parametrize("best, says", [
+    ({"lr": -1, "momentum": 0.9, "wd": 0}, "its lr must be a finite number >= 0"),
+    ({"lr": 0.1, "momentum": 5, "wd": 0}, "its momentum must be in [0, 1)"),
+    ({"lr": float("nan"), "momentum": 0.9, "wd": 0}, "its lr must be a finite number >= 0"),
+])
+def test_hparams_out_of_range_are_refused_before_anything_is_written(tmp_path, best, says):
+    (tmp_path / "r.json").write_text(json.dumps({"best": dict(best, scheduler="cosine")}))
+    with pytest.raises(common.UserError, match=re.escape(says)):
+        centralized.main(FAST + ["--hparams", str(tmp_path / "r.json"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_files_of_the_wrong_kind_are_one_line(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").mkdir()
+    with pytest.raises(common.UserError, match="cannot open .*lock"):
+        centralized.main(FAST + ["--epochs", "1", "--out", str(out)])
+    interrupted_grid(tmp_path / "grid", monkeypatch)
+    (tmp_path / "grid" / "checkpoint.pt").unlink()
+    (tmp_path / "grid" / "checkpoint.pt").mkdir()
+    with pytest.raises(common.UserError, match="checkpoint.pt is not a regular file"):
+        centralized.main(GRID + ["--out", str(tmp_path / "grid"), "--resume"])
+    (tmp_path / "grid" / "checkpoint.pt").rmdir()
+    (tmp_path / "grid" / "config.json").write_text("[1, 2]")
+    with pytest.raises(common.UserError, match="config.json is not a run's config"):
+        centralized.main(GRID + ["--out", str(tmp_path / "grid"), "--resume"])
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_kept(tmp_path, monkeypatch):
+    out = tmp_path / "grid"
+    interrupted_grid(out, monkeypatch)
+    kept = (out / "checkpoint.pt").read_bytes()
+    real_open = open
+
+    def full(path, mode="r", *a, **k):  # every new .pt lands on a full device (/dev/full: ENOSPC)
+        if "w" in mode and str(path).endswith(".tmp") and "config" not in str(path):
+            return real_open("/dev/full", mode, *a, **k)
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(common, "open", full, raising=False)
+    with pytest.raises(common.UserError, match="no space left .*checkpoint.pt.*is kept"):
+        centralized.main(GRID + ["--out", str(out), "--resume"])
+    assert (out / "checkpoint.pt").read_bytes() == kept
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_an_edit_on_a_given_mask_is_filed_under_that_masks_settings(tmp_path):
+    base = FAST + ["--synthetic-size", "1000", "--epochs", "0", "--results", str(tmp_path)]
+    model_editing.main(base + ["--rule", "random", "--sparsity", "0.5", "--calib-rounds", "1"])
+    made = tmp_path / "editing" / "random_s0.5_r1" / "seed0"
+    model_editing.main(base + ["--mask", str(made / "mask.pt")])
+    given = json.loads((tmp_path / "editing" / "mask-seed0" / "seed0" / "result.json").read_text())
+    assert (given["rule"], given["sparsity"], given["calib_rounds"]) == (None, None, None)  # not the flag defaults
+    summarize.main([str(tmp_path)])
+    with open(tmp_path / "summary" / "results.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    row = rows["editing/mask-seed0/seed0"]
+    assert (row["rule"], row["sparsity"], row["calib_rounds"]) == ("random", "0.5", "1")
+
+
+@pytest.mark.parametrize("get_args, argv, says", [
+    (centralized.get_args, ["--hparams", "r.json", "--lr", "0.5"], "--lr would be ignored: --hparams chooses"),
+    (centralized.get_args, ["--grid", "--wd", "0.1"], "--wd would be ignored: --grid chooses"),
+    (centralized.get_args, ["--grid-lr", "0.1,,0.2"], "--grid-lr: expected comma-separated numbers"),
+    (model_editing.get_args, ["--head", "warmup", "--hparams", "r.json", "--warmup-lr", "0.5"],
+     "--warmup-lr would be ignored: --hparams sets"),
+    (model_editing.get_args, ["--mask", "m.pt", "--rule", "random"], "--rule would be ignored: --mask gives"),
+    (model_editing.get_args, ["--calib-damp", "2"], "--calib-damp: must be in [0, 1]"),
+    (fedavg.get_args, ["--warmup-rounds", "5"], "--warmup-rounds would be ignored"),
+    (fedavg.get_args, ["--sparsity", "0.5", "--rule", "random"], "--rule --sparsity would be ignored: they make "
+                                                                 "the mask of --sparse"),
+    (fedavg.get_args, ["--sparse", "--mask", "m.pt", "--calib-rounds", "2"], "--calib-rounds would be ignored"),
+    (fedavg.get_args, ["--scale-rounds", "--j", "16", "--rounds", "2"], "not a whole number of rounds"),
+    (fedavg.get_args, ["--scale-rounds", "--j", "3", "--rounds", "4"], "choose --rounds a multiple of 3"),
+])
+def test_contradicting_flags_are_refused(get_args, argv, says, capsys):
+    assert says in parse_refused(get_args, argv, capsys)
+
+
+def test_weights_with_no_pretrained_say_which_one_counts(capsys):
+    for get_args in (centralized.get_args, model_editing.get_args, fedavg.get_args):
+        get_args(["--weights", "w.pth", "--no-pretrained"])
+        out = capsys.readouterr().out.splitlines()
+        assert out == ["note: --no-pretrained is ignored: --weights w.pth gives the backbone"]
+
+
+def test_input_files_that_fit_only_in_shape_are_refused(tmp_path):
+    model = tiny_model()
+    nothing = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in common.masked_params(model)}
+    torch.save(nothing, tmp_path / "none.pt")  # as --sparsity that keeps nothing, which is refused
+    with pytest.raises(common.UserError, match="keeps no entry"):
+        common.load_mask(str(tmp_path / "none.pt"), model)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(common.UserError, match="not a mask file .*holds a list"):
+        common.load_mask(str(tmp_path / "list.pt"), model)
+    # a head of another backbone of the same width: its run's config.json says so
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(common.cpu_state(model.head), src / "head.pt")
+    config = vars(centralized.get_args(FAST))
+    (src / "config.json").write_text(json.dumps(dict(config, arch="vit_small_patch16_224", img_size=224)))
+    with pytest.raises(common.UserError, match="trained on another backbone .*--arch vit_small_patch16_224"):
+        model_editing.main(FAST + ["--head", str(src / "head.pt"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    (src / "config.json").write_text(json.dumps(config))  # the same backbone: accepted
+    model_editing.main(FAST + ["--head", str(src / "head.pt"), "--epochs", "0", "--rule", "random",
+                               "--out", str(tmp_path / "run")])
+
+
+def test_messages_say_what_is_wrong(tmp_path, monkeypatch):
+    with pytest.raises(common.UserError, match="resnet18 is not a timm VisionTransformer"):
+        centralized.main(FAST + ["--arch", "resnet18", "--out", str(tmp_path / "r")])
+    (tmp_path / "cifar-100-python").mkdir()
+    (tmp_path / "cifar-100-python" / "train").write_bytes(b"junk")
+    monkeypatch.setattr(common, "network_reachable", lambda *a, **k: False)
+    with pytest.raises(common.UserError, match="incomplete or corrupt"):
+        common.load_cifar100(str(tmp_path))

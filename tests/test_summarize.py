@@ -336,6 +336,8 @@ def test_the_latex_checker_catches_what_it_checks():
 
 def test_plots_heatmap_curves_and_agreement(tmp_path):
     study(tmp_path)
+    (tmp_path / "summary").mkdir()
+    (tmp_path / "summary" / "fedavg_dense_j16.png").write_bytes(b"\x89PNG")  # an earlier summary's, with more runs
     old = os.umask(0o022)
     try:
         summarize_root(tmp_path)
@@ -349,7 +351,26 @@ def test_plots_heatmap_curves_and_agreement(tmp_path):
     assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == ["report.md", "results.csv", "tables.tex"]
     report = (out / "report.md").read_text()
-    assert all(f"({p})" in report for p in pngs)
+    assert all(f"({p})" in report for p in pngs)  # every PNG there is this summary's (the stale one is gone)
+    assert "fedavg_dense_j16.png" not in pngs
+
+
+def test_a_copied_run_counts_once_and_editing_runs_of_other_flags_are_not_mixed(tmp_path, capsys, no_plots):
+    config = {"seed": 0, "rule": "least-sensitive", "sparsity": 0.9, "calib_rounds": 4, "epochs": 1, "lr": 0.001}
+    a = write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", 0, 0.6)
+    (a / "config.json").write_text(json.dumps(config))
+    shutil.copytree(a, tmp_path / "copy" / "seed0")  # the same run, copied
+    b = write_run(tmp_path, "editing", "least-sensitive_s0.9_r4_long", 0, 0.2)
+    (b / "config.json").write_text(json.dumps(dict(config, epochs=2)))  # another run: more epochs
+    rows, report, _ = summarize_root(tmp_path)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "same run as" in err[0] and str(tmp_path / "copy" / "seed0") in err[0]
+    assert len(rows) == 2
+    one = table(report, "Sparsity × calibration rounds in model editing (least-sensitive mask; head ridge, logit "
+                        "score, epochs 1)")
+    two = table(report, "Sparsity × calibration rounds in model editing (least-sensitive mask; head ridge, logit "
+                        "score, epochs 2)")
+    assert one["0.9"] == [pm(0.6)] and two["0.9"] == [pm(0.2)]
 
 
 def test_curves_average_over_the_rounds_every_seed_has():
