@@ -266,7 +266,7 @@ def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monke
 def test_federated_calibration_scores_the_images_calib_images_names(monkeypatch, flags, how):
     """Default: each client's calibration images through the training crop and flip, a fresh draw per
     client and round (as the TaLoS reference scores through its training preprocessing); clean: as they are."""
-    args = round_args(*FAST[len(TINY):], "--fisher-batches", "1", "--fisher-batch-size", "20", "--calib-rounds", "2",
+    args = round_args(*FAST[len(TINY):], "--fisher-batches", "1", "--fisher-batch-size", "20", "--calib-rounds", "2", "--sparse",
                       *flags)
     data = common.load_data(args)
     x = data["train"][0]
