@@ -78,12 +78,13 @@ def run_trial(name, hp, ckpt, model, feats, args, test=None):
     cached features takes seconds, so an interrupted run redoes at most the trial it was in."""
     if name in ckpt["done"]:
         return ckpt["done"][name]
-    if common.stop_requested():
-        raise common.Stopped()
+    common.stop_here(f"trial {name} (before it started)")
     t0 = time.time()
     model.head.load_state_dict(ckpt["init_head"])  # every trial starts from the same head
+    flag = "--grid-lr" if args.grid else "--hparams" if args.hparams else "--lr"
+    watch = common.LossWatch(f"centralized, trial {name}", f"a learning rate below {hp['lr']:g} ({flag})")
     history, best_epoch = common.train_head(model.head, feats, hp, args.epochs, args.patience, args.batch_size,
-                                            args.seed, test=test)
+                                            args.seed, test=test, watch=watch)
     summary = dict(hp, best_val_acc=history[best_epoch - 1]["val_acc"], best_epoch=best_epoch,
                    epochs_run=len(history), history=history, seconds=time.time() - t0)
     if test is not None:

@@ -47,10 +47,22 @@ class Finished(Exception):
 
 
 class Stopped(Exception):
-    """SIGTERM or SIGUSR1 arrived (SLURM preemption or time limit); a checkpoint has been saved."""
+    """SIGTERM or SIGUSR1 arrived (SLURM preemption or time limit): the run stopped during `phase`,
+    right after saving a checkpoint if `saved`, else at a point with nothing new worth saving."""
 
+    def __init__(self, phase, saved=False):
+        super().__init__(phase)
+        self.phase, self.saved = phase, saved
+
+
+class Diverged(Exception):
+    """The training loss is not finite (see LossWatch): the run stops without a result."""
+
+
+DIVERGED_EXIT = 3  # exit status of a diverged run (2: bad input, 143: stopped by a signal)
 
 _stop_signal = None
+_open_run = None  # the run directory open_run prepared: where run_main looks for a checkpoint on a stop
 
 
 def _on_stop_signal(signum, frame):
@@ -61,6 +73,22 @@ def _on_stop_signal(signum, frame):
 def stop_requested():
     """True once SIGTERM/SIGUSR1 arrived: loops checkpoint at the next step boundary, then raise Stopped."""
     return _stop_signal is not None
+
+
+def stop_here(phase):
+    """Raise Stopped(phase) if a stop was requested: called between the batches of phases that keep no
+    partial state (features, ridge, calibration, head epochs), which are redone on --resume."""
+    if stop_requested():
+        raise Stopped(phase)
+
+
+def _what_was_kept(stopped):
+    """What a stopped run left for later, truly: the checkpoint it just saved, the one it had, or none."""
+    if stopped.saved:
+        return "checkpoint saved, continue with --resume"
+    if _open_run and os.path.isfile(os.path.join(_open_run, "checkpoint.pt")):
+        return "nothing new to save, its last checkpoint is kept: continue with --resume"
+    return "no checkpoint yet and nothing needed saving: rerun the same command to start it again"
 
 
 def die_with_parent():
@@ -77,8 +105,9 @@ def die_with_parent():
 
 
 def run_main(main):
-    """Call main(): a UserError is one line on stderr and exit status 2; SIGTERM/SIGUSR1 make the
-    run checkpoint at its next step boundary and exit 143, ready for --resume."""
+    """Call main(): a UserError is one line on stderr and exit status 2; a diverged run (Diverged) one
+    line and DIVERGED_EXIT; SIGTERM/SIGUSR1 make the run stop within seconds (checkpointing at its
+    next step boundary where it has new state) and exit 143, ready for --resume."""
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, _on_stop_signal)
     die_with_parent()
@@ -89,8 +118,11 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Stopped:
-        print(f"stopped by signal {_stop_signal}: checkpoint saved, continue with --resume", file=sys.stderr)
+    except Diverged as e:
+        print(f"diverged: {e}", file=sys.stderr)
+        sys.exit(DIVERGED_EXIT)
+    except Stopped as e:
+        print(f"stopped by signal {_stop_signal} during {e.phase}: {_what_was_kept(e)}", file=sys.stderr)
         sys.exit(143)
     except KeyboardInterrupt:
         print("interrupted: continue later with --resume", file=sys.stderr)
@@ -689,18 +721,18 @@ class SparseSGDM(torch.optim.Optimizer):
     """SGD with momentum, dampening, Nesterov and weight decay (same update as torch.optim.SGD)
     where each parameter has a mask: 1/True = may change, 0/False = frozen.
 
-    A frozen entry never changes: its gradient and weight-decay term are zeroed *before*
-    they reach the momentum buffer, so the buffer stays +0 there and the update is exactly -0.
-    `masks` is a list aligned with `params`; None means dense (no mask) for that tensor.
+    A frozen entry never changes, whatever its gradient holds (inf and nan included): its gradient and
+    weight-decay term are set to +0 *before* they reach the momentum buffer, so the buffer stays +0
+    there and the update is exactly -0. `masks` is a list aligned with `params`; None means dense (no
+    mask) for that tensor.
 
-    step() runs multi-tensor (torch._foreach_*) ops over all parameters at once, using p.grad as
-    scratch space (afterwards it holds the decayed gradient, masked or not: zero_grad discards it).
-    Each mask is cast once to the parameter's dtype and device as keep (1 kept, 0 frozen) and
-    drop = keep - 1. Masking d is d + d * drop: for finite d exactly torch.where(mask, d, +0.0)
-    (d plus a zero of d's own sign is d; d - d is +0). With momentum, no dampening and no Nesterov
-    (the default) the mask rides on the buffer update instead, buf + d * keep (buf + d where kept,
-    +0 + ±0 = +0 where frozen), which saves a pass. Either way the results are bit for bit those of
-    a per-tensor torch.where form. A non-finite gradient at a frozen entry is not zeroed (inf * 0)."""
+    step() runs multi-tensor (torch._foreach_*) ops over cache-sized groups of parameters, using p.grad
+    as scratch space (afterwards it holds the decayed gradient, masked or not: zero_grad discards it).
+    The mask is applied by selection, not arithmetic: each mask is kept as an integer of the
+    parameter's width, all ones where kept and all zeros where frozen, and ANDed into the bits of the
+    gradient (one pass, as fast as a multiply on the CPU). A multiply would turn an inf gradient at a
+    frozen entry into nan (inf * 0) and move the frozen weight; the AND gives +0 there and leaves a
+    kept entry's bits as they are, so the step is bit for bit torch.optim.SGD's on the kept entries."""
 
     def __init__(self, params, masks, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
         params = list(params)
@@ -717,8 +749,8 @@ class SparseSGDM(torch.optim.Optimizer):
             if m is not None:
                 if m.shape != p.shape:
                     raise ValueError(f"mask shape {tuple(m.shape)} != parameter shape {tuple(p.shape)}")
-                keep = m.to(device=p.device, dtype=torch.bool).to(p.dtype)
-                self.masks[p] = (keep, keep - 1)
+                bits = _SAME_WIDTH_INT[p.dtype]
+                self.masks[p] = m.to(device=p.device, dtype=torch.bool).to(bits).neg_()  # True -> -1: all ones
         self.restarted = set()
 
     def restart(self):
@@ -744,24 +776,14 @@ class SparseSGDM(torch.optim.Optimizer):
         d = [p.grad for p in params]
         if wd != 0:
             torch._foreach_add_(d, params, alpha=wd)
-        bufs = [None if p in self.restarted else self.state[p].get("momentum_buffer") for p in params] \
-            if mom != 0 else []
-        on_buffer = mom != 0 and damp == 0 and not group["nesterov"] and all(b is not None for b in bufs)
-        masked = [i for i, p in enumerate(params) if p in self.masks]
-        pick = lambda ts, idx: [ts[i] for i in idx]
-        if not on_buffer:
-            _foreach(torch._foreach_addcmul_, pick(d, masked), pick(d, masked),
-                     [self.masks[params[i]][1] for i in masked])
+        for p, g in zip(params, d):
+            if p in self.masks:
+                g.view(self.masks[p].dtype).bitwise_and_(self.masks[p])
         if mom != 0:
+            bufs = [None if p in self.restarted else self.state[p].get("momentum_buffer") for p in params]
             old = [i for i, b in enumerate(bufs) if b is not None]
-            _foreach(torch._foreach_mul_, pick(bufs, old), mom)
-            if on_buffer:
-                dense = [i for i in old if params[i] not in self.masks]
-                _foreach(torch._foreach_add_, pick(bufs, dense), pick(d, dense))
-                _foreach(torch._foreach_addcmul_, pick(bufs, masked), pick(d, masked),
-                         [self.masks[params[i]][0] for i in masked])
-            else:
-                _foreach(torch._foreach_add_, pick(bufs, old), pick(d, old), alpha=1 - damp)
+            _foreach(torch._foreach_mul_, [bufs[i] for i in old], mom)
+            _foreach(torch._foreach_add_, [bufs[i] for i in old], [d[i] for i in old], alpha=1 - damp)
             for i, b in enumerate(bufs):
                 if b is None and params[i] in self.restarted:  # first step after restart()
                     bufs[i] = self.state[params[i]]["momentum_buffer"].copy_(d[i])
@@ -773,6 +795,11 @@ class SparseSGDM(torch.optim.Optimizer):
             else:
                 d = bufs
         torch._foreach_add_(params, d, alpha=-lr)
+
+
+# The integer type of each float type's width: a mask of it selects a float's bits with one AND.
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32,
+                   torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 def _foreach(op, tensors, *args, **kwargs):
@@ -828,6 +855,40 @@ def optimizer_step(opt, loss, scaler):
     scaler.update()
 
 
+# A finite training loss above this many times chance's, ln(NUM_CLASSES), is worth a warning.
+LOSS_WARN_FACTOR = 2
+# fp16's gradient scaler halves its scale at each step whose gradients overflow and skips the step (normal
+# now and then). Below this scale, 32 halvings under its start of 2^16, a gradient overflows fp16 only
+# beyond 2^32: the gradients are not finite at any scale, and every step is skipped. That is divergence.
+MIN_GRAD_SCALE = 2.0 ** -16
+
+
+class LossWatch:
+    """Watches one stage's training loss where the script reads it anyway (once per epoch or round: no
+    extra host sync). check(): a loss that is not finite, or an fp16 scaler that backed off to
+    MIN_GRAD_SCALE, stops the run (Diverged), naming the stage, when, the loss and `hint`.
+    warn(): at an evaluation point, one warning line (once per stage) for a finite loss far above chance."""
+
+    def __init__(self, stage, hint):
+        self.stage, self.hint, self.warned = stage, hint, False
+
+    def check(self, loss, when, scaler=None):
+        if not math.isfinite(loss):
+            raise Diverged(f"{self.stage}, {when}: the training loss is {loss}; stopped without a result: "
+                           f"try {self.hint}")
+        if scaler is not None and scaler.is_enabled() and scaler.get_scale() < MIN_GRAD_SCALE:
+            raise Diverged(f"{self.stage}, {when}: the fp16 gradient scaler skipped every step down to a scale of "
+                           f"{scaler.get_scale():.3g} (the gradients are not finite at any scale; training loss "
+                           f"{loss:.4g}); stopped without a result: try {self.hint}")
+
+    def warn(self, loss, when):
+        chance = math.log(NUM_CLASSES)
+        if not self.warned and loss > LOSS_WARN_FACTOR * chance:
+            self.warned = True
+            print(f"warning: {self.stage}, {when}: training loss {loss:.4g}, far above chance ({chance:.2f}); "
+                  f"the run may be diverging: consider {self.hint}", file=sys.stderr)
+
+
 @torch.no_grad()
 def evaluate_logits_fn(fn, xs, ys, batch_size):
     """Mean cross-entropy and top-1 accuracy of fn(batch) -> fp32 logits over (xs, ys)."""
@@ -862,6 +923,7 @@ def extract_features(model, x, args, device, aug_gen=None, desc="features"):
     model.eval()
     out = []
     for i in tqdm(range(0, len(x), args.eval_batch_size), desc=desc, leave=False, disable=None):
+        stop_here(f"feature extraction ({desc})")  # a split's features are saved whole or not at all
         xb = x[i:i + args.eval_batch_size].to(device)
         if aug_gen is not None:
             off, flip = draw_augmentation(len(xb), aug_gen)
@@ -924,11 +986,14 @@ def train_head_epoch(head, opt, feats, y, batch_size, gen):
     return float(total) / len(feats)
 
 
-def train_head(head, feats, hp, epochs, patience, batch_size, seed, test=None):
+def train_head(head, feats, hp, epochs, patience, batch_size, seed, test=None, watch=None):
     """Train a linear head on cached features: SGD with momentum, the schedule hp['scheduler'], early
     stopping after `patience` epochs without a better validation accuracy. The head ends with its
     best-validation weights. feats: cached_features(...) (train features N×D, or V×N×D views);
-    hp: dict(lr, momentum, wd, scheduler). Returns (history rows, best epoch)."""
+    hp: dict(lr, momentum, wd, scheduler); watch: the LossWatch of the caller's stage (a loss that is
+    not finite stops the run). A stop signal stops it between epochs (Stopped: an epoch takes seconds
+    and is redone). Returns (history rows, best epoch)."""
+    watch = watch or LossWatch("head training", f"a learning rate below {hp['lr']:g}")
     head.requires_grad_(True)
     opt = torch.optim.SGD(head.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"])
     f_tr, y_tr = feats["train"]
@@ -938,7 +1003,9 @@ def train_head(head, feats, hp, epochs, patience, batch_size, seed, test=None):
             g["lr"] = hp["lr"] * lr_factor(hp["scheduler"], ep, epochs)
         f = f_tr if f_tr.dim() == 2 else f_tr[ep % len(f_tr)]  # clean, or the epoch's augmented view
         tr_loss = train_head_epoch(head, opt, f, y_tr, batch_size, stream("head_epoch", seed, ep))
+        watch.check(tr_loss, f"epoch {ep + 1}")
         va_loss, va_acc = evaluate_head(head, *feats["val"])
+        watch.warn(tr_loss, f"epoch {ep + 1}")
         row = {"epoch": ep + 1, "lr": opt.param_groups[0]["lr"], "train_loss": tr_loss,
                "val_loss": va_loss, "val_acc": va_acc}
         if test is not None:
@@ -949,6 +1016,7 @@ def train_head(head, feats, hp, epochs, patience, batch_size, seed, test=None):
             best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
         elif ep + 1 - best_epoch >= patience:
             break
+        stop_here(f"{watch.stage}, after epoch {ep + 1}")
     head.load_state_dict(best_head)
     return history, best_epoch
 
@@ -985,6 +1053,7 @@ def ridge_head(head, stats, val_feats, val_y, lambdas=RIDGE_LAMBDAS):
                                                         device=val_feats.device)], 1)
     best = None
     for lam in lambdas:
+        stop_here("the ridge head")
         W = torch.linalg.solve(A + lam * n * penalty, B)
         acc = float((phi_val @ W).argmax(1).eq(val_y).double().mean())
         if best is None or acc > best[1]:
@@ -1195,6 +1264,7 @@ def fisher_sums(model, images, u, img_size, batch_size, device, mask=None, damp=
             saved = _damp(model, mask, damp)
         with torch.enable_grad():
             for i in range(0, len(images), batch_size):
+                stop_here("mask calibration")  # a round is redone whole on --resume
                 x = preprocess(images[i:i + batch_size].to(device), img_size).to(dtype).requires_grad_()
                 logits = model(x)
                 y = sample_labels(logits, u[i:i + batch_size])
@@ -1274,6 +1344,7 @@ def calibrate_mask(model, score_fn, rule, sparsity, rounds, gen):
     total = sum(p.numel() for p in params.values())
     mask, log = None, []
     for r, keep in enumerate(keep_schedule(total, sparsity, rounds)):
+        stop_here(f"mask calibration, round {r + 1} of {rounds}")
         scores = score_fn(mask) if rule in ("least-sensitive", "most-sensitive") else None
         mask = select_mask(scores, rule, keep, current=mask, gen=gen, params=params)
         log.append({"round": r + 1, "kept": keep, "kept_frac": keep / total})
@@ -1491,10 +1562,13 @@ def open_run(args):
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --out {out} ({e.strerror}); choose another --out or --results")
+    global _open_run
     try:
         lock_run(out)
         remove_stale_temporaries(out)
-        return _check_run_dir(args)
+        ckpt = _check_run_dir(args)
+        _open_run = out
+        return ckpt
     except UserError:
         if created:  # leave nothing behind for a refused command
             import shutil

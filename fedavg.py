@@ -161,6 +161,7 @@ def federated_ridge(head, shards, feats):
     f, y = feats["train"]
     stats = None
     for shard in shards:
+        common.stop_here("the federated ridge head")
         s = common.ridge_stats(f[shard], y[shard])
         stats = s if stats is None else tuple(a + b for a, b in zip(stats, s))
     return common.ridge_head(head, stats, *feats["val"])
@@ -396,6 +397,9 @@ def main(argv=None):
         return common.evaluate_head(model.head, *feats[split])  # same numbers, no ViT pass
 
     phase = None
+    hint = f"a --lr below {args.lr:g}"
+    watches = {True: common.LossWatch("FedAvg head warm-up rounds", hint),
+               False: common.LossWatch(f"{'sparse ' if args.sparse else ''}FedAvg rounds", hint)}
     bar = tqdm(range(ckpt["round"], total_rounds), desc="rounds", disable=None)
     for rnd in bar:
         head_only = rnd < args.warmup_rounds or args.train == "head"
@@ -410,6 +414,7 @@ def main(argv=None):
             phase = Phase(model, args, None if head_only else mask, head_only)
         loss, norm, agreement = train_round(model, phase, shards, feats["train"][0] if head_only else x, y, rnd,
                                             args, device, scaler)
+        watches[head_only].check(loss, f"round {rnd + 1}", scaler)  # before anything of this round is kept
         ckpt["upload"] += upload_per_client(phase.params, None if head_only else mask) * clients_per_round(args)
         ckpt["round"] = rnd + 1
         row = {"round": rnd + 1, "train_loss": loss, "update_norm": norm, "agreement": agreement}
@@ -421,13 +426,15 @@ def main(argv=None):
                 row[f"{split}_loss"] = row[f"{split}_acc"] = None
         ckpt["rows"].append(row)
         if row["val_acc"] is not None:
+            watches[head_only].warn(loss, f"round {rnd + 1}")
             write_outputs(ckpt["rows"], args)
             bar.write(f"round {rnd + 1}: train loss {loss:.4f}  val acc {row['val_acc']:.4f}"
                       + (f"  test acc {row['test_acc']:.4f}" if row["test_acc"] is not None else ""))
-        if (rnd + 1) % args.ckpt_every == 0 or row["val_acc"] is not None or common.stop_requested():
+        stop = common.stop_requested()  # read once: a signal between two reads would skip the save
+        if (rnd + 1) % args.ckpt_every == 0 or row["val_acc"] is not None or stop:
             save()
-        if common.stop_requested() and not last:  # SLURM preemption / time limit: saved at this round boundary
-            raise common.Stopped()
+        if stop and not last:  # SLURM preemption / time limit: saved at this round boundary
+            raise common.Stopped(f"round {rnd + 1}", saved=True)
 
     rows = ckpt["rows"]
     write_outputs(rows, args)

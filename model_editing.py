@@ -84,8 +84,10 @@ def make_head(model, data, args, device, inputs):
         info = common.ridge_head(model.head, common.ridge_stats(*feats["train"]), *feats["val"])
     elif args.head == "warmup":
         lr, m, wd = inputs["hparams"] or (args.warmup_lr, args.warmup_momentum, args.warmup_wd)
+        watch = common.LossWatch("head warm-up", f"a warm-up learning rate below {lr:g} "
+                                                 f"({'--hparams' if inputs['hparams'] else '--warmup-lr'})")
         _, best_epoch = common.train_head(model.head, feats, dict(lr=lr, momentum=m, wd=wd, scheduler="cosine"),
-                                          args.warmup_epochs, args.patience, args.batch_size, args.seed)
+                                          args.warmup_epochs, args.patience, args.batch_size, args.seed, watch=watch)
         info = {"warmup_epoch": best_epoch, "warmup_lr": lr, "warmup_momentum": m, "warmup_wd": wd}
     else:
         model.head.load_state_dict(inputs["head"])
@@ -152,6 +154,7 @@ def main(argv=None):
 
     x, y = data["train"]
     loss_sum = ckpt["loss_sum"].to(device)
+    watch = common.LossWatch("sparse fine-tuning", f"a --lr below {args.lr:g}")
     while ckpt["epoch"] < args.epochs:
         ep = ckpt["epoch"]
         for g in opt.param_groups:
@@ -167,8 +170,11 @@ def main(argv=None):
             ckpt["step"] = s + 1
             if common.stop_requested():  # SLURM preemption / time limit: save at this step boundary
                 save()
-                raise common.Stopped()
-        row = dict(epoch=ep + 1, train_loss=float(loss_sum) / len(x), **evaluate_splits(model, data, args, device))
+                raise common.Stopped(f"fine-tuning epoch {ep + 1}, step {s + 1}", saved=True)
+        train_loss = float(loss_sum) / len(x)  # the epoch's one read of the loss
+        watch.check(train_loss, f"epoch {ep + 1}", scaler)  # before anything of this epoch is saved
+        row = dict(epoch=ep + 1, train_loss=train_loss, **evaluate_splits(model, data, args, device))
+        watch.warn(train_loss, f"epoch {ep + 1}")
         print(f"epoch {ep + 1}: train loss {row['train_loss']:.4f}  val acc {row['val_acc']:.4f}  "
               f"test acc {row['test_acc']:.4f}")
         loss_sum.zero_()

@@ -1,9 +1,11 @@
 """Small utilities shared by the test files."""
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import common
@@ -51,6 +53,20 @@ def stop_during_call(monkeypatch, module, name, n):
 
     monkeypatch.setattr(module, name, counting)
     monkeypatch.setattr(common, "stop_requested", lambda: calls["n"] >= n)
+
+
+def run_as_script(main, argv, capsys):
+    """main(argv) through common.run_main, as the script's __main__ runs it: returns (exit status, the
+    non-empty lines it printed on stderr). The stop-signal handlers run_main installs are put back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as e:
+            common.run_main(lambda: main(argv))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return e.value.code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
 def masked_weights_moved(final, pre, mask):

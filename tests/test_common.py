@@ -153,6 +153,32 @@ def test_sparse_sgdm_is_bit_identical_to_the_per_tensor_form(cfg):
     opts[0].load_state_dict(sd)
 
 
+@pytest.mark.parametrize("cfg", SGD_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_non_finite_gradients_leave_frozen_entries_bit_identical(cfg, dtype):
+    """A diverging run's inf/nan gradients (inf * 0 = nan in a multiplied mask) never reach a frozen
+    entry; kept entries take exactly torch.optim.SGD's step, inf and nan included."""
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(4, 6, generator=g).to(dtype)
+    mask = torch.rand(4, 6, generator=g) < 0.5
+    ours, ref = start.clone().requires_grad_(), start.clone().requires_grad_()
+    opts = [common.SparseSGDM([ours], [mask], lr=0.1, **cfg), torch.optim.SGD([ref], lr=0.1, foreach=True, **cfg)]
+    for step in range(3):
+        grad = torch.randn(4, 6, generator=g).to(dtype)
+        grad[:, step] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0])
+        for p, opt in zip((ours, ref), opts):
+            p.grad = grad.clone()
+            opt.step()
+    same_width = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[dtype]
+    as_int = lambda t: t.detach().view(same_width)
+    assert torch.equal(as_int(ours)[~mask], as_int(start)[~mask]), "a frozen entry changed"
+    assert torch.equal(as_int(ours)[mask], as_int(ref)[mask]), "a kept entry differs from torch.optim.SGD"
+    assert not torch.isfinite(ours[mask]).all()  # the test did feed non-finite steps to kept entries
+    if cfg["momentum"]:
+        buf = as_int(opts[0].state[ours]["momentum_buffer"])
+        assert (buf[~mask] == 0).all(), "the momentum buffer of a frozen entry is not +0"
+
+
 def test_sparse_sgdm_rejects_wrong_mask_shape():
     p = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError):

@@ -81,3 +81,14 @@ def test_deterministic_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch
     fedavg.main(argv + ["--out", str(tmp_path / "cut"), "--resume"])
     a, b = load_on_cpu(tmp_path / "full" / "model.pt"), load_on_cpu(tmp_path / "cut" / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("amp", precisions())
+def test_a_diverging_run_stops_in_every_precision(tmp_path, amp):
+    """--lr 1e8 makes the loss nan (or, in fp16, may leave the scaler skipping every step): the run stops
+    with Diverged and writes no result, in every precision."""
+    out = tmp_path / "r"
+    with pytest.raises(common.Diverged):
+        fedavg.main(GPU + ["--amp", amp, "--k", "10", "--c", "0.5", "--rounds", "20", "--lr", "1e8", "--sparse",
+                           "--fisher-batches", "1", "--out", str(out)])
+    assert not (out / "result.json").exists()

@@ -77,8 +77,8 @@ def fake_python(tmp_path, runs="fake"):
     summarize.py is recorded and does nothing (its own tests are in test_summarize.py). A stage script
     is run for real with runs='real'; with runs='fake' it is recorded in $FAKE_LOG as
     'SCRIPT CUDA_VISIBLE_DEVICES RUN_ALL_PID ARGS...' and 'finishes' by writing result.json into the run
-    directory that $FAKE_MAP gives for its arguments (lines 'ARGS<tab>DIR'); it fails (exit 1) when its
-    arguments contain $FAIL_IF, and with $FAKE_WAIT it waits for SIGUSR1, then exits 143 as a
+    directory that $FAKE_MAP gives for its arguments (lines 'ARGS<tab>DIR'); it fails (exit $FAIL_STATUS,
+    default 1) when its arguments contain $FAIL_IF, and with $FAKE_WAIT it waits for SIGUSR1, then exits 143 as a
     checkpointing run does."""
     path = tmp_path / f"python_{runs}"
     path.write_text(f"""#!/usr/bin/env bash
@@ -92,7 +92,7 @@ if [[ -n ${{FAKE_WAIT:-}} ]]; then
   echo "waiting" >> "$FAKE_LOG"
   while :; do sleep 0.05; done
 fi
-if [[ -n ${{FAIL_IF:-}} && " $* " == *" $FAIL_IF "* ]]; then echo "failing on purpose" >&2; exit 1; fi
+if [[ -n ${{FAIL_IF:-}} && " $* " == *" $FAIL_IF "* ]]; then echo "failing on purpose" >&2; exit ${{FAIL_STATUS:-1}}; fi
 out=$(awk -F'\\t' -v k="${{*:2}}" '$1 == k {{print $2}}' "$FAKE_MAP")
 mkdir -p "$out" && echo '{{}}' > "$out/result.json"
 """)
@@ -386,11 +386,12 @@ def test_settings_are_recorded_only_once_a_run_succeeded(tmp_path):
     planned = [run_all("--dry-run", "--quick", "--", *f, results=results).stdout for f in (typo, good)]
     maps = fake_map(tmp_path, *planned)
     env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": maps, "FAIL_IF": "typo.pth",
-           "CUDA_VISIBLE_DEVICES": "5,7"}
+           "FAIL_STATUS": str(common.DIVERGED_EXIT), "CUDA_VISIBLE_DEVICES": "5,7"}
 
-    proc = run_all("--quick", "--gpus", "2", "--", *typo, results=results, env=env)  # every run fails
+    proc = run_all("--quick", "--gpus", "2", "--", *typo, results=results, env=env)  # every run fails (diverges)
     assert proc.returncode == 1
     assert "17 run(s) failed" in proc.stderr and "summarize.py" not in log.read_text()
+    assert proc.stdout.count("FAILED (exit 3)") == 17  # and run_all.sh went on after each
     some = [a.out for _, a, _ in listed_runs(planned[0])][3]
     log_file = results / "logs" / (os.path.relpath(some, results).replace("/", "_") + ".log")
     assert f"{some}: see {log_file}" in proc.stderr and "failing on purpose" in log_file.read_text()

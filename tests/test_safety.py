@@ -1,5 +1,5 @@
 """Files and processes a run must survive: crafted pickles, a second writer, stale temporaries,
-permissions, stop signals."""
+permissions, stop signals (in every phase), a diverging run."""
 import csv
 import json
 import os
@@ -17,9 +17,9 @@ import common
 import fedavg
 import model_editing
 import summarize
-from conftest import TINY
-from helpers import (assert_usage_error, backbone_file, parse_refused, run_script, stop_during_call,
-                     tiny_model)
+from conftest import ROOT, TINY
+from helpers import (assert_usage_error, backbone_file, parse_refused, run_as_script, run_script,
+                     stop_during_call, tiny_model)
 
 FAST = TINY + ["--synthetic-size", "2000", "--batch-size", "64"]
 
@@ -215,7 +215,7 @@ def test_an_orphan_dies_with_run_all(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the child outlived its parent")
-    assert (out / "checkpoint.pt").is_file()
+    assert not (out / "result.json").exists()  # it stopped (a checkpoint only if it was past its features)
 
 
 def test_an_out_dir_that_cannot_be_created_is_one_line(tmp_path):
@@ -400,3 +400,179 @@ def test_messages_say_what_is_wrong(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "network_reachable", lambda *a, **k: False)
     with pytest.raises(common.UserError, match="incomplete or corrupt"):
         common.load_cifar100(str(tmp_path))
+
+
+def stop_in_time(argv, ready, tmp_path):
+    """Start a script (argv after the interpreter), wait until ready(stdout so far) holds, send SIGTERM, and
+    return (seconds until it said that it stopped, exit status, stderr). Process exit is not timed: the
+    interpreter's teardown of torch alone takes seconds on a busy machine."""
+    log = tmp_path / "stdout.txt"
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-u", *argv], stdout=stdout, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ready(log.read_text()):
+            assert proc.poll() is None and time.time() < deadline, f"never reached the phase: {log.read_text()}"
+            time.sleep(0.1)
+        time.sleep(0.5)  # well inside the phase
+        proc.send_signal(signal.SIGTERM)
+        t, err = time.time(), ""
+        while not err.endswith("\n") or "stopped by signal" not in err:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            err += line
+        took = time.time() - t
+        err += proc.communicate(timeout=120)[1]
+        return took, proc.returncode, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_during_feature_extraction_stops_within_seconds_and_says_nothing_was_saved(tmp_path):
+    out = tmp_path / "run"
+    # at 224 px the tiny ViT takes about a minute for these features on one busy CPU thread, ~1 s a batch
+    argv = [os.path.join(ROOT, "centralized.py"), *TINY, "--img-size", "224", "--synthetic-size", "2000",
+            "--eval-batch-size", "32", "--epochs", "1", "--out", str(out)]
+    took, status, err = stop_in_time(argv, lambda stdout: (out / "config.json").exists(), tmp_path)
+    assert status == 143 and took < 10, (took, err)
+    assert err.strip() == ("stopped by signal 15 during feature extraction (train features): no checkpoint yet "
+                           "and nothing needed saving: rerun the same command to start it again")
+    assert not (out / "checkpoint.pt").exists() and not (out / "result.json").exists()
+
+
+def test_sigterm_during_calibration_stops_within_seconds(tmp_path):
+    out = tmp_path / "run"
+    argv = [os.path.join(ROOT, "model_editing.py"), *TINY, "--synthetic-size", "1000", "--calib-rounds", "2000",
+            "--fisher-batches", "1", "--epochs", "1", "--out", str(out)]  # 2000 rounds: a minute or more
+    took, status, err = stop_in_time(argv, lambda stdout: "head (ridge)" in stdout, tmp_path)
+    assert status == 143 and took < 10, (took, err)
+    assert err.startswith("stopped by signal 15 during mask calibration") and "no checkpoint yet" in err, err
+    assert not (out / "checkpoint.pt").exists() and not (out / "mask.pt").exists()
+
+
+def phase_calls():
+    """{phase: a call that runs it}, on the tiny model and a few images."""
+    model = tiny_model()
+    args = centralized.get_args(FAST + ["--eval-batch-size", "8"])
+    args.precision = "off"
+    x = common.make_synthetic(200, 100)[0][:32]
+    y = torch.arange(32) % common.NUM_CLASSES
+    f = torch.randn(64, model.head.in_features)
+    feats = {s: (f, torch.arange(64) % common.NUM_CLASSES) for s in ("train", "val")}
+    u = torch.rand(32, dtype=torch.float64)
+    fisher = lambda mask: common.fisher_sums(model, x, u, 32, 8, torch.device("cpu"))[0]
+    hp = dict(lr=0.1, momentum=0.9, wd=0.0, scheduler="constant")
+    return {"feature extraction": lambda: common.extract_features(model, x, args, torch.device("cpu")),
+            "ridge head": lambda: common.ridge_head(model.head, common.ridge_stats(*feats["train"]), *feats["val"]),
+            "federated ridge": lambda: fedavg.federated_ridge(model.head, [torch.arange(32), torch.arange(32, 64)],
+                                                              feats),
+            "calibration round": lambda: common.calibrate_mask(model, fisher, "random", 0.5, 4, torch.Generator()),
+            "fisher batch": lambda: fisher(None),
+            "head epoch": lambda: common.train_head(model.head, feats, hp, 20, 20, 16, 0)}, model, y
+
+
+@pytest.mark.parametrize("phase", ["feature extraction", "ridge head", "federated ridge", "calibration round",
+                                   "fisher batch", "head epoch"])
+def test_every_phase_stops_between_its_batches(phase, monkeypatch):
+    calls, model, _ = phase_calls()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    # the stop arrives during the phase's first batch (call 2 of stop_requested, the first being
+    # before it): the phase must stop at its next batch boundary
+    asked = {"n": 0}
+
+    def stop_requested():
+        asked["n"] += 1
+        return asked["n"] >= 2
+    monkeypatch.setattr(common, "stop_requested", stop_requested)
+    with pytest.raises(common.Stopped) as e:
+        calls[phase]()
+    assert asked["n"] == 2 and not e.value.saved
+    if phase in ("fisher batch", "calibration round"):  # damped weights restored, flags as they were
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def raising(exc):
+    def main(argv):
+        raise exc
+    return main
+
+
+def test_the_stop_message_says_truly_what_was_saved(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "_stop_signal", signal.SIGTERM)
+    monkeypatch.setattr(common, "_open_run", str(tmp_path))
+    status, err = run_as_script(raising(common.Stopped("round 3", saved=True)), [], capsys)
+    assert status == 143 and err == ["stopped by signal 15 during round 3: checkpoint saved, continue with --resume"]
+    status, err = run_as_script(raising(common.Stopped("feature extraction (val features)")), [], capsys)
+    assert err == ["stopped by signal 15 during feature extraction (val features): no checkpoint yet and nothing "
+                   "needed saving: rerun the same command to start it again"]
+    (tmp_path / "checkpoint.pt").write_bytes(b"")  # a resumed run that stops before it has anything new
+    status, err = run_as_script(raising(common.Stopped("mask calibration, round 2 of 4")), [], capsys)
+    assert err == ["stopped by signal 15 during mask calibration, round 2 of 4: nothing new to save, its last "
+                   "checkpoint is kept: continue with --resume"]
+
+
+# ----------------------------------------------------------------------------- a diverging run
+
+DIVERGING = {  # an absurd learning rate: the training loss is nan within the first epoch or round
+    "centralized": (centralized, ["--epochs", "5", "--lr", "1e38"], r"epoch 1:"),  # a linear head needs this much
+    "model_editing": (model_editing, ["--epochs", "3", "--lr", "1e20", "--fisher-batches", "1", "--no-aug"],
+                      r"epoch 1:"),
+    "fedavg": (fedavg, ["--k", "10", "--c", "0.5", "--rounds", "20", "--lr", "1e8", "--no-aug", "--ckpt-every", "1"],
+               r"round [12]:"),
+}
+
+
+@pytest.mark.parametrize("script", DIVERGING)
+def test_a_diverging_run_stops_at_once_with_one_line_and_no_result(script, tmp_path, capsys):
+    module, flags, when = DIVERGING[script]
+    out = tmp_path / "run"
+    status, err = run_as_script(module.main, FAST + flags + ["--out", str(out)], capsys)
+    assert status == common.DIVERGED_EXIT == 3
+    assert len(err) == 1 and err[0].startswith("diverged: ") and "training loss is nan" in err[0], err
+    assert re.search(when, err[0]) and "--lr" in err[0], err
+    assert not (out / "result.json").exists()
+    if script == "fedavg":  # checkpointed every round, but never the diverged one
+        assert not (out / "checkpoint.pt").exists() or torch.load(out / "checkpoint.pt")["round"] < 1
+
+
+def test_a_loss_that_is_not_finite_stops_and_a_high_one_warns_once(capsys):
+    watch = common.LossWatch("the stage", "a lower --lr")
+    watch.check(9.0, "epoch 1")
+    watch.warn(9.0, "epoch 1")  # below twice chance (2 ln 100 = 9.21): no warning
+    assert capsys.readouterr().err == ""
+    watch.warn(1365.0, "round 20")
+    watch.warn(1615.0, "round 40")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the stage, round 20: training loss 1365") and "--lr" in err[0]
+    for loss in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(common.Diverged, match="the stage, epoch 2: the training loss is .*try a lower --lr"):
+            watch.check(loss, "epoch 2")
+
+
+def test_fp16_skipped_steps_are_not_divergence_but_a_scaler_that_skips_every_step_is():
+    """The scaler skips a step whose gradients overflow and halves its scale: normal now and then. Only
+    a scale driven down by every step (gradients that are not finite at any scale) is divergence."""
+    p = torch.ones(3, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    watch = common.LossWatch("fp16 training", "a lower --lr")
+
+    def steps(n, grad):
+        for _ in range(n):
+            opt.zero_grad()
+            scaler.scale((p * grad).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+
+    steps(3, float("inf"))  # three skipped steps, then training goes on
+    steps(5, 1.0)
+    assert scaler.get_scale() == 2.0 ** 13 and not torch.equal(p, torch.ones(3))
+    watch.check(4.0, "round 1", scaler)
+    steps(40, float("nan"))  # every step skipped: the scale backs off all the way
+    with pytest.raises(common.Diverged, match="round 2: the fp16 gradient scaler skipped every step"):
+        watch.check(4.0, "round 2", scaler)
