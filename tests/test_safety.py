@@ -240,8 +240,8 @@ GRID = FAST + ["--grid", "--grid-lr", "0.1,0.01", "--grid-momentum", "0.9", "--g
 
 
 def interrupted_grid(out, monkeypatch):
-    """A centralized grid run stopped after its first trial, with that trial in checkpoint.pt."""
-    stop_during_call(monkeypatch, common, "train_head", 1)
+    """A centralized grid run stopped during its second trial, with the first in checkpoint.pt."""
+    stop_during_call(monkeypatch, common, "train_head", 2)
     with pytest.raises(common.Stopped):
         centralized.main(GRID + ["--out", str(out)])
     monkeypatch.undo()
