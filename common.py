@@ -4,7 +4,7 @@ Read it top to bottom: errors and signals, flags, device and precision, random s
 transforms, the ViT and its weights, SparseSGDM, learning-rate schedules, forward passes and
 evaluation, frozen-backbone features and heads (SGD and ridge), Fisher scores and masks (TaLoS steps
 1-2), files and run directories (atomic writes, locks, resume), plots, and the command line (prefetch
-for offline use, the run list of run_all.sh).
+for offline use, the run list of run_all.sh and its time estimate).
 
 Run it as a script to prefetch CIFAR-100 and the DINO weights for offline use:
     python common.py --data-dir ./data
@@ -1588,7 +1588,7 @@ def probe(line):
     try:
         rates = {"fwd_bwd": images_per_second(train, x, args.batch_size, PROBE_SECONDS),
                  "fwd": images_per_second(forward, x, args.eval_batch_size, PROBE_SECONDS / 2)}
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         raise UserError(f"out of GPU memory at batch {args.batch_size} (evaluation: {args.eval_batch_size})")
     print(json.dumps(rates), flush=True)
 
@@ -1685,9 +1685,9 @@ def main(argv=None):
     p.add_argument("--arch", default=DEFAULT_ARCH, help="timm ViT whose hub weights to download")
     p.add_argument("--data-only", action="store_true", help="only CIFAR-100 (you bring --weights FILE)")
     p.add_argument("--prefetch", action="store_true",
-                   help="fetch and check what a stage script needs when run with the flags after -- (it reads "
-                        "--dataset, --data-dir, --synthetic-size, --arch, --img-size, --weights, "
-                        "--no-pretrained and ignores the rest)")
+                   help="fetch and check what a stage script needs when run with the flags after -- (it "
+                        "reads --dataset, --data-dir, --arch, --img-size, --weights, --no-pretrained and ignores "
+                        "the rest)")
     p.add_argument("--describe-runs", action="store_true",
                    help="read lines 'SCRIPT ARG...' (shell-quoted) on stdin and print for each "
                         "'RUN_DIR<tab>IMAGES_FWD_BWD<tab>IMAGES_FWD<tab>STATE<tab>CONFIG': its run directory, an "
@@ -1698,7 +1698,8 @@ def main(argv=None):
                         "'per-gpu<tab>N', lines 'say<tab>TEXT' and, for each run, 'cost<tab>MILLISECONDS' "
                         "(its time in its slot)")
     p.add_argument("--gpus", type=nonneg_int, default=0, help="with --estimate: GPUs used (0: the default device)")
-    p.add_argument("--per-gpu", default="auto", help="with --estimate: runs at once on each GPU, or auto")
+    p.add_argument("--per-gpu", default=None, type=lambda v: None if v == "auto" else positive_int(v),
+                   help="with --estimate: runs at once on each GPU, or auto (runs_per_gpu of the GPU)")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # one probe process of --estimate
     a = p.parse_args(own)
     if flags is not None and not a.prefetch:
@@ -1711,12 +1712,10 @@ def main(argv=None):
         described = ["\t".join(map(str, describe_run(line))) for line in sys.stdin if line.strip()]
         print(*described, sep="\n") if described else None  # all or nothing: a bad line prints no row
     elif a.estimate:
-        if a.per_gpu != "auto" and not a.per_gpu.isdigit() or a.per_gpu == "0":
-            p.error(f"--per-gpu wants an integer >= 1 or auto, got '{a.per_gpu}'")
         lines = [line.strip() for line in sys.stdin if line.strip()]
         if not lines:
             p.error("--estimate: no run on stdin")
-        per_gpu, said, costs = estimate(lines, a.gpus, None if a.per_gpu == "auto" else int(a.per_gpu))
+        per_gpu, said, costs = estimate(lines, a.gpus, a.per_gpu)
         print(f"per-gpu\t{per_gpu}", *(f"say\t{x}" for x in said), *(f"cost\t{round(c * 1000)}" for c in costs),
               sep="\n")
     elif a.probe:

@@ -1,6 +1,7 @@
-"""run_all.sh and its helpers in common.py: the grid it lists and what it costs (--dry-run,
---describe-runs, --prefetch), a quick study end to end (killed, resumed, then nothing to redo), the
-settings file, --gpus, SLURM submission and its task script, bad input."""
+"""run_all.sh and its helpers in common.py: the grid it lists, in its order, and what it costs (--dry-run,
+--describe-runs, --prefetch, the probe's estimate), a quick study end to end (killed, resumed, then nothing
+to redo), a finished run of other flags, the settings file, the study lock, --gpus and --per-gpu, SLURM
+submission and its task script, bad input."""
 import json
 import os
 import re
@@ -77,19 +78,20 @@ def run_key(script, a):
 def fake_python(tmp_path, runs="fake"):
     """A stand-in for $PYTHON. common.py runs for real (run_all.sh asks it for run directories), except
     that with $FAKE_ESTIMATE set, `common.py --estimate` answers at once instead of measuring: the
-    --per-gpu asked for (auto: 1), and $FAKE_ESTIMATE milliseconds per run. summarize.py is recorded and does nothing (its own tests are in
-    test_summarize.py). A stage script is run for real with runs='real'; with runs='fake' it is recorded
-    in $FAKE_LOG as 'SCRIPT CUDA_VISIBLE_DEVICES RUN_ALL_PID ARGS...' and 'finishes' by writing
-    result.json and config.json into the run directory that $FAKE_MAP gives for its arguments (lines
-    'ARGS<tab>DIR<tab>CONFIG'), after $FAKE_SLEEP seconds if set, then logs 'end SCRIPT
-    CUDA_VISIBLE_DEVICES'; it fails (exit 1) when its arguments contain $FAIL_IF, and with $FAKE_WAIT it
-    waits for SIGUSR1, then exits 143 as a checkpointing run does."""
+    --per-gpu asked for (auto: 1), and $FAKE_ESTIMATE milliseconds per run. summarize.py is recorded and
+    does nothing (its own tests are in test_summarize.py). A stage script is run for real with
+    runs='real'; with runs='fake' it is recorded in $FAKE_LOG as 'SCRIPT CUDA_VISIBLE_DEVICES RUN_ALL_PID
+    ARGS...' and 'finishes' by writing result.json and config.json into the run directory that $FAKE_MAP
+    gives for its arguments (lines 'ARGS<tab>DIR<tab>CONFIG'), after $FAKE_SLEEP seconds if set, then
+    logs 'end SCRIPT CUDA_VISIBLE_DEVICES'; it fails (exit 1) when its arguments contain $FAIL_IF, and
+    with $FAKE_WAIT it waits for SIGUSR1, then exits 143 as a checkpointing run does."""
     path = tmp_path / f"python_{runs}"
     path.write_text(f"""#!/usr/bin/env bash
 script=$(basename "$1")
 if [[ $script == common.py && $2 == --estimate && -n ${{FAKE_ESTIMATE:-}} ]]; then
   n=$(grep -c .); per_gpu=${{*: -1}}; [[ $per_gpu != auto ]] || per_gpu=1
-  printf 'per-gpu\t%s\nsay\tfake estimate\n' "$per_gpu"; for ((i = 0; i < n; i++)); do printf 'cost\t%s\n' "$FAKE_ESTIMATE"; done
+  printf 'per-gpu\t%s\nsay\tfake estimate\n' "$per_gpu"
+  for ((i = 0; i < n; i++)); do printf 'cost\t%s\n' "$FAKE_ESTIMATE"; done
   exit 0
 fi
 [[ $script != common.py ]] || exec {sys.executable} "$@"
