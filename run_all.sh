@@ -2,7 +2,7 @@
 # run_all.sh - the whole study: every run of the grid below, then the tables and plots (summarize.py).
 #
 # usage: [RESULTS=./runs] [PYTHON=python] ./run_all.sh [--quick] [--seeds 0,1,2] [--dry-run]
-#          [--gpus N] [--per-gpu N | --slurm [--partition P] [--time T] [--account A] [--gres G]
+#          [[--gpus G] [--per-gpu N] | --slurm [--partition P] [--time T] [--account A] [--gres G]
 #          [--max-parallel M]] [--summary-only] [-- FLAGS FOR EVERY RUN]
 #
 #   --quick           a tiny grid with short runs that still holds every kind of run (a smoke check
@@ -11,12 +11,12 @@
 #   --dry-run         print the commands, then per stage the runs still to do, the images they will
 #                     process (forward+backward and forward only) and the time they will take here,
 #                     measured by a probe of about 30 s on the runs' device; write nothing
-#   --gpus N          use N GPUs, each run seeing one (CUDA_VISIBLE_DEVICES), from the visible ones
+#   --gpus G          use G GPUs, each run seeing one (CUDA_VISIBLE_DEVICES), from the visible ones
 #                     (CUDA_VISIBLE_DEVICES if set, an empty one meaning none; else `nvidia-smi -L`);
 #                     default: the runs' default device
 #   --per-gpu N       N runs at once on each GPU (--gpus G: G x N at once; the CPU threads are divided
 #                     among them). Default: one run per 32 streaming multiprocessors of the GPU, at most 4
-#                     and at most one per 8 GiB of its memory (T4: 1, A100: 3, H100/H200: 4); 1 on the CPU
+#                     and at most one per 8 GiB of its memory (T4: 1, A100: 3, H100 SXM/H200: 4); 1 on the CPU
 #   --slurm           submit one job array (a task per run) and a summary job instead of running here.
 #                     sbatch reads SBATCH_PARTITION, SBATCH_TIMELIMIT, SBATCH_ACCOUNT, SBATCH_GRES, ...
 #                     from the environment as always; these flags, when given, override them:
