@@ -2,16 +2,21 @@
 # run_all.sh - the whole study: every run of the grid below, then the tables and plots (summarize.py).
 #
 # usage: [RESULTS=./runs] [PYTHON=python] ./run_all.sh [--quick] [--seeds 0,1,2] [--dry-run]
-#          [--gpus N | --slurm [--partition P] [--time T] [--account A] [--gres G] [--max-parallel M]]
-#          [--summary-only] [-- FLAGS FOR EVERY RUN]
+#          [[--gpus G] [--per-gpu N] | --slurm [--partition P] [--time T] [--account A] [--gres G]
+#          [--max-parallel M]] [--summary-only] [-- FLAGS FOR EVERY RUN]
 #
 #   --quick           a tiny grid with short runs that still holds every kind of run (a smoke check
 #                     of the whole pipeline); its seeds default to 0
 #   --seeds LIST      comma-separated seeds; every run of the grid runs once per seed (default: 0,1,2)
-#   --dry-run         print the commands, then per stage the runs still to do and the images they will
-#                     process (forward+backward and forward only, an estimate); do nothing else
-#   --gpus N          N runs at once, one per visible GPU (CUDA_VISIBLE_DEVICES if set, an empty one
-#                     meaning none; else `nvidia-smi -L`); default: one run at a time
+#   --dry-run         print the commands, then per stage the runs still to do, the images they will
+#                     process (forward+backward and forward only) and the time they will take here,
+#                     measured by a probe of about 30 s on the runs' device; write nothing
+#   --gpus G          use G GPUs, each run seeing one (CUDA_VISIBLE_DEVICES), from the visible ones
+#                     (CUDA_VISIBLE_DEVICES if set, an empty one meaning none; else `nvidia-smi -L`);
+#                     default: the runs' default device
+#   --per-gpu N       N runs at once on each GPU (--gpus G: G x N at once; the CPU threads are divided
+#                     among them). Default: one run per 32 streaming multiprocessors of the GPU, at most 4
+#                     and at most one per 8 GiB of its memory (T4: 1, A100: 3, H100 SXM/H200: 4); 1 on the CPU
 #   --slurm           submit one job array (a task per run) and a summary job instead of running here.
 #                     sbatch reads SBATCH_PARTITION, SBATCH_TIMELIMIT, SBATCH_ACCOUNT, SBATCH_GRES, ...
 #                     from the environment as always; these flags, when given, override them:
@@ -27,8 +32,9 @@
 #
 # The grid (81 runs per seed, --quick 17), the layout of RESULTS and the SLURM details: README.md.
 # Every run is `python SCRIPT GRID-FLAGS --results $RESULTS --seed S --resume --deterministic FLAGS`;
-# no run reads another, a run whose result.json exists is skipped and any other resumes from its
-# checkpoint: the same command continues an interrupted study. Logs: $RESULTS/logs/.
+# seed by seed, the assignment's core runs first. No run reads another; a run whose result.json exists
+# with the same flags (config.json) is skipped, any other resumes from its checkpoint: the same command
+# continues an interrupted study. One study per RESULTS at a time. Logs: $RESULTS/logs/.
 set -euo pipefail
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
@@ -37,19 +43,20 @@ quote() { local s; s=$(printf '%q ' "$@"); echo "${s% }"; }
 
 HERE=$(dirname "$0")
 PY=${PYTHON:-python}
-RESULTS=${RESULTS:-./runs}
+RESULTS=${RESULTS-./runs}  # set but empty is refused below, not taken for the default
 RESULTS=${RESULTS%/}
 
 # ----------------------------------------------------------------------------- flags
 
-QUICK=0 SEEDS="" GPUS="" SLURM=0 DRY=0 SUMMARY_ONLY=0 EXTRA=() SLURM_ONLY=""
+QUICK=0 SEEDS="" GPUS="" PER_GPU="" SLURM=0 DRY=0 SUMMARY_ONLY=0 EXTRA=() SLURM_ONLY=""
 PARTITION="" TIME="" ACCOUNT="" GRES="" GRES_GIVEN=0 MAX_PARALLEL=""
-needs_value() { [[ $# -ge 2 && $2 != --* ]] || die "$1 needs a value"; }
+needs_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value"; }
 while (($#)); do
   case $1 in
     --quick) QUICK=1 ;;
     --seeds) needs_value "$@"; SEEDS=$2; shift ;;
     --gpus) needs_value "$@"; GPUS=$2; shift ;;
+    --per-gpu) needs_value "$@"; PER_GPU=$2; shift ;;
     --slurm) SLURM=1 ;;
     --partition) needs_value "$@"; PARTITION=$2 SLURM_ONLY=$1; shift ;;
     --time) needs_value "$@"; TIME=$2 SLURM_ONLY=$1; shift ;;
@@ -70,10 +77,12 @@ done
 SEED_RE='(0|[1-9][0-9]*)'
 [[ $SEEDS =~ ^$SEED_RE(,$SEED_RE)*$ ]] || die "--seeds wants comma-separated integers >= 0, got '$SEEDS'"
 [[ -z $(tr , '\n' <<< "$SEEDS" | sort | uniq -d) ]] || die "--seeds lists a seed twice: $SEEDS"
+[[ -n $RESULTS ]] || die "RESULTS is empty: give the results root, e.g. RESULTS=./runs (the default when unset)"
 [[ -z $GPUS || $GPUS =~ ^[1-9][0-9]*$ ]] || die "--gpus wants an integer >= 1, got '$GPUS'"
+[[ -z $PER_GPU || $PER_GPU =~ ^[1-9][0-9]*$ ]] || die "--per-gpu wants an integer >= 1, got '$PER_GPU'"
 [[ -z $MAX_PARALLEL || $MAX_PARALLEL =~ ^[1-9][0-9]*$ ]] || die "--max-parallel wants an integer >= 1, got '$MAX_PARALLEL'"
 ((SLURM)) || [[ -z $SLURM_ONLY ]] || die "$SLURM_ONLY goes with --slurm"
-((!SLURM)) || [[ -z $GPUS ]] || die "--gpus and --slurm exclude each other (SLURM gives each task its GPU)"
+((!SLURM)) || [[ -z $GPUS && -z $PER_GPU ]] || die "--gpus and --per-gpu exclude --slurm (it gives each task a GPU)"
 [[ ! -e $RESULTS || -d $RESULTS ]] || die "RESULTS=$RESULTS is a file, not a directory"
 for a in "${EXTRA[@]}"; do
   case $a in
@@ -157,9 +166,15 @@ add_sparse_fedavg() {  # add_sparse_fedavg SPLIT J RULE SPARSITY CALIB
     --sparsity "$4" --calib-rounds "$5" "${MASK_FLAGS[@]}"
 }
 
-# Seed by seed, so that a study stopped early has whole seeds to summarize.
+# Seed by seed, so that a study stopped early has whole seeds to summarize; within a seed the
+# assignment's core first (centralized, the default editing run, dense and sparse FedAvg at J=4 on every
+# split), so that a study stopped after a few hours (a Colab session) already fills the core tables.
 for seed in ${SEEDS//,/ }; do
   add centralized centralized.py "${CENTRAL[@]}"
+  add editing model_editing.py "${EDIT[@]}" --rule least-sensitive --sparsity $SPARSITY --calib-rounds $CALIB
+  for split in "${SPLITS[@]}"; do add "fedavg dense" fedavg.py "${FED[@]}" $(split_flags "$split") --j 4; done
+  for split in "${SPLITS[@]}"; do add_sparse_fedavg "$split" 4 least-sensitive $SPARSITY $CALIB; done
+  # then the J sweep and the ablations (a run listed above is not listed twice)
   for rule in "${EDIT_RULES[@]}"; do
     add editing model_editing.py "${EDIT[@]}" --rule "$rule" --sparsity $SPARSITY --calib-rounds $CALIB
   done
@@ -183,46 +198,128 @@ for seed in ${SEEDS//,/ }; do
 done
 
 # The scripts themselves name each run's directory and, from their parsed flags, the images it will
-# process: one Python call for all runs (a bad flag after -- stops here, before anything is written).
+# process and whether a finished run there is this one: one Python call for all runs (a bad flag after
+# -- stops here, before anything is written).
 DESCRIBED=$(for i in "${!ARGS[@]}"; do echo "${SCRIPT[i]} ${ARGS[i]}"; done |
             "$PY" "$HERE/common.py" --describe-runs) || exit 2
 mapfile -t ROWS <<< "$DESCRIBED"
 ((${#ROWS[@]} == ${#ARGS[@]})) || die "common.py --describe-runs answered ${#ROWS[@]} lines for ${#ARGS[@]} runs"
-OUT=() FWD_BWD=() FWD=() TODO=()
+OUT=() FWD_BWD=() FWD=() CONFIG=() TODO=() OTHER=()
 for i in "${!ROWS[@]}"; do
-  IFS=$'\t' read -r 'OUT[i]' 'FWD_BWD[i]' 'FWD[i]' <<< "${ROWS[i]}"
-  if [[ -f ${OUT[i]}/result.json ]]; then echo "skip (done): ${OUT[i]}"; else TODO+=("$i"); fi
+  IFS=$'\t' read -r 'OUT[i]' 'FWD_BWD[i]' 'FWD[i]' state 'CONFIG[i]' <<< "${ROWS[i]}"
+  case $state in
+    done) echo "skip (done): ${OUT[i]}" ;;
+    todo) TODO+=("$i") ;;
+    *) echo "skip (other flags): ${OUT[i]} holds a finished run that $state: not this study's run," \
+            "not counted as done; move it away to run this one"
+       OTHER+=("$i") ;;
+  esac
 done
 command_of() { echo "$(quote "$PY" "$HERE/${SCRIPT[$1]}") ${ARGS[$1]}"; }
 log_of() { local rel=${OUT[$1]#"$RESULTS"/}; echo "$RESULTS/logs/${rel//\//_}.log"; }
 # Download CIFAR-100 and the weights once, before parallel runs or array tasks could all try.
 PREFETCH=$(quote "$PY" "$HERE/common.py" --prefetch -- "${EXTRA[@]}")
 
+# ----------------------------------------------------------------------------- the estimate
+
+# A probe of about 30 s measures the runs' device with their model, image size, precision and client
+# batch, packed --per-gpu to a GPU as the runs will be (common.py --estimate; it also picks the default
+# --per-gpu). A run's time in its slot: its start-up plus its images (common.py IMAGE_PASSES) at the
+# measured speed; the study's: the sum over its runs, divided among the runs at once.
+SAY=() COST=()
+estimate() {
+  local tag value k=0 est gpu_env=()
+  [[ -z $GPUS ]] || gpu_env=(env CUDA_VISIBLE_DEVICES="${DEVICES[0]}")
+  est=$(for i in "${TODO[@]}"; do echo "${SCRIPT[i]} ${ARGS[i]}"; done |
+        "${gpu_env[@]}" "$PY" "$HERE/common.py" --estimate --gpus "${GPUS:-0}" --per-gpu "${PER_GPU:-auto}") || return 2
+  while IFS=$'\t' read -r tag value; do
+    case $tag in
+      per-gpu) PER_GPU=$value ;;
+      say) SAY+=("$value") ;;
+      cost) COST[TODO[k]]=$value; ((k += 1)) ;;
+    esac
+  done <<< "$est"
+}
+hms() {  # seconds as H:MM:SS, or in days beyond two
+  if (($1 < 172800)); then printf '%d:%02d:%02d' $(($1 / 3600)) $(($1 % 3600 / 60)) $(($1 % 60))
+  else printf '%d days' $((($1 + 43200) / 86400)); fi
+}
+print_estimate() {  # per stage and in total: runs still to do, their images and, if measured, their time
+  local stage n fb f ms total_n=0 total_fb=0 total_f=0 total_ms=0 line
+  echo "# runs still to do, the images they will process (an estimate: common.py IMAGE_PASSES) and their time here"
+  for line in "${SAY[@]}"; do echo "# $line"; done
+  for stage in centralized editing "fedavg dense" "fedavg sparse"; do
+    n=0 fb=0 f=0 ms=0
+    for i in "${TODO[@]}"; do
+      [[ ${STAGE[i]} == "$stage" ]] || continue
+      ((n += 1, fb += FWD_BWD[i], f += FWD[i], ms += ${COST[i]:-0})) || true
+    done
+    echo "stage $stage: $n runs, $fb images forward+backward, $f forward only$(time_of "$ms")"
+    ((total_n += n, total_fb += fb, total_f += f, total_ms += ms)) || true
+  done
+  echo "total: $total_n runs, $total_fb images forward+backward, $total_f forward only$(time_of "$total_ms")$(
+    ((${#COST[@]} == 0)) || echo " with $SLOTS run(s) at once")"
+}
+time_of() {  # ', about H:MM:SS' of runs whose times in their slots add up to $1 ms, when measured
+  ((${#COST[@]} == 0)) || echo ", about $(hms $(($1 / 1000 / SLOTS)))"
+}
+
 if ((DRY)); then
   ((${#TODO[@]} == 0)) || echo "$PREFETCH"
   for i in "${TODO[@]}"; do command_of "$i"; done
   echo "$SUMMARY_CMD"
-  echo "# runs still to do, and the images they will process (an estimate: common.py IMAGE_PASSES)"
-  total_n=0 total_fb=0 total_f=0
-  for stage in centralized editing "fedavg dense" "fedavg sparse"; do
-    n=0 fb=0 f=0
-    for i in "${TODO[@]}"; do
-      [[ ${STAGE[i]} == "$stage" ]] || continue
-      ((n += 1, fb += FWD_BWD[i], f += FWD[i])) || true
-    done
-    echo "stage $stage: $n runs, $fb images forward+backward, $f forward only"
-    ((total_n += n, total_fb += fb, total_f += f)) || true
-  done
-  echo "total: $total_n runs, $total_fb images forward+backward, $total_f forward only"
+  if ((SLURM)); then SAY=("no time estimate: the runs go to SLURM nodes (run --dry-run on one to measure)")
+  elif ((${#TODO[@]})); then estimate || exit 2
+  fi
+  SLOTS=$((${GPUS:-1} * ${PER_GPU:-1}))
+  print_estimate
   exit 0
 fi
 
-# ----------------------------------------------------------------------------- running
+# ----------------------------------------------------------------------------- before the first run
 
-if ((${#TODO[@]})); then  # first: if it fails (no network, no data), nothing else is written
+# One study per results root at a time: two would run the same runs and report each other's as failed.
+# The lock (flock on $RESULTS/run_all.lock, which names the holder) is held by this shell and by the runs
+# it starts, which inherit it: a study killed by SIGKILL holds it until its runs have saved and exited.
+CREATED_ROOT=0
+lock_study() {
+  local pid
+  [[ -d $RESULTS ]] || CREATED_ROOT=1
+  mkdir -p "$RESULTS" || die "cannot create RESULTS=$RESULTS"
+  if ! command -v flock > /dev/null; then
+    echo "run_all.sh: warning: no flock command here, so a second study on $RESULTS is not refused" >&2
+    return 0
+  fi
+  exec {LOCK_FD}<> "$RESULTS/run_all.lock"
+  if ! flock -n "$LOCK_FD"; then
+    pid=$(< "$RESULTS/run_all.lock")
+    die "RESULTS=$RESULTS is in use by another run_all.sh (PID ${pid:-?}); wait for it to finish or stop it"
+  fi
+  echo $$ > "$RESULTS/run_all.lock"
+}
+give_up() {  # a check before the first run failed, and said why: leave no new results root behind
+  if ((CREATED_ROOT)); then rm -f "$RESULTS/run_all.lock"; rmdir "$RESULTS" 2> /dev/null || true; fi
+  exit 2
+}
+write_plan() {  # every run of this study, in run order, for summarize.py (what has not run yet); runs
+                # planned earlier for other seeds of the same study stay
+  local plan=$RESULTS/run_all.plan new old=""
+  new=$(for i in "${!OUT[@]}"; do printf '%s\t%s\t%s\n' "${STAGE[i]}" "${OUT[i]#"$RESULTS"/}" "${CONFIG[i]}"; done)
+  if [[ -f $RESULTS/run_all.settings && -f $plan ]]; then
+    old=$(awk -F'\t' 'NR == FNR {mine[$2]; next} !($2 in mine)' <(echo "$new") "$plan")
+  fi
+  printf '%s\n' "$new" ${old:+"$old"} > "$plan.tmp" && mv "$plan.tmp" "$plan"
+}
+
+lock_study
+if ((${#TODO[@]})); then  # first: if a check fails (no network, no data, no weights), nothing is written
   echo "prefetch: $PREFETCH"
-  "$PY" "$HERE/common.py" --prefetch -- "${EXTRA[@]}" || exit 2
+  "$PY" "$HERE/common.py" --prefetch -- "${EXTRA[@]}" || give_up
+  ((SLURM)) || estimate || give_up
 fi
+SLOTS=$((${GPUS:-1} * ${PER_GPU:-1}))
+((SLURM || ${#TODO[@]} == 0)) || print_estimate
+write_plan
 mkdir -p "$RESULTS/logs"
 record_settings() { [[ -f $RESULTS/run_all.settings ]] || echo "$SETTINGS" > "$RESULTS/run_all.settings"; }
 
@@ -286,12 +383,14 @@ EOF
   exit 0
 fi
 
-# Local: a pool of max(GPUS, 1) slots; slot g runs on DEVICES[g].
-# Runs side by side share the CPU cores (unless OMP_NUM_THREADS says otherwise): torch's default of
-# one thread per core in every process oversubscribes the CPU and can slow all of them down many times.
-SLOTS=${GPUS:-1}
+# Local: a pool of SLOTS = max(GPUS, 1) x PER_GPU slots; with --gpus, slot g runs on DEVICES[g / PER_GPU],
+# so no GPU ever has more than PER_GPU runs. Runs side by side share the CPU cores (unless
+# OMP_NUM_THREADS says otherwise): torch's default of one thread per core in every process
+# oversubscribes the CPU and can slow all of them down many times.
 THREADS=$(($(nproc) / SLOTS > 0 ? $(nproc) / SLOTS : 1))
 SLOT_PID=() SLOT_RUN=() SLOT_T0=() FAILED=()
+FINISHED=0 T_START=$SECONDS DONE_S=0 DONE_MS=0 LEFT_MS=0  # progress: seconds taken and estimated (ms)
+for i in "${TODO[@]}"; do ((LEFT_MS += ${COST[i]:-0})) || true; done
 for ((g = 0; g < SLOTS; g++)); do SLOT_PID[g]=""; done
 # A run gets SIGTERM when this shell dies, even by SIGKILL (PR_SET_PDEATHSIG, see common.die_with_parent):
 # an orphan would go on writing while a rerun starts the same run again.
@@ -301,13 +400,26 @@ reap() {  # reap G: collect the finished run of slot G
   local g=$1 i=${SLOT_RUN[$1]} status=0
   wait "${SLOT_PID[g]}" || status=$?
   SLOT_PID[g]=""
+  ((FINISHED += 1, LEFT_MS -= ${COST[i]:-0})) || true
   if ((status == 0)) && [[ -f ${OUT[i]}/result.json ]]; then
     echo "done ($((SECONDS - SLOT_T0[g]))s): ${OUT[i]}"
+    ((DONE_S += SECONDS - SLOT_T0[g], DONE_MS += ${COST[i]:-0})) || true
     record_settings
   else
     echo "FAILED (exit $status): ${OUT[i]}; see $(log_of "$i")"
     FAILED+=("$i")
   fi
+  progress
+}
+
+progress() {  # runs finished / to do, elapsed, and the estimate of the rest corrected by the runs that finished
+  local left=""
+  if ((${#COST[@]})); then
+    ((DONE_MS == 0)) && left=$LEFT_MS || left=$((LEFT_MS * DONE_S * 1000 / DONE_MS))
+    left=", about $(hms $((left / 1000 / SLOTS))) left"
+  fi
+  echo "progress: $FINISHED/${#TODO[@]} runs finished${FAILED[0]+ (${#FAILED[@]} failed)}," \
+       "$(hms $((SECONDS - T_START))) elapsed$left"
 }
 
 free_slot() {  # sets FREE to an idle slot, waiting for a run to finish if there is none
@@ -339,7 +451,8 @@ for i in "${TODO[@]}"; do
   g=$FREE
   echo "run: $(command_of "$i")"
   (
-    ((GPUS == 0)) || export CUDA_VISIBLE_DEVICES=${DEVICES[g]} OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
+    [[ -z $GPUS ]] || export CUDA_VISIBLE_DEVICES=${DEVICES[g / PER_GPU]}
+    [[ -z $GPUS ]] && ((SLOTS == 1)) || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
     eval "exec $(command_of "$i")"  # exec: the slot's pid is the run itself, a child of this shell
   ) >> "$(log_of "$i")" 2>&1 &
   SLOT_PID[g]=$! SLOT_RUN[g]=$i SLOT_T0[g]=$SECONDS
@@ -353,6 +466,12 @@ fi
 if ((${#FAILED[@]})); then
   echo "${#FAILED[@]} run(s) failed:" >&2
   for i in "${FAILED[@]}"; do echo "  ${OUT[i]}: see $(log_of "$i")" >&2; done
+fi
+if ((${#OTHER[@]})); then
+  echo "${#OTHER[@]} run(s) not run: their directories hold finished runs with other flags (see above):" >&2
+  for i in "${OTHER[@]}"; do echo "  ${OUT[i]}" >&2; done
+fi
+if ((${#FAILED[@]} + ${#OTHER[@]})); then
   echo "Fix the cause and run the same command again (finished runs are skipped)." >&2
   exit 1
 fi

@@ -9,7 +9,9 @@ Writes RESULTS_DIR/summary/:
   *.png        heatmap, accuracy-vs-round curves, update agreement, editing plots
 A run whose result.json (or its mask's editing result.json) is unreadable is left out with one
 warning on stderr; a FedAvg run without a readable metrics.csv keeps its table cells but has no
-curves and no rounds to target. Every file is written atomically (temporary file, then rename).
+curves and no rounds to target. In a root of run_all.sh (its run_all.plan), only the study's runs with
+the planned flags count (any other finished run is left out with a warning) and report.md lists the
+planned runs that have no result yet. Every file is written atomically (temporary file, then rename).
 """
 import argparse
 import csv
@@ -185,6 +187,70 @@ EDITING_SHOWN = {"seed", "rule", "sparsity", "calib_rounds", "mask", "head", "sc
 def variant(r, shown):
     """The run's flags (config.json) except those in `shown`, as a hashable tuple."""
     return tuple(sorted((k, json.dumps(v)) for k, v in r["config"].items() if k not in shown))
+
+
+PLAN = "run_all.plan"  # run_all.sh's runs of the study: lines 'STAGE<tab>RUN DIR under the root<tab>CONFIG (JSON)'
+
+
+def read_plan(root):
+    """run_all.sh's plan of the study under root, {run directory relative to root: (stage, config)} in run
+    order; {} without one (a root not made by run_all.sh: every finished run belongs) or when unreadable."""
+    path = os.path.join(root, PLAN)
+    if not os.path.isfile(path):
+        return {}
+    plan = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                stage, rel, config = line.rstrip("\n").split("\t")
+                plan[rel] = (stage, json.loads(config))
+    except (OSError, ValueError) as e:  # ValueError: not three fields, not JSON, not UTF-8
+        warn(f"{path}: unreadable ({type(e).__name__}); every finished run is summarized, none marked as not run")
+        return {}
+    return plan
+
+
+def planned_runs(runs, plan, root):
+    """The runs of the planned study with the planned flags (config.json); every other finished run under
+    root is left out with a warning, so that a run of other flags is never mixed into the study's cells."""
+    if not plan:
+        return runs
+    kept, strangers = [], []
+    for r in runs:
+        rel = os.path.relpath(r["dir"], root)
+        diff = common.config_differences(r["dir"], plan[rel][1]) if rel in plan else None
+        if rel not in plan:
+            strangers.append(rel)
+        elif diff:
+            warn(f"{r['dir']} holds a run with other flags than the study's (differs in {', '.join(diff)}); "
+                 f"run left out")
+        elif diff is None:
+            warn(f"{r['dir']} has no readable config.json; run left out")
+        else:
+            kept.append(r)
+    if strangers:
+        warn(f"{len(strangers)} finished run(s) under {root} are not in the study that run_all.sh planned "
+             f"({PLAN}), e.g. {strangers[0]}; left out")
+    return kept
+
+
+def not_run_doc(plan, runs, root):
+    """The planned runs without a result in the tables, per stage: each run name with its seeds."""
+    have = {os.path.relpath(r["dir"], root) for r in runs}
+    missing = {}  # stage -> {run name: [seeds]}
+    for rel, (stage, _) in plan.items():
+        if rel not in have:
+            name, _, seed = rel.rpartition("/")
+            missing.setdefault(stage, {}).setdefault(name, []).append(seed.removeprefix("seed"))
+    n = sum(len(seeds) for names in missing.values() for seeds in names.values())
+    if not plan or not n:
+        return [f"All {len(plan)} runs that run_all.sh planned have finished.", ""] if plan else []
+    doc = ["## Not run yet", "", f"{n} of the {len(plan)} runs that run_all.sh planned have no result here "
+                                 f"(not finished, or left out: see the warnings); the tables below lack them:", ""]
+    for stage, names in missing.items():
+        runs_of = [f"{name} (seed{'s' * (len(seeds) > 1)} {', '.join(seeds)})" for name, seeds in names.items()]
+        doc.append(f"- {stage} ({sum(map(len, names.values()))}): {', '.join(runs_of)}")
+    return doc + [""]
 
 
 def read_table(path, columns):
@@ -702,7 +768,8 @@ def csv_row(r, root):
 
 
 def summarize(root, target=0.9):
-    runs = load_runs(root)
+    plan = read_plan(root)
+    runs = planned_runs(load_runs(root), plan, root)
     add_rounds_to_target(runs, target)
     out_dir = os.path.join(root, "summary")
     os.makedirs(out_dir, exist_ok=True)
@@ -723,6 +790,7 @@ def summarize(root, target=0.9):
            "and communication: `results.csv`; these tables in LaTeX: `tables.tex`.", ""]
     if "synthetic" in datasets:
         doc += ["**Synthetic data: these numbers say nothing about CIFAR-100.**", ""]
+    doc += not_run_doc(plan, runs, root)
     doc += centralized_doc(by_stage["centralized"])
     section, plots = editing_doc(by_stage["editing"], out_dir)
     section2, shown = fedavg_doc(by_stage["fedavg"], by_stage["centralized"], by_stage["editing"], target)

@@ -1,8 +1,10 @@
-"""run_all.sh and its helpers in common.py: the grid it lists and what it costs (--dry-run,
---describe-runs, --prefetch), a quick study end to end (killed, resumed, then nothing to redo), the
-settings file, --gpus, SLURM submission and its task script, bad input."""
+"""run_all.sh and its helpers in common.py: the grid it lists, in its order, and what it costs (--dry-run,
+--describe-runs, --prefetch, the probe's estimate), a quick study end to end (killed, resumed, then nothing
+to redo), a finished run of other flags, the settings file, the study lock, --gpus and --per-gpu, SLURM
+submission and its task script, bad input."""
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import centralized
 import common
@@ -18,7 +21,7 @@ from test_summarize import check_latex
 import fedavg
 import model_editing
 from conftest import ROOT, TINY
-from helpers import assert_usage_error
+from helpers import assert_usage_error, backbone_file
 
 SCRIPT = os.path.join(ROOT, "run_all.sh")
 RULES = ["least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"]
@@ -42,7 +45,7 @@ def listed_runs(stdout):
              "fedavg.py": fedavg.get_args}
     out = []
     for line in stdout.splitlines():
-        words = shlex.split(line)
+        words = shlex.split(line) if line.startswith(sys.executable) else []
         if len(words) > 1 and words[0] == sys.executable and os.path.basename(words[1]) in parse:
             script = os.path.basename(words[1])
             out.append((script, parse[script](words[2:]), words[2:]))
@@ -73,16 +76,25 @@ def run_key(script, a):
 
 
 def fake_python(tmp_path, runs="fake"):
-    """A stand-in for $PYTHON. common.py always runs for real (run_all.sh asks it for run directories).
-    summarize.py is recorded and does nothing (its own tests are in test_summarize.py). A stage script
-    is run for real with runs='real'; with runs='fake' it is recorded in $FAKE_LOG as
-    'SCRIPT CUDA_VISIBLE_DEVICES RUN_ALL_PID ARGS...' and 'finishes' by writing result.json into the run
-    directory that $FAKE_MAP gives for its arguments (lines 'ARGS<tab>DIR'); it fails (exit $FAIL_STATUS,
-    default 1) when its arguments contain $FAIL_IF, and with $FAKE_WAIT it waits for SIGUSR1, then exits 143 as a
-    checkpointing run does."""
+    """A stand-in for $PYTHON. common.py runs for real (run_all.sh asks it for run directories), except
+    that with $FAKE_ESTIMATE set, `common.py --estimate` answers at once instead of measuring: the
+    --per-gpu asked for (auto: 1), and $FAKE_ESTIMATE milliseconds per run. summarize.py is recorded and
+    does nothing (its own tests are in test_summarize.py). A stage script is run for real with
+    runs='real'; with runs='fake' it is recorded in $FAKE_LOG as 'SCRIPT CUDA_VISIBLE_DEVICES RUN_ALL_PID
+    ARGS...' and 'finishes' by writing result.json and config.json into the run directory that $FAKE_MAP
+    gives for its arguments (lines 'ARGS<tab>DIR<tab>CONFIG'), after $FAKE_SLEEP seconds if set, then
+    logs 'end SCRIPT CUDA_VISIBLE_DEVICES'; it fails (exit $FAIL_STATUS,
+    default 1) when its arguments contain $FAIL_IF, and
+    with $FAKE_WAIT it waits for SIGUSR1, then exits 143 as a checkpointing run does."""
     path = tmp_path / f"python_{runs}"
     path.write_text(f"""#!/usr/bin/env bash
 script=$(basename "$1")
+if [[ $script == common.py && $2 == --estimate && -n ${{FAKE_ESTIMATE:-}} ]]; then
+  n=$(grep -c .); per_gpu=${{*: -1}}; [[ $per_gpu != auto ]] || per_gpu=1
+  printf 'per-gpu\t%s\nsay\tfake estimate\n' "$per_gpu"
+  for ((i = 0; i < n; i++)); do printf 'cost\t%s\n' "$FAKE_ESTIMATE"; done
+  exit 0
+fi
 [[ $script != common.py ]] || exec {sys.executable} "$@"
 echo "$script ${{CUDA_VISIBLE_DEVICES-unset}} ${{RUN_ALL_PID-unset}} ${{*:2}}" >> "$FAKE_LOG"
 [[ $script != summarize.py ]] || exit 0
@@ -93,8 +105,10 @@ if [[ -n ${{FAKE_WAIT:-}} ]]; then
   while :; do sleep 0.05; done
 fi
 if [[ -n ${{FAIL_IF:-}} && " $* " == *" $FAIL_IF "* ]]; then echo "failing on purpose" >&2; exit ${{FAIL_STATUS:-1}}; fi
-out=$(awk -F'\\t' -v k="${{*:2}}" '$1 == k {{print $2}}' "$FAKE_MAP")
-mkdir -p "$out" && echo '{{}}' > "$out/result.json"
+IFS=$'\t' read -r out config < <(awk -F'\t' -v k="${{*:2}}" '$1 == k {{print $2 "\t" $3}}' "$FAKE_MAP")
+[[ -z ${{FAKE_SLEEP:-}} ]] || sleep "$FAKE_SLEEP"
+mkdir -p "$out" && echo '{{}}' > "$out/result.json" && echo "$config" > "$out/config.json"
+[[ -z ${{FAKE_SLEEP:-}} ]] || echo "end $script ${{CUDA_VISIBLE_DEVICES-unset}}" >> "$FAKE_LOG"
 """)
     path.chmod(0o755)
     return str(path)
@@ -106,7 +120,7 @@ def fake_map(tmp_path, *dry_runs):
     with open(path, "a") as f:
         for stdout in dry_runs:
             for _, a, words in listed_runs(stdout):
-                f.write(" ".join(words) + "\t" + a.out + "\n")
+                f.write(" ".join(words) + "\t" + a.out + "\t" + json.dumps(common.run_config(a)) + "\n")
     return str(path)
 
 
@@ -143,11 +157,22 @@ def test_the_grids_have_the_sizes_the_issue_states():
     assert [len(QUICK[s]) for s in STAGES] == [1, 5, 4, 4 + 2 + 1]
 
 
+def core_runs(grid):
+    """The assignment's core runs of one seed (run first): centralized, the default editing run, dense
+    and sparse FedAvg at J=4 on every split."""
+    calib = 4 if grid is FULL else 2
+    splits = {key[0] for key in grid["fedavg dense"]}
+    return ({("centralized", (True, True)), ("editing", ("least-sensitive", 0.9, calib))}
+            | {("fedavg dense", (sp, 4)) for sp in splits}
+            | {("fedavg sparse", (sp, 4, "least-sensitive", 0.9, calib)) for sp in splits})
+
+
+# --slurm: the same list, without the local speed probe (test_dry_run_estimates_the_time_from_a_probe)
 @pytest.mark.parametrize("grid,argv,seeds", [(FULL, [], [0, 1, 2]), (QUICK, ["--quick"], [0]),
                                              (QUICK, ["--quick", "--seeds", "3,5"], [3, 5])])
 def test_dry_run_lists_the_grid_and_counts_its_runs_and_images(tmp_path, grid, argv, seeds):
     results = tmp_path / "runs"
-    proc = run_all("--dry-run", *argv, results=results)
+    proc = run_all("--dry-run", "--slurm", *argv, results=results)
     assert proc.returncode == 0, proc.stderr
     assert not results.exists()  # a dry run writes nothing
 
@@ -158,6 +183,13 @@ def test_dry_run_lists_the_grid_and_counts_its_runs_and_images(tmp_path, grid, a
     assert len({a.out for _, a, _ in runs}) == len(runs)  # no run twice
     got = {(seed, *run_key(s, a)) for s, a, _ in runs for seed in [a.seed]}
     assert got == {(seed, stage, key) for seed in seeds for stage in STAGES for key in grid[stage]}
+    # seed by seed, and within a seed the core first
+    per_seed = sum(len(grid[s]) for s in STAGES)
+    core = core_runs(grid)
+    for k, seed in enumerate(seeds):
+        mine = runs[k * per_seed:(k + 1) * per_seed]
+        assert {a.seed for _, a, _ in mine} == {seed}
+        assert {run_key(s, a) for s, a, _ in mine[:len(core)]} == core
     for script, a, _ in runs:
         if script == "fedavg.py":
             assert (a.k, a.c, a.scale_rounds) == (100, 0.1, True)
@@ -170,7 +202,7 @@ def test_dry_run_lists_the_grid_and_counts_its_runs_and_images(tmp_path, grid, a
     assert [counted[s][0] for s in STAGES] == [len(grid[s]) * len(seeds) for s in STAGES]
     images = {s: [0, 0] for s in STAGES}
     for script, a, words in runs:
-        _, fb, f = common.describe_run(shlex.join([script] + words))
+        _, fb, f, _, _ = common.describe_run(shlex.join([script] + words))
         images[run_key(script, a)[0]][0] += fb
         images[run_key(script, a)[0]][1] += f
     for s in STAGES:
@@ -179,25 +211,49 @@ def test_dry_run_lists_the_grid_and_counts_its_runs_and_images(tmp_path, grid, a
     assert counted["total"] == tuple(sum(counted[s][k] for s in STAGES) for k in range(3))
 
 
-def test_dry_run_skips_finished_runs_and_appends_the_flags_after_the_separator_last(tmp_path):
-    results = tmp_path / "runs"
-    first = run_all("--dry-run", "--quick", "--", "--dataset", "synthetic", "--batch-size", "9", results=results)
+def test_a_finished_run_counts_as_done_only_with_the_flags_of_the_study(tmp_path):
+    """A run directory holding a finished run of other flags (e.g. an example run with other epochs) is
+    neither counted as done nor run over: one line says what differs, the study ends with exit 1."""
+    results, log = tmp_path / "runs", tmp_path / "calls.log"
+    flags = [*TINY, "--batch-size", "9"]
+    first = run_all("--dry-run", "--slurm", "--quick", "--", *flags, results=results)
     assert first.returncode == 0, first.stderr
-    done = [a.out for s, a, _ in listed_runs(first.stdout) if s == "model_editing.py"][0]
-    os.makedirs(done)
-    with open(os.path.join(done, "result.json"), "w") as f:
-        f.write("{}")
-    proc = run_all("--dry-run", "--quick", "--", "--dataset", "synthetic", "--batch-size", "9", results=results)
+    editing = [(a, words) for s, a, words in listed_runs(first.stdout) if s == "model_editing.py"]
+    (done, _), (other, other_words) = editing[:2]
+    for a, epochs in (done, done.epochs), (other, other.epochs + 1):
+        os.makedirs(a.out)
+        with open(os.path.join(a.out, "result.json"), "w") as f:
+            f.write("{}")
+        common.write_json({**common.run_config(a), "epochs": epochs, "precision": "off"},
+                          os.path.join(a.out, "config.json"))
+    proc = run_all("--dry-run", "--slurm", "--quick", "--", *flags, results=results)
     assert proc.returncode == 0, proc.stderr
-    assert f"skip (done): {done}" in proc.stdout.splitlines()
+    assert f"skip (done): {done.out}" in proc.stdout.splitlines()
+    assert (f"skip (other flags): {other.out} holds a finished run that differs in epochs: not this study's run, "
+            f"not counted as done; move it away to run this one") in proc.stdout.splitlines()
     runs = listed_runs(proc.stdout)
-    assert len(runs) == 16 and done not in {a.out for _, a, _ in runs}
-    assert stage_lines(proc.stdout)["editing"][0] == 4
+    assert len(runs) == 15 and not {done.out, other.out} & {a.out for _, a, _ in runs}
+    assert stage_lines(proc.stdout)["editing"][0] == 3
     for _, a, words in runs:
-        assert words[-4:] == ["--dataset", "synthetic", "--batch-size", "9"] and a.batch_size == 9
+        assert words[-len(flags):] == flags and a.batch_size == 9
     prefetch = [line for line in proc.stdout.splitlines() if line.startswith(sys.executable) and "common.py" in line]
-    assert prefetch == [shlex.join([sys.executable, os.path.join(ROOT, "common.py"), "--prefetch", "--",
-                                    "--dataset", "synthetic", "--batch-size", "9"])]
+    assert prefetch == [shlex.join([sys.executable, os.path.join(ROOT, "common.py"), "--prefetch", "--", *flags])]
+
+    # running: the other run is left alone, reported at the end, and the summary does not count it
+    env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_ESTIMATE": "1",
+           "FAKE_MAP": fake_map(tmp_path, first.stdout)}
+    mtime = os.stat(os.path.join(other.out, "result.json")).st_mtime_ns
+    proc = run_all("--quick", "--", *flags, results=results, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    ran = [c for c in calls(log) if c[0] != "summarize.py"]
+    assert len(ran) == 15 and other_words not in [c[3:] for c in ran]
+    assert os.stat(os.path.join(other.out, "result.json")).st_mtime_ns == mtime
+    assert f"1 run(s) not run: their directories hold finished runs with other flags (see above):\n  {other.out}\n" \
+        in proc.stderr
+    plan = (results / "run_all.plan").read_text().splitlines()
+    assert len(plan) == 17 and plan[0].split("\t")[:2] == ["centralized", "centralized/grid_compare/seed0"]
+    assert [json.loads(line.split("\t")[2]) for line in plan if line.split("\t")[1] ==
+            os.path.relpath(other.out, results)] == [common.run_config(other)]
 
 
 # ----------------------------------------------------------------------------- common.py --describe-runs / --prefetch
@@ -213,6 +269,10 @@ def test_describe_runs_names_the_run_directory_and_counts_images_by_hand(tmp_pat
     proc = describe(line, f"model_editing.py --rule random --epochs 2 --results {tmp_path}/r")
     assert proc.returncode == 0, proc.stderr
     fed, edit = [row.split("\t") for row in proc.stdout.splitlines()]
+    assert [fed[3], edit[3]] == ["todo", "todo"]  # nothing finished there
+    assert json.loads(edit[4]) == common.run_config(model_editing.get_args(
+        ["--rule", "random", "--epochs", "2", "--results", f"{tmp_path}/r"]))  # what its config.json will hold
+    fed, edit = fed[:3], edit[:3]
     # CIFAR-100: 45000 train, 5000 val, 10000 test. J=8 scales 300 rounds to 150; 10 clients a round,
     # batch 64; calibration: 4 rounds x 100 clients x ceil(8 x 32 / 100) = 3 images; val after rounds
     # 20, 40, ..., 140 and 150; test after 150 only (every 300); features of every image once (ridge head).
@@ -237,16 +297,40 @@ def test_describe_runs_refuses_a_bad_line_with_exit_2_and_prints_no_row():
     assert "fedavg.py: argument --k" in assert_usage_error(proc) and proc.stdout == ""
 
 
-@pytest.mark.parametrize("flags,want", [(["--dataset", "synthetic", "--k", "5"], []),
-                                        (["--data-dir", "D", "--weights", "w.pth"], ["data D"]),
-                                        (["--no-pretrained", "--data-dir=D"], ["data D"]),
-                                        (["--arch", "vit_x", "--epochs", "3"], ["data ./data", "hub vit_x"])])
+@pytest.mark.parametrize("flags,want", [(["--dataset", "synthetic", "--k", "5"], ["backbone hub"]),
+                                        (["--data-dir", "D", "--weights", "w.pth"], ["data D", "backbone w.pth"]),
+                                        (["--no-pretrained", "--data-dir=D"], ["data D", "backbone random"]),
+                                        (["--arch", "vit_x", "--epochs", "3"], ["data ./data", "backbone hub"])])
 def test_prefetch_fetches_what_the_flags_after_the_separator_need(monkeypatch, flags, want):
+    """Synthetic data needs no download, but the backbone does (issue 21: offline runs failed after 73 s)."""
     got = []
     monkeypatch.setattr(common, "load_cifar100", lambda d: got.append(f"data {d}"))
-    monkeypatch.setattr(common, "hub_weights", lambda arch: got.append(f"hub {arch}"))
+    monkeypatch.setattr(common, "hub_weights", lambda arch: f"cache/{arch}")
+    monkeypatch.setattr(common, "build_model", lambda a: got.append(
+        f"backbone {a.weights or ('random' if a.no_pretrained else 'hub')}"))
     common.main(["--prefetch", "--", *flags])
     assert got == want
+
+
+def test_prefetch_reads_and_fits_the_weights_file(tmp_path, capsys):
+    weights, _ = backbone_file(tmp_path)
+    tiny = ["--dataset", "synthetic", "--arch", "test_vit", "--img-size", "32"]
+    common.main(["--prefetch", "--", *tiny, "--weights", weights])
+    assert f"--weights {weights}: ready" in capsys.readouterr().out
+    with pytest.raises(common.UserError, match="weights file not found"):
+        common.main(["--prefetch", "--", *tiny, "--weights", str(tmp_path / "typo.pth")])
+    with pytest.raises(common.UserError, match="does not fit --arch"):  # another ViT's weights
+        common.main(["--prefetch", "--", *tiny[:2], "--arch", "vit_tiny_patch16_224", "--img-size", "32",
+                     "--weights", weights])
+
+
+def test_a_missing_weights_file_stops_the_study_in_seconds_with_one_line(tmp_path):
+    results = tmp_path / "runs"
+    t0 = time.time()
+    proc = run_all("--quick", "--", "--dataset", "synthetic", "--arch", "test_vit", "--img-size", "32",
+                   "--device", "cpu", "--weights", str(tmp_path / "dino.pth"), results=results)
+    assert "weights file not found" in assert_usage_error(proc)
+    assert time.time() - t0 < 60 and not results.exists()  # a few Python start-ups, nothing left behind
 
 
 @pytest.mark.parametrize("argv", [["--prefetch", "--data-dir", "x", "--"], ["--", "--dataset", "synthetic"],
@@ -285,7 +369,7 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
     results, log = tmp_path / "runs", tmp_path / "calls.log"
     env = {"PYTHON": fake_python(tmp_path, runs="real"), "FAKE_LOG": str(log), "CUDA_VISIBLE_DEVICES": "0,1"}
     argv = ["--quick", "--gpus", "2", "--", *SMALL]  # two at a time, on the CPU (--device cpu)
-    full_env = {**os.environ, "RESULTS": str(results), **env}
+    full_env = {**os.environ, "RESULTS": str(results), **env, "FAKE_ESTIMATE": "1"}  # this one needs no probe
 
     # SIGKILL run_all.sh while runs are going (after at least one finished): its children must not go on
     # as orphans that a rerun would race with
@@ -328,6 +412,12 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("skip (done): ") == finished_before
     assert sum(line.startswith("run: ") for line in proc.stdout.splitlines()) == 17 - finished_before
+    # the estimate (a real probe) before the first run, one progress line after each
+    total = f"total: {17 - finished_before} runs, "
+    assert [line for line in proc.stdout.splitlines() if line.startswith(total)][0].endswith(" with 2 run(s) at once")
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("progress: ")]
+    assert len(progress) == 17 - finished_before and " left" in progress[-1]
+    assert progress[-1].startswith(f"progress: {17 - finished_before}/{17 - finished_before} runs finished, ")
     finished = sorted(results.rglob("result.json"))
     kinds = {}
     for path in finished:
@@ -363,11 +453,11 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
 
 # ----------------------------------------------------------------------------- settings, --gpus, signals (fake runs)
 
-def test_sigterm_stops_the_running_runs_and_exits_130(tmp_path):
+def test_sigterm_stops_the_running_runs_and_exits_130_and_a_second_study_on_the_root_is_refused(tmp_path):
     results, log = tmp_path / "runs", tmp_path / "calls.log"
     env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_WAIT": "1", "FAKE_MAP": "/dev/null",
-           "CUDA_VISIBLE_DEVICES": "0,1"}
-    proc = subprocess.Popen(["bash", SCRIPT, "--quick", "--gpus", "2", "--", "--dataset", "synthetic"],
+           "CUDA_VISIBLE_DEVICES": "0,1", "FAKE_ESTIMATE": "1"}
+    proc = subprocess.Popen(["bash", SCRIPT, "--quick", "--gpus", "2", "--", *TINY],
                             env={**os.environ, "RESULTS": str(results), **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
@@ -375,6 +465,13 @@ def test_sigterm_stops_the_running_runs_and_exits_130(tmp_path):
         time.sleep(0.05)
     children = stage_children(proc.pid)
     assert len(children) == 2
+
+    # one study per root: a second one is refused at once, naming the first, and touches nothing
+    before = sorted(str(p) for p in results.rglob("*"))
+    second = run_all("--quick", "--", *TINY, results=results, env={**env, "FAKE_WAIT": ""})
+    assert f"in use by another run_all.sh (PID {proc.pid})" in assert_usage_error(second)
+    assert sorted(str(p) for p in results.rglob("*")) == before and len(calls(log)) == 4  # 2 runs, 2 waiting
+
     proc.terminate()
     assert proc.wait(timeout=30) == 130 and "interrupted" in proc.stderr.read()
     assert [c[0] for c in calls(log)].count("got") == 2 and not any(map(alive, children))
@@ -382,11 +479,11 @@ def test_sigterm_stops_the_running_runs_and_exits_130(tmp_path):
 
 def test_settings_are_recorded_only_once_a_run_succeeded(tmp_path):
     results, log = tmp_path / "runs", tmp_path / "calls.log"
-    typo, good = ["--dataset", "synthetic", "--weights", "typo.pth"], ["--dataset", "synthetic", "--weights", "w.pth"]
-    planned = [run_all("--dry-run", "--quick", "--", *f, results=results).stdout for f in (typo, good)]
+    typo, good = [*TINY, "--eval-batch-size", "77"], [*TINY, "--eval-batch-size", "78"]
+    planned = [run_all("--dry-run", "--slurm", "--quick", "--", *f, results=results).stdout for f in (typo, good)]
     maps = fake_map(tmp_path, *planned)
-    env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": maps, "FAIL_IF": "typo.pth",
-           "FAIL_STATUS": str(common.DIVERGED_EXIT), "CUDA_VISIBLE_DEVICES": "5,7"}
+    env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": maps, "FAIL_IF": "77",
+           "FAIL_STATUS": str(common.DIVERGED_EXIT), "CUDA_VISIBLE_DEVICES": "5,7", "FAKE_ESTIMATE": "1"}
 
     proc = run_all("--quick", "--gpus", "2", "--", *typo, results=results, env=env)  # every run fails (diverges)
     assert proc.returncode == 1
@@ -396,6 +493,7 @@ def test_settings_are_recorded_only_once_a_run_succeeded(tmp_path):
     log_file = results / "logs" / (os.path.relpath(some, results).replace("/", "_") + ".log")
     assert f"{some}: see {log_file}" in proc.stderr and "failing on purpose" in log_file.read_text()
     assert not (results / "run_all.settings").exists()
+    assert "progress: 17/17 runs finished (17 failed)" in proc.stdout
     first = calls(log)
     assert len(first) == 17 and {c[1] for c in first} == {"5", "7"}  # one run per listed GPU
     assert all(c[2] != "unset" for c in first)  # RUN_ALL_PID: the runs die with run_all.sh
@@ -420,9 +518,10 @@ def test_gpus_beyond_the_visible_ones_are_refused(tmp_path):
     results = tmp_path / "runs"
 
     def go(gpus, **extra):
-        return subprocess.run(["bash", SCRIPT, "--dry-run", "--quick", "--gpus", gpus, "--", "--dataset", "synthetic"],
-                              capture_output=True, text=True, env={**env, "RESULTS": str(results),
-                                                                   "PYTHON": sys.executable, **extra})
+        return subprocess.run(["bash", SCRIPT, "--dry-run", "--quick", "--gpus", gpus, "--", *TINY],
+                              capture_output=True, text=True,
+                              env={**env, "RESULTS": str(results), "PYTHON": fake_python(tmp_path),
+                                   "FAKE_ESTIMATE": "1", **extra})
     assert "only 2 GPU(s) visible" in assert_usage_error(go("3"))  # nvidia-smi -L: 2
     assert "only 0 GPU(s) visible" in assert_usage_error(go("1", CUDA_VISIBLE_DEVICES=""))  # empty: none
     assert "only 1 GPU(s) visible" in assert_usage_error(go("2", CUDA_VISIBLE_DEVICES="3"))
@@ -431,6 +530,76 @@ def test_gpus_beyond_the_visible_ones_are_refused(tmp_path):
         assert "only 0 GPU(s) visible" in assert_usage_error(go("1"))  # no nvidia-smi, nothing set: none
     assert not results.exists()
     assert go("2", CUDA_VISIBLE_DEVICES="3,4").returncode == 0
+
+
+# ----------------------------------------------------------------------------- several runs per GPU, the estimate
+
+def test_per_gpu_packs_that_many_runs_on_each_gpu_and_never_more(tmp_path):
+    """Fake GPUs 0 and 1, --gpus 2 --per-gpu 2, the runs on the CPU: four at once, two on each device."""
+    results, log = tmp_path / "runs", tmp_path / "calls.log"
+    planned = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results).stdout
+    env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": fake_map(tmp_path, planned),
+           "FAKE_SLEEP": "0.5", "FAKE_ESTIMATE": "60000", "CUDA_VISIBLE_DEVICES": "0,1"}  # 1 min a run
+    proc = run_all("--quick", "--gpus", "2", "--per-gpu", "2", "--", *TINY, results=results, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    running, most = {}, {}  # device -> runs going now / at most; from the log, in order
+    at_once = 0
+    for c in calls(log):
+        if c[0] in ("centralized.py", "model_editing.py", "fedavg.py"):
+            running[c[1]] = running.get(c[1], 0) + 1
+        elif c[0] == "end":
+            running[c[2]] -= 1
+        most = {d: max(most.get(d, 0), n) for d, n in running.items()}
+        at_once = max(at_once, sum(running.values()))
+    assert most == {"0": 2, "1": 2} and at_once == 4
+    assert sum(c[0] == "end" for c in calls(log)) == 17
+    # the estimate: 17 runs of a minute, 4 at once; then the time left, corrected by the runs that took
+    # half a second instead of a minute (uncorrected it would be a minute per 4 runs left)
+    assert "total: 17 runs, " in proc.stdout and ", about 0:04:15 with 4 run(s) at once\n" in proc.stdout
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("progress: ")]
+    assert [line.split(",")[0] for line in progress] == [f"progress: {k}/17 runs finished" for k in range(1, 18)]
+    left = [re.search(r"about 0:(\d\d):(\d\d) left$", line).groups() for line in progress]
+    assert max(int(m) * 60 + int(s) for m, s in left) < 30 and left[-1] == ("00", "00")
+
+
+def test_dry_run_estimates_the_time_from_a_probe(tmp_path):
+    """The probe measures (2 processes at once, as --per-gpu 2 packs the runs) and the estimate is each
+    run's start-up plus its images at the measured speed, divided among the 4 runs at once."""
+    results = tmp_path / "runs"
+    t0 = time.time()
+    proc = run_all("--dry-run", "--quick", "--gpus", "2", "--per-gpu", "2", "--", *TINY, results=results,
+                   env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    took = time.time() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert not results.exists() and took < 120
+    said = [line for line in proc.stdout.splitlines() if line.startswith("# probe (")]
+    assert len(said) == 1 and "2 run(s) at once on the CPU" in said[0], proc.stdout
+    fb, f, startup = (float(x) for x in re.search(r"batch \d+: ([\d.]+) images/s forward\+backward and ([\d.]+) "
+                                                 r"forward only, all together; ([\d.]+) s to start", said[0]).groups())
+    assert "no GPU: these runs go to the CPU" in proc.stdout and "--slurm" in proc.stdout
+    want = sum(startup + 2 * (fb_i / fb + f_i / f) for _, fb_i, f_i, _, _ in
+               (common.describe_run(shlex.join([s, *words])) for s, _, words in listed_runs(proc.stdout))) / 4
+    total = [line for line in proc.stdout.splitlines() if line.startswith("total: ")][0]
+    h, m, sec = map(int, re.search(r"about (\d+):(\d\d):(\d\d) with 4 run\(s\) at once$", total).groups())
+    assert abs(h * 3600 + m * 60 + sec - want) <= 1 + 0.01 * want
+    assert all(re.search(r", about \d+:\d\d:\d\d$", line) for line in proc.stdout.splitlines()
+               if line.startswith("stage "))
+
+
+def test_runs_per_gpu_keeps_a_big_gpu_busy_and_a_small_one_alone():
+    assert common.runs_per_gpu(40, 15) == 1  # T4
+    assert common.runs_per_gpu(108, 40) == 3  # A100
+    assert common.runs_per_gpu(132, 80) == common.runs_per_gpu(132, 139) == 4  # H100, H200
+    assert common.runs_per_gpu(128, 24) == 3  # RTX 4090: memory bounds it
+    assert common.runs_per_gpu(16, 4) == 1  # never none
+
+
+def test_a_probe_that_fails_says_why_in_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(common.UserError, match=r"^the speed probe \(1 at once\) failed: --device cuda asked for, "
+                                               r"but no CUDA GPU is visible; use --device cpu$"):
+        common.estimate([shlex.join(["fedavg.py", *TINY[:-2], "--device", "cuda"])], 0, 1)
 
 
 # ----------------------------------------------------------------------------- SLURM
@@ -465,10 +634,11 @@ def opt(argv, name):
 
 def test_slurm_submits_one_throttled_array_and_a_summary_after_it(tmp_path):
     results, log, sub_log = tmp_path / "runs", tmp_path / "calls.log", tmp_path / "sbatch.log"
-    flags = ["--dataset", "synthetic"]
+    flags = TINY
     env = {"PATH": f"{sbatch_on_path(tmp_path)}:{os.environ['PATH']}", "SBATCH_LOG": str(sub_log),
            "PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "SBATCH_ACCOUNT": "proj1",
-           "FAKE_MAP": fake_map(tmp_path, run_all("--dry-run", "--quick", "--", *flags, results=results).stdout)}
+           "FAKE_MAP": fake_map(tmp_path, run_all("--dry-run", "--slurm", "--quick", "--", *flags,
+                                                  results=results).stdout)}
     proc = run_all("--slurm", "--quick", "--max-parallel", "3", "--partition", "gpu", "--time", "2:00:00",
                    "--", *flags, results=results, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -508,7 +678,7 @@ def test_slurm_task_passes_the_warning_signal_to_the_run_and_requeues_itself(tmp
     results, log = tmp_path / "runs", tmp_path / "calls.log"
     env = {"PATH": f"{sbatch_on_path(tmp_path)}:{os.environ['PATH']}", "SBATCH_LOG": str(tmp_path / "sbatch.log"),
            "PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": "/dev/null"}
-    proc = run_all("--slurm", "--quick", "--", "--dataset", "synthetic", results=results, env=env)
+    proc = run_all("--slurm", "--quick", "--", *TINY, results=results, env=env)
     assert proc.returncode == 0, proc.stderr
     array = json.loads((tmp_path / "sbatch.log").read_text().splitlines()[0])[1:]
     task = subprocess.Popen(["bash", *array[-4:]], env={**os.environ, **env, "FAKE_WAIT": "1",
@@ -519,7 +689,7 @@ def test_slurm_task_passes_the_warning_signal_to_the_run_and_requeues_itself(tmp
         time.sleep(0.05)
     task.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends: to the batch shell only
     assert task.wait(timeout=30) == 143
-    assert [c[0] for c in calls(log)] == ["model_editing.py", "waiting", "got", "scontrol"]
+    assert [c[0] for c in calls(log)] == ["fedavg.py", "waiting", "got", "scontrol"]  # task 3: FedAvg at J=4 (the core)
     assert calls(log)[-1] == ["scontrol", "requeue", "77_3"]
     assert not (results / "run_all.settings").exists()
 
@@ -531,11 +701,20 @@ def test_slurm_task_passes_the_warning_signal_to_the_run_and_requeues_itself(tmp
                                   ["--gpus", "2", "--slurm"], ["--max-parallel", "0", "--slurm"],
                                   ["--partition", "gpu"], ["--max-parallel", "4"],
                                   ["--", "--seed", "3"], ["--", "--out", "x"], ["--", "--results=x"],
-                                  ["--", "--resume"]])
+                                  ["--", "--resume"], ["--seeds", ""], ["--per-gpu", "0"], ["--per-gpu", "two"],
+                                  ["--per-gpu", ""], ["--per-gpu", "2", "--slurm"]])
 def test_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, argv):
     results = tmp_path / "runs"
     assert_usage_error(run_all("--quick", "--dry-run", *argv, results=results))
     assert not results.exists()
+
+
+@pytest.mark.parametrize("value", ["", "/"])
+def test_an_empty_results_root_is_refused(tmp_path, value):
+    """RESULTS= (empty) is no default: it would put the runs under /fedavg/... (issue 21)."""
+    proc = subprocess.run(["bash", SCRIPT, "--quick", "--", *TINY], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "RESULTS": value, "PYTHON": sys.executable}, timeout=60)
+    assert "RESULTS is empty" in assert_usage_error(proc) and not list(tmp_path.iterdir())
 
 
 def test_a_flag_the_scripts_refuse_stops_everything_before_anything_is_written(tmp_path):
@@ -567,3 +746,4 @@ def test_help_is_the_header_comment(tmp_path):
     proc = run_all("--help", results=tmp_path / "runs")
     assert proc.returncode == 0 and proc.stdout.startswith("run_all.sh - the whole study")
     assert "--max-parallel M" in proc.stdout and "set -euo" not in proc.stdout
+    assert "--per-gpu N" in proc.stdout and "one run per 32 streaming multiprocessors" in proc.stdout

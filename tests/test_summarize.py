@@ -437,3 +437,32 @@ def test_target_flag_help_and_bad_value(tmp_path, capsys):
             summarize.main([str(tmp_path), "--target", bad])
         assert e.value.code == 2
     assert not (tmp_path / "summary").exists()
+
+
+def test_a_planned_study_counts_only_its_runs_and_lists_what_has_not_run(tmp_path, no_plots, capsys):
+    """run_all.plan: the study's runs with the planned flags count; a run of other flags in a planned
+    directory and a run the study never planned (an example run) are left out with a warning; the report
+    lists per stage the planned runs without a result."""
+    write_run(tmp_path, "centralized", "grid_compare", 0, 0.8)
+    fed(tmp_path, "iid", 4, 0, 0.7)
+    fed(tmp_path, "nc5", 4, 0, 0.1)  # finished, but with other flags than planned
+    write_run(tmp_path, "editing", "random_s0.5_r4", 0, 0.05)  # never planned
+    plan = [("centralized", "centralized/grid_compare/seed0", {}), ("fedavg dense", "fedavg/iid_j4_dense/seed0", {}),
+            ("fedavg dense", "fedavg/nc5_j4_dense/seed0", {"epochs": 2})]
+    plan += [("fedavg sparse", f"fedavg/iid_j4_sparse-least-sensitive_s0.9_r4/seed{s}", {}) for s in (0, 1)]
+    (tmp_path / "run_all.plan").write_text("".join(f"{st}\t{d}\t{json.dumps(c)}\n" for st, d, c in plan))
+    rows, report, _ = summarize_root(tmp_path)
+    assert sorted(r["run"] for r in rows) == ["centralized/grid_compare/seed0", "fedavg/iid_j4_dense/seed0"]
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/fedavg/nc5_j4_dense/seed0 holds a run with other flags than the study's (differs in " \
+           f"epochs); run left out" in err
+    assert "1 finished run(s) under" in err and "e.g. editing/random_s0.5_r4/seed0; left out" in err
+    section = report.split("## Not run yet")[1].split("\n## ")[0]
+    assert "3 of the 5 runs that run_all.sh planned have no result here" in section
+    assert "- fedavg dense (1): fedavg/nc5_j4_dense (seed 0)\n" in section
+    assert "- fedavg sparse (2): fedavg/iid_j4_sparse-least-sensitive_s0.9_r4 (seeds 0, 1)" in section
+    assert "centralized (" not in section
+
+    (tmp_path / "run_all.plan").unlink()  # without a plan, every finished run counts, as before
+    rows, report, _ = summarize_root(tmp_path)
+    assert len(rows) == 4 and "Not run yet" not in report
