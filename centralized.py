@@ -107,8 +107,8 @@ def grid_search(ckpt, model, feats, args):
     rows.sort(key=lambda r: -r["best_val_acc"])  # stable: ties keep grid order
     common.write_csv(rows, os.path.join(args.out, "grid.csv"))
     common.plot_bars(os.path.join(args.out, "grid.png"),
-                     [f"lr={r['lr']:g} m={r['momentum']:g} wd={r['wd']:g}" for r in rows],
-                     [r["best_val_acc"] for r in rows], "best validation accuracy", "Grid search (sorted)")
+                     [f"lr={r['lr']:g} m={r['momentum']:g} wd={r['wd']:g} {r['scheduler']}" for r in rows],
+                     [100 * r["best_val_acc"] for r in rows], "best validation accuracy (%)", "Grid search (sorted)")
     return {k: rows[0][k] for k in ("lr", "momentum", "wd")}
 
 
@@ -119,9 +119,9 @@ def compare_schedulers(best, ckpt, model, feats, args):
         s = run_trial("sched " + trial_key(hp), hp, ckpt, model, feats, args)
         rows.append({"scheduler": sched, "best_val_acc": s["best_val_acc"], "best_epoch": s["best_epoch"],
                      "epochs_run": s["epochs_run"]})
-        curves[sched] = ([h["epoch"] for h in s["history"]], [h["val_acc"] for h in s["history"]])
+        curves[sched] = ([h["epoch"] for h in s["history"]], [100 * h["val_acc"] for h in s["history"]])
     common.write_csv(rows, os.path.join(args.out, "schedulers.csv"))
-    common.plot_lines(os.path.join(args.out, "schedulers.png"), curves, "epoch", "validation accuracy",
+    common.plot_lines(os.path.join(args.out, "schedulers.png"), curves, "epoch", "validation accuracy (%)",
                       "LR schedulers")
     return max(rows, key=lambda r: r["best_val_acc"])["scheduler"]  # first of equals wins
 
@@ -158,8 +158,8 @@ def main(argv=None):
                       {s: (ep, [h[f"{s}_loss"] for h in hist]) for s in ("train", "val", "test")},
                       "epoch", "cross-entropy", "Centralized baseline: loss")
     common.plot_lines(os.path.join(args.out, "accuracy.png"),
-                      {s: (ep, [h[f"{s}_acc"] for h in hist]) for s in ("val", "test")},
-                      "epoch", "top-1 accuracy", "Centralized baseline: accuracy")
+                      {s: (ep, [100 * h[f"{s}_acc"] for h in hist]) for s in ("val", "test")},
+                      "epoch", "top-1 accuracy (%)", "Centralized baseline: accuracy")
     common.atomic_save(final["head"], os.path.join(args.out, "head.pt"))  # CPU tensors: loads anywhere
     best_row = hist[final["best_epoch"] - 1]
     result = {"stage": "centralized", "dataset": args.dataset, "seed": args.seed, "best": hp,

@@ -1714,11 +1714,16 @@ def save_figure(fig, path):
     pyplot().close(fig)
 
 
-def plot_lines(path, series, xlabel, ylabel, title):
-    """series: {label: (xs, ys)} -> one PNG line plot."""
-    fig, ax = pyplot().subplots(figsize=(6, 4))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label)
+def plot_lines(path, series, xlabel, ylabel, title, integer_x=True):
+    """series: {label: (xs, ys) or (xs, ys, std)} -> one PNG line plot, std as error bars. Rounds and
+    epochs (integer_x) get integer ticks only; a one-point series gets a marker big enough to see."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys, *std) in series.items():
+        marker = "o" if len(xs) == 1 else "." if len(xs) < 40 else None
+        ax.errorbar(xs, ys, yerr=std[0] if std else None, marker=marker, capsize=3, label=label)
+    if integer_x:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True, min_n_ticks=1))  # 1: even for one point
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -1729,9 +1734,9 @@ def plot_lines(path, series, xlabel, ylabel, title):
     save_figure(fig, path)
 
 
-def plot_bars(path, labels, values, ylabel, title):
+def plot_bars(path, labels, values, ylabel, title, std=None):
     fig, ax = pyplot().subplots(figsize=(max(6, 0.35 * len(labels)), 4))
-    ax.bar(range(len(values)), values)
+    ax.bar(range(len(values)), values, yerr=std, capsize=3)
     ax.set_xticks(range(len(values)))
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)

@@ -331,13 +331,13 @@ def upload_per_client(params, mask):
 def write_outputs(rows, args):
     common.write_csv(rows, os.path.join(args.out, "metrics.csv"))
     name = f"FedAvg {'IID' if args.iid else f'Nc={args.nc}'}, J={args.j}{', sparse' if args.sparse else ''}"
-    for kind, label in (("acc", "top-1 accuracy"), ("loss", "cross-entropy")):
+    for kind, label, scale in (("acc", "top-1 accuracy (%)", 100), ("loss", "cross-entropy", 1)):
         series = {}
-        for split in ("val", "test"):
+        for split in ("train", "val", "test") if kind == "loss" else ("val", "test"):
             done = [r for r in rows if r.get(f"{split}_{kind}") is not None]
-            series[split] = ([r["round"] for r in done], [r[f"{split}_{kind}"] for r in done])
+            series[split] = ([r["round"] for r in done], [scale * r[f"{split}_{kind}"] for r in done])
         common.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"), series,
-                          "round", label, name)
+                          "round (0 = the head, before any round)", label, name)
 
 
 def main(argv=None):
@@ -395,6 +395,13 @@ def main(argv=None):
         if backbone_changed:
             return common.evaluate(model, *data[split], args, device)
         return common.evaluate_head(model.head, *feats[split])  # same numbers, no ViT pass
+
+    if ckpt["round"] == 0 and not ckpt["rows"]:  # round 0: the head every curve leaves from
+        row = {"round": 0, "train_loss": None, "update_norm": None, "agreement": None}
+        for split in ("val", "test"):
+            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(split, backbone_changed=feats is None)
+        ckpt["rows"].append(row)
+        print(f"round 0 (the head): val acc {row['val_acc']:.4f}  test acc {row['test_acc']:.4f}")
 
     phase = None
     hint = f"a --lr below {args.lr:g}"

@@ -188,9 +188,9 @@ def main(argv=None):
     if ckpt["calib_log"]:
         common.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
     ep = [r["epoch"] for r in rows]
-    for kind, label in (("acc", "top-1 accuracy"), ("loss", "cross-entropy")):
+    for kind, label, scale in (("acc", "top-1 accuracy (%)", 100), ("loss", "cross-entropy", 1)):
         common.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"),
-                          {s: (ep, [r[f"{s}_{kind}"] for r in rows]) for s in ("val", "test")},
+                          {s: (ep, [scale * r[f"{s}_{kind}"] for r in rows]) for s in ("val", "test")},
                           "epoch (0 = frozen head, before editing)", label,
                           f"Sparse fine-tuning ({f'{args.rule}, sparsity {args.sparsity}' if args.mask is None else 'mask ' + args.mask}, "
                           f"head {args.head})")

@@ -340,6 +340,10 @@ class Stat:
     def mean(self):
         return statistics.mean(self.values) if self.values else None
 
+    def std(self):
+        """Sample std over seeds; 0 for one seed (an error bar of nothing, as the curves' band)."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
     def text(self, tex=False, bold=False):
         if not self.values:
             return f"not reached (n={self.of})" if self.of else ("--" if tex else "–")
@@ -463,12 +467,12 @@ def editing_doc(runs, out_dir):
                                       least))
         if len(sparsities) > 1 and i == 0:
             path = os.path.join(out_dir, "editing_sparsity.png")
+            cells = {n: [acc(least[(s, n)]) for s in sparsities if (s, n) in least] for n in rounds}
             common.plot_lines(path, {f"{n} calibration round{'s' * (n != 1)}":
-                                     ([s for s in sparsities if (s, n) in least],
-                                      [acc(least[(s, n)]).mean() for s in sparsities if (s, n) in least])
-                                     for n in rounds},
-                              "sparsity (fraction of backbone weights frozen)", "test accuracy",
-                              "Model editing: sparsity × calibration rounds")
+                                     ([s for s in sparsities if (s, n) in least], [100 * c.mean() for c in cells[n]],
+                                      [100 * c.std() for c in cells[n]]) for n in rounds},
+                              "sparsity (fraction of backbone weights frozen)", "test accuracy (%)",
+                              "Model editing: sparsity × calibration rounds\n(mean over seeds ± std)", integer_x=False)
             plots.append(path)
         labels, values = [], []
         settings = group(hr, lambda r: (r["sparsity"], r["calib_rounds"]))
@@ -482,10 +486,11 @@ def editing_doc(runs, out_dir):
                              [[rule, acc(x), acc(x, "best_val_acc"), acc(x, "mask_kept_frac"), acc(x, "changed_frac")]
                               for rule, x in rules.items()], [None, "max", "max", None, None]))
             labels += [rule + (f" (s={s:g}, r={n})" if len(settings) > 1 else "") for rule in rules]
-            values += [acc(x).mean() for x in rules.values()]
+            values += [acc(x) for x in rules.values()]
         if labels and i == 0:
             path = os.path.join(out_dir, "editing_rules.png")
-            common.plot_bars(path, labels, values, "test accuracy", "Model editing: mask rules")
+            common.plot_bars(path, labels, [100 * v.mean() for v in values], "test accuracy (%)",
+                             "Model editing: mask rules (mean over seeds ± std)", [100 * v.std() for v in values])
             plots.append(path)
     return doc, plots
 
@@ -638,14 +643,26 @@ def curve(runs, col):
     return np.array(xs), ys.mean(0), ys.std(0, ddof=1) if len(per) > 1 else np.zeros(len(xs))
 
 
+def marker(xs):
+    """A curve's marker: a dot per point while they are few, a big one for a lone point (a line of one
+    point draws nothing)."""
+    return "o" if len(xs) == 1 else "." if len(xs) < 40 else None
+
+
+def integer_ticks(axis):
+    """Rounds on an axis: integer ticks only (no round 1.5), one at least (a lone point's range is < 1)."""
+    axis.set_major_locator(common.pyplot().MaxNLocator(integer=True, min_n_ticks=1))
+
+
 def plot_curves(path, by_split, title):
     fig, ax = common.pyplot().subplots(figsize=(6, 4))
     for split, rs in by_split.items():
         xs, mean, std = curve(rs, "val_acc")
         if len(xs):
-            ax.plot(xs, 100 * mean, marker="." if len(xs) < 40 else None, label=f"{split} (n={len(rs)})")
+            ax.plot(xs, 100 * mean, marker=marker(xs), label=f"{split} (n={len(rs)})")
             ax.fill_between(xs, 100 * (mean - std), 100 * (mean + std), alpha=0.2)
-    ax.set(xlabel="round", ylabel="validation accuracy (%)")
+    ax.set(xlabel="round (0 = the head, before any round)", ylabel="validation accuracy (%)")
+    integer_ticks(ax.xaxis)
     ax.set_title(title + "\nline: mean over seeds, band: ± std", fontsize=8)
     ax.grid(alpha=0.3)
     if ax.lines:
@@ -670,7 +687,7 @@ def plot_heatmap(path, dense, sparse, title):
                yticklabels=splits, title=name)
         for (i, k), v in np.ndenumerate(g):
             if not math.isnan(v):
-                ax.text(k, i, f"{v:.1f}", ha="center", va="center", color="w" if v < (lo + hi) / 2 else "k", fontsize=8)
+                ax.text(k, i, f"{v:.2f}", ha="center", va="center", color="w" if v < (lo + hi) / 2 else "k", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), label="test accuracy (%)")
     fig.suptitle(title, fontsize=9)
     common.save_figure(fig, path)
@@ -693,12 +710,15 @@ def plot_agreement(path, dense, sparse, title):
                 xs, mean, _ = curve(x, col)
                 longest = max(longest, len(xs))
                 if len(xs):
-                    line, = ax.plot(*smooth(xs, mean), style, color=colors.get(split), label=f"{split}, {kind}")
+                    xs, mean = smooth(xs, mean)
+                    line, = ax.plot(xs, mean, style, marker=marker(xs), color=colors.get(split),
+                                    label=f"{split}, {kind}")
                     colors[split] = line.get_color()
     axes[0].set(ylabel="agreement ‖Σ wᵢΔᵢ‖² / Σ wᵢ‖Δᵢ‖²")
     axes[1].set(ylabel="mean client update norm ‖Δᵢ‖")
     for ax in axes:
         ax.set(xlabel="round", title=f"moving average over {SMOOTH} rounds" if longest >= SMOOTH else "per round")
+        integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)

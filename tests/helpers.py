@@ -89,3 +89,15 @@ def parse_refused(get_args, argv, capsys):
     lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(lines) == 1, lines
     return lines[0]
+
+
+def record_plots(monkeypatch):
+    """{file name: (labels or series, ylabel, the other arguments)} of every plot_bars/plot_lines call
+    from now on; the plots are still drawn."""
+    calls = {}
+    for name in ("plot_bars", "plot_lines"):
+        def record(path, what, *rest, draw=getattr(common, name), **kw):
+            calls[os.path.basename(path)] = (what, rest[1], rest)  # rest: (xlabel or values, ylabel, title)
+            draw(path, what, *rest, **kw)
+        monkeypatch.setattr(common, name, record)
+    return calls

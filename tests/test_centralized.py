@@ -8,7 +8,7 @@ import torch
 import centralized
 import common
 from conftest import TINY
-from helpers import assert_usage_error, run_script
+from helpers import assert_usage_error, record_plots, run_script
 
 FAST = TINY + ["--synthetic-size", "2000", "--batch-size", "64"]
 
@@ -31,7 +31,8 @@ def test_short_run_learns_far_above_chance(tmp_path):
     assert len(rows) == 1 + result["epochs_run"]
 
 
-def test_grid_and_scheduler_comparison_pick_the_best(tmp_path):
+def test_grid_and_scheduler_comparison_pick_the_best(tmp_path, monkeypatch):
+    plots = record_plots(monkeypatch)
     out = tmp_path / "grid"
     centralized.main(FAST + ["--grid", "--grid-lr", "0.1,0.0001", "--grid-momentum", "0.9", "--grid-wd", "0",
                              "--compare-schedulers", "--schedulers", "cosine,constant", "--epochs", "3",
@@ -47,6 +48,12 @@ def test_grid_and_scheduler_comparison_pick_the_best(tmp_path):
     assert len(scheds) == 2
     best = max(scheds, key=lambda r: float(r[1]))[0]  # first of equals, as the script
     assert result["best"]["scheduler"] == best
+    labels, ylabel, (values, *_) = plots["grid.png"]
+    assert all(label.endswith(" cosine") for label in labels) and "(%)" in ylabel
+    assert values == [100 * a for a in accs]  # grid.csv's fractions, in %
+    for png in ("schedulers.png", "accuracy.png"):
+        series, ylabel, _ = plots[png]
+        assert "(%)" in ylabel and all(v > 1 for _, ys in series.values() for v in ys), png
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):

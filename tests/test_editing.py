@@ -8,7 +8,7 @@ import torch
 import common
 import model_editing
 from conftest import TINY
-from helpers import assert_usage_error, backbone_file, masked_weights_moved, run_script, tiny_model
+from helpers import assert_usage_error, backbone_file, masked_weights_moved, record_plots, run_script, tiny_model
 
 FAST = TINY + ["--synthetic-size", "3000", "--batch-size", "64", "--warmup-lr", "0.1", "--fisher-batches", "2",
                "--fisher-batch-size", "16"]
@@ -322,7 +322,8 @@ def test_sparse_fine_tuning_touches_exactly_the_masked_in_weights(tmp_path, rule
     assert result["changed_frac"] == moved / total
 
 
-def test_short_edit_improves_validation_accuracy_over_the_frozen_head(tmp_path):
+def test_short_edit_improves_validation_accuracy_over_the_frozen_head(tmp_path, monkeypatch):
+    plots = record_plots(monkeypatch)
     out = tmp_path / "edit"
     model_editing.main(FAST + ["--sparsity", "0.5", "--epochs", "3", "--lr", "0.001", "--no-aug",
                                "--fisher-batches", "1", "--out", str(out)])
@@ -331,6 +332,10 @@ def test_short_edit_improves_validation_accuracy_over_the_frozen_head(tmp_path):
     assert result["val_acc"] > result["warmup_val_acc"] + 0.05
     for f in ("mask.pt", "head.pt", "metrics.csv", "calibration.csv", "accuracy.png", "config.json"):
         assert (out / f).is_file(), f
+    series, ylabel, _ = plots["accuracy.png"]
+    xs, ys = series["val"]  # from epoch 0, the frozen head, in %
+    assert "(%)" in ylabel and xs == [0, 1, 2, 3]
+    assert (ys[0], ys[-1]) == (100 * result["warmup_val_acc"], 100 * result["val_acc"])
 
 
 def test_head_sources_warmup_and_file(tmp_path):

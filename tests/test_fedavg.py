@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -325,7 +326,24 @@ def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(t
     assert (out / "calibration.csv").read_text().count("\n") == 3  # header + 2 calibration rounds
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "round,train_loss,update_norm,agreement,val_loss,val_acc,test_loss,test_acc"
-    assert len(rows) == 5 and all(0 < float(r.split(",")[3]) <= 1 for r in rows[1:])
+    assert len(rows) == 6 and all(0 < float(r.split(",")[3]) <= 1 for r in rows[2:])
+    # round 0: the ridge head before any round (no training yet), where every curve starts
+    assert rows[1].startswith("0,,,,") and [float(v) for v in rows[1].split(",")[4:]] == pytest.approx(
+        [v for split in ("val", "test") for v in common.evaluate_head(ridge, *feats[split])], rel=1e-5)
+
+
+def test_plots_show_accuracy_in_percent_from_round_0_and_the_training_loss(tmp_path, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(common, "plot_lines", lambda path, series, xlabel, ylabel, title: calls.update(
+        {os.path.basename(path): (series, ylabel)}))
+    rows = [{"round": 0, "train_loss": None, "val_loss": 2.0, "val_acc": 0.25, "test_loss": 2.1, "test_acc": 0.2},
+            {"round": 1, "train_loss": 1.5, "val_loss": None, "val_acc": None, "test_loss": None, "test_acc": None},
+            {"round": 2, "train_loss": 1.2, "val_loss": 1.8, "val_acc": 0.5, "test_loss": 1.9, "test_acc": 0.45}]
+    fedavg.write_outputs(rows, fedavg.get_args(FAST + ["--out", str(tmp_path)]))
+    series, ylabel = calls["accuracy.png"]
+    assert "(%)" in ylabel and series == {"val": ([0, 2], [25.0, 50.0]), "test": ([0, 2], [20.0, 45.0])}
+    series, _ = calls["loss.png"]
+    assert series["train"] == ([1, 2], [1.5, 1.2]) and series["val"] == ([0, 2], [2.0, 1.8])
 
 
 def test_dense_fedavg_starts_from_the_given_head_file(tmp_path):

@@ -67,8 +67,8 @@ def fed(root, split, j, seed, acc, mask=None, curve=None, **fields):
 def no_plots(monkeypatch):
     """Tables only: drawing PNGs takes most of summarize.py's time (test_plots_... draws them)."""
     monkeypatch.setattr(summarize, "fedavg_plots", lambda *a: [])
-    monkeypatch.setattr(summarize.common, "plot_lines", lambda *a: None)
-    monkeypatch.setattr(summarize.common, "plot_bars", lambda *a: None)
+    monkeypatch.setattr(summarize.common, "plot_lines", lambda *a, **k: None)
+    monkeypatch.setattr(summarize.common, "plot_bars", lambda *a, **k: None)
 
 
 def summarize_root(root, *flags):
@@ -466,3 +466,68 @@ def test_a_planned_study_counts_only_its_runs_and_lists_what_has_not_run(tmp_pat
     (tmp_path / "run_all.plan").unlink()  # without a plan, every finished run counts, as before
     rows, report, _ = summarize_root(tmp_path)
     assert len(rows) == 4 and "Not run yet" not in report
+
+
+# ----------------------------------------------------------------------------- what each plot shows
+
+@pytest.fixture
+def figures(monkeypatch):
+    """{file name: figure} of every PNG written meanwhile, drawn (tick labels placed) before it is saved."""
+    figs, save = {}, summarize.common.save_figure
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        figs[os.path.basename(path)] = fig
+        save(fig, path)
+    monkeypatch.setattr(summarize.common, "save_figure", keep)
+    return figs
+
+
+def integer_ticks(ax):
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    return bool(ticks) and all(t == int(t) for t in ticks)
+
+
+def visible(line):
+    """Whether a line's marker is drawn at least 5 points wide (a "." is 3: lost on its own)."""
+    from matplotlib.markers import MarkerStyle
+    m = MarkerStyle(line.get_marker())
+    return m.get_path().transformed(m.get_transform()).get_extents().width * line.get_markersize() >= 5
+
+
+def test_plot_lines_gives_integer_rounds_a_visible_lone_point_and_error_bars(tmp_path, figures):
+    summarize.common.plot_lines(tmp_path / "a.png", {"curve": ([0, 1, 2, 3], [50.0, 60.0, 65.0, 70.0]),
+                                                     "lone": ([2], [55.0])}, "round", "accuracy (%)", "t")
+    ax = figures["a.png"].axes[0]
+    assert integer_ticks(ax)  # not 0.5, 1.5
+    lone = [line for line in ax.lines if len(line.get_xdata()) == 1]
+    assert len(lone) == 1 and visible(lone[0])
+    summarize.common.plot_lines(tmp_path / "b.png", {"s": ([0.5, 0.9], [70.0, 60.0], [1.0, 2.0])},
+                                "sparsity", "accuracy (%)", "t", integer_x=False)
+    ax = figures["b.png"].axes[0]
+    assert not integer_ticks(ax)  # a fraction axis keeps its fractions
+    assert [c.has_yerr for c in ax.containers] == [True]
+    bars = ax.containers[0].lines[2][0].get_segments()  # one vertical segment per point: mean ± std
+    assert [(s[0][1], s[1][1]) for s in bars] == [(69.0, 71.0), (58.0, 62.0)]
+
+
+def test_summary_plots_in_percent_with_integer_rounds_error_bars_and_two_decimals(tmp_path, figures):
+    study(tmp_path)
+    fed(tmp_path, "iid", 16, 0, 0.5, curve={3: 0.5})  # validated once: a curve of one point
+    summarize_root(tmp_path)
+    assert len(figures["fedavg_dense_j16.png"].axes[0].lines[0].get_xdata()) == 1
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            if "accuracy" in ax.get_ylabel():
+                assert "(%)" in ax.get_ylabel(), name
+                assert all(v > 1 for line in ax.lines for v in line.get_ydata()), name  # no fraction left
+            if ax.get_xlabel().startswith("round"):
+                assert integer_ticks(ax), name
+            assert all(visible(line) for line in ax.lines if len(line.get_xdata()) == 1), name
+    sparsity = figures["editing_sparsity.png"].axes[0]
+    assert sparsity.containers and all(c.has_yerr for c in sparsity.containers)
+    rules = figures["editing_rules.png"].axes[0]
+    assert any(getattr(c, "errorbar", None) is not None for c in rules.containers)  # bars with error bars
+    cells = [t.get_text() for ax in figures["fedavg_heatmap.png"].axes for t in ax.texts]
+    assert cells and all(re.fullmatch(r"\d+\.\d\d", c) for c in cells)
+    assert "60.50" in cells  # IID J=4 dense: 60% and 61% over the two seeds
