@@ -502,6 +502,9 @@ def test_plot_lines_gives_integer_rounds_a_visible_lone_point_and_error_bars(tmp
     assert integer_ticks(ax)  # not 0.5, 1.5
     lone = [line for line in ax.lines if len(line.get_xdata()) == 1]
     assert len(lone) == 1 and visible(lone[0])
+    summarize.common.plot_lines(tmp_path / "c.png", {"lone": ([3], [55.0])}, "round", "accuracy (%)", "t")
+    ax = figures["c.png"].axes[0]
+    assert integer_ticks(ax) and visible(ax.lines[0])  # its x range is under one round
     summarize.common.plot_lines(tmp_path / "b.png", {"s": ([0.5, 0.9], [70.0, 60.0], [1.0, 2.0])},
                                 "sparsity", "accuracy (%)", "t", integer_x=False)
     ax = figures["b.png"].axes[0]
