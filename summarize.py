@@ -472,7 +472,8 @@ def editing_doc(runs, out_dir):
                                      ([s for s in sparsities if (s, n) in least], [100 * c.mean() for c in cells[n]],
                                       [100 * c.std() for c in cells[n]]) for n in rounds},
                               "sparsity (fraction of backbone weights frozen)", "test accuracy (%)",
-                              "Model editing: sparsity × calibration rounds\n(mean over seeds ± std)", integer_x=False)
+                              "Model editing: sparsity × calibration rounds\n(mean over seeds ± std)",
+                              integer_x=False)
             plots.append(path)
         labels, values = [], []
         settings = group(hr, lambda r: (r["sparsity"], r["calib_rounds"]))
@@ -626,8 +627,9 @@ def cost_table(runs, frac):
                  ["run", "split", "J", "rounds", "test acc (%)", "rounds to target", "M values / client / round",
                   "MB uploaded / run"], rows, [None] * 4 + ["max", "min", None, None],
                  "Rounds to target: the first round (head warm-up rounds included) whose validation accuracy "
-                 "reaches the target; validation runs every --eval-every rounds. Communication: values one "
-                 "client uploads per round (sparse: masked-in entries only) and the run's total at 4 bytes each.")
+                 "reaches the target (0: the step-0 head already does); validation runs every --eval-every "
+                 "rounds. Communication: values one client uploads per round (sparse: masked-in entries only) "
+                 "and the run's total at 4 bytes each.")
 
 
 # ----------------------------------------------------------------------------- plots
