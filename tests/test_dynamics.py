@@ -83,7 +83,7 @@ def test_fedavg_head_warmup_learns_a_head(tmp_path, data_dir):
     central, _ = run(tmp_path, data_dir, "centralized.py", "central", *flags)
     fed, val = run(tmp_path, data_dir, "fedavg.py", "fed", *flags, "--head", "warmup", "--rounds", "1",
                    "--eval-every", "20")  # the default 20 warm-up rounds
-    assert val[0] >= central["val_acc"] - 0.1, (val, central["val_acc"])
+    assert val[1] >= central["val_acc"] - 0.1, (val, central["val_acc"])  # val[0]: round 0, the untrained head
 
 
 def test_iid_fedavg_ends_above_one_class_per_client(tmp_path, data_dir):
