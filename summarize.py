@@ -662,7 +662,8 @@ def plot_curves(path, by_split, title):
         xs, mean, std = curve(rs, "val_acc")
         if len(xs):
             ax.plot(xs, 100 * mean, marker=marker(xs), label=f"{split} (n={len(rs)})")
-            ax.fill_between(xs, 100 * (mean - std), 100 * (mean + std), alpha=0.2)
+            ax.fill_between(xs, np.clip(100 * (mean - std), 0, None), np.clip(100 * (mean + std), None, 100),
+                            alpha=0.2)  # an accuracy stays within 0-100% even where two seeds differ a lot
     ax.set(xlabel="round (0 = the head, before any round)", ylabel="validation accuracy (%)")
     integer_ticks(ax.xaxis)
     ax.set_title(title + "\nline: mean over seeds, band: ± std", fontsize=8)

@@ -516,9 +516,13 @@ def test_plot_lines_gives_integer_rounds_a_visible_lone_point_and_error_bars(tmp
 
 def test_summary_plots_in_percent_with_integer_rounds_error_bars_and_two_decimals(tmp_path, figures):
     study(tmp_path)
-    fed(tmp_path, "iid", 16, 0, 0.5, curve={3: 0.5})  # validated once: a curve of one point
+    fed(tmp_path, "iid", 16, 0, 0.5, curve={3: 0.5})  # validated once: a curve of one point,
+    fed(tmp_path, "iid", 16, 1, 0.02, curve={3: 0.02})  # whose seeds differ so much that mean - std < 0
     summarize_root(tmp_path)
-    assert len(figures["fedavg_dense_j16.png"].axes[0].lines[0].get_xdata()) == 1
+    lone = figures["fedavg_dense_j16.png"].axes[0]
+    assert len(lone.lines[0].get_xdata()) == 1
+    band = lone.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == 0 and band.max() < 100  # an accuracy band stays within 0-100%
     for name, fig in figures.items():
         for ax in fig.axes:
             if "accuracy" in ax.get_ylabel():
