@@ -25,6 +25,7 @@ import sys
 import numpy as np
 
 import common
+import plumbing
 
 STAGES = ["centralized", "editing", "fedavg"]
 COLUMNS = ["stage", "run", "dataset", "seed", "head", "score", "lr", "momentum", "wd", "scheduler", "rule",
@@ -218,7 +219,7 @@ def planned_runs(runs, plan, root):
     kept, strangers = [], []
     for r in runs:
         rel = os.path.relpath(r["dir"], root)
-        diff = common.config_differences(r["dir"], plan[rel][1]) if rel in plan else None
+        diff = plumbing.config_differences(r["dir"], plan[rel][1]) if rel in plan else None
         if rel not in plan:
             strangers.append(rel)
         elif diff:
@@ -463,12 +464,12 @@ def editing_doc(runs, out_dir):
                                       least))
         if len(sparsities) > 1 and i == 0:
             path = os.path.join(out_dir, "editing_sparsity.png")
-            common.plot_lines(path, {f"{n} calibration round{'s' * (n != 1)}":
-                                     ([s for s in sparsities if (s, n) in least],
+            plumbing.plot_lines(path, {f"{n} calibration round{'s' * (n != 1)}":
+                                       ([s for s in sparsities if (s, n) in least],
                                       [acc(least[(s, n)]).mean() for s in sparsities if (s, n) in least])
-                                     for n in rounds},
-                              "sparsity (fraction of backbone weights frozen)", "test accuracy",
-                              "Model editing: sparsity × calibration rounds")
+                                       for n in rounds},
+                                "sparsity (fraction of backbone weights frozen)", "test accuracy",
+                                "Model editing: sparsity × calibration rounds")
             plots.append(path)
         labels, values = [], []
         settings = group(hr, lambda r: (r["sparsity"], r["calib_rounds"]))
@@ -485,7 +486,7 @@ def editing_doc(runs, out_dir):
             values += [acc(x).mean() for x in rules.values()]
         if labels and i == 0:
             path = os.path.join(out_dir, "editing_rules.png")
-            common.plot_bars(path, labels, values, "test accuracy", "Model editing: mask rules")
+            plumbing.plot_bars(path, labels, values, "test accuracy", "Model editing: mask rules")
             plots.append(path)
     return doc, plots
 
@@ -639,7 +640,7 @@ def curve(runs, col):
 
 
 def plot_curves(path, by_split, title):
-    fig, ax = common.pyplot().subplots(figsize=(6, 4))
+    fig, ax = plumbing.pyplot().subplots(figsize=(6, 4))
     for split, rs in by_split.items():
         xs, mean, std = curve(rs, "val_acc")
         if len(xs):
@@ -651,7 +652,7 @@ def plot_curves(path, by_split, title):
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def plot_heatmap(path, dense, sparse, title):
@@ -662,8 +663,8 @@ def plot_heatmap(path, dense, sparse, title):
              for rs in (dense, sparse)]
     grids = [100 * np.array(m, dtype=float) for m in means]  # None (no run) -> nan
     lo, hi = np.nanmin(grids), np.nanmax(grids)
-    fig, axes = common.pyplot().subplots(1, 2, figsize=(3 + 2.4 * len(js), 1.4 + 0.6 * len(splits)),
-                               squeeze=False, layout="constrained")
+    fig, axes = plumbing.pyplot().subplots(1, 2, figsize=(3 + 2.4 * len(js), 1.4 + 0.6 * len(splits)),
+                                           squeeze=False, layout="constrained")
     for ax, g, name in zip(axes[0], grids, ("dense", "sparse")):
         im = ax.imshow(g, vmin=lo, vmax=hi, cmap="viridis", aspect="auto")
         ax.set(xticks=range(len(js)), xticklabels=[f"J={j}" for j in js], yticks=range(len(splits)),
@@ -673,7 +674,7 @@ def plot_heatmap(path, dense, sparse, title):
                 ax.text(k, i, f"{v:.1f}", ha="center", va="center", color="w" if v < (lo + hi) / 2 else "k", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), label="test accuracy (%)")
     fig.suptitle(title, fontsize=9)
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def smooth(xs, ys):
@@ -685,7 +686,7 @@ def smooth(xs, ys):
 
 def plot_agreement(path, dense, sparse, title):
     """Update agreement and update norm per round, one line per (split, dense/sparse), mean over seeds."""
-    fig, axes = common.pyplot().subplots(1, 2, figsize=(11, 4), layout="constrained")
+    fig, axes = plumbing.pyplot().subplots(1, 2, figsize=(11, 4), layout="constrained")
     colors, longest = {}, 0
     for kind, rs, style in (("dense", dense, "-"), ("sparse", sparse, "--")):
         for split, x in sorted(group(rs, lambda r: r["split"]).items(), key=lambda kv: split_order(kv[0])):
@@ -702,7 +703,7 @@ def plot_agreement(path, dense, sparse, title):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def fedavg_plots(runs, shown, out_dir):
@@ -775,9 +776,9 @@ def summarize(root, target=0.9):
     os.makedirs(out_dir, exist_ok=True)
     rows, path = [csv_row(r, root) for r in runs], os.path.join(out_dir, "results.csv")
     if rows:
-        common.write_csv(rows, path)
+        plumbing.write_csv(rows, path)
     else:  # write_csv takes its header from the rows
-        common.atomic_write_text(",".join(COLUMNS) + "\n", path)
+        plumbing.atomic_write_text(",".join(COLUMNS) + "\n", path)
 
     by_stage = {s: [r for r in runs if r["stage"] == s] for s in STAGES}
     seeds = sorted({r["seed"] for r in runs})
@@ -802,8 +803,8 @@ def summarize(root, target=0.9):
         if name.endswith(".png") and os.path.join(out_dir, name) not in plots:
             os.remove(os.path.join(out_dir, name))
     md, tex = render(doc)
-    common.atomic_write_text(md, os.path.join(out_dir, "report.md"))
-    common.atomic_write_text(tex, os.path.join(out_dir, "tables.tex"))
+    plumbing.atomic_write_text(md, os.path.join(out_dir, "report.md"))
+    plumbing.atomic_write_text(tex, os.path.join(out_dir, "tables.tex"))
     print(f"{len(runs)} runs summarized: {out_dir}/report.md, tables.tex, results.csv and {len(plots)} plots")
 
 
@@ -815,20 +816,20 @@ def fraction(s):
 
 
 def main(argv=None):
-    p = common.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("root", type=common.path, help="results root, e.g. run_all.sh's $RESULTS (default there: ./runs)")
+    p = plumbing.Parser(description=__doc__.split("\n")[0])
+    p.add_argument("root", type=plumbing.path, help="results root, e.g. run_all.sh's $RESULTS (default there: ./runs)")
     p.add_argument("--target", type=fraction, default=0.9,
                    help="rounds to target: the first FedAvg round whose validation accuracy reaches this fraction "
                         "of the centralized validation accuracy of the same seed (of the mean over the centralized "
                         "runs when that seed has none)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.root):
-        raise common.UserError(f"{args.root} is not a directory")
+        raise plumbing.UserError(f"{args.root} is not a directory")
     try:
         summarize(args.root, args.target)
     except OSError as e:  # e.g. a read-only results root
-        raise common.UserError(f"cannot write the summary: {e}")
+        raise plumbing.UserError(f"cannot write the summary: {e}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    plumbing.run_main(main)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 from conftest import ROOT, TINY
 
 
@@ -42,7 +43,7 @@ def backbone_file(tmp_path, seed=0):
 
 
 def stop_during_call(monkeypatch, module, name, n):
-    """Make common.stop_requested() answer True from the n-th call of module.name on (as if SIGTERM
+    """Make plumbing.stop_requested() answer True from the n-th call of module.name on (as if SIGTERM
     arrived during it)."""
     calls = {"n": 0}
     real = getattr(module, name)
@@ -52,17 +53,17 @@ def stop_during_call(monkeypatch, module, name, n):
         return real(*a, **k)
 
     monkeypatch.setattr(module, name, counting)
-    monkeypatch.setattr(common, "stop_requested", lambda: calls["n"] >= n)
+    monkeypatch.setattr(plumbing, "stop_requested", lambda: calls["n"] >= n)
 
 
 def run_as_script(main, argv, capsys):
-    """main(argv) through common.run_main, as the script's __main__ runs it: returns (exit status, the
+    """main(argv) through plumbing.run_main, as the script's __main__ runs it: returns (exit status, the
     non-empty lines it printed on stderr). The stop-signal handlers run_main installs are put back."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     capsys.readouterr()
     try:
         with pytest.raises(SystemExit) as e:
-            common.run_main(lambda: main(argv))
+            plumbing.run_main(lambda: main(argv))
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)

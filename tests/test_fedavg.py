@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import plumbing
 import fedavg
 from conftest import TINY
 from helpers import assert_usage_error, backbone_file, masked_weights_moved, run_script, stop_during_call, tiny_model
@@ -50,7 +51,7 @@ def test_shards_are_disjoint_covering_balanced_with_nc_classes(n, nc):
 def test_noniid_shards_on_uneven_sizes_stay_as_close_as_the_classes_allow(k, nc):
     # classes of unequal size (20..119 samples) and K*nc not a multiple of 100
     y = torch.cat([torch.full((20 + c,), c) for c in range(100)])
-    shards = fedavg.noniid_shards(y, k, nc, common.make_generator(0))
+    shards = fedavg.noniid_shards(y, k, nc, plumbing.make_generator(0))
     check_partition(shards, len(y))
     for s in shards:
         assert int((torch.bincount(y[s], minlength=100) > 0).sum()) == nc
@@ -94,7 +95,7 @@ def round_args(*extra):
 
 
 def fp32_scaler():
-    return common.grad_scaler(torch.device("cpu"), "off")
+    return plumbing.grad_scaler(torch.device("cpu"), "off")
 
 
 def one_round(model, shards, inputs, y, args, mask=None, head_only=False):
@@ -251,8 +252,8 @@ def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monke
     per_client = math.ceil(20 / args.k)
     total = {k: torch.zeros_like(v) for k, v in batched.items()}
     for client, shard in enumerate(shards):  # what each client would send: its own images, cropped and flipped
-        i, u = common.draw_calibration(len(shard), per_client, common.stream("fed_calib", args.seed, 1, client))
-        off, flip = common.draw_augmentation(len(i), common.stream("fed_calib_aug", args.seed, 1, client))
+        i, u = common.draw_calibration(len(shard), per_client, plumbing.stream("fed_calib", args.seed, 1, client))
+        off, flip = common.draw_augmentation(len(i), plumbing.stream("fed_calib_aug", args.seed, 1, client))
         sums, n = common.fisher_sums(model, common.augment(x[shard[i]], off, flip), u, 32, 4, torch.device("cpu"),
                                      score=args.score)
         for k in total:
@@ -284,8 +285,8 @@ def test_federated_calibration_scores_the_images_calib_images_names(monkeypatch,
     for r, images in enumerate(seen, 1):
         clean, augmented = [], []
         for client, shard in enumerate(shards):
-            i, _ = common.draw_calibration(len(shard), per_client, common.stream("fed_calib", args.seed, r, client))
-            off, flip = common.draw_augmentation(len(i), common.stream("fed_calib_aug", args.seed, r, client))
+            i, _ = common.draw_calibration(len(shard), per_client, plumbing.stream("fed_calib", args.seed, r, client))
+            off, flip = common.draw_augmentation(len(i), plumbing.stream("fed_calib_aug", args.seed, r, client))
             clean.append(x[shard[i]])
             augmented.append(common.augment(x[shard[i]], off, flip))
         clean, augmented = torch.cat(clean), torch.cat(augmented)
@@ -342,7 +343,7 @@ def test_dense_fedavg_starts_from_the_given_head_file(tmp_path):
 def test_sparse_fedavg_reuses_a_mask_file(tmp_path):
     weights, pre = backbone_file(tmp_path)
     params = dict(common.masked_params(pre))
-    mask = common.select_mask(None, "random", 5000, gen=common.make_generator(3), params=params)
+    mask = common.select_mask(None, "random", 5000, gen=plumbing.make_generator(3), params=params)
     common.save_mask(mask, str(tmp_path / "given.pt"))
     out = tmp_path / "run"
     fedavg.main(FAST + ["--weights", weights, "--sparse", "--mask", str(tmp_path / "given.pt"),
@@ -361,7 +362,7 @@ RESUME = FAST + ["--sparse", "--sparsity", "0.8", "--calib-rounds", "2", "--roun
 def assert_same_run(a, b):
     ma, mb = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
-    for f in ("model.pt", "head.pt", "mask.pt"):  # byte for byte (common.atomic_save)
+    for f in ("model.pt", "head.pt", "mask.pt"):  # byte for byte (plumbing.atomic_save)
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     for f in ("metrics.csv", "calibration.csv", "shards.csv", "config.json"):
         assert (a / f).read_text() == (b / f).read_text(), f
@@ -392,7 +393,7 @@ def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch, uninte
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ckpt["round"] == 3 and not (tmp_path / "cut" / "result.json").exists()  # cut mid-run
     monkeypatch.setattr(fedavg, "client_update", real)
-    with pytest.raises(common.UserError, match="--resume"):
+    with pytest.raises(plumbing.UserError, match="--resume"):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     (tmp_path / "cut" / "head.pt").write_bytes(b"")  # damaged while the run was away: not in the finished run
     (tmp_path / "cut" / "shards.csv").write_text("junk\n")
@@ -401,23 +402,23 @@ def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch, uninte
 
 
 def test_a_kill_between_the_mask_and_the_checkpoint_recalibrates(tmp_path, monkeypatch, uninterrupted):
-    real = common.save_checkpoint
+    real = plumbing.save_checkpoint
 
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common, "save_checkpoint", killed)  # the first checkpoint follows the mask
+    monkeypatch.setattr(plumbing, "save_checkpoint", killed)  # the first checkpoint follows the mask
     with pytest.raises(KeyboardInterrupt):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     assert (tmp_path / "cut" / "mask.pt").is_file() and not (tmp_path / "cut" / "checkpoint.pt").exists()
-    monkeypatch.setattr(common, "save_checkpoint", real)
+    monkeypatch.setattr(plumbing, "save_checkpoint", real)
     fedavg.main(RESUME + ["--out", str(tmp_path / "cut"), "--resume"])
     assert_same_run(uninterrupted, tmp_path / "cut")
 
 
 def test_a_stop_signal_checkpoints_at_the_round_boundary_and_resumes(tmp_path, monkeypatch, uninterrupted):
     stop_during_call(monkeypatch, fedavg, "train_round", 2)  # SIGTERM during round 2
-    with pytest.raises(common.Stopped):
+    with pytest.raises(plumbing.Stopped):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["round"] == 2
     monkeypatch.undo()
@@ -457,7 +458,7 @@ def test_bad_flags_are_one_line_errors(capsys, bad):
                                       (["--sparse", "--sparsity", "0.9999999"], "keeps none"),
                                       (["--head", "nohead.pt"], "not found")])
 def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, bad, says):
-    with pytest.raises(common.UserError, match=says):
+    with pytest.raises(plumbing.UserError, match=says):
         fedavg.main(FAST + ["--out", str(tmp_path / "r")] + bad)
     assert not (tmp_path / "r").exists()
 
@@ -469,9 +470,9 @@ def test_bad_flag_end_to_end_is_one_line_and_exit_2(tmp_path):
 
 
 def test_missing_or_misfit_mask_is_a_one_line_error(tmp_path):
-    with pytest.raises(common.UserError, match="not found"):
+    with pytest.raises(plumbing.UserError, match="not found"):
         fedavg.main(FAST + ["--sparse", "--mask", str(tmp_path / "none.pt"), "--out", str(tmp_path / "r")])
     torch.save({"blocks.0.norm1.weight": torch.ones(3, dtype=torch.bool)}, tmp_path / "bad.pt")
-    with pytest.raises(common.UserError, match="does not fit"):
+    with pytest.raises(plumbing.UserError, match="does not fit"):
         fedavg.main(FAST + ["--sparse", "--mask", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()

@@ -9,6 +9,7 @@ import torch
 
 import centralized
 import common
+import plumbing
 import fedavg
 import model_editing
 from helpers import masked_weights_moved, tiny_model
@@ -88,7 +89,7 @@ def test_a_diverging_run_stops_in_every_precision(tmp_path, amp):
     """--lr 1e8 makes the loss nan (or, in fp16, may leave the scaler skipping every step): the run stops
     with Diverged and writes no result, in every precision."""
     out = tmp_path / "r"
-    with pytest.raises(common.Diverged):
+    with pytest.raises(plumbing.Diverged):
         fedavg.main(GPU + ["--amp", amp, "--k", "10", "--c", "0.5", "--rounds", "20", "--lr", "1e8", "--sparse",
                            "--fisher-batches", "1", "--out", str(out)])
     assert not (out / "result.json").exists()

@@ -19,6 +19,7 @@ import torch
 from torch.func import functional_call
 
 import common
+import plumbing
 import model_editing
 from conftest import TINY
 from helpers import tiny_model
@@ -148,7 +149,7 @@ def test_calibrated_mask_equals_the_talos_port(sparsity, rounds):
         seen.append(mask)
         return common.fisher_sums(model, images, us[len(seen) - 1], 32, 5, CPU, mask=mask, damp=0.1)[0]
 
-    mask, log = common.calibrate_mask(model, score, "least-sensitive", sparsity, rounds, common.make_generator(0))
+    mask, log = common.calibrate_mask(model, score, "least-sensitive", sparsity, rounds, plumbing.make_generator(0))
     assert len(seen) == rounds
     assert [row["kept"] for row in log] == want_kept
     assert list(mask) == list(want)
@@ -168,8 +169,8 @@ def test_default_mask_equals_the_talos_port(flags):
     x = data["train"][0]
     xs, us = [], []
     for r in range(1, args.calib_rounds + 1):
-        idx, u = common.draw_calibration(len(x), 12, common.stream("edit_calib", args.seed, r))
-        xs.append(common.preprocess(training_view(x[idx], common.stream("edit_calib_aug", args.seed, r)), 32).double())
+        idx, u = common.draw_calibration(len(x), 12, plumbing.stream("edit_calib", args.seed, r))
+        xs.append(common.preprocess(training_view(x[idx], plumbing.stream("edit_calib_aug", args.seed, r)), 32).double())
         us.append(u)
     want, want_kept = talos_calibrate(model, xs, us, args.sparsity, args.calib_rounds)
 

@@ -67,8 +67,8 @@ def fed(root, split, j, seed, acc, mask=None, curve=None, **fields):
 def no_plots(monkeypatch):
     """Tables only: drawing PNGs takes most of summarize.py's time (test_plots_... draws them)."""
     monkeypatch.setattr(summarize, "fedavg_plots", lambda *a: [])
-    monkeypatch.setattr(summarize.common, "plot_lines", lambda *a: None)
-    monkeypatch.setattr(summarize.common, "plot_bars", lambda *a: None)
+    monkeypatch.setattr(summarize.plumbing, "plot_lines", lambda *a: None)
+    monkeypatch.setattr(summarize.plumbing, "plot_bars", lambda *a: None)
 
 
 def summarize_root(root, *flags):
@@ -423,7 +423,7 @@ def test_bad_runs_are_left_out_with_one_warning_each(tmp_path, capsys):
 
 def test_summarize_refuses_a_missing_root(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # what `python summarize.py ROOT` runs, in-process (3 s less)
-        summarize.common.run_main(lambda: summarize.main([str(tmp_path / "nope")]))
+        summarize.plumbing.run_main(lambda: summarize.main([str(tmp_path / "nope")]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "not a directory" in err
 
