@@ -142,6 +142,9 @@ def main(argv=None):
         p.requires_grad_(False)
     feats = common.cached_features(model, data, args, device, args.aug_views)
     if ckpt is None:
+        # The checkpoint (plumbing.save_checkpoint adds "run", the run's flags): "done", every finished
+        # trial's summary by name (run_trial; a resumed run skips them), and "init_head", the head every
+        # trial starts from.
         ckpt = {"done": {}, "init_head": common.cpu_state(model.head)}
 
     if args.grid:

@@ -50,9 +50,10 @@ def load_cifar100(data_dir):
         except RuntimeError:  # not there yet (or its files fail torchvision's checksum): download it
             folder = os.path.join(data_dir, "cifar-100-python")
             if os.path.isdir(folder) and not network_reachable("www.cs.toronto.edu"):
-                raise plumbing.UserError(f"CIFAR-100 in {folder} is incomplete or corrupt (its files fail the checksum) and "
-                                         f"there is no network to download it again: copy a good {folder} here, or "
-                                         f"delete it and run `python plan.py --data-dir DIR` on a machine with internet")
+                raise plumbing.UserError(f"CIFAR-100 in {folder} is incomplete or corrupt (its files fail the "
+                                         f"checksum) and there is no network to download it again: copy a good "
+                                         f"{folder} here, or delete it and run `python plan.py --data-dir DIR` on a "
+                                         f"machine with internet")
             if not network_reachable("www.cs.toronto.edu"):
                 raise plumbing.UserError(f"CIFAR-100 is not in {data_dir} and there is no network: run "
                                          f"`python plan.py --data-dir DIR` on a machine with internet, copy DIR here "
@@ -65,7 +66,7 @@ def load_cifar100(data_dir):
     return tuple(sets)
 
 
-def make_synthetic(n_train, n_test, seed=0, num_classes=NUM_CLASSES, noise=0.3, family=0):
+def make_synthetic(n_train, n_test, seed=0, num_classes=NUM_CLASSES, family=0):
     """A learnable CIFAR-shaped set: each class is a fixed smooth, mirror-symmetric colour pattern;
     each image is that pattern, randomly shifted a little, plus pixel noise. Classes are balanced.
     Hard enough that a linear probe on a random tiny ViT stays well below 100%, so fine-tuning
@@ -83,7 +84,7 @@ def make_synthetic(n_train, n_test, seed=0, num_classes=NUM_CLASSES, noise=0.3, 
         shift = torch.randint(-2, 3, (n, 2), generator=gen)
         x = protos[y]
         x = torch.stack([torch.roll(img, (int(s[0]), int(s[1])), dims=(1, 2)) for img, s in zip(x, shift)])
-        x = x + noise * torch.randn(x.shape, generator=gen)
+        x = x + 0.3 * torch.randn(x.shape, generator=gen)  # pixel noise
         x = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         return x, y
 
@@ -310,15 +311,15 @@ def backbone_params(model):
 
 # ----------------------------------------------------------------------------- optimizer
 
-def cache_sized_groups(tensors, size=256 * 1024):
-    """Index lists of consecutive tensors of about `size` entries (1 MB of fp32) each. Multi-tensor ops
+def cache_sized_groups(tensors):
+    """Index lists of consecutive tensors of about 256 K entries (1 MB of fp32) each. Multi-tensor ops
     applied group by group find their operands still in the CPU cache from the previous op; over all
     of a ViT-S at once every op streams 88 MB from memory (measured: 25% slower per pass on one core)."""
     groups, cur, n = [], [], 0
     for i, t in enumerate(tensors):
         cur.append(i)
         n += t.numel()
-        if n >= size:
+        if n >= 256 * 1024:
             groups.append(cur)
             cur, n = [], 0
     return groups + ([cur] if cur else [])
@@ -420,7 +421,10 @@ class SparseSGDM(torch.optim.Optimizer):
 SCHEDULERS = ["cosine", "step", "exponential", "constant", "warmup-cosine"]
 
 
-def lr_factor(name, epoch, epochs, warmup=2):
+WARMUP_EPOCHS = 2  # warmup-cosine: the rate climbs linearly over these, then follows the cosine
+
+
+def lr_factor(name, epoch, epochs):
     """Multiplier of the base learning rate for `epoch` (0-based) out of `epochs`.
     A pure function, so a resumed run needs no scheduler state."""
     if name == "constant":
@@ -432,9 +436,9 @@ def lr_factor(name, epoch, epochs, warmup=2):
     if name == "exponential":  # reaches 1% of the base rate at the last epoch
         return 0.01 ** (epoch / max(1, epochs - 1))
     if name == "warmup-cosine":
-        if epoch < warmup:
-            return (epoch + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(1, epochs - warmup)))
+        if epoch < WARMUP_EPOCHS:
+            return (epoch + 1) / (WARMUP_EPOCHS + 1)
+        return 0.5 * (1 + math.cos(math.pi * (epoch - WARMUP_EPOCHS) / max(1, epochs - WARMUP_EPOCHS)))
     raise ValueError(f"unknown scheduler {name}")
 
 
@@ -516,9 +520,10 @@ def evaluate(model, x, y, args, device):
                               x, y, args.eval_batch_size)
 
 
-def evaluate_head(head, feats, y, batch_size=4096):
+def evaluate_head(head, feats, y):
+    """(loss, accuracy) of a linear head on cached features: a batch of 4096 features is small."""
     head.eval()
-    return evaluate_logits_fn(head, feats, y, batch_size)
+    return evaluate_logits_fn(head, feats, y, 4096)
 
 
 # ----------------------------------------------------------------------------- frozen-backbone features and heads
@@ -628,12 +633,12 @@ def train_head(head, feats, hp, epochs, patience, batch_size, seed, test=None, w
     return history, best_epoch
 
 
-def ridge_stats(feats, y, num_classes=NUM_CLASSES):
+def ridge_stats(feats, y):
     """Sufficient statistics of ridge regression from features to one-hot labels, in float64:
     (A = Σ φφᵀ, B = Σ φ onehot(y)ᵀ, n) with φ = [features, 1]. Statistics of disjoint sets add up,
     so the sum over clients is exactly the statistics of their union."""
     phi = torch.cat([feats.double(), torch.ones(len(feats), 1, dtype=torch.float64, device=feats.device)], 1)
-    return phi.T @ phi, phi.T @ F.one_hot(y, num_classes).double(), len(y)
+    return phi.T @ phi, phi.T @ F.one_hot(y, NUM_CLASSES).double(), len(y)
 
 
 RIDGE_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # per sample: the penalty is lambda * n * ||W||²
@@ -647,7 +652,7 @@ RIDGE_LABEL_SMOOTHING = 0.1
 
 
 @torch.no_grad()
-def ridge_head(head, stats, val_feats, val_y, lambdas=RIDGE_LAMBDAS):
+def ridge_head(head, stats, val_feats, val_y):
     """Set `head` to the ridge solution W = (A + λ·n·I)⁻¹ B (bias not penalized) for the λ with the best
     validation accuracy (first of equals), its logits then multiplied by the temperature with the lowest
     label-smoothed validation cross-entropy: regression outputs live near [0, 1], too flat a softmax for
@@ -659,7 +664,7 @@ def ridge_head(head, stats, val_feats, val_y, lambdas=RIDGE_LAMBDAS):
     phi_val = torch.cat([val_feats.double(), torch.ones(len(val_feats), 1, dtype=torch.float64,
                                                         device=val_feats.device)], 1)
     best = None
-    for lam in lambdas:
+    for lam in RIDGE_LAMBDAS:
         plumbing.stop_here("the ridge head")
         W = torch.linalg.solve(A + lam * n * penalty, B)
         acc = float((phi_val @ W).argmax(1).eq(val_y).double().mean())
@@ -944,17 +949,17 @@ def keep_schedule(total, sparsity, rounds):
 
 
 def calibrate_mask(model, score_fn, rule, sparsity, rounds, gen):
-    """Multi-round calibration of a mask over masked_params(model): in round r, score with the current
-    mask applied (score_fn(mask) -> {name: score}), then shrink the kept set to keep_schedule(...)[r]
-    among the entries still kept. Returns (mask, per-round log)."""
+    """Multi-round calibration of a mask over masked_params(model): in round r = 1..rounds, score with
+    the current mask applied (score_fn(r, mask) -> {name: score}), then shrink the kept set to round r's
+    count of keep_schedule among the entries still kept. Returns (mask, per-round log)."""
     params = dict(masked_params(model))
     total = sum(p.numel() for p in params.values())
     mask, log = None, []
-    for r, keep in enumerate(keep_schedule(total, sparsity, rounds)):
-        plumbing.stop_here(f"mask calibration, round {r + 1} of {rounds}")
-        scores = score_fn(mask) if rule in ("least-sensitive", "most-sensitive") else None
+    for r, keep in enumerate(keep_schedule(total, sparsity, rounds), start=1):
+        plumbing.stop_here(f"mask calibration, round {r} of {rounds}")
+        scores = score_fn(r, mask) if rule in ("least-sensitive", "most-sensitive") else None
         mask = select_mask(scores, rule, keep, current=mask, gen=gen, params=params)
-        log.append({"round": r + 1, "kept": keep, "kept_frac": keep / total})
+        log.append({"round": r, "kept": keep, "kept_frac": keep / total})
     return mask, log
 
 
@@ -985,7 +990,7 @@ def load_mask(path, model):
     return mask
 
 
-def mask_density(mask):
+def mask_kept_frac(mask):
     return sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
 
 
@@ -1002,12 +1007,8 @@ def calibrate(model, draw, args, device):
     """Step 1 of model_editing.py and fedavg.py --sparse: calibrate_mask with --rule, --sparsity and
     --calib-rounds, round r scoring the images draw(r) -> (uint8 images, uniforms for their labels)
     with --score and --calib-damp. Prints the rounds; returns (mask, per-round log)."""
-    rounds_done = 0
-
-    def score(mask):
-        nonlocal rounds_done
-        rounds_done += 1
-        images, u = draw(rounds_done)
+    def score(r, mask):  # the mean squared per-sample gradients of round r's images
+        images, u = draw(r)
         sums, n = fisher_sums(model, images, u, args.img_size, args.fisher_batch_size, device,
                               mask=mask, damp=args.calib_damp, score=args.score)
         return {k: v / n for k, v in sums.items()}
@@ -1022,14 +1023,14 @@ def calibrate(model, draw, args, device):
     return mask, log
 
 
-def changed_count(model, initial):
-    """(entries of masked_params that differ from `initial` {name: tensor}, entries in all)."""
+def changed_count(model, pretrained):
+    """(entries of masked_params that differ from `pretrained` {name: tensor}, entries in all)."""
     params = masked_params(model)
-    changed = sum(int((p.detach().cpu() != initial[n].cpu()).sum()) for n, p in params)
+    changed = sum(int((p.detach().cpu() != pretrained[n].cpu()).sum()) for n, p in params)
     return changed, sum(p.numel() for _, p in params)
 
 
-# ----------------------------------------------------------------------------- the flags the scripts share, and the start of a run
+# ----------------------------------------------------------------------------- the scripts' shared flags, a run's start
 
 def check_base_flags(p, args):
     """Contradictions among base_parser's flags (every script's get_args calls this)."""
@@ -1061,14 +1062,16 @@ def base_parser():
                    help="images are resized to this many pixels before the ViT (a multiple of its patch size)")
     g.add_argument("--batch-size", type=plumbing.positive_int, default=128, help="training batch size")
     g.add_argument("--eval-batch-size", type=plumbing.positive_int, default=256, help="evaluation batch size")
-    g.add_argument("--seed", type=plumbing.seed_int, default=0, help="random seed of everything but the validation split")
+    g.add_argument("--seed", type=plumbing.seed_int, default=0,
+                   help="random seed of everything but the validation split and the synthetic images")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (none: cuda if available, else cpu)")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision of the backbone on a GPU: auto = bf16 where the GPU supports it "
                         "natively (compute capability >= 8.0), fp16 with a gradient scaler on older GPUs "
                         "(T4, V100), off (fp32) on the CPU. The head and every accuracy are fp32 always")
     g.add_argument("--deterministic", action="store_true",
-                   help="deterministic GPU kernels (bit-identical reruns and resumes on a GPU; a little slower)")
+                   help="deterministic GPU kernels where PyTorch has them (bit-identical reruns and resumes on a GPU; "
+                        "an op without one prints a warning in the log and breaks that promise); a little slower")
     g.add_argument("--results", type=plumbing.path, default="runs", help="root of the default run directories")
     g.add_argument("--out", type=plumbing.path, default=None,
                    help="run directory (none: RESULTS/STAGE/NAME/seedSEED, NAME from the main flags)")
@@ -1078,9 +1081,10 @@ def base_parser():
 
 
 def edit_parser():
-    """Head and mask flags shared by model_editing.py and fedavg.py --sparse (an argparse parent)."""
+    """Head and mask flags shared by model_editing.py and fedavg.py (an argparse parent; the mask flags
+    only with --sparse)."""
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("step 0: the classifier head, frozen from then on")
+    g = p.add_argument_group("step 0: the classifier head (frozen from then on, except in dense FedAvg)")
     g.add_argument("--head", type=plumbing.path, default="ridge", metavar="{ridge,warmup,FILE}",
                    help="ridge: closed-form ridge regression on frozen-backbone features, lambda chosen on "
                         "the validation split (fedavg.py: from the clients' sufficient statistics, one "

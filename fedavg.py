@@ -39,7 +39,7 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=plumbing.positive_int, default=20,
                    help="validation accuracy of the global model every N rounds (curves, rounds-to-target); "
                         "with the test every 300 rounds, evaluation is ~5%% of a default run's time "
-                        "(benchmarks/bench_round.py)")
+                        "(measured on a CPU at 32 px, benchmarks/bench_round.py)")
     g.add_argument("--test-every", type=plumbing.positive_int, default=300,
                    help="test accuracy every N rounds, and always after the last round")
     g.add_argument("--ckpt-every", type=plumbing.positive_int, default=5, help="checkpoint every N rounds")
@@ -99,7 +99,7 @@ def get_args(argv=None):
     split = "iid" if args.iid else f"nc{args.nc}"
     kind = "head" if args.train == "head" else "dense"
     if args.sparse:
-        kind = (f"sparse-mask-{os.path.basename(os.path.dirname(os.path.abspath(args.mask)))}" if args.mask
+        kind = (f"sparse-mask-{plumbing.file_tag(args.mask)}" if args.mask
                 else f"sparse-{args.rule}_s{args.sparsity}_r{args.calib_rounds}")
     args.out = args.out or f"{args.results}/fedavg/{split}_j{args.j}_{kind}/seed{args.seed}"
     return args
@@ -238,41 +238,6 @@ def client_update(forward, opt, scaler, batches):
     return total / len(batches[0])
 
 
-def fedavg_round(params, clients, weights, train_client, global_w=None, update=None):
-    """One round. Each sampled client trains in turn from the global weights, then the server adds
-    the weighted average of the updates Δ_i = client_i - global to the global weights (in `params`).
-
-    Averaging updates rather than weights keeps every entry that no client changed (masked out,
-    frozen) bit-for-bit the same. The task-arithmetic lens is computed on the way, O(1) extra memory:
-    update_norm = mean ||Δ_i||, agreement = ||Σ w_iΔ_i||² / Σ w_i||Δ_i||² (1 when all clients move the
-    same way, 1/n for n equally weighted orthogonal updates, 0 when they cancel).
-    `global_w` and `update` are the server's buffers (shaped like params), reused across rounds when
-    given. Returns (mean client loss, update_norm, agreement) as floats."""
-    with torch.no_grad():
-        if global_w is None:
-            global_w, update = [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in params]
-        torch._foreach_copy_(global_w, params)
-        torch._foreach_zero_(update)
-    groups = common.cache_sized_groups(params)
-    losses, sq_norms = [], []
-    for client, w in zip(clients, weights):
-        losses.append(train_client(client))
-        with torch.no_grad():
-            for i in groups:  # a few MB at a time: the four passes below then read it from the cache
-                p, g, u = [params[k] for k in i], [global_w[k] for k in i], [update[k] for k in i]
-                torch._foreach_sub_(p, g)  # p now holds Δ_i
-                torch._foreach_add_(u, p, alpha=w)
-                sq_norms += torch._foreach_norm(p)
-                torch._foreach_copy_(p, g)  # the next client starts from the global model again
-    with torch.no_grad():
-        torch._foreach_add_(params, update)
-        agg = torch.stack(torch._foreach_norm(update)).square().sum()
-    sq = torch.stack(sq_norms).square().view(len(clients), -1).sum(1)
-    spread = float((torch.tensor(weights, device=sq.device) * sq).sum())
-    return (float(torch.stack(losses).mean()), float(sq.sqrt().mean()),
-            float(agg) / spread if spread > 0 else float("nan"))
-
-
 def trained_params(model, mask=None, head_only=False):
     """(name, param) the clients train: with head_only the head, with a mask the backbone (masked
     tensors through the mask, cls_token/pos_embed densely, the head frozen), else everything."""
@@ -296,9 +261,17 @@ class Phase:
         self.head_only = head_only
 
 
-def train_round(model, phase, shards, inputs, y, rnd, args, device, scaler):
-    """Round `rnd` of FedAvg on `model`, in place, for a Phase: on cached features (`inputs`) in a
-    head-only phase, else on uint8 images (`inputs`). Returns (loss, update_norm, agreement)."""
+def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
+    """Round `rnd` of FedAvg on `model`, in place, for a Phase: on cached features (`x`) in a
+    head-only phase, else on uint8 images (`x`). Each sampled client trains in turn from the global
+    weights, then the server adds the weighted average of the updates Δ_i = client_i - global to the
+    global weights (the Phase's `params`; its `global_w` and `update` are the server's buffers).
+
+    Averaging updates rather than weights keeps every entry that no client changed (masked out,
+    frozen) bit-for-bit the same. The task-arithmetic lens is computed on the way, O(1) extra memory:
+    update_norm = mean ||Δ_i||, agreement = ||Σ w_iΔ_i||² / Σ w_i||Δ_i||² (1 when all clients move the
+    same way, 1/n for n equally weighted orthogonal updates, 0 when they cancel).
+    Returns (mean client loss, update_norm, agreement) as floats."""
     if phase.head_only:
         net, augment, forward = model.head, False, model.head
     else:
@@ -306,19 +279,37 @@ def train_round(model, phase, shards, inputs, y, rnd, args, device, scaler):
 
         def forward(xb):
             return common.forward_logits(model, common.preprocess(xb, args.img_size), device, args.precision)
-    tensors = [p for _, p in phase.params]
-    for p in tensors:
+    params, global_w, update = [p for _, p in phase.params], phase.global_w, phase.update
+    for p in params:
         p.requires_grad_(True)
     clients = sample_clients(args, rnd)
     sizes = [len(shards[c]) for c in clients]
+    weights = [s / sum(sizes) for s in sizes]
     net.train()
-    out = fedavg_round(tensors, clients, [s / sum(sizes) for s in sizes],
-                       lambda c: client_update(forward, phase.opt, scaler,
-                                               client_batches(inputs, y, shards[c], rnd, c, args, device, augment)),
-                       phase.global_w, phase.update)
-    for p in tensors:
+    with torch.no_grad():
+        torch._foreach_copy_(global_w, params)
+        torch._foreach_zero_(update)
+    groups = common.cache_sized_groups(params)
+    losses, sq_norms = [], []
+    for client, w in zip(clients, weights):
+        batches = client_batches(x, y, shards[client], rnd, client, args, device, augment)
+        losses.append(client_update(forward, phase.opt, scaler, batches))
+        with torch.no_grad():
+            for i in groups:  # a few MB at a time: the four passes below then read it from the cache
+                p, g, u = [params[k] for k in i], [global_w[k] for k in i], [update[k] for k in i]
+                torch._foreach_sub_(p, g)  # p now holds Δ_i
+                torch._foreach_add_(u, p, alpha=w)
+                sq_norms += torch._foreach_norm(p)
+                torch._foreach_copy_(p, g)  # the next client starts from the global model again
+    with torch.no_grad():
+        torch._foreach_add_(params, update)  # the server's step
+        agg = torch.stack(torch._foreach_norm(update)).square().sum()
+    for p in params:
         p.requires_grad_(False)
-    return out
+    sq = torch.stack(sq_norms).square().view(len(clients), -1).sum(1)
+    spread = float((torch.tensor(weights, device=sq.device) * sq).sum())
+    return (float(torch.stack(losses).mean()), float(sq.sqrt().mean()),
+            float(agg) / spread if spread > 0 else float("nan"))
 
 
 # ----------------------------------------------------------------------------- main
@@ -376,13 +367,15 @@ def main(argv=None):
     # evaluation (the backbone does not change there) all read them instead of running the ViT.
     needs_feats = args.head == "ridge" or args.warmup_rounds or args.train == "head"
     feats = common.cached_features(model, data, args, device) if needs_feats else None
-    initial = {n: p.detach().cpu().clone() for n, p in common.masked_params(model)}
+    pretrained = {n: p.detach().cpu().clone() for n, p in common.masked_params(model)}
     mask_path = os.path.join(args.out, "mask.pt")
 
     # written on resume too (the same bytes): a shards.csv damaged meanwhile does not survive
     plumbing.write_csv([{"client": i, "samples": len(s), "classes": len(torch.unique(data["train"][1][s]))}
                         for i, s in enumerate(shards)], os.path.join(args.out, "shards.csv"))
-    if ckpt is None:  # step 0: the head
+    # -------- step 0: the head (federated ridge, a head.pt, or the warm-up rounds below)
+
+    if ckpt is None:
         head_info, head_upload = {}, 0
         if args.head == "ridge":
             head_info = federated_ridge(model.head, shards, feats)
@@ -390,12 +383,21 @@ def main(argv=None):
             head_upload = d * d + d * common.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ and a count, once per client
         elif inputs["head"] is not None:
             model.head.load_state_dict(inputs["head"])
+        # The checkpoint: all of a run's state (plumbing.save_checkpoint adds "run", the run's flags).
+        #   round                  rounds done (warm-up rounds included)
+        #   rows                   metrics.csv so far, one row per round
+        #   calibrated, calib_log  step 1 done (the mask is mask.pt), and its rounds (calibration.csv)
+        #   head_info, head        step 0: how the head was made, and the head after it (head.pt)
+        #   upload                 values the clients uploaded so far
+        #   elapsed                seconds of work so far, across resumes
+        #   model, scaler          from the first save on: the global model, the fp16 gradient scale
         ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
                 "upload": head_upload * args.k, "elapsed": 0.0, "head": common.cpu_state(model.head)}
     else:
         model.load_state_dict(ckpt["model"])
-    # the head the run starts from (with --sparse: the frozen head throughout); model.pt holds the final
-    # one. Rewritten from the checkpoint on resume: a head.pt damaged meanwhile does not survive
+    # the head after step 0 (ridge, a head.pt, or with --head warmup the random head before its warm-up
+    # rounds); model.pt holds the final one. Rewritten from the checkpoint on resume: a head.pt damaged
+    # meanwhile does not survive
     plumbing.atomic_save(ckpt["head"], os.path.join(args.out, "head.pt"))
     t0 = time.time() - ckpt["elapsed"]
     mask = common.load_mask(mask_path, model) if ckpt["calibrated"] else None
@@ -412,6 +414,8 @@ def main(argv=None):
         if backbone_changed:
             return common.evaluate(model, *data[split], args, device)
         return common.evaluate_head(model.head, *feats[split])  # same numbers, no ViT pass
+
+    # -------- the rounds: head warm-up rounds; with --sparse, step 1 (the mask, once), then step 2
 
     phase = None
     hint = f"a --lr below {args.lr:g}"
@@ -453,6 +457,8 @@ def main(argv=None):
         if stop and not last:  # SLURM preemption / time limit: saved at this round boundary
             raise plumbing.Stopped(f"round {rnd + 1}", saved=True)
 
+    # -------- results
+
     rows = ckpt["rows"]
     write_outputs(rows, args)
     if ckpt["calib_log"]:
@@ -472,8 +478,8 @@ def main(argv=None):
               "clients_per_round": clients_per_round(args), "comm_values_per_client_round": per_client,
               "comm_mb_total": ckpt["upload"] * 4 / 1e6, "seconds": time.time() - t0}
     if args.sparse:
-        changed, total = common.changed_count(model, initial)
-        result.update(mask_kept_frac=common.mask_density(mask), changed_frac=changed / total)
+        changed, total = common.changed_count(model, pretrained)
+        result.update(mask_kept_frac=common.mask_kept_frac(mask), changed_frac=changed / total)
     plumbing.atomic_save(common.cpu_state(model), os.path.join(args.out, "model.pt"))
     plumbing.finish_run(result, args)
     print(f"test acc {result['test_acc']:.4f} after {total_rounds} rounds (best val {best['val_acc']:.4f} at "

@@ -52,8 +52,7 @@ def get_args(argv=None):
     if args.mask:
         plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
     common.check_base_flags(p, args)
-    mask = f"mask-{os.path.basename(os.path.dirname(os.path.abspath(args.mask)))}" if args.mask else \
-        f"{args.rule}_s{args.sparsity}_r{args.calib_rounds}"
+    mask = f"mask-{plumbing.file_tag(args.mask)}" if args.mask else f"{args.rule}_s{args.sparsity}_r{args.calib_rounds}"
     args.out = args.out or f"{args.results}/editing/{mask}/seed{args.seed}"
     return args
 
@@ -133,6 +132,14 @@ def main(argv=None):
         head = make_head(model, data, args, device, inputs)
         mask, log = (inputs["mask"], []) if inputs["mask"] is not None else make_mask(model, data, args, device)
         common.save_mask(mask, mask_path)
+        # The checkpoint: all of a run's state (plumbing.save_checkpoint adds "run", the run's flags).
+        #   epoch, step            where step 2 goes on: the epoch, and the next step in it
+        #   loss_sum               that epoch's training loss so far (summed on the device)
+        #   rows                   metrics.csv so far: epoch 0 (before any edit), then one row per epoch
+        #   head_info, head        step 0: how the head was made, and its weights (frozen from then on)
+        #   calib_log              step 1: the calibration rounds (calibration.csv); the mask is mask.pt
+        #   elapsed                seconds of work so far, across resumes
+        #   model, opt, scaler     from the first save in step 2: weights, SparseSGDM's momentum, fp16 scale
         ckpt = {"epoch": 0, "step": 0, "loss_sum": torch.zeros(()), "rows": [], "head_info": head,
                 "calib_log": log, "head": common.cpu_state(model.head), "elapsed": time.time() - t0}
         plumbing.save_checkpoint(ckpt, args)
@@ -210,7 +217,7 @@ def main(argv=None):
               "rule": args.rule if calibrated else None, "sparsity": args.sparsity if calibrated else None,
               "calib_rounds": args.calib_rounds if calibrated else None, "mask_file": args.mask,
               "head": args.head, "score": args.score, **ckpt["head_info"],
-              "mask_kept_frac": common.mask_density(mask), "changed_frac": changed / total,
+              "mask_kept_frac": common.mask_kept_frac(mask), "changed_frac": changed / total,
               "val_acc": rows[-1]["val_acc"], "test_acc": rows[-1]["test_acc"],
               "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "test_acc_at_best_val": best["test_acc"],
               "seconds": time.time() - t0}

@@ -44,7 +44,7 @@ def prefetch(args, backbone=True):
     print(f"backbone {args.arch} at {args.img_size} px with {source}: ready")
 
 
-# ----------------------------------------------------------------------------- run_all.sh's questions: each run's directory, images and state
+# ----------------------------------------------------------------------------- each run's directory, images, state
 
 # The stages run_all.sh runs, by script name. Each states its image passes next to its loop
 # (image_passes: images it will push through the ViT, forward+backward and forward only, from its parsed

@@ -118,7 +118,7 @@ def run_main(main):
         sys.exit(130)
 
 
-# ----------------------------------------------------------------------------- flags: a parser and the types the scripts' flags share
+# ----------------------------------------------------------------------------- flags: the parser and value types
 
 class Parser(argparse.ArgumentParser):
     """argparse that prints every default in --help (so help cannot drift from the code), and a bad
@@ -402,6 +402,15 @@ def write_csv(rows, path):
 # Flags that do not change a run's result: a run may be resumed with other values of these.
 # (Not --eval-batch-size: the order in which evaluation sums its batches shows in the last digits.)
 NON_RESULT_FLAGS = {"out", "results", "resume", "device", "data_dir"}
+
+
+def file_tag(path):
+    """A run name for an input file: its last two folders and its name without the extension, e.g.
+    runs/editing/random_s0.5_r1/seed0/mask.pt -> random_s0.5_r1-seed0-mask. In the project's layout
+    (RESULTS/STAGE/NAME/seedN/FILE) two files never share one; the folder alone (seedN) would."""
+    folders, name = os.path.split(os.path.abspath(path))
+    return "-".join([os.path.basename(os.path.dirname(folders)), os.path.basename(folders),
+                     os.path.splitext(name)[0]])
 
 
 def run_config(args):

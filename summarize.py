@@ -14,6 +14,7 @@ the planned flags count (any other finished run is left out with a warning) and 
 planned runs that have no result yet. Every file is written atomically (temporary file, then rename).
 """
 import argparse
+import collections
 import csv
 import json
 import math
@@ -41,7 +42,7 @@ def warn(msg):
 
 # ----------------------------------------------------------------------------- reading and checking runs
 
-# The keys summarize.py reads from each stage's result.json (see CONTRACT.md) and their types;
+# The keys summarize.py reads from each stage's result.json (each script's main writes it) and their types;
 # "?" marks a key that may be null or absent (runs written before it existed).
 SCHEMA = {
     "all": dict(stage="str", dataset="str", seed="int", seconds="num", amp="str?"),
@@ -291,10 +292,13 @@ def add_rounds_to_target(runs, frac):
                                           if v is not None and v >= r["target"]), None)
 
 
+Setup = collections.namedtuple("Setup", "train head k c warmup_rounds score mask")
+
+
 def setup(r):
     """What defines a FedAvg experiment apart from split, J and seed."""
-    return (r["train"], r.get("head"), r["k"], r["c"], r.get("warmup_rounds") or 0,
-            r.get("score") if r["mask"] else None, r["mask"])
+    return Setup(r["train"], r.get("head"), r["k"], r["c"], r.get("warmup_rounds") or 0,
+                 r.get("score") if r["mask"] else None, r["mask"])
 
 
 def mask_name(mask):
@@ -525,7 +529,7 @@ def rules_tables(runs, covered):
     """Mask rules inside sparse FedAvg: rule × split at each J, with the dense runs of the same head."""
     out = []
     sparse = group([r for r in runs if r["mask"] and None not in r["mask"]],
-                   lambda r: (setup(r)[:6], r["mask"][1:], r["j"]))
+                   lambda r: (setup(r)._replace(mask=None), r["mask"][1:], r["j"]))
     for (base, (s, n, by), j), rs in sparse.items():
         rules = group(sorted(rs, key=lambda r: rule_order(r["mask"][0])), lambda r: r["mask"][0])
         if len(rules) < 2:
@@ -536,10 +540,9 @@ def rules_tables(runs, covered):
         rows = [[rule] + [acc([r for r in x if r["split"] == sp]) for sp in splits] for rule, x in rules.items()]
         if dense:
             rows.append(["dense (no mask)"] + [acc([r for r in dense if r["split"] == sp]) for sp in splits])
-        train, head, k, c, warm, score = base
-        out.append(Table(f"Mask rules inside sparse FedAvg at sparsity {s:g}, {n} calibration rounds ({by}, {score} "
-                         f"score), J={j}; head {head}, K={k}, C={c:g}: test accuracy (%)", ["rule"] + splits, rows,
-                         [None] + ["max"] * len(splits)))
+        out.append(Table(f"Mask rules inside sparse FedAvg at sparsity {s:g}, {n} calibration rounds ({by}, "
+                         f"{base.score} score), J={j}; head {base.head}, K={base.k}, C={base.c:g}: test accuracy (%)",
+                         ["rule"] + splits, rows, [None] + ["max"] * len(splits)))
     return out
 
 
@@ -547,14 +550,14 @@ def sparsity_tables(runs, covered):
     """Sparsity × calibration rounds inside sparse FedAvg, at each non-IID split and J that has several."""
     out = []
     sparse = group([r for r in runs if r["mask"] and None not in r["mask"] and not r["iid"]],
-                   lambda r: (setup(r)[:6], r["mask"][0], r["mask"][3], r["split"], r["j"]))
+                   lambda r: (setup(r)._replace(mask=None), r["mask"][0], r["mask"][3], r["split"], r["j"]))
     for (base, rule, by, split, j), rs in sparse.items():
         cells = group(rs, lambda r: r["mask"][1:3])
         if len(cells) < 2:
             continue
         covered.update(setup(r) for r in rs)
         out.append(sparsity_table(f"Sparsity × calibration rounds inside sparse FedAvg ({rule}, {by} calibration, "
-                                  f"{base[5]} score) at {split}, J={j}; head {base[1]}, K={base[2]}, C={base[3]:g}",
+                                  f"{base.score} score) at {split}, J={j}; head {base.head}, K={base.k}, C={base.c:g}",
                                   cells))
     return out
 
@@ -573,7 +576,7 @@ def main_setups(runs, head):
     def best(rs):
         cells = group(rs, setup)
         return max(cells, key=lambda k: (len({(r["split"], r["j"]) for r in cells[k]}), len(cells[k]),
-                                         str(k)), default=None)
+                                         str(tuple(k))), default=None)
     mine = [r for r in runs if r.get("head") == head]
     sparse = [r for r in mine if r["mask"] and r["mask"][0] in ("least-sensitive", None)] or \
              [r for r in mine if r["mask"]]
@@ -589,7 +592,7 @@ def six_models_tables(runs, central, editing):
         if not js:  # only head-only runs
             continue
         j = 4 if 4 in js else js[0]
-        mask = sparse[6][:3] if sparse else None
+        mask = sparse.mask[:3] if sparse else None
         edits = group([r for r in editing if r.get("head") == head and r["rule"] == "least-sensitive"],
                       lambda r: (r["rule"], r["sparsity"], r["calib_rounds"]))
         edit = mask if mask in edits else ("least-sensitive", 0.9, 4) if ("least-sensitive", 0.9, 4) in edits else \
@@ -610,7 +613,7 @@ def six_models_tables(runs, central, editing):
 
 def cost_table(runs, frac):
     rows = []
-    for key, rs in sorted(group(runs, setup).items(), key=lambda kv: (kv[0][6] is not None, setup_name(kv[0]))):
+    for key, rs in sorted(group(runs, setup).items(), key=lambda kv: (kv[0].mask is not None, setup_name(kv[0]))):
         for (split, j), x in sorted(group(rs, lambda r: (r["split"], r["j"])).items(),
                                     key=lambda kv: (split_order(kv[0][0]), kv[0][1])):
             rows.append([setup_name(key), split, j, "/".join(str(n) for n in sorted({r["rounds"] for r in x})),
@@ -712,9 +715,9 @@ def fedavg_plots(runs, shown, out_dir):
     heads = list(group(runs, lambda r: r.get("head")))
     mains = {h: main_setups(runs, h) for h in heads}
     for key in shown:
-        head, mask = key[1], key[6]
+        head, mask = key.head, key.mask
         tag = ("dense" if not mask else "sparse") if key in mains[head] else \
-            ("train-" + key[0] if not mask else "sparse-" + mask_name(mask))
+            ("train-" + key.train if not mask else "sparse-" + mask_name(mask))
         tag = re.sub(r"[^A-Za-z0-9._-]+", "-", tag + (f"_head{heads.index(head)}" if head != heads[0] else ""))
         tags[tag] = tags.get(tag, 0) + 1
         tag += f"_{tags[tag]}" if tags[tag] > 1 else ""

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
-import plumbing  # noqa: E402
 import fedavg  # noqa: E402
+import plumbing  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -179,7 +179,8 @@ def time_optimizers(model, mask, device, reps):
 
 def time_calibration(a, model, x, shards, args, device, reps):
     """Per scored image: the federated score of one calibration round (each client's images, scored in
-    shared batches) vs a central one on as many images; and vs one call per client (today's before)."""
+    shared batches) vs a central one on as many images; and vs one call per client (how it was scored
+    before the shared batches)."""
     per_client = math.ceil(8 * 32 / len(shards))
     u = torch.rand(per_client * len(shards), dtype=torch.float64)
     idx = torch.cat([s[:per_client] for s in shards]).to(device)

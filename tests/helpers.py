@@ -42,17 +42,27 @@ def backbone_file(tmp_path, seed=0):
     return str(path), model
 
 
-def stop_during_call(monkeypatch, module, name, n):
-    """Make plumbing.stop_requested() answer True from the n-th call of module.name on (as if SIGTERM
-    arrived during it)."""
+def count_calls(monkeypatch, module, name, kill_at=None):
+    """Count the calls of module.name (patched for this test): returns the count, {'n': calls so far}.
+    With kill_at, its kill_at-th call raises KeyboardInterrupt instead (as if the process were killed
+    during it); put it back with monkeypatch.undo() or monkeypatch.setattr(module, name, real)."""
     calls = {"n": 0}
     real = getattr(module, name)
 
     def counting(*a, **k):
         calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt
         return real(*a, **k)
 
     monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def stop_during_call(monkeypatch, module, name, n):
+    """Make plumbing.stop_requested() answer True from the n-th call of module.name on (as if SIGTERM
+    arrived during it)."""
+    calls = count_calls(monkeypatch, module, name)
     monkeypatch.setattr(plumbing, "stop_requested", lambda: calls["n"] >= n)
 
 

@@ -9,7 +9,7 @@ import centralized
 import common
 import plumbing
 from conftest import TINY
-from helpers import assert_usage_error, run_script
+from helpers import assert_usage_error, count_calls, run_script
 
 FAST = TINY + ["--synthetic-size", "2000", "--batch-size", "64"]
 
@@ -55,16 +55,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
                    "--epochs", "4", "--patience", "2", "--aug-views", "2"]
     centralized.main(argv + ["--out", str(tmp_path / "full")])
 
-    calls = {"n": 0}
     real_epoch = common.train_head_epoch
-
-    def dying_epoch(*a, **k):  # the 6th epoch (inside the second grid point) never finishes
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(common, "train_head_epoch", dying_epoch)
+    count_calls(monkeypatch, common, "train_head_epoch", kill_at=6)  # the 6th epoch: inside the second grid point
     with pytest.raises(KeyboardInterrupt):
         centralized.main(argv + ["--out", str(tmp_path / "cut")])
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)

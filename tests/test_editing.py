@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import common
-import plumbing
 import model_editing
+import plumbing
 from conftest import TINY
-from helpers import assert_usage_error, backbone_file, masked_weights_moved, run_script, tiny_model
+from helpers import (assert_usage_error, backbone_file, count_calls, masked_weights_moved, run_script,
+                     tiny_model)
 
 FAST = TINY + ["--synthetic-size", "3000", "--batch-size", "64", "--warmup-lr", "0.1", "--fisher-batches", "2",
                "--fisher-batch-size", "16"]
@@ -62,7 +63,7 @@ def test_every_rule_gives_the_exact_sparsity_on_a_vit(rule, sparsity):
     model = tiny_model()
     total = sum(p.numel() for _, p in common.masked_params(model))
     scores = {n: torch.rand(p.shape) for n, p in common.masked_params(model)}
-    mask, log = common.calibrate_mask(model, lambda m: scores, rule, sparsity, 3, plumbing.make_generator(0))
+    mask, log = common.calibrate_mask(model, lambda r, m: scores, rule, sparsity, 3, plumbing.make_generator(0))
     assert set(mask) == {n for n, _ in common.masked_params(model)}
     # the reference's final count: int((1 - S) * N), 1 - S in floating point (at 0.95 one fewer than rounding)
     assert sum(int(m.sum()) for m in mask.values()) == int((1 - sparsity) * total)
@@ -76,7 +77,7 @@ def test_calibration_rounds_only_grow_the_masked_out_set():
     seen = []
     gen = torch.Generator().manual_seed(0)
 
-    def fresh_scores(mask):  # new random scores each round: only the held-out rule keeps it monotone
+    def fresh_scores(r, mask):  # new random scores each round: only the held-out rule keeps it monotone
         seen.append(None if mask is None else {k: v.clone() for k, v in mask.items()})
         return {n: torch.rand(p.shape, generator=gen) for n, p in common.masked_params(model)}
 
@@ -378,15 +379,8 @@ def test_interrupted_edit_resumes_to_the_same_weights(tmp_path, monkeypatch):
     argv = FAST + ["--epochs", "2", "--synthetic-size", "1000", "--sparsity", "0.7", "--fisher-batches", "1"]
     model_editing.main(argv + ["--out", str(tmp_path / "full")])
 
-    real_step, calls = model_editing.train_step, {"n": 0}
-
-    def dying_step(*a, **k):  # dies in the middle of the second epoch (15 steps per epoch)
-        calls["n"] += 1
-        if calls["n"] == 20:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(model_editing, "train_step", dying_step)
+    real_step = model_editing.train_step
+    count_calls(monkeypatch, model_editing, "train_step", kill_at=20)  # mid second epoch (15 steps per epoch)
     with pytest.raises(KeyboardInterrupt):
         model_editing.main(argv + ["--out", str(tmp_path / "cut")])
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # cut mid-run

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import common
-import plumbing
 import fedavg
+import plumbing
 from conftest import TINY
-from helpers import assert_usage_error, backbone_file, masked_weights_moved, run_script, stop_during_call, tiny_model
+from helpers import (assert_usage_error, backbone_file, count_calls, masked_weights_moved, run_script,
+                     stop_during_call, tiny_model)
 
 FAST = TINY + ["--synthetic-size", "2000", "--k", "10", "--c", "0.5", "--lr", "0.05", "--batch-size", "32"]
 
@@ -147,10 +148,15 @@ def reference_round(params, clients, weights, train_client):
     return deltas
 
 
-def test_aggregation_is_bit_identical_to_the_per_tensor_server_and_measures_agreement():
+def test_aggregation_is_bit_identical_to_the_per_tensor_server_and_measures_agreement(monkeypatch):
     torch.manual_seed(0)
-    params = [torch.randn(5, 3), torch.randn(7)]
-    moves = {c: [torch.randn(5, 3), torch.randn(7)] for c in range(3)}
+    args = round_args("--k", "3", "--c", "1")
+    model = tiny_model()
+    phase = fedavg.Phase(model, args)
+    ours = [p for _, p in phase.params]
+    params = [p.detach().clone() for p in ours]
+    moves = {c: [torch.randn_like(p) for p in params] for c in range(3)}
+    shards = [torch.arange(50), torch.arange(30), torch.arange(20)]  # weights 0.5, 0.3, 0.2
 
     def train_client(c, ps):
         with torch.no_grad():
@@ -158,14 +164,19 @@ def test_aggregation_is_bit_identical_to_the_per_tensor_server_and_measures_agre
                 p.add_(m)
         return torch.tensor(float(c))
 
-    ours = [p.clone() for p in params]
-    loss, norm, agreement = fedavg.fedavg_round(ours, [0, 1, 2], [0.5, 0.3, 0.2], lambda c: train_client(c, ours))
+    # the round's clients move by `moves` (client_batches hands client_update the client's number)
+    monkeypatch.setattr(fedavg, "client_batches", lambda x, y, shard, rnd, client, *a: client)
+    monkeypatch.setattr(fedavg, "client_update", lambda forward, opt, scaler, client: train_client(client, ours))
+    loss, norm, agreement = fedavg.train_round(model, phase, shards, None, None, 0, args, torch.device("cpu"),
+                                               fp32_scaler())
+    clients = fedavg.sample_clients(args, 0)
+    weights = [[0.5, 0.3, 0.2][c] for c in clients]
     ref = [p.clone() for p in params]
-    deltas = reference_round(ref, [0, 1, 2], [0.5, 0.3, 0.2], lambda c: train_client(c, ref))
+    deltas = reference_round(ref, clients, weights, lambda c: train_client(c, ref))
     assert all(torch.equal(a, b) for a, b in zip(ours, ref))  # same bits as the per-tensor server
     flat = [torch.cat([d.flatten() for d in ds]) for ds in deltas]
-    avg = sum(w * f for w, f in zip([0.5, 0.3, 0.2], flat))
-    want = float(avg.square().sum() / sum(w * f.square().sum() for w, f in zip([0.5, 0.3, 0.2], flat)))
+    avg = sum(w * f for w, f in zip(weights, flat))
+    want = float(avg.square().sum() / sum(w * f.square().sum() for w, f in zip(weights, flat)))
     assert agreement == pytest.approx(want, rel=1e-5)
     assert norm == pytest.approx(float(sum(f.norm() for f in flat) / 3), rel=1e-5)
     assert loss == pytest.approx(1.0)
@@ -379,15 +390,9 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch, uninterrupted):
-    real, calls = fedavg.client_update, {"n": 0}
-
-    def dying_client(*a, **k):  # 5 clients a round: dies inside round 4, after the checkpoint of round 3
-        calls["n"] += 1
-        if calls["n"] == 18:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(fedavg, "client_update", dying_client)
+    real = fedavg.client_update
+    # 5 clients a round: killed inside round 4, after the checkpoint of round 3
+    count_calls(monkeypatch, fedavg, "client_update", kill_at=18)
     with pytest.raises(KeyboardInterrupt):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)

@@ -9,10 +9,10 @@ import torch
 
 import centralized
 import common
-import plumbing
 import fedavg
 import model_editing
-from helpers import masked_weights_moved, tiny_model
+import plumbing
+from helpers import count_calls, masked_weights_moved, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -67,15 +67,7 @@ def test_deterministic_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch
     argv = GPU + ["--deterministic", "--k", "10", "--c", "0.5", "--rounds", "4", "--ckpt-every", "1", "--sparse",
                   "--fisher-batches", "1"]
     fedavg.main(argv + ["--out", str(tmp_path / "full")])
-    real, calls = fedavg.client_update, {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 13:  # inside round 3
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(fedavg, "client_update", dying)
+    count_calls(monkeypatch, fedavg, "client_update", kill_at=13)  # inside round 3
     with pytest.raises(KeyboardInterrupt):
         fedavg.main(argv + ["--out", str(tmp_path / "cut")])
     monkeypatch.undo()

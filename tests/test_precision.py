@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import common
-import plumbing
 import fedavg
+import plumbing
 from conftest import TINY
 from helpers import tiny_model
 

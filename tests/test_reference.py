@@ -1,6 +1,6 @@
 """The project's mask calibration against a small faithful port of the TaLoS reference code
 (iurada/talos-task-arithmetic, vision/: pruners.py TaLoS.score and Pruner._global_copy, the round loop
-of prune_finetune.py, the masked layers of layers.py; see shared notes talos-reference.md).
+of prune_finetune.py, the masked layers of layers.py).
 
 The port keeps the reference's own mechanics: the kept fraction of round r as prune_finetune.py computes
 it ((1.0 - S) ** (r / R)) and the kept count as _global_copy derives it from that fraction (int(fraction
@@ -19,8 +19,8 @@ import torch
 from torch.func import functional_call
 
 import common
-import plumbing
 import model_editing
+import plumbing
 from conftest import TINY
 from helpers import tiny_model
 
@@ -145,7 +145,7 @@ def test_calibrated_mask_equals_the_talos_port(sparsity, rounds):
 
     seen = []
 
-    def score(mask):  # the project's scores, 5 images per batch (the port takes all 12 at once)
+    def score(r, mask):  # the project's scores, 5 images per batch (the port takes all 12 at once)
         seen.append(mask)
         return common.fisher_sums(model, images, us[len(seen) - 1], 32, 5, CPU, mask=mask, damp=0.1)[0]
 

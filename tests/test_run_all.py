@@ -134,7 +134,7 @@ def calls(log):
 
 S5 = (0.5, 0.75, 0.9, 0.95, 0.99)
 SPLITS = ("iid", "nc1", "nc5", "nc10", "nc50")
-FULL = {  # the grid of the study, as the issue defines it
+FULL = {  # the grid of the study, as README.md's 'The grid' lists it
     "centralized": {(True, True)},
     "editing": {(r, 0.9, 4) for r in RULES} | {("least-sensitive", s, r) for s in S5 for r in (1, 2, 4, 8)},
     "fedavg dense": {(sp, j) for sp in SPLITS for j in (4, 8, 16)},

@@ -14,9 +14,9 @@ import torch
 
 import centralized
 import common
-import plumbing
 import fedavg
 import model_editing
+import plumbing
 import summarize
 from conftest import ROOT, TINY
 from helpers import (assert_usage_error, backbone_file, parse_refused, run_as_script, run_script,
@@ -330,17 +330,26 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_kept(tmp_path, monke
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
+def test_two_masks_of_the_project_layout_name_two_runs():
+    """Masks of two runs of one seed share their folder's name (seed0): the run on a mask is named after
+    the mask's run too."""
+    masks = ["runs/editing/random_s0.5_r1/seed0/mask.pt", "runs/fedavg/iid_j4_sparse-random_s0.5_r1/seed0/mask.pt"]
+    for script, flags in ((model_editing, []), (fedavg, ["--sparse"])):
+        outs = {script.get_args(FAST + flags + ["--mask", m]).out for m in masks}
+        assert len(outs) == 2, outs
+
+
 def test_an_edit_on_a_given_mask_is_filed_under_that_masks_settings(tmp_path):
     base = FAST + ["--synthetic-size", "1000", "--epochs", "0", "--results", str(tmp_path)]
     model_editing.main(base + ["--rule", "random", "--sparsity", "0.5", "--calib-rounds", "1"])
     made = tmp_path / "editing" / "random_s0.5_r1" / "seed0"
     model_editing.main(base + ["--mask", str(made / "mask.pt")])
-    given = json.loads((tmp_path / "editing" / "mask-seed0" / "seed0" / "result.json").read_text())
+    given = json.loads((tmp_path / "editing" / "mask-random_s0.5_r1-seed0-mask" / "seed0" / "result.json").read_text())
     assert (given["rule"], given["sparsity"], given["calib_rounds"]) == (None, None, None)  # not the flag defaults
     summarize.main([str(tmp_path)])
     with open(tmp_path / "summary" / "results.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
-    row = rows["editing/mask-seed0/seed0"]
+    row = rows["editing/mask-random_s0.5_r1-seed0-mask/seed0"]
     assert (row["rule"], row["sparsity"], row["calib_rounds"]) == ("random", "0.5", "1")
 
 
@@ -464,14 +473,14 @@ def phase_calls():
     f = torch.randn(64, model.head.in_features)
     feats = {s: (f, torch.arange(64) % common.NUM_CLASSES) for s in ("train", "val")}
     u = torch.rand(32, dtype=torch.float64)
-    fisher = lambda mask: common.fisher_sums(model, x, u, 32, 8, torch.device("cpu"))[0]
+    fisher = lambda r, mask: common.fisher_sums(model, x, u, 32, 8, torch.device("cpu"))[0]
     hp = dict(lr=0.1, momentum=0.9, wd=0.0, scheduler="constant")
     return {"feature extraction": lambda: common.extract_features(model, x, args, torch.device("cpu")),
             "ridge head": lambda: common.ridge_head(model.head, common.ridge_stats(*feats["train"]), *feats["val"]),
             "federated ridge": lambda: fedavg.federated_ridge(model.head, [torch.arange(32), torch.arange(32, 64)],
                                                               feats),
             "calibration round": lambda: common.calibrate_mask(model, fisher, "random", 0.5, 4, torch.Generator()),
-            "fisher batch": lambda: fisher(None),
+            "fisher batch": lambda: fisher(1, None),
             "head epoch": lambda: common.train_head(model.head, feats, hp, 20, 20, 16, 0)}, model, y
 
 

@@ -1,4 +1,4 @@
-"""summarize.py on fake results roots (result.json, metrics.csv as CONTRACT.md has them; no script runs):
+"""summarize.py on fake results roots (result.json, metrics.csv as the stage scripts write them; no script runs):
 the tables over seeds, rounds to target, communication, LaTeX, plots, and bad runs left out."""
 import csv
 import json
@@ -25,7 +25,7 @@ BASE = {
                    test_loss=1.0, best_round=300, clients_per_round=10, comm_values_per_client_round=1000,
                    comm_mb_total=12.0),
 }
-ACC_KEYS = {"centralized": ["val_acc", "test_acc", "final_test_acc"],  # exactly CONTRACT.md's, per stage
+ACC_KEYS = {"centralized": ["val_acc", "test_acc", "final_test_acc"],  # exactly the stage's accuracy keys
             "editing": ["val_acc", "test_acc", "best_val_acc", "test_acc_at_best_val"],
             "fedavg": ["val_acc", "test_acc", "best_val_acc"]}
 
