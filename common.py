@@ -264,15 +264,15 @@ def standin_weights(name, data_dir):
     return path
 
 
-def build_model(args, num_classes=NUM_CLASSES):
-    """timm ViT with a fresh linear head of `num_classes`; backbone weights from --weights,
+def build_model(args):
+    """timm ViT with a fresh linear head of NUM_CLASSES; backbone weights from --weights,
     the hub, or random (--no-pretrained). The head is initialized from --seed."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
     if not timm.is_model(args.arch):
         raise plumbing.UserError(f"--arch {args.arch}: timm has no such model (e.g. {DEFAULT_ARCH})")
     try:
-        model = timm.create_model(args.arch, pretrained=False, num_classes=num_classes, img_size=args.img_size)
+        model = timm.create_model(args.arch, pretrained=False, num_classes=NUM_CLASSES, img_size=args.img_size)
     except TypeError:  # a model that takes no img_size: not a ViT
         model = None
     except Exception as e:  # an image size the arch cannot take
