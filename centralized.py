@@ -15,6 +15,7 @@ import os
 import time
 
 import common
+import plumbing
 
 
 def float_list(s):
@@ -28,14 +29,14 @@ def float_list(s):
 
 
 def get_args(argv=None):
-    p = common.Parser(parents=[common.base_parser()], description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=common.positive_int, default=30, help="epochs per training")
-    p.add_argument("--patience", type=common.positive_int, default=5,
+    p = plumbing.Parser(parents=[common.base_parser()], description=__doc__.split("\n")[0])
+    p.add_argument("--epochs", type=plumbing.positive_int, default=30, help="epochs per training")
+    p.add_argument("--patience", type=plumbing.positive_int, default=5,
                    help="stop after this many epochs without a better validation accuracy")
-    p.add_argument("--lr", type=common.nonneg_float, default=0.01, help="learning rate without --grid")
-    p.add_argument("--momentum", type=common.unit_float, default=0.9, help="momentum without --grid")
-    p.add_argument("--wd", type=common.nonneg_float, default=0.0, help="weight decay without --grid")
-    p.add_argument("--hparams", type=common.path, default=None,
+    p.add_argument("--lr", type=plumbing.nonneg_float, default=0.01, help="learning rate without --grid")
+    p.add_argument("--momentum", type=plumbing.unit_float, default=0.9, help="momentum without --grid")
+    p.add_argument("--wd", type=plumbing.nonneg_float, default=0.0, help="weight decay without --grid")
+    p.add_argument("--hparams", type=plumbing.path, default=None,
                    help="take lr/momentum/wd from an earlier centralized run's result.json")
     p.add_argument("--scheduler", choices=common.SCHEDULERS, default="cosine",
                    help="LR schedule (see common.lr_factor), per epoch")
@@ -46,7 +47,7 @@ def get_args(argv=None):
     p.add_argument("--compare-schedulers", action="store_true",
                    help="train once per schedule in --schedulers, plot them, and use the best")
     p.add_argument("--schedulers", default=",".join(common.SCHEDULERS), help="schedules to compare")
-    p.add_argument("--aug-views", type=common.nonneg_int, default=0,
+    p.add_argument("--aug-views", type=plumbing.nonneg_int, default=0,
                    help="0: train the head on clean images; V: on V cached augmented views "
                         "(random crop + flip), epoch e uses view e %% V")
     args = p.parse_args(argv)
@@ -60,8 +61,8 @@ def get_args(argv=None):
     if args.hparams and args.grid:
         p.error("--hparams and --grid both choose the hyperparameters; give one")
     if args.hparams or args.grid:
-        common.refuse_ignored(p, args, ["lr", "momentum", "wd"],
-                              f"--{'hparams' if args.hparams else 'grid'} chooses the hyperparameters")
+        plumbing.refuse_ignored(p, args, ["lr", "momentum", "wd"],
+                                f"--{'hparams' if args.hparams else 'grid'} chooses the hyperparameters")
     common.check_base_flags(p, args)
     hp = "grid" if args.grid else "hparams" if args.hparams else f"lr{args.lr}_m{args.momentum}_wd{args.wd}"
     sched = "compare" if args.compare_schedulers else args.scheduler
@@ -78,7 +79,7 @@ def run_trial(name, hp, ckpt, model, feats, args, test=None):
     cached features takes seconds, so an interrupted run redoes at most the trial it was in."""
     if name in ckpt["done"]:
         return ckpt["done"][name]
-    common.stop_here(f"trial {name} (before it started)")
+    plumbing.stop_here(f"trial {name} (before it started)")
     t0 = time.time()
     model.head.load_state_dict(ckpt["init_head"])  # every trial starts from the same head
     flag = "--grid-lr" if args.grid else "--hparams" if args.hparams else "--lr"
@@ -90,7 +91,7 @@ def run_trial(name, hp, ckpt, model, feats, args, test=None):
     if test is not None:
         summary["head"] = common.cpu_state(model.head)
     ckpt["done"][name] = summary
-    common.save_checkpoint(ckpt, args)
+    plumbing.save_checkpoint(ckpt, args)
     print(f"  {name}: best val acc {summary['best_val_acc']:.4f} at epoch {best_epoch}")
     return summary
 
@@ -105,10 +106,10 @@ def grid_search(ckpt, model, feats, args):
                 rows.append({k: s[k] for k in ("lr", "momentum", "wd", "scheduler", "best_val_acc",
                                                "best_epoch", "epochs_run")})
     rows.sort(key=lambda r: -r["best_val_acc"])  # stable: ties keep grid order
-    common.write_csv(rows, os.path.join(args.out, "grid.csv"))
-    common.plot_bars(os.path.join(args.out, "grid.png"),
-                     [f"lr={r['lr']:g} m={r['momentum']:g} wd={r['wd']:g} {r['scheduler']}" for r in rows],
-                     [100 * r["best_val_acc"] for r in rows], "best validation accuracy (%)", "Grid search (sorted)")
+    plumbing.write_csv(rows, os.path.join(args.out, "grid.csv"))
+    plumbing.plot_bars(os.path.join(args.out, "grid.png"),
+                       [f"lr={r['lr']:g} m={r['momentum']:g} wd={r['wd']:g} {r['scheduler']}" for r in rows],
+                       [100 * r["best_val_acc"] for r in rows], "best validation accuracy (%)", "Grid search (sorted)")
     return {k: rows[0][k] for k in ("lr", "momentum", "wd")}
 
 
@@ -120,20 +121,30 @@ def compare_schedulers(best, ckpt, model, feats, args):
         rows.append({"scheduler": sched, "best_val_acc": s["best_val_acc"], "best_epoch": s["best_epoch"],
                      "epochs_run": s["epochs_run"]})
         curves[sched] = ([h["epoch"] for h in s["history"]], [100 * h["val_acc"] for h in s["history"]])
-    common.write_csv(rows, os.path.join(args.out, "schedulers.csv"))
-    common.plot_lines(os.path.join(args.out, "schedulers.png"), curves, "epoch", "validation accuracy (%)",
-                      "LR schedulers")
+    plumbing.write_csv(rows, os.path.join(args.out, "schedulers.csv"))
+    plumbing.plot_lines(os.path.join(args.out, "schedulers.png"), curves, "epoch", "validation accuracy (%)",
+                        "LR schedulers")
     return max(rows, key=lambda r: r["best_val_acc"])["scheduler"]  # first of equals wins
+
+
+def image_passes(a, train, val, test):
+    """Images a run pushes through the ViT, (forward+backward, forward only), for run_all.sh's estimate
+    (plan.py): a linear probe computes backbone features of every image once (--aug-views V: V views of
+    the training set); its epochs run on the cached features."""
+    return 0, train * max(1, a.aug_views) + val + test
 
 
 def main(argv=None):
     args = get_args(argv)
     device, data, model, inputs = common.prepare(args)
-    ckpt = common.open_run(args)
+    ckpt = plumbing.open_run(args)
     for p in model.parameters():
         p.requires_grad_(False)
     feats = common.cached_features(model, data, args, device, args.aug_views)
     if ckpt is None:
+        # The checkpoint (plumbing.save_checkpoint adds "run", the run's flags): "done", every finished
+        # trial's summary by name (run_trial; a resumed run skips them), and "init_head", the head every
+        # trial starts from.
         ckpt = {"done": {}, "init_head": common.cpu_state(model.head)}
 
     if args.grid:
@@ -152,25 +163,25 @@ def main(argv=None):
     final = run_trial("final " + trial_key(hp), hp, ckpt, model, feats, args, test=feats["test"])
 
     hist = final["history"]
-    common.write_csv(hist, os.path.join(args.out, "metrics.csv"))
+    plumbing.write_csv(hist, os.path.join(args.out, "metrics.csv"))
     ep = [h["epoch"] for h in hist]
-    common.plot_lines(os.path.join(args.out, "loss.png"),
-                      {s: (ep, [h[f"{s}_loss"] for h in hist]) for s in ("train", "val", "test")},
-                      "epoch", "cross-entropy", "Centralized baseline: loss")
-    common.plot_lines(os.path.join(args.out, "accuracy.png"),
-                      {s: (ep, [100 * h[f"{s}_acc"] for h in hist]) for s in ("val", "test")},
-                      "epoch", "top-1 accuracy (%)", "Centralized baseline: accuracy")
-    common.atomic_save(final["head"], os.path.join(args.out, "head.pt"))  # CPU tensors: loads anywhere
+    plumbing.plot_lines(os.path.join(args.out, "loss.png"),
+                        {s: (ep, [h[f"{s}_loss"] for h in hist]) for s in ("train", "val", "test")},
+                        "epoch", "cross-entropy", "Centralized baseline: loss")
+    plumbing.plot_lines(os.path.join(args.out, "accuracy.png"),
+                        {s: (ep, [100 * h[f"{s}_acc"] for h in hist]) for s in ("val", "test")},
+                        "epoch", "top-1 accuracy (%)", "Centralized baseline: accuracy")
+    plumbing.atomic_save(final["head"], os.path.join(args.out, "head.pt"))  # CPU tensors: loads anywhere
     best_row = hist[final["best_epoch"] - 1]
     result = {"stage": "centralized", "dataset": args.dataset, "seed": args.seed, "best": hp,
               "best_epoch": final["best_epoch"], "epochs_run": final["epochs_run"],
               "val_acc": best_row["val_acc"], "test_acc": best_row["test_acc"],
               "test_loss": best_row["test_loss"], "final_test_acc": hist[-1]["test_acc"],
               "seconds": sum(t["seconds"] for t in ckpt["done"].values())}  # of every trial, across resumes
-    common.finish_run(result, args)
+    plumbing.finish_run(result, args)
     print(f"test accuracy {result['test_acc']:.4f} (val {result['val_acc']:.4f}, epoch {result['best_epoch']}); "
           f"results in {args.out}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    plumbing.run_main(main)

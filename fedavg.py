@@ -20,48 +20,49 @@ import torch
 import torch.nn.functional as F
 
 import common
+import plumbing
 
 
 def get_args(argv=None):
-    p = common.Parser(parents=[common.base_parser(), common.edit_parser()], description=__doc__.split("\n")[0])
+    p = plumbing.Parser(parents=[common.base_parser(), common.edit_parser()], description=__doc__.split("\n")[0])
     p.set_defaults(batch_size=64)
     g = p.add_argument_group("federation")
-    g.add_argument("--k", type=common.positive_int, default=100, help="number of clients")
+    g.add_argument("--k", type=plumbing.positive_int, default=100, help="number of clients")
     g.add_argument("--c", type=float, default=0.1, help="fraction of clients sampled per round, in (0, 1]")
-    g.add_argument("--j", type=common.positive_int, default=4,
+    g.add_argument("--j", type=plumbing.positive_int, default=4,
                    help="local steps (optimizer steps) per client per round")
-    g.add_argument("--rounds", type=common.positive_int, default=300, help="communication rounds")
+    g.add_argument("--rounds", type=plumbing.positive_int, default=300, help="communication rounds")
     g.add_argument("--scale-rounds", action="store_true",
                    help="--rounds is the count for J=4; run rounds*4/J so total local work is equal across J")
     g.add_argument("--iid", action="store_true", help="IID shards (the default when --nc is not given)")
     g.add_argument("--nc", type=int, default=None, help="non-IID: every client holds exactly NC classes")
-    g.add_argument("--eval-every", type=common.positive_int, default=20,
+    g.add_argument("--eval-every", type=plumbing.positive_int, default=20,
                    help="validation accuracy of the global model every N rounds (curves, rounds-to-target); "
                         "with the test every 300 rounds, evaluation is ~5%% of a default run's time "
-                        "(benchmarks/bench_round.py)")
-    g.add_argument("--test-every", type=common.positive_int, default=300,
+                        "(measured on a CPU at 32 px, benchmarks/bench_round.py)")
+    g.add_argument("--test-every", type=plumbing.positive_int, default=300,
                    help="test accuracy every N rounds, and always after the last round")
-    g.add_argument("--ckpt-every", type=common.positive_int, default=5, help="checkpoint every N rounds")
+    g.add_argument("--ckpt-every", type=plumbing.positive_int, default=5, help="checkpoint every N rounds")
     g = p.add_argument_group("local training")
-    g.add_argument("--lr", type=common.nonneg_float, default=1e-4,
+    g.add_argument("--lr", type=plumbing.nonneg_float, default=1e-4,
                    help="client learning rate of rounds that train the backbone (dense or --sparse), constant "
                         "over rounds and steps (no schedule); higher rates wrecked the step-0 head's accuracy "
                         "in the first rounds on the pretrained stand-in (README: choosing the defaults)")
-    g.add_argument("--head-lr", type=common.nonneg_float, default=0.1,
+    g.add_argument("--head-lr", type=plumbing.nonneg_float, default=0.1,
                    help="client learning rate of head-only rounds (--head warmup's warm-up, --train head)")
-    g.add_argument("--momentum", type=common.unit_float, default=0.9,
+    g.add_argument("--momentum", type=plumbing.unit_float, default=0.9,
                    help="client momentum; a fresh buffer for every client and round")
-    g.add_argument("--wd", type=common.nonneg_float, default=0.0, help="client weight decay")
+    g.add_argument("--wd", type=plumbing.nonneg_float, default=0.0, help="client weight decay")
     g.add_argument("--train", choices=["all", "head"], default="all",
                    help="what dense clients train: the whole model, or only the head on the frozen backbone "
                         "(then on cached clean features)")
-    g.add_argument("--warmup-rounds", type=common.nonneg_int, default=20,
+    g.add_argument("--warmup-rounds", type=plumbing.nonneg_int, default=20,
                    help="with --head warmup: head-only rounds (on cached clean features) before the main rounds")
     g.add_argument("--no-aug", action="store_true", help="no random crop / flip on the clients")
     g = p.add_argument_group("sparse FedAvg")
     g.add_argument("--sparse", action="store_true",
                    help="frozen head; clients update only masked-in backbone entries with SparseSGDM")
-    g.add_argument("--mask", type=common.path, default=None,
+    g.add_argument("--mask", type=plumbing.path, default=None,
                    help="mask.pt from model_editing.py; without it the mask is calibrated federatedly")
     args = p.parse_args(argv)
     if not 0 < args.c <= 1:
@@ -81,11 +82,11 @@ def get_args(argv=None):
     if args.head == "warmup" and args.warmup_rounds < 1:
         p.error("--head warmup needs --warmup-rounds >= 1")
     if args.head != "warmup":
-        common.refuse_ignored(p, args, ["warmup_rounds"], f"head-only rounds are --head warmup's, not --head {args.head}'s")
+        plumbing.refuse_ignored(p, args, ["warmup_rounds"], f"head-only rounds are --head warmup's, not --head {args.head}'s")
     if not args.sparse:
-        common.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "they make the mask of --sparse")
+        plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "they make the mask of --sparse")
     elif args.mask:
-        common.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
+        plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
     if args.scale_rounds and args.rounds * 4 % args.j:
         p.error(f"--scale-rounds: {args.rounds} rounds x 4 / J={args.j} is not a whole number of rounds, so local "
                 f"work would not be equal across J; choose --rounds a multiple of {args.j // math.gcd(args.j, 4)}")
@@ -98,7 +99,7 @@ def get_args(argv=None):
     split = "iid" if args.iid else f"nc{args.nc}"
     kind = "head" if args.train == "head" else "dense"
     if args.sparse:
-        kind = (f"sparse-mask-{os.path.basename(os.path.dirname(os.path.abspath(args.mask)))}" if args.mask
+        kind = (f"sparse-mask-{plumbing.file_tag(args.mask)}" if args.mask
                 else f"sparse-{args.rule}_s{args.sparsity}_r{args.calib_rounds}")
     args.out = args.out or f"{args.results}/fedavg/{split}_j{args.j}_{kind}/seed{args.seed}"
     return args
@@ -133,8 +134,8 @@ def noniid_shards(labels, k, nc, gen):
     for c in sorted(holders):
         idx = torch.nonzero(labels == c).flatten()
         if len(idx) < len(holders[c]):
-            raise common.UserError(f"class {c} has {len(idx)} samples for {len(holders[c])} clients; "
-                                   f"use fewer clients (--k) or classes per client (--nc)")
+            raise plumbing.UserError(f"class {c} has {len(idx)} samples for {len(holders[c])} clients; "
+                                     f"use fewer clients (--k) or classes per client (--nc)")
         idx = idx[torch.randperm(len(idx), generator=gen)]
         for client, piece in zip(holders[c], torch.tensor_split(idx, len(holders[c]))):
             shards[client].append(piece)
@@ -143,9 +144,9 @@ def noniid_shards(labels, k, nc, gen):
 
 def make_shards(labels, args):
     if args.k > len(labels):
-        raise common.UserError(f"--k {args.k} clients for {len(labels)} training images: some would hold nothing; "
-                               f"lower --k")
-    gen = common.stream("shards", args.seed)
+        raise plumbing.UserError(f"--k {args.k} clients for {len(labels)} training images: some would hold nothing; "
+                                 f"lower --k")
+    gen = plumbing.stream("shards", args.seed)
     if args.iid:
         return iid_shards(labels, args.k, gen)
     return noniid_shards(labels, args.k, args.nc, gen)
@@ -161,7 +162,7 @@ def federated_ridge(head, shards, feats):
     f, y = feats["train"]
     stats = None
     for shard in shards:
-        common.stop_here("the federated ridge head")
+        plumbing.stop_here("the federated ridge head")
         s = common.ridge_stats(f[shard], y[shard])
         stats = s if stats is None else tuple(a + b for a, b in zip(stats, s))
     return common.ridge_head(head, stats, *feats["val"])
@@ -182,9 +183,9 @@ def federated_mask(model, shards, x, args, device):
     def draw(r):  # each client draws (and, by default, crops and flips) its own images
         images, u = [], []
         for client, shard in enumerate(shards):
-            i, v = common.draw_calibration(len(shard), per_client, common.stream("fed_calib", args.seed, r, client))
+            i, v = common.draw_calibration(len(shard), per_client, plumbing.stream("fed_calib", args.seed, r, client))
             images.append(common.calibration_view(x[shard[i].to(x.device)], args.calib_images,
-                                                  common.stream("fed_calib_aug", args.seed, r, client)))
+                                                  plumbing.stream("fed_calib_aug", args.seed, r, client)))
             u.append(v)
         return torch.cat(images), torch.cat(u)
     return common.calibrate(model, draw, args, device)
@@ -199,7 +200,7 @@ def clients_per_round(args):
 
 def sample_clients(args, rnd):
     """ceil(C*K) distinct clients, a function of (seed, round) only: a resumed run draws the same ones."""
-    return torch.randperm(args.k, generator=common.stream("clients", args.seed, rnd))[:clients_per_round(args)].tolist()
+    return torch.randperm(args.k, generator=plumbing.stream("clients", args.seed, rnd))[:clients_per_round(args)].tolist()
 
 
 def local_batches(shard, j, batch_size, gen):
@@ -216,11 +217,11 @@ def local_batches(shard, j, batch_size, gen):
 def client_batches(x, y, shard, rnd, client, args, device, augment):
     """A client's J local batches, drawn at once: one copy of indices (and crop/flip offsets) to the
     device per client, none per step. x, y live on the device already."""
-    idx = local_batches(shard, args.j, args.batch_size, common.stream("client_batches", args.seed, rnd, client))
+    idx = local_batches(shard, args.j, args.batch_size, plumbing.stream("client_batches", args.seed, rnd, client))
     idx = idx.to(device, non_blocking=True)
     xb, yb = x[idx.flatten()], y[idx.flatten()]
     if augment:
-        off, flip = common.draw_augmentation(len(xb), common.stream("client_aug", args.seed, rnd, client))
+        off, flip = common.draw_augmentation(len(xb), plumbing.stream("client_aug", args.seed, rnd, client))
         xb = common.augment(xb, off.to(device, non_blocking=True), flip.to(device, non_blocking=True))
     return xb.view(args.j, -1, *xb.shape[1:]), yb.view(args.j, -1)
 
@@ -235,41 +236,6 @@ def client_update(forward, opt, scaler, batches):
         common.optimizer_step(opt, loss, scaler)
         total = total + loss.detach()
     return total / len(batches[0])
-
-
-def fedavg_round(params, clients, weights, train_client, global_w=None, update=None):
-    """One round. Each sampled client trains in turn from the global weights, then the server adds
-    the weighted average of the updates Δ_i = client_i - global to the global weights (in `params`).
-
-    Averaging updates rather than weights keeps every entry that no client changed (masked out,
-    frozen) bit-for-bit the same. The task-arithmetic lens is computed on the way, O(1) extra memory:
-    update_norm = mean ||Δ_i||, agreement = ||Σ w_iΔ_i||² / Σ w_i||Δ_i||² (1 when all clients move the
-    same way, 1/n for n equally weighted orthogonal updates, 0 when they cancel).
-    `global_w` and `update` are the server's buffers (shaped like params), reused across rounds when
-    given. Returns (mean client loss, update_norm, agreement) as floats."""
-    with torch.no_grad():
-        if global_w is None:
-            global_w, update = [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in params]
-        torch._foreach_copy_(global_w, params)
-        torch._foreach_zero_(update)
-    groups = common.cache_sized_groups(params)
-    losses, sq_norms = [], []
-    for client, w in zip(clients, weights):
-        losses.append(train_client(client))
-        with torch.no_grad():
-            for i in groups:  # a few MB at a time: the four passes below then read it from the cache
-                p, g, u = [params[k] for k in i], [global_w[k] for k in i], [update[k] for k in i]
-                torch._foreach_sub_(p, g)  # p now holds Δ_i
-                torch._foreach_add_(u, p, alpha=w)
-                sq_norms += torch._foreach_norm(p)
-                torch._foreach_copy_(p, g)  # the next client starts from the global model again
-    with torch.no_grad():
-        torch._foreach_add_(params, update)
-        agg = torch.stack(torch._foreach_norm(update)).square().sum()
-    sq = torch.stack(sq_norms).square().view(len(clients), -1).sum(1)
-    spread = float((torch.tensor(weights, device=sq.device) * sq).sum())
-    return (float(torch.stack(losses).mean()), float(sq.sqrt().mean()),
-            float(agg) / spread if spread > 0 else float("nan"))
 
 
 def trained_params(model, mask=None, head_only=False):
@@ -295,9 +261,17 @@ class Phase:
         self.head_only = head_only
 
 
-def train_round(model, phase, shards, inputs, y, rnd, args, device, scaler):
-    """Round `rnd` of FedAvg on `model`, in place, for a Phase: on cached features (`inputs`) in a
-    head-only phase, else on uint8 images (`inputs`). Returns (loss, update_norm, agreement)."""
+def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
+    """Round `rnd` of FedAvg on `model`, in place, for a Phase: on cached features (`x`) in a
+    head-only phase, else on uint8 images (`x`). Each sampled client trains in turn from the global
+    weights, then the server adds the weighted average of the updates Δ_i = client_i - global to the
+    global weights (the Phase's `params`; its `global_w` and `update` are the server's buffers).
+
+    Averaging updates rather than weights keeps every entry that no client changed (masked out,
+    frozen) bit-for-bit the same. The task-arithmetic lens is computed on the way, O(1) extra memory:
+    update_norm = mean ||Δ_i||, agreement = ||Σ w_iΔ_i||² / Σ w_i||Δ_i||² (1 when all clients move the
+    same way, 1/n for n equally weighted orthogonal updates, 0 when they cancel).
+    Returns (mean client loss, update_norm, agreement) as floats."""
     if phase.head_only:
         net, augment, forward = model.head, False, model.head
     else:
@@ -305,19 +279,37 @@ def train_round(model, phase, shards, inputs, y, rnd, args, device, scaler):
 
         def forward(xb):
             return common.forward_logits(model, common.preprocess(xb, args.img_size), device, args.precision)
-    tensors = [p for _, p in phase.params]
-    for p in tensors:
+    params, global_w, update = [p for _, p in phase.params], phase.global_w, phase.update
+    for p in params:
         p.requires_grad_(True)
     clients = sample_clients(args, rnd)
     sizes = [len(shards[c]) for c in clients]
+    weights = [s / sum(sizes) for s in sizes]
     net.train()
-    out = fedavg_round(tensors, clients, [s / sum(sizes) for s in sizes],
-                       lambda c: client_update(forward, phase.opt, scaler,
-                                               client_batches(inputs, y, shards[c], rnd, c, args, device, augment)),
-                       phase.global_w, phase.update)
-    for p in tensors:
+    with torch.no_grad():
+        torch._foreach_copy_(global_w, params)
+        torch._foreach_zero_(update)
+    groups = common.cache_sized_groups(params)
+    losses, sq_norms = [], []
+    for client, w in zip(clients, weights):
+        batches = client_batches(x, y, shards[client], rnd, client, args, device, augment)
+        losses.append(client_update(forward, phase.opt, scaler, batches))
+        with torch.no_grad():
+            for i in groups:  # a few MB at a time: the four passes below then read it from the cache
+                p, g, u = [params[k] for k in i], [global_w[k] for k in i], [update[k] for k in i]
+                torch._foreach_sub_(p, g)  # p now holds Δ_i
+                torch._foreach_add_(u, p, alpha=w)
+                sq_norms += torch._foreach_norm(p)
+                torch._foreach_copy_(p, g)  # the next client starts from the global model again
+    with torch.no_grad():
+        torch._foreach_add_(params, update)  # the server's step
+        agg = torch.stack(torch._foreach_norm(update)).square().sum()
+    for p in params:
         p.requires_grad_(False)
-    return out
+    sq = torch.stack(sq_norms).square().view(len(clients), -1).sum(1)
+    spread = float((torch.tensor(weights, device=sq.device) * sq).sum())
+    return (float(torch.stack(losses).mean()), float(sq.sqrt().mean()),
+            float(agg) / spread if spread > 0 else float("nan"))
 
 
 # ----------------------------------------------------------------------------- main
@@ -329,15 +321,31 @@ def upload_per_client(params, mask):
 
 
 def write_outputs(rows, args):
-    common.write_csv(rows, os.path.join(args.out, "metrics.csv"))
+    plumbing.write_csv(rows, os.path.join(args.out, "metrics.csv"))
     name = f"FedAvg {'IID' if args.iid else f'Nc={args.nc}'}, J={args.j}{', sparse' if args.sparse else ''}"
     for kind, label, scale in (("acc", "top-1 accuracy (%)", 100), ("loss", "cross-entropy", 1)):
         series = {}
         for split in ("train", "val", "test") if kind == "loss" else ("val", "test"):
             done = [r for r in rows if r.get(f"{split}_{kind}") is not None]
             series[split] = ([r["round"] for r in done], [scale * r[f"{split}_{kind}"] for r in done])
-        common.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"), series,
-                          "round (0 = the head, before any round)", label, name)
+        plumbing.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"), series,
+                            "round (0 = the head, before any round)", label, name)
+
+
+def image_passes(a, train, val, test):
+    """Images a run pushes through the ViT, (forward+backward, forward only), for run_all.sh's estimate
+    (plan.py): features once (ridge head / head-only rounds); sampled clients x J local batches per main
+    round; federated calibration: every client scores ceil(fisher_batches * fisher_batch_size / k) images
+    per calibration round; validation every --eval-every rounds, test every --test-every, both at the end.
+    It ignores that a client's batch never exceeds its shard."""
+    feats = train + val + test if a.head == "ridge" or a.warmup_rounds or a.train == "head" else 0
+    if a.train == "head":  # every round and every evaluation on cached features
+        return 0, feats
+    calib = 0
+    if a.sparse and not a.mask and "sensitive" in a.rule:
+        calib = a.calib_rounds * a.k * math.ceil(a.fisher_batches * a.fisher_batch_size / a.k)
+    evals = (a.rounds // a.eval_every + 1) * val + (a.rounds // a.test_every + 1) * test
+    return a.rounds * clients_per_round(a) * a.j * a.batch_size + calib, feats + evals
 
 
 def main(argv=None):
@@ -346,7 +354,7 @@ def main(argv=None):
     device, data, model, inputs = common.prepare(args)
     given_mask = inputs["mask"]
     shards = make_shards(data["train"][1], args)
-    ckpt = common.open_run(args)
+    ckpt = plumbing.open_run(args)
     x, y = (t.to(device) for t in data["train"])  # uint8: the whole training set fits on any GPU
     total_rounds = args.warmup_rounds + args.rounds
     print(f"{args.k} clients ({'IID' if args.iid else f'{args.nc} classes each'}, "
@@ -359,13 +367,15 @@ def main(argv=None):
     # evaluation (the backbone does not change there) all read them instead of running the ViT.
     needs_feats = args.head == "ridge" or args.warmup_rounds or args.train == "head"
     feats = common.cached_features(model, data, args, device) if needs_feats else None
-    initial = {n: p.detach().cpu().clone() for n, p in common.masked_params(model)}
+    pretrained = {n: p.detach().cpu().clone() for n, p in common.masked_params(model)}
     mask_path = os.path.join(args.out, "mask.pt")
 
     # written on resume too (the same bytes): a shards.csv damaged meanwhile does not survive
-    common.write_csv([{"client": i, "samples": len(s), "classes": len(torch.unique(data["train"][1][s]))}
-                      for i, s in enumerate(shards)], os.path.join(args.out, "shards.csv"))
-    if ckpt is None:  # step 0: the head
+    plumbing.write_csv([{"client": i, "samples": len(s), "classes": len(torch.unique(data["train"][1][s]))}
+                        for i, s in enumerate(shards)], os.path.join(args.out, "shards.csv"))
+    # -------- step 0: the head (federated ridge, a head.pt, or the warm-up rounds below)
+
+    if ckpt is None:
         head_info, head_upload = {}, 0
         if args.head == "ridge":
             head_info = federated_ridge(model.head, shards, feats)
@@ -373,23 +383,32 @@ def main(argv=None):
             head_upload = d * d + d * common.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ and a count, once per client
         elif inputs["head"] is not None:
             model.head.load_state_dict(inputs["head"])
+        # The checkpoint: all of a run's state (plumbing.save_checkpoint adds "run", the run's flags).
+        #   round                  rounds done (warm-up rounds included)
+        #   rows                   metrics.csv so far, one row per round
+        #   calibrated, calib_log  step 1 done (the mask is mask.pt), and its rounds (calibration.csv)
+        #   head_info, head        step 0: how the head was made, and the head after it (head.pt)
+        #   upload                 values the clients uploaded so far
+        #   elapsed                seconds of work so far, across resumes
+        #   model, scaler          from the first save on: the global model, the fp16 gradient scale
         ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
                 "upload": head_upload * args.k, "elapsed": 0.0, "head": common.cpu_state(model.head)}
     else:
         model.load_state_dict(ckpt["model"])
-    # the head the run starts from (with --sparse: the frozen head throughout); model.pt holds the final
-    # one. Rewritten from the checkpoint on resume: a head.pt damaged meanwhile does not survive
-    common.atomic_save(ckpt["head"], os.path.join(args.out, "head.pt"))
+    # the head after step 0 (ridge, a head.pt, or with --head warmup the random head before its warm-up
+    # rounds); model.pt holds the final one. Rewritten from the checkpoint on resume: a head.pt damaged
+    # meanwhile does not survive
+    plumbing.atomic_save(ckpt["head"], os.path.join(args.out, "head.pt"))
     t0 = time.time() - ckpt["elapsed"]
     mask = common.load_mask(mask_path, model) if ckpt["calibrated"] else None
     mask = {n: m.to(device) for n, m in mask.items()} if mask else None
-    scaler = common.grad_scaler(device, args.precision)
+    scaler = plumbing.grad_scaler(device, args.precision)
     if "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
 
     def save():
         ckpt.update(model=common.cpu_state(model), scaler=scaler.state_dict(), elapsed=time.time() - t0)
-        common.save_checkpoint(ckpt, args)
+        plumbing.save_checkpoint(ckpt, args)
 
     def evaluate(split, backbone_changed):
         if backbone_changed:
@@ -402,6 +421,8 @@ def main(argv=None):
             row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(split, backbone_changed=feats is None)
         ckpt["rows"].append(row)
         print(f"round 0 (the head): val acc {row['val_acc']:.4f}  test acc {row['test_acc']:.4f}")
+
+    # -------- the rounds: head warm-up rounds; with --sparse, step 1 (the mask, once), then step 2
 
     phase = None
     hint = f"a --lr below {args.lr:g}"
@@ -437,16 +458,18 @@ def main(argv=None):
             write_outputs(ckpt["rows"], args)
             bar.write(f"round {rnd + 1}: train loss {loss:.4f}  val acc {row['val_acc']:.4f}"
                       + (f"  test acc {row['test_acc']:.4f}" if row["test_acc"] is not None else ""))
-        stop = common.stop_requested()  # read once: a signal between two reads would skip the save
+        stop = plumbing.stop_requested()  # read once: a signal between two reads would skip the save
         if (rnd + 1) % args.ckpt_every == 0 or row["val_acc"] is not None or stop:
             save()
         if stop and not last:  # SLURM preemption / time limit: saved at this round boundary
-            raise common.Stopped(f"round {rnd + 1}", saved=True)
+            raise plumbing.Stopped(f"round {rnd + 1}", saved=True)
+
+    # -------- results
 
     rows = ckpt["rows"]
     write_outputs(rows, args)
     if ckpt["calib_log"]:
-        common.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
+        plumbing.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
     evaluated = [r for r in rows if r["val_acc"] is not None]
     best = max(evaluated, key=lambda r: r["val_acc"])  # first of equals wins
     per_client = upload_per_client(trained_params(model, mask, args.train == "head"), mask)
@@ -462,13 +485,13 @@ def main(argv=None):
               "clients_per_round": clients_per_round(args), "comm_values_per_client_round": per_client,
               "comm_mb_total": ckpt["upload"] * 4 / 1e6, "seconds": time.time() - t0}
     if args.sparse:
-        changed, total = common.changed_count(model, initial)
-        result.update(mask_kept_frac=common.mask_density(mask), changed_frac=changed / total)
-    common.atomic_save(common.cpu_state(model), os.path.join(args.out, "model.pt"))
-    common.finish_run(result, args)
+        changed, total = common.changed_count(model, pretrained)
+        result.update(mask_kept_frac=common.mask_kept_frac(mask), changed_frac=changed / total)
+    plumbing.atomic_save(common.cpu_state(model), os.path.join(args.out, "model.pt"))
+    plumbing.finish_run(result, args)
     print(f"test acc {result['test_acc']:.4f} after {total_rounds} rounds (best val {best['val_acc']:.4f} at "
           f"round {best['round']}); results in {args.out}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    plumbing.run_main(main)

@@ -19,40 +19,40 @@ import torch
 import torch.nn.functional as F
 
 import common
+import plumbing
 
 
 def get_args(argv=None):
-    p = common.Parser(parents=[common.base_parser(), common.edit_parser()], description=__doc__.split("\n")[0])
+    p = plumbing.Parser(parents=[common.base_parser(), common.edit_parser()], description=__doc__.split("\n")[0])
     g = p.add_argument_group("--head warmup: SGD on cached frozen-backbone features, cosine schedule")
-    g.add_argument("--hparams", type=common.path, default=None,
+    g.add_argument("--hparams", type=plumbing.path, default=None,
                    help="lr/momentum/wd of the warm-up from a centralized run's result.json")
-    g.add_argument("--warmup-lr", type=common.nonneg_float, default=0.01, help="warm-up lr without --hparams")
-    g.add_argument("--warmup-momentum", type=common.unit_float, default=0.9, help="warm-up momentum without --hparams")
-    g.add_argument("--warmup-wd", type=common.nonneg_float, default=0.0, help="warm-up weight decay without --hparams")
-    g.add_argument("--warmup-epochs", type=common.positive_int, default=20, help="warm-up epochs (early stopping)")
-    g.add_argument("--patience", type=common.positive_int, default=5,
+    g.add_argument("--warmup-lr", type=plumbing.nonneg_float, default=0.01, help="warm-up lr without --hparams")
+    g.add_argument("--warmup-momentum", type=plumbing.unit_float, default=0.9, help="warm-up momentum without --hparams")
+    g.add_argument("--warmup-wd", type=plumbing.nonneg_float, default=0.0, help="warm-up weight decay without --hparams")
+    g.add_argument("--warmup-epochs", type=plumbing.positive_int, default=20, help="warm-up epochs (early stopping)")
+    g.add_argument("--patience", type=plumbing.positive_int, default=5,
                    help="warm-up stops after this many epochs without a better validation accuracy")
     g = p.add_argument_group("mask")
-    g.add_argument("--mask", type=common.path, default=None, help="use this mask.pt instead of calibrating one")
+    g.add_argument("--mask", type=plumbing.path, default=None, help="use this mask.pt instead of calibrating one")
     g = p.add_argument_group("step 2: sparse fine-tuning of the backbone (head frozen)")
-    g.add_argument("--epochs", type=common.nonneg_int, default=5, help="fine-tuning epochs")
-    g.add_argument("--lr", type=common.nonneg_float, default=1e-4,
+    g.add_argument("--epochs", type=plumbing.nonneg_int, default=5, help="fine-tuning epochs")
+    g.add_argument("--lr", type=plumbing.nonneg_float, default=1e-4,
                    help="fine-tuning learning rate (as fedavg.py's --lr: README, choosing the defaults)")
-    g.add_argument("--momentum", type=common.unit_float, default=0.9, help="SparseSGDM momentum")
-    g.add_argument("--wd", type=common.nonneg_float, default=0.0, help="SparseSGDM weight decay (masked entries: none)")
+    g.add_argument("--momentum", type=plumbing.unit_float, default=0.9, help="SparseSGDM momentum")
+    g.add_argument("--wd", type=plumbing.nonneg_float, default=0.0, help="SparseSGDM weight decay (masked entries: none)")
     g.add_argument("--scheduler", choices=common.SCHEDULERS, default="cosine", help="LR schedule, per epoch")
     g.add_argument("--no-aug", action="store_true", help="no random crop / flip while fine-tuning")
     args = p.parse_args(argv)
     if args.hparams and args.head != "warmup":
         p.error("--hparams sets the SGD warm-up of the head: it needs --head warmup")
     if args.hparams:
-        common.refuse_ignored(p, args, ["warmup_lr", "warmup_momentum", "warmup_wd"],
-                              "--hparams sets the warm-up's lr, momentum and weight decay")
+        plumbing.refuse_ignored(p, args, ["warmup_lr", "warmup_momentum", "warmup_wd"],
+                                "--hparams sets the warm-up's lr, momentum and weight decay")
     if args.mask:
-        common.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
+        plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
     common.check_base_flags(p, args)
-    mask = f"mask-{os.path.basename(os.path.dirname(os.path.abspath(args.mask)))}" if args.mask else \
-        f"{args.rule}_s{args.sparsity}_r{args.calib_rounds}"
+    mask = f"mask-{plumbing.file_tag(args.mask)}" if args.mask else f"{args.rule}_s{args.sparsity}_r{args.calib_rounds}"
     args.out = args.out or f"{args.results}/editing/{mask}/seed{args.seed}"
     return args
 
@@ -85,7 +85,7 @@ def make_head(model, data, args, device, inputs):
     elif args.head == "warmup":
         lr, m, wd = inputs["hparams"] or (args.warmup_lr, args.warmup_momentum, args.warmup_wd)
         watch = common.LossWatch("head warm-up", f"a warm-up learning rate below {lr:g} "
-                                                 f"({'--hparams' if inputs['hparams'] else '--warmup-lr'})")
+                                 f"({'--hparams' if inputs['hparams'] else '--warmup-lr'})")
         _, best_epoch = common.train_head(model.head, feats, dict(lr=lr, momentum=m, wd=wd, scheduler="cosine"),
                                           args.warmup_epochs, args.patience, args.batch_size, args.seed, watch=watch)
         info = {"warmup_epoch": best_epoch, "warmup_lr": lr, "warmup_momentum": m, "warmup_wd": wd}
@@ -105,15 +105,23 @@ def make_mask(model, data, args, device):
 
     def draw(r):
         idx, u = common.draw_calibration(len(x), args.fisher_batches * args.fisher_batch_size,
-                                         common.stream("edit_calib", args.seed, r))
-        return common.calibration_view(x[idx], args.calib_images, common.stream("edit_calib_aug", args.seed, r)), u
+                                         plumbing.stream("edit_calib", args.seed, r))
+        return common.calibration_view(x[idx], args.calib_images, plumbing.stream("edit_calib_aug", args.seed, r)), u
     return common.calibrate(model, draw, args, device)
+
+
+def image_passes(a, train, val, test):
+    """Images a run pushes through the ViT, (forward+backward, forward only), for run_all.sh's estimate
+    (plan.py): features once (the head), Fisher calibration (sensitivity rules only, per-sample
+    gradients), fine-tuning epochs, and val+test evaluation before editing and after every epoch."""
+    calib = a.calib_rounds * a.fisher_batches * a.fisher_batch_size if not a.mask and "sensitive" in a.rule else 0
+    return calib + a.epochs * train, train + val + test + (a.epochs + 1) * (val + test)
 
 
 def main(argv=None):
     args = get_args(argv)
     device, data, model, inputs = common.prepare(args)
-    ckpt = common.open_run(args)
+    ckpt = plumbing.open_run(args)
     t0 = time.time() - (ckpt["elapsed"] if ckpt else 0.0)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -124,11 +132,19 @@ def main(argv=None):
         head = make_head(model, data, args, device, inputs)
         mask, log = (inputs["mask"], []) if inputs["mask"] is not None else make_mask(model, data, args, device)
         common.save_mask(mask, mask_path)
+        # The checkpoint: all of a run's state (plumbing.save_checkpoint adds "run", the run's flags).
+        #   epoch, step            where step 2 goes on: the epoch, and the next step in it
+        #   loss_sum               that epoch's training loss so far (summed on the device)
+        #   rows                   metrics.csv so far: epoch 0 (before any edit), then one row per epoch
+        #   head_info, head        step 0: how the head was made, and its weights (frozen from then on)
+        #   calib_log              step 1: the calibration rounds (calibration.csv); the mask is mask.pt
+        #   elapsed                seconds of work so far, across resumes
+        #   model, opt, scaler     from the first save in step 2: weights, SparseSGDM's momentum, fp16 scale
         ckpt = {"epoch": 0, "step": 0, "loss_sum": torch.zeros(()), "rows": [], "head_info": head,
                 "calib_log": log, "head": common.cpu_state(model.head), "elapsed": time.time() - t0}
-        common.save_checkpoint(ckpt, args)
+        plumbing.save_checkpoint(ckpt, args)
     # (re)written from the checkpoint on resume too: a head.pt damaged meanwhile does not survive
-    common.atomic_save(ckpt["head"], os.path.join(args.out, "head.pt"))
+    plumbing.atomic_save(ckpt["head"], os.path.join(args.out, "head.pt"))
     mask = common.load_mask(mask_path, model)
     model.head.load_state_dict(ckpt["head"])
 
@@ -139,7 +155,7 @@ def main(argv=None):
         p.requires_grad_(True)
     opt = common.SparseSGDM([p for _, p in params], [mask.get(n) for n, _ in params],
                             lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    scaler = common.grad_scaler(device, args.precision)
+    scaler = plumbing.grad_scaler(device, args.precision)
     if "model" in ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
@@ -150,7 +166,7 @@ def main(argv=None):
     def save():
         ckpt.update(model=common.cpu_state(model), opt=opt.state_dict(), scaler=scaler.state_dict(),
                     loss_sum=loss_sum.cpu(), elapsed=time.time() - t0)
-        common.save_checkpoint(ckpt, args)
+        plumbing.save_checkpoint(ckpt, args)
 
     x, y = data["train"]
     loss_sum = ckpt["loss_sum"].to(device)
@@ -159,18 +175,18 @@ def main(argv=None):
         ep = ckpt["epoch"]
         for g in opt.param_groups:
             g["lr"] = args.lr * common.lr_factor(args.scheduler, ep, args.epochs)
-        perm = torch.randperm(len(x), generator=common.stream("edit_epoch", args.seed, ep))
+        perm = torch.randperm(len(x), generator=plumbing.stream("edit_epoch", args.seed, ep))
         for s in range(ckpt["step"], -(-len(x) // args.batch_size)):
             idx = perm[s * args.batch_size:(s + 1) * args.batch_size]
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             if not args.no_aug:
-                off, flip = common.draw_augmentation(len(idx), common.stream("edit_aug", args.seed, ep, s))
+                off, flip = common.draw_augmentation(len(idx), plumbing.stream("edit_aug", args.seed, ep, s))
                 xb = common.augment(xb, off.to(device), flip.to(device))
             loss_sum += train_step(model, opt, scaler, xb, yb, args, device) * len(idx)
             ckpt["step"] = s + 1
-            if common.stop_requested():  # SLURM preemption / time limit: save at this step boundary
+            if plumbing.stop_requested():  # SLURM preemption / time limit: save at this step boundary
                 save()
-                raise common.Stopped(f"fine-tuning epoch {ep + 1}, step {s + 1}", saved=True)
+                raise plumbing.Stopped(f"fine-tuning epoch {ep + 1}, step {s + 1}", saved=True)
         train_loss = float(loss_sum) / len(x)  # the epoch's one read of the loss
         watch.check(train_loss, f"epoch {ep + 1}", scaler)  # before anything of this epoch is saved
         row = dict(epoch=ep + 1, train_loss=train_loss, **evaluate_splits(model, data, args, device))
@@ -181,19 +197,19 @@ def main(argv=None):
         ckpt["rows"].append(row)
         ckpt.update(epoch=ep + 1, step=0)
         save()
-        common.write_csv(ckpt["rows"], os.path.join(args.out, "metrics.csv"))
+        plumbing.write_csv(ckpt["rows"], os.path.join(args.out, "metrics.csv"))
 
     rows = ckpt["rows"]
-    common.write_csv(rows, os.path.join(args.out, "metrics.csv"))
+    plumbing.write_csv(rows, os.path.join(args.out, "metrics.csv"))
     if ckpt["calib_log"]:
-        common.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
+        plumbing.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
     ep = [r["epoch"] for r in rows]
     for kind, label, scale in (("acc", "top-1 accuracy (%)", 100), ("loss", "cross-entropy", 1)):
-        common.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"),
-                          {s: (ep, [scale * r[f"{s}_{kind}"] for r in rows]) for s in ("val", "test")},
-                          "epoch (0 = frozen head, before editing)", label,
-                          f"Sparse fine-tuning ({f'{args.rule}, sparsity {args.sparsity}' if args.mask is None else 'mask ' + args.mask}, "
-                          f"head {args.head})")
+        plumbing.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"),
+                            {s: (ep, [scale * r[f"{s}_{kind}"] for r in rows]) for s in ("val", "test")},
+                            "epoch (0 = frozen head, before editing)", label,
+                            f"Sparse fine-tuning ({f'{args.rule}, sparsity {args.sparsity}' if args.mask is None else 'mask ' + args.mask}, "
+                            f"head {args.head})")
     changed, total = common.changed_count(model, pretrained)
     best = max(rows, key=lambda r: r["val_acc"])  # first of equals wins
     calibrated = args.mask is None  # a given mask's rule and rounds are its own run's (summarize.py reads them)
@@ -201,12 +217,12 @@ def main(argv=None):
               "rule": args.rule if calibrated else None, "sparsity": args.sparsity if calibrated else None,
               "calib_rounds": args.calib_rounds if calibrated else None, "mask_file": args.mask,
               "head": args.head, "score": args.score, **ckpt["head_info"],
-              "mask_kept_frac": common.mask_density(mask), "changed_frac": changed / total,
+              "mask_kept_frac": common.mask_kept_frac(mask), "changed_frac": changed / total,
               "val_acc": rows[-1]["val_acc"], "test_acc": rows[-1]["test_acc"],
               "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "test_acc_at_best_val": best["test_acc"],
               "seconds": time.time() - t0}
-    common.atomic_save(common.cpu_state(model), os.path.join(args.out, "model.pt"))
-    common.finish_run(result, args)
+    plumbing.atomic_save(common.cpu_state(model), os.path.join(args.out, "model.pt"))
+    plumbing.finish_run(result, args)
     print(f"changed {changed}/{total} entries of the masked tensors ({changed / total:.4%}); "
           f"mask keeps {result['mask_kept_frac']:.4%}")
     print(f"val acc {result['warmup_val_acc']:.4f} (frozen head) -> {result['val_acc']:.4f}; "
@@ -214,4 +230,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    plumbing.run_main(main)

@@ -28,7 +28,7 @@
 #                     itself; the summary job runs after every task ended (afterany).
 #   --summary-only    only rebuild the tables and plots (python summarize.py $RESULTS)
 #   -- FLAGS          appended to every run, e.g. a CPU-only smoke test (about two minutes):
-#                     ./run_all.sh --quick -- --dataset synthetic --arch test_vit --no-pretrained --img-size 32 --device cpu
+#                     ./run_all.sh --quick -- --dataset synthetic --arch test_vit --weights standin-sharp --img-size 32 --device cpu
 #
 # The grid (81 runs per seed, --quick 17), the layout of RESULTS and the SLURM details: README.md.
 # Every run is `python SCRIPT GRID-FLAGS --results $RESULTS --seed S --resume --deterministic FLAGS`;
@@ -201,9 +201,9 @@ done
 # process and whether a finished run there is this one: one Python call for all runs (a bad flag after
 # -- stops here, before anything is written).
 DESCRIBED=$(for i in "${!ARGS[@]}"; do echo "${SCRIPT[i]} ${ARGS[i]}"; done |
-            "$PY" "$HERE/common.py" --describe-runs) || exit 2
+            "$PY" "$HERE/plan.py" --describe-runs) || exit 2
 mapfile -t ROWS <<< "$DESCRIBED"
-((${#ROWS[@]} == ${#ARGS[@]})) || die "common.py --describe-runs answered ${#ROWS[@]} lines for ${#ARGS[@]} runs"
+((${#ROWS[@]} == ${#ARGS[@]})) || die "plan.py --describe-runs answered ${#ROWS[@]} lines for ${#ARGS[@]} runs"
 OUT=() FWD_BWD=() FWD=() CONFIG=() TODO=() OTHER=()
 for i in "${!ROWS[@]}"; do
   IFS=$'\t' read -r 'OUT[i]' 'FWD_BWD[i]' 'FWD[i]' state 'CONFIG[i]' <<< "${ROWS[i]}"
@@ -218,20 +218,20 @@ done
 command_of() { echo "$(quote "$PY" "$HERE/${SCRIPT[$1]}") ${ARGS[$1]}"; }
 log_of() { local rel=${OUT[$1]#"$RESULTS"/}; echo "$RESULTS/logs/${rel//\//_}.log"; }
 # Download CIFAR-100 and the weights once, before parallel runs or array tasks could all try.
-PREFETCH=$(quote "$PY" "$HERE/common.py" --prefetch -- "${EXTRA[@]}")
+PREFETCH=$(quote "$PY" "$HERE/plan.py" --prefetch -- "${EXTRA[@]}")
 
 # ----------------------------------------------------------------------------- the estimate
 
 # A probe of about 30 s measures the runs' device with their model, image size, precision and client
-# batch, packed --per-gpu to a GPU as the runs will be (common.py --estimate; it also picks the default
-# --per-gpu). A run's time in its slot: its start-up plus its images (common.py IMAGE_PASSES) at the
+# batch, packed --per-gpu to a GPU as the runs will be (plan.py --estimate; it also picks the default
+# --per-gpu). A run's time in its slot: its start-up plus its images (each script's image_passes) at the
 # measured speed; the study's: the sum over its runs, divided among the runs at once.
 SAY=() COST=()
 estimate() {
   local tag value k=0 est gpu_env=()
   [[ -z $GPUS ]] || gpu_env=(env CUDA_VISIBLE_DEVICES="${DEVICES[0]}")
   est=$(for i in "${TODO[@]}"; do echo "${SCRIPT[i]} ${ARGS[i]}"; done |
-        "${gpu_env[@]}" "$PY" "$HERE/common.py" --estimate --gpus "${GPUS:-0}" --per-gpu "${PER_GPU:-auto}") || return 2
+        "${gpu_env[@]}" "$PY" "$HERE/plan.py" --estimate --gpus "${GPUS:-0}" --per-gpu "${PER_GPU:-auto}") || return 2
   while IFS=$'\t' read -r tag value; do
     case $tag in
       per-gpu) PER_GPU=$value ;;
@@ -246,7 +246,7 @@ hms() {  # seconds as H:MM:SS, or in days beyond two
 }
 print_estimate() {  # per stage and in total: runs still to do, their images and, if measured, their time
   local stage n fb f ms total_n=0 total_fb=0 total_f=0 total_ms=0 line
-  echo "# runs still to do, the images they will process (an estimate: common.py IMAGE_PASSES) and their time here"
+  echo "# runs still to do, the images they will process (an estimate: each script's image_passes) and their time here"
   for line in "${SAY[@]}"; do echo "# $line"; done
   for stage in centralized editing "fedavg dense" "fedavg sparse"; do
     n=0 fb=0 f=0 ms=0
@@ -314,7 +314,7 @@ write_plan() {  # every run of this study, in run order, for summarize.py (what 
 lock_study
 if ((${#TODO[@]})); then  # first: if a check fails (no network, no data, no weights), nothing is written
   echo "prefetch: $PREFETCH"
-  "$PY" "$HERE/common.py" --prefetch -- "${EXTRA[@]}" || give_up
+  "$PY" "$HERE/plan.py" --prefetch -- "${EXTRA[@]}" || give_up
   ((SLURM)) || estimate || give_up
 fi
 SLOTS=$((${GPUS:-1} * ${PER_GPU:-1}))
@@ -392,7 +392,7 @@ SLOT_PID=() SLOT_RUN=() SLOT_T0=() FAILED=()
 FINISHED=0 T_START=$SECONDS DONE_S=0 DONE_MS=0 LEFT_MS=0  # progress: seconds taken and estimated (ms)
 for i in "${TODO[@]}"; do ((LEFT_MS += ${COST[i]:-0})) || true; done
 for ((g = 0; g < SLOTS; g++)); do SLOT_PID[g]=""; done
-# A run gets SIGTERM when this shell dies, even by SIGKILL (PR_SET_PDEATHSIG, see common.die_with_parent):
+# A run gets SIGTERM when this shell dies, even by SIGKILL (PR_SET_PDEATHSIG, see plumbing.die_with_parent):
 # an orphan would go on writing while a rerun starts the same run again.
 export RUN_ALL_PID=$$
 

@@ -14,6 +14,7 @@ the planned flags count (any other finished run is left out with a warning) and 
 planned runs that have no result yet. Every file is written atomically (temporary file, then rename).
 """
 import argparse
+import collections
 import csv
 import json
 import math
@@ -25,6 +26,7 @@ import sys
 import numpy as np
 
 import common
+import plumbing
 
 STAGES = ["centralized", "editing", "fedavg"]
 COLUMNS = ["stage", "run", "dataset", "seed", "head", "score", "lr", "momentum", "wd", "scheduler", "rule",
@@ -40,7 +42,7 @@ def warn(msg):
 
 # ----------------------------------------------------------------------------- reading and checking runs
 
-# The keys summarize.py reads from each stage's result.json (see CONTRACT.md) and their types;
+# The keys summarize.py reads from each stage's result.json (each script's main writes it) and their types;
 # "?" marks a key that may be null or absent (runs written before it existed).
 SCHEMA = {
     "all": dict(stage="str", dataset="str", seed="int", seconds="num", amp="str?"),
@@ -218,7 +220,7 @@ def planned_runs(runs, plan, root):
     kept, strangers = [], []
     for r in runs:
         rel = os.path.relpath(r["dir"], root)
-        diff = common.config_differences(r["dir"], plan[rel][1]) if rel in plan else None
+        diff = plumbing.config_differences(r["dir"], plan[rel][1]) if rel in plan else None
         if rel not in plan:
             strangers.append(rel)
         elif diff:
@@ -290,10 +292,13 @@ def add_rounds_to_target(runs, frac):
                                           if v is not None and v >= r["target"]), None)
 
 
+Setup = collections.namedtuple("Setup", "train head k c warmup_rounds score mask")
+
+
 def setup(r):
     """What defines a FedAvg experiment apart from split, J and seed."""
-    return (r["train"], r.get("head"), r["k"], r["c"], r.get("warmup_rounds") or 0,
-            r.get("score") if r["mask"] else None, r["mask"])
+    return Setup(r["train"], r.get("head"), r["k"], r["c"], r.get("warmup_rounds") or 0,
+                 r.get("score") if r["mask"] else None, r["mask"])
 
 
 def mask_name(mask):
@@ -468,12 +473,12 @@ def editing_doc(runs, out_dir):
         if len(sparsities) > 1 and i == 0:
             path = os.path.join(out_dir, "editing_sparsity.png")
             cells = {n: [acc(least[(s, n)]) for s in sparsities if (s, n) in least] for n in rounds}
-            common.plot_lines(path, {f"{n} calibration round{'s' * (n != 1)}":
-                                     ([s for s in sparsities if (s, n) in least], [100 * c.mean() for c in cells[n]],
-                                      [100 * c.std() for c in cells[n]]) for n in rounds},
-                              "sparsity (fraction of backbone weights frozen)", "test accuracy (%)",
-                              "Model editing: sparsity × calibration rounds\n(mean over seeds ± std)",
-                              integer_x=False)
+            plumbing.plot_lines(path, {f"{n} calibration round{'s' * (n != 1)}":
+                                       ([s for s in sparsities if (s, n) in least], [100 * c.mean() for c in cells[n]],
+                                        [100 * c.std() for c in cells[n]]) for n in rounds},
+                                "sparsity (fraction of backbone weights frozen)", "test accuracy (%)",
+                                "Model editing: sparsity × calibration rounds\n(mean over seeds ± std)",
+                                integer_x=False)
             plots.append(path)
         labels, values = [], []
         settings = group(hr, lambda r: (r["sparsity"], r["calib_rounds"]))
@@ -490,8 +495,8 @@ def editing_doc(runs, out_dir):
             values += [acc(x) for x in rules.values()]
         if labels and i == 0:
             path = os.path.join(out_dir, "editing_rules.png")
-            common.plot_bars(path, labels, [100 * v.mean() for v in values], "test accuracy (%)",
-                             "Model editing: mask rules (mean over seeds ± std)", [100 * v.std() for v in values])
+            plumbing.plot_bars(path, labels, [100 * v.mean() for v in values], "test accuracy (%)",
+                               "Model editing: mask rules (mean over seeds ± std)", [100 * v.std() for v in values])
             plots.append(path)
     return doc, plots
 
@@ -530,7 +535,7 @@ def rules_tables(runs, covered):
     """Mask rules inside sparse FedAvg: rule × split at each J, with the dense runs of the same head."""
     out = []
     sparse = group([r for r in runs if r["mask"] and None not in r["mask"]],
-                   lambda r: (setup(r)[:6], r["mask"][1:], r["j"]))
+                   lambda r: (setup(r)._replace(mask=None), r["mask"][1:], r["j"]))
     for (base, (s, n, by), j), rs in sparse.items():
         rules = group(sorted(rs, key=lambda r: rule_order(r["mask"][0])), lambda r: r["mask"][0])
         if len(rules) < 2:
@@ -541,10 +546,9 @@ def rules_tables(runs, covered):
         rows = [[rule] + [acc([r for r in x if r["split"] == sp]) for sp in splits] for rule, x in rules.items()]
         if dense:
             rows.append(["dense (no mask)"] + [acc([r for r in dense if r["split"] == sp]) for sp in splits])
-        train, head, k, c, warm, score = base
-        out.append(Table(f"Mask rules inside sparse FedAvg at sparsity {s:g}, {n} calibration rounds ({by}, {score} "
-                         f"score), J={j}; head {head}, K={k}, C={c:g}: test accuracy (%)", ["rule"] + splits, rows,
-                         [None] + ["max"] * len(splits)))
+        out.append(Table(f"Mask rules inside sparse FedAvg at sparsity {s:g}, {n} calibration rounds ({by}, "
+                         f"{base.score} score), J={j}; head {base.head}, K={base.k}, C={base.c:g}: test accuracy (%)",
+                         ["rule"] + splits, rows, [None] + ["max"] * len(splits)))
     return out
 
 
@@ -552,14 +556,14 @@ def sparsity_tables(runs, covered):
     """Sparsity × calibration rounds inside sparse FedAvg, at each non-IID split and J that has several."""
     out = []
     sparse = group([r for r in runs if r["mask"] and None not in r["mask"] and not r["iid"]],
-                   lambda r: (setup(r)[:6], r["mask"][0], r["mask"][3], r["split"], r["j"]))
+                   lambda r: (setup(r)._replace(mask=None), r["mask"][0], r["mask"][3], r["split"], r["j"]))
     for (base, rule, by, split, j), rs in sparse.items():
         cells = group(rs, lambda r: r["mask"][1:3])
         if len(cells) < 2:
             continue
         covered.update(setup(r) for r in rs)
         out.append(sparsity_table(f"Sparsity × calibration rounds inside sparse FedAvg ({rule}, {by} calibration, "
-                                  f"{base[5]} score) at {split}, J={j}; head {base[1]}, K={base[2]}, C={base[3]:g}",
+                                  f"{base.score} score) at {split}, J={j}; head {base.head}, K={base.k}, C={base.c:g}",
                                   cells))
     return out
 
@@ -578,7 +582,7 @@ def main_setups(runs, head):
     def best(rs):
         cells = group(rs, setup)
         return max(cells, key=lambda k: (len({(r["split"], r["j"]) for r in cells[k]}), len(cells[k]),
-                                         str(k)), default=None)
+                                         str(tuple(k))), default=None)
     mine = [r for r in runs if r.get("head") == head]
     sparse = [r for r in mine if r["mask"] and r["mask"][0] in ("least-sensitive", None)] or \
              [r for r in mine if r["mask"]]
@@ -594,7 +598,7 @@ def six_models_tables(runs, central, editing):
         if not js:  # only head-only runs
             continue
         j = 4 if 4 in js else js[0]
-        mask = sparse[6][:3] if sparse else None
+        mask = sparse.mask[:3] if sparse else None
         edits = group([r for r in editing if r.get("head") == head and r["rule"] == "least-sensitive"],
                       lambda r: (r["rule"], r["sparsity"], r["calib_rounds"]))
         edit = mask if mask in edits else ("least-sensitive", 0.9, 4) if ("least-sensitive", 0.9, 4) in edits else \
@@ -615,7 +619,7 @@ def six_models_tables(runs, central, editing):
 
 def cost_table(runs, frac):
     rows = []
-    for key, rs in sorted(group(runs, setup).items(), key=lambda kv: (kv[0][6] is not None, setup_name(kv[0]))):
+    for key, rs in sorted(group(runs, setup).items(), key=lambda kv: (kv[0].mask is not None, setup_name(kv[0]))):
         for (split, j), x in sorted(group(rs, lambda r: (r["split"], r["j"])).items(),
                                     key=lambda kv: (split_order(kv[0][0]), kv[0][1])):
             rows.append([setup_name(key), split, j, "/".join(str(n) for n in sorted({r["rounds"] for r in x})),
@@ -653,11 +657,11 @@ def marker(xs):
 
 def integer_ticks(axis):
     """Rounds on an axis: integer ticks only (no round 1.5), one at least (a lone point's range is < 1)."""
-    axis.set_major_locator(common.pyplot().MaxNLocator(integer=True, min_n_ticks=1))
+    axis.set_major_locator(plumbing.pyplot().MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def plot_curves(path, by_split, title):
-    fig, ax = common.pyplot().subplots(figsize=(6, 4))
+    fig, ax = plumbing.pyplot().subplots(figsize=(6, 4))
     for split, rs in by_split.items():
         xs, mean, std = curve(rs, "val_acc")
         if len(xs):
@@ -671,7 +675,7 @@ def plot_curves(path, by_split, title):
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def plot_heatmap(path, dense, sparse, title):
@@ -682,8 +686,8 @@ def plot_heatmap(path, dense, sparse, title):
              for rs in (dense, sparse)]
     grids = [100 * np.array(m, dtype=float) for m in means]  # None (no run) -> nan
     lo, hi = np.nanmin(grids), np.nanmax(grids)
-    fig, axes = common.pyplot().subplots(1, 2, figsize=(3 + 2.4 * len(js), 1.4 + 0.6 * len(splits)),
-                               squeeze=False, layout="constrained")
+    fig, axes = plumbing.pyplot().subplots(1, 2, figsize=(3 + 2.4 * len(js), 1.4 + 0.6 * len(splits)),
+                                           squeeze=False, layout="constrained")
     for ax, g, name in zip(axes[0], grids, ("dense", "sparse")):
         im = ax.imshow(g, vmin=lo, vmax=hi, cmap="viridis", aspect="auto")
         ax.set(xticks=range(len(js)), xticklabels=[f"J={j}" for j in js], yticks=range(len(splits)),
@@ -693,7 +697,7 @@ def plot_heatmap(path, dense, sparse, title):
                 ax.text(k, i, f"{v:.2f}", ha="center", va="center", color="w" if v < (lo + hi) / 2 else "k", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), label="test accuracy (%)")
     fig.suptitle(title, fontsize=9)
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def smooth(xs, ys):
@@ -705,7 +709,7 @@ def smooth(xs, ys):
 
 def plot_agreement(path, dense, sparse, title):
     """Update agreement and update norm per round, one line per (split, dense/sparse), mean over seeds."""
-    fig, axes = common.pyplot().subplots(1, 2, figsize=(11, 4), layout="constrained")
+    fig, axes = plumbing.pyplot().subplots(1, 2, figsize=(11, 4), layout="constrained")
     colors, longest = {}, 0
     for kind, rs, style in (("dense", dense, "-"), ("sparse", sparse, "--")):
         for split, x in sorted(group(rs, lambda r: r["split"]).items(), key=lambda kv: split_order(kv[0])):
@@ -725,7 +729,7 @@ def plot_agreement(path, dense, sparse, title):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def fedavg_plots(runs, shown, out_dir):
@@ -734,9 +738,9 @@ def fedavg_plots(runs, shown, out_dir):
     heads = list(group(runs, lambda r: r.get("head")))
     mains = {h: main_setups(runs, h) for h in heads}
     for key in shown:
-        head, mask = key[1], key[6]
+        head, mask = key.head, key.mask
         tag = ("dense" if not mask else "sparse") if key in mains[head] else \
-            ("train-" + key[0] if not mask else "sparse-" + mask_name(mask))
+            ("train-" + key.train if not mask else "sparse-" + mask_name(mask))
         tag = re.sub(r"[^A-Za-z0-9._-]+", "-", tag + (f"_head{heads.index(head)}" if head != heads[0] else ""))
         tags[tag] = tags.get(tag, 0) + 1
         tag += f"_{tags[tag]}" if tags[tag] > 1 else ""
@@ -798,9 +802,9 @@ def summarize(root, target=0.9):
     os.makedirs(out_dir, exist_ok=True)
     rows, path = [csv_row(r, root) for r in runs], os.path.join(out_dir, "results.csv")
     if rows:
-        common.write_csv(rows, path)
+        plumbing.write_csv(rows, path)
     else:  # write_csv takes its header from the rows
-        common.atomic_write_text(",".join(COLUMNS) + "\n", path)
+        plumbing.atomic_write_text(",".join(COLUMNS) + "\n", path)
 
     by_stage = {s: [r for r in runs if r["stage"] == s] for s in STAGES}
     seeds = sorted({r["seed"] for r in runs})
@@ -825,8 +829,8 @@ def summarize(root, target=0.9):
         if name.endswith(".png") and os.path.join(out_dir, name) not in plots:
             os.remove(os.path.join(out_dir, name))
     md, tex = render(doc)
-    common.atomic_write_text(md, os.path.join(out_dir, "report.md"))
-    common.atomic_write_text(tex, os.path.join(out_dir, "tables.tex"))
+    plumbing.atomic_write_text(md, os.path.join(out_dir, "report.md"))
+    plumbing.atomic_write_text(tex, os.path.join(out_dir, "tables.tex"))
     print(f"{len(runs)} runs summarized: {out_dir}/report.md, tables.tex, results.csv and {len(plots)} plots")
 
 
@@ -838,20 +842,20 @@ def fraction(s):
 
 
 def main(argv=None):
-    p = common.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("root", type=common.path, help="results root, e.g. run_all.sh's $RESULTS (default there: ./runs)")
+    p = plumbing.Parser(description=__doc__.split("\n")[0])
+    p.add_argument("root", type=plumbing.path, help="results root, e.g. run_all.sh's $RESULTS (default there: ./runs)")
     p.add_argument("--target", type=fraction, default=0.9,
                    help="rounds to target: the first FedAvg round whose validation accuracy reaches this fraction "
                         "of the centralized validation accuracy of the same seed (of the mean over the centralized "
                         "runs when that seed has none)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.root):
-        raise common.UserError(f"{args.root} is not a directory")
+        raise plumbing.UserError(f"{args.root} is not a directory")
     try:
         summarize(args.root, args.target)
     except OSError as e:  # e.g. a read-only results root
-        raise common.UserError(f"cannot write the summary: {e}")
+        raise plumbing.UserError(f"cannot write the summary: {e}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    plumbing.run_main(main)

@@ -59,10 +59,11 @@ def measure(cfg):
     """Run one method in this process; return a dict of measurements."""
     import torch
     import common
+    import plumbing
     torch.set_num_threads(cfg["threads"])
     p = argparse.ArgumentParser(parents=[common.base_parser()])
     args = p.parse_args(["--arch", cfg["arch"], "--img-size", str(cfg["img_size"]), "--no-pretrained"])
-    device = common.pick_device(cfg["device"])
+    device = plumbing.pick_device(cfg["device"])
     torch.manual_seed(0)  # the same random backbone in every subprocess
     model = common.build_model(args).to(device)
     gen = torch.Generator().manual_seed(0)

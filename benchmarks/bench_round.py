@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
 import fedavg  # noqa: E402
+import plumbing  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -43,8 +44,8 @@ def setup(a, k=None):
     argv = ["--arch", a.arch, "--img-size", str(a.img_size), "--no-pretrained", "--k", str(k or a.k),
             "--c", str(a.c * a.k / (k or a.k)), "--j", str(a.j), "--batch-size", str(a.batch), "--no-aug"]
     args = fedavg.get_args(argv + (["--device", a.device] if a.device else []))
-    device = common.pick_device(args.device)
-    args.precision = common.resolve_amp("auto", device)
+    device = plumbing.pick_device(args.device)
+    args.precision = plumbing.resolve_amp("auto", device)
     model = common.build_model(args).to(device)
     n = args.k * a.per_client
     g = torch.Generator().manual_seed(0)
@@ -69,7 +70,7 @@ def floor_round(model, x, y, shards, rnd, args, device):
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     model.train()
     for c in fedavg.sample_clients(args, rnd):
-        idx = fedavg.local_batches(shards[c], args.j, args.batch_size, common.make_generator(rnd, c)).to(device)
+        idx = fedavg.local_batches(shards[c], args.j, args.batch_size, plumbing.make_generator(rnd, c)).to(device)
         for s in range(args.j):
             loss = F.cross_entropy(common.forward_logits(model, common.preprocess(x[idx[s]], args.img_size), device,
                                                          args.precision), y[idx[s]])
@@ -80,7 +81,7 @@ def floor_round(model, x, y, shards, rnd, args, device):
 
 def ours_round(model, x, y, shards, rnd, args, device, phase):
     """fedavg.py's round; `phase` = fedavg.Phase(...), made once per run as fedavg.py does."""
-    fedavg.train_round(model, phase, shards, x, y, rnd, args, device, common.grad_scaler(device, args.precision))
+    fedavg.train_round(model, phase, shards, x, y, rnd, args, device, plumbing.grad_scaler(device, args.precision))
 
 
 class PilDataset(torch.utils.data.Dataset):
@@ -118,7 +119,7 @@ def peer_round(model, dataset, shards, rnd, args, device):
                 it = iter(loader)
                 xb, yb = next(it)
             xb, yb = xb.to(device), yb.to(device)
-            with common.autocast(device, args.precision):
+            with plumbing.autocast(device, args.precision):
                 loss = F.cross_entropy(local(xb).float(), yb)
             opt.zero_grad()
             loss.backward()
@@ -178,7 +179,8 @@ def time_optimizers(model, mask, device, reps):
 
 def time_calibration(a, model, x, shards, args, device, reps):
     """Per scored image: the federated score of one calibration round (each client's images, scored in
-    shared batches) vs a central one on as many images; and vs one call per client (today's before)."""
+    shared batches) vs a central one on as many images; and vs one call per client (how it was scored
+    before the shared batches)."""
     per_client = math.ceil(8 * 32 / len(shards))
     u = torch.rand(per_client * len(shards), dtype=torch.float64)
     idx = torch.cat([s[:per_client] for s in shards]).to(device)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 from conftest import ROOT, TINY
 
 
@@ -41,28 +42,38 @@ def backbone_file(tmp_path, seed=0):
     return str(path), model
 
 
-def stop_during_call(monkeypatch, module, name, n):
-    """Make common.stop_requested() answer True from the n-th call of module.name on (as if SIGTERM
-    arrived during it)."""
+def count_calls(monkeypatch, module, name, kill_at=None):
+    """Count the calls of module.name (patched for this test): returns the count, {'n': calls so far}.
+    With kill_at, its kill_at-th call raises KeyboardInterrupt instead (as if the process were killed
+    during it); put it back with monkeypatch.undo() or monkeypatch.setattr(module, name, real)."""
     calls = {"n": 0}
     real = getattr(module, name)
 
     def counting(*a, **k):
         calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt
         return real(*a, **k)
 
     monkeypatch.setattr(module, name, counting)
-    monkeypatch.setattr(common, "stop_requested", lambda: calls["n"] >= n)
+    return calls
+
+
+def stop_during_call(monkeypatch, module, name, n):
+    """Make plumbing.stop_requested() answer True from the n-th call of module.name on (as if SIGTERM
+    arrived during it)."""
+    calls = count_calls(monkeypatch, module, name)
+    monkeypatch.setattr(plumbing, "stop_requested", lambda: calls["n"] >= n)
 
 
 def run_as_script(main, argv, capsys):
-    """main(argv) through common.run_main, as the script's __main__ runs it: returns (exit status, the
+    """main(argv) through plumbing.run_main, as the script's __main__ runs it: returns (exit status, the
     non-empty lines it printed on stderr). The stop-signal handlers run_main installs are put back."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     capsys.readouterr()
     try:
         with pytest.raises(SystemExit) as e:
-            common.run_main(lambda: main(argv))
+            plumbing.run_main(lambda: main(argv))
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -96,8 +107,8 @@ def record_plots(monkeypatch):
     from now on; the plots are still drawn."""
     calls = {}
     for name in ("plot_bars", "plot_lines"):
-        def record(path, what, *rest, draw=getattr(common, name), **kw):
+        def record(path, what, *rest, draw=getattr(plumbing, name), **kw):
             calls[os.path.basename(path)] = (what, rest[1], rest)  # rest: (xlabel or values, ylabel, title)
             draw(path, what, *rest, **kw)
-        monkeypatch.setattr(common, name, record)
+        monkeypatch.setattr(plumbing, name, record)
     return calls

@@ -7,8 +7,9 @@ import torch
 
 import centralized
 import common
+import plumbing
 from conftest import TINY
-from helpers import assert_usage_error, record_plots, run_script
+from helpers import assert_usage_error, count_calls, record_plots, run_script
 
 FAST = TINY + ["--synthetic-size", "2000", "--batch-size", "64"]
 
@@ -61,16 +62,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
                    "--epochs", "4", "--patience", "2", "--aug-views", "2"]
     centralized.main(argv + ["--out", str(tmp_path / "full")])
 
-    calls = {"n": 0}
     real_epoch = common.train_head_epoch
-
-    def dying_epoch(*a, **k):  # the 6th epoch (inside the second grid point) never finishes
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(common, "train_head_epoch", dying_epoch)
+    count_calls(monkeypatch, common, "train_head_epoch", kill_at=6)  # the 6th epoch: inside the second grid point
     with pytest.raises(KeyboardInterrupt):
         centralized.main(argv + ["--out", str(tmp_path / "cut")])
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
@@ -78,7 +71,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert not (tmp_path / "cut" / "result.json").exists()
     monkeypatch.setattr(common, "train_head_epoch", real_epoch)
 
-    with pytest.raises(common.UserError, match="--resume"):  # no silent restart over an interrupted run
+    with pytest.raises(plumbing.UserError, match="--resume"):  # no silent restart over an interrupted run
         centralized.main(argv + ["--out", str(tmp_path / "cut")])
     centralized.main(argv + ["--out", str(tmp_path / "cut"), "--resume"])
 
@@ -96,11 +89,11 @@ def test_refuses_a_directory_holding_a_different_run(tmp_path):
     out = str(tmp_path / "run")
     centralized.main(FAST + ["--epochs", "1", "--out", out])
     before = read(os.path.join(out, "result.json"))
-    with pytest.raises(common.UserError, match="different run"):
+    with pytest.raises(plumbing.UserError, match="different run"):
         centralized.main(FAST + ["--epochs", "2", "--out", out])
-    with pytest.raises(common.UserError, match="finished"):
+    with pytest.raises(plumbing.UserError, match="finished"):
         centralized.main(FAST + ["--epochs", "1", "--out", out])
-    with pytest.raises(common.Finished):  # finished: nothing to do (run_main exits 0)
+    with pytest.raises(plumbing.Finished):  # finished: nothing to do (run_main exits 0)
         centralized.main(FAST + ["--epochs", "1", "--out", out, "--resume"])
     assert read(os.path.join(out, "result.json")) == before
 
@@ -127,14 +120,14 @@ def test_bad_flags_are_one_line_errors(capsys, bad):
     (["--device", "cuda:1"], "cuda"),
 ])
 def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, bad, says):
-    with pytest.raises(common.UserError, match=says):
+    with pytest.raises(plumbing.UserError, match=says):
         centralized.main(FAST + ["--out", str(tmp_path / "r")] + bad)
     assert not (tmp_path / "r").exists()
 
 
 def test_malformed_hparams_are_refused_before_features_or_a_run_dir(tmp_path):
     (tmp_path / "r.json").write_text('{"best": {"lr": 0.1}}')
-    with pytest.raises(common.UserError, match="not a centralized result.json"):
+    with pytest.raises(plumbing.UserError, match="not a centralized result.json"):
         centralized.main(FAST + ["--hparams", str(tmp_path / "r.json"), "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
     (tmp_path / "r.json").write_text('{"best": {"lr": 0.1, "momentum": 0.9, "wd": 0}}')

@@ -39,6 +39,6 @@ def test_the_notebook_runs_the_readme_commands_on_drive():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     missing = [line for line in project if line not in readme]
-    assert not missing, f"not in README.md (see README-snippets.md): {missing}"
+    assert not missing, f"not in README.md: {missing}"
     badge = r"\[!\[Open In Colab\]\([^)]*\)\]\(https://colab\.research\.google\.com/github/[^)]*/colab\.ipynb\)"
     assert re.search(badge, readme), "no Open In Colab line in README.md"

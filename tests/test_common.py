@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 from conftest import TINY
 
 
@@ -222,7 +223,7 @@ def test_load_data_splits_train_into_train_and_val():
 def test_augment_keeps_shape_and_takes_pixels_from_padded_shifted_image():
     x, _, _, _ = common.make_synthetic(100, 100, seed=0)
     x = x[:16]
-    a = common.augment(x, *common.draw_augmentation(len(x), common.make_generator(0)))
+    a = common.augment(x, *common.draw_augmentation(len(x), plumbing.make_generator(0)))
     assert a.shape == x.shape and a.dtype == torch.uint8
     padded = torch.nn.functional.pad(x, (0, 0, 4, 4, 4, 4))
     for i in range(len(x)):  # each output is some 32x32 window of the padded image, maybe flipped
@@ -230,8 +231,8 @@ def test_augment_keeps_shape_and_takes_pixels_from_padded_shifted_image():
                     for dy in range(9) for dx in range(9)
                     for win in [padded[i, dy:dy + 32, dx:dx + 32]])
         assert found
-    assert torch.equal(a, common.augment(x, *common.draw_augmentation(len(x), common.make_generator(0))))  # seeded
-    assert not torch.equal(a, common.augment(x, *common.draw_augmentation(len(x), common.make_generator(1))))
+    assert torch.equal(a, common.augment(x, *common.draw_augmentation(len(x), plumbing.make_generator(0))))  # seeded
+    assert not torch.equal(a, common.augment(x, *common.draw_augmentation(len(x), plumbing.make_generator(1))))
 
 
 def test_preprocess_shape_and_range():
@@ -286,15 +287,15 @@ def test_weights_are_resized_to_another_image_size(tmp_path):
 
 
 def test_bad_weight_files_are_user_errors(tmp_path):
-    with pytest.raises(common.UserError, match="not found"):
+    with pytest.raises(plumbing.UserError, match="not found"):
         common.build_model(tiny_args("--weights", str(tmp_path / "missing.pth")))
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(common.UserError, match="cannot read"):
+    with pytest.raises(plumbing.UserError, match="cannot read"):
         common.build_model(tiny_args("--weights", str(corrupt)))
     wrong = tmp_path / "wrong.pth"
     torch.save({"blocks.0.norm1.weight": torch.ones(3)}, wrong)
-    with pytest.raises(common.UserError, match="does not fit"):
+    with pytest.raises(plumbing.UserError, match="does not fit"):
         common.build_model(tiny_args("--weights", str(wrong)))
 
 
@@ -305,7 +306,7 @@ def test_offline_without_cached_weights_fails_fast(monkeypatch):
     args = tiny_args()
     args.no_pretrained, args.arch = False, "vit_small_patch16_224.dino"
     t = time.time()
-    with pytest.raises(common.UserError, match="--weights"):
+    with pytest.raises(plumbing.UserError, match="--weights"):
         common.build_model(args)
     assert time.time() - t < 10
 
@@ -335,11 +336,11 @@ def test_lr_schedules_take_their_documented_values(name):
 
 
 def test_random_streams_are_distinct_and_replayable():
-    assert len(set(common.STREAMS.values())) == len(common.STREAMS)
-    a = torch.rand(5, generator=common.stream("clients", 0, 3))
-    assert torch.equal(a, torch.rand(5, generator=common.stream("clients", 0, 3)))
-    assert torch.equal(a, torch.rand(5, generator=common.make_generator(0, 3, common.STREAMS["clients"])))
-    assert not torch.equal(a, torch.rand(5, generator=common.stream("client_batches", 0, 3)))
+    assert len(set(plumbing.STREAMS.values())) == len(plumbing.STREAMS)
+    a = torch.rand(5, generator=plumbing.stream("clients", 0, 3))
+    assert torch.equal(a, torch.rand(5, generator=plumbing.stream("clients", 0, 3)))
+    assert torch.equal(a, torch.rand(5, generator=plumbing.make_generator(0, 3, plumbing.STREAMS["clients"])))
+    assert not torch.equal(a, torch.rand(5, generator=plumbing.stream("client_batches", 0, 3)))
 
 
 @pytest.mark.parametrize("cfg", SGD_CONFIGS)

@@ -7,8 +7,10 @@ import torch
 
 import common
 import model_editing
+import plumbing
 from conftest import TINY
-from helpers import assert_usage_error, backbone_file, masked_weights_moved, record_plots, run_script, tiny_model
+from helpers import (assert_usage_error, backbone_file, count_calls, masked_weights_moved, record_plots,
+                     run_script, tiny_model)
 
 FAST = TINY + ["--synthetic-size", "3000", "--batch-size", "64", "--warmup-lr", "0.1", "--fisher-batches", "2",
                "--fisher-batch-size", "16"]
@@ -47,9 +49,9 @@ def test_ties_are_broken_by_position():
 
 def test_random_rule_is_seeded_and_exact():
     params = {"w": torch.zeros(1000), "v": torch.zeros(10, 10)}
-    m1 = common.select_mask(None, "random", 123, gen=common.make_generator(5), params=params)
-    m2 = common.select_mask(None, "random", 123, gen=common.make_generator(5), params=params)
-    m3 = common.select_mask(None, "random", 123, gen=common.make_generator(6), params=params)
+    m1 = common.select_mask(None, "random", 123, gen=plumbing.make_generator(5), params=params)
+    m2 = common.select_mask(None, "random", 123, gen=plumbing.make_generator(5), params=params)
+    m3 = common.select_mask(None, "random", 123, gen=plumbing.make_generator(6), params=params)
     assert sum(int(m.sum()) for m in m1.values()) == 123
     assert all(torch.equal(m1[k], m2[k]) for k in m1)
     assert not all(torch.equal(m1[k], m3[k]) for k in m1)
@@ -61,7 +63,7 @@ def test_every_rule_gives_the_exact_sparsity_on_a_vit(rule, sparsity):
     model = tiny_model()
     total = sum(p.numel() for _, p in common.masked_params(model))
     scores = {n: torch.rand(p.shape) for n, p in common.masked_params(model)}
-    mask, log = common.calibrate_mask(model, lambda m: scores, rule, sparsity, 3, common.make_generator(0))
+    mask, log = common.calibrate_mask(model, lambda r, m: scores, rule, sparsity, 3, plumbing.make_generator(0))
     assert set(mask) == {n for n, _ in common.masked_params(model)}
     # the reference's final count: int((1 - S) * N), 1 - S in floating point (at 0.95 one fewer than rounding)
     assert sum(int(m.sum()) for m in mask.values()) == int((1 - sparsity) * total)
@@ -75,11 +77,11 @@ def test_calibration_rounds_only_grow_the_masked_out_set():
     seen = []
     gen = torch.Generator().manual_seed(0)
 
-    def fresh_scores(mask):  # new random scores each round: only the held-out rule keeps it monotone
+    def fresh_scores(r, mask):  # new random scores each round: only the held-out rule keeps it monotone
         seen.append(None if mask is None else {k: v.clone() for k, v in mask.items()})
         return {n: torch.rand(p.shape, generator=gen) for n, p in common.masked_params(model)}
 
-    mask, log = common.calibrate_mask(model, fresh_scores, "least-sensitive", 0.95, 4, common.make_generator(0))
+    mask, log = common.calibrate_mask(model, fresh_scores, "least-sensitive", 0.95, 4, plumbing.make_generator(0))
     masks = [m for m in seen[1:]] + [mask]
     for before, after in zip(masks, masks[1:]):
         for n in before:
@@ -111,8 +113,8 @@ def test_calibration_scores_the_images_calib_images_names(monkeypatch, flags, ho
     assert len(seen) == 2
     n = args.fisher_batches * args.fisher_batch_size
     for r, images in enumerate(seen, 1):
-        idx, _ = common.draw_calibration(len(x), n, common.stream("edit_calib", args.seed, r))
-        off, flip = common.draw_augmentation(n, common.stream("edit_calib_aug", args.seed, r))
+        idx, _ = common.draw_calibration(len(x), n, plumbing.stream("edit_calib", args.seed, r))
+        off, flip = common.draw_augmentation(n, plumbing.stream("edit_calib_aug", args.seed, r))
         augmented = common.augment(x[idx], off, flip)
         assert not torch.equal(augmented, x[idx])
         assert torch.equal(images, augmented if how == "train-aug" else x[idx])
@@ -124,7 +126,7 @@ def test_a_sparsity_that_keeps_nothing_after_the_rounds_is_refused():
     model = tiny_model()
     total = sum(p.numel() for _, p in common.masked_params(model))
     common.check_sparsity(model, 1 - 1.5 / total, 4)  # keeps int(1.5) = 1 entry
-    with pytest.raises(common.UserError, match="keeps none of the .* after 4 calibration round"):
+    with pytest.raises(plumbing.UserError, match="keeps none of the .* after 4 calibration round"):
         common.check_sparsity(model, 1 - 0.5 / total, 4)  # int(0.5) = 0
 
 
@@ -264,10 +266,10 @@ def test_sampled_labels_invert_the_cdf():
 
 
 def test_draw_calibration_is_seeded():
-    idx, u = common.draw_calibration(50, 8, common.make_generator(1))
-    idx2, u2 = common.draw_calibration(50, 8, common.make_generator(1))
+    idx, u = common.draw_calibration(50, 8, plumbing.make_generator(1))
+    idx2, u2 = common.draw_calibration(50, 8, plumbing.make_generator(1))
     assert torch.equal(idx, idx2) and torch.equal(u, u2) and u.dtype == torch.float64
-    assert len(set(idx.tolist())) == 8 and len(common.draw_calibration(5, 8, common.make_generator(1))[0]) == 5
+    assert len(set(idx.tolist())) == 8 and len(common.draw_calibration(5, 8, plumbing.make_generator(1))[0]) == 5
 
 
 # ----------------------------------------------------------------------------- mask files
@@ -283,19 +285,19 @@ def test_mask_file_round_trip_and_bad_masks(tmp_path):
 
     old = dict(raw, cls_token=torch.ones(1, 1, 64, dtype=torch.bool), pos_embed=torch.ones(1, 5, 64, dtype=torch.bool))
     torch.save(old, tmp_path / "old.pt")
-    with pytest.raises(common.UserError, match="older version.*recalibrate") as err:
+    with pytest.raises(plumbing.UserError, match="older version.*recalibrate") as err:
         common.load_mask(str(tmp_path / "old.pt"), model)
     assert "\n" not in str(err.value)
     missing = dict(raw)
     missing.pop("norm.bias")
     torch.save(missing, tmp_path / "missing.pt")
-    with pytest.raises(common.UserError, match="missing"):
+    with pytest.raises(plumbing.UserError, match="missing"):
         common.load_mask(str(tmp_path / "missing.pt"), model)
     shaped = dict(raw, **{"norm.bias": torch.ones(3, dtype=torch.bool)})
     torch.save(shaped, tmp_path / "shape.pt")
-    with pytest.raises(common.UserError, match="shape"):
+    with pytest.raises(plumbing.UserError, match="shape"):
         common.load_mask(str(tmp_path / "shape.pt"), model)
-    with pytest.raises(common.UserError, match="not found"):
+    with pytest.raises(plumbing.UserError, match="not found"):
         common.load_mask(str(tmp_path / "nope.pt"), model)
 
 
@@ -382,15 +384,8 @@ def test_interrupted_edit_resumes_to_the_same_weights(tmp_path, monkeypatch):
     argv = FAST + ["--epochs", "2", "--synthetic-size", "1000", "--sparsity", "0.7", "--fisher-batches", "1"]
     model_editing.main(argv + ["--out", str(tmp_path / "full")])
 
-    real_step, calls = model_editing.train_step, {"n": 0}
-
-    def dying_step(*a, **k):  # dies in the middle of the second epoch (15 steps per epoch)
-        calls["n"] += 1
-        if calls["n"] == 20:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(model_editing, "train_step", dying_step)
+    real_step = model_editing.train_step
+    count_calls(monkeypatch, model_editing, "train_step", kill_at=20)  # mid second epoch (15 steps per epoch)
     with pytest.raises(KeyboardInterrupt):
         model_editing.main(argv + ["--out", str(tmp_path / "cut")])
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # cut mid-run

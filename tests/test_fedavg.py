@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 import common
 import fedavg
+import plumbing
 from conftest import TINY
-from helpers import assert_usage_error, backbone_file, masked_weights_moved, run_script, stop_during_call, tiny_model
+from helpers import (assert_usage_error, backbone_file, count_calls, masked_weights_moved, run_script,
+                     stop_during_call, tiny_model)
 
 FAST = TINY + ["--synthetic-size", "2000", "--k", "10", "--c", "0.5", "--lr", "0.05", "--batch-size", "32"]
 
@@ -51,7 +53,7 @@ def test_shards_are_disjoint_covering_balanced_with_nc_classes(n, nc):
 def test_noniid_shards_on_uneven_sizes_stay_as_close_as_the_classes_allow(k, nc):
     # classes of unequal size (20..119 samples) and K*nc not a multiple of 100
     y = torch.cat([torch.full((20 + c,), c) for c in range(100)])
-    shards = fedavg.noniid_shards(y, k, nc, common.make_generator(0))
+    shards = fedavg.noniid_shards(y, k, nc, plumbing.make_generator(0))
     check_partition(shards, len(y))
     for s in shards:
         assert int((torch.bincount(y[s], minlength=100) > 0).sum()) == nc
@@ -95,7 +97,7 @@ def round_args(*extra):
 
 
 def fp32_scaler():
-    return common.grad_scaler(torch.device("cpu"), "off")
+    return plumbing.grad_scaler(torch.device("cpu"), "off")
 
 
 def one_round(model, shards, inputs, y, args, mask=None, head_only=False):
@@ -147,10 +149,15 @@ def reference_round(params, clients, weights, train_client):
     return deltas
 
 
-def test_aggregation_is_bit_identical_to_the_per_tensor_server_and_measures_agreement():
+def test_aggregation_is_bit_identical_to_the_per_tensor_server_and_measures_agreement(monkeypatch):
     torch.manual_seed(0)
-    params = [torch.randn(5, 3), torch.randn(7)]
-    moves = {c: [torch.randn(5, 3), torch.randn(7)] for c in range(3)}
+    args = round_args("--k", "3", "--c", "1")
+    model = tiny_model()
+    phase = fedavg.Phase(model, args)
+    ours = [p for _, p in phase.params]
+    params = [p.detach().clone() for p in ours]
+    moves = {c: [torch.randn_like(p) for p in params] for c in range(3)}
+    shards = [torch.arange(50), torch.arange(30), torch.arange(20)]  # weights 0.5, 0.3, 0.2
 
     def train_client(c, ps):
         with torch.no_grad():
@@ -158,14 +165,19 @@ def test_aggregation_is_bit_identical_to_the_per_tensor_server_and_measures_agre
                 p.add_(m)
         return torch.tensor(float(c))
 
-    ours = [p.clone() for p in params]
-    loss, norm, agreement = fedavg.fedavg_round(ours, [0, 1, 2], [0.5, 0.3, 0.2], lambda c: train_client(c, ours))
+    # the round's clients move by `moves` (client_batches hands client_update the client's number)
+    monkeypatch.setattr(fedavg, "client_batches", lambda x, y, shard, rnd, client, *a: client)
+    monkeypatch.setattr(fedavg, "client_update", lambda forward, opt, scaler, client: train_client(client, ours))
+    loss, norm, agreement = fedavg.train_round(model, phase, shards, None, None, 0, args, torch.device("cpu"),
+                                               fp32_scaler())
+    clients = fedavg.sample_clients(args, 0)
+    weights = [[0.5, 0.3, 0.2][c] for c in clients]
     ref = [p.clone() for p in params]
-    deltas = reference_round(ref, [0, 1, 2], [0.5, 0.3, 0.2], lambda c: train_client(c, ref))
+    deltas = reference_round(ref, clients, weights, lambda c: train_client(c, ref))
     assert all(torch.equal(a, b) for a, b in zip(ours, ref))  # same bits as the per-tensor server
     flat = [torch.cat([d.flatten() for d in ds]) for ds in deltas]
-    avg = sum(w * f for w, f in zip([0.5, 0.3, 0.2], flat))
-    want = float(avg.square().sum() / sum(w * f.square().sum() for w, f in zip([0.5, 0.3, 0.2], flat)))
+    avg = sum(w * f for w, f in zip(weights, flat))
+    want = float(avg.square().sum() / sum(w * f.square().sum() for w, f in zip(weights, flat)))
     assert agreement == pytest.approx(want, rel=1e-5)
     assert norm == pytest.approx(float(sum(f.norm() for f in flat) / 3), rel=1e-5)
     assert loss == pytest.approx(1.0)
@@ -252,8 +264,8 @@ def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monke
     per_client = math.ceil(20 / args.k)
     total = {k: torch.zeros_like(v) for k, v in batched.items()}
     for client, shard in enumerate(shards):  # what each client would send: its own images, cropped and flipped
-        i, u = common.draw_calibration(len(shard), per_client, common.stream("fed_calib", args.seed, 1, client))
-        off, flip = common.draw_augmentation(len(i), common.stream("fed_calib_aug", args.seed, 1, client))
+        i, u = common.draw_calibration(len(shard), per_client, plumbing.stream("fed_calib", args.seed, 1, client))
+        off, flip = common.draw_augmentation(len(i), plumbing.stream("fed_calib_aug", args.seed, 1, client))
         sums, n = common.fisher_sums(model, common.augment(x[shard[i]], off, flip), u, 32, 4, torch.device("cpu"),
                                      score=args.score)
         for k in total:
@@ -285,8 +297,8 @@ def test_federated_calibration_scores_the_images_calib_images_names(monkeypatch,
     for r, images in enumerate(seen, 1):
         clean, augmented = [], []
         for client, shard in enumerate(shards):
-            i, _ = common.draw_calibration(len(shard), per_client, common.stream("fed_calib", args.seed, r, client))
-            off, flip = common.draw_augmentation(len(i), common.stream("fed_calib_aug", args.seed, r, client))
+            i, _ = common.draw_calibration(len(shard), per_client, plumbing.stream("fed_calib", args.seed, r, client))
+            off, flip = common.draw_augmentation(len(i), plumbing.stream("fed_calib_aug", args.seed, r, client))
             clean.append(x[shard[i]])
             augmented.append(common.augment(x[shard[i]], off, flip))
         clean, augmented = torch.cat(clean), torch.cat(augmented)
@@ -334,7 +346,7 @@ def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(t
 
 def test_plots_show_accuracy_in_percent_from_round_0_and_the_training_loss(tmp_path, monkeypatch):
     calls = {}
-    monkeypatch.setattr(common, "plot_lines", lambda path, series, xlabel, ylabel, title: calls.update(
+    monkeypatch.setattr(plumbing, "plot_lines", lambda path, series, xlabel, ylabel, title: calls.update(
         {os.path.basename(path): (series, ylabel)}))
     rows = [{"round": 0, "train_loss": None, "val_loss": 2.0, "val_acc": 0.25, "test_loss": 2.1, "test_acc": 0.2},
             {"round": 1, "train_loss": 1.5, "val_loss": None, "val_acc": None, "test_loss": None, "test_acc": None},
@@ -360,7 +372,7 @@ def test_dense_fedavg_starts_from_the_given_head_file(tmp_path):
 def test_sparse_fedavg_reuses_a_mask_file(tmp_path):
     weights, pre = backbone_file(tmp_path)
     params = dict(common.masked_params(pre))
-    mask = common.select_mask(None, "random", 5000, gen=common.make_generator(3), params=params)
+    mask = common.select_mask(None, "random", 5000, gen=plumbing.make_generator(3), params=params)
     common.save_mask(mask, str(tmp_path / "given.pt"))
     out = tmp_path / "run"
     fedavg.main(FAST + ["--weights", weights, "--sparse", "--mask", str(tmp_path / "given.pt"),
@@ -379,7 +391,7 @@ RESUME = FAST + ["--sparse", "--sparsity", "0.8", "--calib-rounds", "2", "--roun
 def assert_same_run(a, b):
     ma, mb = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
-    for f in ("model.pt", "head.pt", "mask.pt"):  # byte for byte (common.atomic_save)
+    for f in ("model.pt", "head.pt", "mask.pt"):  # byte for byte (plumbing.atomic_save)
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     for f in ("metrics.csv", "calibration.csv", "shards.csv", "config.json"):
         assert (a / f).read_text() == (b / f).read_text(), f
@@ -396,21 +408,15 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch, uninterrupted):
-    real, calls = fedavg.client_update, {"n": 0}
-
-    def dying_client(*a, **k):  # 5 clients a round: dies inside round 4, after the checkpoint of round 3
-        calls["n"] += 1
-        if calls["n"] == 18:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(fedavg, "client_update", dying_client)
+    real = fedavg.client_update
+    # 5 clients a round: killed inside round 4, after the checkpoint of round 3
+    count_calls(monkeypatch, fedavg, "client_update", kill_at=18)
     with pytest.raises(KeyboardInterrupt):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ckpt["round"] == 3 and not (tmp_path / "cut" / "result.json").exists()  # cut mid-run
     monkeypatch.setattr(fedavg, "client_update", real)
-    with pytest.raises(common.UserError, match="--resume"):
+    with pytest.raises(plumbing.UserError, match="--resume"):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     (tmp_path / "cut" / "head.pt").write_bytes(b"")  # damaged while the run was away: not in the finished run
     (tmp_path / "cut" / "shards.csv").write_text("junk\n")
@@ -419,23 +425,23 @@ def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch, uninte
 
 
 def test_a_kill_between_the_mask_and_the_checkpoint_recalibrates(tmp_path, monkeypatch, uninterrupted):
-    real = common.save_checkpoint
+    real = plumbing.save_checkpoint
 
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common, "save_checkpoint", killed)  # the first checkpoint follows the mask
+    monkeypatch.setattr(plumbing, "save_checkpoint", killed)  # the first checkpoint follows the mask
     with pytest.raises(KeyboardInterrupt):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     assert (tmp_path / "cut" / "mask.pt").is_file() and not (tmp_path / "cut" / "checkpoint.pt").exists()
-    monkeypatch.setattr(common, "save_checkpoint", real)
+    monkeypatch.setattr(plumbing, "save_checkpoint", real)
     fedavg.main(RESUME + ["--out", str(tmp_path / "cut"), "--resume"])
     assert_same_run(uninterrupted, tmp_path / "cut")
 
 
 def test_a_stop_signal_checkpoints_at_the_round_boundary_and_resumes(tmp_path, monkeypatch, uninterrupted):
     stop_during_call(monkeypatch, fedavg, "train_round", 2)  # SIGTERM during round 2
-    with pytest.raises(common.Stopped):
+    with pytest.raises(plumbing.Stopped):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["round"] == 2
     monkeypatch.undo()
@@ -475,7 +481,7 @@ def test_bad_flags_are_one_line_errors(capsys, bad):
                                       (["--sparse", "--sparsity", "0.9999999"], "keeps none"),
                                       (["--head", "nohead.pt"], "not found")])
 def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, bad, says):
-    with pytest.raises(common.UserError, match=says):
+    with pytest.raises(plumbing.UserError, match=says):
         fedavg.main(FAST + ["--out", str(tmp_path / "r")] + bad)
     assert not (tmp_path / "r").exists()
 
@@ -487,9 +493,9 @@ def test_bad_flag_end_to_end_is_one_line_and_exit_2(tmp_path):
 
 
 def test_missing_or_misfit_mask_is_a_one_line_error(tmp_path):
-    with pytest.raises(common.UserError, match="not found"):
+    with pytest.raises(plumbing.UserError, match="not found"):
         fedavg.main(FAST + ["--sparse", "--mask", str(tmp_path / "none.pt"), "--out", str(tmp_path / "r")])
     torch.save({"blocks.0.norm1.weight": torch.ones(3, dtype=torch.bool)}, tmp_path / "bad.pt")
-    with pytest.raises(common.UserError, match="does not fit"):
+    with pytest.raises(plumbing.UserError, match="does not fit"):
         fedavg.main(FAST + ["--sparse", "--mask", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()

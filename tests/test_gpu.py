@@ -11,7 +11,8 @@ import centralized
 import common
 import fedavg
 import model_editing
-from helpers import masked_weights_moved, tiny_model
+import plumbing
+from helpers import count_calls, masked_weights_moved, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -66,15 +67,7 @@ def test_deterministic_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch
     argv = GPU + ["--deterministic", "--k", "10", "--c", "0.5", "--rounds", "4", "--ckpt-every", "1", "--sparse",
                   "--fisher-batches", "1"]
     fedavg.main(argv + ["--out", str(tmp_path / "full")])
-    real, calls = fedavg.client_update, {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 13:  # inside round 3
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(fedavg, "client_update", dying)
+    count_calls(monkeypatch, fedavg, "client_update", kill_at=13)  # inside round 3
     with pytest.raises(KeyboardInterrupt):
         fedavg.main(argv + ["--out", str(tmp_path / "cut")])
     monkeypatch.undo()
@@ -88,7 +81,7 @@ def test_a_diverging_run_stops_in_every_precision(tmp_path, amp):
     """--lr 1e8 makes the loss nan (or, in fp16, may leave the scaler skipping every step): the run stops
     with Diverged and writes no result, in every precision."""
     out = tmp_path / "r"
-    with pytest.raises(common.Diverged):
+    with pytest.raises(plumbing.Diverged):
         fedavg.main(GPU + ["--amp", amp, "--k", "10", "--c", "0.5", "--rounds", "20", "--lr", "1e8", "--sparse",
                            "--fisher-batches", "1", "--out", str(out)])
     assert not (out / "result.json").exists()

@@ -4,6 +4,7 @@ import torch
 
 import common
 import fedavg
+import plumbing
 from conftest import TINY
 from helpers import tiny_model
 
@@ -13,16 +14,16 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("capability,want", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16")])
 def test_auto_precision_follows_the_gpu_capability(monkeypatch, capability, want):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert common.resolve_amp("auto", torch.device("cuda")) == want  # T4 is 7.5, V100 7.0, A100 8.0, H100 9.0
-    assert common.resolve_amp("off", torch.device("cuda")) == "off"
-    assert common.resolve_amp("fp16", torch.device("cuda")) == "fp16"
+    assert plumbing.resolve_amp("auto", torch.device("cuda")) == want  # T4 is 7.5, V100 7.0, A100 8.0, H100 9.0
+    assert plumbing.resolve_amp("off", torch.device("cuda")) == "off"
+    assert plumbing.resolve_amp("fp16", torch.device("cuda")) == "fp16"
 
 
 def test_the_cpu_runs_fp32_and_refuses_gpu_precisions():
-    assert common.resolve_amp("auto", CPU) == "off"
+    assert plumbing.resolve_amp("auto", CPU) == "off"
     for amp in ("bf16", "fp16"):
-        with pytest.raises(common.UserError, match="needs a CUDA GPU"):
-            common.resolve_amp(amp, CPU)
+        with pytest.raises(plumbing.UserError, match="needs a CUDA GPU"):
+            plumbing.resolve_amp(amp, CPU)
 
 
 def test_feature_cache_is_keyed_by_the_precision_computed_in():
@@ -38,8 +39,8 @@ def test_feature_cache_is_keyed_by_the_precision_computed_in():
 def test_bad_devices_are_refused(monkeypatch, name, says):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(common.UserError, match=says):
-        common.pick_device(name)
+    with pytest.raises(plumbing.UserError, match=says):
+        plumbing.pick_device(name)
 
 
 def test_the_head_and_its_argmax_are_fp32_under_mixed_precision():
@@ -52,7 +53,7 @@ def test_the_head_and_its_argmax_are_fp32_under_mixed_precision():
         feats = common.backbone_features(model, x, CPU, "bf16")
     assert logits.dtype == torch.float32 and feats.dtype == torch.float32
     assert torch.equal(logits, model.head(feats))
-    with torch.no_grad(), common.autocast(CPU, "bf16"):
+    with torch.no_grad(), plumbing.autocast(CPU, "bf16"):
         assert model(x).dtype == torch.bfloat16  # what evaluating the whole model under autocast would give
 
 

@@ -1,6 +1,6 @@
 """The project's mask calibration against a small faithful port of the TaLoS reference code
 (iurada/talos-task-arithmetic, vision/: pruners.py TaLoS.score and Pruner._global_copy, the round loop
-of prune_finetune.py, the masked layers of layers.py; see shared notes talos-reference.md).
+of prune_finetune.py, the masked layers of layers.py).
 
 The port keeps the reference's own mechanics: the kept fraction of round r as prune_finetune.py computes
 it ((1.0 - S) ** (r / R)) and the kept count as _global_copy derives it from that fraction (int(fraction
@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 import common
 import model_editing
+import plumbing
 from conftest import TINY
 from helpers import tiny_model
 
@@ -144,11 +145,11 @@ def test_calibrated_mask_equals_the_talos_port(sparsity, rounds):
 
     seen = []
 
-    def score(mask):  # the project's scores, 5 images per batch (the port takes all 12 at once)
+    def score(r, mask):  # the project's scores, 5 images per batch (the port takes all 12 at once)
         seen.append(mask)
         return common.fisher_sums(model, images, us[len(seen) - 1], 32, 5, CPU, mask=mask, damp=0.1)[0]
 
-    mask, log = common.calibrate_mask(model, score, "least-sensitive", sparsity, rounds, common.make_generator(0))
+    mask, log = common.calibrate_mask(model, score, "least-sensitive", sparsity, rounds, plumbing.make_generator(0))
     assert len(seen) == rounds
     assert [row["kept"] for row in log] == want_kept
     assert list(mask) == list(want)
@@ -168,8 +169,8 @@ def test_default_mask_equals_the_talos_port(flags):
     x = data["train"][0]
     xs, us = [], []
     for r in range(1, args.calib_rounds + 1):
-        idx, u = common.draw_calibration(len(x), 12, common.stream("edit_calib", args.seed, r))
-        xs.append(common.preprocess(training_view(x[idx], common.stream("edit_calib_aug", args.seed, r)), 32).double())
+        idx, u = common.draw_calibration(len(x), 12, plumbing.stream("edit_calib", args.seed, r))
+        xs.append(common.preprocess(training_view(x[idx], plumbing.stream("edit_calib_aug", args.seed, r)), 32).double())
         us.append(u)
     want, want_kept = talos_calibrate(model, xs, us, args.sparsity, args.calib_rounds)
 

@@ -1,4 +1,4 @@
-"""run_all.sh and its helpers in common.py: the grid it lists, in its order, and what it costs (--dry-run,
+"""run_all.sh and its planner plan.py: the grid it lists, in its order, and what it costs (--dry-run,
 --describe-runs, --prefetch, the probe's estimate), a quick study end to end (killed, resumed, then nothing
 to redo), a finished run of other flags, the settings file, the study lock, --gpus and --per-gpu, SLURM
 submission and its task script, bad input."""
@@ -16,6 +16,8 @@ import torch
 
 import centralized
 import common
+import plan
+import plumbing
 import summarize
 from test_summarize import check_latex
 import fedavg
@@ -76,8 +78,8 @@ def run_key(script, a):
 
 
 def fake_python(tmp_path, runs="fake"):
-    """A stand-in for $PYTHON. common.py runs for real (run_all.sh asks it for run directories), except
-    that with $FAKE_ESTIMATE set, `common.py --estimate` answers at once instead of measuring: the
+    """A stand-in for $PYTHON. plan.py runs for real (run_all.sh asks it for run directories), except
+    that with $FAKE_ESTIMATE set, `plan.py --estimate` answers at once instead of measuring: the
     --per-gpu asked for (auto: 1), and $FAKE_ESTIMATE milliseconds per run. summarize.py is recorded and
     does nothing (its own tests are in test_summarize.py). A stage script is run for real with
     runs='real'; with runs='fake' it is recorded in $FAKE_LOG as 'SCRIPT CUDA_VISIBLE_DEVICES RUN_ALL_PID
@@ -89,13 +91,13 @@ def fake_python(tmp_path, runs="fake"):
     path = tmp_path / f"python_{runs}"
     path.write_text(f"""#!/usr/bin/env bash
 script=$(basename "$1")
-if [[ $script == common.py && $2 == --estimate && -n ${{FAKE_ESTIMATE:-}} ]]; then
+if [[ $script == plan.py && $2 == --estimate && -n ${{FAKE_ESTIMATE:-}} ]]; then
   n=$(grep -c .); per_gpu=${{*: -1}}; [[ $per_gpu != auto ]] || per_gpu=1
   printf 'per-gpu\t%s\nsay\tfake estimate\n' "$per_gpu"
   for ((i = 0; i < n; i++)); do printf 'cost\t%s\n' "$FAKE_ESTIMATE"; done
   exit 0
 fi
-[[ $script != common.py ]] || exec {sys.executable} "$@"
+[[ $script != plan.py ]] || exec {sys.executable} "$@"
 echo "$script ${{CUDA_VISIBLE_DEVICES-unset}} ${{RUN_ALL_PID-unset}} ${{*:2}}" >> "$FAKE_LOG"
 [[ $script != summarize.py ]] || exit 0
 [[ {runs} == fake ]] || exec {sys.executable} "$@"
@@ -120,7 +122,7 @@ def fake_map(tmp_path, *dry_runs):
     with open(path, "a") as f:
         for stdout in dry_runs:
             for _, a, words in listed_runs(stdout):
-                f.write(" ".join(words) + "\t" + a.out + "\t" + json.dumps(common.run_config(a)) + "\n")
+                f.write(" ".join(words) + "\t" + a.out + "\t" + json.dumps(plumbing.run_config(a)) + "\n")
     return str(path)
 
 
@@ -132,7 +134,7 @@ def calls(log):
 
 S5 = (0.5, 0.75, 0.9, 0.95, 0.99)
 SPLITS = ("iid", "nc1", "nc5", "nc10", "nc50")
-FULL = {  # the grid of the study, as the issue defines it
+FULL = {  # the grid of the study, as README.md's 'The grid' lists it
     "centralized": {(True, True)},
     "editing": {(r, 0.9, 4) for r in RULES} | {("least-sensitive", s, r) for s in S5 for r in (1, 2, 4, 8)},
     "fedavg dense": {(sp, j) for sp in SPLITS for j in (4, 8, 16)},
@@ -202,7 +204,7 @@ def test_dry_run_lists_the_grid_and_counts_its_runs_and_images(tmp_path, grid, a
     assert [counted[s][0] for s in STAGES] == [len(grid[s]) * len(seeds) for s in STAGES]
     images = {s: [0, 0] for s in STAGES}
     for script, a, words in runs:
-        _, fb, f, _, _ = common.describe_run(shlex.join([script] + words))
+        _, fb, f, _, _ = plan.describe_run(shlex.join([script] + words))
         images[run_key(script, a)[0]][0] += fb
         images[run_key(script, a)[0]][1] += f
     for s in STAGES:
@@ -224,8 +226,8 @@ def test_a_finished_run_counts_as_done_only_with_the_flags_of_the_study(tmp_path
         os.makedirs(a.out)
         with open(os.path.join(a.out, "result.json"), "w") as f:
             f.write("{}")
-        common.write_json({**common.run_config(a), "epochs": epochs, "precision": "off"},
-                          os.path.join(a.out, "config.json"))
+        plumbing.write_json({**plumbing.run_config(a), "epochs": epochs, "precision": "off"},
+                            os.path.join(a.out, "config.json"))
     proc = run_all("--dry-run", "--slurm", "--quick", "--", *flags, results=results)
     assert proc.returncode == 0, proc.stderr
     assert f"skip (done): {done.out}" in proc.stdout.splitlines()
@@ -236,8 +238,8 @@ def test_a_finished_run_counts_as_done_only_with_the_flags_of_the_study(tmp_path
     assert stage_lines(proc.stdout)["editing"][0] == 3
     for _, a, words in runs:
         assert words[-len(flags):] == flags and a.batch_size == 9
-    prefetch = [line for line in proc.stdout.splitlines() if line.startswith(sys.executable) and "common.py" in line]
-    assert prefetch == [shlex.join([sys.executable, os.path.join(ROOT, "common.py"), "--prefetch", "--", *flags])]
+    prefetch = [line for line in proc.stdout.splitlines() if line.startswith(sys.executable) and "plan.py" in line]
+    assert prefetch == [shlex.join([sys.executable, os.path.join(ROOT, "plan.py"), "--prefetch", "--", *flags])]
 
     # running: the other run is left alone, reported at the end, and the summary does not count it
     env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_ESTIMATE": "1",
@@ -253,13 +255,13 @@ def test_a_finished_run_counts_as_done_only_with_the_flags_of_the_study(tmp_path
     plan = (results / "run_all.plan").read_text().splitlines()
     assert len(plan) == 17 and plan[0].split("\t")[:2] == ["centralized", "centralized/grid_compare/seed0"]
     assert [json.loads(line.split("\t")[2]) for line in plan if line.split("\t")[1] ==
-            os.path.relpath(other.out, results)] == [common.run_config(other)]
+            os.path.relpath(other.out, results)] == [plumbing.run_config(other)]
 
 
-# ----------------------------------------------------------------------------- common.py --describe-runs / --prefetch
+# ----------------------------------------------------------------------------- plan.py --describe-runs / --prefetch
 
 def describe(*lines):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "common.py"), "--describe-runs"],
+    return subprocess.run([sys.executable, os.path.join(ROOT, "plan.py"), "--describe-runs"],
                           input="".join(line + "\n" for line in lines), capture_output=True, text=True)
 
 
@@ -270,7 +272,7 @@ def test_describe_runs_names_the_run_directory_and_counts_images_by_hand(tmp_pat
     assert proc.returncode == 0, proc.stderr
     fed, edit = [row.split("\t") for row in proc.stdout.splitlines()]
     assert [fed[3], edit[3]] == ["todo", "todo"]  # nothing finished there
-    assert json.loads(edit[4]) == common.run_config(model_editing.get_args(
+    assert json.loads(edit[4]) == plumbing.run_config(model_editing.get_args(
         ["--rule", "random", "--epochs", "2", "--results", f"{tmp_path}/r"]))  # what its config.json will hold
     fed, edit = fed[:3], edit[:3]
     # CIFAR-100: 45000 train, 5000 val, 10000 test. J=8 scales 300 rounds to 150; 10 clients a round,
@@ -288,8 +290,8 @@ def test_describe_runs_names_the_run_directory_and_counts_images_by_hand(tmp_pat
                                        ("fedavg.py 'unclosed", "cannot split"),
                                        ("centralized.py --help", "centralized.py: not a run")])
 def test_describe_run_refuses_a_bad_line_in_one_line(line, says):
-    with pytest.raises(common.UserError, match=says.replace("(", r"\(")):
-        common.describe_run(line)
+    with pytest.raises(plumbing.UserError, match=says.replace("(", r"\(")):
+        plan.describe_run(line)
 
 
 def test_describe_runs_refuses_a_bad_line_with_exit_2_and_prints_no_row():
@@ -308,20 +310,20 @@ def test_prefetch_fetches_what_the_flags_after_the_separator_need(monkeypatch, f
     monkeypatch.setattr(common, "hub_weights", lambda arch: f"cache/{arch}")
     monkeypatch.setattr(common, "build_model", lambda a: got.append(
         f"backbone {a.weights or ('random' if a.no_pretrained else 'hub')}"))
-    common.main(["--prefetch", "--", *flags])
+    plan.main(["--prefetch", "--", *flags])
     assert got == want
 
 
 def test_prefetch_reads_and_fits_the_weights_file(tmp_path, capsys):
     weights, _ = backbone_file(tmp_path)
     tiny = ["--dataset", "synthetic", "--arch", "test_vit", "--img-size", "32"]
-    common.main(["--prefetch", "--", *tiny, "--weights", weights])
+    plan.main(["--prefetch", "--", *tiny, "--weights", weights])
     assert f"--weights {weights}: ready" in capsys.readouterr().out
-    with pytest.raises(common.UserError, match="weights file not found"):
-        common.main(["--prefetch", "--", *tiny, "--weights", str(tmp_path / "typo.pth")])
-    with pytest.raises(common.UserError, match="does not fit --arch"):  # another ViT's weights
-        common.main(["--prefetch", "--", *tiny[:2], "--arch", "vit_tiny_patch16_224", "--img-size", "32",
-                     "--weights", weights])
+    with pytest.raises(plumbing.UserError, match="weights file not found"):
+        plan.main(["--prefetch", "--", *tiny, "--weights", str(tmp_path / "typo.pth")])
+    with pytest.raises(plumbing.UserError, match="does not fit --arch"):  # another ViT's weights
+        plan.main(["--prefetch", "--", *tiny[:2], "--arch", "vit_tiny_patch16_224", "--img-size", "32",
+                   "--weights", weights])
 
 
 def test_a_missing_weights_file_stops_the_study_in_seconds_with_one_line(tmp_path):
@@ -337,7 +339,7 @@ def test_a_missing_weights_file_stops_the_study_in_seconds_with_one_line(tmp_pat
                                   ["--prefetch", "--", "--dataset", "bogus"], ["--describe-runs", "--data-only"]])
 def test_common_main_refuses_bad_combinations(argv):
     with pytest.raises(SystemExit) as e:
-        common.main(argv)
+        plan.main(argv)
     assert e.value.code == 2
 
 
@@ -392,7 +394,7 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
         except OSError:  # finished in the meantime
             continue
         script = next(i for i, w in enumerate(words) if w.endswith(".py"))
-        runs.append(common.describe_run(shlex.join([os.path.basename(words[script])] + words[script + 1:]))[0])
+        runs.append(plan.describe_run(shlex.join([os.path.basename(words[script])] + words[script + 1:]))[0])
     proc.kill()
     proc.wait()
     deadline = time.time() + 30  # each saves a checkpoint at its next step boundary first
@@ -483,7 +485,7 @@ def test_settings_are_recorded_only_once_a_run_succeeded(tmp_path):
     planned = [run_all("--dry-run", "--slurm", "--quick", "--", *f, results=results).stdout for f in (typo, good)]
     maps = fake_map(tmp_path, *planned)
     env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": maps, "FAIL_IF": "77",
-           "FAIL_STATUS": str(common.DIVERGED_EXIT), "CUDA_VISIBLE_DEVICES": "5,7", "FAKE_ESTIMATE": "1"}
+           "FAIL_STATUS": str(plumbing.DIVERGED_EXIT), "CUDA_VISIBLE_DEVICES": "5,7", "FAKE_ESTIMATE": "1"}
 
     proc = run_all("--quick", "--gpus", "2", "--", *typo, results=results, env=env)  # every run fails (diverges)
     assert proc.returncode == 1
@@ -578,7 +580,7 @@ def test_dry_run_estimates_the_time_from_a_probe(tmp_path):
                                                  r"forward only, all together; ([\d.]+) s to start", said[0]).groups())
     assert "no GPU: these runs go to the CPU" in proc.stdout and "--slurm" in proc.stdout
     want = sum(startup + 2 * (fb_i / fb + f_i / f) for _, fb_i, f_i, _, _ in
-               (common.describe_run(shlex.join([s, *words])) for s, _, words in listed_runs(proc.stdout))) / 4
+               (plan.describe_run(shlex.join([s, *words])) for s, _, words in listed_runs(proc.stdout))) / 4
     total = [line for line in proc.stdout.splitlines() if line.startswith("total: ")][0]
     h, m, sec = map(int, re.search(r"about (\d+):(\d\d):(\d\d) with 4 run\(s\) at once$", total).groups())
     assert abs(h * 3600 + m * 60 + sec - want) <= 1 + 0.01 * want
@@ -587,19 +589,19 @@ def test_dry_run_estimates_the_time_from_a_probe(tmp_path):
 
 
 def test_runs_per_gpu_keeps_a_big_gpu_busy_and_a_small_one_alone():
-    assert common.runs_per_gpu(40, 15) == 1  # T4
-    assert common.runs_per_gpu(108, 40) == 3  # A100
-    assert common.runs_per_gpu(132, 80) == common.runs_per_gpu(132, 139) == 4  # H100, H200
-    assert common.runs_per_gpu(128, 24) == 3  # RTX 4090: memory bounds it
-    assert common.runs_per_gpu(16, 4) == 1  # never none
+    assert plan.runs_per_gpu(40, 15) == 1  # T4
+    assert plan.runs_per_gpu(108, 40) == 3  # A100
+    assert plan.runs_per_gpu(132, 80) == plan.runs_per_gpu(132, 139) == 4  # H100, H200
+    assert plan.runs_per_gpu(128, 24) == 3  # RTX 4090: memory bounds it
+    assert plan.runs_per_gpu(16, 4) == 1  # never none
 
 
 def test_a_probe_that_fails_says_why_in_one_line():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
-    with pytest.raises(common.UserError, match=r"^the speed probe \(1 at once\) failed: --device cuda asked for, "
+    with pytest.raises(plumbing.UserError, match=r"^the speed probe \(1 at once\) failed: --device cuda asked for, "
                                                r"but no CUDA GPU is visible; use --device cpu$"):
-        common.estimate([shlex.join(["fedavg.py", *TINY[:-2], "--device", "cuda"])], 0, 1)
+        plan.estimate([shlex.join(["fedavg.py", *TINY[:-2], "--device", "cuda"])], 0, 1)
 
 
 # ----------------------------------------------------------------------------- SLURM
@@ -651,7 +653,7 @@ def test_slurm_submits_one_throttled_array_and_a_summary_after_it(tmp_path):
     assert opt(summary, "--dependency") == "afterany:4200" and opt(summary, "--kill-on-invalid-dep") == "yes"
     assert "--array" not in summary and opt(summary, "--gres") is None and summary_gres is None
     assert "summarize.py" in opt(summary, "--wrap") and opt(summary, "--partition") == "gpu"
-    assert [c[0] for c in calls(log)] == []  # nothing ran here (the prefetch is common.py: not logged)
+    assert [c[0] for c in calls(log)] == []  # nothing ran here (the prefetch is plan.py: not logged)
     assert not (results / "run_all.settings").exists()
 
     # a task runs its line of the command file, records the settings once it succeeded

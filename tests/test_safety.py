@@ -16,6 +16,7 @@ import centralized
 import common
 import fedavg
 import model_editing
+import plumbing
 import summarize
 from conftest import ROOT, TINY
 from helpers import (assert_usage_error, backbone_file, parse_refused, run_as_script, run_script,
@@ -46,17 +47,17 @@ def test_no_file_the_code_reads_can_run_code(tmp_path):
     centralized.main(FAST + ["--epochs", "1", "--out", str(out)])
     (out / "result.json").unlink()  # make it look interrupted
     craft(out / "checkpoint.pt", marker)
-    with pytest.raises(common.UserError, match="cannot read"):
+    with pytest.raises(plumbing.UserError, match="cannot read"):
         centralized.main(FAST + ["--epochs", "1", "--out", str(out), "--resume"])
     # mask.pt, head.pt, --weights and a cached feature file
     craft(tmp_path / "mask.pt", marker)
-    with pytest.raises(common.UserError):
+    with pytest.raises(plumbing.UserError):
         common.load_mask(str(tmp_path / "mask.pt"), model)
     craft(tmp_path / "head.pt", marker)
-    with pytest.raises(common.UserError):
+    with pytest.raises(plumbing.UserError):
         common.load_head_file(str(tmp_path / "head.pt"), model.head)
     craft(tmp_path / "weights.pth", marker)
-    with pytest.raises(common.UserError):
+    with pytest.raises(plumbing.UserError):
         common.read_weights_file(str(tmp_path / "weights.pth"))
     args = centralized.get_args(FAST + ["--data-dir", str(tmp_path / "data")])
     args.precision, args.no_pretrained = "off", False  # a cached file is only read for real weights
@@ -96,7 +97,7 @@ def test_a_second_writer_is_refused_naming_the_pid_and_a_dead_ones_lock_does_not
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(common.UserError, match=f"in use by another process \\(PID {holder.pid}\\)"):
+        with pytest.raises(plumbing.UserError, match=f"in use by another process \\(PID {holder.pid}\\)"):
             centralized.main(FAST + ["--epochs", "1", "--out", str(out)])
         assert os.listdir(out) == [".lock"]  # nothing written
     finally:
@@ -124,7 +125,7 @@ def test_a_folder_not_known_to_be_this_runs_is_not_touched(tmp_path):
     mine.mkdir()
     (mine / "a.tmp").write_text("x")
     (mine / "b.tmp.png").write_text("y")
-    with pytest.raises(common.UserError, match="holds no run"):
+    with pytest.raises(plumbing.UserError, match="holds no run"):
         centralized.main(FAST + ["--epochs", "1", "--out", str(mine)])
     assert sorted(os.listdir(mine)) == ["a.tmp", "b.tmp.png"] and (mine / "a.tmp").read_text() == "x"
     # another run's folder (maybe alive, writing a temporary right now): refused, its files as they were
@@ -132,7 +133,7 @@ def test_a_folder_not_known_to_be_this_runs_is_not_touched(tmp_path):
     centralized.main(FAST + ["--epochs", "1", "--out", str(other)])
     (other / "tmpq1w2e3r4.tmp").write_text("being written")
     before = {n: (other / n).read_bytes() for n in os.listdir(other)}
-    with pytest.raises(common.UserError, match="different run"):
+    with pytest.raises(plumbing.UserError, match="different run"):
         centralized.main(FAST + ["--epochs", "2", "--out", str(other)])
     assert {n: (other / n).read_bytes() for n in os.listdir(other)} == before
 
@@ -141,13 +142,13 @@ def test_stop_signals_set_the_flag_that_loops_check():
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         for s in old:
-            signal.signal(s, common._on_stop_signal)
-        assert not common.stop_requested()
+            signal.signal(s, plumbing._on_stop_signal)
+        assert not plumbing.stop_requested()
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.1)
-        assert common.stop_requested()
+        assert plumbing.stop_requested()
     finally:
-        common._stop_signal = None
+        plumbing._stop_signal = None
         for s, h in old.items():
             signal.signal(s, h)
 
@@ -158,7 +159,7 @@ def test_sigterm_mid_editing_saves_the_step_and_resumes_to_the_same_model(tmp_pa
                    "--fisher-batches", "1", "--no-aug", "--lr", "0.002"]
     model_editing.main(argv + ["--out", str(tmp_path / "full")])
     stop_during_call(monkeypatch, model_editing, "train_step", 10)  # SIGTERM in step 10 of epoch 1 (of 15)
-    with pytest.raises(common.Stopped):
+    with pytest.raises(plumbing.Stopped):
         model_editing.main(argv + ["--out", str(tmp_path / "cut")])
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (0, 10)  # saved mid-epoch, at the step boundary
@@ -220,7 +221,7 @@ def test_an_orphan_dies_with_run_all(tmp_path):
 
 def test_an_out_dir_that_cannot_be_created_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("")
-    with pytest.raises(common.UserError, match="cannot create --out"):
+    with pytest.raises(plumbing.UserError, match="cannot create --out"):
         centralized.main(FAST + ["--epochs", "1", "--out", str(tmp_path / "afile" / "run")])
 
 
@@ -242,7 +243,7 @@ GRID = FAST + ["--grid", "--grid-lr", "0.1,0.01", "--grid-momentum", "0.9", "--g
 def interrupted_grid(out, monkeypatch):
     """A centralized grid run stopped during its second trial, with the first in checkpoint.pt."""
     stop_during_call(monkeypatch, common, "train_head", 2)
-    with pytest.raises(common.Stopped):
+    with pytest.raises(plumbing.Stopped):
         centralized.main(GRID + ["--out", str(out)])
     monkeypatch.undo()
     assert len(torch.load(out / "checkpoint.pt", weights_only=True)["done"]) == 1
@@ -252,9 +253,9 @@ def test_a_resumed_run_reads_only_its_own_files(tmp_path, monkeypatch):
     out = tmp_path / "run"
     centralized.main(FAST + ["--epochs", "1", "--out", str(out)])
     (out / "result.json").write_text("")  # an empty result.json does not mark a finished run
-    with pytest.raises(common.UserError, match="interrupted run: add --resume"):  # nor does config.json alone
+    with pytest.raises(plumbing.UserError, match="interrupted run: add --resume"):  # nor does config.json alone
         centralized.main(FAST + ["--epochs", "1", "--out", str(out)])
-    with pytest.raises(common.UserError, match="differs in eval_batch_size"):  # it changes test_loss
+    with pytest.raises(plumbing.UserError, match="differs in eval_batch_size"):  # it changes test_loss
         centralized.main(FAST + ["--epochs", "1", "--out", str(out), "--resume", "--eval-batch-size", "100"])
     centralized.main(FAST + ["--epochs", "1", "--out", str(out), "--resume"])  # runs again, from the start
     assert json.loads((out / "result.json").read_text())["test_acc"] > 0
@@ -262,7 +263,7 @@ def test_a_resumed_run_reads_only_its_own_files(tmp_path, monkeypatch):
     interrupted_grid(tmp_path / "grid", monkeypatch)
     (out / "result.json").unlink()
     os.replace(tmp_path / "grid" / "checkpoint.pt", out / "checkpoint.pt")
-    with pytest.raises(common.UserError, match="not this run's checkpoint"):
+    with pytest.raises(plumbing.UserError, match="not this run's checkpoint"):
         centralized.main(FAST + ["--epochs", "1", "--out", str(out), "--resume"])
 
 
@@ -289,7 +290,7 @@ def test_flags_beyond_what_torch_or_memory_take_are_one_line(argv, says, capsys)
 ])
 def test_hparams_out_of_range_are_refused_before_anything_is_written(tmp_path, best, says):
     (tmp_path / "r.json").write_text(json.dumps({"best": dict(best, scheduler="cosine")}))
-    with pytest.raises(common.UserError, match=re.escape(says)):
+    with pytest.raises(plumbing.UserError, match=re.escape(says)):
         centralized.main(FAST + ["--hparams", str(tmp_path / "r.json"), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
@@ -298,16 +299,16 @@ def test_run_files_of_the_wrong_kind_are_one_line(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     (out / ".lock").mkdir()
-    with pytest.raises(common.UserError, match="cannot open .*lock"):
+    with pytest.raises(plumbing.UserError, match="cannot open .*lock"):
         centralized.main(FAST + ["--epochs", "1", "--out", str(out)])
     interrupted_grid(tmp_path / "grid", monkeypatch)
     (tmp_path / "grid" / "checkpoint.pt").unlink()
     (tmp_path / "grid" / "checkpoint.pt").mkdir()
-    with pytest.raises(common.UserError, match="checkpoint.pt is not a regular file"):
+    with pytest.raises(plumbing.UserError, match="checkpoint.pt is not a regular file"):
         centralized.main(GRID + ["--out", str(tmp_path / "grid"), "--resume"])
     (tmp_path / "grid" / "checkpoint.pt").rmdir()
     (tmp_path / "grid" / "config.json").write_text("[1, 2]")
-    with pytest.raises(common.UserError, match="config.json is not a run's config"):
+    with pytest.raises(plumbing.UserError, match="config.json is not a run's config"):
         centralized.main(GRID + ["--out", str(tmp_path / "grid"), "--resume"])
 
 
@@ -322,11 +323,20 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_kept(tmp_path, monke
             return real_open("/dev/full", mode, *a, **k)
         return real_open(path, mode, *a, **k)
 
-    monkeypatch.setattr(common, "open", full, raising=False)
-    with pytest.raises(common.UserError, match="no space left .*checkpoint.pt.*is kept"):
+    monkeypatch.setattr(plumbing, "open", full, raising=False)
+    with pytest.raises(plumbing.UserError, match="no space left .*checkpoint.pt.*is kept"):
         centralized.main(GRID + ["--out", str(out), "--resume"])
     assert (out / "checkpoint.pt").read_bytes() == kept
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_two_masks_of_the_project_layout_name_two_runs():
+    """Masks of two runs of one seed share their folder's name (seed0): the run on a mask is named after
+    the mask's run too."""
+    masks = ["runs/editing/random_s0.5_r1/seed0/mask.pt", "runs/fedavg/iid_j4_sparse-random_s0.5_r1/seed0/mask.pt"]
+    for script, flags in ((model_editing, []), (fedavg, ["--sparse"])):
+        outs = {script.get_args(FAST + flags + ["--mask", m]).out for m in masks}
+        assert len(outs) == 2, outs
 
 
 def test_an_edit_on_a_given_mask_is_filed_under_that_masks_settings(tmp_path):
@@ -334,12 +344,12 @@ def test_an_edit_on_a_given_mask_is_filed_under_that_masks_settings(tmp_path):
     model_editing.main(base + ["--rule", "random", "--sparsity", "0.5", "--calib-rounds", "1"])
     made = tmp_path / "editing" / "random_s0.5_r1" / "seed0"
     model_editing.main(base + ["--mask", str(made / "mask.pt")])
-    given = json.loads((tmp_path / "editing" / "mask-seed0" / "seed0" / "result.json").read_text())
+    given = json.loads((tmp_path / "editing" / "mask-random_s0.5_r1-seed0-mask" / "seed0" / "result.json").read_text())
     assert (given["rule"], given["sparsity"], given["calib_rounds"]) == (None, None, None)  # not the flag defaults
     summarize.main([str(tmp_path)])
     with open(tmp_path / "summary" / "results.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
-    row = rows["editing/mask-seed0/seed0"]
+    row = rows["editing/mask-random_s0.5_r1-seed0-mask/seed0"]
     assert (row["rule"], row["sparsity"], row["calib_rounds"]) == ("random", "0.5", "1")
 
 
@@ -373,10 +383,10 @@ def test_input_files_that_fit_only_in_shape_are_refused(tmp_path):
     model = tiny_model()
     nothing = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in common.masked_params(model)}
     torch.save(nothing, tmp_path / "none.pt")  # as --sparsity that keeps nothing, which is refused
-    with pytest.raises(common.UserError, match="keeps no entry"):
+    with pytest.raises(plumbing.UserError, match="keeps no entry"):
         common.load_mask(str(tmp_path / "none.pt"), model)
     torch.save([1, 2], tmp_path / "list.pt")
-    with pytest.raises(common.UserError, match="not a mask file .*holds a list"):
+    with pytest.raises(plumbing.UserError, match="not a mask file .*holds a list"):
         common.load_mask(str(tmp_path / "list.pt"), model)
     # a head of another backbone of the same width: its run's config.json says so
     src = tmp_path / "src"
@@ -384,7 +394,7 @@ def test_input_files_that_fit_only_in_shape_are_refused(tmp_path):
     torch.save(common.cpu_state(model.head), src / "head.pt")
     config = vars(centralized.get_args(FAST))
     (src / "config.json").write_text(json.dumps(dict(config, arch="vit_small_patch16_224", img_size=224)))
-    with pytest.raises(common.UserError, match="trained on another backbone .*--arch vit_small_patch16_224"):
+    with pytest.raises(plumbing.UserError, match="trained on another backbone .*--arch vit_small_patch16_224"):
         model_editing.main(FAST + ["--head", str(src / "head.pt"), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
     (src / "config.json").write_text(json.dumps(config))  # the same backbone: accepted
@@ -393,12 +403,12 @@ def test_input_files_that_fit_only_in_shape_are_refused(tmp_path):
 
 
 def test_messages_say_what_is_wrong(tmp_path, monkeypatch):
-    with pytest.raises(common.UserError, match="resnet18 is not a timm VisionTransformer"):
+    with pytest.raises(plumbing.UserError, match="resnet18 is not a timm VisionTransformer"):
         centralized.main(FAST + ["--arch", "resnet18", "--out", str(tmp_path / "r")])
     (tmp_path / "cifar-100-python").mkdir()
     (tmp_path / "cifar-100-python" / "train").write_bytes(b"junk")
     monkeypatch.setattr(common, "network_reachable", lambda *a, **k: False)
-    with pytest.raises(common.UserError, match="incomplete or corrupt"):
+    with pytest.raises(plumbing.UserError, match="incomplete or corrupt"):
         common.load_cifar100(str(tmp_path))
 
 
@@ -463,14 +473,14 @@ def phase_calls():
     f = torch.randn(64, model.head.in_features)
     feats = {s: (f, torch.arange(64) % common.NUM_CLASSES) for s in ("train", "val")}
     u = torch.rand(32, dtype=torch.float64)
-    fisher = lambda mask: common.fisher_sums(model, x, u, 32, 8, torch.device("cpu"))[0]
+    fisher = lambda r, mask: common.fisher_sums(model, x, u, 32, 8, torch.device("cpu"))[0]
     hp = dict(lr=0.1, momentum=0.9, wd=0.0, scheduler="constant")
     return {"feature extraction": lambda: common.extract_features(model, x, args, torch.device("cpu")),
             "ridge head": lambda: common.ridge_head(model.head, common.ridge_stats(*feats["train"]), *feats["val"]),
             "federated ridge": lambda: fedavg.federated_ridge(model.head, [torch.arange(32), torch.arange(32, 64)],
                                                               feats),
             "calibration round": lambda: common.calibrate_mask(model, fisher, "random", 0.5, 4, torch.Generator()),
-            "fisher batch": lambda: fisher(None),
+            "fisher batch": lambda: fisher(1, None),
             "head epoch": lambda: common.train_head(model.head, feats, hp, 20, 20, 16, 0)}, model, y
 
 
@@ -487,8 +497,8 @@ def test_every_phase_stops_between_its_batches(phase, monkeypatch):
     def stop_requested():
         asked["n"] += 1
         return asked["n"] >= 2
-    monkeypatch.setattr(common, "stop_requested", stop_requested)
-    with pytest.raises(common.Stopped) as e:
+    monkeypatch.setattr(plumbing, "stop_requested", stop_requested)
+    with pytest.raises(plumbing.Stopped) as e:
         calls[phase]()
     assert asked["n"] == 2 and not e.value.saved
     if phase in ("fisher batch", "calibration round"):  # damped weights restored, flags as they were
@@ -503,15 +513,15 @@ def raising(exc):
 
 
 def test_the_stop_message_says_truly_what_was_saved(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common, "_stop_signal", signal.SIGTERM)
-    monkeypatch.setattr(common, "_open_run", str(tmp_path))
-    status, err = run_as_script(raising(common.Stopped("round 3", saved=True)), [], capsys)
+    monkeypatch.setattr(plumbing, "_stop_signal", signal.SIGTERM)
+    monkeypatch.setattr(plumbing, "_open_run", str(tmp_path))
+    status, err = run_as_script(raising(plumbing.Stopped("round 3", saved=True)), [], capsys)
     assert status == 143 and err == ["stopped by signal 15 during round 3: checkpoint saved, continue with --resume"]
-    status, err = run_as_script(raising(common.Stopped("feature extraction (val features)")), [], capsys)
+    status, err = run_as_script(raising(plumbing.Stopped("feature extraction (val features)")), [], capsys)
     assert err == ["stopped by signal 15 during feature extraction (val features): no checkpoint yet and nothing "
                    "needed saving: rerun the same command to start it again"]
     (tmp_path / "checkpoint.pt").write_bytes(b"")  # a resumed run that stops before it has anything new
-    status, err = run_as_script(raising(common.Stopped("mask calibration, round 2 of 4")), [], capsys)
+    status, err = run_as_script(raising(plumbing.Stopped("mask calibration, round 2 of 4")), [], capsys)
     assert err == ["stopped by signal 15 during mask calibration, round 2 of 4: nothing new to save, its last "
                    "checkpoint is kept: continue with --resume"]
 
@@ -532,7 +542,7 @@ def test_a_diverging_run_stops_at_once_with_one_line_and_no_result(script, tmp_p
     module, flags, when = DIVERGING[script]
     out = tmp_path / "run"
     status, err = run_as_script(module.main, FAST + flags + ["--out", str(out)], capsys)
-    assert status == common.DIVERGED_EXIT == 3
+    assert status == plumbing.DIVERGED_EXIT == 3
     assert len(err) == 1 and err[0].startswith("diverged: ") and "training loss is nan" in err[0], err
     assert re.search(when, err[0]) and "--lr" in err[0], err
     assert not (out / "result.json").exists()
@@ -550,7 +560,7 @@ def test_a_loss_that_is_not_finite_stops_and_a_high_one_warns_once(capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("warning: the stage, round 20: training loss 1365") and "--lr" in err[0]
     for loss in (float("nan"), float("inf"), -float("inf")):
-        with pytest.raises(common.Diverged, match="the stage, epoch 2: the training loss is .*try a lower --lr"):
+        with pytest.raises(plumbing.Diverged, match="the stage, epoch 2: the training loss is .*try a lower --lr"):
             watch.check(loss, "epoch 2")
 
 
@@ -574,5 +584,5 @@ def test_fp16_skipped_steps_are_not_divergence_but_a_scaler_that_skips_every_ste
     assert scaler.get_scale() == 2.0 ** 13 and not torch.equal(p, torch.ones(3))
     watch.check(4.0, "round 1", scaler)
     steps(40, float("nan"))  # every step skipped: the scale backs off all the way
-    with pytest.raises(common.Diverged, match="round 2: the fp16 gradient scaler skipped every step"):
+    with pytest.raises(plumbing.Diverged, match="round 2: the fp16 gradient scaler skipped every step"):
         watch.check(4.0, "round 2", scaler)

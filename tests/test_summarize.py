@@ -1,4 +1,4 @@
-"""summarize.py on fake results roots (result.json, metrics.csv as CONTRACT.md has them; no script runs):
+"""summarize.py on fake results roots (result.json, metrics.csv as the stage scripts write them; no script runs):
 the tables over seeds, rounds to target, communication, LaTeX, plots, and bad runs left out."""
 import csv
 import json
@@ -25,7 +25,7 @@ BASE = {
                    test_loss=1.0, best_round=300, clients_per_round=10, comm_values_per_client_round=1000,
                    comm_mb_total=12.0),
 }
-ACC_KEYS = {"centralized": ["val_acc", "test_acc", "final_test_acc"],  # exactly CONTRACT.md's, per stage
+ACC_KEYS = {"centralized": ["val_acc", "test_acc", "final_test_acc"],  # exactly the stage's accuracy keys
             "editing": ["val_acc", "test_acc", "best_val_acc", "test_acc_at_best_val"],
             "fedavg": ["val_acc", "test_acc", "best_val_acc"]}
 
@@ -67,8 +67,8 @@ def fed(root, split, j, seed, acc, mask=None, curve=None, **fields):
 def no_plots(monkeypatch):
     """Tables only: drawing PNGs takes most of summarize.py's time (test_plots_... draws them)."""
     monkeypatch.setattr(summarize, "fedavg_plots", lambda *a: [])
-    monkeypatch.setattr(summarize.common, "plot_lines", lambda *a, **k: None)
-    monkeypatch.setattr(summarize.common, "plot_bars", lambda *a, **k: None)
+    monkeypatch.setattr(summarize.plumbing, "plot_lines", lambda *a, **k: None)
+    monkeypatch.setattr(summarize.plumbing, "plot_bars", lambda *a, **k: None)
 
 
 def summarize_root(root, *flags):
@@ -423,7 +423,7 @@ def test_bad_runs_are_left_out_with_one_warning_each(tmp_path, capsys):
 
 def test_summarize_refuses_a_missing_root(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # what `python summarize.py ROOT` runs, in-process (3 s less)
-        summarize.common.run_main(lambda: summarize.main([str(tmp_path / "nope")]))
+        summarize.plumbing.run_main(lambda: summarize.main([str(tmp_path / "nope")]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "not a directory" in err
 
@@ -473,7 +473,7 @@ def test_a_planned_study_counts_only_its_runs_and_lists_what_has_not_run(tmp_pat
 @pytest.fixture
 def figures(monkeypatch):
     """{file name: figure} of every PNG written meanwhile, drawn (tick labels placed) before it is saved."""
-    figs, save = {}, summarize.common.save_figure
+    figs, save = {}, summarize.plumbing.save_figure
 
     def keep(fig, path):
         fig.canvas.draw()
@@ -496,16 +496,16 @@ def visible(line):
 
 
 def test_plot_lines_gives_integer_rounds_a_visible_lone_point_and_error_bars(tmp_path, figures):
-    summarize.common.plot_lines(tmp_path / "a.png", {"curve": ([0, 1, 2, 3], [50.0, 60.0, 65.0, 70.0]),
+    summarize.plumbing.plot_lines(tmp_path / "a.png", {"curve": ([0, 1, 2, 3], [50.0, 60.0, 65.0, 70.0]),
                                                      "lone": ([2], [55.0])}, "round", "accuracy (%)", "t")
     ax = figures["a.png"].axes[0]
     assert integer_ticks(ax)  # not 0.5, 1.5
     lone = [line for line in ax.lines if len(line.get_xdata()) == 1]
     assert len(lone) == 1 and visible(lone[0])
-    summarize.common.plot_lines(tmp_path / "c.png", {"lone": ([3], [55.0])}, "round", "accuracy (%)", "t")
+    summarize.plumbing.plot_lines(tmp_path / "c.png", {"lone": ([3], [55.0])}, "round", "accuracy (%)", "t")
     ax = figures["c.png"].axes[0]
     assert integer_ticks(ax) and visible(ax.lines[0])  # its x range is under one round
-    summarize.common.plot_lines(tmp_path / "b.png", {"s": ([0.5, 0.9], [70.0, 60.0], [1.0, 2.0])},
+    summarize.plumbing.plot_lines(tmp_path / "b.png", {"s": ([0.5, 0.9], [70.0, 60.0], [1.0, 2.0])},
                                 "sparsity", "accuracy (%)", "t", integer_x=False)
     ax = figures["b.png"].axes[0]
     assert not integer_ticks(ax)  # a fraction axis keeps its fractions

@@ -1,0 +1,319 @@
+"""run_all.sh's planner: it imports the stage scripts (never the other way round) and answers
+
+    python plan.py --prefetch -- FLAGS    fetch and check what a run with FLAGS needs from outside
+    python plan.py --describe-runs        each run's directory, image passes, state and config
+    python plan.py --estimate             a probe of this machine: runs per GPU and each run's time
+
+Run it with --data-dir alone to download CIFAR-100 and the DINO weights for offline use:
+    python plan.py --data-dir ./data
+"""
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import centralized
+import common
+import fedavg
+import model_editing
+import plumbing
+
+
+# ----------------------------------------------------------------------------- prefetch
+
+def prefetch(args, backbone=True):
+    """Fetch and check, once, everything a stage script run with these flags needs from outside, before
+    parallel runs or job-array tasks would all try at once (and all fail minutes later): CIFAR-100 (not
+    for --dataset synthetic), and the backbone: --arch built at --img-size with its weights (--weights
+    FILE, or timm's hub weights unless --no-pretrained) read and fitted. A missing piece is one line."""
+    if args.dataset == "cifar100":
+        common.load_cifar100(args.data_dir)
+        print(f"CIFAR-100 is in {args.data_dir}")
+    if not backbone:
+        return
+    common.build_model(args)
+    source = (f"--weights {args.weights}" if args.weights else "random weights (--no-pretrained)"
+              if args.no_pretrained else f"timm's hub weights ({common.hub_weights(args.arch)})")
+    print(f"backbone {args.arch} at {args.img_size} px with {source}: ready")
+
+
+# ----------------------------------------------------------------------------- each run's directory, images, state
+
+# The stages run_all.sh runs, by script name. Each states its image passes next to its loop
+# (image_passes: images it will push through the ViT, forward+backward and forward only, from its parsed
+# flags): an ESTIMATE for sizing a cluster request (run_all.sh --dry-run), not a measurement. It counts a
+# run from scratch (cached features and a resumed run cost less). Work on cached features (linear heads,
+# ridge statistics, head-only rounds) is not an image pass.
+STAGES = {"centralized": centralized, "model_editing": model_editing, "fedavg": fedavg}
+
+
+def split_sizes(a):
+    """(train, val, test) image counts, as load_data splits them."""
+    n, test = (50000, 10000) if a.dataset == "cifar100" else (a.synthetic_size,
+                                                        max(a.synthetic_size // 5, common.NUM_CLASSES))
+    val = round(n * a.val_frac)
+    return n - val, val, test
+
+
+def parse_run(line):
+    """'SCRIPT ARG...' (shell-quoted) -> (script name without .py, its parsed flags), from the script's own
+    get_args: the run directory and every default are named in exactly one place."""
+    import contextlib
+    import shlex
+    line = line.strip()
+    try:
+        words = shlex.split(line)
+    except ValueError as e:
+        raise plumbing.UserError(f"cannot split {line!r}: {e}")
+    script = os.path.basename(words[0]) if words else ""
+    name = script[:-3] if script.endswith(".py") else script
+    if name not in STAGES:
+        raise plumbing.UserError(f"{line!r}: the first word must be one of {', '.join(s + '.py' for s in STAGES)}")
+    said = io.StringIO()
+    try:  # argparse reports a bad flag by printing it and exiting: turn that into one line naming the script
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            args = STAGES[name].get_args(words[1:])
+    except SystemExit:
+        raise plumbing.UserError(f"{script}: {said.getvalue().strip().partition('error: ')[2] or 'not a run'}")
+    if any(c in args.out for c in "\t\n"):
+        raise plumbing.UserError(f"{script}: run directory {args.out!r} holds a tab or a newline")
+    return name, args
+
+
+def run_state(args):
+    """'todo', 'done' (args.out holds a finished run of these flags), or, when it holds a finished run of
+    other flags, how it differs ('differs in lr, epochs'): run_all.sh neither counts such a run as done nor
+    runs this one over it."""
+    if not os.path.isfile(os.path.join(args.out, "result.json")):
+        return "todo"
+    diff = plumbing.config_differences(args.out, plumbing.run_config(args))
+    if diff is None:
+        return "has no readable config.json"
+    return f"differs in {', '.join(diff)}" if diff else "done"
+
+
+def describe_run(line):
+    """'SCRIPT ARG...' -> (run directory, images forward+backward, images forward only, run_state, the
+    run's config as one line of JSON)."""
+    name, args = parse_run(line)
+    return (args.out, *STAGES[name].image_passes(args, *split_sizes(args)), run_state(args),
+            json.dumps(plumbing.run_config(args), sort_keys=True))
+
+
+# ----------------------------------------------------------------------------- run_all.sh's estimate of the time
+
+PROBE_SECONDS = 6  # at most, per kind of pass (forward+backward, forward only) in each probe process
+
+
+def runs_per_gpu(sms, memory_gib):
+    """run_all.sh's default --per-gpu: one run per 32 streaming multiprocessors, at most 4, and at most one
+    per 8 GiB of GPU memory. One ViT-S/16 run at 224 px (batch 64, bf16) keeps an H200 (132 SMs) about 10%
+    busy, 2 runs gave 1.78x its images/s, 4 runs 2.35x; a T4 (40 SMs, 15 GiB) is saturated by one."""
+    return max(1, min(4, sms // 32, int(memory_gib // 8)))
+
+
+def images_per_second(step, x, batch, seconds):
+    """Images/s of step(images) on batches of random images like x[:1]: the batch grows from 1 to `batch`
+    while a step stays short (on a CPU a step of the full batch may take a minute; its images/s is about
+    that of a smaller batch), then steps of that size are timed for about a second, `seconds` at most.
+    The steps while it grows are the warm-up (allocations, kernel selection)."""
+    def timed(b):
+        t = time.perf_counter()
+        step(x[:b])
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+    start, b = time.perf_counter(), 1
+    while timed(b) < seconds / 8 and b < batch:
+        b = min(batch, 2 * b)
+    steps = spent = 0
+    while steps < 2 or spent < min(1.0, seconds - (time.perf_counter() - start)):
+        spent += timed(b)
+        steps += 1
+    return steps * b / spent
+
+
+def probe(line):
+    """One probe process (run_all.sh's estimate): the ViT of the run 'SCRIPT ARG...' on its device and
+    precision, random weights (speed does not depend on them), random images. Prints a JSON line when
+    ready (its device), waits for a line on stdin (so that the probes packed on one GPU measure at the
+    same time), then prints the images/s of training steps (forward+backward and an optimizer step at the
+    run's batch size) and of forward-only passes (at its evaluation batch size). Writes no file."""
+    _, args = parse_run(line)
+    device = plumbing.pick_device(args.device, args.deterministic)
+    precision = plumbing.resolve_amp(args.amp, device)
+    model = common.build_model(argparse.Namespace(**{**vars(args), "weights": None, "no_pretrained": True})).to(device)
+    info = {"ready": time.time(), "device": device.type, "precision": precision, "batch": args.batch_size,
+            "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, sms=props.multi_processor_count, memory_gib=props.total_memory / 2**30)
+    print(json.dumps(info), flush=True)
+    sys.stdin.readline()
+    x = torch.randint(0, 256, (max(args.batch_size, args.eval_batch_size), 32, 32, 3), dtype=torch.uint8,
+                      device=device)
+    y = torch.randint(0, common.NUM_CLASSES, (len(x),), device=device)
+    opt, scaler = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9), plumbing.grad_scaler(device, precision)
+
+    def train(xb):
+        model.train()
+        logits = common.forward_logits(model, common.preprocess(xb, args.img_size), device, precision)
+        common.optimizer_step(opt, F.cross_entropy(logits, y[:len(xb)]), scaler)
+
+    @torch.no_grad()
+    def forward(xb):
+        model.eval()
+        common.backbone_features(model, common.preprocess(xb, args.img_size), device, precision)
+    try:
+        rates = {"fwd_bwd": images_per_second(train, x, args.batch_size, PROBE_SECONDS),
+                 "fwd": images_per_second(forward, x, args.eval_batch_size, PROBE_SECONDS / 2)}
+    except torch.cuda.OutOfMemoryError:
+        raise plumbing.UserError(f"out of GPU memory at batch {args.batch_size} (evaluation: {args.eval_batch_size})")
+    print(json.dumps(rates), flush=True)
+
+
+def probe_answer(p, err, n):
+    """The next JSON line of probe process p, or a UserError with the last line it wrote to err."""
+    said = p.stdout.readline()
+    if not said:
+        p.wait()
+        err.seek(0)
+        said = [s for s in err.read().splitlines() if s.strip()]
+        why = said[-1].removeprefix("error: ") if said else f"exit status {p.returncode}"
+        raise plumbing.UserError(f"the speed probe ({n} at once) failed: {why}" + ("; lower --per-gpu" if n > 1 else ""))
+    return json.loads(said)
+
+
+def run_probes(line, n, threads):
+    """Start n probe processes of the run `line` at once (each with `threads` CPU threads unless
+    OMP_NUM_THREADS says otherwise, as run_all.sh gives its runs), release them together; returns
+    (what the first said when ready, [their images/s], mean seconds until ready: a run's start-up)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(threads)}
+    t0 = time.time()
+    errs = [tempfile.TemporaryFile("w+") for _ in range(n)]  # not a pipe: a chatty probe must not block
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--probe"], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err) for err in errs]
+    try:
+        for p in procs:
+            p.stdin.write(line + "\n")
+            p.stdin.flush()
+        ready = [probe_answer(p, err, n) for p, err in zip(procs, errs)]
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        rates = [probe_answer(p, err, n) for p, err in zip(procs, errs)]
+    finally:
+        for p, err in zip(procs, errs):
+            p.kill()
+            p.wait()
+            err.close()
+    return ready[0], rates, sum(r["ready"] - t0 for r in ready) / n
+
+
+def probe_report(seconds, info, per_gpu, fb, f, startup, alone=None):
+    """What the probe measured, as lines for run_all.sh (and, on the CPU, that the full study is out of reach)."""
+    per_s = lambda x: f"{x:.0f}" if x >= 10 else f"{x:.2g}"  # images/s: a CPU may do less than one
+    where = (f"{info['name']} ({info['sms']} SMs, {info['memory_gib']:.0f} GiB)" if info["device"] == "cuda"
+             else f"the CPU ({info['threads']} thread(s) per run)")
+    precision = "fp32" if info["precision"] == "off" else info["precision"]
+    said = [f"probe ({seconds:.0f} s): {per_gpu} run(s) at once on {where}, {precision}, batch {info['batch']}: "
+            f"{per_s(fb)} images/s forward+backward and {per_s(f)} forward only, all together; {startup:.1f} s "
+            f"to start a run"
+            + (f" (one run alone: {per_s(alone['fwd_bwd'])} and {per_s(alone['fwd'])})" if alone else "")]
+    if info["device"] == "cpu":
+        said.append("no GPU: these runs go to the CPU, where the full study at the default size (ViT-S/16, 224 px) "
+                    "takes months or more (see the total below). For a smoke check of the whole pipeline: "
+                    "./run_all.sh --quick -- --dataset synthetic --arch test_vit --weights standin-sharp --img-size 32 "
+                    "--device cpu; for the study: a GPU, or --slurm on a cluster")
+    return said
+
+
+def estimate(lines, gpus, per_gpu):
+    """run_all.sh's estimate for the runs 'SCRIPT ARG...' still to do, with `gpus` GPUs (0: the default
+    device) and `per_gpu` runs at once on each (None: the default, runs_per_gpu of the device): the probe
+    runs on the device and with the model, image size, precision and batch size of the first FedAvg run
+    (the client batch), packed as the runs will be. Returns (per_gpu, lines that say what was measured,
+    [seconds each run takes in its slot: start-up + its images at the packed speed])."""
+    t0 = time.time()
+    described = [parse_run(line) for line in lines]
+    line = next((x for x, (name, _) in zip(lines, described) if name == "fedavg"), lines[0])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = lambda n: max(1, cores // (max(gpus, 1) * n))  # as run_all.sh divides them among its runs
+    alone = None
+    if per_gpu is None:  # one probe alone tells the device, and so the default
+        alone = run_probes(line, 1, threads(1))
+        info = alone[0]
+        per_gpu = runs_per_gpu(info["sms"], info["memory_gib"]) if info["device"] == "cuda" else 1
+    info, rates, startup = alone if alone and per_gpu == 1 else run_probes(line, per_gpu, threads(per_gpu))
+    fb, f = (sum(r[k] for r in rates) for k in ("fwd_bwd", "fwd"))  # all packed runs together
+    costs = [startup + per_gpu * (fb_i / fb + f_i / f)
+             for (name, a) in described for fb_i, f_i in [STAGES[name].image_passes(a, *split_sizes(a))]]
+    said = probe_report(time.time() - t0, info, per_gpu, fb, f, startup,
+                        alone[1][0] if alone and per_gpu > 1 else None)
+    return per_gpu, said, costs
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own, flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, None)
+    p = plumbing.Parser(description="Download CIFAR-100 and the DINO ViT-S/16 weights for later offline runs; "
+                        "with --prefetch, --describe-runs or --estimate, answer run_all.sh.",
+                        epilog="e.g. python plan.py --prefetch -- --dataset cifar100 --weights dino.pth")
+    p.add_argument("--data-dir", type=plumbing.path, default="./data", help="where CIFAR-100 goes")
+    p.add_argument("--arch", default=common.DEFAULT_ARCH, help="timm ViT whose hub weights to download")
+    p.add_argument("--data-only", action="store_true", help="only CIFAR-100 (you bring --weights FILE)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="fetch and check what a stage script needs when run with the flags after -- (it "
+                        "reads --dataset, --data-dir, --arch, --img-size, --weights, --no-pretrained and ignores "
+                        "the rest)")
+    p.add_argument("--describe-runs", action="store_true",
+                   help="read lines 'SCRIPT ARG...' (shell-quoted) on stdin and print for each "
+                        "'RUN_DIR<tab>IMAGES_FWD_BWD<tab>IMAGES_FWD<tab>STATE<tab>CONFIG': its run directory, an "
+                        "estimate of the images it will process with forward+backward and forward-only passes, "
+                        "todo/done/what differs from a finished run there, and its config.json as JSON")
+    p.add_argument("--estimate", action="store_true",
+                   help="read lines 'SCRIPT ARG...' on stdin (the runs to do), measure this machine and print "
+                        "'per-gpu<tab>N', lines 'say<tab>TEXT' and, for each run, 'cost<tab>MILLISECONDS' "
+                        "(its time in its slot)")
+    p.add_argument("--gpus", type=plumbing.nonneg_int, default=0, help="with --estimate: GPUs used (0: the default device)")
+    p.add_argument("--per-gpu", default=None, type=lambda v: None if v == "auto" else plumbing.positive_int(v),
+                   help="with --estimate: runs at once on each GPU, or auto (runs_per_gpu of the GPU)")
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # one probe process of --estimate
+    a = p.parse_args(own)
+    if flags is not None and not a.prefetch:
+        p.error("flags after -- go with --prefetch")
+    if a.prefetch and len(own) > 1:
+        p.error("--prefetch takes the stage scripts' flags after --, not its own")
+    if a.describe_runs:
+        if len(own) > 1:
+            p.error("--describe-runs takes no other flag")
+        described = ["\t".join(map(str, describe_run(line))) for line in sys.stdin if line.strip()]
+        print(*described, sep="\n") if described else None  # all or nothing: a bad line prints no row
+    elif a.estimate:
+        lines = [line.strip() for line in sys.stdin if line.strip()]
+        if not lines:
+            p.error("--estimate: no run on stdin")
+        per_gpu, said, costs = estimate(lines, a.gpus, a.per_gpu)
+        print(f"per-gpu\t{per_gpu}", *(f"say\t{x}" for x in said), *(f"cost\t{round(c * 1000)}" for c in costs),
+              sep="\n")
+    elif a.probe:
+        probe(sys.stdin.readline())
+    elif a.prefetch:
+        script_flags = plumbing.Parser(parents=[common.base_parser()], prog="plan.py --prefetch --", add_help=False)
+        prefetch(script_flags.parse_known_args(flags or [])[0])
+    else:  # --data-only: the backbone comes from elsewhere (--weights FILE)
+        prefetch(plumbing.Parser(parents=[common.base_parser()]).parse_args(["--data-dir", a.data_dir, "--arch", a.arch]),
+                 backbone=not a.data_only)
+
+
+if __name__ == "__main__":
+    plumbing.run_main(main)

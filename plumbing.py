@@ -1,0 +1,627 @@
+"""A run's plumbing, shared by centralized.py, model_editing.py and fedavg.py: nothing here is science
+(that is common.py), and nobody doing the assignment needs to edit it.
+
+Read it top to bottom: errors and signals (run_main turns them into one line and an exit status), the
+flag types, device and precision, random streams, atomic files, the run directory, plots. A script's
+life in three calls:
+    ckpt = plumbing.open_run(args)           # lock --out, check it holds this run; the checkpoint or None
+    plumbing.save_checkpoint(state, args)    # atomically, stamped with the run's flags
+    plumbing.finish_run(result, args)        # result.json (the mark of a finished run), checkpoint gone
+(common.prepare, called before open_run, reads the device, data, model and input files.)
+"""
+import argparse
+import csv
+import errno
+import fcntl
+import io
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+
+# ----------------------------------------------------------------------------- errors and signals
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file, no network): one line, exit 2."""
+
+
+class Finished(Exception):
+    """--resume found the run already finished: nothing to do (exit status 0)."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGUSR1 arrived (SLURM preemption or time limit): the run stopped during `phase`,
+    right after saving a checkpoint if `saved`, else at a point with nothing new worth saving."""
+
+    def __init__(self, phase, saved=False):
+        super().__init__(phase)
+        self.phase, self.saved = phase, saved
+
+
+class Diverged(Exception):
+    """The training loss is not finite (see LossWatch): the run stops without a result."""
+
+
+DIVERGED_EXIT = 3  # exit status of a diverged run (2: bad input, 143: stopped by a signal)
+
+_stop_signal = None
+_open_run = None  # the run directory open_run prepared: where run_main looks for a checkpoint on a stop
+
+
+def _on_stop_signal(signum, frame):
+    global _stop_signal
+    _stop_signal = signum
+
+
+def stop_requested():
+    """True once SIGTERM/SIGUSR1 arrived: loops checkpoint at the next step boundary, then raise Stopped."""
+    return _stop_signal is not None
+
+
+def stop_here(phase):
+    """Raise Stopped(phase) if a stop was requested: called between the batches of phases that keep no
+    partial state (features, ridge, calibration, head epochs), which are redone on --resume."""
+    if stop_requested():
+        raise Stopped(phase)
+
+
+def _what_was_kept(stopped):
+    """What a stopped run left for later, truly: the checkpoint it just saved, the one it had, or none."""
+    if stopped.saved:
+        return "checkpoint saved, continue with --resume"
+    if _open_run and os.path.isfile(os.path.join(_open_run, "checkpoint.pt")):
+        return "nothing new to save, its last checkpoint is kept: continue with --resume"
+    return "no checkpoint yet and nothing needed saving: rerun the same command to start it again"
+
+
+def die_with_parent():
+    """Under run_all.sh (which sets RUN_ALL_PID), get SIGTERM when run_all.sh dies, even by SIGKILL:
+    an orphaned run would otherwise go on writing while a rerun of run_all.sh starts it again."""
+    parent = os.environ.get("RUN_ALL_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if str(os.getppid()) != parent:  # run_all.sh died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_main(main):
+    """Call main(): a UserError is one line on stderr and exit status 2; a diverged run (Diverged) one
+    line and DIVERGED_EXIT; SIGTERM/SIGUSR1 make the run stop within seconds (checkpointing at its
+    next step boundary where it has new state) and exit 143, ready for --resume."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, _on_stop_signal)
+    die_with_parent()
+    try:
+        main()
+    except Finished as e:
+        print(e)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Diverged as e:
+        print(f"diverged: {e}", file=sys.stderr)
+        sys.exit(DIVERGED_EXIT)
+    except Stopped as e:
+        print(f"stopped by signal {_stop_signal} during {e.phase}: {_what_was_kept(e)}", file=sys.stderr)
+        sys.exit(143)
+    except KeyboardInterrupt:
+        print("interrupted: continue later with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- flags: the parser and value types
+
+class Parser(argparse.ArgumentParser):
+    """argparse that prints every default in --help (so help cannot drift from the code), and a bad
+    flag as one line (no usage dump) with exit status 2."""
+
+    def __init__(self, **kw):
+        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, **kw})
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(s):
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return v
+
+
+def nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def nonneg_float(s):
+    v = float(s)
+    if not v >= 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
+    return v
+
+
+def seed_int(s):
+    """A seed torch can take: from -2^63 to 2^64 - 1."""
+    v = int(s)
+    if not -2**63 <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer from -2^63 to 2^64-1 (torch's seed range), got {s}")
+    return v
+
+
+MAX_SYNTHETIC = 200_000  # 4x CIFAR-100's training set; the set is built in float32 (12 kB an image)
+
+
+def synthetic_size(s):
+    v = positive_int(s)
+    if v > MAX_SYNTHETIC:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SYNTHETIC} (it is built in memory, "
+                                         f"12 kB an image), got {s}")
+    return v
+
+
+def path(s):
+    """A file or folder flag: an empty one is refused (it would silently mean the current folder, or the
+    root: --results "" put runs under /fedavg/...)."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return s
+
+
+def damping(s):
+    """A factor in [0, 1]: 1 damps nothing, above 1 would amplify."""
+    v = float(s)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (a damping factor), got {s}")
+    return v
+
+
+def unit_float(s):
+    """A fraction in [0, 1)."""
+    v = float(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return v
+
+
+def changed_flags(p, args, names):
+    """The flags among `names` (dest names) whose value differs from their default: given on purpose."""
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != p.get_default(n)]
+
+
+def refuse_ignored(p, args, names, why):
+    """p.error if a flag among `names` was changed from its default although `why` makes it do nothing."""
+    given = changed_flags(p, args, names)
+    if given:
+        p.error(f"{' '.join(given)} would be ignored: {why}; drop {'it' if len(given) == 1 else 'them'}")
+
+
+def hparams_from(path):
+    """lr / momentum / weight decay chosen by a centralized run (its result.json), checked as the flags
+    --lr, --momentum and --wd are."""
+    try:
+        with open(path) as f:
+            best = json.load(f)["best"]
+        hp = float(best["lr"]), float(best["momentum"]), float(best["wd"])
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}): point --hparams at a finished centralized "
+                        f"run's result.json")
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is not a centralized result.json with a 'best' entry")
+    for name, v, check in zip(("lr", "momentum", "wd"), hp, (nonneg_float, unit_float, nonneg_float)):
+        try:
+            check(v)
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"--hparams {path}: its {name} {e}")
+    return hp
+
+
+# ----------------------------------------------------------------------------- device, precision, determinism
+
+def pick_device(name, deterministic=False):
+    """torch.device from --device, checked; also sets TF32 off and, with --deterministic, the
+    deterministic kernels (before any CUDA work, as cuBLAS needs)."""
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device: use cpu, cuda or cuda:N")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        # fp32 means fp32: PyTorch's default lets convolutions (the patch embedding) run in TF32.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    if deterministic and dev.type == "cuda":  # CPU kernels are deterministic already (and the switch costs ~2 s)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an op with no deterministic CUDA kernel in the installed PyTorch prints a warning
+        # (in the run's log) instead of stopping a study that run_all.sh started with this flag
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    if dev.type == "cpu":
+        # Denormal floats are many times slower on CPUs: a one-class FedAvg client, whose gradients
+        # quickly become tiny, ran ~15x slower. Flushing them to zero changes no accuracy we report.
+        torch.set_flush_denormal(True)
+    return dev
+
+
+def resolve_amp(amp, device):
+    """The precision actually used: 'bf16', 'fp16' or 'off' (fp32), from --amp and the device."""
+    if device.type != "cuda":
+        if amp in ("bf16", "fp16"):
+            raise UserError(f"--amp {amp} needs a CUDA GPU; on the CPU use --amp off (or auto)")
+        return "off"
+    if amp != "auto":
+        return amp
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"  # T4 (7.5) and V100 (7.0) have no fast bf16
+
+
+def autocast(device, precision):
+    """Mixed-precision context for the backbone; the head runs outside it (see forward_logits)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def grad_scaler(device, precision):
+    """fp16 gradients underflow without loss scaling; the scaler is a no-op in bf16 and fp32.
+    A step whose gradients hold inf/nan is skipped entirely (SparseSGDM's frozen entries included)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+# ----------------------------------------------------------------------------- seeding and random streams
+
+def seed_everything(seed):
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_generator(*keys):
+    """A CPU generator seeded from (seed, epoch, step, ...): randomness that a resumed run replays exactly."""
+    h = 0
+    for k in keys:
+        h = (h * 1_000_003 + int(k)) % (2**63 - 1)
+    return torch.Generator().manual_seed(h)
+
+
+# Every kind of random draw has its own stream: the name's number is mixed into the generator's seed
+# last, so two streams never share numbers and adding a draw to one leaves the others unchanged.
+STREAMS = {
+    "head_epoch": 7,       # centralized / warm-up head: order of each epoch's samples
+    "feature_view": 11,    # augmented feature views
+    "edit_calib": 31,      # model_editing.py: calibration images of each round
+    "mask_rule": 37,       # the random mask rule
+    "edit_epoch": 41,      # model_editing.py: order of each epoch's samples
+    "edit_aug": 43,        # model_editing.py: crop/flip of each step
+    "shards": 47,          # fedavg.py: who holds which sample
+    "clients": 53,         # fedavg.py: clients sampled each round
+    "client_batches": 59,  # fedavg.py: a client's local batches
+    "client_aug": 61,      # fedavg.py: crop/flip of a client's local steps
+    "fed_calib": 67,       # fedavg.py: calibration images of each client and round
+    "edit_calib_aug": 71,  # model_editing.py: crop/flip of each round's calibration images
+    "fed_calib_aug": 73,   # fedavg.py: crop/flip of each client's calibration images, per round
+    "standin": 79,         # the pretrained stand-in backbone: its batches and crops
+}
+
+
+def stream(name, seed, *keys):
+    """The generator of random stream `name` for (seed, *keys)."""
+    return make_generator(seed, *keys, STREAMS[name])
+
+
+# ----------------------------------------------------------------------------- files: user-named inputs, atomic writes
+
+def load_tensor_file(path, what, fix):
+    """torch.load of a file the user names, on the CPU and weights_only (a crafted pickle cannot run
+    code); a missing or unreadable file is one line saying `fix`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path} ({fix})")
+    except Exception as e:
+        raise UserError(f"cannot read {what} {path} ({type(e).__name__}): {fix}")
+
+
+def atomic_write(path, write):
+    """write(tmp_path) into a temporary file next to `path`, then rename it onto `path`: a reader (or a
+    run killed mid-write) never sees half a file. The file gets the usual permissions (0666 minus the
+    umask; mkstemp alone would make it 0600, unreadable to collaborators on a shared cluster). A write
+    that fails (a full disk, a read-only folder) is one line: `path` keeps its earlier version, if any."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the device (or quota) to write {path}: it was not written and "
+                            f"its earlier version, if any, is kept (a run keeps its last checkpoint); free "
+                            f"some space, then run the same command again (with --resume for a run)")
+        raise UserError(f"cannot write {path} ({e.strerror or e}); earlier files are kept")
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path):
+    """torch.save through a file object: the record name inside the zip is then always 'archive' (given a
+    path, torch names it after the temporary file), so identical runs write byte-identical files."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    atomic_write(path, write)
+
+
+def atomic_write_text(text, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(obj, path):
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def write_csv(rows, path):
+    """Rows (dicts) to CSV, atomically; columns in first-seen order; None is an empty cell."""
+    cols = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(buf.getvalue(), path)
+
+
+# Flags that do not change a run's result: a run may be resumed with other values of these.
+# (Not --eval-batch-size: the order in which evaluation sums its batches shows in the last digits.)
+NON_RESULT_FLAGS = {"out", "results", "resume", "device", "data_dir"}
+
+
+def file_tag(path):
+    """A run name for an input file: its last two folders and its name without the extension, e.g.
+    runs/editing/random_s0.5_r1/seed0/mask.pt -> random_s0.5_r1-seed0-mask. In the project's layout
+    (RESULTS/STAGE/NAME/seedN/FILE) two files never share one; the folder alone (seedN) would."""
+    folders, name = os.path.split(os.path.abspath(path))
+    return "-".join([os.path.basename(os.path.dirname(folders)), os.path.basename(folders),
+                     os.path.splitext(name)[0]])
+
+
+def run_config(args):
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NON_RESULT_FLAGS}
+
+
+LOCK_FILE = ".lock"
+_held_locks = {}  # run dir -> open lock file: held as long as the process lives (the OS drops it at exit)
+
+
+def lock_run(out):
+    """Take the exclusive lock of run directory `out` for the life of this process. A second process
+    is refused, naming the PID that holds it; a lock of a dead process is gone (flock dies with it)."""
+    os.makedirs(out, exist_ok=True)
+    key = os.path.realpath(out)
+    if key in _held_locks:  # this process opened the run before (tests call main() repeatedly)
+        return
+    try:
+        f = open(os.path.join(out, LOCK_FILE), "a+")
+    except OSError as e:  # a read-only folder, a .lock that is a directory
+        raise UserError(f"cannot open {os.path.join(out, LOCK_FILE)} ({e.strerror}): the run directory must be "
+                        f"writable and its {LOCK_FILE} a file; fix it or choose another --out")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"{out} is in use by another process (PID {pid}); wait for it to finish or stop it")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held_locks[key] = f
+
+
+def is_temporary(name):
+    """A temporary file of atomic_write (older versions also wrote NAME.tmp.png)."""
+    return name.endswith(".tmp") or name.endswith(".tmp.png")
+
+
+def remove_stale_temporaries(out):
+    """Temporary files of atomic writes that a killed process left behind (we hold the lock: nobody
+    else is writing here)."""
+    for name in os.listdir(out):
+        if is_temporary(name):
+            os.remove(os.path.join(out, name))
+
+
+def read_result_json(out):
+    """The result.json of run directory `out` as a dict, or None: a run is finished only when its
+    result.json is a JSON object (an empty or truncated file marks nothing)."""
+    try:
+        with open(os.path.join(out, "result.json")) as f:
+            r = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return r if isinstance(r, dict) else None
+
+
+def config_differences(out, config):
+    """The keys in which the run in directory `out` (its config.json) differs from `config`, sorted, the
+    precision left aside (it is only resolved once the device is known); None without a readable config."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(old, dict):
+        return None
+    return sorted(k for k in set(old) | set(config) if k != "precision" and old.get(k) != config.get(k))
+
+
+def _check_run_dir(args, before_lock=False):
+    """Refuse args.out unless it is this run's: a new folder, or one whose config.json is this run's.
+    before_lock: only look (nothing written). Else load the checkpoint to resume from (checked to be
+    this run's) or write config.json, and return the checkpoint or None."""
+    out = args.out
+    names = {n: os.path.join(out, n) for n in ("config.json", "checkpoint.pt", "result.json")}
+    for n, path in names.items():
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UserError(f"{path} is not a regular file; remove it or choose another --out")
+    cfg_path, ckpt_path = names["config.json"], names["checkpoint.pt"]
+    config = run_config(args)
+    if not os.path.isfile(cfg_path):
+        # a new run: the folder must be empty, but for what a run of ours killed before config.json
+        # existed leaves (its lock file, and temporaries only next to that lock file)
+        entries = os.listdir(out)
+        stray = [n for n in entries if n != LOCK_FILE and not (LOCK_FILE in entries and is_temporary(n))]
+        if stray:
+            raise UserError(f"--out {out} is not empty and holds no run (it has {sorted(stray)[0]!r}); "
+                            f"choose another --out")
+        if not before_lock:
+            write_json(config, cfg_path)
+        return None
+    try:
+        with open(cfg_path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg_path} is unreadable ({type(e).__name__}); delete {out} or choose another --out")
+    if not isinstance(old, dict):
+        raise UserError(f"{cfg_path} is not a run's config (not a JSON object); delete {out} or choose another --out")
+    if old != config:
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise UserError(f"{out} holds a different run (differs in {', '.join(diff)}); "
+                        f"choose another --out or delete it")
+    if read_result_json(out) is not None and not args.resume:
+        raise UserError(f"{out} already holds a finished run; choose another --out or delete it")
+    if read_result_json(out) is None and not args.resume:
+        raise UserError(f"{out} holds an interrupted run: add --resume to continue it, or choose another --out")
+    if before_lock or not os.path.isfile(ckpt_path):
+        return None  # --resume of a run killed before its first checkpoint: it starts over
+    try:  # weights_only: a crafted checkpoint cannot run code
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {ckpt_path} ({type(e).__name__}); delete it to start over")
+    if not isinstance(ckpt, dict) or ckpt.get("run") != config:
+        raise UserError(f"{ckpt_path} is not this run's checkpoint (its run's flags differ, or it predates this "
+                        f"check); delete it to start the run over")
+    return ckpt
+
+
+def open_run(args):
+    """Lock and prepare args.out. Returns the checkpoint to resume from (or None).
+    Refuses a directory that holds a different run, or an unfinished one without --resume. An existing
+    folder is checked before anything in it is touched (lock file, temporaries): only then is it known
+    to be this run's; the check is repeated under the lock."""
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a directory")
+    created = not os.path.exists(out)
+    if not created:
+        _check_run_dir(args, before_lock=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror}); choose another --out or --results")
+    global _open_run
+    try:
+        lock_run(out)
+        remove_stale_temporaries(out)
+        ckpt = _check_run_dir(args)
+        _open_run = out
+        return ckpt
+    except UserError:
+        if created:  # leave nothing behind for a refused command
+            import shutil
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def finished(args):
+    """True if args.out holds a finished run (result.json) of the same flags (config.json)."""
+    return config_differences(args.out, run_config(args)) == [] and read_result_json(args.out) is not None
+
+
+def save_checkpoint(state, args):
+    """The checkpoint carries its run's config: one copied from another run is refused (_check_run_dir)."""
+    atomic_save(dict(state, run=run_config(args)), os.path.join(args.out, "checkpoint.pt"))
+
+
+def finish_run(result, args):
+    """Write result.json (the marker of a finished run) and drop the now useless checkpoint."""
+    write_json(dict(result, amp=args.precision), os.path.join(args.out, "result.json"))
+    ckpt = os.path.join(args.out, "checkpoint.pt")
+    if os.path.exists(ckpt):
+        os.remove(ckpt)
+
+
+# ----------------------------------------------------------------------------- plots
+
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (no display on a cluster node)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    """Write a figure as PNG atomically (atomic_write: umask respected, never half a file) and close it."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    pyplot().close(fig)
+
+
+def plot_lines(path, series, xlabel, ylabel, title, integer_x=True):
+    """series: {label: (xs, ys) or (xs, ys, std)} -> one PNG line plot, std as error bars. Rounds and
+    epochs (integer_x) get integer ticks only; a one-point series gets a marker big enough to see."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys, *std) in series.items():
+        marker = "o" if len(xs) == 1 else "." if len(xs) < 40 else None
+        ax.errorbar(xs, ys, yerr=std[0] if std else None, marker=marker, capsize=3, label=label)
+    if integer_x:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True, min_n_ticks=1))  # 1: even for one point
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_bars(path, labels, values, ylabel, title, std=None):
+    fig, ax = pyplot().subplots(figsize=(max(6, 0.35 * len(labels)), 4))
+    ax.bar(range(len(values)), values, yerr=std, capsize=3)
+    ax.set_xticks(range(len(values)))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
