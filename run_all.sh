@@ -27,7 +27,7 @@
 #                     (or on preemption) the run checkpoints at its next step and the task requeues
 #                     itself; the summary job runs after every task ended (afterany).
 #   --summary-only    only rebuild the tables and plots (python summarize.py $RESULTS)
-#   -- FLAGS          appended to every run, e.g. a CPU-only smoke test (about two minutes):
+#   -- FLAGS          appended to every run, e.g. a CPU-only smoke test (3-6 minutes on a busy 2-core machine):
 #                     ./run_all.sh --quick -- --dataset synthetic --arch test_vit --weights standin-sharp --img-size 32 --device cpu
 #
 # The grid (81 runs per seed, --quick 17), the layout of RESULTS and the SLURM details: README.md.
