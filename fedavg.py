@@ -83,6 +83,11 @@ def get_args(argv=None):
         p.error("--head warmup needs --warmup-rounds >= 1")
     if args.head != "warmup":
         plumbing.refuse_ignored(p, args, ["warmup_rounds"], f"head-only rounds are --head warmup's, not --head {args.head}'s")
+    if args.head != "warmup" and args.train != "head":
+        plumbing.refuse_ignored(p, args, ["head_lr"], "it is the rate of head-only rounds (--head warmup's "
+                                "warm-up, --train head), and this run has none")
+    if args.train == "head":
+        plumbing.refuse_ignored(p, args, ["lr"], "every round of --train head is head-only, at --head-lr")
     if not args.sparse:
         plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "they make the mask of --sparse")
     elif args.mask:

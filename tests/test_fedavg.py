@@ -198,7 +198,7 @@ def test_agreement_is_one_for_identical_clients_and_below_for_different_shards()
 def test_head_only_rounds_train_the_head_on_features_and_leave_the_backbone_untouched():
     model = tiny_model()
     before = copy.deepcopy(model.state_dict())
-    args = round_args(*FAST[len(TINY):], "--train", "head")
+    args = round_args(*[f for f in FAST[len(TINY):] if f not in ("--lr", "0.05")], "--train", "head")
     data = common.load_data(args)
     feats = common.cached_features(model, data, args, torch.device("cpu"))
     shards = fedavg.make_shards(data["train"][1], args)
@@ -467,6 +467,7 @@ def test_iid_learns_and_one_class_per_client_learns_less(tmp_path):
 @pytest.mark.parametrize("bad", [["--nc", "0"], ["--nc", "101"], ["--c", "0"], ["--c", "1.5"],
                                  ["--k", "5", "--c", "0.1"], ["--k", "10", "--nc", "5"], ["--j", "0"],
                                  ["--mask", "m.pt"], ["--sparse", "--train", "head"], ["--iid", "--nc", "5"],
+                                 ["--head-lr", "0.5"], ["--train", "head", "--lr", "0.5"],
                                  ["--head", "warmup", "--warmup-rounds", "0"], ["--score", "fisher"],
                                  ["--amp", "fp8"], ["--eval-every", "0"]])
 def test_bad_flags_are_one_line_errors(capsys, bad):

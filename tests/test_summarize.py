@@ -479,7 +479,7 @@ def figures(monkeypatch):
         fig.canvas.draw()
         figs[os.path.basename(path)] = fig
         save(fig, path)
-    monkeypatch.setattr(summarize.common, "save_figure", keep)
+    monkeypatch.setattr(summarize.plumbing, "save_figure", keep)
     return figs
 
 
