@@ -114,3 +114,19 @@ def test_deterministic_at_the_real_size_reruns_and_resumes_bit_identically(tmp_p
     for other in ("b", "cut"):
         b = load_on_cpu(tmp_path / other / "model.pt")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), other
+
+
+def test_compile_on_the_gpu_equals_eager_to_float_rounding_and_resumes_exactly(tmp_path, monkeypatch):
+    """--compile with inductor (the CPU tests use aot_eager): fp32, so that only the kernels differ."""
+    argv = GPU + ["--amp", "off", "--deterministic", "--k", "10", "--c", "0.2", "--rounds", "3", "--ckpt-every", "1"]
+    fedavg.main(argv + ["--compile", "--out", str(tmp_path / "compiled")])
+    count_calls(monkeypatch, fedavg, "client_update", kill_at=5)  # 2 clients a round: inside round 3
+    with pytest.raises(KeyboardInterrupt):
+        fedavg.main(argv + ["--compile", "--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    fedavg.main(argv + ["--compile", "--out", str(tmp_path / "cut"), "--resume"])
+    fedavg.main(argv + ["--out", str(tmp_path / "eager")])
+    a, b, e = (load_on_cpu(tmp_path / r / "model.pt") for r in ("compiled", "cut", "eager"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], e[k], rtol=1e-3, atol=1e-4)  # fused kernels round differently
