@@ -6,6 +6,10 @@ Prints one table of ratios, measured on whatever device it runs on (CPU here; th
     floor         a bare loop: the same forward + backward + SGD step calls on one model, batches ready
     ours dense    fedavg.train_round (no augmentation, like the floor)
     ours sparse   fedavg.train_round with a 10% mask (SparseSGDM, frozen head)
+    user dense,   fedavg.py's path, what a user's round costs (user_round): fedavg.train_round with the
+    user sparse   augmentation on, sparse with the mask fedavg.federated_mask calibrates (the defaults), the
+                  round's upload count, and the round's share of fedavg.py's evaluation cadence; dense
+                  also without that share (its training only)
     peer-style    what published student projects do: a deepcopy of the global model per client, a torch
                   DataLoader over a Subset with PIL transforms, state_dict averaging
     SparseSGDM step / torch.optim.SGD step (foreach), the whole model's parameters
@@ -101,6 +105,29 @@ class PilDataset(torch.utils.data.Dataset):
         return self.t(Image.fromarray(self.x[i])), self.y[i]
 
 
+def user_round(model, x, y, shards, rnd, args, device, phase, mask, evals):
+    """A round of fedavg.main as a user runs it (args without --no-aug; phase made with the calibrated mask
+    or none): train_round, the upload count, and the round's share of the evaluation cadence: `evals`,
+    the (images, labels) of 1/--eval-every of the validation set and 1/--test-every of the test set,
+    through common.evaluate as main evaluates them (the loss check and the metrics row cost nothing)."""
+    ours_round(model, x, y, shards, rnd, args, device, phase)
+    fedavg.upload_per_client(phase.params, mask)
+    for xs, ys in evals:
+        common.evaluate(model, xs, ys, args, device)
+
+
+def user_setup(model, x, y, shards, args, device):
+    """(args, the calibrated mask on the device, evals) of user_round: fedavg.py's flags (the defaults but
+    for the benchmark's size flags), augmentation on, the mask as fedavg.main calibrates it, and the
+    evaluation shares of CIFAR-100's 5000 validation and 10000 test images."""
+    user = argparse.Namespace(**dict(vars(args), no_aug=False))
+    mask, _ = fedavg.federated_mask(model, shards, x, user, device)
+    mask = {n: m.to(device) for n, m in mask.items()}
+    evals = [(x[:math.ceil(n / every)], y[:math.ceil(n / every)])
+             for n, every in ((5000, user.eval_every), (10000, user.test_every))]
+    return user, mask, evals
+
+
 def peer_round(model, dataset, shards, rnd, args, device):
     """Deepcopy per client, DataLoader over a Subset, state_dict averaging."""
     states, sizes = [], []
@@ -144,11 +171,16 @@ def time_rounds(a):
     args, device, model, x, y, shards, mask = setup(a)
     dataset = PilDataset(x, y, a.img_size)
     dense, sparse = fedavg.Phase(model, args), fedavg.Phase(model, args, mask)
+    user, user_mask, evals = user_setup(model, x, y, shards, args, device)
+    user_dense, user_sparse = fedavg.Phase(model, user), fedavg.Phase(model, user, user_mask)
     variants = {
         "floor": lambda r: floor_round(model, x, y, shards, r, args, device),
         "ours dense": lambda r: ours_round(model, x, y, shards, r, args, device, dense),
         "ours sparse": lambda r: ours_round(model, x, y, shards, r, args, device, sparse),
         "peer-style": lambda r: peer_round(model, dataset, shards, r, args, device),
+        "user dense (training)": lambda r: user_round(model, x, y, shards, r, user, device, user_dense, None, []),
+        "user dense": lambda r: user_round(model, x, y, shards, r, user, device, user_dense, None, evals),
+        "user sparse": lambda r: user_round(model, x, y, shards, r, user, device, user_sparse, user_mask, evals),
     }
     for fn in variants.values():  # warm-up (allocator, kernels)
         fn(0)
@@ -284,6 +316,9 @@ def main():
     rows = [("floor, seconds per round", statistics.median(times["floor"]), ".3f"),
             ("dense FedAvg round / floor", ratio["ours dense"], ".3f"),
             ("sparse FedAvg round / floor", ratio["ours sparse"], ".3f"),
+            ("user dense round (fedavg.py's path) / floor", ratio["user dense"], ".3f"),
+            ("  (its training only / floor)", ratio["user dense (training)"], ".3f"),
+            ("user sparse round (fedavg.py's path) / floor", ratio["user sparse"], ".3f"),
             ("peer-style round / ours dense", ratio["peer-style"] / ratio["ours dense"], ".3f"),
             ("SparseSGDM step / torch.optim.SGD step (foreach)", opt_ratio, ".3f"),
             ("federated calibration / central, per image", calib["federated"], ".3f"),

@@ -43,6 +43,40 @@ def test_bad_devices_are_refused(monkeypatch, name, says):
         plumbing.pick_device(name)
 
 
+@pytest.fixture
+def a_mocked_gpu(monkeypatch):
+    """A CUDA device that pick_device accepts on a CPU-only machine; the process-wide kernel settings
+    pick_device changes are put back afterwards."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    algorithms = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    for kernel in plumbing.FUSED_ATTENTION:
+        getattr(torch.backends.cuda, f"enable_{kernel}_sdp")(True)
+    yield
+    for kernel in plumbing.FUSED_ATTENTION:
+        getattr(torch.backends.cuda, f"enable_{kernel}_sdp")(True)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
+    torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
+
+
+def fused_attention_enabled():
+    return [getattr(torch.backends.cuda, f"{kernel}_sdp_enabled")() for kernel in plumbing.FUSED_ATTENTION]
+
+
+@pytest.mark.parametrize("device,deterministic", [("cuda", True), ("cuda", False), ("cpu", True)])
+def test_deterministic_on_a_gpu_leaves_attention_to_the_math_kernel(a_mocked_gpu, device, deterministic):
+    """Under warn_only=True the fused attention kernels (cuDNN, flash, memory-efficient) keep their
+    non-deterministic backward: --deterministic on a GPU turns all three off; without it, or on the CPU
+    (deterministic already), they stay on."""
+    plumbing.pick_device(device, deterministic)
+    on_a_gpu = deterministic and device == "cuda"
+    assert fused_attention_enabled() == [not on_a_gpu] * 3
+    assert torch.backends.cuda.math_sdp_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == on_a_gpu
+
+
 def test_the_head_and_its_argmax_are_fp32_under_mixed_precision():
     """bf16 autocast (available on the CPU too): logits come out fp32 and equal the fp32 head applied
     to the backbone's features, so an accuracy on images equals one on cached features."""
