@@ -612,16 +612,25 @@ def save_figure(fig, path):
     pyplot().close(fig)
 
 
+def marker(xs):
+    """A curve's marker: a dot per point while they are few, a big one for a lone point (a line of one
+    point draws nothing)."""
+    return "o" if len(xs) == 1 else "." if len(xs) < 40 else None
+
+
+def integer_ticks(axis):
+    """Rounds or epochs on an axis: integer ticks only (no round 1.5), one at least (a lone point's range is < 1)."""
+    axis.set_major_locator(pyplot().MaxNLocator(integer=True, min_n_ticks=1))
+
+
 def plot_lines(path, series, xlabel, ylabel, title, integer_x=True):
     """series: {label: (xs, ys) or (xs, ys, std)} -> one PNG line plot, std as error bars. Rounds and
     epochs (integer_x) get integer ticks only; a one-point series gets a marker big enough to see."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for label, (xs, ys, *std) in series.items():
-        marker = "o" if len(xs) == 1 else "." if len(xs) < 40 else None
-        ax.errorbar(xs, ys, yerr=std[0] if std else None, marker=marker, capsize=3, label=label)
+        ax.errorbar(xs, ys, yerr=std[0] if std else None, marker=marker(xs), capsize=3, label=label)
     if integer_x:
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True, min_n_ticks=1))  # 1: even for one point
+        integer_ticks(ax.xaxis)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -649,27 +649,16 @@ def curve(runs, col):
     return np.array(xs), ys.mean(0), ys.std(0, ddof=1) if len(per) > 1 else np.zeros(len(xs))
 
 
-def marker(xs):
-    """A curve's marker: a dot per point while they are few, a big one for a lone point (a line of one
-    point draws nothing)."""
-    return "o" if len(xs) == 1 else "." if len(xs) < 40 else None
-
-
-def integer_ticks(axis):
-    """Rounds on an axis: integer ticks only (no round 1.5), one at least (a lone point's range is < 1)."""
-    axis.set_major_locator(plumbing.pyplot().MaxNLocator(integer=True, min_n_ticks=1))
-
-
 def plot_curves(path, by_split, title):
     fig, ax = plumbing.pyplot().subplots(figsize=(6, 4))
     for split, rs in by_split.items():
         xs, mean, std = curve(rs, "val_acc")
         if len(xs):
-            ax.plot(xs, 100 * mean, marker=marker(xs), label=f"{split} (n={len(rs)})")
+            ax.plot(xs, 100 * mean, marker=plumbing.marker(xs), label=f"{split} (n={len(rs)})")
             ax.fill_between(xs, np.clip(100 * (mean - std), 0, None), np.clip(100 * (mean + std), None, 100),
                             alpha=0.2)  # an accuracy stays within 0-100% even where two seeds differ a lot
     ax.set(xlabel="round (0 = the head, before any round)", ylabel="validation accuracy (%)")
-    integer_ticks(ax.xaxis)
+    plumbing.integer_ticks(ax.xaxis)
     ax.set_title(title + "\nline: mean over seeds, band: ± std", fontsize=8)
     ax.grid(alpha=0.3)
     if ax.lines:
@@ -718,14 +707,14 @@ def plot_agreement(path, dense, sparse, title):
                 longest = max(longest, len(xs))
                 if len(xs):
                     xs, mean = smooth(xs, mean)
-                    line, = ax.plot(xs, mean, style, marker=marker(xs), color=colors.get(split),
+                    line, = ax.plot(xs, mean, style, marker=plumbing.marker(xs), color=colors.get(split),
                                     label=f"{split}, {kind}")
                     colors[split] = line.get_color()
     axes[0].set(ylabel="agreement ‖Σ wᵢΔᵢ‖² / Σ wᵢ‖Δᵢ‖²")
     axes[1].set(ylabel="mean client update norm ‖Δᵢ‖")
     for ax in axes:
         ax.set(xlabel="round", title=f"moving average over {SMOOTH} rounds" if longest >= SMOOTH else "per round")
-        integer_ticks(ax.xaxis)
+        plumbing.integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
