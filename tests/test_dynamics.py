@@ -10,7 +10,7 @@ import torch
 
 import common
 from conftest import TINY
-from helpers import run_script
+from helpers import assert_usage_error, run_script
 
 STANDIN = [f for f in TINY if f != "--no-pretrained"]  # the default --synthetic-size 5000: 45 images a client
 
@@ -92,3 +92,10 @@ def test_iid_fedavg_ends_above_one_class_per_client(tmp_path, data_dir):
     iid, _ = run(tmp_path, data_dir, "fedavg.py", "iid", *flags)
     nc1, _ = run(tmp_path, data_dir, "fedavg.py", "nc1", *flags, "--nc", "1")
     assert iid["val_acc"] > nc1["val_acc"] + 0.1, (iid["val_acc"], nc1["val_acc"])
+
+
+def test_a_standin_on_another_arch_is_one_line(tmp_path):
+    flags = [f for f in STANDIN if f not in ("--arch", "test_vit")]
+    proc = run_script("fedavg.py", *flags, "--arch", "vit_tiny_patch16_224", "--weights", "standin", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"))
+    assert "use it with --arch test_vit" in assert_usage_error(proc)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data" / "standin").exists()
