@@ -96,6 +96,7 @@ def test_iid_fedavg_ends_above_one_class_per_client(tmp_path, data_dir):
 
 def test_a_standin_on_another_arch_is_one_line(tmp_path):
     flags = [f for f in STANDIN if f not in ("--arch", "test_vit")]
-    proc = run_script("fedavg.py", *flags, "--arch", "vit_tiny_patch16_224", "--weights", "standin", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"))
+    proc = run_script("fedavg.py", *flags, "--arch", "vit_tiny_patch16_224", "--weights", "standin",
+                      "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"))
     assert "use it with --arch test_vit" in assert_usage_error(proc)
     assert not (tmp_path / "run").exists() and not (tmp_path / "data" / "standin").exists()
