@@ -29,7 +29,7 @@ def float_list(s):
 
 
 def get_args(argv=None):
-    p = plumbing.Parser(parents=[common.base_parser()], description=__doc__.split("\n")[0])
+    p = plumbing.Parser(parents=[plumbing.base_parser(common.DEFAULT_ARCH)], description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=plumbing.positive_int, default=30, help="epochs per training")
     p.add_argument("--patience", type=plumbing.positive_int, default=5,
                    help="stop after this many epochs without a better validation accuracy")
@@ -63,7 +63,7 @@ def get_args(argv=None):
     if args.hparams or args.grid:
         plumbing.refuse_ignored(p, args, ["lr", "momentum", "wd"],
                                 f"--{'hparams' if args.hparams else 'grid'} chooses the hyperparameters")
-    common.check_base_flags(p, args)
+    plumbing.check_base_flags(p, args)
     hp = "grid" if args.grid else "hparams" if args.hparams else f"lr{args.lr}_m{args.momentum}_wd{args.wd}"
     sched = "compare" if args.compare_schedulers else args.scheduler
     args.out = args.out or f"{args.results}/centralized/{hp}_{sched}/seed{args.seed}"
@@ -89,7 +89,7 @@ def run_trial(name, hp, ckpt, model, feats, args, test=None):
     summary = dict(hp, best_val_acc=history[best_epoch - 1]["val_acc"], best_epoch=best_epoch,
                    epochs_run=len(history), history=history, seconds=time.time() - t0)
     if test is not None:
-        summary["head"] = common.cpu_state(model.head)
+        summary["head"] = plumbing.cpu_state(model.head)
     ckpt["done"][name] = summary
     plumbing.save_checkpoint(ckpt, args)
     print(f"  {name}: best val acc {summary['best_val_acc']:.4f} at epoch {best_epoch}")
@@ -145,7 +145,7 @@ def main(argv=None):
         # The checkpoint (plumbing.save_checkpoint adds "run", the run's flags): "done", every finished
         # trial's summary by name (run_trial; a resumed run skips them), and "init_head", the head every
         # trial starts from.
-        ckpt = {"done": {}, "init_head": common.cpu_state(model.head)}
+        ckpt = {"done": {}, "init_head": plumbing.cpu_state(model.head)}
 
     if args.grid:
         print(f"grid search: {len(args.grid_lr) * len(args.grid_momentum) * len(args.grid_wd)} settings")

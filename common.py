@@ -3,15 +3,13 @@
 Read it top to bottom, each part using only those above it: data and transforms, the ViT and its
 weights (timm's hub, a file, or the project's pretrained stand-ins), SparseSGDM, learning-rate
 schedules, forward passes and evaluation, frozen-backbone features and heads (SGD and ridge), Fisher
-scores and masks (TaLoS steps 1-2), and last the flags the scripts share and the start of a run.
-A run's plumbing (errors, flag types, device, random streams, files, run directories, plots) is in
-plumbing.py; run_all.sh's planner (prefetch, image passes, time estimate) in plan.py.
+scores and masks (TaLoS steps 1-2), and last a run's start (prepare).
+A run's plumbing (errors, the flags the scripts share, device, random streams, files, run directories,
+plots) is in plumbing.py; run_all.sh's planner (prefetch, image passes, time estimate) in plan.py.
 """
-import argparse
 import json
 import math
 import os
-import socket
 import sys
 import time
 
@@ -32,14 +30,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ----------------------------------------------------------------------------- data
 
-def network_reachable(host, port=443, timeout=3.0):
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def load_cifar100(data_dir):
     """CIFAR-100 as uint8 tensors: (x_train N×32×32×3, y_train, x_test, y_test)."""
     import torchvision
@@ -49,12 +39,12 @@ def load_cifar100(data_dir):
             ds = torchvision.datasets.CIFAR100(data_dir, train=train, download=False)
         except RuntimeError:  # not there yet (or its files fail torchvision's checksum): download it
             folder = os.path.join(data_dir, "cifar-100-python")
-            if os.path.isdir(folder) and not network_reachable("www.cs.toronto.edu"):
+            if os.path.isdir(folder) and not plumbing.network_reachable("www.cs.toronto.edu"):
                 raise plumbing.UserError(f"CIFAR-100 in {folder} is incomplete or corrupt (its files fail the "
                                          f"checksum) and there is no network to download it again: copy a good "
                                          f"{folder} here, or delete it and run `python plan.py --data-dir DIR` on a "
                                          f"machine with internet")
-            if not network_reachable("www.cs.toronto.edu"):
+            if not plumbing.network_reachable("www.cs.toronto.edu"):
                 raise plumbing.UserError(f"CIFAR-100 is not in {data_dir} and there is no network: run "
                                          f"`python plan.py --data-dir DIR` on a machine with internet, copy DIR here "
                                          f"and pass --data-dir DIR (or use --dataset synthetic)")
@@ -157,35 +147,6 @@ def preprocess(x, img_size):
 
 # ----------------------------------------------------------------------------- model and weights
 
-def _unwrap_state_dict(sd):
-    """Accept the official DINO files (plain backbone dict, or a training checkpoint with
-    teacher/student entries and module./backbone. prefixes) and timm state dicts."""
-    for key in ("teacher", "student", "model", "state_dict"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError("not a state dict of tensors")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    if any(k.startswith("backbone.") for k in sd):  # DINO training checkpoint: drop the projection head
-        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
-    return sd
-
-
-def read_weights_file(path):
-    if not os.path.isfile(path):
-        raise plumbing.UserError(f"weights file not found: {path} (download dino_deitsmall16_pretrain.pth or drop --weights)")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        return _unwrap_state_dict(sd)
-    except Exception as e:
-        raise plumbing.UserError(f"cannot read weights file {path} ({type(e).__name__}); re-download it")
-
-
 def load_backbone_weights(model, sd, source):
     """Load a state dict into `model`, resizing position embeddings to its image size.
     A head in the file is used only if it has the model's shape (a file saved by this code)."""
@@ -204,27 +165,6 @@ def load_backbone_weights(model, sd, source):
     if missing or unexpected:
         raise plumbing.UserError(f"{source} does not fit --arch {model.default_cfg.get('architecture', '?')}: "
                                  f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-
-
-def hub_weights(arch):
-    """Path of the timm hub weights for `arch`: from the local cache, else downloaded.
-    Offline without a cache this fails in seconds instead of retrying for a minute."""
-    import timm
-    cfg = timm.models.get_pretrained_cfg(arch)
-    if cfg is None or not cfg.hf_hub_id:
-        raise plumbing.UserError(f"timm has no hub weights for {arch}; pass --weights FILE or --no-pretrained")
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    for fname in ("model.safetensors", "pytorch_model.bin"):
-        cached = try_to_load_from_cache(cfg.hf_hub_id, fname)
-        if isinstance(cached, str):
-            return cached
-    if not network_reachable("huggingface.co"):
-        raise plumbing.UserError(f"no network and no cached weights for {arch}: run `python plan.py` where there is "
-                                 f"internet (fills ~/.cache/huggingface), or pass --weights dino_deitsmall16_pretrain.pth")
-    try:
-        return hf_hub_download(cfg.hf_hub_id, "model.safetensors")
-    except Exception as e:
-        raise plumbing.UserError(f"could not download weights for {arch} ({type(e).__name__}); pass --weights FILE")
 
 
 # Pretrained stand-ins for the DINO backbone, for tests and offline trials: test_vit pretrained on another
@@ -294,12 +234,12 @@ def build_model(args):
     if args.weights in STANDINS:
         if args.arch != "test_vit":
             raise plumbing.UserError(f"--weights {args.weights} is a pretrained test_vit: use it with --arch test_vit")
-        load_backbone_weights(model, read_weights_file(standin_weights(args.weights, args.data_dir)), args.weights)
+        load_backbone_weights(model, plumbing.read_weights_file(standin_weights(args.weights, args.data_dir)), args.weights)
     elif args.weights:
-        load_backbone_weights(model, read_weights_file(args.weights), args.weights)
+        load_backbone_weights(model, plumbing.read_weights_file(args.weights), args.weights)
     elif not args.no_pretrained:
-        path = hub_weights(args.arch)
-        load_backbone_weights(model, read_weights_file(path), path)
+        path = plumbing.hub_weights(args.arch)
+        load_backbone_weights(model, plumbing.read_weights_file(path), path)
     return model
 
 
@@ -728,11 +668,6 @@ def check_head_source(path, args):
                                  f"{source[k]}, this one {getattr(args, k)}); use a head of this backbone, or ridge")
 
 
-def cpu_state(module):
-    """A state dict on the CPU: files that load on any machine with a plain torch.load."""
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
 # ----------------------------------------------------------------------------- Fisher scores and masks
 
 MASK_RULES = ["least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"]
@@ -1044,101 +979,7 @@ def changed_count(model, pretrained):
     return changed, sum(p.numel() for _, p in params)
 
 
-# ----------------------------------------------------------------------------- the scripts' shared flags, a run's start
-
-def check_base_flags(p, args):
-    """Contradictions among base_parser's flags (every script's get_args calls this)."""
-    if args.weights and args.no_pretrained:  # said, not refused: the tests' tiny flags carry --no-pretrained
-        print(f"note: --no-pretrained is ignored: --weights {args.weights} gives the backbone")
-
-
-def base_parser():
-    """Flags every script spells the same way (an argparse parent)."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("data and model (shared by all scripts)")
-    g.add_argument("--dataset", choices=["cifar100", "synthetic"], default="cifar100",
-                   help="cifar100 (downloaded into --data-dir) or a small learnable synthetic "
-                        "CIFAR-shaped set for tests and offline trials")
-    g.add_argument("--data-dir", type=plumbing.path, default="./data", help="where CIFAR-100 and cached features live")
-    g.add_argument("--synthetic-size", type=plumbing.synthetic_size, default=5000,
-                   help="training images in the synthetic set; its test set is a fifth of that")
-    g.add_argument("--val-frac", type=plumbing.unit_float, default=0.1,
-                   help="fraction of the training set held out for validation, stratified by class")
-    g.add_argument("--arch", default=DEFAULT_ARCH, help="timm ViT name (tests use test_vit)")
-    g.add_argument("--weights", type=plumbing.path, default=None,
-                   help="local weights file: official DINO checkpoint (dino_deitsmall16_pretrain.pth) "
-                        "or a timm state dict (.pth/.safetensors); none: timm's hub weights; "
-                        "standin or standin-sharp (with --arch test_vit): a tiny ViT the project pretrains "
-                        "itself on other synthetic classes, cached in DATA_DIR/standin/ (tests, offline trials)")
-    g.add_argument("--no-pretrained", action="store_true",
-                   help="random backbone weights (for tests and smoke runs only)")
-    g.add_argument("--img-size", type=plumbing.positive_int, default=224,
-                   help="images are resized to this many pixels before the ViT (a multiple of its patch size)")
-    g.add_argument("--batch-size", type=plumbing.positive_int, default=128, help="training batch size")
-    g.add_argument("--eval-batch-size", type=plumbing.positive_int, default=256, help="evaluation batch size")
-    g.add_argument("--seed", type=plumbing.seed_int, default=0,
-                   help="random seed of everything but the validation split and the synthetic images")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (none: cuda if available, else cpu)")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="mixed precision of the backbone on a GPU: auto = bf16 where the GPU supports it "
-                        "natively (compute capability >= 8.0), fp16 with a gradient scaler on older GPUs "
-                        "(T4, V100), off (fp32) on the CPU. The head and every accuracy are fp32 always")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic GPU kernels where PyTorch has them (bit-identical reruns and resumes on a GPU; "
-                        "an op without one prints a warning in the log and breaks that promise), attention by its "
-                        "math kernel: slower (a ViT-S/16 client step at 224 px took 1.46x as long on an H200)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbone for training and evaluation: faster steps after a compile "
-                        "paid once per process (on an H200, a ViT-S/16 client step 1.27x faster after 36 s); "
-                        "results equal to float rounding, not bit for bit")
-    g.add_argument("--results", type=plumbing.path, default="runs", help="root of the default run directories")
-    g.add_argument("--out", type=plumbing.path, default=None,
-                   help="run directory (none: RESULTS/STAGE/NAME/seedSEED, NAME from the main flags)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (starts fresh if there is none)")
-    return p
-
-
-def edit_parser():
-    """Head and mask flags shared by model_editing.py and fedavg.py (an argparse parent; the mask flags
-    only with --sparse)."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("step 0: the classifier head (frozen from then on, except in dense FedAvg)")
-    g.add_argument("--head", type=plumbing.path, default="ridge", metavar="{ridge,warmup,FILE}",
-                   help="ridge: closed-form ridge regression on frozen-backbone features, lambda chosen on "
-                        "the validation split (fedavg.py: from the clients' sufficient statistics, one "
-                        "round); warmup: SGD on the frozen backbone (fedavg.py: --warmup-rounds head-only "
-                        "rounds); FILE: a head.pt saved by an earlier run (e.g. the centralized baseline)")
-    g = p.add_argument_group("steps 1-2: gradient mask (model_editing.py, fedavg.py --sparse)")
-    g.add_argument("--rule", choices=MASK_RULES, default="least-sensitive",
-                   help="which backbone weights may be updated (TaLoS: least-sensitive)")
-    g.add_argument("--sparsity", type=plumbing.unit_float, default=0.9,
-                   help="fraction of the masked tensors' N entries that are FROZEN: the mask keeps "
-                        "int((1 - sparsity) * N) of them updatable, 1 - sparsity in floating point (TaLoS's "
-                        "count; 0.9 updates 10%% of them, rounded down)")
-    g.add_argument("--calib-rounds", type=plumbing.positive_int, default=4,
-                   help="mask calibration rounds; round r keeps int((1 - sparsity) ** (r / rounds) * N) "
-                        "entries (TaLoS's count), at least one fewer than the round before")
-    g.add_argument("--score", choices=["logit", "loglik"], default="logit",
-                   help="sensitivity: squared per-sample gradient of the sampled class's raw logit (TaLoS's "
-                        "code) or of its log-probability (the textbook Fisher)")
-    g.add_argument("--fisher-batches", type=plumbing.positive_int, default=8,
-                   help="batches of --fisher-batch-size images scored per calibration round")
-    g.add_argument("--fisher-batch-size", type=plumbing.positive_int, default=32,
-                   help="images per Fisher batch; memory grows with it (one layer's per-sample gradients)")
-    g.add_argument("--calib-damp", type=plumbing.damping, default=0.1,
-                   help="while calibrating, weights already masked out are scaled by this (TaLoS: 0.1)")
-    g.add_argument("--calib-images", choices=CALIB_IMAGES, default="train-aug",
-                   help="calibration images scored through the training augmentation, a fresh random crop "
-                        "and flip each round (train-aug: TaLoS scores through its training preprocessing) "
-                        "or as they are (clean); independent of --no-aug")
-    return p
-
-
-# edit_parser's flags that make a mask: they do nothing without one to make (no --sparse, or --mask FILE)
-CALIBRATION_FLAGS = ("rule", "sparsity", "calib_rounds", "score", "fisher_batches", "fisher_batch_size",
-                     "calib_damp")
-
+# ----------------------------------------------------------------------------- a run's start
 
 def read_inputs(args, model):
     """The input files named by the flags of any script, read and checked: {'hparams', 'mask', 'head'}

@@ -24,7 +24,9 @@ import plumbing
 
 
 def get_args(argv=None):
-    p = plumbing.Parser(parents=[common.base_parser(), common.edit_parser()], description=__doc__.split("\n")[0])
+    shared = [plumbing.base_parser(common.DEFAULT_ARCH),
+              plumbing.edit_parser(common.MASK_RULES, common.SCORES, common.CALIB_IMAGES)]
+    p = plumbing.Parser(parents=shared, description=__doc__.split("\n")[0])
     p.set_defaults(batch_size=64)
     g = p.add_argument_group("federation")
     g.add_argument("--k", type=plumbing.positive_int, default=100, help="number of clients")
@@ -89,13 +91,13 @@ def get_args(argv=None):
     if args.train == "head":
         plumbing.refuse_ignored(p, args, ["lr"], "every round of --train head is head-only, at --head-lr")
     if not args.sparse:
-        plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "they make the mask of --sparse")
+        plumbing.refuse_ignored(p, args, plumbing.CALIBRATION_FLAGS, "they make the mask of --sparse")
     elif args.mask:
-        plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
+        plumbing.refuse_ignored(p, args, plumbing.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
     if args.scale_rounds and args.rounds * 4 % args.j:
         p.error(f"--scale-rounds: {args.rounds} rounds x 4 / J={args.j} is not a whole number of rounds, so local "
                 f"work would not be equal across J; choose --rounds a multiple of {args.j // math.gcd(args.j, 4)}")
-    common.check_base_flags(p, args)
+    plumbing.check_base_flags(p, args)
     if args.head != "warmup":
         args.warmup_rounds = 0  # only --head warmup has head-only rounds
     args.iid = args.nc is None
@@ -397,7 +399,7 @@ def main(argv=None):
         #   elapsed                seconds of work so far, across resumes
         #   model, scaler          from the first save on: the global model, the fp16 gradient scale
         ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
-                "upload": head_upload * args.k, "elapsed": 0.0, "head": common.cpu_state(model.head)}
+                "upload": head_upload * args.k, "elapsed": 0.0, "head": plumbing.cpu_state(model.head)}
     else:
         model.load_state_dict(ckpt["model"])
     # the head after step 0 (ridge, a head.pt, or with --head warmup the random head before its warm-up
@@ -412,7 +414,7 @@ def main(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
 
     def save():
-        ckpt.update(model=common.cpu_state(model), scaler=scaler.state_dict(), elapsed=time.time() - t0)
+        ckpt.update(model=plumbing.cpu_state(model), scaler=scaler.state_dict(), elapsed=time.time() - t0)
         plumbing.save_checkpoint(ckpt, args)
 
     def evaluate(split, backbone_changed):
@@ -492,7 +494,7 @@ def main(argv=None):
     if args.sparse:
         changed, total = common.changed_count(model, pretrained)
         result.update(mask_kept_frac=common.mask_kept_frac(mask), changed_frac=changed / total)
-    plumbing.atomic_save(common.cpu_state(model), os.path.join(args.out, "model.pt"))
+    plumbing.atomic_save(plumbing.cpu_state(model), os.path.join(args.out, "model.pt"))
     plumbing.finish_run(result, args)
     print(f"test acc {result['test_acc']:.4f} after {total_rounds} rounds (best val {best['val_acc']:.4f} at "
           f"round {best['round']}); results in {args.out}")

@@ -23,7 +23,9 @@ import plumbing
 
 
 def get_args(argv=None):
-    p = plumbing.Parser(parents=[common.base_parser(), common.edit_parser()], description=__doc__.split("\n")[0])
+    shared = [plumbing.base_parser(common.DEFAULT_ARCH),
+              plumbing.edit_parser(common.MASK_RULES, common.SCORES, common.CALIB_IMAGES)]
+    p = plumbing.Parser(parents=shared, description=__doc__.split("\n")[0])
     g = p.add_argument_group("--head warmup: SGD on cached frozen-backbone features, cosine schedule")
     g.add_argument("--hparams", type=plumbing.path, default=None,
                    help="lr/momentum/wd of the warm-up from a centralized run's result.json")
@@ -50,8 +52,8 @@ def get_args(argv=None):
         plumbing.refuse_ignored(p, args, ["warmup_lr", "warmup_momentum", "warmup_wd"],
                                 "--hparams sets the warm-up's lr, momentum and weight decay")
     if args.mask:
-        plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
-    common.check_base_flags(p, args)
+        plumbing.refuse_ignored(p, args, plumbing.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
+    plumbing.check_base_flags(p, args)
     mask = f"mask-{plumbing.file_tag(args.mask)}" if args.mask else f"{args.rule}_s{args.sparsity}_r{args.calib_rounds}"
     args.out = args.out or f"{args.results}/editing/{mask}/seed{args.seed}"
     return args
@@ -141,7 +143,7 @@ def main(argv=None):
         #   elapsed                seconds of work so far, across resumes
         #   model, opt, scaler     from the first save in step 2: weights, SparseSGDM's momentum, fp16 scale
         ckpt = {"epoch": 0, "step": 0, "loss_sum": torch.zeros(()), "rows": [], "head_info": head,
-                "calib_log": log, "head": common.cpu_state(model.head), "elapsed": time.time() - t0}
+                "calib_log": log, "head": plumbing.cpu_state(model.head), "elapsed": time.time() - t0}
         plumbing.save_checkpoint(ckpt, args)
     # (re)written from the checkpoint on resume too: a head.pt damaged meanwhile does not survive
     plumbing.atomic_save(ckpt["head"], os.path.join(args.out, "head.pt"))
@@ -164,7 +166,7 @@ def main(argv=None):
         ckpt["rows"].append(dict(epoch=0, train_loss=None, **evaluate_splits(model, data, args, device)))
 
     def save():
-        ckpt.update(model=common.cpu_state(model), opt=opt.state_dict(), scaler=scaler.state_dict(),
+        ckpt.update(model=plumbing.cpu_state(model), opt=opt.state_dict(), scaler=scaler.state_dict(),
                     loss_sum=loss_sum.cpu(), elapsed=time.time() - t0)
         plumbing.save_checkpoint(ckpt, args)
 
@@ -221,7 +223,7 @@ def main(argv=None):
               "val_acc": rows[-1]["val_acc"], "test_acc": rows[-1]["test_acc"],
               "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "test_acc_at_best_val": best["test_acc"],
               "seconds": time.time() - t0}
-    plumbing.atomic_save(common.cpu_state(model), os.path.join(args.out, "model.pt"))
+    plumbing.atomic_save(plumbing.cpu_state(model), os.path.join(args.out, "model.pt"))
     plumbing.finish_run(result, args)
     print(f"changed {changed}/{total} entries of the masked tensors ({changed / total:.4%}); "
           f"mask keeps {result['mask_kept_frac']:.4%}")

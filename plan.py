@@ -40,7 +40,7 @@ def prefetch(args, backbone=True):
         return
     common.build_model(args)
     source = (f"--weights {args.weights}" if args.weights else "random weights (--no-pretrained)"
-              if args.no_pretrained else f"timm's hub weights ({common.hub_weights(args.arch)})")
+              if args.no_pretrained else f"timm's hub weights ({plumbing.hub_weights(args.arch)})")
     print(f"backbone {args.arch} at {args.img_size} px with {source}: ready")
 
 
@@ -308,10 +308,10 @@ def main(argv=None):
     elif a.probe:
         probe(sys.stdin.readline())
     elif a.prefetch:
-        script_flags = plumbing.Parser(parents=[common.base_parser()], prog="plan.py --prefetch --", add_help=False)
+        script_flags = plumbing.Parser(parents=[plumbing.base_parser(common.DEFAULT_ARCH)], prog="plan.py --prefetch --", add_help=False)
         prefetch(script_flags.parse_known_args(flags or [])[0])
     else:  # --data-only: the backbone comes from elsewhere (--weights FILE)
-        prefetch(plumbing.Parser(parents=[common.base_parser()]).parse_args(["--data-dir", a.data_dir, "--arch", a.arch]),
+        prefetch(plumbing.Parser(parents=[plumbing.base_parser(common.DEFAULT_ARCH)]).parse_args(["--data-dir", a.data_dir, "--arch", a.arch]),
                  backbone=not a.data_only)
 
 

@@ -2,8 +2,8 @@
 (that is common.py), and nobody doing the assignment needs to edit it.
 
 Read it top to bottom: errors and signals (run_main turns them into one line and an exit status), the
-flag types, device and precision, random streams, atomic files, the run directory, plots. A script's
-life in three calls:
+flag types and the flags the scripts share, device and precision, random streams, atomic files, the
+run directory, plots. A script's life in three calls:
     ckpt = plumbing.open_run(args)           # lock --out, check it holds this run; the checkpoint or None
     plumbing.save_checkpoint(state, args)    # atomically, stamped with the run's flags
     plumbing.finish_run(result, args)        # result.json (the mark of a finished run), checkpoint gone
@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 
@@ -227,6 +228,102 @@ def hparams_from(path):
     return hp
 
 
+# ----------------------------------------------------------------------------- the flags the scripts share
+
+def check_base_flags(p, args):
+    """Contradictions among base_parser's flags (every script's get_args calls this)."""
+    if args.weights and args.no_pretrained:  # said, not refused: the tests' tiny flags carry --no-pretrained
+        print(f"note: --no-pretrained is ignored: --weights {args.weights} gives the backbone")
+
+
+def base_parser(default_arch):
+    """Flags every script spells the same way (an argparse parent); default_arch: common.DEFAULT_ARCH."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data and model (shared by all scripts)")
+    g.add_argument("--dataset", choices=["cifar100", "synthetic"], default="cifar100",
+                   help="cifar100 (downloaded into --data-dir) or a small learnable synthetic "
+                        "CIFAR-shaped set for tests and offline trials")
+    g.add_argument("--data-dir", type=path, default="./data", help="where CIFAR-100 and cached features live")
+    g.add_argument("--synthetic-size", type=synthetic_size, default=5000,
+                   help="training images in the synthetic set; its test set is a fifth of that")
+    g.add_argument("--val-frac", type=unit_float, default=0.1,
+                   help="fraction of the training set held out for validation, stratified by class")
+    g.add_argument("--arch", default=default_arch, help="timm ViT name (tests use test_vit)")
+    g.add_argument("--weights", type=path, default=None,
+                   help="local weights file: official DINO checkpoint (dino_deitsmall16_pretrain.pth) "
+                        "or a timm state dict (.pth/.safetensors); none: timm's hub weights; "
+                        "standin or standin-sharp (with --arch test_vit): a tiny ViT the project pretrains "
+                        "itself on other synthetic classes, cached in DATA_DIR/standin/ (tests, offline trials)")
+    g.add_argument("--no-pretrained", action="store_true",
+                   help="random backbone weights (for tests and smoke runs only)")
+    g.add_argument("--img-size", type=positive_int, default=224,
+                   help="images are resized to this many pixels before the ViT (a multiple of its patch size)")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
+    g.add_argument("--eval-batch-size", type=positive_int, default=256, help="evaluation batch size")
+    g.add_argument("--seed", type=seed_int, default=0,
+                   help="random seed of everything but the validation split and the synthetic images")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (none: cuda if available, else cpu)")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision of the backbone on a GPU: auto = bf16 where the GPU supports it "
+                        "natively (compute capability >= 8.0), fp16 with a gradient scaler on older GPUs "
+                        "(T4, V100), off (fp32) on the CPU. The head and every accuracy are fp32 always")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels where PyTorch has them (bit-identical reruns and resumes on a GPU; "
+                        "an op without one prints a warning in the log and breaks that promise), attention by its "
+                        "math kernel: slower (a ViT-S/16 client step at 224 px took 1.46x as long on an H200)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone for training and evaluation: faster steps after a compile "
+                        "paid once per process (on an H200, a ViT-S/16 client step 1.27x faster after 36 s); "
+                        "results equal to float rounding, not bit for bit")
+    g.add_argument("--results", type=path, default="runs", help="root of the default run directories")
+    g.add_argument("--out", type=path, default=None,
+                   help="run directory (none: RESULTS/STAGE/NAME/seedSEED, NAME from the main flags)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (starts fresh if there is none)")
+    return p
+
+
+def edit_parser(rules, scores, calib_images):
+    """Head and mask flags shared by model_editing.py and fedavg.py (an argparse parent; the mask flags
+    only with --sparse). The choices are the science's: common.MASK_RULES, SCORES and CALIB_IMAGES."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("step 0: the classifier head (frozen from then on, except in dense FedAvg)")
+    g.add_argument("--head", type=path, default="ridge", metavar="{ridge,warmup,FILE}",
+                   help="ridge: closed-form ridge regression on frozen-backbone features, lambda chosen on "
+                        "the validation split (fedavg.py: from the clients' sufficient statistics, one "
+                        "round); warmup: SGD on the frozen backbone (fedavg.py: --warmup-rounds head-only "
+                        "rounds); FILE: a head.pt saved by an earlier run (e.g. the centralized baseline)")
+    g = p.add_argument_group("steps 1-2: gradient mask (model_editing.py, fedavg.py --sparse)")
+    g.add_argument("--rule", choices=rules, default="least-sensitive",
+                   help="which backbone weights may be updated (TaLoS: least-sensitive)")
+    g.add_argument("--sparsity", type=unit_float, default=0.9,
+                   help="fraction of the masked tensors' N entries that are FROZEN: the mask keeps "
+                        "int((1 - sparsity) * N) of them updatable, 1 - sparsity in floating point (TaLoS's "
+                        "count; 0.9 updates 10%% of them, rounded down)")
+    g.add_argument("--calib-rounds", type=positive_int, default=4,
+                   help="mask calibration rounds; round r keeps int((1 - sparsity) ** (r / rounds) * N) "
+                        "entries (TaLoS's count), at least one fewer than the round before")
+    g.add_argument("--score", choices=scores, default="logit",
+                   help="sensitivity: squared per-sample gradient of the sampled class's raw logit (TaLoS's "
+                        "code) or of its log-probability (the textbook Fisher)")
+    g.add_argument("--fisher-batches", type=positive_int, default=8,
+                   help="batches of --fisher-batch-size images scored per calibration round")
+    g.add_argument("--fisher-batch-size", type=positive_int, default=32,
+                   help="images per Fisher batch; memory grows with it (one layer's per-sample gradients)")
+    g.add_argument("--calib-damp", type=damping, default=0.1,
+                   help="while calibrating, weights already masked out are scaled by this (TaLoS: 0.1)")
+    g.add_argument("--calib-images", choices=calib_images, default="train-aug",
+                   help="calibration images scored through the training augmentation, a fresh random crop "
+                        "and flip each round (train-aug: TaLoS scores through its training preprocessing) "
+                        "or as they are (clean); independent of --no-aug")
+    return p
+
+
+# edit_parser's flags that make a mask: they do nothing without one to make (no --sparse, or --mask FILE)
+CALIBRATION_FLAGS = ("rule", "sparsity", "calib_rounds", "score", "fisher_batches", "fisher_batch_size",
+                     "calib_damp")
+
+
 # ----------------------------------------------------------------------------- device, precision, determinism
 
 def pick_device(name, deterministic=False):
@@ -342,7 +439,65 @@ def stream(name, seed, *keys):
     return make_generator(seed, *keys, STREAMS[name])
 
 
-# ----------------------------------------------------------------------------- files: user-named inputs, atomic writes
+# ----------------------------------------------------------------------------- files: downloads, inputs the user names, atomic writes
+
+def network_reachable(host, port=443, timeout=3.0):
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _unwrap_state_dict(sd):
+    """Accept the official DINO files (plain backbone dict, or a training checkpoint with
+    teacher/student entries and module./backbone. prefixes) and timm state dicts."""
+    for key in ("teacher", "student", "model", "state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError("not a state dict of tensors")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):  # DINO training checkpoint: drop the projection head
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd
+
+
+def read_weights_file(path):
+    if not os.path.isfile(path):
+        raise UserError(f"weights file not found: {path} (download dino_deitsmall16_pretrain.pth or drop --weights)")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        return _unwrap_state_dict(sd)
+    except Exception as e:
+        raise UserError(f"cannot read weights file {path} ({type(e).__name__}); re-download it")
+
+
+def hub_weights(arch):
+    """Path of the timm hub weights for `arch`: from the local cache, else downloaded.
+    Offline without a cache this fails in seconds instead of retrying for a minute."""
+    import timm
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not cfg.hf_hub_id:
+        raise UserError(f"timm has no hub weights for {arch}; pass --weights FILE or --no-pretrained")
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        cached = try_to_load_from_cache(cfg.hf_hub_id, fname)
+        if isinstance(cached, str):
+            return cached
+    if not network_reachable("huggingface.co"):
+        raise UserError(f"no network and no cached weights for {arch}: run `python plan.py` where there is "
+                                 f"internet (fills ~/.cache/huggingface), or pass --weights dino_deitsmall16_pretrain.pth")
+    try:
+        return hf_hub_download(cfg.hf_hub_id, "model.safetensors")
+    except Exception as e:
+        raise UserError(f"could not download weights for {arch} ({type(e).__name__}); pass --weights FILE")
+
 
 def load_tensor_file(path, what, fix):
     """torch.load of a file the user names, on the CPU and weights_only (a crafted pickle cannot run
@@ -353,6 +508,11 @@ def load_tensor_file(path, what, fix):
         raise UserError(f"{what} not found: {path} ({fix})")
     except Exception as e:
         raise UserError(f"cannot read {what} {path} ({type(e).__name__}): {fix}")
+
+
+def cpu_state(module):
+    """A state dict on the CPU: files that load on any machine with a plain torch.load."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def atomic_write(path, write):
@@ -414,6 +574,8 @@ def write_csv(rows, path):
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     atomic_write_text(buf.getvalue(), path)
 
+
+# ----------------------------------------------------------------------------- the run directory: lock, config, checkpoint, result
 
 # Flags that do not change a run's result: a run may be resumed with other values of these.
 # (Not --eval-batch-size: the order in which evaluation sums its batches shows in the last digits.)
@@ -500,28 +662,22 @@ def config_differences(out, config):
     return sorted(k for k in set(old) | set(config) if k != "precision" and old.get(k) != config.get(k))
 
 
-def _check_run_dir(args, before_lock=False):
-    """Refuse args.out unless it is this run's: a new folder, or one whose config.json is this run's.
-    before_lock: only look (nothing written). Else load the checkpoint to resume from (checked to be
-    this run's) or write config.json, and return the checkpoint or None."""
+def refuse_other_runs(args, config):
+    """Refuse args.out unless it is this run's, looking only (nothing is written): a new folder (empty
+    but for what a run of ours killed before config.json existed leaves), or one whose config.json is
+    `config`, finished only with --resume (then there is nothing to do), interrupted only with --resume."""
     out = args.out
-    names = {n: os.path.join(out, n) for n in ("config.json", "checkpoint.pt", "result.json")}
-    for n, path in names.items():
-        if os.path.lexists(path) and not os.path.isfile(path):
-            raise UserError(f"{path} is not a regular file; remove it or choose another --out")
-    cfg_path, ckpt_path = names["config.json"], names["checkpoint.pt"]
-    config = run_config(args)
+    for n in ("config.json", "checkpoint.pt", "result.json"):
+        if os.path.lexists(os.path.join(out, n)) and not os.path.isfile(os.path.join(out, n)):
+            raise UserError(f"{os.path.join(out, n)} is not a regular file; remove it or choose another --out")
+    cfg_path = os.path.join(out, "config.json")
     if not os.path.isfile(cfg_path):
-        # a new run: the folder must be empty, but for what a run of ours killed before config.json
-        # existed leaves (its lock file, and temporaries only next to that lock file)
-        entries = os.listdir(out)
+        entries = os.listdir(out)  # its lock file, and temporaries only next to that lock file
         stray = [n for n in entries if n != LOCK_FILE and not (LOCK_FILE in entries and is_temporary(n))]
         if stray:
             raise UserError(f"--out {out} is not empty and holds no run (it has {sorted(stray)[0]!r}); "
                             f"choose another --out")
-        if not before_lock:
-            write_json(config, cfg_path)
-        return None
+        return
     try:
         with open(cfg_path) as f:
             old = json.load(f)
@@ -537,29 +693,22 @@ def _check_run_dir(args, before_lock=False):
         raise UserError(f"{out} already holds a finished run; choose another --out or delete it")
     if read_result_json(out) is None and not args.resume:
         raise UserError(f"{out} holds an interrupted run: add --resume to continue it, or choose another --out")
-    if before_lock or not os.path.isfile(ckpt_path):
-        return None  # --resume of a run killed before its first checkpoint: it starts over
-    try:  # weights_only: a crafted checkpoint cannot run code
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read {ckpt_path} ({type(e).__name__}); delete it to start over")
-    if not isinstance(ckpt, dict) or ckpt.get("run") != config:
-        raise UserError(f"{ckpt_path} is not this run's checkpoint (its run's flags differ, or it predates this "
-                        f"check); delete it to start the run over")
-    return ckpt
 
 
 def open_run(args):
-    """Lock and prepare args.out. Returns the checkpoint to resume from (or None).
-    Refuses a directory that holds a different run, or an unfinished one without --resume. An existing
-    folder is checked before anything in it is touched (lock file, temporaries): only then is it known
-    to be this run's; the check is repeated under the lock."""
-    out = args.out
+    """Open run directory args.out for this process: the checkpoint to resume from, or None to start.
+
+    How a run resumes: its folder is checked to be this run's before anything in it is touched
+    (refuse_other_runs), then locked and checked again under the lock; a new run writes config.json, an
+    interrupted one (--resume) gets its checkpoint.pt back, refused unless stamped with this run's flags
+    (save_checkpoint stamps them). The script restores its state from that dict (each script documents
+    its dict where it makes it). A run killed before its first checkpoint starts over."""
+    out, config = args.out, run_config(args)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
     created = not os.path.exists(out)
     if not created:
-        _check_run_dir(args, before_lock=True)
+        refuse_other_runs(args, config)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -567,8 +716,19 @@ def open_run(args):
     global _open_run
     try:
         lock_run(out)
+        refuse_other_runs(args, config)
         remove_stale_temporaries(out)
-        ckpt = _check_run_dir(args)
+        cfg_path, ckpt_path, ckpt = os.path.join(out, "config.json"), os.path.join(out, "checkpoint.pt"), None
+        if not os.path.isfile(cfg_path):  # a new run
+            write_json(config, cfg_path)
+        elif os.path.isfile(ckpt_path):  # --resume of an interrupted run (without a checkpoint: it starts over)
+            try:  # weights_only: a crafted checkpoint cannot run code
+                ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise UserError(f"cannot read {ckpt_path} ({type(e).__name__}); delete it to start over")
+            if not isinstance(ckpt, dict) or ckpt.get("run") != config:
+                raise UserError(f"{ckpt_path} is not this run's checkpoint (its run's flags differ, or it predates "
+                                f"this check); delete it to start the run over")
         _open_run = out
         return ckpt
     except UserError:
@@ -584,7 +744,7 @@ def finished(args):
 
 
 def save_checkpoint(state, args):
-    """The checkpoint carries its run's config: one copied from another run is refused (_check_run_dir)."""
+    """The checkpoint carries its run's config: one copied from another run is refused (open_run)."""
     atomic_save(dict(state, run=run_config(args)), os.path.join(args.out, "checkpoint.pt"))
 
 

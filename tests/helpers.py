@@ -29,7 +29,7 @@ def assert_usage_error(proc):
 
 def tiny_model(seed=0):
     """The tests' tiny random ViT (with its head), as the scripts build it from TINY flags."""
-    p = argparse.ArgumentParser(parents=[common.base_parser()])
+    p = argparse.ArgumentParser(parents=[plumbing.base_parser(common.DEFAULT_ARCH)])
     torch.manual_seed(seed)
     return common.build_model(p.parse_args(TINY + ["--seed", str(seed)]))
 

@@ -12,7 +12,7 @@ from conftest import TINY
 
 
 def tiny_args(*extra):
-    p = argparse.ArgumentParser(parents=[common.base_parser()])
+    p = argparse.ArgumentParser(parents=[plumbing.base_parser(common.DEFAULT_ARCH)])
     return p.parse_args(TINY + list(extra))
 
 
@@ -302,7 +302,7 @@ def test_bad_weight_files_are_user_errors(tmp_path):
 def test_offline_without_cached_weights_fails_fast(monkeypatch):
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-    monkeypatch.setattr(common, "network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(plumbing, "network_reachable", lambda *a, **k: False)
     args = tiny_args()
     args.no_pretrained, args.arch = False, "vit_small_patch16_224.dino"
     t = time.time()

@@ -307,7 +307,7 @@ def test_prefetch_fetches_what_the_flags_after_the_separator_need(monkeypatch, f
     """Synthetic data needs no download, but the backbone does (issue 21: offline runs failed after 73 s)."""
     got = []
     monkeypatch.setattr(common, "load_cifar100", lambda d: got.append(f"data {d}"))
-    monkeypatch.setattr(common, "hub_weights", lambda arch: f"cache/{arch}")
+    monkeypatch.setattr(plumbing, "hub_weights", lambda arch: f"cache/{arch}")
     monkeypatch.setattr(common, "build_model", lambda a: got.append(
         f"backbone {a.weights or ('random' if a.no_pretrained else 'hub')}"))
     plan.main(["--prefetch", "--", *flags])

@@ -58,7 +58,7 @@ def test_no_file_the_code_reads_can_run_code(tmp_path):
         common.load_head_file(str(tmp_path / "head.pt"), model.head)
     craft(tmp_path / "weights.pth", marker)
     with pytest.raises(plumbing.UserError):
-        common.read_weights_file(str(tmp_path / "weights.pth"))
+        plumbing.read_weights_file(str(tmp_path / "weights.pth"))
     args = centralized.get_args(FAST + ["--data-dir", str(tmp_path / "data")])
     args.precision, args.no_pretrained = "off", False  # a cached file is only read for real weights
     path = common.feature_cache_path(args, "val", 0)
@@ -391,7 +391,7 @@ def test_input_files_that_fit_only_in_shape_are_refused(tmp_path):
     # a head of another backbone of the same width: its run's config.json says so
     src = tmp_path / "src"
     src.mkdir()
-    torch.save(common.cpu_state(model.head), src / "head.pt")
+    torch.save(plumbing.cpu_state(model.head), src / "head.pt")
     config = vars(centralized.get_args(FAST))
     (src / "config.json").write_text(json.dumps(dict(config, arch="vit_small_patch16_224", img_size=224)))
     with pytest.raises(plumbing.UserError, match="trained on another backbone .*--arch vit_small_patch16_224"):
@@ -407,7 +407,7 @@ def test_messages_say_what_is_wrong(tmp_path, monkeypatch):
         centralized.main(FAST + ["--arch", "resnet18", "--out", str(tmp_path / "r")])
     (tmp_path / "cifar-100-python").mkdir()
     (tmp_path / "cifar-100-python" / "train").write_bytes(b"junk")
-    monkeypatch.setattr(common, "network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(plumbing, "network_reachable", lambda *a, **k: False)
     with pytest.raises(plumbing.UserError, match="incomplete or corrupt"):
         common.load_cifar100(str(tmp_path))
 
