@@ -93,7 +93,7 @@ def run_state(args):
     runs this one over it."""
     if not os.path.isfile(os.path.join(args.out, "result.json")):
         return "todo"
-    diff = plumbing.config_differences(args.out, plumbing.run_config(args))
+    diff = plumbing.config_differences(args.out, plumbing.run_config(args), args.defaults)
     if diff is None:
         return "has no readable config.json"
     return f"differs in {', '.join(diff)}" if diff else "done"

@@ -130,6 +130,18 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """The flags, carrying their defaults (Flags.defaults) for comparing with older runs' configs."""
+        flags = super().parse_args(args, Flags() if namespace is None else namespace)
+        flags.defaults = {a.dest: self.get_default(a.dest) for a in self._actions if a.default is not argparse.SUPPRESS}
+        return flags
+
+
+class Flags(argparse.Namespace):
+    """Parsed flags, plus `defaults`: {flag: its default}. A slot, not an attribute: vars() (and so
+    config.json, run_config) leaves it out."""
+    __slots__ = ("defaults",)
+
 
 def positive_int(s):
     v = int(s)
@@ -487,9 +499,25 @@ def read_result_json(out):
     return r if isinstance(r, dict) else None
 
 
-def config_differences(out, config):
-    """The keys in which the run in directory `out` (its config.json) differs from `config`, sorted, the
-    precision left aside (it is only resolved once the device is known); None without a readable config."""
+def with_defaults(stored, defaults):
+    """A stored run config (config.json, a checkpoint's "run") completed with the flags' defaults for
+    the flags it lacks: a run written before a flag existed ran with what is now its default (a new flag's
+    default keeps the older behaviour), so it is not another run for lacking the key. `defaults`:
+    {flag: default}, a parser's (Flags.defaults); flags that do not change a result are left out."""
+    return {**{k: v for k, v in defaults.items() if k not in NON_RESULT_FLAGS}, **stored}
+
+
+def differing_keys(stored, config, defaults):
+    """The keys in which a stored run config differs from `config`, sorted (a key `config` has and
+    `stored` lacks: see with_defaults)."""
+    stored = with_defaults(stored, {k: v for k, v in defaults.items() if k in config})
+    return sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+
+
+def config_differences(out, config, defaults):
+    """The keys in which the run in directory `out` (its config.json) differs from `config` (of flags with
+    `defaults`, see with_defaults), sorted, the precision left aside (it is only resolved once the device
+    is known); None without a readable config."""
     try:
         with open(os.path.join(out, "config.json")) as f:
             old = json.load(f)
@@ -497,7 +525,7 @@ def config_differences(out, config):
         return None
     if not isinstance(old, dict):
         return None
-    return sorted(k for k in set(old) | set(config) if k != "precision" and old.get(k) != config.get(k))
+    return [k for k in differing_keys(old, config, defaults) if k != "precision"]
 
 
 def _check_run_dir(args, before_lock=False):
@@ -529,8 +557,8 @@ def _check_run_dir(args, before_lock=False):
         raise UserError(f"{cfg_path} is unreadable ({type(e).__name__}); delete {out} or choose another --out")
     if not isinstance(old, dict):
         raise UserError(f"{cfg_path} is not a run's config (not a JSON object); delete {out} or choose another --out")
-    if old != config:
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    diff = differing_keys(old, config, args.defaults)
+    if diff:
         raise UserError(f"{out} holds a different run (differs in {', '.join(diff)}); "
                         f"choose another --out or delete it")
     if read_result_json(out) is not None and not args.resume:
@@ -543,7 +571,8 @@ def _check_run_dir(args, before_lock=False):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read {ckpt_path} ({type(e).__name__}); delete it to start over")
-    if not isinstance(ckpt, dict) or ckpt.get("run") != config:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("run"), dict) or \
+            differing_keys(ckpt["run"], config, args.defaults):
         raise UserError(f"{ckpt_path} is not this run's checkpoint (its run's flags differ, or it predates this "
                         f"check); delete it to start the run over")
     return ckpt
@@ -580,7 +609,7 @@ def open_run(args):
 
 def finished(args):
     """True if args.out holds a finished run (result.json) of the same flags (config.json)."""
-    return config_differences(args.out, run_config(args)) == [] and read_result_json(args.out) is not None
+    return config_differences(args.out, run_config(args), args.defaults) == [] and read_result_json(args.out) is not None
 
 
 def save_checkpoint(state, args):

@@ -267,6 +267,33 @@ def test_a_resumed_run_reads_only_its_own_files(tmp_path, monkeypatch):
         centralized.main(FAST + ["--epochs", "1", "--out", str(out), "--resume"])
 
 
+def forget_flag(out, flag):
+    """Make run directory `out` look written before `flag` existed: its config.json and checkpoint lack it."""
+    config = json.loads((out / "config.json").read_text())
+    del config[flag]
+    (out / "config.json").write_text(json.dumps(config))
+    if (out / "checkpoint.pt").exists():
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        del ckpt["run"][flag]
+        torch.save(ckpt, out / "checkpoint.pt")
+
+
+def test_a_run_written_before_a_flag_existed_is_the_run_of_that_flags_default(tmp_path, monkeypatch):
+    import plan
+    out = tmp_path / "grid"
+    interrupted_grid(out, monkeypatch)
+    forget_flag(out, "compile")  # an interrupted run of the code before --compile
+    centralized.main(GRID + ["--out", str(out), "--resume"])  # its config and checkpoint are this run's
+    assert json.loads((out / "result.json").read_text())["test_acc"] > 0
+    assert "compile" not in json.loads((out / "config.json").read_text())
+    assert plan.run_state(centralized.get_args(GRID + ["--out", str(out)])) == "done"
+    assert plumbing.finished(centralized.get_args(GRID + ["--out", str(out)]))
+    other = centralized.get_args(GRID + ["--out", str(out), "--compile"])  # not the default: another run
+    assert plan.run_state(other) == "differs in compile" and not plumbing.finished(other)
+    with pytest.raises(plumbing.UserError, match=r"holds a different run \(differs in compile\)"):
+        centralized.main(GRID + ["--out", str(out), "--resume", "--compile"])
+
+
 def test_identical_runs_write_byte_identical_files(tmp_path):
     for name in ("a", "b"):
         centralized.main(FAST + ["--epochs", "1", "--out", str(tmp_path / name)])
