@@ -410,8 +410,31 @@ def atomic_write_text(text, path):
     atomic_write(path, write)
 
 
+def finite_or_null(obj, found, at=""):
+    """obj with every float that is not finite replaced by None; found[where] = what it was ('nan', 'inf',
+    '-inf'), where being the key path ('test_loss', 'best.lr', 'rows[2]')."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        found[at] = str(obj)
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v, found, f"{at}.{k}" if at else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v, found, f"{at}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
 def write_json(obj, path):
-    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+    """A dict as JSON, atomically. JSON has no NaN or Infinity (json.dumps would write them bare, and strict
+    readers refuse the file): a number that is not finite (say the test loss of a model whose logits
+    overflow; flags never are, their types refuse them) is written as null, the file's "not_finite" entry
+    says what each was ({"test_loss": "inf"}) and a warning line says so."""
+    found = {}
+    obj = finite_or_null(obj, found)
+    if found:
+        obj["not_finite"] = found
+        print(f"warning: {path}: {', '.join(f'{k} is {v}' for k, v in found.items())}, which JSON cannot hold: "
+              f"written as null (its \"not_finite\" says what it was)", file=sys.stderr)
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", path)
 
 
 def write_csv(rows, path):

@@ -68,16 +68,20 @@ def type_ok(v, t):
         return v is None or type_ok(v, t[:-1])
     if isinstance(v, bool):  # bool is an int to Python, never to us
         return t == "bool"
+    if isinstance(v, float) and not math.isfinite(v):  # a bare NaN or Infinity (older runs wrote them)
+        return False
     return isinstance(v, {"str": str, "int": int, "num": (int, float), "dict": dict, "bool": bool}[t])
 
 
-def schema_problem(d, schema):
-    """What is wrong with dict d against schema (the first problem), or None."""
+def schema_problem(d, schema, not_finite=None):
+    """What is wrong with dict d against schema (the first problem), or None. not_finite: the result's
+    "not_finite" (plumbing.write_json): what a null was."""
     for key, t in schema.items():
         if key not in d and not t.endswith("?"):
             return f'no key "{key}"'
         if not type_ok(d.get(key), t):
-            return f'"{key}" is {json.dumps(d[key])[:40]}, not {t.rstrip("?")}'
+            was = not_finite.get(key) if isinstance(not_finite, dict) else None
+            return f'"{key}" is {json.dumps(d[key])[:40]}{f" (it was {was})" if was else ""}, not {t.rstrip("?")}'
     return None
 
 
@@ -94,7 +98,8 @@ def read_result(path):
         return None, "not a JSON object"
     if r.get("stage") not in STAGES:
         return None, f'"stage" is not one of {", ".join(STAGES)}'
-    problem = (schema_problem(r, SCHEMA["all"]) or schema_problem(r, SCHEMA[r["stage"]])
+    problem = (schema_problem(r, SCHEMA["all"], r.get("not_finite")) or
+               schema_problem(r, SCHEMA[r["stage"]], r.get("not_finite"))
                or (r["stage"] == "centralized" and schema_problem(r["best"], SCHEMA["best"]))
                or (r["stage"] == "fedavg" and not r["iid"] and r["nc"] is None and '"nc" is null but not iid'))
     return (None, problem) if problem else (r, None)

@@ -294,6 +294,22 @@ def test_a_run_written_before_a_flag_existed_is_the_run_of_that_flags_default(tm
         centralized.main(GRID + ["--out", str(out), "--resume", "--compile"])
 
 
+def test_a_number_json_cannot_hold_is_written_as_null_saying_what_it_was(tmp_path, capsys):
+    path = tmp_path / "result.json"
+    plumbing.write_json({"test_acc": 0.5, "test_loss": float("inf"), "best": {"lr": float("nan")},
+                         "curve": [1.0, float("-inf")]}, str(path))
+
+    def bare(constant):  # what json.loads would otherwise take: NaN, Infinity, -Infinity
+        raise ValueError(f"bare {constant}")
+    assert json.loads(path.read_text(), parse_constant=bare) == {
+        "test_acc": 0.5, "test_loss": None, "best": {"lr": None}, "curve": [1.0, None],
+        "not_finite": {"test_loss": "inf", "best.lr": "nan", "curve[1]": "-inf"}}
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {path}: test_loss is inf, best.lr is nan, curve[1] is -inf")
+    plumbing.write_json({"test_acc": 0.5}, str(path))  # a finite result: as before, no "not_finite", no warning
+    assert json.loads(path.read_text()) == {"test_acc": 0.5} and not capsys.readouterr().err
+
+
 def test_identical_runs_write_byte_identical_files(tmp_path):
     for name in ("a", "b"):
         centralized.main(FAST + ["--epochs", "1", "--out", str(tmp_path / name)])

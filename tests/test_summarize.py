@@ -486,6 +486,24 @@ def test_bad_runs_are_left_out_with_one_warning_each(tmp_path, capsys):
     assert table(report, "FedAvg, dense")["Nc=5"] == [pm(0.5), pm(0.45)]
 
 
+def test_a_metric_that_is_not_finite_leaves_its_run_out_saying_what_it_was(tmp_path, capsys, no_plots):
+    fed(tmp_path, "nc5", 4, 0, 0.5)
+    d = fed(tmp_path, "nc5", 4, 1, 0.6)  # finite accuracies, an infinite test loss: kept, the loss null
+    r = json.loads((d / "result.json").read_text())
+    summarize.plumbing.write_json(dict(r, test_loss=float("inf")), str(d / "result.json"))
+    d = fed(tmp_path, "nc5", 4, 2, 0.7)  # written by plumbing.write_json: null, "not_finite" says nan
+    summarize.plumbing.write_json(dict(r, seed=2, test_acc=float("nan")), str(d / "result.json"))
+    legacy = fed(tmp_path, "nc5", 4, 3, 0.7)  # a bare NaN, as older code wrote it (not JSON)
+    (legacy / "result.json").write_text(json.dumps(dict(r, seed=3, test_acc=float("nan"))))
+    capsys.readouterr()
+    rows, report, _ = summarize_root(tmp_path)
+    assert table(report, "FedAvg, dense")["Nc=5"] == [pm(0.5, 0.6)]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.endswith("; run left out") for line in err), err
+    assert f'{d / "result.json"}: "test_acc" is null (it was nan), not num' in err[0]
+    assert f'{legacy / "result.json"}: "test_acc" is NaN, not num' in err[1]
+
+
 def test_summarize_refuses_a_missing_root(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # what `python summarize.py ROOT` runs, in-process (3 s less)
         summarize.plumbing.run_main(lambda: summarize.main([str(tmp_path / "nope")]))
