@@ -508,7 +508,11 @@ def remove_stale_temporaries(out):
     else is writing here)."""
     for name in os.listdir(out):
         if is_temporary(name):
-            os.remove(os.path.join(out, name))
+            try:
+                os.remove(os.path.join(out, name))
+            except OSError as e:  # a read-only run directory
+                raise UserError(f"cannot remove {os.path.join(out, name)}, a temporary file of an earlier run "
+                                f"({e.strerror}): the run directory must be writable; nothing was changed")
 
 
 def read_result_json(out):

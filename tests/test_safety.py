@@ -1,6 +1,7 @@
 """Files and processes a run must survive: crafted pickles, a second writer, stale temporaries,
 permissions, stop signals (in every phase), a diverging run."""
 import csv
+import errno
 import json
 import os
 import re
@@ -355,22 +356,87 @@ def test_run_files_of_the_wrong_kind_are_one_line(tmp_path, monkeypatch):
         centralized.main(GRID + ["--out", str(tmp_path / "grid"), "--resume"])
 
 
-def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_kept(tmp_path, monkeypatch):
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_kept(tmp_path, monkeypatch, capsys):
     out = tmp_path / "grid"
     interrupted_grid(out, monkeypatch)
     kept = (out / "checkpoint.pt").read_bytes()
-    real_open = open
+    real_open, real_write_json, full = open, plumbing.write_json, {"now": True}
 
-    def full(path, mode="r", *a, **k):  # every new .pt lands on a full device (/dev/full: ENOSPC)
-        if "w" in mode and str(path).endswith(".tmp") and "config" not in str(path):
+    def write_json(obj, path):  # with full["now"] False, the disk fills up as result.json is written
+        full["now"] = full["now"] or path.endswith("result.json")
+        real_write_json(obj, path)
+
+    def to_full(path, mode="r", *a, **k):  # a new file then lands on a full device (/dev/full: ENOSPC)
+        if "w" in mode and str(path).endswith(".tmp") and full["now"]:
             return real_open("/dev/full", mode, *a, **k)
         return real_open(path, mode, *a, **k)
 
-    monkeypatch.setattr(plumbing, "open", full, raising=False)
-    with pytest.raises(plumbing.UserError, match="no space left .*checkpoint.pt.*is kept"):
-        centralized.main(GRID + ["--out", str(out), "--resume"])
+    monkeypatch.setattr(plumbing, "open", to_full, raising=False)
+    monkeypatch.setattr(plumbing, "write_json", write_json)
+    status, err = run_as_script(centralized.main, GRID + ["--out", str(out), "--resume"], capsys)
+    assert status == 2 and len(err) == 1 and re.match(r"error: no space left .*checkpoint.pt.*is kept", err[0])
     assert (out / "checkpoint.pt").read_bytes() == kept
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+    full["now"] = False  # the run gets to its end; then result.json cannot be written
+    status, err = run_as_script(centralized.main, GRID + ["--out", str(out), "--resume"], capsys)
+    assert status == 2 and len(err) == 1 and re.match(r"error: no space left .*result.json: it was not written", err[0])
+    assert "a run keeps its last checkpoint" in err[0] and "--resume" in err[0]
+    assert not (out / "result.json").exists() and (out / "checkpoint.pt").exists()
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    monkeypatch.undo()
+    centralized.main(GRID + ["--out", str(out), "--resume"])  # space again: it finishes from that checkpoint
+    assert json.loads((out / "result.json").read_text())["test_acc"] > 0
+
+
+def unwritable(monkeypatch, folder, err):
+    """Make `folder` act as one this process cannot write (tests run as root, whom chmod does not stop):
+    creating, removing or renaming a file in it fails with OSError(err); so does opening a file in it for
+    writing, where err is EROFS (a read-only file system) or the file is new."""
+    folder, real_open = str(folder), open
+
+    def refuse(path):
+        raise OSError(err, os.strerror(err), str(path))
+
+    def inside(path):
+        return os.path.abspath(str(path)).startswith(folder + os.sep)
+
+    def guard(real, writes=lambda *a: True):
+        def call(path, *a, **k):
+            if inside(path) and writes(path, *a):
+                refuse(path)
+            return real(path, *a, **k)
+        return call
+
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+    monkeypatch.setattr(os, "open", guard(os.open, lambda p, flags, *a: flags & write_flags and (
+        err == errno.EROFS or flags & os.O_CREAT and not os.path.exists(p))))
+    for name in ("remove", "unlink", "replace", "rename", "mkdir", "rmdir"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+    monkeypatch.setattr(plumbing, "open", guard(real_open, lambda p, mode="r", *a: set(mode) & set("wax+") and (
+        err == errno.EROFS or not os.path.exists(p))), raising=False)
+
+
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EROFS])
+def test_resume_in_a_read_only_run_folder_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys, err):
+    done, stopped = tmp_path / "done", tmp_path / "grid"
+    centralized.main(FAST + ["--epochs", "1", "--out", str(done)])
+    interrupted_grid(stopped, monkeypatch)
+    files = lambda: {p: p.read_bytes() for p in (*done.iterdir(), *stopped.iterdir()) if p.name != ".lock"}
+    for stale in (True, False):  # a killed writer's temporary, removed on reopening (if it can be), or none
+        if stale:
+            (stopped / "x.tmp").write_text("half a file")
+        before = files()
+        unwritable(monkeypatch, tmp_path, err)
+        with pytest.raises(plumbing.Finished):  # a finished run: nothing to do, nothing written
+            centralized.main(FAST + ["--epochs", "1", "--out", str(done), "--resume"])
+        status, lines = run_as_script(centralized.main, GRID + ["--out", str(stopped), "--resume"], capsys)
+        monkeypatch.undo()
+        assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+        assert os.strerror(err) in lines[0] and str(stopped) in lines[0]
+        assert files() == before  # the checkpoint and config.json as they were, no result, no temporary
+        if stale:
+            (stopped / "x.tmp").unlink()
 
 
 def test_two_masks_of_the_project_layout_name_two_runs():
