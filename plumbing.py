@@ -72,12 +72,15 @@ def stop_here(phase):
 
 
 def _what_was_kept(stopped):
-    """What a stopped run left for later, truly: the checkpoint it just saved, the one it had, or none."""
+    """What a stopped run left for later, truly: the checkpoint it just saved, the one it had, or none
+    (once its folder holds config.json, only --resume reopens it: the run then starts over)."""
     if stopped.saved:
         return "checkpoint saved, continue with --resume"
     if _open_run and os.path.isfile(os.path.join(_open_run, "checkpoint.pt")):
         return "nothing new to save, its last checkpoint is kept: continue with --resume"
-    return "no checkpoint yet and nothing needed saving: rerun the same command to start it again"
+    if _open_run:
+        return "no checkpoint yet and nothing needed saving: rerun with --resume to start it over"
+    return "nothing written yet: rerun the same command to start it again"
 
 
 def die_with_parent():

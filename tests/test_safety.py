@@ -558,7 +558,7 @@ def test_sigterm_during_feature_extraction_stops_within_seconds_and_says_nothing
     took, status, err = stop_in_time(argv, lambda stdout: (out / "config.json").exists(), tmp_path)
     assert status == 143 and took < 10, (took, err)
     assert err.strip() == ("stopped by signal 15 during feature extraction (train features): no checkpoint yet "
-                           "and nothing needed saving: rerun the same command to start it again")
+                           "and nothing needed saving: rerun with --resume to start it over")
     assert not (out / "checkpoint.pt").exists() and not (out / "result.json").exists()
 
 
@@ -628,7 +628,12 @@ def test_the_stop_message_says_truly_what_was_saved(tmp_path, monkeypatch, capsy
     assert status == 143 and err == ["stopped by signal 15 during round 3: checkpoint saved, continue with --resume"]
     status, err = run_as_script(raising(plumbing.Stopped("feature extraction (val features)")), [], capsys)
     assert err == ["stopped by signal 15 during feature extraction (val features): no checkpoint yet and nothing "
-                   "needed saving: rerun the same command to start it again"]
+                   "needed saving: rerun with --resume to start it over"]
+    monkeypatch.setattr(plumbing, "_open_run", None)  # stopped before its run folder was opened
+    status, err = run_as_script(raising(plumbing.Stopped("the pretrained stand-in")), [], capsys)
+    assert err == ["stopped by signal 15 during the pretrained stand-in: nothing written yet: rerun the same "
+                   "command to start it again"]
+    monkeypatch.setattr(plumbing, "_open_run", str(tmp_path))
     (tmp_path / "checkpoint.pt").write_bytes(b"")  # a resumed run that stops before it has anything new
     status, err = run_as_script(raising(plumbing.Stopped("mask calibration, round 2 of 4")), [], capsys)
     assert err == ["stopped by signal 15 during mask calibration, round 2 of 4: nothing new to save, its last "
