@@ -825,7 +825,7 @@ def fisher_sums(model, images, u, img_size, batch_size, device, mask=None, damp=
             saved = _damp(model, mask, damp)
         with torch.enable_grad():
             for i in range(0, len(images), batch_size):
-                plumbing.stop_here("mask calibration")  # a round is redone whole on --resume
+                plumbing.stop_here("mask calibration")  # --resume redoes the calibration from its first round
                 x = preprocess(images[i:i + batch_size].to(device), img_size).to(dtype).requires_grad_()
                 logits = model(x)
                 y = sample_labels(logits, u[i:i + batch_size])

@@ -91,9 +91,9 @@ def run_state(args):
     """'todo', 'done' (args.out holds a finished run of these flags), or, when it holds a finished run of
     other flags, how it differs ('differs in lr, epochs'): run_all.sh neither counts such a run as done nor
     runs this one over it."""
-    if not os.path.isfile(os.path.join(args.out, "result.json")):
+    if plumbing.read_result_json(args.out) is None:  # none, or empty or truncated: marks nothing finished
         return "todo"
-    diff = plumbing.config_differences(args.out, plumbing.run_config(args))
+    diff = plumbing.config_differences(args.out, plumbing.run_config(args), args.defaults)
     if diff is None:
         return "has no readable config.json"
     return f"differs in {', '.join(diff)}" if diff else "done"

@@ -73,12 +73,15 @@ def stop_here(phase):
 
 
 def _what_was_kept(stopped):
-    """What a stopped run left for later, truly: the checkpoint it just saved, the one it had, or none."""
+    """What a stopped run left for later, truly: the checkpoint it just saved, the one it had, or none
+    (once its folder holds config.json, only --resume reopens it: the run then starts over)."""
     if stopped.saved:
         return "checkpoint saved, continue with --resume"
     if _open_run and os.path.isfile(os.path.join(_open_run, "checkpoint.pt")):
         return "nothing new to save, its last checkpoint is kept: continue with --resume"
-    return "no checkpoint yet and nothing needed saving: rerun the same command to start it again"
+    if _open_run:
+        return "no checkpoint yet and nothing needed saving: rerun with --resume to start it over"
+    return "nothing written yet: rerun the same command to start it again"
 
 
 def die_with_parent():
@@ -130,6 +133,18 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """The flags, carrying their defaults (Flags.defaults) for comparing with older runs' configs."""
+        flags = super().parse_args(args, Flags() if namespace is None else namespace)
+        flags.defaults = {a.dest: self.get_default(a.dest) for a in self._actions if a.default is not argparse.SUPPRESS}
+        return flags
+
+
+class Flags(argparse.Namespace):
+    """Parsed flags, plus `defaults`: {flag: its default}. A slot, not an attribute: vars() (and so
+    config.json, run_config) leaves it out."""
+    __slots__ = ("defaults",)
 
 
 def positive_int(s):
@@ -558,8 +573,31 @@ def atomic_write_text(text, path):
     atomic_write(path, write)
 
 
+def finite_or_null(obj, found, at=""):
+    """obj with every float that is not finite replaced by None; found[where] = what it was ('nan', 'inf',
+    '-inf'), where being the key path ('test_loss', 'best.lr', 'rows[2]')."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        found[at] = str(obj)
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v, found, f"{at}.{k}" if at else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v, found, f"{at}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
 def write_json(obj, path):
-    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+    """A dict as JSON, atomically. JSON has no NaN or Infinity (json.dumps would write them bare, and strict
+    readers refuse the file): a number that is not finite (say the test loss of a model whose logits
+    overflow; flags never are, their types refuse them) is written as null, the file's "not_finite" entry
+    says what each was ({"test_loss": "inf"}) and a warning line says so."""
+    found = {}
+    obj = finite_or_null(obj, found)
+    if found:
+        obj["not_finite"] = found
+        print(f"warning: {path}: {', '.join(f'{k} is {v}' for k, v in found.items())}, which JSON cannot hold: "
+              f"written as null (its \"not_finite\" says what it was)", file=sys.stderr)
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", path)
 
 
 def write_csv(rows, path):
@@ -635,7 +673,11 @@ def remove_stale_temporaries(out):
     else is writing here)."""
     for name in os.listdir(out):
         if is_temporary(name):
-            os.remove(os.path.join(out, name))
+            try:
+                os.remove(os.path.join(out, name))
+            except OSError as e:  # a read-only run directory
+                raise UserError(f"cannot remove {os.path.join(out, name)}, a temporary file of an earlier run "
+                                f"({e.strerror}): the run directory must be writable; nothing was changed")
 
 
 def read_result_json(out):
@@ -649,9 +691,25 @@ def read_result_json(out):
     return r if isinstance(r, dict) else None
 
 
-def config_differences(out, config):
-    """The keys in which the run in directory `out` (its config.json) differs from `config`, sorted, the
-    precision left aside (it is only resolved once the device is known); None without a readable config."""
+def with_defaults(stored, defaults):
+    """A stored run config (config.json, a checkpoint's "run") completed with the flags' defaults for
+    the flags it lacks: a run written before a flag existed ran with what is now its default (a new flag's
+    default keeps the older behaviour), so it is not another run for lacking the key. `defaults`:
+    {flag: default}, a parser's (Flags.defaults); flags that do not change a result are left out."""
+    return {**{k: v for k, v in defaults.items() if k not in NON_RESULT_FLAGS}, **stored}
+
+
+def differing_keys(stored, config, defaults):
+    """The keys in which a stored run config differs from `config`, sorted (a key `config` has and
+    `stored` lacks: see with_defaults)."""
+    stored = with_defaults(stored, {k: v for k, v in defaults.items() if k in config})
+    return sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+
+
+def config_differences(out, config, defaults):
+    """The keys in which the run in directory `out` (its config.json) differs from `config` (of flags with
+    `defaults`, see with_defaults), sorted, the precision left aside (it is only resolved once the device
+    is known); None without a readable config."""
     try:
         with open(os.path.join(out, "config.json")) as f:
             old = json.load(f)
@@ -659,7 +717,7 @@ def config_differences(out, config):
         return None
     if not isinstance(old, dict):
         return None
-    return sorted(k for k in set(old) | set(config) if k != "precision" and old.get(k) != config.get(k))
+    return [k for k in differing_keys(old, config, defaults) if k != "precision"]
 
 
 def refuse_other_runs(args, config):
@@ -685,8 +743,8 @@ def refuse_other_runs(args, config):
         raise UserError(f"{cfg_path} is unreadable ({type(e).__name__}); delete {out} or choose another --out")
     if not isinstance(old, dict):
         raise UserError(f"{cfg_path} is not a run's config (not a JSON object); delete {out} or choose another --out")
-    if old != config:
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    diff = differing_keys(old, config, args.defaults)
+    if diff:
         raise UserError(f"{out} holds a different run (differs in {', '.join(diff)}); "
                         f"choose another --out or delete it")
     if read_result_json(out) is not None and not args.resume:
@@ -726,7 +784,8 @@ def open_run(args):
                 ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             except Exception as e:
                 raise UserError(f"cannot read {ckpt_path} ({type(e).__name__}); delete it to start over")
-            if not isinstance(ckpt, dict) or ckpt.get("run") != config:
+            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("run"), dict) or \
+                    differing_keys(ckpt["run"], config, args.defaults):
                 raise UserError(f"{ckpt_path} is not this run's checkpoint (its run's flags differ, or it predates "
                                 f"this check); delete it to start the run over")
         _open_run = out
@@ -740,7 +799,7 @@ def open_run(args):
 
 def finished(args):
     """True if args.out holds a finished run (result.json) of the same flags (config.json)."""
-    return config_differences(args.out, run_config(args)) == [] and read_result_json(args.out) is not None
+    return config_differences(args.out, run_config(args), args.defaults) == [] and read_result_json(args.out) is not None
 
 
 def save_checkpoint(state, args):

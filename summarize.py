@@ -16,6 +16,7 @@ planned runs that have no result yet. Every file is written atomically (temporar
 import argparse
 import collections
 import csv
+import functools
 import json
 import math
 import os
@@ -25,10 +26,14 @@ import sys
 
 import numpy as np
 
+import centralized
 import common
+import fedavg
+import model_editing
 import plumbing
 
 STAGES = ["centralized", "editing", "fedavg"]
+SCRIPTS = dict(zip(STAGES, (centralized, model_editing, fedavg)))
 COLUMNS = ["stage", "run", "dataset", "seed", "head", "score", "lr", "momentum", "wd", "scheduler", "rule",
            "sparsity", "calib_rounds", "mask", "k", "c", "j", "rounds", "warmup_rounds", "split", "sparse",
            "train", "best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc", "target_val_acc",
@@ -63,16 +68,20 @@ def type_ok(v, t):
         return v is None or type_ok(v, t[:-1])
     if isinstance(v, bool):  # bool is an int to Python, never to us
         return t == "bool"
+    if isinstance(v, float) and not math.isfinite(v):  # a bare NaN or Infinity (older runs wrote them)
+        return False
     return isinstance(v, {"str": str, "int": int, "num": (int, float), "dict": dict, "bool": bool}[t])
 
 
-def schema_problem(d, schema):
-    """What is wrong with dict d against schema (the first problem), or None."""
+def schema_problem(d, schema, not_finite=None):
+    """What is wrong with dict d against schema (the first problem), or None. not_finite: the result's
+    "not_finite" (plumbing.write_json): what a null was."""
     for key, t in schema.items():
         if key not in d and not t.endswith("?"):
             return f'no key "{key}"'
         if not type_ok(d.get(key), t):
-            return f'"{key}" is {json.dumps(d[key])[:40]}, not {t.rstrip("?")}'
+            was = not_finite.get(key) if isinstance(not_finite, dict) else None
+            return f'"{key}" is {json.dumps(d[key])[:40]}{f" (it was {was})" if was else ""}, not {t.rstrip("?")}'
     return None
 
 
@@ -89,7 +98,8 @@ def read_result(path):
         return None, "not a JSON object"
     if r.get("stage") not in STAGES:
         return None, f'"stage" is not one of {", ".join(STAGES)}'
-    problem = (schema_problem(r, SCHEMA["all"]) or schema_problem(r, SCHEMA[r["stage"]])
+    problem = (schema_problem(r, SCHEMA["all"], r.get("not_finite")) or
+               schema_problem(r, SCHEMA[r["stage"]], r.get("not_finite"))
                or (r["stage"] == "centralized" and schema_problem(r["best"], SCHEMA["best"]))
                or (r["stage"] == "fedavg" and not r["iid"] and r["nc"] is None and '"nc" is null but not iid'))
     return (None, problem) if problem else (r, None)
@@ -149,21 +159,28 @@ def load_runs(root):
         if problem:
             warn(f"{path}: {problem}; run left out")
             continue
-        r["dir"], r["config"] = d, read_config(d)
+        r["dir"], r["config"] = d, read_config(d, r["stage"])
         if r["stage"] == "fedavg":
             r["metrics"] = read_metrics(d)
         runs.append(r)
-    return once_each(sorted(runs, key=lambda r: (STAGES.index(r["stage"]), r["dir"])))
+    return sorted(runs, key=lambda r: (STAGES.index(r["stage"]), r["dir"]))
 
 
-def read_config(d):
-    """A run's config.json (every flag that defines it, the seed included) as a dict; {} if unreadable."""
+@functools.cache
+def flag_defaults(stage):
+    """{flag: default} of the stage script's flags, its parser's."""
+    return SCRIPTS[stage].get_args([]).defaults
+
+
+def read_config(d, stage):
+    """A run's config.json (every flag that defines it, the seed included) as a dict, a flag it lacks (an
+    older run's) at its default (plumbing.with_defaults); {} if unreadable or empty (no run's)."""
     try:
         with open(os.path.join(d, "config.json")) as f:
             c = json.load(f)
     except (OSError, ValueError, RecursionError):
         return {}
-    return c if isinstance(c, dict) else {}
+    return plumbing.with_defaults(c, flag_defaults(stage)) if isinstance(c, dict) and c else {}
 
 
 def once_each(runs):
@@ -173,7 +190,7 @@ def once_each(runs):
     for r in runs:
         key = json.dumps(r["config"], sort_keys=True) if r["config"] else None
         if key in seen:
-            warn(f"{r['dir']} is the same run as {seen[key]} (same config.json, seed included); counted once")
+            warn(f"{r['dir']} is the same run as {seen[key]} (same flags in config.json, seed included); counted once")
             continue
         if key:
             seen[key] = r["dir"]
@@ -181,14 +198,54 @@ def once_each(runs):
     return out
 
 
-# What the editing tables show or group by already; any other flag that differs between editing runs
-# (epochs, lr, augmentation, ...) splits them into separate tables, named in the titles.
-EDITING_SHOWN = {"seed", "rule", "sparsity", "calib_rounds", "mask", "head", "score"}
+# The flags (config.json keys) each stage's tables show or group by already. Any other flag that differs
+# between runs of a stage (epochs, lr, augmentation, ...) splits them into separate tables and cells,
+# named in the titles (mark_flags).
+SHOWN = {"centralized": {"seed"},  # the chosen hyperparameters are in the table; the flags are not
+         "editing": {"seed", "rule", "sparsity", "calib_rounds", "mask", "head", "score"},
+         "fedavg": {"seed", "iid", "nc", "j", "train", "head", "k", "c", "warmup_rounds", "score", "sparse",
+                    "mask", "rule", "sparsity", "calib_rounds"}}
 
 
-def variant(r, shown):
-    """The run's flags (config.json) except those in `shown`, as a hashable tuple."""
-    return tuple(sorted((k, json.dumps(v)) for k, v in r["config"].items() if k not in shown))
+def fedavg_flags(r):
+    """A FedAvg run's flags for mark_flags: config.json, with --rounds as given (with --scale-rounds,
+    config.json holds the rounds run, --rounds × 4 / J: the flag is then the same for every J of a
+    study), and without the calibration flags where the run calibrated no mask (they did nothing)."""
+    c = dict(r["config"])
+    if c.get("scale_rounds"):
+        c["rounds"] = c["rounds"] * c["j"] // 4 if c["rounds"] * c["j"] % 4 == 0 else c["rounds"] * c["j"] / 4
+    if not (r["mask"] and r["mask"][3] == "federated"):
+        c = {k: v for k, v in c.items() if k not in common.CALIBRATION_FLAGS}
+    return c
+
+
+def mark_flags(runs, shown, flags_of):
+    """Set each run's "flags": its (flag, JSON value) pairs, sorted, of the flags outside `shown` that take
+    more than one value among these runs (a flag a run lacks is not one of its values). Runs of different
+    "flags" are never in one cell; titles name them (flags_text)."""
+    values = {}
+    for r in runs:
+        for k, v in flags_of(r).items():
+            if k not in shown:
+                values.setdefault(k, set()).add(json.dumps(v, sort_keys=True))
+    varying = {k for k, vs in values.items() if len(vs) > 1}
+    for r in runs:
+        r["flags"] = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in flags_of(r).items() if k in varying))
+
+
+def flags_text(flags):
+    """', epochs 2, lr 0.001': the flags (mark_flags) for a title."""
+    return "".join(f", {k} {v}" for k, v in flags)
+
+
+def flags_note(flags):
+    """' (epochs 2, lr 0.001)', or '' without flags."""
+    return f" ({flags_text(flags)[2:]})" if flags else ""
+
+
+def uncalibrated(flags):
+    """The flags without the calibration flags: those a dense FedAvg run would have (see fedavg_flags)."""
+    return tuple(kv for kv in flags if kv[0] not in common.CALIBRATION_FLAGS)
 
 
 PLAN = "run_all.plan"  # run_all.sh's runs of the study: lines 'STAGE<tab>RUN DIR under the root<tab>CONFIG (JSON)'
@@ -220,7 +277,7 @@ def planned_runs(runs, plan, root):
     kept, strangers = [], []
     for r in runs:
         rel = os.path.relpath(r["dir"], root)
-        diff = plumbing.config_differences(r["dir"], plan[rel][1]) if rel in plan else None
+        diff = plumbing.config_differences(r["dir"], plan[rel][1], flag_defaults(r["stage"])) if rel in plan else None
         if rel not in plan:
             strangers.append(rel)
         elif diff:
@@ -274,11 +331,10 @@ def read_table(path, columns):
 
 def add_rounds_to_target(runs, frac):
     """Each FedAvg run's target (frac × the centralized validation accuracy of its seed, or of the
-    mean over seeds when its seed has none) and the first round whose val_acc reaches it."""
+    mean over seeds when its seed has none; main_central's runs) and the first round whose val_acc reaches it."""
     central = {}
-    for r in runs:
-        if r["stage"] == "centralized":
-            central.setdefault(r["seed"], []).append(r["val_acc"])
+    for r in main_central([r for r in runs if r["stage"] == "centralized"]):
+        central.setdefault(r["seed"], []).append(r["val_acc"])
     every = [v for vs in central.values() for v in vs]
     for r in runs:
         if r["stage"] != "fedavg":
@@ -292,13 +348,13 @@ def add_rounds_to_target(runs, frac):
                                           if v is not None and v >= r["target"]), None)
 
 
-Setup = collections.namedtuple("Setup", "train head k c warmup_rounds score mask")
+Setup = collections.namedtuple("Setup", "train head k c warmup_rounds score mask flags")
 
 
 def setup(r):
-    """What defines a FedAvg experiment apart from split, J and seed."""
+    """What defines a FedAvg experiment apart from split, J and seed (flags: mark_flags)."""
     return Setup(r["train"], r.get("head"), r["k"], r["c"], r.get("warmup_rounds") or 0,
-                 r.get("score") if r["mask"] else None, r["mask"])
+                 r.get("score") if r["mask"] else None, r["mask"], r["flags"])
 
 
 def mask_name(mask):
@@ -309,12 +365,12 @@ def mask_name(mask):
 
 
 def setup_name(key):
-    train, head, k, c, warm, score, mask = key
+    train, head, k, c, warm, score, mask, flags = key
     if mask:
         kind = f"sparse, {mask_name(mask)}, {mask[3]} calibration" + (f", {score} score" if score else "")
     else:
         kind = "dense" if train == "all" else f"train {train}"
-    return f"{kind}; head {head}, K={k}, C={c:g}" + (f", {warm} head warm-up rounds" if warm else "")
+    return f"{kind}; head {head}, K={k}, C={c:g}" + (f", {warm} head warm-up rounds" if warm else "") + flags_text(flags)
 
 
 def split_order(name):  # IID first, then Nc from many classes per client to one
@@ -432,8 +488,22 @@ def centralized_doc(runs):
     doc = ["## Centralized baseline", ""]
     if not runs:
         return doc + ["_No finished centralized run._", ""]
+    for flags, rs in group(runs, lambda r: r["flags"]).items():  # runs of other flags: tables of their own
+        doc += centralized_tables(rs, flags_note(flags))
+    return doc
+
+
+def main_central(central):
+    """The centralized runs that the FedAvg tables compare with (baseline, six models, rounds to target):
+    those of the flags that most runs share (all of them where they share every flag)."""
+    return max(group(central, lambda r: r["flags"]).values(), key=len, default=[])
+
+
+def centralized_tables(runs, on):
+    """The tables of centralized runs of the same flags, named in `on`."""
+    doc = []
     chosen = group(runs, lambda r: tuple(r["best"][k] for k in ("lr", "momentum", "wd", "scheduler")))
-    doc.append(Table("Centralized linear probe: chosen hyperparameters, accuracy (%) of the best-validation head",
+    doc.append(Table("Centralized linear probe: chosen hyperparameters, accuracy (%) of the best-validation head" + on,
                      ["lr", "momentum", "wd", "scheduler", "best epoch", "val acc", "test acc"],
                      [[f"{lr:g}", f"{m:g}", f"{wd:g}", s, Stat([r["best_epoch"] for r in rs], 1, 1),
                        acc(rs, "val_acc"), acc(rs)] for (lr, m, wd, s), rs in chosen.items()],
@@ -447,7 +517,7 @@ def centralized_doc(runs):
                      lambda row: tuple(row[c] for c in cols))
         rows = sorted(rows.items(), key=lambda kv: -statistics.mean(row["best_val_acc"] for row in kv[1]))
         if rows:
-            doc.append(Table(title, cols + ["val acc"], [[*key, Stat([g["best_val_acc"] for g in rs])]
+            doc.append(Table(title + on, cols + ["val acc"], [[*key, Stat([g["best_val_acc"] for g in rs])]
                                                          for key, rs in rows], [None] * len(cols) + ["max"]))
     return doc
 
@@ -457,11 +527,9 @@ def editing_doc(runs, out_dir):
     if not runs:
         return doc + ["_No finished editing run._", ""], plots
     doc += ["Test accuracy (%) after sparse fine-tuning (last epoch).", ""]
-    heads = group(runs, lambda r: (r.get("head"), r.get("score"), variant(r, EDITING_SHOWN)))
-    varying = sorted({k for r in runs for k, v in variant(r, EDITING_SHOWN)
-                      if any(dict(variant(o, EDITING_SHOWN)).get(k) != v for o in runs)})
+    heads = group(runs, lambda r: (r.get("head"), r.get("score"), r["flags"]))
     for i, ((head, score, flags), hr) in enumerate(heads.items()):  # plots: the first head only
-        on = f"head {head}, {score} score" + "".join(f", {k} {v}" for k, v in flags if k in varying)
+        on = f"head {head}, {score} score" + flags_text(flags)
         warm = {r["seed"]: r["warmup_test_acc"] for r in hr}  # one warm-up per seed, shared by its runs
         doc += [f"Before editing ({on}: the step-0 head on the pre-trained backbone): "
                 f"{Stat(warm.values()).text()}.", ""]
@@ -511,7 +579,8 @@ def fedavg_doc(runs, central, editing, frac):
     doc += ["Test accuracy (%) of the final global model. Splits: IID, or Nc classes per client. Dense and "
             "sparse runs are compared only with the same head source (named in each title).", ""]
     if central:
-        doc += [f"Centralized baseline for reference: {acc(central).text()}.", ""]
+        base = main_central(central)
+        doc += [f"Centralized baseline for reference: {acc(base).text()}{flags_note(base[0]['flags'])}.", ""]
     covered = set()
     doc += rules_tables(runs, covered) + sparsity_tables(runs, covered)
     shown = []
@@ -541,13 +610,15 @@ def rules_tables(runs, covered):
         if len(rules) < 2:
             continue
         covered.update(setup(r) for r in rs)
-        dense = [r for r in runs if not r["mask"] and setup(r)[:5] == base[:5] and r["j"] == j]
+        dense = [r for r in runs if not r["mask"] and setup(r)[:5] == base[:5] and r["flags"] == uncalibrated(base.flags)
+                 and r["j"] == j]
         splits = sorted({r["split"] for r in rs}, key=split_order)
         rows = [[rule] + [acc([r for r in x if r["split"] == sp]) for sp in splits] for rule, x in rules.items()]
         if dense:
             rows.append(["dense (no mask)"] + [acc([r for r in dense if r["split"] == sp]) for sp in splits])
         out.append(Table(f"Mask rules inside sparse FedAvg at sparsity {s:g}, {n} calibration rounds ({by}, "
-                         f"{base.score} score), J={j}; head {base.head}, K={base.k}, C={base.c:g}: test accuracy (%)",
+                         f"{base.score} score), J={j}; head {base.head}, K={base.k}, C={base.c:g}"
+                         f"{flags_text(base.flags)}: test accuracy (%)",
                          ["rule"] + splits, rows, [None] + ["max"] * len(splits)))
     return out
 
@@ -563,7 +634,8 @@ def sparsity_tables(runs, covered):
             continue
         covered.update(setup(r) for r in rs)
         out.append(sparsity_table(f"Sparsity × calibration rounds inside sparse FedAvg ({rule}, {by} calibration, "
-                                  f"{base.score} score) at {split}, J={j}; head {base.head}, K={base.k}, C={base.c:g}",
+                                  f"{base.score} score) at {split}, J={j}; head {base.head}, K={base.k}, C={base.c:g}"
+                                  f"{flags_text(base.flags)}",
                                   cells))
     return out
 
@@ -584,9 +656,12 @@ def main_setups(runs, head):
         return max(cells, key=lambda k: (len({(r["split"], r["j"]) for r in cells[k]}), len(cells[k]),
                                          str(tuple(k))), default=None)
     mine = [r for r in runs if r.get("head") == head]
+    dense = best([r for r in mine if not r["mask"] and r["train"] == "all"])
     sparse = [r for r in mine if r["mask"] and r["mask"][0] in ("least-sensitive", None)] or \
              [r for r in mine if r["mask"]]
-    return best([r for r in mine if not r["mask"] and r["train"] == "all"]), best(sparse)
+    if dense:  # of the dense setup's flags where some are
+        sparse = [r for r in sparse if uncalibrated(r["flags"]) == dense.flags] or sparse
+    return dense, best(sparse)
 
 
 def six_models_tables(runs, central, editing):
@@ -600,20 +675,24 @@ def six_models_tables(runs, central, editing):
         j = 4 if 4 in js else js[0]
         mask = sparse.mask[:3] if sparse else None
         edits = group([r for r in editing if r.get("head") == head and r["rule"] == "least-sensitive"],
-                      lambda r: (r["rule"], r["sparsity"], r["calib_rounds"]))
-        edit = mask if mask in edits else ("least-sensitive", 0.9, 4) if ("least-sensitive", 0.9, 4) in edits else \
-            max(edits, key=lambda k: len(edits[k]), default=None)
+                      lambda r: (r["rule"], r["sparsity"], r["calib_rounds"], r["flags"]))
+        prefer = [k for k in edits if k[:3] == mask] or [k for k in edits if k[:3] == ("least-sensitive", 0.9, 4)] \
+            or list(edits)  # the mask sparse FedAvg used, else the default one, else the most seeds
+        edit = max(prefer, key=lambda k: len(edits[k]), default=None)
+        probe = main_central(central)
         fed = [r for r in runs if setup(r) in (dense, sparse) and r["j"] == j]
         splits = sorted({r["split"] for r in fed}, key=split_order)
-        rows = [["Centralized", acc(central), acc(edits.get(edit, []))]]
+        rows = [["Centralized", acc(probe), acc(edits.get(edit, []))]]
         rows += [[f"FedAvg {s}", acc([r for r in fed if r["split"] == s and setup(r) == dense]),
                   acc([r for r in fed if r["split"] == s and setup(r) == sparse])] for s in splits]
-        what = lambda m: mask_name(m) if m else "–"
+        what = lambda m, flags: (mask_name(m) if m else "–") + flags_text(flags)
         out.append(Table(f"The six models (head {head}): test accuracy (%)",
                          ["model", "without task arithmetic", "with task arithmetic"], rows, [None, "max", "max"],
-                         f"Without: centralized linear probe of the frozen backbone, dense FedAvg. With: sparse "
-                         f"fine-tuning, centralized model editing ({what(edit)}) and sparse FedAvg ({what(mask)}). "
-                         f"FedAvg at J={j}."))
+                         f"Without: centralized linear probe of the frozen backbone"
+                         f"{flags_note(probe[0]['flags'] if probe else ())}, dense FedAvg"
+                         f"{flags_note(dense.flags if dense else ())}. With: sparse fine-tuning, centralized model "
+                         f"editing ({what(edit, edit[3] if edit else ())}) and sparse FedAvg "
+                         f"({what(mask, sparse.flags if sparse else ())}). FedAvg at J={j}."))
     return out
 
 
@@ -785,7 +864,10 @@ def csv_row(r, root):
 
 def summarize(root, target=0.9):
     plan = read_plan(root)
-    runs = planned_runs(load_runs(root), plan, root)
+    runs = once_each(planned_runs(load_runs(root), plan, root))  # a planned run, not its copy, is kept
+    for stage in STAGES:  # before anything groups them
+        mark_flags([r for r in runs if r["stage"] == stage], SHOWN[stage],
+                   fedavg_flags if stage == "fedavg" else lambda r: r["config"])
     add_rounds_to_target(runs, target)
     out_dir = os.path.join(root, "summary")
     os.makedirs(out_dir, exist_ok=True)

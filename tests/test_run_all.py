@@ -265,6 +265,15 @@ def describe(*lines):
                           input="".join(line + "\n" for line in lines), capture_output=True, text=True)
 
 
+def test_a_result_json_that_is_no_json_object_is_not_done(tmp_path):
+    args = model_editing.get_args([*TINY, "--out", str(tmp_path / "run")])
+    os.makedirs(args.out)
+    plumbing.write_json(dict(plumbing.run_config(args), precision="off"), os.path.join(args.out, "config.json"))
+    for text, state in (("", "todo"), ('{"stage": "edi', "todo"), ("[1]", "todo"), ("{}", "done")):
+        (tmp_path / "run" / "result.json").write_text(text)
+        assert plan.run_state(args) == state, text  # as the script's --resume sees it: it runs again
+
+
 def test_describe_runs_names_the_run_directory_and_counts_images_by_hand(tmp_path):
     line = (f"fedavg.py --k 100 --c 0.1 --j 8 --scale-rounds --nc 10 --sparse --rule least-sensitive "
             f"--sparsity 0.9 --calib-rounds 4 --results {tmp_path}/r --seed 1")

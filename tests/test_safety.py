@@ -1,6 +1,7 @@
 """Files and processes a run must survive: crafted pickles, a second writer, stale temporaries,
 permissions, stop signals (in every phase), a diverging run."""
 import csv
+import errno
 import json
 import os
 import re
@@ -267,6 +268,49 @@ def test_a_resumed_run_reads_only_its_own_files(tmp_path, monkeypatch):
         centralized.main(FAST + ["--epochs", "1", "--out", str(out), "--resume"])
 
 
+def forget_flag(out, flag):
+    """Make run directory `out` look written before `flag` existed: its config.json and checkpoint lack it."""
+    config = json.loads((out / "config.json").read_text())
+    del config[flag]
+    (out / "config.json").write_text(json.dumps(config))
+    if (out / "checkpoint.pt").exists():
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        del ckpt["run"][flag]
+        torch.save(ckpt, out / "checkpoint.pt")
+
+
+def test_a_run_written_before_a_flag_existed_is_the_run_of_that_flags_default(tmp_path, monkeypatch):
+    import plan
+    out = tmp_path / "grid"
+    interrupted_grid(out, monkeypatch)
+    forget_flag(out, "compile")  # an interrupted run of the code before --compile
+    centralized.main(GRID + ["--out", str(out), "--resume"])  # its config and checkpoint are this run's
+    assert json.loads((out / "result.json").read_text())["test_acc"] > 0
+    assert "compile" not in json.loads((out / "config.json").read_text())
+    assert plan.run_state(centralized.get_args(GRID + ["--out", str(out)])) == "done"
+    assert plumbing.finished(centralized.get_args(GRID + ["--out", str(out)]))
+    other = centralized.get_args(GRID + ["--out", str(out), "--compile"])  # not the default: another run
+    assert plan.run_state(other) == "differs in compile" and not plumbing.finished(other)
+    with pytest.raises(plumbing.UserError, match=r"holds a different run \(differs in compile\)"):
+        centralized.main(GRID + ["--out", str(out), "--resume", "--compile"])
+
+
+def test_a_number_json_cannot_hold_is_written_as_null_saying_what_it_was(tmp_path, capsys):
+    path = tmp_path / "result.json"
+    plumbing.write_json({"test_acc": 0.5, "test_loss": float("inf"), "best": {"lr": float("nan")},
+                         "curve": [1.0, float("-inf")]}, str(path))
+
+    def bare(constant):  # what json.loads would otherwise take: NaN, Infinity, -Infinity
+        raise ValueError(f"bare {constant}")
+    assert json.loads(path.read_text(), parse_constant=bare) == {
+        "test_acc": 0.5, "test_loss": None, "best": {"lr": None}, "curve": [1.0, None],
+        "not_finite": {"test_loss": "inf", "best.lr": "nan", "curve[1]": "-inf"}}
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {path}: test_loss is inf, best.lr is nan, curve[1] is -inf")
+    plumbing.write_json({"test_acc": 0.5}, str(path))  # a finite result: as before, no "not_finite", no warning
+    assert json.loads(path.read_text()) == {"test_acc": 0.5} and not capsys.readouterr().err
+
+
 def test_identical_runs_write_byte_identical_files(tmp_path):
     for name in ("a", "b"):
         centralized.main(FAST + ["--epochs", "1", "--out", str(tmp_path / name)])
@@ -312,22 +356,87 @@ def test_run_files_of_the_wrong_kind_are_one_line(tmp_path, monkeypatch):
         centralized.main(GRID + ["--out", str(tmp_path / "grid"), "--resume"])
 
 
-def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_kept(tmp_path, monkeypatch):
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_kept(tmp_path, monkeypatch, capsys):
     out = tmp_path / "grid"
     interrupted_grid(out, monkeypatch)
     kept = (out / "checkpoint.pt").read_bytes()
-    real_open = open
+    real_open, real_write_json, full = open, plumbing.write_json, {"now": True}
 
-    def full(path, mode="r", *a, **k):  # every new .pt lands on a full device (/dev/full: ENOSPC)
-        if "w" in mode and str(path).endswith(".tmp") and "config" not in str(path):
+    def write_json(obj, path):  # with full["now"] False, the disk fills up as result.json is written
+        full["now"] = full["now"] or path.endswith("result.json")
+        real_write_json(obj, path)
+
+    def to_full(path, mode="r", *a, **k):  # a new file then lands on a full device (/dev/full: ENOSPC)
+        if "w" in mode and str(path).endswith(".tmp") and full["now"]:
             return real_open("/dev/full", mode, *a, **k)
         return real_open(path, mode, *a, **k)
 
-    monkeypatch.setattr(plumbing, "open", full, raising=False)
-    with pytest.raises(plumbing.UserError, match="no space left .*checkpoint.pt.*is kept"):
-        centralized.main(GRID + ["--out", str(out), "--resume"])
+    monkeypatch.setattr(plumbing, "open", to_full, raising=False)
+    monkeypatch.setattr(plumbing, "write_json", write_json)
+    status, err = run_as_script(centralized.main, GRID + ["--out", str(out), "--resume"], capsys)
+    assert status == 2 and len(err) == 1 and re.match(r"error: no space left .*checkpoint.pt.*is kept", err[0])
     assert (out / "checkpoint.pt").read_bytes() == kept
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+    full["now"] = False  # the run gets to its end; then result.json cannot be written
+    status, err = run_as_script(centralized.main, GRID + ["--out", str(out), "--resume"], capsys)
+    assert status == 2 and len(err) == 1 and re.match(r"error: no space left .*result.json: it was not written", err[0])
+    assert "a run keeps its last checkpoint" in err[0] and "--resume" in err[0]
+    assert not (out / "result.json").exists() and (out / "checkpoint.pt").exists()
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    monkeypatch.undo()
+    centralized.main(GRID + ["--out", str(out), "--resume"])  # space again: it finishes from that checkpoint
+    assert json.loads((out / "result.json").read_text())["test_acc"] > 0
+
+
+def unwritable(monkeypatch, folder, err):
+    """Make `folder` act as one this process cannot write (tests run as root, whom chmod does not stop):
+    creating, removing or renaming a file in it fails with OSError(err); so does opening a file in it for
+    writing, where err is EROFS (a read-only file system) or the file is new."""
+    folder, real_open = str(folder), open
+
+    def refuse(path):
+        raise OSError(err, os.strerror(err), str(path))
+
+    def inside(path):
+        return os.path.abspath(str(path)).startswith(folder + os.sep)
+
+    def guard(real, writes=lambda *a: True):
+        def call(path, *a, **k):
+            if inside(path) and writes(path, *a):
+                refuse(path)
+            return real(path, *a, **k)
+        return call
+
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+    monkeypatch.setattr(os, "open", guard(os.open, lambda p, flags, *a: flags & write_flags and (
+        err == errno.EROFS or flags & os.O_CREAT and not os.path.exists(p))))
+    for name in ("remove", "unlink", "replace", "rename", "mkdir", "rmdir"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+    monkeypatch.setattr(plumbing, "open", guard(real_open, lambda p, mode="r", *a: set(mode) & set("wax+") and (
+        err == errno.EROFS or not os.path.exists(p))), raising=False)
+
+
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EROFS])
+def test_resume_in_a_read_only_run_folder_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys, err):
+    done, stopped = tmp_path / "done", tmp_path / "grid"
+    centralized.main(FAST + ["--epochs", "1", "--out", str(done)])
+    interrupted_grid(stopped, monkeypatch)
+    files = lambda: {p: p.read_bytes() for p in (*done.iterdir(), *stopped.iterdir()) if p.name != ".lock"}
+    for stale in (True, False):  # a killed writer's temporary, removed on reopening (if it can be), or none
+        if stale:
+            (stopped / "x.tmp").write_text("half a file")
+        before = files()
+        unwritable(monkeypatch, tmp_path, err)
+        with pytest.raises(plumbing.Finished):  # a finished run: nothing to do, nothing written
+            centralized.main(FAST + ["--epochs", "1", "--out", str(done), "--resume"])
+        status, lines = run_as_script(centralized.main, GRID + ["--out", str(stopped), "--resume"], capsys)
+        monkeypatch.undo()
+        assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+        assert os.strerror(err) in lines[0] and str(stopped) in lines[0]
+        assert files() == before  # the checkpoint and config.json as they were, no result, no temporary
+        if stale:
+            (stopped / "x.tmp").unlink()
 
 
 def test_two_masks_of_the_project_layout_name_two_runs():
@@ -449,7 +558,7 @@ def test_sigterm_during_feature_extraction_stops_within_seconds_and_says_nothing
     took, status, err = stop_in_time(argv, lambda stdout: (out / "config.json").exists(), tmp_path)
     assert status == 143 and took < 10, (took, err)
     assert err.strip() == ("stopped by signal 15 during feature extraction (train features): no checkpoint yet "
-                           "and nothing needed saving: rerun the same command to start it again")
+                           "and nothing needed saving: rerun with --resume to start it over")
     assert not (out / "checkpoint.pt").exists() and not (out / "result.json").exists()
 
 
@@ -519,7 +628,12 @@ def test_the_stop_message_says_truly_what_was_saved(tmp_path, monkeypatch, capsy
     assert status == 143 and err == ["stopped by signal 15 during round 3: checkpoint saved, continue with --resume"]
     status, err = run_as_script(raising(plumbing.Stopped("feature extraction (val features)")), [], capsys)
     assert err == ["stopped by signal 15 during feature extraction (val features): no checkpoint yet and nothing "
-                   "needed saving: rerun the same command to start it again"]
+                   "needed saving: rerun with --resume to start it over"]
+    monkeypatch.setattr(plumbing, "_open_run", None)  # stopped before its run folder was opened
+    status, err = run_as_script(raising(plumbing.Stopped("the pretrained stand-in")), [], capsys)
+    assert err == ["stopped by signal 15 during the pretrained stand-in: nothing written yet: rerun the same "
+                   "command to start it again"]
+    monkeypatch.setattr(plumbing, "_open_run", str(tmp_path))
     (tmp_path / "checkpoint.pt").write_bytes(b"")  # a resumed run that stops before it has anything new
     status, err = run_as_script(raising(plumbing.Stopped("mask calibration, round 2 of 4")), [], capsys)
     assert err == ["stopped by signal 15 during mask calibration, round 2 of 4: nothing new to save, its last "

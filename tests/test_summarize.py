@@ -10,6 +10,8 @@ import subprocess
 
 import pytest
 
+import centralized
+import fedavg
 import summarize
 
 # ----------------------------------------------------------------------------- a fake results root
@@ -373,6 +375,69 @@ def test_a_copied_run_counts_once_and_editing_runs_of_other_flags_are_not_mixed(
     assert one["0.9"] == [pm(0.6)] and two["0.9"] == [pm(0.2)]
 
 
+def real_config(script, *flags):
+    """config.json of a run of `script` with these flags, as the script writes it."""
+    return dict(summarize.plumbing.run_config(script.get_args(list(flags))), precision="bf16")
+
+
+def with_config(d, config):
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_fedavg_and_centralized_runs_of_other_flags_are_never_in_one_cell(tmp_path, no_plots):
+    for seed in (0, 1):
+        s, d = ["--seed", str(seed)], 0.01 * seed
+        with_config(write_run(tmp_path, "centralized", "grid_compare", seed, 0.80 + d), real_config(centralized, *s))
+        for j, rounds, a in ((4, 300, 0.40), (8, 150, 0.50)):  # --scale-rounds: the same flags at every J
+            with_config(fed(tmp_path, "nc5", j, seed, a + d, rounds=rounds),
+                        real_config(fedavg, "--nc", "5", "--j", str(j), "--scale-rounds", *s))
+        mask = tmp_path / "editing" / "least-sensitive_s0.9_r4" / f"seed{seed}" / "mask.pt"  # a file per seed
+        with_config(fed(tmp_path, "nc5", 4, seed, 0.45 + d, mask=("least-sensitive", 0.9, 4)),
+                    real_config(fedavg, "--nc", "5", "--sparse", "--mask", str(mask), "--scale-rounds", *s))
+    # seed 0 again, each with one flag changed: more epochs, another client learning rate, more rounds
+    with_config(write_run(tmp_path, "centralized", "long", 0, 0.20), real_config(centralized, "--epochs", "60"))
+    with_config(write_run(tmp_path, "fedavg", "fast", 0, 0.10, {2: 0.1}, j=4, iid=False, nc=5),
+                real_config(fedavg, "--nc", "5", "--scale-rounds", "--lr", "0.001"))
+    with_config(write_run(tmp_path, "fedavg", "longer", 0, 0.30, {2: 0.3}, j=4, iid=False, nc=5, rounds=600),
+                real_config(fedavg, "--nc", "5", "--scale-rounds", "--rounds", "600"))
+    rows, report, _ = summarize_root(tmp_path)
+
+    dense = table(report, "FedAvg, dense; head ridge, K=100, C=0.1, lr 0.0001, rounds 300")
+    assert dense == {"split": ["J=4 (300 rounds)", "J=8 (150 rounds)"], "Nc=5": [pm(0.40, 0.41), pm(0.50, 0.51)]}
+    assert table(report, "FedAvg, dense; head ridge, K=100, C=0.1, lr 0.001, rounds 300")["Nc=5"] == [pm(0.10)]
+    assert table(report, "FedAvg, dense; head ridge, K=100, C=0.1, lr 0.0001, rounds 600")["Nc=5"] == [pm(0.30)]
+    assert table(report, "FedAvg, sparse, least-sensitive s=0.9 r=4, central calibration, logit score; head "
+                         "ridge, K=100, C=0.1, lr 0.0001, rounds 300")["Nc=5"] == [pm(0.45, 0.46)]  # two mask files
+    assert table(report, "Centralized linear probe: chosen hyperparameters, accuracy (%) of the best-validation "
+                         "head (epochs 30)")["0.1"][-1] == pm(0.80, 0.81)
+    assert table(report, "Centralized linear probe: chosen hyperparameters, accuracy (%) of the best-validation "
+                         "head (epochs 60)")["0.1"][-1] == pm(0.20)
+    six = table(report, "The six models")  # the runs most seeds share, named in the note
+    assert six["Centralized"][0] == pm(0.80, 0.81) and six["FedAvg Nc=5"] == [pm(0.40, 0.41), pm(0.45, 0.46)]
+    assert "Centralized baseline for reference: 80.50 ± 0.71 (n=2) (epochs 30)." in report
+    cost = table(report, "FedAvg cost")
+    assert cost["dense; head ridge, K=100, C=0.1, lr 0.001, rounds 300"][3] == pm(0.10)
+    assert {r["target_val_acc"] for r in rows if r["stage"] == "fedavg"} == {"0.72", "0.729"}  # not the 60 epochs'
+
+
+def test_a_run_written_before_a_flag_existed_is_one_of_that_flags_default(tmp_path, no_plots, capsys):
+    configs = [real_config(fedavg, "--nc", "5", "--seed", str(seed)) for seed in (0, 1)]
+    del configs[0]["compile"]  # seed 0 ran before --compile existed
+    dirs = [with_config(fed(tmp_path, "nc5", 4, seed, 0.4 + 0.01 * seed), c) for seed, c in enumerate(configs)]
+    shutil.copytree(dirs[1], tmp_path / "copy")
+    with_config(tmp_path / "copy", {k: v for k, v in configs[1].items() if k != "compile"})  # the same run
+    plan = "".join(f"fedavg dense\tfedavg/nc5_j4_dense/seed{seed}\t{json.dumps(real_config(fedavg, '--nc', '5', '--seed', str(seed)))}\n"
+                   for seed in (0, 1))
+    rows, report, _ = summarize_root(tmp_path)
+    assert table(report, "FedAvg, dense; head ridge, K=100, C=0.1:")["Nc=5"] == [pm(0.40, 0.41)]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "same run as" in err and str(tmp_path / "copy") in err
+    (tmp_path / "run_all.plan").write_text(plan)  # planned with today's flags: the older run is the planned one
+    rows, report, _ = summarize_root(tmp_path)
+    assert len(rows) == 2 and "All 2 runs that run_all.sh planned have finished." in report
+
+
 def test_curves_average_over_the_rounds_every_seed_has():
     runs = [{"metrics": {"round": [1, 2, 3], "val_acc": [0.2, None, 0.4]}},
             {"metrics": {"round": [1, 2, 3], "val_acc": [0.4, 0.5, 0.8]}}, {"metrics": None}]
@@ -419,6 +484,24 @@ def test_bad_runs_are_left_out_with_one_warning_each(tmp_path, capsys):
     assert sorted(r["run"] for r in rows) == ["centralized/grid_compare/seed0", "fedavg/nc5_j4_dense/seed0",
                                               "fedavg/nc5_j8_dense/seed0"]
     assert table(report, "FedAvg, dense")["Nc=5"] == [pm(0.5), pm(0.45)]
+
+
+def test_a_metric_that_is_not_finite_leaves_its_run_out_saying_what_it_was(tmp_path, capsys, no_plots):
+    fed(tmp_path, "nc5", 4, 0, 0.5)
+    d = fed(tmp_path, "nc5", 4, 1, 0.6)  # finite accuracies, an infinite test loss: kept, the loss null
+    r = json.loads((d / "result.json").read_text())
+    summarize.plumbing.write_json(dict(r, test_loss=float("inf")), str(d / "result.json"))
+    d = fed(tmp_path, "nc5", 4, 2, 0.7)  # written by plumbing.write_json: null, "not_finite" says nan
+    summarize.plumbing.write_json(dict(r, seed=2, test_acc=float("nan")), str(d / "result.json"))
+    legacy = fed(tmp_path, "nc5", 4, 3, 0.7)  # a bare NaN, as older code wrote it (not JSON)
+    (legacy / "result.json").write_text(json.dumps(dict(r, seed=3, test_acc=float("nan"))))
+    capsys.readouterr()
+    rows, report, _ = summarize_root(tmp_path)
+    assert table(report, "FedAvg, dense")["Nc=5"] == [pm(0.5, 0.6)]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.endswith("; run left out") for line in err), err
+    assert f'{d / "result.json"}: "test_acc" is null (it was nan), not num' in err[0]
+    assert f'{legacy / "result.json"}: "test_acc" is NaN, not num' in err[1]
 
 
 def test_summarize_refuses_a_missing_root(tmp_path, capsys):
