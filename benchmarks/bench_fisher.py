@@ -61,7 +61,7 @@ def measure(cfg):
     import common
     import plumbing
     torch.set_num_threads(cfg["threads"])
-    p = argparse.ArgumentParser(parents=[common.base_parser()])
+    p = argparse.ArgumentParser(parents=[plumbing.base_parser(common.DEFAULT_ARCH)])
     args = p.parse_args(["--arch", cfg["arch"], "--img-size", str(cfg["img_size"]), "--no-pretrained"])
     device = plumbing.pick_device(cfg["device"])
     torch.manual_seed(0)  # the same random backbone in every subprocess
