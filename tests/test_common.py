@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 import plumbing
@@ -217,16 +218,55 @@ def run_grouped_problem(cfg, steps=6):
     return [bits(p) for p in ps] + [bits(s["momentum_buffer"]) for s in opt.state.values()]
 
 
+def group_as_on_a_gpu(monkeypatch):
+    """SparseSGDM groups its tensors as on a GPU from now on (this test); returns the sizes of the lists it groups."""
+    real, seen = common.cache_sized_groups, []
+    monkeypatch.setattr(common, "cache_sized_groups", lambda ts: seen.append(len(ts)) or real(ts, device_type="cuda"))
+    return seen
+
+
 @pytest.mark.parametrize("cfg", SGD_CONFIGS)
 def test_sparse_sgdm_in_one_group_as_on_a_gpu_equals_the_cpu_groups_bit_for_bit(cfg, monkeypatch):
     grouped = run_grouped_problem(cfg)
-    real = common.cache_sized_groups
-    seen = []
-    monkeypatch.setattr(common, "cache_sized_groups", lambda ts: seen.append(len(ts)) or real(ts, device_type="cuda"))
+    seen = group_as_on_a_gpu(monkeypatch)
     one_group = run_grouped_problem(cfg)
     assert seen and seen[-1] == len(GROUPED_SHAPES)  # the one-group path did run, over all tensors
     assert len(grouped) == len(one_group) == len(GROUPED_SHAPES) * (2 if cfg["momentum"] else 1)
     assert all(torch.equal(a, b) for a, b in zip(grouped, one_group))
+
+
+class RecordOps(TorchDispatchMode):
+    """The aten ops run inside it, by name (a multi-tensor op counts once: what a GPU launches per call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_sparse_sgdm_in_one_group_steps_in_a_few_multi_tensor_ops_however_many_tensors(monkeypatch):
+    """What a GPU launches per step: a fixed handful of multi-tensor kernels (weight decay, the masks,
+    momentum, Nesterov, the update; after restart() one copy into the buffers), none per tensor."""
+    group_as_on_a_gpu(monkeypatch)
+    ps = [torch.zeros(s, requires_grad=True) for s in GROUPED_SHAPES]
+    masks = [None if i in (1, 4) else torch.ones(s, dtype=torch.bool) for i, s in enumerate(GROUPED_SHAPES)]
+    opt = common.SparseSGDM(ps, masks, lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
+    launched = []
+    for step in range(3):
+        if step == 2:
+            opt.restart()
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        with RecordOps() as rec:
+            opt.step()
+        launched.append([op for op in rec.ops if op not in ("view", "detach") and not op.startswith("_record_function")])
+    # step 0 makes the momentum buffers (one clone each, once per optimizer, as torch.optim.SGD does)
+    assert launched[1] == ["_foreach_add_", "_foreach_mul_", "_foreach_mul_", "_foreach_add_", "_foreach_add_",
+                           "_foreach_add_"]
+    assert launched[2] == ["_foreach_add_", "_foreach_mul_", "_foreach_copy_", "_foreach_add_", "_foreach_add_"]
 
 
 @pytest.mark.parametrize("cfg", SGD_CONFIGS)
