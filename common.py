@@ -251,10 +251,14 @@ def backbone_params(model):
 
 # ----------------------------------------------------------------------------- optimizer
 
-def cache_sized_groups(tensors):
-    """Index lists of consecutive tensors of about 256 K entries (1 MB of fp32) each. Multi-tensor ops
-    applied group by group find their operands still in the CPU cache from the previous op; over all
-    of a ViT-S at once every op streams 88 MB from memory (measured: 25% slower per pass on one core)."""
+def cache_sized_groups(tensors, device_type=None):
+    """Index lists of consecutive tensors of about 256 K entries (1 MB of fp32) each, on the CPU (or
+    device_type "cpu"). Multi-tensor ops applied group by group find their operands still in the CPU
+    cache from the previous op; over all of a ViT-S at once every op streams 88 MB from memory
+    (measured: 25% slower per pass on one core). On any other device, one group of all: there each
+    multi-tensor op is a kernel launch per call, and ~86 groups of a ViT-S would cost 86 launches."""
+    if (device_type or (tensors[0].device.type if tensors else "cpu")) != "cpu":
+        return [list(range(len(tensors)))]
     groups, cur, n = [], [], 0
     for i, t in enumerate(tensors):
         cur.append(i)
@@ -265,7 +269,8 @@ def cache_sized_groups(tensors):
     return groups + ([cur] if cur else [])
 
 
-# The integer type of each float type's width: a mask of it selects a float's bits with one AND.
+# The integer type of each float type's width: a 0/1 mask of it, multiplied into a float's bits viewed
+# as this type, gives the bits of +0 or the bits unchanged.
 _SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32,
                    torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
@@ -285,13 +290,15 @@ class SparseSGDM(torch.optim.Optimizer):
     there and the update is exactly -0. `masks` is a list aligned with `params`; None means dense (no
     mask) for that tensor.
 
-    step() runs multi-tensor (torch._foreach_*) ops over cache-sized groups of parameters, using p.grad
-    as scratch space (afterwards it holds the decayed gradient, masked or not: zero_grad discards it).
-    The mask is applied by selection, not arithmetic: each mask is kept as an integer of the
-    parameter's width, all ones where kept and all zeros where frozen, and ANDed into the bits of the
-    gradient (one pass, as fast as a multiply on the CPU). A multiply would turn an inf gradient at a
-    frozen entry into nan (inf * 0) and move the frozen weight; the AND gives +0 there and leaves a
-    kept entry's bits as they are, so the step is bit for bit torch.optim.SGD's on the kept entries."""
+    step() runs multi-tensor (torch._foreach_*) ops, over cache-sized groups of parameters on the CPU
+    and over all of them at once on other devices (cache_sized_groups), using p.grad as scratch space
+    (afterwards it holds the decayed gradient, masked or not: zero_grad discards it).
+    The mask acts on the gradient's bits, not its value: each mask is kept as an integer of the
+    parameter's width holding 1 where kept and 0 where frozen, and one multi-tensor integer multiply
+    of the gradients' bits (viewed as that integer type) by the masks gives the bits of +0 where frozen
+    and leaves a kept entry's bits as they are. A float multiply would turn an inf gradient at a frozen
+    entry into nan (inf * 0) and move the frozen weight; the integer one cannot, so the step is bit for
+    bit torch.optim.SGD's on the kept entries."""
 
     def __init__(self, params, masks, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
         params = list(params)
@@ -309,7 +316,7 @@ class SparseSGDM(torch.optim.Optimizer):
                 if m.shape != p.shape:
                     raise ValueError(f"mask shape {tuple(m.shape)} != parameter shape {tuple(p.shape)}")
                 bits = _SAME_WIDTH_INT[p.dtype]
-                self.masks[p] = m.to(device=p.device, dtype=torch.bool).to(bits).neg_()  # True -> -1: all ones
+                self.masks[p] = m.to(device=p.device, dtype=torch.bool).to(bits)  # True -> 1, False -> 0
         self.restarted = set()
 
     def restart(self):
@@ -335,19 +342,22 @@ class SparseSGDM(torch.optim.Optimizer):
         d = [p.grad for p in params]
         if wd != 0:
             torch._foreach_add_(d, params, alpha=wd)
-        for p, g in zip(params, d):
-            if p in self.masks:
-                g.view(self.masks[p].dtype).bitwise_and_(self.masks[p])
+        masked = [i for i, p in enumerate(params) if p in self.masks]
+        # one multi-tensor op for all masks (a kernel per tensor would be ~50 launches on a GPU)
+        _foreach(torch._foreach_mul_, [d[i].view(self.masks[params[i]].dtype) for i in masked],
+                 [self.masks[params[i]] for i in masked])
         if mom != 0:
             bufs = [None if p in self.restarted else self.state[p].get("momentum_buffer") for p in params]
             old = [i for i, b in enumerate(bufs) if b is not None]
             _foreach(torch._foreach_mul_, [bufs[i] for i in old], mom)
             _foreach(torch._foreach_add_, [bufs[i] for i in old], [d[i] for i in old], alpha=1 - damp)
+            reused = [i for i, p in enumerate(params) if p in self.restarted]  # first step after restart()
+            for i in reused:
+                bufs[i] = self.state[params[i]]["momentum_buffer"]
+                self.restarted.discard(params[i])
+            _foreach(torch._foreach_copy_, [bufs[i] for i in reused], [d[i] for i in reused])
             for i, b in enumerate(bufs):
-                if b is None and params[i] in self.restarted:  # first step after restart()
-                    bufs[i] = self.state[params[i]]["momentum_buffer"].copy_(d[i])
-                    self.restarted.discard(params[i])
-                elif b is None:
+                if b is None:
                     bufs[i] = self.state[params[i]]["momentum_buffer"] = d[i].clone()
             if group["nesterov"]:
                 torch._foreach_add_(d, bufs, alpha=mom)

@@ -1,10 +1,12 @@
 """common.py: optimizer, split, transforms, weight files, synthetic data."""
 import argparse
+import io
 import math
 import time
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 import plumbing
@@ -53,11 +55,10 @@ def test_sparse_sgdm_all_ones_matches_torch_sgd(cfg):
     ones = lambda ps: [torch.ones_like(p, dtype=torch.bool) for p in ps]
     w, b, w0, _ = run_steps(lambda ps: common.SparseSGDM(ps, ones(ps), lr=0.05, **cfg))
     assert not torch.allclose(w, w0)  # it did train
-    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(b, ref_b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(bits(w), bits(ref_w)) and torch.equal(bits(b), bits(ref_b))  # bit for bit
     # None (dense) is the same as all ones
     w2, b2, _, _ = run_steps(lambda ps: common.SparseSGDM(ps, [None] * len(ps), lr=0.05, **cfg))
-    torch.testing.assert_close(w2, ref_w, rtol=1e-5, atol=1e-6)
+    assert torch.equal(bits(w2), bits(ref_w)) and torch.equal(bits(b2), bits(ref_b))
 
 
 @pytest.mark.parametrize("cfg", SGD_CONFIGS)
@@ -184,6 +185,115 @@ def test_sparse_sgdm_rejects_wrong_mask_shape():
     p = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError):
         common.SparseSGDM([p], [torch.ones(4, dtype=torch.bool)], lr=0.1)
+
+
+# 3 cache-sized groups on the CPU: [0, 1, 2], [3, 4, 5], [6]; masked and dense tensors in each
+GROUPED_SHAPES = [(512, 300), (300,), (512, 300), (400, 400), (64,), (300, 512), (5, 5)]
+
+
+def test_cache_sized_groups_splits_on_the_cpu_only():
+    cpu = [torch.empty(s) for s in GROUPED_SHAPES]
+    assert common.cache_sized_groups(cpu) == [[0, 1, 2], [3, 4, 5], [6]]
+    one = [list(range(len(cpu)))]
+    assert common.cache_sized_groups(cpu, device_type="cuda") == one
+    on_meta = [torch.empty(s, device="meta") for s in GROUPED_SHAPES]
+    assert common.cache_sized_groups(on_meta) == one  # the choice follows the tensors' device
+
+
+def run_grouped_problem(cfg, steps=6):
+    """SparseSGDM on GROUPED_SHAPES through inf/nan gradients (kept and frozen entries), a late first
+    gradient and a restart(): the parameters' and momentum buffers' bits at the end."""
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randn(s, generator=g).requires_grad_() for s in GROUPED_SHAPES]
+    masks = [None if i in (1, 4) else torch.rand(s, generator=g) < 0.3 for i, s in enumerate(GROUPED_SHAPES)]
+    opt = common.SparseSGDM(ps, masks, lr=0.1, **cfg)
+    for step in range(steps):
+        if step == 3:
+            opt.restart()
+        for i, p in enumerate(ps):
+            grad = torch.randn(p.shape, generator=g)
+            grad.view(-1)[step:step + 3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+            p.grad = None if (step == 0 and i == 3) else grad
+        opt.step()
+    return [bits(p) for p in ps] + [bits(s["momentum_buffer"]) for s in opt.state.values()]
+
+
+def group_as_on_a_gpu(monkeypatch):
+    """SparseSGDM groups its tensors as on a GPU from now on (this test); returns the sizes of the lists it groups."""
+    real, seen = common.cache_sized_groups, []
+    monkeypatch.setattr(common, "cache_sized_groups", lambda ts: seen.append(len(ts)) or real(ts, device_type="cuda"))
+    return seen
+
+
+@pytest.mark.parametrize("cfg", SGD_CONFIGS)
+def test_sparse_sgdm_in_one_group_as_on_a_gpu_equals_the_cpu_groups_bit_for_bit(cfg, monkeypatch):
+    grouped = run_grouped_problem(cfg)
+    seen = group_as_on_a_gpu(monkeypatch)
+    one_group = run_grouped_problem(cfg)
+    assert seen and seen[-1] == len(GROUPED_SHAPES)  # the one-group path did run, over all tensors
+    assert len(grouped) == len(one_group) == len(GROUPED_SHAPES) * (2 if cfg["momentum"] else 1)
+    assert all(torch.equal(a, b) for a, b in zip(grouped, one_group))
+
+
+class RecordOps(TorchDispatchMode):
+    """The aten ops run inside it, by name (a multi-tensor op counts once: what a GPU launches per call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_sparse_sgdm_in_one_group_steps_in_a_few_multi_tensor_ops_however_many_tensors(monkeypatch):
+    """What a GPU launches per step: a fixed handful of multi-tensor kernels (weight decay, the masks,
+    momentum, Nesterov, the update; after restart() one copy into the buffers), none per tensor."""
+    group_as_on_a_gpu(monkeypatch)
+    ps = [torch.zeros(s, requires_grad=True) for s in GROUPED_SHAPES]
+    masks = [None if i in (1, 4) else torch.ones(s, dtype=torch.bool) for i, s in enumerate(GROUPED_SHAPES)]
+    opt = common.SparseSGDM(ps, masks, lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
+    launched = []
+    for step in range(3):
+        if step == 2:
+            opt.restart()
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        with RecordOps() as rec:
+            opt.step()
+        launched.append([op for op in rec.ops if op not in ("view", "detach") and not op.startswith("_record_function")])
+    # step 0 makes the momentum buffers (one clone each, once per optimizer, as torch.optim.SGD does)
+    assert launched[1] == ["_foreach_add_", "_foreach_mul_", "_foreach_mul_", "_foreach_add_", "_foreach_add_",
+                           "_foreach_add_"]
+    assert launched[2] == ["_foreach_add_", "_foreach_mul_", "_foreach_copy_", "_foreach_add_", "_foreach_add_"]
+
+
+@pytest.mark.parametrize("cfg", SGD_CONFIGS)
+def test_sparse_sgdm_resumed_from_its_state_dict_equals_the_uninterrupted_run(cfg):
+    g = torch.Generator().manual_seed(6)
+    start = [torch.randn(s, generator=g) for s in [(6, 5), (5,)]]
+    masks = [torch.rand(6, 5, generator=g) < 0.5, None]
+    grads = [[torch.randn(t.shape, generator=g) for t in start] for _ in range(6)]
+
+    def steps(opt, ps, gs):
+        for grad in gs:
+            for p, gr in zip(ps, grad):
+                p.grad = gr.clone()
+            opt.step()
+
+    ours = [t.clone().requires_grad_() for t in start]
+    opt = common.SparseSGDM(ours, masks, lr=0.1, **cfg)
+    steps(opt, ours, grads[:3])
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    resumed = [p.detach().clone().requires_grad_() for p in ours]
+    opt2 = common.SparseSGDM(resumed, masks, lr=0.1, **cfg)
+    opt2.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    steps(opt, ours, grads[3:])
+    steps(opt2, resumed, grads[3:])
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(ours, resumed))
+    assert not torch.equal(ours[0], start[0])
 
 
 # ----------------------------------------------------------------------------- split and data

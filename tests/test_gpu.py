@@ -64,6 +64,37 @@ def test_sparse_fedavg_under_fp16_scaling_keeps_masked_entries_bit_identical(tmp
     assert 0 < moved <= free
 
 
+def test_sparse_sgdm_on_the_gpu_is_torch_sgd_on_kept_entries_and_keeps_frozen_bits(monkeypatch):
+    """The CUDA path: one group of all tensors, the masks as one integer multi-tensor multiply, the
+    restart copy as one multi-tensor copy. Kept entries take torch.optim.SGD(foreach=True)'s step (a fresh
+    one after restart()) bit for bit, inf and nan included; frozen entries keep their bits."""
+    real, groups = common.cache_sized_groups, []
+    monkeypatch.setattr(common, "cache_sized_groups", lambda ts: groups.append(real(ts)) or groups[-1])
+    g = torch.Generator().manual_seed(0)
+    shapes = [(512, 300), (300,), (512, 300), (400, 400), (64,), (300, 512), (5, 5)]  # 3 groups on a CPU
+    start = [torch.randn(s, generator=g) for s in shapes]
+    masks = [None if i in (1, 4) else torch.rand(s, generator=g) < 0.3 for i, s in enumerate(shapes)]
+    cfg = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    ours, ref = ([t.cuda().requires_grad_() for t in start] for _ in range(2))
+    opt = common.SparseSGDM(ours, masks, **cfg)
+    for step in range(5):
+        if step in (0, 3):
+            opt.restart()
+            sgd = torch.optim.SGD(ref, foreach=True, **cfg)
+        for a, b in zip(ours, ref):
+            grad = torch.randn(a.shape, generator=g)
+            grad.view(-1)[step:step + 3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+            a.grad, b.grad = grad.cuda(), grad.cuda()
+        opt.step()
+        sgd.step()
+    assert groups and all(gr == [list(range(len(shapes)))] for gr in groups)
+    for a, b, t, m in zip(ours, ref, start, masks):
+        a, b, t = (x.detach().cpu().view(torch.int32) for x in (a, b, t))
+        m = torch.ones_like(a, dtype=torch.bool) if m is None else m
+        assert torch.equal(a[~m], t[~m]), "a frozen entry changed"
+        assert torch.equal(a[m], b[m]), "a kept entry differs from torch.optim.SGD"
+
+
 def test_deterministic_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
     argv = GPU + ["--deterministic", "--k", "10", "--c", "0.5", "--rounds", "4", "--ckpt-every", "1", "--sparse",
                   "--fisher-batches", "1"]
