@@ -96,7 +96,7 @@ def make_head(model, data, args, device, inputs):
     model.head.requires_grad_(False)
     val, test = common.evaluate_head(model.head, *feats["val"]), common.evaluate_head(model.head, *feats["test"])
     print(f"head ({args.head}): val acc {val[1]:.4f}, test acc {test[1]:.4f} {info}")
-    return dict(info, warmup_val_acc=val[1], warmup_test_acc=test[1])
+    return dict(info, head_val_acc=val[1], head_test_acc=test[1])
 
 
 def make_mask(model, data, args, device):
@@ -227,7 +227,7 @@ def main(argv=None):
     plumbing.finish_run(result, args)
     print(f"changed {changed}/{total} entries of the masked tensors ({changed / total:.4%}); "
           f"mask keeps {result['mask_kept_frac']:.4%}")
-    print(f"val acc {result['warmup_val_acc']:.4f} (frozen head) -> {result['val_acc']:.4f}; "
+    print(f"val acc {result['head_val_acc']:.4f} (frozen head) -> {result['val_acc']:.4f}; "
           f"test acc {result['test_acc']:.4f}; results in {args.out}")
 
 

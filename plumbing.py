@@ -809,7 +809,7 @@ def save_checkpoint(state, args):
 
 def finish_run(result, args):
     """Write result.json (the marker of a finished run) and drop the now useless checkpoint."""
-    write_json(dict(result, amp=args.precision), os.path.join(args.out, "result.json"))
+    write_json(dict(result, precision=args.precision), os.path.join(args.out, "result.json"))
     ckpt = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(ckpt):
         os.remove(ckpt)

@@ -37,7 +37,7 @@ SCRIPTS = dict(zip(STAGES, (centralized, model_editing, fedavg)))
 COLUMNS = ["stage", "run", "dataset", "seed", "head", "score", "lr", "momentum", "wd", "scheduler", "rule",
            "sparsity", "calib_rounds", "mask", "k", "c", "j", "rounds", "warmup_rounds", "split", "sparse",
            "train", "best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc", "target_val_acc",
-           "rounds_to_target", "comm_values_per_client_round", "comm_mb_total", "amp", "seconds"]
+           "rounds_to_target", "comm_values_per_client_round", "comm_mb_total", "precision", "seconds"]
 SMOOTH = 5  # rounds in the moving average of the agreement / update-norm curves
 
 
@@ -50,10 +50,10 @@ def warn(msg):
 # The keys summarize.py reads from each stage's result.json (each script's main writes it) and their types;
 # "?" marks a key that may be null or absent (runs written before it existed).
 SCHEMA = {
-    "all": dict(stage="str", dataset="str", seed="int", seconds="num", amp="str?"),
+    "all": dict(stage="str", dataset="str", seed="int", seconds="num", precision="str?"),
     "centralized": dict(best="dict", best_epoch="int", val_acc="num", test_acc="num", final_test_acc="num"),
     "editing": dict(rule="str?", sparsity="num?", calib_rounds="int?", mask_file="str?", head="str?", score="str?",
-                    mask_kept_frac="num", changed_frac="num", warmup_test_acc="num", val_acc="num",
+                    mask_kept_frac="num", changed_frac="num", head_test_acc="num", val_acc="num",
                     test_acc="num", best_val_acc="num", test_acc_at_best_val="num"),
     "fedavg": dict(k="int", c="num", j="int", rounds="int", warmup_rounds="int?", iid="bool", nc="int?",
                    train="str", sparse="bool", head="str?", score="str?", rule="str?", sparsity="num?",
@@ -530,7 +530,7 @@ def editing_doc(runs, out_dir):
     heads = group(runs, lambda r: (r.get("head"), r.get("score"), r["flags"]))
     for i, ((head, score, flags), hr) in enumerate(heads.items()):  # plots: the first head only
         on = f"head {head}, {score} score" + flags_text(flags)
-        warm = {r["seed"]: r["warmup_test_acc"] for r in hr}  # one warm-up per seed, shared by its runs
+        warm = {r["seed"]: r["head_test_acc"] for r in hr}  # one warm-up per seed, shared by its runs
         doc += [f"Before editing ({on}: the step-0 head on the pre-trained backbone): "
                 f"{Stat(warm.values()).text()}.", ""]
         least = group([r for r in hr if r["rule"] == "least-sensitive"], lambda r: (r["sparsity"], r["calib_rounds"]))
@@ -842,7 +842,7 @@ def csv_row(r, root):
     stage: at the best validation epoch/round, and at the last one (centralized.py logs no final
     validation accuracy; the head it keeps is the best-validation one)."""
     row = dict.fromkeys(COLUMNS)
-    row.update({k: r.get(k) for k in ("stage", "dataset", "seed", "seconds", "amp", "head", "score")},
+    row.update({k: r.get(k) for k in ("stage", "dataset", "seed", "seconds", "precision", "head", "score")},
                run=os.path.relpath(r["dir"], root))
     if r["stage"] == "centralized":
         row.update({k: r["best"][k] for k in ("lr", "momentum", "wd", "scheduler")})

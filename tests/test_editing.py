@@ -331,13 +331,13 @@ def test_short_edit_improves_validation_accuracy_over_the_frozen_head(tmp_path, 
                                "--fisher-batches", "1", "--out", str(out)])
     result = json.loads((out / "result.json").read_text())
     assert result["head"] == "ridge" and result["score"] == "logit"
-    assert result["val_acc"] > result["warmup_val_acc"] + 0.05
+    assert result["val_acc"] > result["head_val_acc"] + 0.05
     for f in ("mask.pt", "head.pt", "metrics.csv", "calibration.csv", "accuracy.png", "config.json"):
         assert (out / f).is_file(), f
     series, ylabel, _ = plots["accuracy.png"]
     xs, ys = series["val"]  # from epoch 0, the frozen head, in %
     assert "(%)" in ylabel and xs == [0, 1, 2, 3]
-    assert (ys[0], ys[-1]) == (100 * result["warmup_val_acc"], 100 * result["val_acc"])
+    assert (ys[0], ys[-1]) == (100 * result["head_val_acc"], 100 * result["val_acc"])
 
 
 def test_head_sources_warmup_and_file(tmp_path):
@@ -345,12 +345,12 @@ def test_head_sources_warmup_and_file(tmp_path):
     shared = FAST + ["--weights", weights, "--epochs", "0", "--rule", "random", "--synthetic-size", "1000"]
     model_editing.main(shared + ["--head", "warmup", "--warmup-epochs", "2", "--out", str(tmp_path / "w")])
     warm = json.loads((tmp_path / "w" / "result.json").read_text())
-    assert warm["warmup_val_acc"] > 0.05 and warm["warmup_epoch"] >= 1  # the SGD warm-up learned something
+    assert warm["head_val_acc"] > 0.05 and warm["warmup_epoch"] >= 1  # the SGD warm-up learned something
     model_editing.main(shared + ["--head", str(tmp_path / "w" / "head.pt"), "--out", str(tmp_path / "f")])
     a = torch.load(tmp_path / "w" / "head.pt", weights_only=True)
     b = torch.load(tmp_path / "f" / "head.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "f" / "result.json").read_text())["warmup_val_acc"] == warm["warmup_val_acc"]
+    assert json.loads((tmp_path / "f" / "result.json").read_text())["head_val_acc"] == warm["head_val_acc"]
 
 
 def test_editing_reuses_a_saved_mask_and_rejects_a_bad_one(tmp_path):

@@ -44,14 +44,14 @@ def test_every_stage_runs_on_the_gpu(tmp_path, amp):
         out = tmp_path / f"f{len(extra)}"
         fedavg.main(GPU + ["--amp", amp, "--k", "10", "--c", "0.5", "--rounds", "2", "--out", str(out)] + extra)
         result = json.loads((out / "result.json").read_text())
-        assert result["amp"] == amp and result["test_acc"] >= 0
+        assert result["precision"] == amp and result["test_acc"] >= 0
         load_on_cpu(out / "model.pt")
 
 
 def test_auto_picks_what_the_gpu_supports(tmp_path):
     fedavg.main(GPU + ["--k", "10", "--c", "0.5", "--rounds", "1", "--out", str(tmp_path / "r")])
     want = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
-    assert json.loads((tmp_path / "r" / "result.json").read_text())["amp"] == want
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["precision"] == want
 
 
 def test_sparse_fedavg_under_fp16_scaling_keeps_masked_entries_bit_identical(tmp_path):

@@ -20,7 +20,7 @@ BASE = {
     "centralized": dict(best=dict(lr=0.1, momentum=0.9, wd=0.0, scheduler="cosine"), best_epoch=5, epochs_run=10,
                         test_loss=1.0),
     "editing": dict(rule="least-sensitive", sparsity=0.9, calib_rounds=4, mask_file=None, head="ridge",
-                    score="logit", mask_kept_frac=0.1, changed_frac=0.05, warmup_val_acc=0.4, warmup_test_acc=0.4,
+                    score="logit", mask_kept_frac=0.1, changed_frac=0.05, head_val_acc=0.4, head_test_acc=0.4,
                     best_epoch=3),
     "fedavg": dict(k=100, c=0.1, j=4, rounds=300, warmup_rounds=0, iid=False, nc=5, train="all", sparse=False,
                    head="ridge", score="logit", rule=None, sparsity=None, calib_rounds=None, mask_file=None,
@@ -38,7 +38,7 @@ def write_run(root, stage, name, seed, acc, curve=None, **fields):
     d = root / stage / name / f"seed{seed}"
     d.mkdir(parents=True)
     (d / "config.json").write_text("{}")
-    result = dict(BASE[stage], stage=stage, dataset="cifar100", seed=seed, seconds=10.0, amp="bf16",
+    result = dict(BASE[stage], stage=stage, dataset="cifar100", seed=seed, seconds=10.0, precision="bf16",
                   **dict.fromkeys(ACC_KEYS[stage], acc))
     result.update(fields)
     (d / "result.json").write_text(json.dumps(result))
@@ -179,7 +179,7 @@ def test_every_table_of_the_study_picks_its_runs(tmp_path, no_plots):
     assert table(report, "Centralized linear probe")["0.1"][-1] == pm(0.80, 0.81)
 
     csv_sparse = [r for r in rows if r["run"].startswith("fedavg/nc5_j4_sparse-least-sensitive_s0.9_r4")]
-    assert [(r["rule"], r["sparsity"], r["calib_rounds"], r["head"], r["score"], r["amp"]) for r in csv_sparse] == \
+    assert [(r["rule"], r["sparsity"], r["calib_rounds"], r["head"], r["score"], r["precision"]) for r in csv_sparse] == \
         [("least-sensitive", "0.9", "4", "ridge", "logit", "bf16")] * 2
     assert csv_sparse[0]["mask"] == "editing/least-sensitive_s0.9_r4/seed0/mask.pt"
 
