@@ -159,7 +159,7 @@ def load_runs(root):
         if problem:
             warn(f"{path}: {problem}; run left out")
             continue
-        r["dir"], r["config"] = d, read_config(d, r["stage"])
+        r["dir"], r["config"], r["head"] = d, read_config(d, r["stage"]), across_seeds(r.get("head"))
         if r["stage"] == "fedavg":
             r["metrics"] = read_metrics(d)
         runs.append(r)
@@ -219,6 +219,16 @@ def fedavg_flags(r):
     return c
 
 
+# A seed folder inside a file flag's value: RESULTS/STAGE/NAME/seedN/FILE, the project's layout.
+SEED_FOLDER = re.compile(r"(?<![^/])seed\d+(?=/)")
+
+
+def across_seeds(value):
+    """A flag's value with any seed folder in it as seed*: a study that gives each seed its own file
+    (--head .../seed1/head.pt, --hparams .../seed1/result.json) ran one setting, averaged over seeds."""
+    return SEED_FOLDER.sub("seed*", value) if isinstance(value, str) else value
+
+
 def mark_flags(runs, shown, flags_of):
     """Set each run's "flags": its (flag, JSON value) pairs, sorted, of the flags outside `shown` that take
     more than one value among these runs (a flag a run lacks is not one of its values). Runs of different
@@ -227,10 +237,11 @@ def mark_flags(runs, shown, flags_of):
     for r in runs:
         for k, v in flags_of(r).items():
             if k not in shown:
-                values.setdefault(k, set()).add(json.dumps(v, sort_keys=True))
+                values.setdefault(k, set()).add(json.dumps(across_seeds(v), sort_keys=True))
     varying = {k for k, vs in values.items() if len(vs) > 1}
     for r in runs:
-        r["flags"] = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in flags_of(r).items() if k in varying))
+        r["flags"] = tuple(sorted((k, json.dumps(across_seeds(v), sort_keys=True)) for k, v in flags_of(r).items()
+                                  if k in varying))
 
 
 def flags_text(flags):

@@ -621,3 +621,19 @@ def test_summary_plots_in_percent_with_integer_rounds_error_bars_and_two_decimal
     cells = [t.get_text() for ax in figures["fedavg_heatmap.png"].axes for t in ax.texts]
     assert cells and all(re.fullmatch(r"\d+\.\d\d", c) for c in cells)
     assert "60.50" in cells  # IID J=4 dense: 60% and 61% over the two seeds
+
+
+def test_a_file_per_seed_is_one_setting_averaged_over_seeds(tmp_path, no_plots):
+    """--hparams and --head FILE naming each seed's own file (RESULTS/STAGE/NAME/seedN/FILE) are one setting."""
+    import model_editing
+    for seed in (0, 1):
+        hp = f"runs/centralized/grid_compare/seed{seed}/result.json"
+        with_config(write_run(tmp_path, "editing", "warm", seed, 0.5 + 0.1 * seed, head="warmup"),
+                    real_config(model_editing, "--head", "warmup", "--hparams", hp, "--seed", str(seed)))
+        head = f"runs/centralized/grid_compare/seed{seed}/head.pt"
+        with_config(write_run(tmp_path, "editing", "file", seed, 0.3 + 0.1 * seed, head=head),
+                    real_config(model_editing, "--head", head, "--seed", str(seed)))
+    _, report, _ = summarize_root(tmp_path)
+    start = "Sparsity × calibration rounds in model editing (least-sensitive mask; head "
+    assert table(report, start + "warmup, logit score")["0.9"] == [pm(0.5, 0.6)]
+    assert table(report, start + "runs/centralized/grid_compare/seed*/head.pt, logit score")["0.9"] == [pm(0.3, 0.4)]
