@@ -253,10 +253,16 @@ def trained_params(model, mask=None, head_only=False):
     return common.backbone_params(model) if mask is not None else list(model.named_parameters())
 
 
+def upload_per_client(params, mask):
+    """Values one client uploads per round: every trained entry, except that in a sparse run only the
+    masked-in entries of the masked tensors (the server knows the mask; the rest are exactly 0)."""
+    return sum(int(mask[n].sum()) if mask is not None and n in mask else p.numel() for n, p in params)
+
+
 class Phase:
     """What the clients train in a phase of the run (head warm-up or main rounds), made once: the
-    (name, param) list, one SparseSGDM over it (masks cast once; each client restarts its momentum)
-    and the server's two buffers, reused every round (see trained_params)."""
+    (name, param) list, one SparseSGDM over it (masks cast once; each client restarts its momentum),
+    the server's two buffers, reused every round (see trained_params), and the values a client uploads."""
 
     def __init__(self, model, args, mask=None, head_only=False):
         self.params = trained_params(model, mask, head_only)
@@ -266,6 +272,7 @@ class Phase:
                                      weight_decay=args.wd)
         self.global_w, self.update = [torch.empty_like(p) for p in tensors], [torch.empty_like(p) for p in tensors]
         self.head_only = head_only
+        self.upload = upload_per_client(self.params, mask)  # counted once: a device mask's sums sync the host
 
 
 def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
@@ -320,12 +327,6 @@ def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
 
 
 # ----------------------------------------------------------------------------- main
-
-def upload_per_client(params, mask):
-    """Values one client uploads per round: every trained entry, except that in a sparse run only the
-    masked-in entries of the masked tensors (the server knows the mask; the rest are exactly 0)."""
-    return sum(int(mask[n].sum()) if mask is not None and n in mask else p.numel() for n, p in params)
-
 
 def write_outputs(rows, args):
     plumbing.write_csv(rows, os.path.join(args.out, "metrics.csv"))
@@ -450,7 +451,7 @@ def main(argv=None):
         loss, norm, agreement = train_round(model, phase, shards, feats["train"][0] if head_only else x, y, rnd,
                                             args, device, scaler)
         watches[head_only].check(loss, f"round {rnd + 1}", scaler)  # before anything of this round is kept
-        ckpt["upload"] += upload_per_client(phase.params, None if head_only else mask) * clients_per_round(args)
+        ckpt["upload"] += phase.upload * clients_per_round(args)
         ckpt["round"] = rnd + 1
         row = {"round": rnd + 1, "train_loss": loss, "update_norm": norm, "agreement": agreement}
         last = rnd + 1 == total_rounds

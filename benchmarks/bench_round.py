@@ -7,8 +7,8 @@ Prints one table of ratios, measured on whatever device it runs on (CPU here; th
     ours dense    fedavg.train_round (no augmentation, like the floor)
     ours sparse   fedavg.train_round with a 10% mask (SparseSGDM, frozen head)
     user dense,   fedavg.py's path, what a user's round costs (user_round): fedavg.train_round with the
-    user sparse   augmentation on, sparse with the mask fedavg.federated_mask calibrates (the defaults), the
-                  round's upload count, and the round's share of fedavg.py's evaluation cadence; dense
+    user sparse   augmentation on, sparse with the mask fedavg.federated_mask calibrates (the defaults), and
+                  the round's share of fedavg.py's evaluation cadence; dense
                   also without that share (its training only)
     peer-style    what published student projects do: a deepcopy of the global model per client, a torch
                   DataLoader over a Subset with PIL transforms, state_dict averaging
@@ -105,13 +105,12 @@ class PilDataset(torch.utils.data.Dataset):
         return self.t(Image.fromarray(self.x[i])), self.y[i]
 
 
-def user_round(model, x, y, shards, rnd, args, device, phase, mask, evals):
+def user_round(model, x, y, shards, rnd, args, device, phase, evals):
     """A round of fedavg.main as a user runs it (args without --no-aug; phase made with the calibrated mask
-    or none): train_round, the upload count, and the round's share of the evaluation cadence: `evals`,
+    or none): train_round and the round's share of the evaluation cadence: `evals`,
     the (images, labels) of 1/--eval-every of the validation set and 1/--test-every of the test set,
     through common.evaluate as main evaluates them (the loss check and the metrics row cost nothing)."""
     ours_round(model, x, y, shards, rnd, args, device, phase)
-    fedavg.upload_per_client(phase.params, mask)
     for xs, ys in evals:
         common.evaluate(model, xs, ys, args, device)
 
@@ -178,9 +177,9 @@ def time_rounds(a):
         "ours dense": lambda r: ours_round(model, x, y, shards, r, args, device, dense),
         "ours sparse": lambda r: ours_round(model, x, y, shards, r, args, device, sparse),
         "peer-style": lambda r: peer_round(model, dataset, shards, r, args, device),
-        "user dense (training)": lambda r: user_round(model, x, y, shards, r, user, device, user_dense, None, []),
-        "user dense": lambda r: user_round(model, x, y, shards, r, user, device, user_dense, None, evals),
-        "user sparse": lambda r: user_round(model, x, y, shards, r, user, device, user_sparse, user_mask, evals),
+        "user dense (training)": lambda r: user_round(model, x, y, shards, r, user, device, user_dense, []),
+        "user dense": lambda r: user_round(model, x, y, shards, r, user, device, user_dense, evals),
+        "user sparse": lambda r: user_round(model, x, y, shards, r, user, device, user_sparse, evals),
     }
     for fn in variants.values():  # warm-up (allocator, kernels)
         fn(0)
