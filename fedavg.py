@@ -309,7 +309,7 @@ def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
         batches = client_batches(x, y, shards[client], rnd, client, args, device, augment)
         losses.append(client_update(forward, phase.opt, scaler, batches))
         with torch.no_grad():
-            for i in groups:  # a few MB at a time: the four passes below then read it from the cache
+            for i in groups:  # on the CPU a few MB at a time: the four passes below then read it from the cache
                 p, g, u = [params[k] for k in i], [global_w[k] for k in i], [update[k] for k in i]
                 torch._foreach_sub_(p, g)  # p now holds Δ_i
                 torch._foreach_add_(u, p, alpha=w)
