@@ -20,6 +20,7 @@ Prints one table of ratios, measured on whatever device it runs on (CPU here; th
 
     python benchmarks/bench_round.py                               # ViT-S/16 at 32 px, batch 8: minutes on a CPU
     python benchmarks/bench_round.py --img-size 224 --batch 64     # the real setting (on a GPU)
+    ... --profile 3      # and where the time goes: the profiler's top operators, host syncs per round
 """
 import argparse
 import copy
@@ -188,7 +189,31 @@ def time_rounds(a):
         for name, fn in variants.items():
             times[name].append(timed(lambda: fn(rep + 1), device))
     ratio = {name: statistics.median(t / f for t, f in zip(ts, times["floor"])) for name, ts in times.items()}
-    return times, ratio, (args, device, model, x, y, shards, mask)
+    profiles = profile_rounds(variants, ("floor", "user dense", "user sparse"), a.profile, device) if a.profile else []
+    return times, ratio, profiles, (args, device, model, x, y, shards, mask)
+
+
+# Host-side events that wait for the device: each one drains the GPU's queue of work.
+HOST_SYNCS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+
+def profile_rounds(variants, names, rounds, device):
+    """Where a round's time goes beyond the floor's: for each named variant, `rounds` rounds under
+    torch.profiler, as its table of the top operators by self time on the device (the CPU on a CPU) and
+    the host syncs per round."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    out = []
+    for name in names:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for r in range(rounds):
+                variants[name](1000 + r)
+            sync(device)
+        events = prof.key_averages()
+        syncs = sum(e.count for e in events if e.key in HOST_SYNCS) / rounds
+        out.append(f"\n{name}: {rounds} round(s) profiled, {syncs:.0f} host syncs per round\n" +
+                   events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15))
+    return out
 
 
 def time_optimizers(model, mask, device, reps):
@@ -291,13 +316,15 @@ def main():
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the ratios are per thread)")
     p.add_argument("--device", default=None)
+    p.add_argument("--profile", type=int, default=0,
+                   help="also profile this many rounds of the floor and of the user rounds (torch.profiler)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one memory config as JSON
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.one:
         print(json.dumps(measure_memory(json.loads(a.one))))
         return
-    times, ratio, (args, device, model, x, y, shards, mask) = time_rounds(a)
+    times, ratio, profiles, (args, device, model, x, y, shards, mask) = time_rounds(a)
     opt_ratio = time_optimizers(model, mask, device, a.reps)
     calib = time_calibration(a, model, x, shards, args, device, max(3, a.reps // 2))
     share = evaluation_share(model, x, y, shards, args, device)
@@ -332,6 +359,7 @@ def main():
         print(f"| {name:<48} | {format(v, fmt):>8} |")
     if mem:
         print(f"\nmemory: {mem[0]['what']}")
+    print(*profiles, sep="\n")
 
 
 if __name__ == "__main__":
