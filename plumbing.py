@@ -365,7 +365,7 @@ def pick_device(name, deterministic=False):
         # (in the run's log) instead of stopping a study that run_all.sh started with this flag
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-        attention_by_the_math_kernel()
+        fused_attention_off()  # attention by the math kernel
     if dev.type == "cpu":
         # Denormal floats are many times slower on CPUs: a one-class FedAvg client, whose gradients
         # quickly become tiny, ran ~15x slower. Flushing them to zero changes no accuracy we report.
@@ -376,13 +376,14 @@ def pick_device(name, deterministic=False):
 FUSED_ATTENTION = ("cudnn", "flash", "mem_efficient")  # scaled_dot_product_attention's fused CUDA kernels
 
 
-def attention_by_the_math_kernel():
-    """Attention (scaled_dot_product_attention) through its math kernel only, for --deterministic on a GPU.
+def fused_attention_off(kernels=FUSED_ATTENTION):
+    """Attention (scaled_dot_product_attention) without these fused kernels; without all three, by its math
+    kernel only, as --deterministic on a GPU asks.
     Under warn_only=True each fused kernel keeps its non-deterministic backward and only warns (PyTorch's
     attention_backward.cu: cuDNN's, which ViT-S/16 at 224 px gets on an H200, and equally flash's and
     memory-efficient's, which would take its place). On an H200 a client step ran at 2336 img/s with the
     default kernels, 1601 with the math kernel only (PyTorch 2.11, bf16, batch 64, 224 px)."""
-    for kernel in FUSED_ATTENTION:
+    for kernel in kernels:
         switch = getattr(torch.backends.cuda, f"enable_{kernel}_sdp", None)
         if switch is not None:  # an older PyTorch may lack a kernel (cuDNN attention came in 2.2) and its switch
             switch(False)

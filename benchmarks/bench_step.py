@@ -43,11 +43,7 @@ def measure(cfg):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     if setting in ("no-cudnn-attn", "math-attn", "strict-det") and device.type == "cuda":
-        kernels = plumbing.FUSED_ATTENTION if setting == "math-attn" else ("cudnn",)
-        for kernel in kernels:
-            switch = getattr(torch.backends.cuda, f"enable_{kernel}_sdp", None)
-            if switch is not None:
-                switch(False)
+        plumbing.fused_attention_off(plumbing.FUSED_ATTENTION if setting == "math-attn" else ("cudnn",))
     args = fedavg.get_args(["--arch", cfg["arch"], "--img-size", str(cfg["img_size"]), "--no-pretrained",
                             "--batch-size", str(cfg["batch"])])
     precision = plumbing.resolve_amp("auto", device)
