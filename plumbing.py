@@ -458,6 +458,7 @@ def stream(name, seed, *keys):
 # ----------------------------------------------------------------------------- files: downloads, inputs the user names, atomic writes
 
 def network_reachable(host, port=443, timeout=3.0):
+    """Whether `host` answers within `timeout` seconds: offline, a download fails in seconds."""
     try:
         socket.create_connection((host, port), timeout=timeout).close()
         return True
@@ -481,6 +482,7 @@ def _unwrap_state_dict(sd):
 
 
 def read_weights_file(path):
+    """The backbone state dict in a --weights file (a .pth/.pt checkpoint or .safetensors), unwrapped."""
     if not os.path.isfile(path):
         raise UserError(f"weights file not found: {path} (download dino_deitsmall16_pretrain.pth or drop --weights)")
     try:
@@ -508,7 +510,7 @@ def hub_weights(arch):
             return cached
     if not network_reachable("huggingface.co"):
         raise UserError(f"no network and no cached weights for {arch}: run `python plan.py` where there is "
-                                 f"internet (fills ~/.cache/huggingface), or pass --weights dino_deitsmall16_pretrain.pth")
+                        f"internet (fills ~/.cache/huggingface), or pass --weights dino_deitsmall16_pretrain.pth")
     try:
         return hf_hub_download(cfg.hf_hub_id, "model.safetensors")
     except Exception as e:
