@@ -289,6 +289,7 @@ def main(argv=None):
                    help="with --estimate: runs at once on each GPU, or auto (runs_per_gpu of the GPU)")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # one probe process of --estimate
     a = p.parse_args(own)
+    shared = plumbing.base_parser(common.DEFAULT_ARCH)  # the stage scripts' shared flags, for --prefetch
     if flags is not None and not a.prefetch:
         p.error("flags after -- go with --prefetch")
     if a.prefetch and len(own) > 1:
@@ -308,10 +309,10 @@ def main(argv=None):
     elif a.probe:
         probe(sys.stdin.readline())
     elif a.prefetch:
-        script_flags = plumbing.Parser(parents=[plumbing.base_parser(common.DEFAULT_ARCH)], prog="plan.py --prefetch --", add_help=False)
+        script_flags = plumbing.Parser(parents=[shared], prog="plan.py --prefetch --", add_help=False)
         prefetch(script_flags.parse_known_args(flags or [])[0])
     else:  # --data-only: the backbone comes from elsewhere (--weights FILE)
-        prefetch(plumbing.Parser(parents=[plumbing.base_parser(common.DEFAULT_ARCH)]).parse_args(["--data-dir", a.data_dir, "--arch", a.arch]),
+        prefetch(plumbing.Parser(parents=[shared]).parse_args(["--data-dir", a.data_dir, "--arch", a.arch]),
                  backbone=not a.data_only)
 
 

@@ -455,7 +455,7 @@ def stream(name, seed, *keys):
     return make_generator(seed, *keys, STREAMS[name])
 
 
-# ----------------------------------------------------------------------------- files: downloads, inputs the user names, atomic writes
+# ----------------------------------------------------------------------------- files: downloads, inputs, atomic writes
 
 def network_reachable(host, port=443, timeout=3.0):
     """Whether `host` answers within `timeout` seconds: offline, a download fails in seconds."""
@@ -616,7 +616,7 @@ def write_csv(rows, path):
     atomic_write_text(buf.getvalue(), path)
 
 
-# ----------------------------------------------------------------------------- the run directory: lock, config, checkpoint, result
+# ----------------------------------------------------------------------------- the run directory
 
 # Flags that do not change a run's result: a run may be resumed with other values of these.
 # (Not --eval-batch-size: the order in which evaluation sums its batches shows in the last digits.)
