@@ -55,7 +55,7 @@ def get_args(argv=None):
         plumbing.refuse_ignored(p, args, plumbing.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
     plumbing.check_base_flags(p, args)
     mask = f"mask-{plumbing.file_tag(args.mask)}" if args.mask else f"{args.rule}_s{args.sparsity}_r{args.calib_rounds}"
-    args.out = args.out or f"{args.results}/editing/{mask}/seed{args.seed}"
+    args.out = args.out or f"{args.results}/model_editing/{mask}/seed{args.seed}"
     return args
 
 
@@ -215,7 +215,7 @@ def main(argv=None):
     changed, total = common.changed_count(model, pretrained)
     best = max(rows, key=lambda r: r["val_acc"])  # first of equals wins
     calibrated = args.mask is None  # a given mask's rule and rounds are its own run's (summarize.py reads them)
-    result = {"stage": "editing", "dataset": args.dataset, "seed": args.seed,
+    result = {"stage": "model_editing", "dataset": args.dataset, "seed": args.seed,
               "rule": args.rule if calibrated else None, "sparsity": args.sparsity if calibrated else None,
               "calib_rounds": args.calib_rounds if calibrated else None, "mask_file": args.mask,
               "head": args.head, "score": args.score, **ckpt["head_info"],

@@ -625,7 +625,7 @@ NON_RESULT_FLAGS = {"out", "results", "resume", "device", "data_dir"}
 
 def file_tag(path):
     """A run name for an input file: its last two folders and its name without the extension, e.g.
-    runs/editing/random_s0.5_r1/seed0/mask.pt -> random_s0.5_r1-seed0-mask. In the project's layout
+    runs/model_editing/random_s0.5_r1/seed0/mask.pt -> random_s0.5_r1-seed0-mask. In the project's layout
     (RESULTS/STAGE/NAME/seedN/FILE) two files never share one; the folder alone (seedN) would."""
     folders, name = os.path.split(os.path.abspath(path))
     return "-".join([os.path.basename(os.path.dirname(folders)), os.path.basename(folders),

@@ -171,16 +171,16 @@ add_sparse_fedavg() {  # add_sparse_fedavg SPLIT J RULE SPARSITY CALIB
 # split), so that a study stopped after a few hours (a Colab session) already fills the core tables.
 for seed in ${SEEDS//,/ }; do
   add centralized centralized.py "${CENTRAL[@]}"
-  add editing model_editing.py "${EDIT[@]}" --rule least-sensitive --sparsity $SPARSITY --calib-rounds $CALIB
+  add model_editing model_editing.py "${EDIT[@]}" --rule least-sensitive --sparsity $SPARSITY --calib-rounds $CALIB
   for split in "${SPLITS[@]}"; do add "fedavg dense" fedavg.py "${FED[@]}" $(split_flags "$split") --j 4; done
   for split in "${SPLITS[@]}"; do add_sparse_fedavg "$split" 4 least-sensitive $SPARSITY $CALIB; done
   # then the J sweep and the ablations (a run listed above is not listed twice)
   for rule in "${EDIT_RULES[@]}"; do
-    add editing model_editing.py "${EDIT[@]}" --rule "$rule" --sparsity $SPARSITY --calib-rounds $CALIB
+    add model_editing model_editing.py "${EDIT[@]}" --rule "$rule" --sparsity $SPARSITY --calib-rounds $CALIB
   done
   for s in "${EDIT_SPARSITIES[@]}"; do
     for r in "${EDIT_CALIBS[@]}"; do
-      add editing model_editing.py "${EDIT[@]}" --rule least-sensitive --sparsity "$s" --calib-rounds "$r"
+      add model_editing model_editing.py "${EDIT[@]}" --rule least-sensitive --sparsity "$s" --calib-rounds "$r"
     done
   done
   for split in "${SPLITS[@]}"; do
@@ -248,7 +248,7 @@ print_estimate() {  # per stage and in total: runs still to do, their images and
   local stage n fb f ms total_n=0 total_fb=0 total_f=0 total_ms=0 line
   echo "# runs still to do, the images they will process (an estimate: each script's image_passes) and their time here"
   for line in "${SAY[@]}"; do echo "# $line"; done
-  for stage in centralized editing "fedavg dense" "fedavg sparse"; do
+  for stage in centralized model_editing "fedavg dense" "fedavg sparse"; do
     n=0 fb=0 f=0 ms=0
     for i in "${TODO[@]}"; do
       [[ ${STAGE[i]} == "$stage" ]] || continue

@@ -32,7 +32,7 @@ import fedavg
 import model_editing
 import plumbing
 
-STAGES = ["centralized", "editing", "fedavg"]
+STAGES = ["centralized", "model_editing", "fedavg"]
 SCRIPTS = dict(zip(STAGES, (centralized, model_editing, fedavg)))
 COLUMNS = ["stage", "run", "dataset", "seed", "head", "score", "lr", "momentum", "wd", "scheduler", "rule",
            "sparsity", "calib_rounds", "mask", "k", "c", "j", "rounds", "warmup_rounds", "split", "sparse",
@@ -52,7 +52,7 @@ def warn(msg):
 SCHEMA = {
     "all": dict(stage="str", dataset="str", seed="int", seconds="num", precision="str?"),
     "centralized": dict(best="dict", best_epoch="int", val_acc="num", test_acc="num", final_test_acc="num"),
-    "editing": dict(rule="str?", sparsity="num?", calib_rounds="int?", mask_file="str?", head="str?", score="str?",
+    "model_editing": dict(rule="str?", sparsity="num?", calib_rounds="int?", mask_file="str?", head="str?", score="str?",
                     mask_kept_frac="num", changed_frac="num", head_test_acc="num", val_acc="num",
                     test_acc="num", best_val_acc="num", test_acc_at_best_val="num"),
     "fedavg": dict(k="int", c="num", j="int", rounds="int", warmup_rounds="int?", iid="bool", nc="int?",
@@ -116,7 +116,7 @@ def mask_of(r):
     if not os.path.isfile(path):
         return r["rule"], r["sparsity"], r["calib_rounds"], "central"
     e, problem = read_result(path)
-    if problem or e["stage"] != "editing":
+    if problem or e["stage"] != "model_editing":
         raise ValueError(f"its mask's editing run {path} is {problem or 'not an editing run'}")
     return e["rule"], e["sparsity"], e["calib_rounds"], "central"
 
@@ -152,7 +152,7 @@ def load_runs(root):
         try:
             if r and r["stage"] == "fedavg":
                 r.update(split="IID" if r["iid"] else f"Nc={r['nc']}", mask=mask_of(r) if r["sparse"] else None)
-            elif r and r["stage"] == "editing" and r.get("mask_file"):  # a given mask: its own run's settings
+            elif r and r["stage"] == "model_editing" and r.get("mask_file"):  # a given mask: its own run's settings
                 r.update(zip(("rule", "sparsity", "calib_rounds"), mask_of(r)[:3]))
         except ValueError as e:
             problem = str(e)
@@ -202,7 +202,7 @@ def once_each(runs):
 # between runs of a stage (epochs, lr, augmentation, ...) splits them into separate tables and cells,
 # named in the titles (mark_flags).
 SHOWN = {"centralized": {"seed"},  # the chosen hyperparameters are in the table; the flags are not
-         "editing": {"seed", "rule", "sparsity", "calib_rounds", "mask", "head", "score"},
+         "model_editing": {"seed", "rule", "sparsity", "calib_rounds", "mask", "head", "score"},
          "fedavg": {"seed", "iid", "nc", "j", "train", "head", "k", "c", "warmup_rounds", "score", "sparse",
                     "mask", "rule", "sparsity", "calib_rounds"}}
 
@@ -861,7 +861,7 @@ def csv_row(r, root):
         return row
     row.update(best_val_acc=r["best_val_acc"], test_acc_at_best_val=r.get("test_acc_at_best_val"),
                final_val_acc=r["val_acc"], final_test_acc=r["test_acc"])
-    if r["stage"] == "editing":
+    if r["stage"] == "model_editing":
         row.update({k: r[k] for k in ("rule", "sparsity", "calib_rounds")})
         return row
     row.update({k: r.get(k) for k in ("k", "c", "j", "rounds", "warmup_rounds", "sparse", "train", "split",
@@ -901,8 +901,8 @@ def summarize(root, target=0.9):
         doc += ["**Synthetic data: these numbers say nothing about CIFAR-100.**", ""]
     doc += not_run_doc(plan, runs, root)
     doc += centralized_doc(by_stage["centralized"])
-    section, plots = editing_doc(by_stage["editing"], out_dir)
-    section2, shown = fedavg_doc(by_stage["fedavg"], by_stage["centralized"], by_stage["editing"], target)
+    section, plots = editing_doc(by_stage["model_editing"], out_dir)
+    section2, shown = fedavg_doc(by_stage["fedavg"], by_stage["centralized"], by_stage["model_editing"], target)
     plots += fedavg_plots(by_stage["fedavg"], shown, out_dir)
     doc += section + section2
     if plots:

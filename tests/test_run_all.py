@@ -27,7 +27,7 @@ from helpers import assert_usage_error, backbone_file
 
 SCRIPT = os.path.join(ROOT, "run_all.sh")
 RULES = ["least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"]
-STAGES = ["centralized", "editing", "fedavg dense", "fedavg sparse"]
+STAGES = ["centralized", "model_editing", "fedavg dense", "fedavg sparse"]
 # A tiny study on the CPU: 600 synthetic images is the smallest set that leaves a validation image per
 # class. Its time goes mostly into starting 17 processes (importing torch, timm, matplotlib), not compute.
 SMALL = TINY + ["--synthetic-size", "600", "--batch-size", "16"]
@@ -70,7 +70,7 @@ def run_key(script, a):
     if script == "centralized.py":
         return "centralized", (a.grid, a.compare_schedulers)
     if script == "model_editing.py":
-        return "editing", (a.rule, a.sparsity, a.calib_rounds)
+        return "model_editing", (a.rule, a.sparsity, a.calib_rounds)
     split = "iid" if a.iid else f"nc{a.nc}"
     if a.sparse:
         return "fedavg sparse", (split, a.j, a.rule, a.sparsity, a.calib_rounds)
@@ -136,7 +136,7 @@ S5 = (0.5, 0.75, 0.9, 0.95, 0.99)
 SPLITS = ("iid", "nc1", "nc5", "nc10", "nc50")
 FULL = {  # the grid of the study, as README.md's 'The grid' lists it
     "centralized": {(True, True)},
-    "editing": {(r, 0.9, 4) for r in RULES} | {("least-sensitive", s, r) for s in S5 for r in (1, 2, 4, 8)},
+    "model_editing": {(r, 0.9, 4) for r in RULES} | {("least-sensitive", s, r) for s in S5 for r in (1, 2, 4, 8)},
     "fedavg dense": {(sp, j) for sp in SPLITS for j in (4, 8, 16)},
     "fedavg sparse": {(sp, j, "least-sensitive", 0.9, 4) for sp in SPLITS for j in (4, 8, 16)}
                      | {(sp, 4, r, 0.9, 4) for sp in ("iid", "nc5", "nc10") for r in RULES}
@@ -144,7 +144,7 @@ FULL = {  # the grid of the study, as README.md's 'The grid' lists it
 }
 QUICK = {  # every kind of run of FULL, each as small as it gets
     "centralized": {(True, True)},
-    "editing": {(r, 0.9, 2) for r in ("least-sensitive", "random")}
+    "model_editing": {(r, 0.9, 2) for r in ("least-sensitive", "random")}
                | {("least-sensitive", s, r) for s in (0.5, 0.9) for r in (1, 2)},
     "fedavg dense": {(sp, j) for sp in ("iid", "nc5") for j in (4, 8)},
     "fedavg sparse": {(sp, j, "least-sensitive", 0.9, 2) for sp in ("iid", "nc5") for j in (4, 8)}
@@ -164,7 +164,7 @@ def core_runs(grid):
     and sparse FedAvg at J=4 on every split."""
     calib = 4 if grid is FULL else 2
     splits = {key[0] for key in grid["fedavg dense"]}
-    return ({("centralized", (True, True)), ("editing", ("least-sensitive", 0.9, calib))}
+    return ({("centralized", (True, True)), ("model_editing", ("least-sensitive", 0.9, calib))}
             | {("fedavg dense", (sp, 4)) for sp in splits}
             | {("fedavg sparse", (sp, 4, "least-sensitive", 0.9, calib)) for sp in splits})
 
@@ -235,7 +235,7 @@ def test_a_finished_run_counts_as_done_only_with_the_flags_of_the_study(tmp_path
             f"not counted as done; move it away to run this one") in proc.stdout.splitlines()
     runs = listed_runs(proc.stdout)
     assert len(runs) == 15 and not {done.out, other.out} & {a.out for _, a, _ in runs}
-    assert stage_lines(proc.stdout)["editing"][0] == 3
+    assert stage_lines(proc.stdout)["model_editing"][0] == 3
     for _, a, words in runs:
         assert words[-len(flags):] == flags and a.batch_size == 9
     prefetch = [line for line in proc.stdout.splitlines() if line.startswith(sys.executable) and "plan.py" in line]
@@ -290,7 +290,7 @@ def test_describe_runs_names_the_run_directory_and_counts_images_by_hand(tmp_pat
     assert fed == [f"{tmp_path}/r/fedavg/nc10_j8_sparse-least-sensitive_s0.9_r4/seed1",
                    str(150 * 10 * 8 * 64 + 4 * 100 * 3), str(60000 + 8 * 5000 + 1 * 10000)]
     # editing with a magnitude-free rule: no Fisher pass; 2 epochs; val+test before and after each epoch
-    assert edit == [f"{tmp_path}/r/editing/random_s0.9_r4/seed0", str(2 * 45000), str(60000 + 3 * 15000)]
+    assert edit == [f"{tmp_path}/r/model_editing/random_s0.9_r4/seed0", str(2 * 45000), str(60000 + 3 * 15000)]
 
 
 @pytest.mark.parametrize("line,says", [("fedavg.py --bogus 3", "fedavg.py: unrecognized arguments: --bogus"),
@@ -437,7 +437,7 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
         r = json.loads(path.read_text())
         kind = r["stage"] + (" sparse" if r.get("sparse") else " dense" if r["stage"] == "fedavg" else "")
         kinds[kind] = kinds.get(kind, 0) + 1
-    assert kinds == {"centralized": 1, "editing": 5, "fedavg dense": 4, "fedavg sparse": 7}
+    assert kinds == {"centralized": 1, "model_editing": 5, "fedavg dense": 4, "fedavg sparse": 7}
     assert len(list((results / "logs").glob("*.log"))) == 17
     assert calls(log)[-1][:1] == ["summarize.py"] and calls(log)[-1][-1] == str(results)
     assert all(c[2] != "unset" for c in calls(log) if c[0] != "summarize.py")  # RUN_ALL_PID for every run

@@ -442,7 +442,7 @@ def test_resume_in_a_read_only_run_folder_is_one_line_and_changes_nothing(tmp_pa
 def test_two_masks_of_the_project_layout_name_two_runs():
     """Masks of two runs of one seed share their folder's name (seed0): the run on a mask is named after
     the mask's run too."""
-    masks = ["runs/editing/random_s0.5_r1/seed0/mask.pt", "runs/fedavg/iid_j4_sparse-random_s0.5_r1/seed0/mask.pt"]
+    masks = ["runs/model_editing/random_s0.5_r1/seed0/mask.pt", "runs/fedavg/iid_j4_sparse-random_s0.5_r1/seed0/mask.pt"]
     for script, flags in ((model_editing, []), (fedavg, ["--sparse"])):
         outs = {script.get_args(FAST + flags + ["--mask", m]).out for m in masks}
         assert len(outs) == 2, outs
@@ -451,14 +451,14 @@ def test_two_masks_of_the_project_layout_name_two_runs():
 def test_an_edit_on_a_given_mask_is_filed_under_that_masks_settings(tmp_path):
     base = FAST + ["--synthetic-size", "1000", "--epochs", "0", "--results", str(tmp_path)]
     model_editing.main(base + ["--rule", "random", "--sparsity", "0.5", "--calib-rounds", "1"])
-    made = tmp_path / "editing" / "random_s0.5_r1" / "seed0"
+    made = tmp_path / "model_editing" / "random_s0.5_r1" / "seed0"
     model_editing.main(base + ["--mask", str(made / "mask.pt")])
-    given = json.loads((tmp_path / "editing" / "mask-random_s0.5_r1-seed0-mask" / "seed0" / "result.json").read_text())
+    given = json.loads((tmp_path / "model_editing" / "mask-random_s0.5_r1-seed0-mask" / "seed0" / "result.json").read_text())
     assert (given["rule"], given["sparsity"], given["calib_rounds"]) == (None, None, None)  # not the flag defaults
     summarize.main([str(tmp_path)])
     with open(tmp_path / "summary" / "results.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
-    row = rows["editing/mask-random_s0.5_r1-seed0-mask/seed0"]
+    row = rows["model_editing/mask-random_s0.5_r1-seed0-mask/seed0"]
     assert (row["rule"], row["sparsity"], row["calib_rounds"]) == ("random", "0.5", "1")
 
 

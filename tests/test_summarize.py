@@ -19,7 +19,7 @@ import summarize
 BASE = {
     "centralized": dict(best=dict(lr=0.1, momentum=0.9, wd=0.0, scheduler="cosine"), best_epoch=5, epochs_run=10,
                         test_loss=1.0),
-    "editing": dict(rule="least-sensitive", sparsity=0.9, calib_rounds=4, mask_file=None, head="ridge",
+    "model_editing": dict(rule="least-sensitive", sparsity=0.9, calib_rounds=4, mask_file=None, head="ridge",
                     score="logit", mask_kept_frac=0.1, changed_frac=0.05, head_val_acc=0.4, head_test_acc=0.4,
                     best_epoch=3),
     "fedavg": dict(k=100, c=0.1, j=4, rounds=300, warmup_rounds=0, iid=False, nc=5, train="all", sparse=False,
@@ -28,7 +28,7 @@ BASE = {
                    comm_mb_total=12.0),
 }
 ACC_KEYS = {"centralized": ["val_acc", "test_acc", "final_test_acc"],  # exactly the stage's accuracy keys
-            "editing": ["val_acc", "test_acc", "best_val_acc", "test_acc_at_best_val"],
+            "model_editing": ["val_acc", "test_acc", "best_val_acc", "test_acc_at_best_val"],
             "fedavg": ["val_acc", "test_acc", "best_val_acc"]}
 
 
@@ -59,7 +59,7 @@ def fed(root, split, j, seed, acc, mask=None, curve=None, **fields):
     if mask:
         rule, s, r = mask
         kind = f"sparse-{rule}_s{s}_r{r}"
-        mask_file = root / "editing" / f"{rule}_s{s}_r{r}" / f"seed{seed}" / "mask.pt"
+        mask_file = root / "model_editing" / f"{rule}_s{s}_r{r}" / f"seed{seed}" / "mask.pt"
         fields = dict(dict(sparse=True, rule=rule, sparsity=s, calib_rounds=r, mask_file=str(mask_file)), **fields)
     return write_run(root, "fedavg", f"{split}_j{j}_{kind}", seed, acc, curve or {1: acc / 2, 2: acc}, j=j,
                      iid=split == "iid", nc=nc, **fields)
@@ -110,7 +110,7 @@ def pm(*accs):
 
 def test_summary_averages_over_seeds_and_says_what_is_missing(tmp_path):
     for seed, (e, f) in enumerate([(0.50, 0.30), (0.70, 0.40)]):
-        write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", seed, e)
+        write_run(tmp_path, "model_editing", "least-sensitive_s0.9_r4", seed, e)
         fed(tmp_path, "nc5", 8, seed, f, rounds=150)
     rows, report, _ = summarize_root(tmp_path)
 
@@ -132,7 +132,7 @@ def study(root):
         write_run(root, "centralized", "grid_compare", seed, 0.80 + d)
         for rule, s, r, a in [("least-sensitive", 0.9, 4, 0.70), ("most-sensitive", 0.9, 4, 0.60),
                               ("least-sensitive", 0.5, 4, 0.72), ("least-sensitive", 0.9, 1, 0.68)]:
-            write_run(root, "editing", f"{rule}_s{s}_r{r}", seed, a + d, rule=rule, sparsity=s, calib_rounds=r)
+            write_run(root, "model_editing", f"{rule}_s{s}_r{r}", seed, a + d, rule=rule, sparsity=s, calib_rounds=r)
         for split, base in [("iid", 0.60), ("nc5", 0.40)]:
             for j, dj in [(4, 0.0), (8, 0.05)]:
                 fed(root, split, j, seed, base + dj + d)
@@ -181,12 +181,12 @@ def test_every_table_of_the_study_picks_its_runs(tmp_path, no_plots):
     csv_sparse = [r for r in rows if r["run"].startswith("fedavg/nc5_j4_sparse-least-sensitive_s0.9_r4")]
     assert [(r["rule"], r["sparsity"], r["calib_rounds"], r["head"], r["score"], r["precision"]) for r in csv_sparse] == \
         [("least-sensitive", "0.9", "4", "ridge", "logit", "bf16")] * 2
-    assert csv_sparse[0]["mask"] == "editing/least-sensitive_s0.9_r4/seed0/mask.pt"
+    assert csv_sparse[0]["mask"] == "model_editing/least-sensitive_s0.9_r4/seed0/mask.pt"
 
 
 def test_the_mask_comes_from_its_editing_run_and_heads_are_never_mixed(tmp_path, no_plots):
     # the FedAvg result.json says nothing of the mask (mask_file given): the editing run tells
-    write_run(tmp_path, "editing", "most-sensitive_s0.5_r2", 0, 0.5, rule="most-sensitive", sparsity=0.5,
+    write_run(tmp_path, "model_editing", "most-sensitive_s0.5_r2", 0, 0.5, rule="most-sensitive", sparsity=0.5,
               calib_rounds=2)
     fed(tmp_path, "nc5", 4, 0, 0.3, mask=("most-sensitive", 0.5, 2), rule=None, sparsity=None, calib_rounds=None)
     fed(tmp_path, "nc5", 4, 0, 0.2, head="warmup")  # dense, another head
@@ -199,12 +199,12 @@ def test_the_mask_comes_from_its_editing_run_and_heads_are_never_mixed(tmp_path,
     assert table(report, "The six models (head warmup)")["FedAvg Nc=5"] == [pm(0.2), "–"]
     sparse = {r["mask"]: r for r in rows if r["stage"] == "fedavg" and r["sparse"] == "True"}
     assert sparse["federated"]["calib_rounds"] == "4"
-    assert sparse["editing/most-sensitive_s0.5_r2/seed0/mask.pt"]["rule"] == "most-sensitive"
+    assert sparse["model_editing/most-sensitive_s0.5_r2/seed0/mask.pt"]["rule"] == "most-sensitive"
 
 
 def test_the_six_models_take_the_editing_run_whose_mask_sparse_fedavg_used(tmp_path, no_plots):
-    write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", 0, 0.70)  # the usual default, not used here
-    write_run(tmp_path, "editing", "least-sensitive_s0.5_r2", 0, 0.55, sparsity=0.5, calib_rounds=2)
+    write_run(tmp_path, "model_editing", "least-sensitive_s0.9_r4", 0, 0.70)  # the usual default, not used here
+    write_run(tmp_path, "model_editing", "least-sensitive_s0.5_r2", 0, 0.55, sparsity=0.5, calib_rounds=2)
     fed(tmp_path, "nc5", 4, 0, 0.4)
     fed(tmp_path, "nc5", 4, 0, 0.45, mask=("least-sensitive", 0.5, 2))
     _, report, _ = summarize_root(tmp_path)
@@ -246,7 +246,7 @@ def test_without_a_centralized_run_rounds_to_target_is_not_computed(tmp_path, no
 
 
 def test_communication_is_read_from_result_json(tmp_path, no_plots):
-    write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", 0, 0.6)
+    write_run(tmp_path, "model_editing", "least-sensitive_s0.9_r4", 0, 0.6)
     fed(tmp_path, "nc5", 4, 0, 0.5, comm_values_per_client_round=21_000_000, comm_mb_total=25200.0)
     fed(tmp_path, "nc5", 4, 0, 0.5, mask=("least-sensitive", 0.9, 4), comm_values_per_client_round=2_100_000,
         comm_mb_total=2520.0)
@@ -359,10 +359,10 @@ def test_plots_heatmap_curves_and_agreement(tmp_path):
 
 def test_a_copied_run_counts_once_and_editing_runs_of_other_flags_are_not_mixed(tmp_path, capsys, no_plots):
     config = {"seed": 0, "rule": "least-sensitive", "sparsity": 0.9, "calib_rounds": 4, "epochs": 1, "lr": 0.001}
-    a = write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", 0, 0.6)
+    a = write_run(tmp_path, "model_editing", "least-sensitive_s0.9_r4", 0, 0.6)
     (a / "config.json").write_text(json.dumps(config))
     shutil.copytree(a, tmp_path / "copy" / "seed0")  # the same run, copied
-    b = write_run(tmp_path, "editing", "least-sensitive_s0.9_r4_long", 0, 0.2)
+    b = write_run(tmp_path, "model_editing", "least-sensitive_s0.9_r4_long", 0, 0.2)
     (b / "config.json").write_text(json.dumps(dict(config, epochs=2)))  # another run: more epochs
     rows, report, _ = summarize_root(tmp_path)
     err = capsys.readouterr().err.splitlines()
@@ -392,7 +392,7 @@ def test_fedavg_and_centralized_runs_of_other_flags_are_never_in_one_cell(tmp_pa
         for j, rounds, a in ((4, 300, 0.40), (8, 150, 0.50)):  # --scale-rounds: the same flags at every J
             with_config(fed(tmp_path, "nc5", j, seed, a + d, rounds=rounds),
                         real_config(fedavg, "--nc", "5", "--j", str(j), "--scale-rounds", *s))
-        mask = tmp_path / "editing" / "least-sensitive_s0.9_r4" / f"seed{seed}" / "mask.pt"  # a file per seed
+        mask = tmp_path / "model_editing" / "least-sensitive_s0.9_r4" / f"seed{seed}" / "mask.pt"  # a file per seed
         with_config(fed(tmp_path, "nc5", 4, seed, 0.45 + d, mask=("least-sensitive", 0.9, 4)),
                     real_config(fedavg, "--nc", "5", "--sparse", "--mask", str(mask), "--scale-rounds", *s))
     # seed 0 again, each with one flag changed: more epochs, another client learning rate, more rounds
@@ -466,10 +466,10 @@ def test_bad_runs_are_left_out_with_one_warning_each(tmp_path, capsys):
             content = json.dumps(r)
         (d / "result.json").write_bytes(content if isinstance(content, bytes) else content.encode())
         paths[name] = d / "result.json"
-    editing = write_run(tmp_path, "editing", "least-sensitive_s0.9_r4", 0, 0.6)
+    editing = write_run(tmp_path, "model_editing", "least-sensitive_s0.9_r4", 0, 0.6)
     fed(tmp_path, "iid", 4, 0, 0.5, mask=("least-sensitive", 0.9, 4))
-    (editing / "result.json").write_text('{"stage": "editing"}')  # corrupt: the editing run and the
-    paths["editing"] = editing / "result.json"                    # sparse run on its mask are left out
+    (editing / "result.json").write_text('{"stage": "model_editing"}')  # corrupt: the editing run and the
+    paths["model_editing"] = editing / "result.json"                    # sparse run on its mask are left out
     no_metrics = fed(tmp_path, "nc5", 8, 0, 0.45)
     (no_metrics / "metrics.csv").unlink()  # kept, without curves: one warning
     paths["metrics"] = no_metrics / "metrics.csv"
@@ -479,8 +479,8 @@ def test_bad_runs_are_left_out_with_one_warning_each(tmp_path, capsys):
     assert all(line.startswith("warning: ") for line in err) and "Traceback" not in "".join(err)
     assert len(err) == len(paths) + 1, err
     for name, path in paths.items():  # the editing run's also in the warning of the sparse run on its mask
-        assert sum(str(path) in line for line in err) == 1 + (name == "editing"), (name, err)
-    assert sum("fedavg/iid_j4_sparse" in line and str(paths["editing"]) in line for line in err) == 1
+        assert sum(str(path) in line for line in err) == 1 + (name == "model_editing"), (name, err)
+    assert sum("fedavg/iid_j4_sparse" in line and str(paths["model_editing"]) in line for line in err) == 1
     assert sorted(r["run"] for r in rows) == ["centralized/grid_compare/seed0", "fedavg/nc5_j4_dense/seed0",
                                               "fedavg/nc5_j8_dense/seed0"]
     assert table(report, "FedAvg, dense")["Nc=5"] == [pm(0.5), pm(0.45)]
@@ -529,7 +529,7 @@ def test_a_planned_study_counts_only_its_runs_and_lists_what_has_not_run(tmp_pat
     write_run(tmp_path, "centralized", "grid_compare", 0, 0.8)
     fed(tmp_path, "iid", 4, 0, 0.7)
     fed(tmp_path, "nc5", 4, 0, 0.1)  # finished, but with other flags than planned
-    write_run(tmp_path, "editing", "random_s0.5_r4", 0, 0.05)  # never planned
+    write_run(tmp_path, "model_editing", "random_s0.5_r4", 0, 0.05)  # never planned
     plan = [("centralized", "centralized/grid_compare/seed0", {}), ("fedavg dense", "fedavg/iid_j4_dense/seed0", {}),
             ("fedavg dense", "fedavg/nc5_j4_dense/seed0", {"epochs": 2})]
     plan += [("fedavg sparse", f"fedavg/iid_j4_sparse-least-sensitive_s0.9_r4/seed{s}", {}) for s in (0, 1)]
@@ -539,7 +539,7 @@ def test_a_planned_study_counts_only_its_runs_and_lists_what_has_not_run(tmp_pat
     err = capsys.readouterr().err
     assert f"{tmp_path}/fedavg/nc5_j4_dense/seed0 holds a run with other flags than the study's (differs in " \
            f"epochs); run left out" in err
-    assert "1 finished run(s) under" in err and "e.g. editing/random_s0.5_r4/seed0; left out" in err
+    assert "1 finished run(s) under" in err and "e.g. model_editing/random_s0.5_r4/seed0; left out" in err
     section = report.split("## Not run yet")[1].split("\n## ")[0]
     assert "3 of the 5 runs that run_all.sh planned have no result here" in section
     assert "- fedavg dense (1): fedavg/nc5_j4_dense (seed 0)\n" in section
@@ -628,10 +628,10 @@ def test_a_file_per_seed_is_one_setting_averaged_over_seeds(tmp_path, no_plots):
     import model_editing
     for seed in (0, 1):
         hp = f"runs/centralized/grid_compare/seed{seed}/result.json"
-        with_config(write_run(tmp_path, "editing", "warm", seed, 0.5 + 0.1 * seed, head="warmup"),
+        with_config(write_run(tmp_path, "model_editing", "warm", seed, 0.5 + 0.1 * seed, head="warmup"),
                     real_config(model_editing, "--head", "warmup", "--hparams", hp, "--seed", str(seed)))
         head = f"runs/centralized/grid_compare/seed{seed}/head.pt"
-        with_config(write_run(tmp_path, "editing", "file", seed, 0.3 + 0.1 * seed, head=head),
+        with_config(write_run(tmp_path, "model_editing", "file", seed, 0.3 + 0.1 * seed, head=head),
                     real_config(model_editing, "--head", head, "--seed", str(seed)))
     _, report, _ = summarize_root(tmp_path)
     start = "Sparsity × calibration rounds in model editing (least-sensitive mask; head "
