@@ -7,7 +7,6 @@ scores and masks (TaLoS steps 1-2), and last a run's start (prepare).
 A run's plumbing (errors, the flags the scripts share, device, random streams, files, run directories,
 plots) is in plumbing.py; run_all.sh's planner (prefetch, image passes, time estimate) in plan.py.
 """
-import json
 import math
 import os
 import sys
@@ -661,13 +660,9 @@ BACKBONE_FLAGS = ("arch", "weights", "no_pretrained", "img_size")
 
 def check_head_source(path, args):
     """Refuse a head file whose run (the config.json next to it, when there is one) had another backbone."""
-    try:
-        with open(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")) as f:
-            source = json.load(f)
-    except (OSError, ValueError):
+    source = plumbing.read_json_object(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"))
+    if source is None:
         return  # a head file from elsewhere: only its shape can be checked
-    if not isinstance(source, dict):
-        return
     def same(k):  # weights files by name, as the feature cache keys them (the same file, another path)
         a, b = source[k], getattr(args, k)
         return (os.path.basename(a) == os.path.basename(b)) if k == "weights" and a and b else a == b

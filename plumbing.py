@@ -683,15 +683,23 @@ def remove_stale_temporaries(out):
                                 f"({e.strerror}): the run directory must be writable; nothing was changed")
 
 
+def read_json_object(path):
+    """The JSON object (dict) in file `path`, or None: no regular file (a FIFO would block the read), not
+    readable, not JSON (empty, truncated, not UTF-8, nested too deep), or not an object."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def read_result_json(out):
     """The result.json of run directory `out` as a dict, or None: a run is finished only when its
     result.json is a JSON object (an empty or truncated file marks nothing)."""
-    try:
-        with open(os.path.join(out, "result.json")) as f:
-            r = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return r if isinstance(r, dict) else None
+    return read_json_object(os.path.join(out, "result.json"))
 
 
 def with_defaults(stored, defaults):
@@ -713,14 +721,8 @@ def config_differences(out, config, defaults):
     """The keys in which the run in directory `out` (its config.json) differs from `config` (of flags with
     `defaults`, see with_defaults), sorted, the precision left aside (it is only resolved once the device
     is known); None without a readable config."""
-    try:
-        with open(os.path.join(out, "config.json")) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(old, dict):
-        return None
-    return [k for k in differing_keys(old, config, defaults) if k != "precision"]
+    old = read_json_object(os.path.join(out, "config.json"))
+    return None if old is None else [k for k in differing_keys(old, config, defaults) if k != "precision"]
 
 
 def refuse_other_runs(args, config):
@@ -739,21 +741,18 @@ def refuse_other_runs(args, config):
             raise UserError(f"--out {out} is not empty and holds no run (it has {sorted(stray)[0]!r}); "
                             f"choose another --out")
         return
-    try:
-        with open(cfg_path) as f:
-            old = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{cfg_path} is unreadable ({type(e).__name__}); delete {out} or choose another --out")
-    if not isinstance(old, dict):
-        raise UserError(f"{cfg_path} is not a run's config (not a JSON object); delete {out} or choose another --out")
+    old = read_json_object(cfg_path)
+    if old is None:
+        raise UserError(f"{cfg_path} is not a run's config (unreadable, or not a JSON object); delete {out} or "
+                        f"choose another --out")
     diff = differing_keys(old, config, args.defaults)
     if diff:
         raise UserError(f"{out} holds a different run (differs in {', '.join(diff)}); "
                         f"choose another --out or delete it")
-    if read_result_json(out) is not None and not args.resume:
-        raise UserError(f"{out} already holds a finished run; choose another --out or delete it")
-    if read_result_json(out) is None and not args.resume:
-        raise UserError(f"{out} holds an interrupted run: add --resume to continue it, or choose another --out")
+    if not args.resume:
+        raise UserError(f"{out} already holds a finished run; choose another --out or delete it"
+                        if read_result_json(out) is not None else
+                        f"{out} holds an interrupted run: add --resume to continue it, or choose another --out")
 
 
 def open_run(args):

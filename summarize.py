@@ -175,12 +175,8 @@ def flag_defaults(stage):
 def read_config(d, stage):
     """A run's config.json (every flag that defines it, the seed included) as a dict, a flag it lacks (an
     older run's) at its default (plumbing.with_defaults); {} if unreadable or empty (no run's)."""
-    try:
-        with open(os.path.join(d, "config.json")) as f:
-            c = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return plumbing.with_defaults(c, flag_defaults(stage)) if isinstance(c, dict) and c else {}
+    c = plumbing.read_json_object(os.path.join(d, "config.json"))
+    return plumbing.with_defaults(c, flag_defaults(stage)) if c else {}
 
 
 def once_each(runs):

@@ -351,9 +351,10 @@ def test_run_files_of_the_wrong_kind_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(plumbing.UserError, match="checkpoint.pt is not a regular file"):
         centralized.main(GRID + ["--out", str(tmp_path / "grid"), "--resume"])
     (tmp_path / "grid" / "checkpoint.pt").rmdir()
-    (tmp_path / "grid" / "config.json").write_text("[1, 2]")
-    with pytest.raises(plumbing.UserError, match="config.json is not a run's config"):
-        centralized.main(GRID + ["--out", str(tmp_path / "grid"), "--resume"])
+    for crafted in ("[1, 2]", "[" * 100_000):  # a JSON list; JSON nested too deep for the parser
+        (tmp_path / "grid" / "config.json").write_text(crafted)
+        with pytest.raises(plumbing.UserError, match="config.json is not a run's config"):
+            centralized.main(GRID + ["--out", str(tmp_path / "grid"), "--resume"])
 
 
 def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_kept(tmp_path, monkeypatch, capsys):
