@@ -676,6 +676,8 @@ def check_head_source(path, args):
 # ----------------------------------------------------------------------------- Fisher scores and masks
 
 MASK_RULES = ["least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"]
+# The rules that rank by a sensitivity score: only these run Fisher scoring while calibrating.
+SCORED_RULES = ("least-sensitive", "most-sensitive")
 SCORES = ["logit", "loglik"]
 CALIB_IMAGES = ["train-aug", "clean"]
 # The layers whose weight and bias TaLoS masks (its layers.mask_pretrained_vit wraps exactly these).
@@ -911,7 +913,7 @@ def calibrate_mask(model, score_fn, rule, sparsity, rounds, gen):
     mask, log = None, []
     for r, keep in enumerate(keep_schedule(total, sparsity, rounds), start=1):
         plumbing.stop_here(f"mask calibration, round {r} of {rounds}")
-        scores = score_fn(r, mask) if rule in ("least-sensitive", "most-sensitive") else None
+        scores = score_fn(r, mask) if rule in SCORED_RULES else None
         mask = select_mask(scores, rule, keep, current=mask, gen=gen, params=params)
         log.append({"round": r, "kept": keep, "kept_frac": keep / total})
     return mask, log

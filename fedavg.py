@@ -340,17 +340,23 @@ def write_outputs(rows, args):
                             "round (0 = the head, before any round)", label, name)
 
 
+def needs_features(a):
+    """Whether a run computes the frozen backbone's features: for the ridge head, the head-only rounds,
+    and the evaluations while the backbone does not change."""
+    return a.head == "ridge" or a.warmup_rounds or a.train == "head"
+
+
 def image_passes(a, train, val, test):
     """Images a run pushes through the ViT, (forward+backward, forward only), for run_all.sh's estimate
     (plan.py): features once (ridge head / head-only rounds); sampled clients x J local batches per main
     round; federated calibration: every client scores ceil(fisher_batches * fisher_batch_size / k) images
     per calibration round; validation every --eval-every rounds, test every --test-every, both at the end.
     It ignores that a client's batch never exceeds its shard."""
-    feats = train + val + test if a.head == "ridge" or a.warmup_rounds or a.train == "head" else 0
+    feats = train + val + test if needs_features(a) else 0
     if a.train == "head":  # every round and every evaluation on cached features
         return 0, feats
     calib = 0
-    if a.sparse and not a.mask and "sensitive" in a.rule:
+    if a.sparse and not a.mask and a.rule in common.SCORED_RULES:
         calib = a.calib_rounds * a.k * math.ceil(a.fisher_batches * a.fisher_batch_size / a.k)
     evals = (a.rounds // a.eval_every + 1) * val + (a.rounds // a.test_every + 1) * test
     return a.rounds * clients_per_round(a) * a.j * a.batch_size + calib, feats + evals
@@ -373,8 +379,7 @@ def main(argv=None):
         p.requires_grad_(False)
     # Frozen-backbone features of the clean images: the ridge statistics, head-only rounds and their
     # evaluation (the backbone does not change there) all read them instead of running the ViT.
-    needs_feats = args.head == "ridge" or args.warmup_rounds or args.train == "head"
-    feats = common.cached_features(model, data, args, device) if needs_feats else None
+    feats = common.cached_features(model, data, args, device) if needs_features(args) else None
     pretrained = {n: p.detach().cpu().clone() for n, p in common.masked_params(model)}
     mask_path = os.path.join(args.out, "mask.pt")
 

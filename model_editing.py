@@ -116,7 +116,7 @@ def image_passes(a, train, val, test):
     """Images a run pushes through the ViT, (forward+backward, forward only), for run_all.sh's estimate
     (plan.py): features once (the head), Fisher calibration (sensitivity rules only, per-sample
     gradients), fine-tuning epochs, and val+test evaluation before editing and after every epoch."""
-    calib = a.calib_rounds * a.fisher_batches * a.fisher_batch_size if not a.mask and "sensitive" in a.rule else 0
+    calib = a.calib_rounds * a.fisher_batches * a.fisher_batch_size if not a.mask and a.rule in common.SCORED_RULES else 0
     return calib + a.epochs * train, train + val + test + (a.epochs + 1) * (val + test)
 
 
