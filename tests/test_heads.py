@@ -159,7 +159,7 @@ def independent_gap(out, flags):
     idx = torch.randperm(len(x), generator=gen)[:common.AUG_GAP_IMAGES]
     off, flip = common.draw_augmentation(len(idx), gen)
     with torch.no_grad():
-        acc = [float((model(common.preprocess(images, 32)).argmax(1) == y[idx]).float().mean())
+        acc = [int((model(common.preprocess(images, 32)).argmax(1) == y[idx]).sum()) / len(idx)
                for images in (x[idx], common.augment(x[idx], off, flip))]
     return {"head_train_acc": acc[0], "head_train_aug_acc": acc[1]}
 
