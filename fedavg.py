@@ -111,6 +111,7 @@ def get_args(argv=None):
     kind = "head" if args.train == "head" else "dense"
     if args.head in common.FRESH_HEADS:  # the baseline where FedAvg learns the head: not the ridge head's run
         kind += f"_from-{args.head}"
+    kind += plumbing.ridge_views_tag(args)
     if args.sparse:
         kind = (f"sparse-mask-{plumbing.file_tag(args.mask)}" if args.mask
                 else f"sparse-{args.rule}_s{args.sparsity}_r{args.calib_rounds}")
@@ -474,7 +475,8 @@ def main(argv=None):
             ckpt["calibrated"] = True
             save()
         if rnd == args.warmup_rounds and measures_aug_gap(args) and "head_train_aug_acc" not in ckpt["rows"][rnd]:
-            # the head the backbone is about to train under (round 0's, or after the warm-up rounds)
+            # the head the backbone is about to train under (round 0's, or after the warm-up rounds), on a
+            # sample of the union of the shards: as if clients counted on their own images and the server added
             gap = common.augmentation_gap(model, *data["train"], args, device)
             ckpt["rows"][rnd].update(gap)
             common.warn_augmentation_gap(gap)

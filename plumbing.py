@@ -346,6 +346,12 @@ def check_head_flags(p, args):
         refuse_ignored(p, args, ["ridge_views"], f"it fits --head ridge, and this run's head is {args.head}")
 
 
+def ridge_views_tag(args):
+    """Run-name suffix of a ridge head fitted on augmented views ('_ridge4views'; '' for the clean one,
+    whose runs keep their names): another head, so another run."""
+    return f"_ridge{args.ridge_views}views" if args.head == "ridge" and args.ridge_views else ""
+
+
 # edit_parser's flags that make a mask: they do nothing without one to make (no --sparse, or --mask FILE)
 CALIBRATION_FLAGS = ("rule", "sparsity", "calib_rounds", "score", "fisher_batches", "fisher_batch_size",
                      "calib_damp")
