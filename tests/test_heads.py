@@ -169,7 +169,7 @@ def independent_gap(out, flags):
 
 
 @pytest.mark.parametrize("script", ["fedavg", "model_editing"])
-def test_round_0_records_the_heads_accuracy_on_clean_and_augmented_training_images(tmp_path, script):
+def test_round_0_records_the_heads_accuracy_on_clean_and_augmented_training_images(tmp_path, script, capsys):
     out = tmp_path / "run"
     flags = FAST + ["--out", str(out)]
     if script == "fedavg":
@@ -184,6 +184,8 @@ def test_round_0_records_the_heads_accuracy_on_clean_and_augmented_training_imag
         assert float(rows[0][k]) == pytest.approx(v, abs=1e-5), k  # metrics.csv's round / epoch 0
         assert rows[1][k] == ""  # measured once, at the start
     assert want["head_train_acc"] != want["head_train_aug_acc"]
+    warned = "warning: the step-0 head" in capsys.readouterr().err
+    assert warned == (want["head_train_acc"] - want["head_train_aug_acc"] > common.AUG_GAP_WARN)
 
 
 def test_no_gap_is_measured_without_augmentation(tmp_path):
