@@ -567,32 +567,36 @@ def feature_cache_path(args, split, views):
     return os.path.join(args.data_dir, "features", name.replace("/", "_"))
 
 
+def split_features(model, data, split, views, args, device):
+    """Features of one split on device: of its clean images (views=0, N×D) or of V augmented copies
+    (views=V, V×N×D, copy v drawn from the stream feature_view(seed, v)); cached on disk in
+    --data-dir/features (not for a random backbone: it differs by seed)."""
+    path = feature_cache_path(args, split, views)
+    x = data[split][0]
+    f = None
+    if os.path.isfile(path) and not args.no_pretrained:
+        try:
+            f = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            f = None  # a corrupt cache file is just recomputed
+    if f is None:
+        if views == 0:
+            f = extract_features(model, x, args, device, desc=f"{split} features").cpu()
+        else:
+            f = torch.stack([extract_features(model, x, args, device, plumbing.stream("feature_view", args.seed, v),
+                                              desc=f"{split} view {v}").cpu() for v in range(views)])
+        if not args.no_pretrained:
+            plumbing.atomic_save(f, path)
+    return f.to(device)
+
+
 def cached_features(model, data, args, device, aug_views=0):
     """{split: (features, labels)} of the frozen backbone for 'train', 'val', 'test', on device.
     aug_views=0: features of the clean training images (N×D; exact: training without augmentation).
     aug_views=V: of V augmented copies of the training set (V×N×D), epoch e uses copy e % V (exact
     for that augmentation schedule). Features are cached on disk in --data-dir/features."""
-    out = {}
-    for split in ("train", "val", "test"):
-        views = aug_views if split == "train" else 0
-        path = feature_cache_path(args, split, views)
-        x, y = data[split]
-        f = None
-        if os.path.isfile(path) and not args.no_pretrained:
-            try:
-                f = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:
-                f = None  # a corrupt cache file is just recomputed
-        if f is None:
-            if views == 0:
-                f = extract_features(model, x, args, device, desc=f"{split} features").cpu()
-            else:
-                f = torch.stack([extract_features(model, x, args, device, plumbing.stream("feature_view", args.seed, v),
-                                                  desc=f"{split} view {v}").cpu() for v in range(views)])
-            if not args.no_pretrained:  # random backbones differ by seed: never cache them
-                plumbing.atomic_save(f, path)
-        out[split] = (f.to(device), y.to(device))
-    return out
+    return {split: (split_features(model, data, split, aug_views if split == "train" else 0, args, device),
+                    data[split][1].to(device)) for split in ("train", "val", "test")}
 
 
 def train_head_epoch(head, opt, feats, y, batch_size, gen):
@@ -645,12 +649,19 @@ def train_head(head, feats, hp, epochs, patience, batch_size, seed, test=None, w
     return history, best_epoch
 
 
-def ridge_stats(feats, y):
+def ridge_stats(feats, y, views=None):
     """Sufficient statistics of ridge regression from features to one-hot labels, in float64:
     (A = Σ φφᵀ, B = Σ φ onehot(y)ᵀ, n) with φ = [features, 1]. Statistics of disjoint sets add up,
-    so the sum over clients is exactly the statistics of their union."""
-    phi = torch.cat([feats.double(), torch.ones(len(feats), 1, dtype=torch.float64, device=feats.device)], 1)
-    return phi.T @ phi, phi.T @ F.one_hot(y, NUM_CLASSES).double(), len(y)
+    so the sum over clients is exactly the statistics of their union. views (V×N×D, augmented views of
+    the same N images, --ridge-views): their rows are added too, each with its image's label, so the
+    regression is on the (V+1)·N stacked rows."""
+    onehot = F.one_hot(y, NUM_CLASSES).double()
+    rows = [feats] + ([] if views is None else list(views))
+    A = B = 0
+    for f in rows:
+        phi = torch.cat([f.double(), torch.ones(len(f), 1, dtype=torch.float64, device=f.device)], 1)
+        A, B = A + phi.T @ phi, B + phi.T @ onehot
+    return A, B, len(y) * len(rows)
 
 
 RIDGE_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # per sample: the penalty is lambda * n * ||W||²
@@ -690,6 +701,61 @@ def ridge_head(head, stats, val_feats, val_y):
     head.weight.copy_((t * W[:-1]).T.to(head.weight))
     head.bias.copy_((t * W[-1]).to(head.bias))
     return {"ridge_lambda": lam, "ridge_temperature": t, "head_val_acc": acc}
+
+
+# --head: where the step-0 head comes from. ridge and warmup are fitted on the frozen backbone; zero and
+# random are fresh heads (fedavg.py: trained from scratch by FedAvg); anything else names a head.pt file.
+HEAD_SOURCES = ("ridge", "warmup", "zero", "random")
+FRESH_HEADS = ("zero", "random")
+
+
+@torch.no_grad()
+def fresh_head(head, how):
+    """--head zero: every weight and bias 0 (every class equally likely, the same start for every seed);
+    --head random: left as build_model made it (uniform, seeded by --seed)."""
+    if how == "zero":
+        head.weight.zero_()
+        head.bias.zero_()
+
+
+# The augmentation gap of the step-0 head: its accuracy on a sample of training images, clean and through
+# the training crop and flip. A head right on clean images but wrong on their crops gives fine-tuning with
+# augmentation large gradients on most of its inputs, which can wreck the features in the first round
+# (measured on the pretrained stand-ins: docs/heads.md). Above AUG_GAP_WARN the run warns.
+AUG_GAP_IMAGES = 1000
+AUG_GAP_WARN = 0.10
+
+
+def augmentation_gap(model, x, y, args, device):
+    """{'head_train_acc', 'head_train_aug_acc'}: the model's accuracy (its head as it is) on a seeded
+    sample of AUG_GAP_IMAGES training images (uint8 x, CPU), clean and each through one training crop
+    and flip (stream aug_gap). Costs 2 x AUG_GAP_IMAGES forward passes (aug_gap_passes)."""
+    gen = plumbing.stream("aug_gap", args.seed)
+    idx = torch.randperm(len(x), generator=gen)[:AUG_GAP_IMAGES]
+    xs, ys = x[idx], y[idx].to(device)
+    off, flip = draw_augmentation(len(xs), gen)
+    out = {}
+    for key, images in (("head_train_acc", xs), ("head_train_aug_acc", augment(xs, off, flip))):
+        out[key] = evaluate_head(model.head, extract_features(model, images, args, device, desc=key), ys)[1]
+    return out
+
+
+def aug_gap_passes(train):
+    """Forward passes of augmentation_gap on a training set of `train` images (for plan.py's estimate)."""
+    return 2 * min(AUG_GAP_IMAGES, train)
+
+
+def warn_augmentation_gap(gap, lr_flag="--lr"):
+    """One warning line when the step-0 head's accuracy falls by more than AUG_GAP_WARN from clean to
+    augmented training images, naming the remedies. Returns whether it warned."""
+    clean, aug = gap["head_train_acc"], gap["head_train_aug_acc"]
+    if clean - aug <= AUG_GAP_WARN:
+        return False
+    print(f"warning: the step-0 head classifies {clean:.1%} of a sample of training images but {aug:.1%} of "
+          f"their training crops/flips: fine-tuning with augmentation may first undo it; remedies: --no-aug, "
+          f"--head ridge --ridge-views 4 (a head fitted on augmented views too), or a lower {lr_flag}",
+          file=sys.stderr)
+    return True
 
 
 def load_head_file(path, head):
@@ -1044,7 +1110,7 @@ def read_inputs(args, model):
     inputs = {"hparams": plumbing.hparams_from(hparams) if hparams else None,
               "mask": load_mask(mask, model) if mask else None,
               "head": None}
-    if head not in (None, "ridge", "warmup"):
+    if head is not None and head not in HEAD_SOURCES:
         check_head_source(head, args)
         inputs["head"] = load_head_file(head, model.head)
     if hasattr(args, "sparsity") and getattr(args, "sparse", True) and inputs["mask"] is None:

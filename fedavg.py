@@ -81,6 +81,10 @@ def get_args(argv=None):
         p.error("--mask needs --sparse")
     if args.sparse and args.train == "head":
         p.error("--sparse fine-tunes the backbone under a frozen head; it cannot go with --train head")
+    plumbing.check_head_flags(p, args)
+    if args.sparse and args.head in common.FRESH_HEADS:
+        p.error(f"--sparse freezes the head, and a frozen --head {args.head} would stay a fresh head (a zero head "
+                f"passes the backbone no gradient at all): use ridge, warmup or a head.pt")
     if args.head == "warmup" and args.warmup_rounds < 1:
         p.error("--head warmup needs --warmup-rounds >= 1")
     if args.head != "warmup":
@@ -105,6 +109,9 @@ def get_args(argv=None):
         args.rounds = max(1, round(args.rounds * 4 / args.j))
     split = "iid" if args.iid else f"nc{args.nc}"
     kind = "head" if args.train == "head" else "dense"
+    if args.head in common.FRESH_HEADS:  # the baseline where FedAvg learns the head: not the ridge head's run
+        kind += f"_from-{args.head}"
+    kind += plumbing.ridge_views_tag(args)
     if args.sparse:
         kind = (f"sparse-mask-{plumbing.file_tag(args.mask)}" if args.mask
                 else f"sparse-{args.rule}_s{args.sparsity}_r{args.calib_rounds}")
@@ -161,16 +168,19 @@ def make_shards(labels, args):
 
 # ----------------------------------------------------------------------------- step 0: the head (federated ridge)
 
-def federated_ridge(head, shards, feats):
+def federated_ridge(head, shards, feats, views=None):
     """Each client sends the ridge statistics of its own images (Σφφᵀ, Σφyᵀ, count; features of the
     shared frozen backbone), the server adds them up and solves once: exactly the ridge solution on the
     union of the clients' data, in one round, no image pooled. The server picks lambda on the validation
-    split, which it also uses to evaluate the global model."""
+    split, which it also uses to evaluate the global model. views (V×N×D, --ridge-views): augmented
+    views of the training images, each client adding those of its own images (a client crops its own;
+    drawn here once over the training set, which gives every image the same crops as the centralized
+    ridge head and the same distribution as per-client drawing)."""
     f, y = feats["train"]
     stats = None
     for shard in shards:
         plumbing.stop_here("the federated ridge head")
-        s = common.ridge_stats(f[shard], y[shard])
+        s = common.ridge_stats(f[shard], y[shard], None if views is None else views[:, shard])
         stats = s if stats is None else tuple(a + b for a, b in zip(stats, s))
     return common.ridge_head(head, stats, *feats["val"])
 
@@ -346,15 +356,24 @@ def needs_features(a):
     return a.head == "ridge" or a.warmup_rounds or a.train == "head"
 
 
+def measures_aug_gap(a):
+    """Whether the run records its head's augmentation gap (common.augmentation_gap): when it trains the
+    backbone through the training augmentation, which is when a gap matters."""
+    return a.train == "all" and not a.no_aug
+
+
 def image_passes(a, train, val, test):
     """Images a run pushes through the ViT, (forward+backward, forward only), for run_all.sh's estimate
-    (plan.py): features once (ridge head / head-only rounds); sampled clients x J local batches per main
+    (plan.py): features once (ridge head / head-only rounds), and --ridge-views augmented views of the
+    training set; the head's augmentation gap (measures_aug_gap); sampled clients x J local batches per main
     round; federated calibration: every client scores ceil(fisher_batches * fisher_batch_size / k) images
     per calibration round; validation every --eval-every rounds, test every --test-every, both at the end.
     It ignores that a client's batch never exceeds its shard."""
     feats = train + val + test if needs_features(a) else 0
+    feats += a.ridge_views * train  # --head ridge's augmented views
     if a.train == "head":  # every round and every evaluation on cached features
         return 0, feats
+    feats += common.aug_gap_passes(train) if measures_aug_gap(a) else 0
     calib = 0
     if a.sparse and not a.mask and a.rule in common.SCORED_RULES:
         calib = a.calib_rounds * a.k * math.ceil(a.fisher_batches * a.fisher_batch_size / a.k)
@@ -391,11 +410,15 @@ def main(argv=None):
     if ckpt is None:
         head_info, head_upload = {}, 0
         if args.head == "ridge":
-            head_info = federated_ridge(model.head, shards, feats)
+            views = common.split_features(model, data, "train", args.ridge_views, args, device) \
+                if args.ridge_views else None
+            head_info = dict(federated_ridge(model.head, shards, feats, views), ridge_views=args.ridge_views)
             d = model.head.in_features + 1
             head_upload = d * d + d * common.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ and a count, once per client
         elif inputs["head"] is not None:
             model.head.load_state_dict(inputs["head"])
+        else:
+            common.fresh_head(model.head, args.head)
         # The checkpoint: all of a run's state (plumbing.save_checkpoint adds "run", the run's flags).
         #   round                  rounds done (warm-up rounds included)
         #   rows                   metrics.csv so far, one row per round
@@ -451,6 +474,12 @@ def main(argv=None):
             mask = {n: m.to(device) for n, m in mask.items()}
             ckpt["calibrated"] = True
             save()
+        if rnd == args.warmup_rounds and measures_aug_gap(args) and "head_train_aug_acc" not in ckpt["rows"][rnd]:
+            # the head the backbone is about to train under (round 0's, or after the warm-up rounds), on a
+            # sample of the union of the shards: as if clients counted on their own images and the server added
+            gap = common.augmentation_gap(model, *data["train"], args, device)
+            ckpt["rows"][rnd].update(gap)
+            common.warn_augmentation_gap(gap)
         if phase is None or phase.head_only != head_only:
             phase = Phase(model, args, None if head_only else mask, head_only)
         loss, norm, agreement = train_round(model, phase, shards, feats["train"][0] if head_only else x, y, rnd,
@@ -489,6 +518,7 @@ def main(argv=None):
     result = {"stage": "fedavg", "dataset": args.dataset, "seed": args.seed, "k": args.k, "c": args.c,
               "j": args.j, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "iid": args.iid,
               "nc": args.nc, "train": args.train, "sparse": args.sparse, "head": args.head, **ckpt["head_info"],
+              **{k: rows[args.warmup_rounds].get(k) for k in ("head_train_acc", "head_train_aug_acc")},
               "score": args.score if args.sparse else None,
               "rule": args.rule if args.sparse and not args.mask else None,
               "sparsity": args.sparsity if args.sparse and not args.mask else None,

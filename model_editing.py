@@ -53,8 +53,13 @@ def get_args(argv=None):
                                 "--hparams sets the warm-up's lr, momentum and weight decay")
     if args.mask:
         plumbing.refuse_ignored(p, args, plumbing.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
+    if args.head in common.FRESH_HEADS:
+        p.error(f"model_editing.py freezes the step-0 head, and a frozen --head {args.head} would stay a fresh head "
+                f"(a zero head passes the backbone no gradient at all): use ridge, warmup or a head.pt")
+    plumbing.check_head_flags(p, args)
     plumbing.check_base_flags(p, args)
     mask = f"mask-{plumbing.file_tag(args.mask)}" if args.mask else f"{args.rule}_s{args.sparsity}_r{args.calib_rounds}"
+    mask += plumbing.ridge_views_tag(args)
     args.out = args.out or f"{args.results}/model_editing/{mask}/seed{args.seed}"
     return args
 
@@ -83,7 +88,9 @@ def make_head(model, data, args, device, inputs):
     feats = common.cached_features(model, data, args, device)
     info = {}
     if args.head == "ridge":
-        info = common.ridge_head(model.head, common.ridge_stats(*feats["train"]), *feats["val"])
+        views = common.split_features(model, data, "train", args.ridge_views, args, device) if args.ridge_views else None
+        info = dict(common.ridge_head(model.head, common.ridge_stats(*feats["train"], views), *feats["val"]),
+                    ridge_views=args.ridge_views)
     elif args.head == "warmup":
         lr, m, wd = inputs["hparams"] or (args.warmup_lr, args.warmup_momentum, args.warmup_wd)
         watch = common.LossWatch("head warm-up", f"a warm-up learning rate below {lr:g} "
@@ -96,7 +103,12 @@ def make_head(model, data, args, device, inputs):
     model.head.requires_grad_(False)
     val, test = common.evaluate_head(model.head, *feats["val"]), common.evaluate_head(model.head, *feats["test"])
     print(f"head ({args.head}): val acc {val[1]:.4f}, test acc {test[1]:.4f} {info}")
-    return dict(info, head_val_acc=val[1], head_test_acc=test[1])
+    info = dict(info, head_val_acc=val[1], head_test_acc=test[1])
+    if not args.no_aug:  # the head fine-tuning is about to train under, on the images it trains on
+        gap = common.augmentation_gap(model, *data["train"], args, device)
+        common.warn_augmentation_gap(gap)
+        info.update(gap)
+    return info
 
 
 def make_mask(model, data, args, device):
@@ -115,9 +127,11 @@ def make_mask(model, data, args, device):
 def image_passes(a, train, val, test):
     """Images a run pushes through the ViT, (forward+backward, forward only), for run_all.sh's estimate
     (plan.py): features once (the head), Fisher calibration (sensitivity rules only, per-sample
-    gradients), fine-tuning epochs, and val+test evaluation before editing and after every epoch."""
+    gradients), fine-tuning epochs, and val+test evaluation before editing and after every epoch; with
+    augmentation, the head's augmentation gap (common.augmentation_gap)."""
     calib = a.calib_rounds * a.fisher_batches * a.fisher_batch_size if not a.mask and a.rule in common.SCORED_RULES else 0
-    return calib + a.epochs * train, train + val + test + (a.epochs + 1) * (val + test)
+    feats = (1 + a.ridge_views) * train + val + test + (0 if a.no_aug else common.aug_gap_passes(train))
+    return calib + a.epochs * train, feats + (a.epochs + 1) * (val + test)
 
 
 def main(argv=None):
@@ -163,7 +177,8 @@ def main(argv=None):
         opt.load_state_dict(ckpt["opt"])
         scaler.load_state_dict(ckpt["scaler"])
     if not ckpt["rows"]:  # epoch 0: the model with its frozen head, before any edit
-        ckpt["rows"].append(dict(epoch=0, train_loss=None, **evaluate_splits(model, data, args, device)))
+        ckpt["rows"].append(dict(epoch=0, train_loss=None, **evaluate_splits(model, data, args, device),
+                                 **{k: ckpt["head_info"].get(k) for k in ("head_train_acc", "head_train_aug_acc")}))
 
     def save():
         ckpt.update(model=plumbing.cpu_state(model), opt=opt.state_dict(), scaler=scaler.state_dict(),

@@ -303,11 +303,17 @@ def edit_parser(rules, scores, calib_images):
     only with --sparse). The choices are the science's: common.MASK_RULES, SCORES and CALIB_IMAGES."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("step 0: the classifier head (frozen from then on, except in dense FedAvg)")
-    g.add_argument("--head", type=path, default="ridge", metavar="{ridge,warmup,FILE}",
+    g.add_argument("--head", type=path, default="ridge", metavar="{ridge,warmup,zero,random,FILE}",
                    help="ridge: closed-form ridge regression on frozen-backbone features, lambda chosen on "
                         "the validation split (fedavg.py: from the clients' sufficient statistics, one "
                         "round); warmup: SGD on the frozen backbone (fedavg.py: --warmup-rounds head-only "
-                        "rounds); FILE: a head.pt saved by an earlier run (e.g. the centralized baseline)")
+                        "rounds); zero / random (fedavg.py without --sparse only): a fresh head, all zeros or "
+                        "seeded by --seed, that FedAvg trains from scratch; FILE: a head.pt saved by an "
+                        "earlier run (e.g. the centralized baseline)")
+    g.add_argument("--ridge-views", type=nonneg_int, default=0,
+                   help="with --head ridge: fit it on the clean training images plus this many augmented views "
+                        "(training crop/flip) of each (fedavg.py: each client's statistics of its own views); "
+                        "0: clean images only")
     g = p.add_argument_group("steps 1-2: gradient mask (model_editing.py, fedavg.py --sparse)")
     g.add_argument("--rule", choices=rules, default="least-sensitive",
                    help="which backbone weights may be updated (TaLoS: least-sensitive)")
@@ -332,6 +338,18 @@ def edit_parser(rules, scores, calib_images):
                         "and flip each round (train-aug: TaLoS scores through its training preprocessing) "
                         "or as they are (clean); independent of --no-aug")
     return p
+
+
+def check_head_flags(p, args):
+    """edit_parser's head flags, as both scripts refuse them: --ridge-views only fits a ridge head."""
+    if args.head != "ridge":
+        refuse_ignored(p, args, ["ridge_views"], f"it fits --head ridge, and this run's head is {args.head}")
+
+
+def ridge_views_tag(args):
+    """Run-name suffix of a ridge head fitted on augmented views ('_ridge4views'; '' for the clean one,
+    whose runs keep their names): another head, so another run."""
+    return f"_ridge{args.ridge_views}views" if args.head == "ridge" and args.ridge_views else ""
 
 
 # edit_parser's flags that make a mask: they do nothing without one to make (no --sparse, or --mask FILE)
@@ -447,6 +465,7 @@ STREAMS = {
     "edit_calib_aug": 71,  # model_editing.py: crop/flip of each round's calibration images
     "fed_calib_aug": 73,   # fedavg.py: crop/flip of each client's calibration images, per round
     "standin": 79,         # the pretrained stand-in backbone: its batches and crops
+    "aug_gap": 83,         # the augmentation gap's sample of training images and their crops/flips
 }
 
 
