@@ -867,6 +867,23 @@ def plot_curves(path, by_split, title):
     plumbing.save_figure(fig, path)
 
 
+def luminance(rgb):
+    """Relative luminance of an sRGB colour (WCAG 2)."""
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def contrast(a, b):
+    """WCAG contrast ratio of two colours (1 to 21)."""
+    la, lb = sorted((luminance(a), luminance(b)))
+    return (lb + 0.05) / (la + 0.05)
+
+
+def text_color(background):
+    """Black or white, whichever reads better on `background` (at least 4.5:1 on any colour)."""
+    return "k" if contrast(background, (0, 0, 0)) >= contrast(background, (1, 1, 1)) else "w"
+
+
 def plot_heatmap(path, dense, sparse, title):
     """Final test accuracy over split × J, dense and sparse side by side on one color scale."""
     splits = sorted({r["split"] for r in dense + sparse}, key=split_order)
@@ -887,9 +904,7 @@ def plot_heatmap(path, dense, sparse, title):
                yticklabels=splits, title=name)
         for (i, k), v in np.ndenumerate(g):
             if not math.isnan(v):
-                r, gr, b, _ = cmap(norm(v))  # white text on a dark cell, black on a light one
-                ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                        color="w" if 0.299 * r + 0.587 * gr + 0.114 * b < 0.5 else "k")
+                ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=text_color(cmap(norm(v))))
     fig.colorbar(im, ax=axes[0].tolist(), label="test accuracy (%)")
     fig.suptitle(title, fontsize=9)
     plumbing.save_figure(fig, path)
