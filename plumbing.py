@@ -878,6 +878,21 @@ def sparse_points(xs):
 MARKERS, LINESTYLES = "osD^v<>p", ["-", "--", ":", "-."]  # one per series: a series under another stays visible
 
 
+def marker_size(i):
+    """Series i's marker size: each smaller than the one before, so equal points show as nested markers."""
+    return 9 - 2 * (i % 3)
+
+
+def cap_y(ax, lowest, ymax):
+    """End the y axis at ymax (100 for a percentage) where autoscaling went past it, its bottom a margin
+    under the lowest value drawn; markers on the edge are drawn whole."""
+    if ymax is None or ax.get_ylim()[1] <= ymax:
+        return
+    ax.set_ylim(lowest - max(0.5, 0.1 * (ymax - lowest)), ymax)
+    for artist in ax.lines:
+        artist.set_clip_on(False)
+
+
 def integer_ticks(axis):
     """Rounds or epochs on an axis: integer ticks only (no round 1.5), one at least (a lone point's range is < 1)."""
     axis.set_major_locator(pyplot().MaxNLocator(integer=True, min_n_ticks=1))
@@ -893,11 +908,11 @@ def plot_lines(path, series, xlabel, ylabel, title, integer_x=True, ymax=None):
         only_points = integer_x and sparse_points(list(xs))
         ax.errorbar(xs, ys, yerr=std[0] if std else None, capsize=3, label=label,
                     marker=MARKERS[i % len(MARKERS)] if len(xs) < 40 or only_points else None, fillstyle="none",
-                    linestyle="none" if only_points else LINESTYLES[i % len(LINESTYLES)])
+                    markersize=marker_size(i), linestyle="none" if only_points else LINESTYLES[i % len(LINESTYLES)])
     if integer_x:
         integer_ticks(ax.xaxis)
-    if ymax is not None and ax.get_ylim()[1] > ymax:
-        ax.set_ylim(top=ymax)
+    cap_y(ax, min((y - (std[0][k] if std else 0) for _, (xs, ys, *std) in series.items() for k, y in enumerate(ys)),
+                  default=0), ymax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -841,12 +841,13 @@ def curve(runs, col):
 
 def plot_curves(path, by_split, title):
     fig, ax = plumbing.pyplot().subplots(figsize=(6, 4))
-    sparse = False
+    sparse, lowest = False, 100.0
     for i, (split, rs) in enumerate(by_split.items()):
         xs, mean, std = curve(rs, "val_acc")
         lo, hi = np.clip(100 * (mean - std), 0, None), np.clip(100 * (mean + std), None, 100)  # within 0-100%
         style = dict(marker=plumbing.MARKERS[i % len(plumbing.MARKERS)], fillstyle="none",
-                     label=f"{split} (n={len(rs)})")
+                     markersize=plumbing.marker_size(i), label=f"{split} (n={len(rs)})")
+        lowest = min([lowest, *lo]) if len(xs) else lowest
         if plumbing.sparse_points(list(xs)):  # validated every few rounds: the points measured, no line between
             sparse = True
             ax.errorbar(xs, 100 * mean, yerr=[100 * mean - lo, hi - 100 * mean], linestyle="none", capsize=3, **style)
@@ -856,8 +857,7 @@ def plot_curves(path, by_split, title):
             ax.fill_between(xs, lo, hi, alpha=0.2)
     ax.set(xlabel="round (0 = the head, before any round)", ylabel="validation accuracy (%)")
     plumbing.integer_ticks(ax.xaxis)
-    if ax.get_ylim()[1] > 100:
-        ax.set_ylim(top=100)
+    plumbing.cap_y(ax, lowest, 100)
     ax.set_title(title + "\n" + ("markers: mean over seeds where validated, bars: ± std" if sparse else
                                  "line: mean over seeds, band: ± std"), fontsize=8)
     ax.grid(alpha=0.3)
