@@ -769,6 +769,12 @@ def test_sparse_evaluations_are_points_and_editing_plots_show_differences(tmp_pa
     val, train = figures["a.png"].axes[0].lines[:2]
     assert val.get_linestyle() == "None" and visible(val)  # no line drawn between rounds 0 and 6
     assert train.get_linestyle() != "None" and train.get_marker() != val.get_marker()
+    summarize.plumbing.plot_lines(tmp_path / "b.png", {"a": ([0.5, 0.9], [99.9, 99.9]), "b": ([0.5, 0.9], [99.9, 99.9])},
+                                  "sparsity", "accuracy (%)", "t", integer_x=False, ymax=100)
+    ax = figures["b.png"].axes[0]
+    assert ax.get_ylim()[1] == 100 and ax.get_ylim()[0] > 95  # not past 100%, and the values not squashed
+    a, b = (c.lines[0] for c in ax.containers)
+    assert a.get_markersize() > b.get_markersize() and a.get_linestyle() != b.get_linestyle()  # both show
     study(tmp_path)
     summarize_root(tmp_path)
     rules = figures["editing_rules.png"].axes[0]
