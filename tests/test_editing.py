@@ -334,6 +334,8 @@ def test_short_edit_improves_validation_accuracy_over_the_frozen_head(tmp_path, 
     assert result["val_acc"] > result["head_val_acc"] + 0.05
     for f in ("mask.pt", "head.pt", "metrics.csv", "calibration.csv", "accuracy.png", "config.json"):
         assert (out / f).is_file(), f
+    train = plots["loss.png"][0]["train"]  # the training curve beside val and test, from epoch 1
+    assert train[0] == [1, 2, 3] and all(v > 0 for v in train[1])
     series, ylabel, _ = plots["accuracy.png"]
     xs, ys = series["val"]  # from epoch 0, the frozen head, in %
     assert "(%)" in ylabel and xs == [0, 1, 2, 3]

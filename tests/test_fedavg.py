@@ -346,7 +346,7 @@ def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(t
 
 def test_plots_show_accuracy_in_percent_from_round_0_and_the_training_loss(tmp_path, monkeypatch):
     calls = {}
-    monkeypatch.setattr(plumbing, "plot_lines", lambda path, series, xlabel, ylabel, title: calls.update(
+    monkeypatch.setattr(plumbing, "plot_lines", lambda path, series, xlabel, ylabel, title, **kw: calls.update(
         {os.path.basename(path): (series, ylabel)}))
     rows = [{"round": 0, "train_loss": None, "val_loss": 2.0, "val_acc": 0.25, "test_loss": 2.1, "test_acc": 0.2},
             {"round": 1, "train_loss": 1.5, "val_loss": None, "val_acc": None, "test_loss": None, "test_acc": None},
