@@ -308,8 +308,10 @@ def test_federated_calibration_scores_the_images_calib_images_names(monkeypatch,
 
 # ----------------------------------------------------------------------------- fedavg.py end to end
 
-def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(tmp_path):
+def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(tmp_path, monkeypatch):
     weights, pre = backbone_file(tmp_path)
+    checked = []  # the ridge head's check (common.check_head_accuracy) at round 0, once
+    monkeypatch.setattr(common, "check_head_accuracy", lambda acc, args, *a: checked.append(acc))
     out = tmp_path / "sparse"
     fedavg.main(FAST + ["--weights", weights, "--sparse", "--sparsity", "0.9", "--no-aug", "--lr", "0.005",
                         "--calib-rounds", "2", "--rounds", "4", "--eval-every", "2", "--out", str(out)])
@@ -336,6 +338,8 @@ def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(t
     assert result["comm_mb_total"] == pytest.approx(
         (result["comm_values_per_client_round"] * 5 * 4 + (d * d + d * 100 + 1) * 10) * 4 / 1e6)
     assert (out / "calibration.csv").read_text().count("\n") == 3  # header + 2 calibration rounds
+    round0 = (out / "metrics.csv").read_text().splitlines()[1].split(",")
+    assert checked == [float(round0[5])]  # round 0's val_acc
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "round,train_loss,update_norm,agreement,val_loss,val_acc,test_loss,test_acc"
     assert len(rows) == 6 and all(0 < float(r.split(",")[3]) <= 1 for r in rows[2:])
