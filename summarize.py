@@ -433,15 +433,17 @@ class Stat:
         m = self.scale * self.mean()
         return f"{m:.{1 if self.digits == 0 and m != int(m) else self.digits}f}"
 
-    def text(self, tex=False, bold=False):
+    def text(self, tex=False, bold=False, n_shown=True):
+        """n_shown=False: without "(n=...)" (a table whose cells all have the same n says it once)."""
         if not self.values:
             return f"not reached (n={self.of})" if self.of else ("--" if tex else "–")
-        n = f"({len(self.values)}/{self.of} reached)" if self.of is not None else f"(n={len(self.values)})"
+        n = f"({len(self.values)}/{self.of} reached)" if self.of is not None else \
+            f"(n={len(self.values)})" if n_shown else ""
         s = self.mean_text()
         s = rf"\textbf{{{s}}}" if bold else s
         if len(self.values) > 1:
             s += (r" $\pm$ " if tex else " ± ") + f"{self.scale * statistics.stdev(self.values):.{self.digits}f}"
-        return f"{s} {n}"
+        return f"{s} {n}".rstrip()
 
 
 class Table:
@@ -496,17 +498,37 @@ def tex_label(title, taken):
     return label
 
 
+def tex_header(h, width=12):
+    """A column heading in lines of about `width` characters (a one-column tabular), so that long headings
+    do not widen a table of short numbers."""
+    lines = []
+    for word in h.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    if len(lines) < 2:
+        return tex_escape(h)
+    return r"\begin{tabular}[b]{@{}c@{}}" + r" \\ ".join(map(tex_escape, lines)) + r"\end{tabular}"
+
+
 def tex_table(t, label):
-    right = [any(isinstance(row[i], Stat) for row in t.rows) for i in range(len(t.header))]
-    body = [" & ".join(c.text(tex=True, bold=t.bold(i, c)) if isinstance(c, Stat) else tex_escape(c)
-                       for i, c in enumerate(row)) + r" \\" for row in t.rows]
+    stat = [any(isinstance(row[i], Stat) for row in t.rows) for i in range(len(t.header))]
+    ns = {len(c.values) for row in t.rows for c in row if isinstance(c, Stat) and c.values and c.of is None}
+    one_n = len(ns) == 1  # every cell over the same seeds: n said once, in the caption
+    wide = [not x and max((len(str(row[i])) for row in t.rows), default=0) > 24 for i, x in enumerate(stat)]
+    spec = "".join("r" if x else r"p{3.5cm}" if w else "l" for x, w in zip(stat, wide))  # long labels wrap
+    body = [" & ".join(c.text(tex=True, bold=t.bold(i, c), n_shown=not one_n) if isinstance(c, Stat)
+                       else tex_escape(c) for i, c in enumerate(row)) + r" \\" for row in t.rows]
     bold = any(t.bold(i, c) for row in t.rows for i, c in enumerate(row))
+    n = min(ns, default=0)
+    seeds = f"n={n} seed{'s' * (n > 1)} each" if one_n else "n: seeds"
     caption = f"{tex_escape(t.title)}. {tex_escape(t.note) + ' ' if t.note else ''}Mean $\\pm$ sample std " \
-              f"over seeds (n: seeds){'; bold: best mean per column' if bold else ''}."
+              f"over seeds ({seeds}){'; bold: the one best mean of a column' if bold else ''}."
     return "\n".join([r"\begin{table}[htbp]", r"\centering", r"\small", rf"\caption{{{caption}}}",
                       rf"\label{{{label}}}", FIT_WIDTH,  # a table wider than the text is scaled down to it
-                      rf"\begin{{tabular}}{{{''.join('r' if x else 'l' for x in right)}}}",
-                      r"\toprule", " & ".join(tex_escape(h) for h in t.header) + r" \\", r"\midrule", *body,
+                      rf"\begin{{tabular}}{{{spec}}}",
+                      r"\toprule", " & ".join(map(tex_header, t.header)) + r" \\", r"\midrule", *body,
                       r"\bottomrule", r"\end{tabular}}", r"\end{table}"])
 
 
