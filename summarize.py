@@ -4,8 +4,10 @@
 
 Writes RESULTS_DIR/summary/:
   results.csv  one row per run: what defines it, accuracies, rounds to target, communication
-  report.md    every table; each cell is the mean ± sample std over seeds and their number n
-  tables.tex   the same tables in LaTeX (booktabs), ready to \\input
+  report.md    every table; each cell is the mean ± sample std over seeds and their number n; links to the
+               centralized run's plots; other projects' published CIFAR-100 figures (docs/expected.md)
+  tables.tex   the same tables in LaTeX, ready to \\input (needs \\usepackage{booktabs,graphicx}); a table
+               wider than the text is scaled down to \\textwidth
   *.png        heatmap, accuracy-vs-round curves, update agreement, editing plots
 A run whose result.json (or its mask's editing result.json) is unreadable is left out with one
 warning on stderr; a FedAvg run without a readable metrics.csv keeps its table cells but has no
