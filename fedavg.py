@@ -460,7 +460,7 @@ def main(argv=None):
             row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(split, backbone_changed=feats is None)
         ckpt["rows"].append(row)
         print(f"round 0 (the head): val acc {row['val_acc']:.4f}  test acc {row['test_acc']:.4f}")
-        if args.head not in ("warmup", "zero"):  # those start at chance by design: their head is trained in rounds
+        if args.head != "warmup" and args.head not in common.FRESH_HEADS:  # at chance by design: trained in rounds
             common.check_head_accuracy(row["val_acc"], args)
 
     # -------- the rounds: head warm-up rounds; with --sparse, step 1 (the mask, once), then step 2
