@@ -888,7 +888,8 @@ def cap_y(ax, lowest, ymax):
     under the lowest value drawn; markers on the edge are drawn whole."""
     if ymax is None or ax.get_ylim()[1] <= ymax:
         return
-    ax.set_ylim(lowest - max(0.5, 0.1 * (ymax - lowest)), ymax)
+    bottom = lowest - max(0.5, 0.1 * (ymax - lowest))
+    ax.set_ylim(max(bottom, 0) if lowest >= 0 else bottom, ymax)  # an accuracy axis not below 0 either
     for artist in ax.lines:
         artist.set_clip_on(False)
 

@@ -485,7 +485,11 @@ def tex_escape(s):
                    for i, ch in enumerate(s))
 
 
-FIT_WIDTH = r"\resizebox{\ifdim\width>\textwidth\textwidth\else\width\fi}{!}{%"
+# A table wider than the text is scaled down to \textwidth, and one still taller than 0.75 \textheight (its
+# caption needs the rest of the page) down to that; FIT_END closes both boxes.
+FIT_WIDTH = (r"\resizebox*{!}{\ifdim\totalheight>0.75\textheight0.75\textheight\else\totalheight\fi}{"
+             r"\resizebox{\ifdim\width>\textwidth\textwidth\else\width\fi}{!}{%")
+FIT_END = "}}"
 
 
 def tex_label(title, taken):
@@ -528,10 +532,10 @@ def tex_table(t, label):
     caption = f"{tex_escape(t.title)}. {tex_escape(t.note) + ' ' if t.note else ''}Mean $\\pm$ sample std " \
               f"over seeds ({seeds}){'; bold: the one best mean of a column' if bold else ''}."
     return "\n".join([r"\begin{table}[htbp]", r"\centering", r"\small", rf"\caption{{{caption}}}",
-                      rf"\label{{{label}}}", FIT_WIDTH,  # a table wider than the text is scaled down to it
+                      rf"\label{{{label}}}", FIT_WIDTH,
                       rf"\begin{{tabular}}{{{spec}}}",
                       r"\toprule", " & ".join(map(tex_header, t.header)) + r" \\", r"\midrule", *body,
-                      r"\bottomrule", r"\end{tabular}}", r"\end{table}"])
+                      r"\bottomrule", r"\end{tabular}" + FIT_END, r"\end{table}"])
 
 
 def render(doc):
@@ -864,7 +868,7 @@ def curve(runs, col):
 
 
 def plot_curves(path, by_split, title):
-    fig, ax = plumbing.pyplot().subplots(figsize=(6, 4))
+    fig, ax = plumbing.pyplot().subplots(figsize=(7, 4))
     sparse, lowest = False, 100.0
     for i, (split, rs) in enumerate(by_split.items()):
         xs, mean, std = curve(rs, "val_acc")
@@ -885,8 +889,8 @@ def plot_curves(path, by_split, title):
     ax.set_title(title + "\n" + ("markers: mean over seeds where validated, bars: ± std" if sparse else
                                  "line: mean over seeds, band: ± std"), fontsize=8)
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
+    if ax.lines:  # beside the axes: a curve that climbs to 100% never runs under it
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     plumbing.save_figure(fig, path)
 

@@ -282,7 +282,7 @@ def check_latex(tex):
             rules = []
         elif line in (r"\toprule", r"\midrule", r"\bottomrule"):
             rules.append(line)
-        elif line == r"\end{tabular}}":  # and the \resizebox around it
+        elif line == r"\end{tabular}" + summarize.FIT_END:  # and the \resizebox around it
             assert rules == [r"\toprule", r"\midrule", r"\bottomrule"]
             cols = None
         elif cols:
@@ -333,7 +333,7 @@ def test_tables_tex_compiles_if_a_tex_engine_is_here(tmp_path, no_plots):
 
 def test_the_latex_checker_catches_what_it_checks():
     good = "\\begin{table}\n\\caption{x}\n\\label{tab:a}\n" + summarize.FIT_WIDTH + "\n\\begin{tabular}{lr}\n" \
-           "\\toprule\na & b \\\\\n\\midrule\nc & d \\\\\n\\bottomrule\n\\end{tabular}}\n\\end{table}"
+           "\\toprule\na & b \\\\\n\\midrule\nc & d \\\\\n\\bottomrule\n\\end{tabular}" + summarize.FIT_END + "\n\\end{table}"
     check_latex(good)
     for bad in (good.replace("c & d", "c & d & e"), good.replace("\\end{table}", ""), good.replace("c & d", "c_1 & d"),
                 good + "\n" + good, good.replace("\\midrule\n", ""), good.replace("a & b", "a × b")):
