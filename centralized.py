@@ -167,12 +167,14 @@ def main(argv=None):
     ep = [h["epoch"] for h in hist]
     plumbing.plot_lines(os.path.join(args.out, "loss.png"),
                         {s: (ep, [h[f"{s}_loss"] for h in hist]) for s in ("train", "val", "test")},
-                        "epoch", "cross-entropy", "Centralized baseline: loss")
+                        "epoch", "cross-entropy", plumbing.plot_title("Centralized baseline: loss", args))
     plumbing.plot_lines(os.path.join(args.out, "accuracy.png"),
                         {s: (ep, [100 * h[f"{s}_acc"] for h in hist]) for s in ("val", "test")},
-                        "epoch", "top-1 accuracy (%)", "Centralized baseline: accuracy")
+                        "epoch", "top-1 accuracy (%)", plumbing.plot_title("Centralized baseline: accuracy", args),
+                        ymax=100)
     plumbing.atomic_save(final["head"], os.path.join(args.out, "head.pt"))  # CPU tensors: loads anywhere
     best_row = hist[final["best_epoch"] - 1]
+    common.check_head_accuracy(best_row["val_acc"], args, "the centralized linear probe")
     result = {"stage": "centralized", "dataset": args.dataset, "seed": args.seed, "best": hp,
               "best_epoch": final["best_epoch"], "epochs_run": final["epochs_run"],
               "val_acc": best_row["val_acc"], "test_acc": best_row["test_acc"],

@@ -340,14 +340,17 @@ def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
 
 def write_outputs(rows, args):
     plumbing.write_csv(rows, os.path.join(args.out, "metrics.csv"))
-    name = f"FedAvg {'IID' if args.iid else f'Nc={args.nc}'}, J={args.j}{', sparse' if args.sparse else ''}"
+    name = plumbing.plot_title(f"FedAvg {'IID' if args.iid else f'Nc={args.nc}'}, J={args.j}, "
+                               f"{'sparse' if args.sparse else 'dense'}, train {args.train}, head {args.head}",
+                               args, named=("iid", "nc", "j", "sparse", "train", "head"))
     for kind, label, scale in (("acc", "top-1 accuracy (%)", 100), ("loss", "cross-entropy", 1)):
         series = {}
         for split in ("train", "val", "test") if kind == "loss" else ("val", "test"):
             done = [r for r in rows if r.get(f"{split}_{kind}") is not None]
             series[split] = ([r["round"] for r in done], [scale * r[f"{split}_{kind}"] for r in done])
         plumbing.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"), series,
-                            "round (0 = the head, before any round)", label, name)
+                            "round (0 = the head, before any round)", label, name,
+                            ymax=100 if kind == "acc" else None)
 
 
 def needs_features(a):
@@ -457,6 +460,8 @@ def main(argv=None):
             row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(split, backbone_changed=feats is None)
         ckpt["rows"].append(row)
         print(f"round 0 (the head): val acc {row['val_acc']:.4f}  test acc {row['test_acc']:.4f}")
+        if args.head != "warmup" and args.head not in common.FRESH_HEADS:  # at chance by design: trained in rounds
+            common.check_head_accuracy(row["val_acc"], args)
 
     # -------- the rounds: head warm-up rounds; with --sparse, step 1 (the mask, once), then step 2
 

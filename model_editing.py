@@ -103,6 +103,7 @@ def make_head(model, data, args, device, inputs):
     model.head.requires_grad_(False)
     val, test = common.evaluate_head(model.head, *feats["val"]), common.evaluate_head(model.head, *feats["test"])
     print(f"head ({args.head}): val acc {val[1]:.4f}, test acc {test[1]:.4f} {info}")
+    common.check_head_accuracy(val[1], args)
     info = dict(info, head_val_acc=val[1], head_test_acc=test[1])
     if not args.no_aug:  # the head fine-tuning is about to train under, on the images it trains on
         gap = common.augmentation_gap(model, *data["train"], args, device)
@@ -220,13 +221,18 @@ def main(argv=None):
     plumbing.write_csv(rows, os.path.join(args.out, "metrics.csv"))
     if ckpt["calib_log"]:
         plumbing.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
-    ep = [r["epoch"] for r in rows]
+    title = plumbing.plot_title(
+        "Sparse fine-tuning, " + (f"{args.rule}, sparsity {args.sparsity}, {args.calib_rounds} calibration rounds"
+                                  if args.mask is None else f"mask {args.mask}") + f", head {args.head}",
+        args, named=("rule", "sparsity", "calib_rounds", "mask", "head"))
     for kind, label, scale in (("acc", "top-1 accuracy (%)", 100), ("loss", "cross-entropy", 1)):
-        plumbing.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"),
-                            {s: (ep, [scale * r[f"{s}_{kind}"] for r in rows]) for s in ("val", "test")},
-                            "epoch (0 = frozen head, before editing)", label,
-                            f"Sparse fine-tuning ({f'{args.rule}, sparsity {args.sparsity}' if args.mask is None else 'mask ' + args.mask}, "
-                            f"head {args.head})")
+        series = {}
+        for s in ("train", "val", "test") if kind == "loss" else ("val", "test"):  # no train loss at epoch 0
+            done = [r for r in rows if r.get(f"{s}_{kind}") is not None]
+            series[s] = ([r["epoch"] for r in done], [scale * r[f"{s}_{kind}"] for r in done])
+        plumbing.plot_lines(os.path.join(args.out, f"{'accuracy' if kind == 'acc' else 'loss'}.png"), series,
+                            "epoch (0 = frozen head, before editing)", label, title,
+                            ymax=100 if kind == "acc" else None)
     changed, total = common.changed_count(model, pretrained)
     best = max(rows, key=lambda r: r["val_acc"])  # first of equals wins
     calibrated = args.mask is None  # a given mask's rule and rounds are its own run's (summarize.py reads them)

@@ -655,6 +655,17 @@ def run_config(args):
     return {k: v for k, v in sorted(vars(args).items()) if k not in NON_RESULT_FLAGS}
 
 
+def plot_title(what, args, named=()):
+    """A per-run plot's title: `what`, then every flag of the run that differs from its default (the seed
+    included), wrapped: two runs of a study always differ in one of them, so no two runs share a title.
+    named: flags `what` already says."""
+    import textwrap
+    d = args.defaults
+    flags = ", ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in run_config(args).items()
+                      if k not in named and k in d and v != d[k])
+    return "\n".join([what] + textwrap.wrap(flags or "default flags", 90))
+
+
 LOCK_FILE = ".lock"
 _held_locks = {}  # run dir -> open lock file: held as long as the process lives (the OS drops it at exit)
 
@@ -858,32 +869,75 @@ def marker(xs):
     return "o" if len(xs) == 1 else "." if len(xs) < 40 else None
 
 
+def sparse_points(xs):
+    """Whether integer-stepped points (rounds, epochs) skip steps: measured every few rounds, a line between
+    two of them would draw values nobody measured."""
+    return len(xs) > 1 and max(b - a for a, b in zip(xs, xs[1:])) > 1
+
+
+MARKERS, LINESTYLES = "osD^v<>p", ["-", "--", ":", "-."]  # one per series: a series under another stays visible
+
+
+def marker_size(i):
+    """Series i's marker size: each smaller than the one before, so equal points show as nested markers."""
+    return 9 - 2 * (i % 3)
+
+
+def cap_y(ax, lowest, ymax):
+    """End the y axis at ymax (100 for a percentage) where autoscaling went past it, its bottom a margin
+    under the lowest value drawn; markers on the edge are drawn whole."""
+    if ymax is None or ax.get_ylim()[1] <= ymax:
+        return
+    bottom = lowest - max(0.5, 0.1 * (ymax - lowest))
+    ax.set_ylim(max(bottom, 0) if lowest >= 0 else bottom, ymax)  # an accuracy axis not below 0 either
+    for artist in ax.lines:
+        artist.set_clip_on(False)
+
+
 def integer_ticks(axis):
     """Rounds or epochs on an axis: integer ticks only (no round 1.5), one at least (a lone point's range is < 1)."""
     axis.set_major_locator(pyplot().MaxNLocator(integer=True, min_n_ticks=1))
 
 
-def plot_lines(path, series, xlabel, ylabel, title, integer_x=True):
+def plot_lines(path, series, xlabel, ylabel, title, integer_x=True, ymax=None):
     """series: {label: (xs, ys) or (xs, ys, std)} -> one PNG line plot, std as error bars. Rounds and
-    epochs (integer_x) get integer ticks only; a one-point series gets a marker big enough to see."""
+    epochs (integer_x) get integer ticks only, and where they skip steps (evaluated every few rounds) markers
+    without lines; a one-point series gets a marker big enough to see. Each series has its own open marker
+    and dash, so one that lies on another still shows. ymax: the y axis ends there at most (100 for %)."""
     fig, ax = pyplot().subplots(figsize=(6, 4))
-    for label, (xs, ys, *std) in series.items():
-        ax.errorbar(xs, ys, yerr=std[0] if std else None, marker=marker(xs), capsize=3, label=label)
+    for i, (label, (xs, ys, *std)) in enumerate(series.items()):
+        only_points = integer_x and sparse_points(list(xs))
+        ax.errorbar(xs, ys, yerr=std[0] if std else None, capsize=3, label=label,
+                    marker=MARKERS[i % len(MARKERS)] if len(xs) < 40 or only_points else None, fillstyle="none",
+                    markersize=marker_size(i), linestyle="none" if only_points else LINESTYLES[i % len(LINESTYLES)])
     if integer_x:
         integer_ticks(ax.xaxis)
+    cap_y(ax, min((y - (std[0][k] if std else 0) for _, (xs, ys, *std) in series.items() for k, y in enumerate(ys)),
+                  default=0), ymax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 
 
-def plot_bars(path, labels, values, ylabel, title, std=None):
+def plot_bars(path, labels, values, ylabel, title, std=None, zoom=False):
+    """Bars with their values written on them. zoom: the y axis spans the values (± std) with a margin
+    instead of starting at 0, where the bars differ by a few points of a large value (the label says so)."""
     fig, ax = pyplot().subplots(figsize=(max(6, 0.35 * len(labels)), 4))
     ax.bar(range(len(values)), values, yerr=std, capsize=3)
+    for i, (v, s) in enumerate(zip(values, std or [0] * len(values))):  # above its error bar
+        ax.annotate(f"{v:.2f}", (i, v + s), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=7)
+    if zoom and values:
+        lo = min(v - s for v, s in zip(values, std or [0] * len(values)))
+        hi = max(v + s for v, s in zip(values, std or [0] * len(values)))
+        pad = max(0.5, 0.2 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
+        ylabel += " (axis not from 0)"
     ax.set_xticks(range(len(values)))
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)

@@ -4,8 +4,10 @@
 
 Writes RESULTS_DIR/summary/:
   results.csv  one row per run: what defines it, accuracies, rounds to target, communication
-  report.md    every table; each cell is the mean ± sample std over seeds and their number n
-  tables.tex   the same tables in LaTeX (booktabs), ready to \\input
+  report.md    every table; each cell is the mean ± sample std over seeds and their number n; links to the
+               centralized run's plots; other projects' published CIFAR-100 figures (docs/expected.md)
+  tables.tex   the same tables in LaTeX, ready to \\input (needs \\usepackage{booktabs,graphicx}); a table
+               wider than the text is scaled down to \\textwidth
   *.png        heatmap, accuracy-vs-round curves, update agreement, editing plots
 A run whose result.json (or its mask's editing result.json) is unreadable is left out with one
 warning on stderr; a FedAvg run without a readable metrics.csv keeps its table cells but has no
@@ -130,7 +132,7 @@ def read_metrics(d):
         if not rows or not {"round", "val_acc"} <= set(rows[0]):
             raise ValueError("no rows with round and val_acc")
         m = {k: [None if row.get(k) in (None, "") else float(row[k]) for row in rows]
-             for k in ("round", "val_acc", "agreement", "update_norm")}
+             for k in ("round", "val_acc", "test_acc", "agreement", "update_norm")}
         if not all(x is not None and math.isfinite(x) for x in m["round"]):
             raise ValueError("a row whose round is not a number")
         return m
@@ -371,13 +373,29 @@ def mask_name(mask):
                     ([f"r={n}"] if n is not None else []))
 
 
-def setup_name(key):
+def setup_parts(key):
+    """What a setup is, as (what it trains, [where its head came from and the other settings])."""
     train, head, k, c, warm, score, mask, flags = key
     if mask:
         kind = f"sparse, {mask_name(mask)}, {mask[3]} calibration" + (f", {score} score" if score else "")
     else:
-        kind = "dense" if train == "all" else f"train {train}"
-    return f"{kind}; head {head}, K={k}, C={c:g}" + (f", {warm} head warm-up rounds" if warm else "") + flags_text(flags)
+        kind = "dense" if train == "all" else "head only (frozen backbone)" if train == "head" else f"train {train}"
+    return kind, [f"head {head}", f"K={k}", f"C={c:g}"] + ([f"{warm} head warm-up rounds"] if warm else []) + \
+        [f"{f} {v}" for f, v in flags]
+
+
+def setup_name(key):
+    kind, rest = setup_parts(key)
+    return f"{kind}; {', '.join(rest)}"
+
+
+def short_names(keys):
+    """({setup: a short row label}, what all of them share, for the title): a label names only what
+    differs between the setups of one table."""
+    parts = {k: [setup_parts(k)[0]] + setup_parts(k)[1] for k in keys}
+    shared = [p for p in (next(iter(parts.values()), [])) if all(p in ps for ps in parts.values())]
+    shared = shared if len(parts) > 1 else shared[1:]  # one setup: its kind is the label
+    return {k: ", ".join(p for p in ps if p not in shared) for k, ps in parts.items()}, ", ".join(shared)
 
 
 def split_order(name):  # IID first, then Nc from many classes per client to one
@@ -412,15 +430,22 @@ class Stat:
         """Sample std over seeds; 0 for one seed (an error bar of nothing, as the curves' band)."""
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
-    def text(self, tex=False, bold=False):
+    def mean_text(self):
+        """The mean as shown: `digits` decimals; a count (digits 0) whose mean is not whole gets one."""
+        m = self.scale * self.mean()
+        return f"{m:.{1 if self.digits == 0 and m != int(m) else self.digits}f}"
+
+    def text(self, tex=False, bold=False, n_shown=True):
+        """n_shown=False: without "(n=...)" (a table whose cells all have the same n says it once)."""
         if not self.values:
             return f"not reached (n={self.of})" if self.of else ("--" if tex else "–")
-        n = f"({len(self.values)}/{self.of} reached)" if self.of is not None else f"(n={len(self.values)})"
-        s = f"{self.scale * self.mean():.{self.digits}f}"
+        n = f"({len(self.values)}/{self.of} reached)" if self.of is not None else \
+            f"(n={len(self.values)})" if n_shown else ""
+        s = self.mean_text()
         s = rf"\textbf{{{s}}}" if bold else s
         if len(self.values) > 1:
             s += (r" $\pm$ " if tex else " ± ") + f"{self.scale * statistics.stdev(self.values):.{self.digits}f}"
-        return f"{s} {n}"
+        return f"{s} {n}".rstrip()
 
 
 class Table:
@@ -432,10 +457,13 @@ class Table:
         self.best = best or [None] * len(header)
 
     def bold(self, i, c):
-        means = [row[i].mean() for row in self.rows if isinstance(row[i], Stat) and row[i].values]
-        if not self.best[i] or len(means) < 2 or not isinstance(c, Stat) or not c.values:
+        """Whether cell c of column i is the column's one best mean as printed (a tie bolds none)."""
+        cells = [row[i] for row in self.rows if isinstance(row[i], Stat) and row[i].values]
+        if not self.best[i] or len(cells) < 2 or not isinstance(c, Stat) or not c.values:
             return False
-        return c.mean() == (max if self.best[i] == "max" else min)(means)
+        shown = [float(x.mean_text()) for x in cells]
+        best = (max if self.best[i] == "max" else min)(shown)
+        return shown.count(best) == 1 and float(c.mean_text()) == best
 
 
 def md_table(t):
@@ -446,38 +474,77 @@ def md_table(t):
 
 TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "×": r"$\times$", "±": r"$\pm$",
-       "–": "--", "→": r"$\to$"}
+       "–": "--", "→": r"$\to$", "<": r"\textless{}", ">": r"\textgreater{}", "≥": r"$\geq$", "≤": r"$\leq$"}
 
 
 def tex_escape(s):
-    """Text as LaTeX that pdflatex compiles: specials escaped, anything else non-ASCII as '?'."""
-    return "".join(TEX.get(ch, ch if ch.isascii() else "?") for ch in str(s))
+    """Text as LaTeX that pdflatex compiles: specials escaped, anything else non-ASCII as '?', and a hyphen
+    before a hyphen kept apart (-{}-), or LaTeX prints a flag's -- as a dash."""
+    s = str(s)
+    return "".join("-{}" if ch == "-" and s[i + 1:i + 2] == "-" else TEX.get(ch, ch if ch.isascii() else "?")
+                   for i, ch in enumerate(s))
+
+
+# A table wider than the text is scaled down to \textwidth, and one still taller than 0.75 \textheight (its
+# caption needs the rest of the page) down to that; FIT_END closes both boxes.
+FIT_WIDTH = (r"\resizebox*{!}{\ifdim\totalheight>0.75\textheight0.75\textheight\else\totalheight\fi}{"
+             r"\resizebox{\ifdim\width>\textwidth\textwidth\else\width\fi}{!}{%")
+FIT_END = "}}"
+
+
+def tex_label(title, taken):
+    """A table's label: its title's words, whole (cut at a word boundary near 60 characters), numbered
+    when another table's is the same."""
+    words = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    base = "tab:" + (words if len(words) <= 60 else words[:61].rsplit("-", 1)[0])
+    label, i = base, 1
+    while label in taken:
+        i += 1
+        label = f"{base}-{i}"
+    return label
+
+
+def tex_header(h, width=12):
+    """A column heading in lines of about `width` characters (a one-column tabular), so that long headings
+    do not widen a table of short numbers."""
+    lines = []
+    for word in h.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    if len(lines) < 2:
+        return tex_escape(h)
+    return r"\begin{tabular}[b]{@{}c@{}}" + r" \\ ".join(map(tex_escape, lines)) + r"\end{tabular}"
 
 
 def tex_table(t, label):
-    right = [any(isinstance(row[i], Stat) for row in t.rows) for i in range(len(t.header))]
-    body = [" & ".join(c.text(tex=True, bold=t.bold(i, c)) if isinstance(c, Stat) else tex_escape(c)
-                       for i, c in enumerate(row)) + r" \\" for row in t.rows]
+    stat = [any(isinstance(row[i], Stat) for row in t.rows) for i in range(len(t.header))]
+    ns = {len(c.values) for row in t.rows for c in row if isinstance(c, Stat) and c.values and c.of is None}
+    one_n = len(ns) == 1  # every cell over the same seeds: n said once, in the caption
+    wide = [not x and max((len(str(row[i])) for row in t.rows), default=0) > 24 for i, x in enumerate(stat)]
+    spec = "".join("r" if x else r"p{3.5cm}" if w else "l" for x, w in zip(stat, wide))  # long labels wrap
+    body = [" & ".join(c.text(tex=True, bold=t.bold(i, c), n_shown=not one_n) if isinstance(c, Stat)
+                       else tex_escape(c) for i, c in enumerate(row)) + r" \\" for row in t.rows]
     bold = any(t.bold(i, c) for row in t.rows for i, c in enumerate(row))
+    n = min(ns, default=0)
+    seeds = f"n={n} seed{'s' * (n > 1)} each" if one_n else "n: seeds"
     caption = f"{tex_escape(t.title)}. {tex_escape(t.note) + ' ' if t.note else ''}Mean $\\pm$ sample std " \
-              f"over seeds (n: seeds){'; bold: best mean per column' if bold else ''}."
+              f"over seeds ({seeds}){'; bold: the one best mean of a column' if bold else ''}."
     return "\n".join([r"\begin{table}[htbp]", r"\centering", r"\small", rf"\caption{{{caption}}}",
-                      rf"\label{{{label}}}", rf"\begin{{tabular}}{{{''.join('r' if x else 'l' for x in right)}}}",
-                      r"\toprule", " & ".join(tex_escape(h) for h in t.header) + r" \\", r"\midrule", *body,
-                      r"\bottomrule", r"\end{tabular}", r"\end{table}"])
+                      rf"\label{{{label}}}", FIT_WIDTH,
+                      rf"\begin{{tabular}}{{{spec}}}",
+                      r"\toprule", " & ".join(map(tex_header, t.header)) + r" \\", r"\midrule", *body,
+                      r"\bottomrule", r"\end{tabular}" + FIT_END, r"\end{table}"])
 
 
 def render(doc):
     """doc: a list of Markdown lines and Tables -> (report.md text, tables.tex text)."""
-    md, tex, labels = [], [r"% summarize.py: every table of report.md; needs \usepackage{booktabs}"], set()
+    md, tex, labels = [], [r"% summarize.py: every table of report.md; needs \usepackage{booktabs,graphicx}"], set()
     for block in doc:
         if isinstance(block, Table):
             md += [f"### {block.title}", ""] + ([block.note, ""] if block.note else []) + [md_table(block), ""]
-            label = base = "tab:" + re.sub(r"[^a-z0-9]+", "-", block.title.lower()).strip("-")[:50]
-            for i in range(2, len(labels) + 2):  # a title repeated (one table per head): number it
-                if label not in labels:
-                    break
-                label = f"{base}-{i}"
+            label = tex_label(block.title, labels)
             labels.add(label)
             tex += ["", tex_table(block, label)]
         else:
@@ -491,12 +558,20 @@ def acc(runs, key="test_acc"):
 
 # ----------------------------------------------------------------------------- centralized and editing
 
-def centralized_doc(runs):
+CENTRAL_PLOTS = ["accuracy.png", "loss.png", "grid.png", "schedulers.png"]  # what centralized.py draws per run
+
+
+def centralized_doc(runs, out_dir):
     doc = ["## Centralized baseline", ""]
     if not runs:
         return doc + ["_No finished centralized run._", ""]
     for flags, rs in group(runs, lambda r: r["flags"]).items():  # runs of other flags: tables of their own
         doc += centralized_tables(rs, flags_note(flags))
+        first = min(rs, key=lambda r: r["seed"])  # one seed's plots stand for the others'
+        links = [f"[{name[:-4]}]({os.path.relpath(os.path.join(first['dir'], name), out_dir)})"
+                 for name in CENTRAL_PLOTS if os.path.isfile(os.path.join(first["dir"], name))]
+        if links:
+            doc += [f"Plots of the centralized run{flags_note(flags)}, seed {first['seed']}: {', '.join(links)}.", ""]
     return doc
 
 
@@ -512,7 +587,7 @@ def centralized_tables(runs, on):
     chosen = group(runs, lambda r: tuple(r["best"][k] for k in ("lr", "momentum", "wd", "scheduler")))
     doc.append(Table("Centralized linear probe: chosen hyperparameters, accuracy (%) of the best-validation head" + on,
                      ["lr", "momentum", "wd", "scheduler", "best epoch", "val acc", "test acc"],
-                     [[f"{lr:g}", f"{m:g}", f"{wd:g}", s, Stat([r["best_epoch"] for r in rs], 1, 1),
+                     [[f"{lr:g}", f"{m:g}", f"{wd:g}", s, Stat([r["best_epoch"] for r in rs], 1, 0),
                        acc(rs, "val_acc"), acc(rs)] for (lr, m, wd, s), rs in chosen.items()],
                      [None] * 5 + ["max", "max"]))
     for file, cols, title in [("grid.csv", ["lr", "momentum", "wd", "scheduler"],
@@ -553,7 +628,7 @@ def editing_doc(runs, out_dir):
                                         [100 * c.std() for c in cells[n]]) for n in rounds},
                                 "sparsity (fraction of backbone weights frozen)", "test accuracy (%)",
                                 "Model editing: sparsity × calibration rounds\n(mean over seeds ± std)",
-                                integer_x=False)
+                                integer_x=False, ymax=100)
             plots.append(path)
         labels, values = [], []
         settings = group(hr, lambda r: (r["sparsity"], r["calib_rounds"]))
@@ -571,7 +646,8 @@ def editing_doc(runs, out_dir):
         if labels and i == 0:
             path = os.path.join(out_dir, "editing_rules.png")
             plumbing.plot_bars(path, labels, [100 * v.mean() for v in values], "test accuracy (%)",
-                               "Model editing: mask rules (mean over seeds ± std)", [100 * v.std() for v in values])
+                               f"Model editing: mask rules ({on})\nmean over seeds ± std",
+                               [100 * v.std() for v in values], zoom=True)
             plots.append(path)
     return doc, plots
 
@@ -686,40 +762,96 @@ def six_models_tables(runs, central, editing):
         prefer = [k for k in edits if k[:3] == mask] or [k for k in edits if k[:3] == ("least-sensitive", 0.9, 4)] \
             or list(edits)  # the mask sparse FedAvg used, else the default one, else the most seeds
         edit = max(prefer, key=lambda k: len(edits[k]), default=None)
-        probe = main_central(central)
+        probe = probe_of(head, central)
+        start = step0_head(head, editing, runs)
         fed = [r for r in runs if setup(r) in (dense, sparse) and r["j"] == j]
         splits = sorted({r["split"] for r in fed}, key=split_order)
-        rows = [["Centralized", acc(probe), acc(edits.get(edit, []))]]
+        rows = [[f"step-0 head alone", start, "–"], ["Centralized", acc(probe) if probe else start,
+                                                        acc(edits.get(edit, []))]]
         rows += [[f"FedAvg {s}", acc([r for r in fed if r["split"] == s and setup(r) == dense]),
                   acc([r for r in fed if r["split"] == s and setup(r) == sparse])] for s in splits]
         what = lambda m, flags: (mask_name(m) if m else "–") + flags_text(flags)
-        out.append(Table(f"The six models (head {head}): test accuracy (%)",
+        out.append(Table(f"The six models (head {head}): test accuracy (%) without and with task arithmetic, "
+                         f"each pair from this head",
                          ["model", "without task arithmetic", "with task arithmetic"], rows, [None, "max", "max"],
-                         f"Without: centralized linear probe of the frozen backbone"
-                         f"{flags_note(probe[0]['flags'] if probe else ())}, dense FedAvg"
-                         f"{flags_note(dense.flags if dense else ())}. With: sparse fine-tuning, centralized model "
-                         f"editing ({what(edit, edit[3] if edit else ())}) and sparse FedAvg "
+                         f"Step-0 head alone: the head every run of the table starts from, on the pre-trained "
+                         f"backbone, before any training. Without: centralized, "
+                         + (f"the centralized linear probe that saved this head{flags_note(probe[0]['flags'])}"
+                            if probe else "the step-0 head itself (fitted centrally)")
+                         + f"; FedAvg, dense FedAvg{flags_note(dense.flags if dense else ())}. With: sparse "
+                         f"fine-tuning from the same head, centralized model editing "
+                         f"({what(edit, edit[3] if edit else ())}) and sparse FedAvg "
                          f"({what(mask, sparse.flags if sparse else ())}). FedAvg at J={j}."))
     return out
 
 
+def probe_of(head, central):
+    """The centralized runs whose head.pt is `head` (a FILE head, seed folders as seed*), or []."""
+    tail = lambda d: across_seeds("/".join(d.split(os.sep)[-3:]) + "/head.pt")
+    return [r for r in central if isinstance(head, str) and head.endswith(tail(r["dir"]))]
+
+
+def step0_head(head, editing, fedruns):
+    """The test accuracy of the step-0 head over seeds: the editing runs' (head_test_acc, one per seed),
+    else the FedAvg runs' round 0 (one per seed: the same head in every split of a seed)."""
+    per_seed = {r["seed"]: r["head_test_acc"] for r in editing if r.get("head") == head}
+    if not per_seed:
+        per_seed = {r["seed"]: round0(r, "test_acc") for r in fedruns if r.get("head") == head
+                    and round0(r, "test_acc") is not None}
+    return Stat(per_seed.values())
+
+
+def round0(r, col):
+    """A FedAvg run's round-0 value of a metrics.csv column (the step-0 head, before any round), or None."""
+    m = r["metrics"]
+    return next((v for x, v in zip(m["round"], m[col]) if x == 0), None) if m else None
+
+
+def best_round(r):
+    """The first round of a run's best validation accuracy (metrics.csv, else result.json), or None."""
+    m = r["metrics"]
+    done = [(v, -x) for x, v in zip(m["round"], m["val_acc"]) if v is not None] if m else []
+    return int(-max(done)[1]) if done else r.get("best_round")
+
+
+def starts_below(r):
+    """Whether a run's step-0 head is below its target (unknown round 0: counted as below)."""
+    v = round0(r, "val_acc")
+    return r["target"] is not None and (v is None or v < r["target"])
+
+
 def cost_table(runs, frac):
+    """What reaching an accuracy costs, with no column constant by construction: rounds to target only for
+    runs whose head starts below it (a solved head reaches it at round 0); for every run the gain over its
+    round-0 head and the round of its best validation accuracy; the upload."""
+    names, shared = short_names(list(group(runs, setup)))
     rows = []
-    for key, rs in sorted(group(runs, setup).items(), key=lambda kv: (kv[0].mask is not None, setup_name(kv[0]))):
+    for key, rs in sorted(group(runs, setup).items(), key=lambda kv: (kv[0].mask is not None, names[kv[0]])):
         for (split, j), x in sorted(group(rs, lambda r: (r["split"], r["j"])).items(),
                                     key=lambda kv: (split_order(kv[0][0]), kv[0][1])):
-            rows.append([setup_name(key), split, j, "/".join(str(n) for n in sorted({r["rounds"] for r in x})),
-                         acc(x), Stat([r["rounds_to_target"] for r in x], 1, 0,
-                                      of=sum(r["target"] is not None for r in x)),
+            below = [r for r in x if starts_below(r)]
+            rows.append([names[key], split, j, "/".join(str(n) for n in sorted({r["rounds"] for r in x})),
+                         acc(x), Stat([round0(r, "test_acc") for r in x]),
+                         Stat([r["rounds_to_target"] for r in below], 1, 0, of=len(below)),
+                         Stat([r["test_acc"] - round0(r, "test_acc") for r in x if round0(r, "test_acc") is not None]),
+                         Stat([best_round(r) for r in x], 1, 0),
                          Stat([r.get("comm_values_per_client_round") for r in x], 1e-6, 3),
                          Stat([r.get("comm_mb_total") for r in x], 1, 1)])
-    return Table(f"FedAvg cost: rounds to {frac:g} × the centralized validation accuracy, communication",
-                 ["run", "split", "J", "rounds", "test acc (%)", "rounds to target", "M values / client / round",
-                  "MB uploaded / run"], rows, [None] * 4 + ["max", "min", None, None],
-                 "Rounds to target: the first round (head warm-up rounds included) whose validation accuracy "
-                 "reaches the target (0: the step-0 head already does); validation runs every --eval-every "
-                 "rounds. Communication: values one client uploads per round (sparse: masked-in entries only) "
-                 "and the run's total at 4 bytes each.")
+    header = ["run", "split", "J", "rounds", "test acc (%)", "round-0 test acc (%)", "rounds to target",
+              "gain over round 0 (points)", "best round", "M values / client / round", "MB uploaded / run"]
+    best = [None] * 4 + ["max", None, "min", "max", None, None, None]
+    note = (f"Round 0: the step-0 head, before any round. Rounds to target: for the runs whose round-0 validation "
+            f"accuracy is below the target ({frac:g} × the centralized validation accuracy of the seed), the first "
+            f"round (head warm-up rounds included) that reaches it; validation runs every --eval-every rounds. "
+            f"Gain: final minus round-0 test accuracy. Best round: the round of the best validation accuracy "
+            f"(mean over seeds). Communication: values one client uploads per round (sparse: masked-in entries "
+            f"only) and the run's total at 4 bytes each.")
+    if not any(isinstance(row[6], Stat) and row[6].of for row in rows):  # every head starts at the target
+        header, best, rows = header[:6] + header[7:], best[:6] + best[7:], [row[:6] + row[7:] for row in rows]
+        note += " No run starts below the target (its head already reaches it at round 0, or no centralized " \
+                "run sets one): rounds to target is left out."
+    return Table(f"FedAvg cost: rounds to {frac:g} × the centralized validation accuracy, gain over the step-0 head, "
+                 f"communication" + (f" ({shared})" if shared else ""), header, rows, best, note)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -736,21 +868,48 @@ def curve(runs, col):
 
 
 def plot_curves(path, by_split, title):
-    fig, ax = plumbing.pyplot().subplots(figsize=(6, 4))
-    for split, rs in by_split.items():
+    fig, ax = plumbing.pyplot().subplots(figsize=(7, 4))
+    sparse, lowest = False, 100.0
+    for i, (split, rs) in enumerate(by_split.items()):
         xs, mean, std = curve(rs, "val_acc")
-        if len(xs):
-            ax.plot(xs, 100 * mean, marker=plumbing.marker(xs), label=f"{split} (n={len(rs)})")
-            ax.fill_between(xs, np.clip(100 * (mean - std), 0, None), np.clip(100 * (mean + std), None, 100),
-                            alpha=0.2)  # an accuracy stays within 0-100% even where two seeds differ a lot
+        lo, hi = np.clip(100 * (mean - std), 0, None), np.clip(100 * (mean + std), None, 100)  # within 0-100%
+        style = dict(marker=plumbing.MARKERS[i % len(plumbing.MARKERS)], fillstyle="none",
+                     markersize=plumbing.marker_size(i), label=f"{split} (n={len(rs)})")
+        lowest = min([lowest, *lo]) if len(xs) else lowest
+        if plumbing.sparse_points(list(xs)):  # validated every few rounds: the points measured, no line between
+            sparse = True
+            ax.errorbar(xs, 100 * mean, yerr=[100 * mean - lo, hi - 100 * mean], linestyle="none", capsize=3, **style)
+        elif len(xs):
+            ax.plot(xs, 100 * mean, linestyle=plumbing.LINESTYLES[i % len(plumbing.LINESTYLES)],
+                    markevery=max(1, len(xs) // 20), **style)
+            ax.fill_between(xs, lo, hi, alpha=0.2)
     ax.set(xlabel="round (0 = the head, before any round)", ylabel="validation accuracy (%)")
     plumbing.integer_ticks(ax.xaxis)
-    ax.set_title(title + "\nline: mean over seeds, band: ± std", fontsize=8)
+    plumbing.cap_y(ax, lowest, 100)
+    ax.set_title(title + "\n" + ("markers: mean over seeds where validated, bars: ± std" if sparse else
+                                 "line: mean over seeds, band: ± std"), fontsize=8)
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
+    if ax.lines:  # beside the axes: a curve that climbs to 100% never runs under it
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     plumbing.save_figure(fig, path)
+
+
+def luminance(rgb):
+    """Relative luminance of an sRGB colour (WCAG 2)."""
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def contrast(a, b):
+    """WCAG contrast ratio of two colours (1 to 21)."""
+    la, lb = sorted((luminance(a), luminance(b)))
+    return (lb + 0.05) / (la + 0.05)
+
+
+def text_color(background):
+    """Black or white, whichever reads better on `background` (at least 4.5:1 on any colour)."""
+    return "k" if contrast(background, (0, 0, 0)) >= contrast(background, (1, 1, 1)) else "w"
 
 
 def plot_heatmap(path, dense, sparse, title):
@@ -761,15 +920,19 @@ def plot_heatmap(path, dense, sparse, title):
              for rs in (dense, sparse)]
     grids = [100 * np.array(m, dtype=float) for m in means]  # None (no run) -> nan
     lo, hi = np.nanmin(grids), np.nanmax(grids)
+    if hi - lo < 1:  # equal cells: one point around them, not a colour scale of nothing
+        lo, hi = (lo + hi) / 2 - 0.5, (lo + hi) / 2 + 0.5
+    plt = plumbing.pyplot()
+    cmap, norm = plt.get_cmap("viridis"), plt.Normalize(lo, hi)
     fig, axes = plumbing.pyplot().subplots(1, 2, figsize=(3 + 2.4 * len(js), 1.4 + 0.6 * len(splits)),
                                            squeeze=False, layout="constrained")
     for ax, g, name in zip(axes[0], grids, ("dense", "sparse")):
-        im = ax.imshow(g, vmin=lo, vmax=hi, cmap="viridis", aspect="auto")
+        im = ax.imshow(g, norm=norm, cmap=cmap, aspect="auto")
         ax.set(xticks=range(len(js)), xticklabels=[f"J={j}" for j in js], yticks=range(len(splits)),
                yticklabels=splits, title=name)
         for (i, k), v in np.ndenumerate(g):
             if not math.isnan(v):
-                ax.text(k, i, f"{v:.2f}", ha="center", va="center", color="w" if v < (lo + hi) / 2 else "k", fontsize=8)
+                ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=text_color(cmap(norm(v))))
     fig.colorbar(im, ax=axes[0].tolist(), label="test accuracy (%)")
     fig.suptitle(title, fontsize=9)
     plumbing.save_figure(fig, path)
@@ -783,26 +946,36 @@ def smooth(xs, ys):
 
 
 def plot_agreement(path, dense, sparse, title):
-    """Update agreement and update norm per round, one line per (split, dense/sparse), mean over seeds."""
-    fig, axes = plumbing.pyplot().subplots(1, 2, figsize=(11, 4), layout="constrained")
-    colors, longest = {}, 0
-    for kind, rs, style in (("dense", dense, "-"), ("sparse", sparse, "--")):
+    """Update agreement and update norm per round, one line per (split, dense/sparse), mean over seeds:
+    a split's hue, dark and solid with circles for dense, light and dashed with squares for sparse; the
+    legend beside the panels; on agreement, 1/n: what n orthogonal client updates of equal norm give."""
+    plt = plumbing.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    splits = sorted({r["split"] for r in dense + sparse}, key=split_order)
+    smoothed = set()  # whether curves were smoothed (True) or drawn per round (False)
+    for kind, rs, style, shade, mark in (("dense", dense, "-", 0, "o"), ("sparse", sparse, "--", 1, "s")):
         for split, x in sorted(group(rs, lambda r: r["split"]).items(), key=lambda kv: split_order(kv[0])):
+            color = plt.get_cmap("tab20")(2 * (splits.index(split) % 10) + shade)
             for ax, col in zip(axes, ("agreement", "update_norm")):
                 xs, mean, _ = curve(x, col)
-                longest = max(longest, len(xs))
                 if len(xs):
+                    smoothed.add(len(xs) >= SMOOTH)
                     xs, mean = smooth(xs, mean)
-                    line, = ax.plot(xs, mean, style, marker=plumbing.marker(xs), color=colors.get(split),
-                                    label=f"{split}, {kind}")
-                    colors[split] = line.get_color()
+                    ax.plot(xs, mean, style, marker=mark, markevery=max(1, len(xs) // 15), fillstyle="none",
+                            color=color, label=f"{split}, {kind}")
+    for n in sorted({r.get("clients_per_round") for r in dense + sparse} - {None}):
+        axes[0].axhline(1 / n, color="0.4", linestyle=":", label=f"1/n, n={n} clients per round")
     axes[0].set(ylabel="agreement ‖Σ wᵢΔᵢ‖² / Σ wᵢ‖Δᵢ‖²")
     axes[1].set(ylabel="mean client update norm ‖Δᵢ‖")
-    for ax in axes:
-        ax.set(xlabel="round", title=f"moving average over {SMOOTH} rounds" if longest >= SMOOTH else "per round")
+    how = {frozenset({True}): f"moving average over {SMOOTH} rounds", frozenset({False}): "per round",
+           frozenset({True, False}): f"moving average over {SMOOTH} rounds (runs shorter than that: per round)"}
+    for ax, name in zip(axes, ("update agreement", "update norm")):
+        ax.set(xlabel="round", title=f"{name}, {how.get(frozenset(smoothed), 'no data')}")
         plumbing.integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7, handlelength=4)
     fig.suptitle(title, fontsize=9)
     plumbing.save_figure(fig, path)
 
@@ -838,7 +1011,8 @@ def fedavg_plots(runs, shown, out_dir):
             if at(dense) or at(sparse):
                 paths.append(os.path.join(out_dir, f"fedavg_agreement{suffix}_j{j}.png"))
                 plot_agreement(paths[-1], at(dense), at(sparse), f"FedAvg update agreement and norm, J={j}, "
-                                                                 f"head {head}: dense (solid) vs sparse (dashed)")
+                                                                 f"head {head}: dense (solid, circles) vs sparse "
+                                                                 f"(dashed, squares)")
     return paths
 
 
@@ -896,11 +1070,12 @@ def summarize(root, target=0.9):
     if "synthetic" in datasets:
         doc += ["**Synthetic data: these numbers say nothing about CIFAR-100.**", ""]
     doc += not_run_doc(plan, runs, root)
-    doc += centralized_doc(by_stage["centralized"])
+    doc += centralized_doc(by_stage["centralized"], out_dir)
     section, plots = editing_doc(by_stage["model_editing"], out_dir)
     section2, shown = fedavg_doc(by_stage["fedavg"], by_stage["centralized"], by_stage["model_editing"], target)
     plots += fedavg_plots(by_stage["fedavg"], shown, out_dir)
     doc += section + section2
+    doc += expected_doc()
     if plots:
         doc += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     for name in os.listdir(out_dir):  # plots of an earlier summary that this one did not draw
@@ -910,6 +1085,23 @@ def summarize(root, target=0.9):
     plumbing.atomic_write_text(md, os.path.join(out_dir, "report.md"))
     plumbing.atomic_write_text(tex, os.path.join(out_dir, "tables.tex"))
     print(f"{len(runs)} runs summarized: {out_dir}/report.md, tables.tex, results.csv and {len(plots)} plots")
+
+
+EXPECTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "expected.md")
+
+
+def expected_doc():
+    """Other projects' published CIFAR-100 figures (docs/expected.md, between its report markers), as a
+    section of report.md; [] when the file is not there."""
+    try:
+        with open(EXPECTED) as f:
+            text = f.read()
+        part = text.split("<!-- report:begin -->\n", 1)[1].split("<!-- report:end -->", 1)[0]
+    except (OSError, IndexError):
+        return []
+    return ["## What to expect on CIFAR-100: other projects' published figures (not ours)", "",
+            "DINO ViT-S/16, CIFAR-100 test accuracy (%), one seed each, each with its own settings "
+            "(docs/expected.md):", "", part.strip(), ""]
 
 
 def fraction(s):

@@ -34,6 +34,8 @@ def test_short_run_learns_far_above_chance(tmp_path):
 
 def test_grid_and_scheduler_comparison_pick_the_best(tmp_path, monkeypatch):
     plots = record_plots(monkeypatch)
+    checked = []  # the probe's check (common.check_head_accuracy): its validation accuracy, once
+    monkeypatch.setattr(common, "check_head_accuracy", lambda acc, args, *a: checked.append(acc))
     out = tmp_path / "grid"
     centralized.main(FAST + ["--grid", "--grid-lr", "0.1,0.0001", "--grid-momentum", "0.9", "--grid-wd", "0",
                              "--compare-schedulers", "--schedulers", "cosine,constant", "--epochs", "3",
@@ -44,6 +46,7 @@ def test_grid_and_scheduler_comparison_pick_the_best(tmp_path, monkeypatch):
     assert accs == sorted(accs, reverse=True)
     result = json.loads(read(out / "result.json"))
     assert result["best"]["lr"] == 0.1  # 1e-4 barely moves in 3 epochs
+    assert checked == [result["val_acc"]]
     assert (out / "grid.png").is_file() and (out / "schedulers.png").is_file()
     scheds = [r.split(",") for r in read(out / "schedulers.csv").splitlines()[1:]]
     assert len(scheds) == 2

@@ -326,14 +326,19 @@ def test_sparse_fine_tuning_touches_exactly_the_masked_in_weights(tmp_path, rule
 
 def test_short_edit_improves_validation_accuracy_over_the_frozen_head(tmp_path, monkeypatch):
     plots = record_plots(monkeypatch)
+    checked = []  # the step-0 head's check (common.check_head_accuracy): its validation accuracy, once
+    monkeypatch.setattr(common, "check_head_accuracy", lambda acc, args, *a: checked.append(acc))
     out = tmp_path / "edit"
     model_editing.main(FAST + ["--sparsity", "0.5", "--epochs", "3", "--lr", "0.001", "--no-aug",
                                "--fisher-batches", "1", "--out", str(out)])
     result = json.loads((out / "result.json").read_text())
     assert result["head"] == "ridge" and result["score"] == "logit"
     assert result["val_acc"] > result["head_val_acc"] + 0.05
+    assert checked == [result["head_val_acc"]]
     for f in ("mask.pt", "head.pt", "metrics.csv", "calibration.csv", "accuracy.png", "config.json"):
         assert (out / f).is_file(), f
+    train = plots["loss.png"][0]["train"]  # the training curve beside val and test, from epoch 1
+    assert train[0] == [1, 2, 3] and all(v > 0 for v in train[1])
     series, ylabel, _ = plots["accuracy.png"]
     xs, ys = series["val"]  # from epoch 0, the frozen head, in %
     assert "(%)" in ylabel and xs == [0, 1, 2, 3]

@@ -308,8 +308,10 @@ def test_federated_calibration_scores_the_images_calib_images_names(monkeypatch,
 
 # ----------------------------------------------------------------------------- fedavg.py end to end
 
-def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(tmp_path):
+def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(tmp_path, monkeypatch):
     weights, pre = backbone_file(tmp_path)
+    checked = []  # the ridge head's check (common.check_head_accuracy) at round 0, once
+    monkeypatch.setattr(common, "check_head_accuracy", lambda acc, args, *a: checked.append(acc))
     out = tmp_path / "sparse"
     fedavg.main(FAST + ["--weights", weights, "--sparse", "--sparsity", "0.9", "--no-aug", "--lr", "0.005",
                         "--calib-rounds", "2", "--rounds", "4", "--eval-every", "2", "--out", str(out)])
@@ -336,6 +338,8 @@ def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(t
     assert result["comm_mb_total"] == pytest.approx(
         (result["comm_values_per_client_round"] * 5 * 4 + (d * d + d * 100 + 1) * 10) * 4 / 1e6)
     assert (out / "calibration.csv").read_text().count("\n") == 3  # header + 2 calibration rounds
+    round0 = (out / "metrics.csv").read_text().splitlines()[1].split(",")
+    assert checked == [float(round0[5])]  # round 0's val_acc
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "round,train_loss,update_norm,agreement,val_loss,val_acc,test_loss,test_acc"
     assert len(rows) == 6 and all(0 < float(r.split(",")[3]) <= 1 for r in rows[2:])
@@ -346,7 +350,7 @@ def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(t
 
 def test_plots_show_accuracy_in_percent_from_round_0_and_the_training_loss(tmp_path, monkeypatch):
     calls = {}
-    monkeypatch.setattr(plumbing, "plot_lines", lambda path, series, xlabel, ylabel, title: calls.update(
+    monkeypatch.setattr(plumbing, "plot_lines", lambda path, series, xlabel, ylabel, title, **kw: calls.update(
         {os.path.basename(path): (series, ylabel)}))
     rows = [{"round": 0, "train_loss": None, "val_loss": 2.0, "val_acc": 0.25, "test_loss": 2.1, "test_acc": 0.2},
             {"round": 1, "train_loss": 1.5, "val_loss": None, "val_acc": None, "test_loss": None, "test_acc": None},

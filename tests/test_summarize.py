@@ -34,7 +34,7 @@ ACC_KEYS = {"centralized": ["val_acc", "test_acc", "final_test_acc"],  # exactly
 
 def write_run(root, stage, name, seed, acc, curve=None, **fields):
     """A finished run: config.json, result.json (accuracy fields all `acc`) and, given curve
-    {round: val_acc}, a FedAvg metrics.csv with one row per round."""
+    {round: val_acc}, a FedAvg metrics.csv with one row per round (test_acc as val_acc where given)."""
     d = root / stage / name / f"seed{seed}"
     d.mkdir(parents=True)
     (d / "config.json").write_text("{}")
@@ -46,16 +46,16 @@ def write_run(root, stage, name, seed, acc, curve=None, **fields):
         last = max(curve)
         with open(d / "metrics.csv", "w") as f:
             f.write("round,train_loss,update_norm,agreement,val_loss,val_acc,test_loss,test_acc\n")
-            for x in range(1, last + 1):
+            for x in range(min(1, min(curve)), last + 1):  # round 0 (the head) only where curve has it
                 v = curve.get(x, "")
-                f.write(f"{x},1.0,{0.5 + seed},{0.2 + 0.1 * seed},{'' if v == '' else 1},{v},,\n")
+                f.write(f"{x},1.0,{0.5 + seed},{0.2 + 0.1 * seed},{'' if v == '' else 1},{v},,{v}\n")
     return d
 
 
 def fed(root, split, j, seed, acc, mask=None, curve=None, **fields):
     """A FedAvg run; mask=(rule, sparsity, rounds) makes it sparse with the mask of that editing run."""
     nc = None if split == "iid" else int(split[2:])
-    kind = "dense"
+    kind = "dense" if fields.get("train", "all") == "all" else f"train-{fields['train']}"
     if mask:
         rule, s, r = mask
         kind = f"sparse-{rule}_s{s}_r{r}"
@@ -148,9 +148,10 @@ def test_every_table_of_the_study_picks_its_runs(tmp_path, no_plots):
     rows, report, _ = summarize_root(tmp_path)
     assert len(rows) == 2 * (1 + 4 + 12)
 
-    six = table(report, "The six models (head ridge)")
+    six = table(report, "The six models (head ridge)")  # both columns of a row from the ridge head
     assert six == {"model": ["without task arithmetic", "with task arithmetic"],
-                   "Centralized": [pm(0.80, 0.81), pm(0.70, 0.71)],  # linear probe; editing s=0.9 r=4
+                   "step-0 head alone": [pm(0.40, 0.40), "–"],  # the editing runs' head_test_acc, per seed
+                   "Centralized": [pm(0.40, 0.40), pm(0.70, 0.71)],  # the ridge head itself; editing s=0.9 r=4
                    "FedAvg IID": [pm(0.60, 0.61), pm(0.62, 0.63)],  # J=4, least-sensitive s=0.9 r=4
                    "FedAvg Nc=5": [pm(0.40, 0.41), pm(0.42, 0.43)]}
 
@@ -208,7 +209,7 @@ def test_the_six_models_take_the_editing_run_whose_mask_sparse_fedavg_used(tmp_p
     fed(tmp_path, "nc5", 4, 0, 0.4)
     fed(tmp_path, "nc5", 4, 0, 0.45, mask=("least-sensitive", 0.5, 2))
     _, report, _ = summarize_root(tmp_path)
-    assert table(report, "The six models")["Centralized"] == ["–", pm(0.55)]
+    assert table(report, "The six models")["Centralized"] == [pm(0.40), pm(0.55)]  # the ridge head, editing from it
     assert table(report, "The six models")["FedAvg Nc=5"] == [pm(0.4), pm(0.45)]
 
 
@@ -228,8 +229,9 @@ def test_rounds_to_target_per_seed_else_the_mean_and_not_reached(tmp_path, capsy
     got = {r["run"]: (r["target_val_acc"], r["rounds_to_target"]) for r in rows if r["stage"] == "fedavg"}
     assert got == {"fedavg/nc5_j4_dense/seed0": ("0.72", "40"), "fedavg/nc5_j4_dense/seed1": ("0.63", "20"),
                    "fedavg/iid_j4_dense/seed0": ("0.72", ""), "fedavg/iid_j4_dense/seed1": ("", "")}
-    cost = table(report, "FedAvg cost: rounds to 0.9")
-    assert cost["dense; head ridge, K=100, C=0.1"][4] == "30 ± 14 (2/2 reached)"
+    cost = table(report, "FedAvg cost: rounds to 0.9")  # one setup: its kind the label, the rest in the title
+    assert "communication (head ridge, K=100, C=0.1)" in [t for t in md_tables(report) if t.startswith("FedAvg cost")][0]
+    assert cost["dense"][5] == "30 ± 14 (2/2 reached)"
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 1 and str(broken / "metrics.csv") in warnings[0]
 
@@ -242,7 +244,9 @@ def test_without_a_centralized_run_rounds_to_target_is_not_computed(tmp_path, no
     fed(tmp_path, "nc5", 4, 0, 0.7)
     rows, report, _ = summarize_root(tmp_path)
     assert (rows[0]["target_val_acc"], rows[0]["rounds_to_target"]) == ("", "")
-    assert table(report, "FedAvg cost")["dense; head ridge, K=100, C=0.1"][4] == "–"
+    cost = table(report, "FedAvg cost")  # no target: no column of rounds to target, and the note says why
+    assert "rounds to target" not in report.split("### FedAvg cost")[1].split("\n| ")[1]
+    assert "rounds to target is left out" in report and cost["dense"][3:5] == [pm(0.7), "–"]  # no round 0
 
 
 def test_communication_is_read_from_result_json(tmp_path, no_plots):
@@ -253,7 +257,7 @@ def test_communication_is_read_from_result_json(tmp_path, no_plots):
     rows, report, _ = summarize_root(tmp_path)
     assert sorted((r["comm_values_per_client_round"], r["comm_mb_total"]) for r in rows if r["stage"] == "fedavg") \
         == [("2100000", "2520"), ("21000000", "25200")]
-    cost = [line for line in report.splitlines() if line.startswith("| dense;") or line.startswith("| sparse,")]
+    cost = [line for line in report.splitlines() if line.startswith("| dense |") or line.startswith("| sparse,")]
     assert cost[0].endswith("| 21.000 (n=1) | 25200.0 (n=1) |") and cost[1].endswith("| 2.100 (n=1) | 2520.0 (n=1) |")
 
 
@@ -265,20 +269,20 @@ def check_latex(tex):
     assert tex.isascii()
     stack, cols, labels = [], None, []
     for line in tex.splitlines():
-        if line.startswith("%"):
+        if line.startswith("%") or line == summarize.FIT_WIDTH:  # its % ends the line without a space
             continue
         for kind, env in re.findall(r"\\(begin|end)\{(\w+)\}", line):
             if kind == "begin":
                 stack.append(env)
             else:
                 assert stack.pop() == env, line
-        m = re.match(r"\\begin\{tabular\}\{([lrc]+)\}$", line)
+        m = re.match(r"\\begin\{tabular\}\{((?:[lrc]|p\{[^}]*\})+)\}$", line)
         if m:
-            cols = len(m.group(1))
+            cols = len(re.findall(r"[lrc]|p\{[^}]*\}", m.group(1)))
             rules = []
         elif line in (r"\toprule", r"\midrule", r"\bottomrule"):
             rules.append(line)
-        elif line == r"\end{tabular}":
+        elif line == r"\end{tabular}" + summarize.FIT_END:  # and the \resizebox around it
             assert rules == [r"\toprule", r"\midrule", r"\bottomrule"]
             cols = None
         elif cols:
@@ -300,8 +304,8 @@ def test_tables_tex_is_well_formed_escaped_and_bolds_the_best(tmp_path, no_plots
     assert tex.count(r"\begin{table}") == len(md_tables(report))
     assert r"my\_head\%\#\&.pt" in tex
     dense = tex.split(r"\caption{FedAvg, dense; head ridge")[1].split(r"\end{table}")[0]
-    assert r"IID & \textbf{60.50} $\pm$ 0.71 (n=2) & \textbf{65.50} $\pm$ 0.71 (n=2) \\" in dense
-    assert r"Nc=5 & 40.50 $\pm$ 0.71 (n=2) & 45.50 $\pm$ 0.71 (n=2) \\" in dense
+    assert r"IID & \textbf{60.50} $\pm$ 0.71 & \textbf{65.50} $\pm$ 0.71 \\" in dense  # n=2 everywhere:
+    assert r"Nc=5 & 40.50 $\pm$ 0.71 & 45.50 $\pm$ 0.71 \\" in dense and "(n=2 seeds each)" in dense  # said once
     cost = tex.split(r"\caption{FedAvg cost")[1].split(r"\end{table}")[0]
     assert "not reached (n=2)" in cost  # nothing to bold there; communication has no "best"
     assert cost.count(r"\textbf") == 1 and r"\textbf{67.50}" in cost  # test acc: IID, J=8, sparse
@@ -316,17 +320,20 @@ def test_tables_tex_compiles_if_a_tex_engine_is_here(tmp_path, no_plots):
     fed(tmp_path, "nc5", 4, 5, 0.2, head="runs/my_head%#&.pt")
     summarize_root(tmp_path)
     doc = tmp_path / "doc.tex"
-    doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+    doc.write_text("\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n\\begin{document}\n"
                    f"\\input{{{tmp_path / 'summary' / 'tables.tex'}}}\n\\end{{document}}\n")
     cmd = [engine, doc.name] if engine == "tectonic" else [engine, "-interaction=nonstopmode", "-halt-on-error",
                                                            doc.name]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:]
+    warnings = [w for w in re.findall(r"(Overfull \\hbox.*|\w*\s?Warning.*)", proc.stdout)
+                if "Label(s) may have changed" not in w]  # a first run's: no \ref here
+    assert not warnings, proc.stdout[-3000:]  # a table off the page, a float taller than the page
 
 
 def test_the_latex_checker_catches_what_it_checks():
-    good = "\\begin{table}\n\\caption{x}\n\\label{tab:a}\n\\begin{tabular}{lr}\n\\toprule\na & b \\\\\n" \
-           "\\midrule\nc & d \\\\\n\\bottomrule\n\\end{tabular}\n\\end{table}"
+    good = "\\begin{table}\n\\caption{x}\n\\label{tab:a}\n" + summarize.FIT_WIDTH + "\n\\begin{tabular}{lr}\n" \
+           "\\toprule\na & b \\\\\n\\midrule\nc & d \\\\\n\\bottomrule\n\\end{tabular}" + summarize.FIT_END + "\n\\end{table}"
     check_latex(good)
     for bad in (good.replace("c & d", "c & d & e"), good.replace("\\end{table}", ""), good.replace("c & d", "c_1 & d"),
                 good + "\n" + good, good.replace("\\midrule\n", ""), good.replace("a & b", "a × b")):
@@ -414,10 +421,11 @@ def test_fedavg_and_centralized_runs_of_other_flags_are_never_in_one_cell(tmp_pa
     assert table(report, "Centralized linear probe: chosen hyperparameters, accuracy (%) of the best-validation "
                          "head (epochs 60)")["0.1"][-1] == pm(0.20)
     six = table(report, "The six models")  # the runs most seeds share, named in the note
-    assert six["Centralized"][0] == pm(0.80, 0.81) and six["FedAvg Nc=5"] == [pm(0.40, 0.41), pm(0.45, 0.46)]
+    assert six["FedAvg Nc=5"] == [pm(0.40, 0.41), pm(0.45, 0.46)]
+    assert six["Centralized"][0] == "–"  # ridge head, no editing run, no round 0: not the SGD probe of another head
     assert "Centralized baseline for reference: 80.50 ± 0.71 (n=2) (epochs 30)." in report
     cost = table(report, "FedAvg cost")
-    assert cost["dense; head ridge, K=100, C=0.1, lr 0.001, rounds 300"][3] == pm(0.10)
+    assert cost["dense, lr 0.001, rounds 300"][3] == pm(0.10)  # what the setups share is in the title
     assert {r["target_val_acc"] for r in rows if r["stage"] == "fedavg"} == {"0.72", "0.729"}  # not the 60 epochs'
 
 
@@ -637,3 +645,179 @@ def test_a_file_per_seed_is_one_setting_averaged_over_seeds(tmp_path, no_plots):
     start = "Sparsity × calibration rounds in model editing (least-sensitive mask; head "
     assert table(report, start + "warmup, logit score")["0.9"] == [pm(0.5, 0.6)]
     assert table(report, start + "runs/centralized/grid_compare/seed*/head.pt, logit score")["0.9"] == [pm(0.3, 0.4)]
+
+
+# ----------------------------------------------------------------------------- the report does not mislead
+
+def test_the_cost_table_discriminates_a_head_learnt_from_zero_from_a_solved_head(tmp_path, no_plots):
+    """Rounds to target for the runs starting below it (FedAvg learning a zero head); for a run starting at a
+    solved head no round count (it would be 0 by construction) but its gain over round 0 and its best round."""
+    write_run(tmp_path, "centralized", "grid_compare", 0, 0.80)  # target 0.72
+    fed(tmp_path, "iid", 4, 0, 0.76, curve={0: 0.01, 2: 0.50, 4: 0.75, 6: 0.76}, train="head", head="zero")
+    fed(tmp_path, "nc1", 4, 0, 0.40, curve={0: 0.01, 2: 0.20, 4: 0.40, 6: 0.38}, train="head", head="zero")
+    fed(tmp_path, "iid", 4, 0, 0.78, curve={0: 0.75, 2: 0.79, 4: 0.78})  # the ridge head: solved at round 0
+    _, report, _ = summarize_root(tmp_path)
+    cost = table(report, "FedAvg cost")
+    assert cost["run"][3:8] == ["test acc (%)", "round-0 test acc (%)", "rounds to target", "gain over round 0 "
+                                "(points)", "best round"]
+    zero = "head only (frozen backbone), head zero"
+    row = lambda split: [line for line in report.splitlines() if line.startswith(f"| {zero} | {split} |")][0]
+    assert row("IID").split(" | ")[1:9] == ["IID", "4", "300", pm(0.76), pm(0.01), "4 (1/1 reached)", pm(0.75),
+                                            "6 (n=1)"]
+    assert row("Nc=1").split(" | ")[6:9] == ["not reached (n=1)", pm(0.39), "4 (n=1)"]
+    assert cost["dense, head ridge"][3:8] == [pm(0.78), pm(0.75), "–", pm(0.03), "2 (n=1)"]
+    assert "K=100, C=0.1" in [t for t in md_tables(report) if t.startswith("FedAvg cost")][0]  # shared: title
+
+
+def test_the_zero_head_family_and_new_keys_are_read(tmp_path):
+    """FedAvg training the head from a zero head (another engineer's baseline) is a family of its own in the
+    split × J tables and curves, labelled with what it trains and its head; result.json and metrics.csv keys
+    this summary does not know (augmentation gap, FL algorithm flags) are tolerated."""
+    new = dict(head_aug_acc=0.5, aug_acc=0.4, mu=0.1, scaffold=False, aggregate="mean", server_lr=1.0)
+    for split, j, a in [("iid", 4, 0.7), ("iid", 8, 0.68), ("nc1", 4, 0.5), ("nc1", 8, 0.4)]:
+        d = fed(tmp_path, split, j, 0, a, curve={0: 0.01, 1: a / 2, 2: a}, train="head", head="zero", **new)
+        text = (d / "metrics.csv").read_text().splitlines()
+        (d / "metrics.csv").write_text("\n".join([text[0] + ",aug_acc"] + [row + ",0.3" for row in text[1:]]) + "\n")
+    fed(tmp_path, "iid", 4, 0, 0.75)  # the dense ridge family beside it
+    _, report, _ = summarize_root(tmp_path)
+    zero = table(report, "FedAvg, head only (frozen backbone); head zero, K=100, C=0.1:")
+    assert zero == {"split": ["J=4 (300 rounds)", "J=8 (300 rounds)"], "IID": [pm(0.7), pm(0.68)],
+                    "Nc=1": [pm(0.5), pm(0.4)]}
+    assert table(report, "FedAvg, dense; head ridge")["IID"] == [pm(0.75)]
+    assert not [t for t in md_tables(report) if t.startswith("The six models (head zero)")]  # nothing sparse there
+    out = tmp_path / "summary"
+    assert {"fedavg_train-head_head1_j4.png", "fedavg_train-head_head1_j8.png", "fedavg_dense_j4.png"} <= \
+        {p.name for p in out.iterdir()}  # head1: the second head seen (the ridge run's folder sorts first)
+
+
+def test_the_six_models_pair_the_sgd_probe_with_editing_from_its_head(tmp_path, no_plots):
+    """A head.pt of the centralized probe: "without" is that probe, "with" editing from that very head; the
+    ridge head's table pairs the ridge head with editing from it; never the SGD probe beside ridge editing."""
+    for seed, d in ((0, 0.0), (1, 0.01)):
+        write_run(tmp_path, "centralized", "grid_compare", seed, 0.16 + d)  # the SGD probe, a poor one
+        head = f"runs/centralized/grid_compare/seed{seed}/head.pt"
+        write_run(tmp_path, "model_editing", "least-sensitive_s0.9_r4", seed, 0.83 + d, head_test_acc=0.765 + d)
+        write_run(tmp_path, "model_editing", "probe_head", seed, 0.30 + d, head=head, head_test_acc=0.16 + d)
+        fed(tmp_path, "iid", 4, seed, 0.70 + d)
+        fed(tmp_path, "iid", 4, seed, 0.72 + d, mask=("least-sensitive", 0.9, 4))
+        fed(tmp_path, "nc5", 4, seed, 0.20 + d, head=head)
+    _, report, _ = summarize_root(tmp_path)
+    ridge = table(report, "The six models (head ridge)")
+    assert ridge["step-0 head alone"] == [pm(0.765, 0.775), "–"]
+    assert ridge["Centralized"] == [pm(0.765, 0.775), pm(0.83, 0.84)]  # not the SGD probe's 16%
+    probe = table(report, "The six models (head runs/centralized/grid_compare/seed*/head.pt)")
+    assert probe["Centralized"] == [pm(0.16, 0.17), pm(0.30, 0.31)] and probe["FedAvg Nc=5"][0] == pm(0.20, 0.21)
+    assert "the centralized linear probe that saved this head" in report
+
+
+def test_latex_labels_whole_and_unique_captions_escaped_and_only_a_unique_best_bold():
+    title = "FedAvg cost: rounds to 0.9 × the centralized validation accuracy, gain over the step-0 head"
+    tie = summarize.Table(title, ["run", "a", "b"], [["x", summarize.Stat([0.5]), summarize.Stat([0.7])],
+                                                      ["y", summarize.Stat([0.5]), summarize.Stat([0.6])]],
+                          [None, "max", "max"], "validation every --eval-every rounds, <target>")
+    md, tex = summarize.render([tie, tie])
+    check_latex(tex)
+    labels = re.findall(r"\\label\{([^}]*)\}", tex)
+    words = "tab:" + re.sub(r"[^a-z0-9]+", "-", title.lower())
+    assert labels[1] == labels[0] + "-2" and words.startswith(labels[0]) and words[len(labels[0])] == "-"
+    assert r"\texttt" not in tex and r"-{}-eval-every" in tex and "--eval" not in tex  # not an en dash
+    assert r"\textless{}target\textgreater{}" in tex
+    assert tex.count(r"\textbf{70.00}") == 2 and r"\textbf{50.00}" not in tex  # the tie: no bold
+    assert "bold: the one best mean of a column" in tex and "(n=1 seed each)" in tex and "(n=1)" not in tex
+    assert summarize.Stat([2], 1, 0).text() == "2 (n=1)" and summarize.Stat([2, 3], 1, 0).text() == "2.5 ± 1 (n=2)"
+
+
+def test_heatmap_of_equal_cells_has_a_scale_and_readable_text(tmp_path, figures):
+    for split in ("iid", "nc5"):
+        fed(tmp_path, split, 4, 0, 0.9975)
+        fed(tmp_path, split, 4, 0, 0.9975, mask=("least-sensitive", 0.9, 4))
+    summarize_root(tmp_path)
+    fig = figures["fedavg_heatmap.png"]
+    images = [im for ax in fig.axes for im in ax.images]
+    assert len(images) == 2 and len({(im.norm.vmin, im.norm.vmax) for im in images}) == 1  # one scale
+    lo, hi = images[0].norm.vmin, images[0].norm.vmax
+    assert lo < 99.75 < hi and hi - lo <= 2  # a range around the value, not 90-110
+    from matplotlib.colors import to_rgb
+    for ax, im in zip([ax for ax in fig.axes if ax.images], images):
+        for t in ax.texts:
+            background = im.cmap(im.norm(float(t.get_text())))
+            assert summarize.contrast(background, to_rgb(t.get_color())) >= 4.5, t.get_text()
+
+
+def test_agreement_plot_tells_dense_from_sparse_outside_the_data_with_a_1_over_n_line(tmp_path, figures):
+    for split in ("iid", "nc5"):
+        curve = {x: 0.5 for x in range(1, 9)}
+        fed(tmp_path, split, 4, 0, 0.5, curve=curve)
+        fed(tmp_path, split, 4, 0, 0.5, curve=curve, mask=("least-sensitive", 0.9, 4))
+    summarize_root(tmp_path)
+    fig = figures["fedavg_agreement_j4.png"]
+    assert not any(ax.get_legend() for ax in fig.axes) and len(fig.legends) == 1  # beside the panels
+    handles = {t.get_text(): h for t, h in zip(fig.legends[0].get_texts(), fig.legends[0].legend_handles)}
+    for split in ("IID", "Nc=5"):
+        d, s = handles[f"{split}, dense"], handles[f"{split}, sparse"]
+        assert d.get_color() != s.get_color() and d.get_linestyle() != s.get_linestyle()
+        assert d.get_marker() != s.get_marker()
+    ref = [line for line in fig.axes[0].lines if "1/n" in line.get_label()]
+    assert len(ref) == 1 and list(ref[0].get_ydata()) == [0.1, 0.1]  # BASE: 10 clients per round
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0] != titles[1] and all("moving average over 5 rounds" in t for t in titles)
+
+
+def test_sparse_evaluations_are_points_and_editing_plots_show_differences(tmp_path, figures):
+    summarize.plumbing.plot_lines(tmp_path / "a.png", {"val": ([0, 6], [50.0, 60.0]), "train": ([1, 2, 3], [1, 2, 3])},
+                                  "round", "accuracy (%)", "t")
+    val, train = figures["a.png"].axes[0].lines[:2]
+    assert val.get_linestyle() == "None" and visible(val)  # no line drawn between rounds 0 and 6
+    assert train.get_linestyle() != "None" and train.get_marker() != val.get_marker()
+    summarize.plumbing.plot_lines(tmp_path / "b.png", {"a": ([0.5, 0.9], [99.9, 99.9]), "b": ([0.5, 0.9], [99.9, 99.9])},
+                                  "sparsity", "accuracy (%)", "t", integer_x=False, ymax=100)
+    ax = figures["b.png"].axes[0]
+    assert ax.get_ylim()[1] == 100 and ax.get_ylim()[0] > 95  # not past 100%, and the values not squashed
+    a, b = (c.lines[0] for c in ax.containers)
+    assert a.get_markersize() > b.get_markersize() and a.get_linestyle() != b.get_linestyle()  # both show
+    study(tmp_path)
+    summarize_root(tmp_path)
+    rules = figures["editing_rules.png"].axes[0]
+    values = sorted(float(t.get_text()) for t in rules.texts)
+    assert values == [60.5, 70.5]  # written on the bars: least- and most-sensitive at s=0.9, r=4
+    assert 0 < rules.get_ylim()[0] < 60 and rules.get_ylim()[1] < 80  # the axis shows a 10-point gap
+    sparsity = figures["editing_sparsity.png"].axes[0]
+    assert sparsity.get_ylim()[1] <= 100
+    markers = [c.lines[0].get_marker() for c in sparsity.containers]  # each series' data line
+    assert len(markers) == len(set(markers)) >= 1
+
+
+def test_per_run_titles_carry_every_flag_that_differs(tmp_path, monkeypatch):
+    titles = {}
+    monkeypatch.setattr(fedavg.plumbing, "plot_lines", lambda path, s, x, y, title, **k: titles.setdefault(title, 0))
+    rows = [{"round": 0, "train_loss": None, "val_acc": 0.5, "val_loss": 1.0, "test_acc": 0.5, "test_loss": 1.0}]
+    for rule in ("least-sensitive", "random"):
+        for sparsity in ("0.9", "0.5"):
+            args = fedavg.get_args(["--nc", "5", "--sparse", "--rule", rule, "--sparsity", sparsity,
+                                    "--out", str(tmp_path / rule / sparsity)])
+            fedavg.write_outputs(rows, args)
+    assert len(titles) == 4  # one per run (accuracy and loss share it)
+    assert all("Nc=5, J=4, sparse" in t for t in titles) and any("rule random" in t and "sparsity 0.5" in t
+                                                                 for t in titles)
+
+
+def test_a_cifar100_head_far_below_the_published_probes_warns(capsys):
+    import argparse
+    import common
+    args = argparse.Namespace(dataset="cifar100", arch=common.DEFAULT_ARCH, no_pretrained=False)
+    assert common.check_head_accuracy(0.05, args) and not common.check_head_accuracy(0.78, args)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the step-0 head reaches 5.00%") and "--weights" in err[0]
+    for other in (dict(dataset="synthetic"), dict(arch="test_vit"), dict(no_pretrained=True)):
+        assert not common.check_head_accuracy(0.05, argparse.Namespace(**{**vars(args), **other}))
+    assert capsys.readouterr().err == ""
+
+
+def test_report_links_the_centralized_plots_and_cites_published_figures_as_others(tmp_path, no_plots):
+    d = write_run(tmp_path, "centralized", "grid_compare", 0, 0.8, best_epoch=2)
+    (d / "accuracy.png").write_bytes(b"\x89PNG")
+    _, report, _ = summarize_root(tmp_path)
+    assert "[accuracy](../centralized/grid_compare/seed0/accuracy.png)" in report and "[loss]" not in report
+    assert table(report, "Centralized linear probe")["0.1"][3] == "2 (n=1)"  # best epoch: an integer
+    section = report.split("## What to expect on CIFAR-100")[1]
+    assert "published figures (not ours)" in section and "| SolarFlareZ/aml-project |" in section
