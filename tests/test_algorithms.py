@@ -355,3 +355,13 @@ def test_run_names_tell_the_algorithms_apart():
     names = {fedavg.get_args(TINY + a).out for a in [[], *ALGOS, ["--server-lr", "0.5"]]}
     assert len(names) == len(ALGOS) + 2
     assert fedavg.get_args(TINY).out.endswith("iid_j4_dense/seed0")
+
+
+def test_the_gradient_term_is_added_to_unscaled_gradients_under_the_fp16_scaler():
+    """With the fp16 gradient scaler on, .grad holds scale x the gradient after backward: the term must be
+    added after unscaling, or it would be divided by the scale (2^10 here) at the step."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = common.SparseSGDM([w], [None], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    common.optimizer_step(opt, (w * torch.tensor([3.0, -1.0])).sum(), scaler, lambda: w.grad.add_(0.5))
+    assert w.tolist() == [1.0 - 3.5, 2.0 + 0.5]
