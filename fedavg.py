@@ -341,13 +341,13 @@ class Phase:
     def __init__(self, model, args, mask=None, head_only=False):
         self.params = trained_params(model, mask, head_only)
         tensors = [p for _, p in self.params]
-        self.opt = common.SparseSGDM(tensors, [mask.get(n) if mask is not None else None for n, _ in self.params],
+        self.keep = [mask.get(n) if mask is not None else None for n, _ in self.params]  # None: trained densely
+        self.opt = common.SparseSGDM(tensors, self.keep,
                                      lr=args.head_lr if head_only else args.lr, momentum=args.momentum,
                                      weight_decay=args.wd)
         self.global_w, self.update = [torch.empty_like(p) for p in tensors], [torch.empty_like(p) for p in tensors]
         self.head_only = head_only
         self.upload = values_per_client(self.params, mask, args)  # counted once: a device mask's sums sync the host
-        self.keep = [mask.get(n) if mask is not None else None for n, _ in self.params]
         self.counts = [p.numel() if k is None else int(k.sum()) for p, k in zip(tensors, self.keep)]
         self.server = ServerOpt(args)
         self.scaffold = Scaffold(self, args) if args.scaffold else None
