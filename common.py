@@ -470,10 +470,15 @@ def forward_logits(model, x, device, precision):
     return model.head(backbone_features(model, x, device, precision))
 
 
-def optimizer_step(opt, loss, scaler):
-    """Backward and step, through the fp16 gradient scaler (a no-op in bf16/fp32)."""
+def optimizer_step(opt, loss, scaler, grad_term=None):
+    """Backward and step, through the fp16 gradient scaler (a no-op in bf16/fp32). grad_term(), if
+    given, adds to the parameters' gradients once they are unscaled, before the step (a term of the
+    objective known in closed form: FedProx's proximal term, SCAFFOLD's correction)."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if grad_term is not None:
+        scaler.unscale_(opt)  # the term is in the loss's units; step() then does not unscale again
+        grad_term()
     scaler.step(opt)
     scaler.update()
 

@@ -66,7 +66,9 @@ def get_args(argv=None):
                    help="frozen head; clients update only masked-in backbone entries with SparseSGDM")
     g.add_argument("--mask", type=plumbing.path, default=None,
                    help="mask.pt from model_editing.py; without it the mask is calibrated federatedly")
+    algorithm_flags(p)
     args = p.parse_args(argv)
+    check_algorithm_flags(p, args)
     if not 0 < args.c <= 1:
         p.error(f"--c must be in (0, 1], got {args.c}")
     if args.k * args.c < 1:
@@ -115,8 +117,58 @@ def get_args(argv=None):
     if args.sparse:
         kind = (f"sparse-mask-{plumbing.file_tag(args.mask)}" if args.mask
                 else f"sparse-{args.rule}_s{args.sparsity}_r{args.calib_rounds}")
-    args.out = args.out or f"{args.results}/fedavg/{split}_j{args.j}_{kind}/seed{args.seed}"
+    args.out = args.out or f"{args.results}/fedavg/{split}_j{args.j}_{kind}{algorithm_tag(args)}/seed{args.seed}"
     return args
+
+
+# ----------------------------------------------------------------------------- the FL algorithms' flags
+
+SERVER_BETAS = (0.9, 0.99)  # FedAdam/FedYogi's beta1, beta2 (Reddi et al. 2021)
+
+
+def algorithm_flags(p):
+    g = p.add_argument_group("FL algorithms (docs/extending.md; every default is FedAvg)")
+    g.add_argument("--mu", type=plumbing.nonneg_float, default=0.0,
+                   help="FedProx: the proximal term (mu/2)||w - w_global||^2 on every client's objective")
+    g.add_argument("--scaffold", action="store_true",
+                   help="SCAFFOLD (option II control variates): each client's gradient corrected by c - c_i; "
+                        "K client variates of the trained entries on the host (refused if they do not fit)")
+    g.add_argument("--aggregate", choices=["mean", "ties"], default="mean",
+                   help="the server's aggregate of the client updates: their mean weighted by shard size "
+                        "(FedAvg), or TIES-merging (trim each to its top --ties-keep, elect signs, disjoint mean)")
+    g.add_argument("--ties-keep", type=plumbing.positive_unit_float, default=0.2,
+                   help="--aggregate ties: fraction of each client update's trained entries kept (largest |value|)")
+    g.add_argument("--server-opt", choices=["sgd", "adam", "yogi"], default="sgd",
+                   help="the server's optimizer on the aggregate (a task vector): sgd (FedAvg, FedAvgM with "
+                        f"--server-momentum), adam or yogi (FedAdam/FedYogi, betas {SERVER_BETAS[0]}, {SERVER_BETAS[1]})")
+    g.add_argument("--server-lr", type=plumbing.nonneg_float, default=1.0,
+                   help="the server's learning rate: task arithmetic's scaling coefficient of the aggregate")
+    g.add_argument("--server-momentum", type=plumbing.unit_float, default=0.0,
+                   help="--server-opt sgd: momentum on the aggregate (FedAvgM)")
+    g.add_argument("--server-eps", type=plumbing.positive_float, default=1e-3,
+                   help="--server-opt adam/yogi: tau, the adaptivity floor added to sqrt(v)")
+
+
+def check_algorithm_flags(p, args):
+    if args.aggregate != "ties":
+        plumbing.refuse_ignored(p, args, ["ties_keep"], "it is --aggregate ties's")
+    if args.server_opt == "sgd":
+        plumbing.refuse_ignored(p, args, ["server_eps"], "it is --server-opt adam/yogi's")
+    else:
+        plumbing.refuse_ignored(p, args, ["server_momentum"], f"--server-opt {args.server_opt} has its own "
+                                f"beta1 {SERVER_BETAS[0]}")
+    if args.scaffold and not (args.lr > 0 and args.head_lr > 0):
+        p.error("--scaffold divides a client's update by its learning rate: give --lr and --head-lr above 0")
+
+
+def algorithm_tag(args):
+    """The run name's part for the algorithm flags that differ from FedAvg ('' for FedAvg)."""
+    tag = f"_mu{args.mu:g}" if args.mu else ""
+    tag += "_scaffold" if args.scaffold else ""
+    tag += f"_ties{args.ties_keep:g}" if args.aggregate == "ties" else ""
+    if args.server_opt != "sgd" or args.server_lr != 1 or args.server_momentum:
+        tag += f"_{args.server_opt}{args.server_lr:g}" + (f"m{args.server_momentum:g}" if args.server_momentum else "")
+    return tag
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -243,14 +295,15 @@ def client_batches(x, y, shard, rnd, client, args, device, augment):
     return xb.view(args.j, -1, *xb.shape[1:]), yb.view(args.j, -1)
 
 
-def client_update(forward, opt, scaler, batches):
-    """J local steps from whatever weights the model holds, with fresh momentum.
+def client_update(forward, opt, scaler, batches, grad_term=None):
+    """J local steps from whatever weights the model holds, with fresh momentum; grad_term() adds the
+    client objective's closed-form terms to the gradients before each step (client_grad_term).
     Returns the mean loss as a device tensor (read once per round, never per step)."""
     opt.restart()  # nothing leaks between clients or rounds
     total = 0
     for xb, yb in zip(*batches):
         loss = F.cross_entropy(forward(xb), yb)
-        common.optimizer_step(opt, loss, scaler)
+        common.optimizer_step(opt, loss, scaler, grad_term)
         total = total + loss.detach()
     return total / len(batches[0])
 
@@ -269,20 +322,211 @@ def upload_per_client(params, mask):
     return sum(int(mask[n].sum()) if mask is not None and n in mask else p.numel() for n, p in params)
 
 
+def values_per_client(params, mask, args):
+    """Values one client uploads per round: its update (upload_per_client), and with --scaffold as many
+    again, the change of its control variate."""
+    return upload_per_client(params, mask) * (2 if args.scaffold else 1)
+
+
 class Phase:
     """What the clients train in a phase of the run (head warm-up or main rounds), made once: the
     (name, param) list, one SparseSGDM over it (masks cast once; each client restarts its momentum),
-    the server's two buffers, reused every round (see trained_params), and the values a client uploads."""
+    the server's two buffers, reused every round (see trained_params), the values a client uploads, and
+    the FL algorithm's state (server optimizer, SCAFFOLD's variates; state_dict for the checkpoint).
+
+    pack/unpack: a list shaped like `params` <-> one 1-D tensor of the trained entries only (the
+    masked-in ones of a masked tensor, all of the others), in order: TIES trims over them, and
+    SCAFFOLD's client variates are stored so (with --sparse, only their trained entries cost memory)."""
 
     def __init__(self, model, args, mask=None, head_only=False):
         self.params = trained_params(model, mask, head_only)
         tensors = [p for _, p in self.params]
-        self.opt = common.SparseSGDM(tensors, [mask.get(n) if mask is not None else None for n, _ in self.params],
+        self.keep = [mask.get(n) if mask is not None else None for n, _ in self.params]  # None: trained densely
+        self.opt = common.SparseSGDM(tensors, self.keep,
                                      lr=args.head_lr if head_only else args.lr, momentum=args.momentum,
                                      weight_decay=args.wd)
         self.global_w, self.update = [torch.empty_like(p) for p in tensors], [torch.empty_like(p) for p in tensors]
         self.head_only = head_only
-        self.upload = upload_per_client(self.params, mask)  # counted once: a device mask's sums sync the host
+        self.upload = values_per_client(self.params, mask, args)  # counted once: a device mask's sums sync the host
+        self.counts = [p.numel() if k is None else int(k.sum()) for p, k in zip(tensors, self.keep)]
+        self.server = ServerOpt(args)
+        self.scaffold = Scaffold(self, args) if args.scaffold else None
+
+    def pack(self, tensors):
+        return torch.cat([t.flatten() if k is None else t[k] for t, k in zip(tensors, self.keep)])
+
+    def unpack(self, flat):
+        out = []
+        for piece, g, k in zip(torch.split(flat, self.counts), self.global_w, self.keep):
+            if k is None:
+                out.append(piece.view_as(g))
+            else:
+                t = torch.zeros_like(g)
+                t[k] = piece
+                out.append(t)
+        return out
+
+    def state_dict(self):
+        return {"head_only": self.head_only, "server": self.server.state_dict(),
+                "scaffold": self.scaffold.state_dict() if self.scaffold else None}
+
+    def load_state_dict(self, state):
+        device = self.global_w[0].device
+        self.server.load_state_dict(state["server"], device)
+        if self.scaffold:
+            self.scaffold.load_state_dict(state["scaffold"], device)
+
+
+class ServerOpt:
+    """The server's step on the round's aggregate Δ (a task vector), x += server_lr * step(Δ):
+    sgd: step = Δ, or with --server-momentum β the FedAvgM buffer m = βm + Δ (from m = 0);
+    adam/yogi (Reddi et al. 2021, Algorithm 2, no bias correction): m = β1 m + (1-β1)Δ, from m = 0;
+    v from τ² (the paper's v_{-1} >= τ²), adam v = β2 v + (1-β2)Δ², yogi v = v - (1-β2)Δ² sign(v - Δ²);
+    step = m / (sqrt(v) + τ). An entry no client moved has Δ = 0 at every round, so m = 0 and its step is
+    exactly 0 there (masked-out entries stay bit for bit). Plain sgd at lr 1 is FedAvg, bit for bit."""
+
+    def __init__(self, args):
+        self.kind, self.lr, self.mom, self.eps = args.server_opt, args.server_lr, args.server_momentum, args.server_eps
+        self.m = self.v = None  # made at the first step, shaped like the aggregate
+
+    @torch.no_grad()
+    def step(self, params, agg):
+        if self.kind == "sgd" and not self.mom:
+            torch._foreach_add_(params, agg, alpha=self.lr)
+            return
+        if self.m is None:
+            self.m = [torch.zeros_like(a) for a in agg]
+            self.v = None if self.kind == "sgd" else [torch.full_like(a, self.eps ** 2) for a in agg]
+        if self.kind == "sgd":
+            torch._foreach_mul_(self.m, self.mom)
+            torch._foreach_add_(self.m, agg)
+            torch._foreach_add_(params, self.m, alpha=self.lr)
+            return
+        b1, b2 = SERVER_BETAS
+        torch._foreach_mul_(self.m, b1)
+        torch._foreach_add_(self.m, agg, alpha=1 - b1)
+        sq = torch._foreach_mul(agg, agg)
+        if self.kind == "adam":
+            torch._foreach_mul_(self.v, b2)
+            torch._foreach_add_(self.v, sq, alpha=1 - b2)
+        else:
+            sign = [torch.sign(v - s) for v, s in zip(self.v, sq)]
+            torch._foreach_sub_(self.v, torch._foreach_mul(sq, sign), alpha=1 - b2)
+        denom = torch._foreach_add(torch._foreach_sqrt(self.v), self.eps)
+        torch._foreach_addcdiv_(params, self.m, denom, value=self.lr)
+
+    def state_dict(self):
+        return {"m": [t.cpu() for t in self.m] if self.m else None, "v": [t.cpu() for t in self.v] if self.v else None}
+
+    def load_state_dict(self, state, device):
+        self.m = [t.to(device) for t in state["m"]] if state["m"] else None
+        self.v = [t.to(device) for t in state["v"]] if state["v"] else None
+
+
+class Scaffold:
+    """SCAFFOLD's control variates (Karimireddy et al. 2020, option II): the server's c (shaped like the
+    trained params, on the device) and each client's c_i (a packed 1-D tensor of the trained entries, on the
+    host; a client not yet sampled holds c_i = 0 and costs nothing). A client's gradient is corrected by
+    c - c_i; after its J steps at rate lr, c_i+ = c_i - c + (w_global - w_i)/(J lr); after the round the
+    server adds (|S|/K) mean_i(c_i+ - c_i) = sum_i(c_i+ - c_i) / K to c. Entries no client trains are 0 in
+    c and c_i from the start and stay 0 (there w_i = w_global), so they move nothing."""
+
+    def __init__(self, phase, args):
+        self.phase, self.k = phase, args.k
+        self.steps, self.lr = args.j, phase.opt.param_groups[0]["lr"]
+        self.c = [torch.zeros_like(g) for g in phase.global_w]
+        self.ci = {}
+        self.dc = None
+
+    def correction(self, client):
+        """c - c_i, shaped like the params."""
+        if client not in self.ci:
+            return self.c
+        return torch._foreach_sub(self.c, self.phase.unpack(self.ci[client].to(self.c[0].device)))
+
+    def client_done(self, client, delta):
+        """Client `client` trained; delta: its packed update w_i - w_global."""
+        old = self.ci[client].to(delta.device) if client in self.ci else torch.zeros_like(delta)
+        new = old - self.phase.pack(self.c) - delta / (self.steps * self.lr)
+        self.dc = new - old if self.dc is None else self.dc.add_(new - old)
+        self.ci[client] = new.cpu()
+
+    def server_step(self):
+        torch._foreach_add_(self.c, self.phase.unpack(self.dc / self.k))
+        self.dc = None
+
+    def state_dict(self):
+        return {"c": [t.cpu() for t in self.c], "ci": dict(self.ci)}
+
+    def load_state_dict(self, state, device):
+        self.c = [t.to(device) for t in state["c"]]
+        self.ci = dict(state["ci"])
+
+
+def ties_merge(deltas, weights, keep):
+    """TIES-merging (Yadav et al. 2023) of packed client updates (1-D, trained entries only): trim each
+    to its ceil(keep * n) entries of largest magnitude (per client, over all its trained entries, as TIES
+    trims a whole task vector), elect each entry's sign as that of the weighted sum of the trimmed
+    updates (the side with more mass), and average, weighted, only the kept values of the elected sign
+    (a disjoint mean; an entry no kept value agrees with stays 0). The weights are the shard sizes'
+    (FedAvg's); with equal shards this is TIES as published. Holds all sampled clients' updates at once."""
+    k = max(1, math.ceil(keep * deltas[0].numel()))
+    trimmed = torch.zeros(len(deltas), deltas[0].numel(), device=deltas[0].device, dtype=deltas[0].dtype)
+    for row, d in zip(trimmed, deltas):
+        idx = d.abs().topk(k, sorted=False).indices
+        row[idx] = d[idx]
+    w = torch.tensor(weights, device=trimmed.device, dtype=trimmed.dtype)[:, None]
+    elected = torch.sign((w * trimmed).sum(0))
+    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    mass = (w * agree).sum(0)
+    return torch.where(mass > 0, (w * trimmed * agree).sum(0) / mass.clamp_min(torch.finfo(mass.dtype).tiny), 0.0)
+
+
+def scaffold_bytes(model, args, mask=None):
+    """Bytes of SCAFFOLD's K client variates: K x the trained entries of the main rounds (the head with
+    --train head; every weight dense; with --sparse the backbone's masked-in entries, `mask`'s count or,
+    before calibration, the (1 - sparsity) share the rule keeps, plus cls_token and pos_embed)."""
+    if args.train == "head":
+        params = list(model.head.parameters())
+        n = sum(p.numel() for p in params)
+    elif not args.sparse:
+        params = list(model.parameters())
+        n = sum(p.numel() for p in params)
+    else:
+        params = [p for _, p in common.backbone_params(model)]
+        masked = {n for n, _ in common.masked_params(model)}
+        n = sum(p.numel() for name, p in common.backbone_params(model) if name not in masked)
+        n += (sum(int(m.sum()) for m in mask.values()) if mask is not None else
+              math.ceil((1 - args.sparsity) * sum(p.numel() for _, p in common.masked_params(model))))
+    return args.k * n * params[0].element_size()
+
+
+def check_scaffold_memory(model, args, mask=None):
+    """Refuse, before anything is written, a --scaffold run whose client variates (on the host) would not
+    fit in the host memory available now."""
+    need, free = scaffold_bytes(model, args, mask), plumbing.host_memory_available()
+    if need > free:
+        raise plumbing.UserError(f"--scaffold keeps {args.k} client control variates, {need / 1e9:.1f} GB, and the "
+                                 f"host has {free / 1e9:.1f} GB available: use fewer clients (--k), --sparse, or "
+                                 f"a bigger machine")
+
+
+def client_grad_term(phase, client, args):
+    """The client objective's closed-form gradient terms, or None for FedAvg's plain loss: FedProx's
+    mu (w - w_global) and SCAFFOLD's correction c - c_i. SparseSGDM masks the gradient after them, so on
+    a masked-out entry they move nothing."""
+    params = [p for _, p in phase.params]
+    corr = phase.scaffold.correction(client) if phase.scaffold else None
+    if not args.mu and corr is None:
+        return None
+
+    def add_terms():
+        grads = [p.grad for p in params]
+        if args.mu:
+            torch._foreach_add_(grads, torch._foreach_sub(params, phase.global_w), alpha=args.mu)
+        if corr is not None:
+            torch._foreach_add_(grads, corr)
+    return add_terms
 
 
 def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
@@ -314,11 +558,17 @@ def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
         torch._foreach_copy_(global_w, params)
         torch._foreach_zero_(update)
     groups = common.cache_sized_groups(params)
-    losses, sq_norms = [], []
+    losses, sq_norms, deltas = [], [], []
     for client, w in zip(clients, weights):
         batches = client_batches(x, y, shards[client], rnd, client, args, device, augment)
-        losses.append(client_update(forward, phase.opt, scaler, batches))
+        losses.append(client_update(forward, phase.opt, scaler, batches, client_grad_term(phase, client, args)))
         with torch.no_grad():
+            if phase.scaffold or args.aggregate == "ties":  # they read the whole Δ_i
+                delta = phase.pack(torch._foreach_sub(params, global_w))
+                if phase.scaffold:
+                    phase.scaffold.client_done(client, delta)
+                if args.aggregate == "ties":
+                    deltas.append(delta)
             for i in groups:  # on the CPU a few MB at a time: the four passes below then read it from the cache
                 p, g, u = [params[k] for k in i], [global_w[k] for k in i], [update[k] for k in i]
                 torch._foreach_sub_(p, g)  # p now holds Δ_i
@@ -326,8 +576,11 @@ def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
                 sq_norms += torch._foreach_norm(p)
                 torch._foreach_copy_(p, g)  # the next client starts from the global model again
     with torch.no_grad():
-        torch._foreach_add_(params, update)  # the server's step
-        agg = torch.stack(torch._foreach_norm(update)).square().sum()
+        agg = torch.stack(torch._foreach_norm(update)).square().sum()  # the lens: on the clients' mean update
+        phase.server.step(params, update if args.aggregate == "mean" else
+                          phase.unpack(ties_merge(deltas, weights, args.ties_keep)))  # the server's step
+        if phase.scaffold:
+            phase.scaffold.server_step()
     for p in params:
         p.requires_grad_(False)
     sq = torch.stack(sq_norms).square().view(len(clients), -1).sum(1)
@@ -390,6 +643,8 @@ def main(argv=None):
     device, data, model, inputs = common.prepare(args)
     given_mask = inputs["mask"]
     shards = make_shards(data["train"][1], args)
+    if args.scaffold:
+        check_scaffold_memory(model, args, given_mask)
     ckpt = plumbing.open_run(args)
     x, y = (t.to(device) for t in data["train"])  # uint8: the whole training set fits on any GPU
     total_rounds = args.warmup_rounds + args.rounds
@@ -430,6 +685,8 @@ def main(argv=None):
         #   upload                 values the clients uploaded so far
         #   elapsed                seconds of work so far, across resumes
         #   model, scaler          from the first save on: the global model, the fp16 gradient scale
+        #   algo                   from the first save on: the FL algorithm's state of the phase then running
+        #                          (Phase.state_dict: server optimizer buffers, SCAFFOLD's c and c_i), or None
         ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
                 "upload": head_upload * args.k, "elapsed": 0.0, "head": plumbing.cpu_state(model.head)}
     else:
@@ -446,7 +703,8 @@ def main(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
 
     def save():
-        ckpt.update(model=plumbing.cpu_state(model), scaler=scaler.state_dict(), elapsed=time.time() - t0)
+        ckpt.update(model=plumbing.cpu_state(model), scaler=scaler.state_dict(), elapsed=time.time() - t0,
+                    algo=phase.state_dict() if phase is not None else None)
         plumbing.save_checkpoint(ckpt, args)
 
     def evaluate(split, backbone_changed):
@@ -465,7 +723,7 @@ def main(argv=None):
 
     # -------- the rounds: head warm-up rounds; with --sparse, step 1 (the mask, once), then step 2
 
-    phase = None
+    phase, resumed_algo = None, ckpt.get("algo")
     hint = f"a --lr below {args.lr:g}"
     watches = {True: common.LossWatch("FedAvg head warm-up rounds", hint),
                False: common.LossWatch(f"{'sparse ' if args.sparse else ''}FedAvg rounds", hint)}
@@ -487,6 +745,9 @@ def main(argv=None):
             common.warn_augmentation_gap(gap)
         if phase is None or phase.head_only != head_only:
             phase = Phase(model, args, None if head_only else mask, head_only)
+            if resumed_algo is not None and resumed_algo["head_only"] == head_only:  # saved in this phase
+                phase.load_state_dict(resumed_algo)
+            resumed_algo = None  # saved in an earlier phase: this one starts afresh, as it did uninterrupted
         loss, norm, agreement = train_round(model, phase, shards, feats["train"][0] if head_only else x, y, rnd,
                                             args, device, scaler)
         watches[head_only].check(loss, f"round {rnd + 1}", scaler)  # before anything of this round is kept
@@ -519,7 +780,7 @@ def main(argv=None):
         plumbing.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
     evaluated = [r for r in rows if r["val_acc"] is not None]
     best = max(evaluated, key=lambda r: r["val_acc"])  # first of equals wins
-    per_client = upload_per_client(trained_params(model, mask, args.train == "head"), mask)
+    per_client = values_per_client(trained_params(model, mask, args.train == "head"), mask, args)
     result = {"stage": "fedavg", "dataset": args.dataset, "seed": args.seed, "k": args.k, "c": args.c,
               "j": args.j, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "iid": args.iid,
               "nc": args.nc, "train": args.train, "sparse": args.sparse, "head": args.head, **ckpt["head_info"],

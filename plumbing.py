@@ -211,6 +211,21 @@ def unit_float(s):
     return v
 
 
+def positive_unit_float(s):
+    """A fraction in (0, 1]."""
+    v = float(s)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
+
+def positive_float(s):
+    v = float(s)
+    if not v > 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
+    return v
+
+
 def changed_flags(p, args, names):
     """The flags among `names` (dest names) whose value differs from their default: given on purpose."""
     return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != p.get_default(n)]
@@ -545,6 +560,18 @@ def load_tensor_file(path, what, fix):
         raise UserError(f"{what} not found: {path} ({fix})")
     except Exception as e:
         raise UserError(f"cannot read {what} {path} ({type(e).__name__}): {fix}")
+
+
+def host_memory_available():
+    """Bytes of host memory available to a new allocation (Linux's MemAvailable; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def cpu_state(module):

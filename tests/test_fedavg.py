@@ -167,7 +167,7 @@ def test_aggregation_is_bit_identical_to_the_per_tensor_server_and_measures_agre
 
     # the round's clients move by `moves` (client_batches hands client_update the client's number)
     monkeypatch.setattr(fedavg, "client_batches", lambda x, y, shard, rnd, client, *a: client)
-    monkeypatch.setattr(fedavg, "client_update", lambda forward, opt, scaler, client: train_client(client, ours))
+    monkeypatch.setattr(fedavg, "client_update", lambda forward, opt, scaler, client, grad_term: train_client(client, ours))
     loss, norm, agreement = fedavg.train_round(model, phase, shards, None, None, 0, args, torch.device("cpu"),
                                                fp32_scaler())
     clients = fedavg.sample_clients(args, 0)
