@@ -233,10 +233,10 @@ def new_runs(fams):
 RUN_ALL_FLAGS = ("--out", "--seed", "--resume", "--results")
 
 
-def read_grid(path, extra):
+def read_grid(path, results, extra):
     """A student's grid file: one run 'SCRIPT FLAGS' a line (shell-quoted), # comments, blank lines ->
-    [(stage, script, grid flags)]. Each line is parsed by its script's own flags, with the flags of every run
-    (extra) added; a bad line, or two lines that would share a run directory, is one UserError naming
+    [(stage, script, grid flags)]. Each line is parsed by its script's own flags, with the results root and
+    the flags of every run (extra) added; a bad line, or two lines that would share a run directory, is one UserError naming
     the file and the line."""
     try:
         with open(path) as f:
@@ -249,10 +249,12 @@ def read_grid(path, extra):
             words = shlex.split(line, comments=True)
             if not words:
                 continue
+            if any(c in w for w in words for c in "\t\n"):
+                raise plumbing.UserError("a quoted word holds a tab (run_all.sh reads one run a line, tab-separated)")
             taken = [w for w in words[1:] if w.partition("=")[0] in RUN_ALL_FLAGS]
             if taken:
                 raise plumbing.UserError(f"{taken[0]} is set by run_all.sh itself (use --seeds and RESULTS=)")
-            name, args = parse_run(shlex.join([*words, *extra]))
+            name, args = parse_run(shlex.join([*words, "--results", results, *extra]))
         except (ValueError, plumbing.UserError) as e:
             raise plumbing.UserError(f"--grid {path}, line {n}: {e}")
         if args.out in dirs:
@@ -271,12 +273,14 @@ def plan_runs(seeds, results, extra, quick=False, groups=(), grid=None):
     what run_all.sh gives every run. Seed by seed, so that a study stopped early has whole seeds to
     summarize."""
     if grid is not None:
-        runs = read_grid(grid, extra)
+        runs = read_grid(grid, results, extra)
         name = "file: " + "; ".join(shlex.join([script, *flags]) for _, script, flags in runs)
     else:
         runs = [(f.stage, script, flags) for f, mine in new_runs(study_families(quick, groups))
                 for script, flags in mine]
         name = "quick" if quick else "full"
+    if any(c in w for w in (results, *extra) for c in "\t\n"):  # run_all.sh reads one run a line, tab-separated
+        raise plumbing.UserError("the results root or a flag after -- holds a tab or a newline")
     return name, [(stage, script, shlex.join([*flags, "--results", results, "--seed", str(seed), "--resume",
                                               "--deterministic", *extra]))
                   for seed in seeds for stage, script, flags in runs]
@@ -483,7 +487,8 @@ def main(argv=None):
     g.add_argument("--runs", action="store_true",
                    help="print the study's name for run_all.settings (full, quick, or the grid file's runs), "
                         "then one line per run 'STAGE<tab>SCRIPT<tab>ARGS' (ARGS shell-quoted, ending in --results "
-                        "R --seed S --resume --deterministic and the flags after --), seed by seed")
+                        "R --seed S --resume --deterministic and the flags after --), seed by seed; with "
+                        "--describe-runs, each line goes on with that run's description")
     g.add_argument("--quick", action="store_true", help="with --runs: the quick study")
     g.add_argument("--grid", metavar="FILE", type=plumbing.path, default=None,
                    help="with --runs: the runs of FILE (one 'SCRIPT FLAGS' a line, # comments) instead of the study")
@@ -505,7 +510,12 @@ def main(argv=None):
         p.error("--grid FILE is the whole study: it excludes --quick and the groups")
     if a.prefetch and len(own) > 1:
         p.error("--prefetch takes the stage scripts' flags after --, not its own")
-    if a.describe_runs:
+    if a.runs:  # with --describe-runs, each run's description follows it: run_all.sh's one call
+        name, runs = plan_runs(a.seeds, a.results, flags or [], a.quick, [g for g in GROUPS if getattr(a, g)], a.grid)
+        if a.describe_runs:
+            runs = [(*run, *map(str, describe_run(f"{run[1]} {run[2]}"))) for run in runs]
+        print(name, *("\t".join(run) for run in runs), sep="\n")
+    elif a.describe_runs:
         if len(own) > 1:
             p.error("--describe-runs takes no other flag")
         described = ["\t".join(map(str, describe_run(line))) for line in sys.stdin if line.strip()]
@@ -519,9 +529,6 @@ def main(argv=None):
               sep="\n")
     elif a.probe:
         probe(sys.stdin.readline())
-    elif a.runs:
-        name, runs = plan_runs(a.seeds, a.results, flags or [], a.quick, [g for g in GROUPS if getattr(a, g)], a.grid)
-        print(name, *("\t".join(run) for run in runs), sep="\n")
     elif a.grid_table:
         print(grid_table())
     elif a.prefetch:

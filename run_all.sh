@@ -123,19 +123,18 @@ fi
 
 # ----------------------------------------------------------------------------- the grid
 
-# The study is data in its planner (plan.py: families of runs over the mask rules and the splits). It
-# answers the study's name for the settings (full, quick, or the grid file's runs), then per run its
-# STAGE, SCRIPT and ARGS (shell-quoted, with the common flags), seed by seed, the assignment's core first.
-PLAN=(--runs --seeds "$SEEDS" --results "$RESULTS")
+# The study is data in its planner (plan.py: families of runs over the mask rules and the splits). One
+# Python call answers the study's name for the settings (full, quick, or the grid file's runs), then per
+# run, seed by seed, the assignment's core first: its STAGE, SCRIPT and ARGS (shell-quoted, with the
+# common flags) and, from the script's own parsed flags, its run directory, the images it will process,
+# whether a finished run there is this one, and its config (a bad flag after -- stops here, before
+# anything is written).
+PLAN=(--runs --describe-runs --seeds "$SEEDS" --results "$RESULTS")
 ((!QUICK)) || PLAN+=(--quick)
 ((!EXTENSIONS)) || PLAN+=(--extensions)
 [[ -z $GRID_FILE ]] || PLAN+=(--grid "$GRID_FILE")
 PLANNED=$("$PY" "$HERE/plan.py" "${PLAN[@]}" -- "${EXTRA[@]}") || exit 2
-STAGE=() SCRIPT=() ARGS=()
-{
-  read -r GRID
-  while IFS=$'\t' read -r stage script args; do STAGE+=("$stage") SCRIPT+=("$script") ARGS+=("$args"); done
-} <<< "$PLANNED"
+{ read -r GRID; mapfile -t ROWS; } <<< "$PLANNED"
 
 # Run directories do not encode --quick, the grid file or the flags after --, so one root holds one kind of
 # study. The settings are recorded only once a run has succeeded: a typo after -- that fails every run must
@@ -145,16 +144,9 @@ if [[ -f $RESULTS/run_all.settings && $(< "$RESULTS/run_all.settings") != "$SETT
   die "RESULTS=$RESULTS holds a study with other settings ($(< "$RESULTS/run_all.settings")): use another RESULTS="
 fi
 
-# The scripts themselves name each run's directory and, from their parsed flags, the images it will
-# process and whether a finished run there is this one: one Python call for all runs (a bad flag after
-# -- stops here, before anything is written).
-DESCRIBED=$(for i in "${!ARGS[@]}"; do echo "${SCRIPT[i]} ${ARGS[i]}"; done |
-            "$PY" "$HERE/plan.py" --describe-runs) || exit 2
-mapfile -t ROWS <<< "$DESCRIBED"
-((${#ROWS[@]} == ${#ARGS[@]})) || die "plan.py --describe-runs answered ${#ROWS[@]} lines for ${#ARGS[@]} runs"
-OUT=() FWD_BWD=() FWD=() CONFIG=() TODO=() OTHER=()
+STAGE=() SCRIPT=() ARGS=() OUT=() FWD_BWD=() FWD=() CONFIG=() TODO=() OTHER=()
 for i in "${!ROWS[@]}"; do
-  IFS=$'\t' read -r 'OUT[i]' 'FWD_BWD[i]' 'FWD[i]' state 'CONFIG[i]' <<< "${ROWS[i]}"
+  IFS=$'\t' read -r 'STAGE[i]' 'SCRIPT[i]' 'ARGS[i]' 'OUT[i]' 'FWD_BWD[i]' 'FWD[i]' state 'CONFIG[i]' <<< "${ROWS[i]}"
   case $state in
     done) echo "skip (done): ${OUT[i]}" ;;
     todo) TODO+=("$i") ;;
