@@ -2,6 +2,7 @@
 --describe-runs, --prefetch, the probe's estimate), a quick study end to end (killed, resumed, then nothing
 to redo), a finished run of other flags, the settings file, the study lock, --gpus and --per-gpu, SLURM
 submission and its task script, bad input."""
+import io
 import json
 import os
 import re
@@ -405,9 +406,11 @@ def test_a_finished_run_counts_as_done_only_with_the_flags_of_the_study(tmp_path
 
 # ----------------------------------------------------------------------------- plan.py --describe-runs / --prefetch
 
-def describe(*lines):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "plan.py"), "--describe-runs"],
-                          input="".join(line + "\n" for line in lines), capture_output=True, text=True)
+def describe(monkeypatch, capsys, *lines):
+    """plan.py --describe-runs on these lines (in this process): its output."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    plan.main(["--describe-runs"])
+    return capsys.readouterr().out
 
 
 def test_a_result_json_that_is_no_json_object_is_not_done(tmp_path):
@@ -419,12 +422,11 @@ def test_a_result_json_that_is_no_json_object_is_not_done(tmp_path):
         assert plan.run_state(args) == state, text  # as the script's --resume sees it: it runs again
 
 
-def test_describe_runs_names_the_run_directory_and_counts_images_by_hand(tmp_path):
+def test_describe_runs_names_the_run_directory_and_counts_images_by_hand(tmp_path, monkeypatch, capsys):
     line = (f"fedavg.py --k 100 --c 0.1 --j 8 --scale-rounds --nc 10 --sparse --rule least-sensitive "
             f"--sparsity 0.9 --calib-rounds 4 --results {tmp_path}/r --seed 1")
-    proc = describe(line, f"model_editing.py --rule random --epochs 2 --results {tmp_path}/r")
-    assert proc.returncode == 0, proc.stderr
-    fed, edit = [row.split("\t") for row in proc.stdout.splitlines()]
+    out = describe(monkeypatch, capsys, line, f"model_editing.py --rule random --epochs 2 --results {tmp_path}/r")
+    fed, edit = [row.split("\t") for row in out.splitlines()]
     assert [fed[3], edit[3]] == ["todo", "todo"]  # nothing finished there
     assert json.loads(edit[4]) == plumbing.run_config(model_editing.get_args(
         ["--rule", "random", "--epochs", "2", "--results", f"{tmp_path}/r"]))  # what its config.json will hold
@@ -448,9 +450,11 @@ def test_describe_run_refuses_a_bad_line_in_one_line(line, says):
         plan.describe_run(line)
 
 
-def test_describe_runs_refuses_a_bad_line_with_exit_2_and_prints_no_row():
-    proc = describe("centralized.py", "fedavg.py --k 0")
-    assert "fedavg.py: argument --k" in assert_usage_error(proc) and proc.stdout == ""
+def test_describe_runs_refuses_a_bad_line_and_prints_no_row(monkeypatch, capsys):
+    """(Its exit status 2 and one line: test_a_flag_the_scripts_refuse_stops_everything_before_anything_is_written.)"""
+    with pytest.raises(plumbing.UserError, match="fedavg.py: argument --k"):
+        describe(monkeypatch, capsys, "centralized.py", "fedavg.py --k 0")
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("flags,want", [(["--dataset", "synthetic", "--k", "5"], ["backbone hub"]),
@@ -482,11 +486,10 @@ def test_prefetch_reads_and_fits_the_weights_file(tmp_path, capsys):
 
 def test_a_missing_weights_file_stops_the_study_in_seconds_with_one_line(tmp_path):
     results = tmp_path / "runs"
-    t0 = time.time()
     proc = run_all("--quick", "--", "--dataset", "synthetic", "--arch", "test_vit", "--img-size", "32",
                    "--device", "cpu", "--weights", str(tmp_path / "dino.pth"), results=results)
     assert "weights file not found" in assert_usage_error(proc)
-    assert time.time() - t0 < 60 and not results.exists()  # a few Python start-ups, nothing left behind
+    assert not results.exists()  # the prefetch failed before any run started: nothing left behind
 
 
 @pytest.mark.parametrize("argv", [["--prefetch", "--data-dir", "x", "--"], ["--", "--dataset", "synthetic"],
@@ -523,9 +526,11 @@ def alive(pid):
 
 def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
     results, log = tmp_path / "runs", tmp_path / "calls.log"
-    env = {"PYTHON": fake_python(tmp_path, runs="real"), "FAKE_LOG": str(log), "CUDA_VISIBLE_DEVICES": "0,1"}
+    # the estimate answers at once: its probe is test_dry_run_estimates_the_time_from_a_probe's
+    env = {"PYTHON": fake_python(tmp_path, runs="real"), "FAKE_LOG": str(log), "CUDA_VISIBLE_DEVICES": "0,1",
+           "FAKE_ESTIMATE": "1"}
     argv = ["--quick", "--gpus", "2", "--", *SMALL]  # two at a time, on the CPU (--device cpu)
-    full_env = {**os.environ, "RESULTS": str(results), **env, "FAKE_ESTIMATE": "1"}  # this one needs no probe
+    full_env = {**os.environ, "RESULTS": str(results), **env}
 
     # SIGKILL run_all.sh while runs are going (after at least one finished): its children must not go on
     # as orphans that a rerun would race with
@@ -570,7 +575,7 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("skip (done): ") == finished_before
     assert sum(line.startswith("run: ") for line in proc.stdout.splitlines()) == QUICK_N - finished_before
-    # the estimate (a real probe) before the first run, one progress line after each
+    # the estimate before the first run, one progress line after each
     total = f"total: {QUICK_N - finished_before} runs, "
     assert [line for line in proc.stdout.splitlines() if line.startswith(total)][0].endswith(" with 2 run(s) at once")
     progress = [line for line in proc.stdout.splitlines() if line.startswith("progress: ")]
@@ -604,10 +609,7 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("skip (done): ") == QUICK_N and "run: " not in proc.stdout
     assert {p: p.stat().st_mtime_ns for p in results.rglob("result.json")} == mtimes
-
-    # the same root with other settings is refused rather than silently mixed
-    proc = run_all("--quick", "--", *SMALL, "--batch-size", "8", results=results, env=env)
-    assert "other settings" in assert_usage_error(proc)
+    # (the same root with other settings is refused: test_settings_are_recorded_only_once_a_run_succeeded)
 
 
 # ----------------------------------------------------------------------------- settings, --gpus, signals (fake runs)
@@ -726,12 +728,10 @@ def test_dry_run_estimates_the_time_from_a_probe(tmp_path):
     """The probe measures (2 processes at once, as --per-gpu 2 packs the runs) and the estimate is each
     run's start-up plus its images at the measured speed, divided among the 4 runs at once."""
     results = tmp_path / "runs"
-    t0 = time.time()
     proc = run_all("--dry-run", "--quick", "--gpus", "2", "--per-gpu", "2", "--", *TINY, results=results,
                    env={"CUDA_VISIBLE_DEVICES": "0,1"})
-    took = time.time() - t0
     assert proc.returncode == 0, proc.stderr
-    assert not results.exists() and took < 120
+    assert not results.exists()
     said = [line for line in proc.stdout.splitlines() if line.startswith("# probe (")]
     assert len(said) == 1 and "2 run(s) at once on the CPU" in said[0], proc.stdout
     fb, f, startup = (float(x) for x in re.search(r"batch \d+: ([\d.]+) images/s forward\+backward and ([\d.]+) "
