@@ -202,6 +202,20 @@ def test_a_new_mask_rule_or_split_changes_the_study_and_its_table_in_one_place(t
     assert planned(tmp_path, quick=False) == before
 
 
+@pytest.mark.parametrize("sizes", [plan.FULL, plan.QUICK], ids=["full", "quick"])
+def test_the_planned_study_is_its_grid_seed_by_seed_core_first(sizes):
+    """The planner alone (fast); run_all.sh lists the same runs (test_dry_run_lists_the_planned_grid...)."""
+    runs = [(s, plan.parse_run(shlex.join([s, *words]))[1]) for _, s, words in
+            planned("runs", seeds=(0, 1), quick=sizes is plan.QUICK)]
+    grid, core = expected_grid(sizes), core_runs(sizes)
+    per_seed = sum(map(len, grid.values()))
+    assert len(runs) == 2 * per_seed
+    for k, seed in enumerate((0, 1)):
+        mine = [run_key(s, a) for s, a in runs[k * per_seed:(k + 1) * per_seed] if a.seed == seed]
+        assert len(mine) == per_seed and set(mine[:len(core)]) == core
+        assert {(stage, key) for stage in STAGES for key in grid[stage]} == set(mine)
+
+
 # --slurm: the same list, without the local speed probe (test_dry_run_estimates_the_time_from_a_probe)
 @pytest.mark.parametrize("sizes,argv,seeds", [(plan.FULL, [], [0, 1, 2]), (plan.QUICK, ["--quick", "--seeds", "3,5"], [3, 5])])
 def test_dry_run_lists_the_planned_grid_and_counts_its_runs_and_images(tmp_path, sizes, argv, seeds):
