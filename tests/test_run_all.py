@@ -572,7 +572,7 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
         runs.append(plan.describe_run(shlex.join([os.path.basename(words[script])] + words[script + 1:]))[0])
     proc.kill()
     proc.wait()
-    deadline = time.time() + 30  # each saves a checkpoint at its next step boundary first
+    deadline = time.time() + 300  # each saves a checkpoint at its next step boundary first
     while any(map(alive, children)) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(map(alive, children))
@@ -648,7 +648,7 @@ def test_sigterm_stops_the_running_runs_and_exits_130_and_a_second_study_on_the_
     assert sorted(str(p) for p in results.rglob("*")) == before and len(calls(log)) == 4  # 2 runs, 2 waiting
 
     proc.terminate()
-    assert proc.wait(timeout=30) == 130 and "interrupted" in proc.stderr.read()
+    assert proc.wait(timeout=300) == 130 and "interrupted" in proc.stderr.read()
     assert [c[0] for c in calls(log)].count("got") == 2 and not any(map(alive, children))
 
 
@@ -861,7 +861,7 @@ def test_slurm_task_passes_the_warning_signal_to_the_run_and_requeues_itself(tmp
     while len(calls(log)) < 2 and time.time() < deadline:  # the fake run has set its trap
         time.sleep(0.05)
     task.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends: to the batch shell only
-    assert task.wait(timeout=30) == 143
+    assert task.wait(timeout=300) == 143
     assert [c[0] for c in calls(log)] == ["fedavg.py", "waiting", "got", "scontrol"]  # task 3: FedAvg at J=4 (the core)
     assert calls(log)[-1] == ["scontrol", "requeue", "77_3"]
     assert not (results / "run_all.settings").exists()
