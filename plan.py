@@ -271,7 +271,8 @@ def read_grid(path, results, extra):
 def plan_runs(seeds, results, extra, quick=False, groups=(), grid=None):
     """run_all.sh's study: (its name for run_all.settings, [(stage, script, ARGS)]), ARGS shell-quoted with
     what run_all.sh gives every run. Seed by seed, so that a study stopped early has whole seeds to
-    summarize."""
+    summarize. The name leaves out the opt-in groups: their runs only add run directories of their own,
+    so a root may gain them later."""
     if grid is not None:
         runs = read_grid(grid, results, extra)
         name = "file: " + "; ".join(shlex.join([script, *flags]) for _, script, flags in runs)
