@@ -447,9 +447,10 @@ def test_describe_runs_names_the_run_directory_and_counts_images_by_hand(tmp_pat
     fed, edit = fed[:3], edit[:3]
     # CIFAR-100: 45000 train, 5000 val, 10000 test. J=8 scales 300 rounds to 150; 10 clients a round,
     # batch 64; calibration: 4 rounds x 100 clients x ceil(8 x 32 / 100) = 3 images; val after rounds
-    # 20, 40, ..., 140 and 150; test after 150 only (every 300); features of every image once (ridge head).
+    # 20, 40, ..., 140 and 150; test after 150 only (every 300); features of every image once (ridge head),
+    # and the step-0 head's augmentation gap: AUG_GAP_IMAGES training images clean and augmented.
     assert fed == [f"{tmp_path}/r/fedavg/nc10_j8_sparse-least-sensitive_s0.9_r4/seed1",
-                   str(150 * 10 * 8 * 64 + 4 * 100 * 3), str(60000 + 8 * 5000 + 1 * 10000)]
+                   str(150 * 10 * 8 * 64 + 4 * 100 * 3), str(60000 + 8 * 5000 + 1 * 10000 + 2 * 1000)]
     # editing with a magnitude-free rule: no Fisher pass; 2 epochs; val+test before and after each epoch
     assert edit == [f"{tmp_path}/r/model_editing/random_s0.9_r4/seed0", str(2 * 45000), str(60000 + 3 * 15000)]
 
