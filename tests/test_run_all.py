@@ -451,8 +451,8 @@ def test_describe_runs_names_the_run_directory_and_counts_images_by_hand(tmp_pat
     # and the step-0 head's augmentation gap: AUG_GAP_IMAGES training images clean and augmented.
     assert fed == [f"{tmp_path}/r/fedavg/nc10_j8_sparse-least-sensitive_s0.9_r4/seed1",
                    str(150 * 10 * 8 * 64 + 4 * 100 * 3), str(60000 + 8 * 5000 + 1 * 10000 + 2 * 1000)]
-    # editing with a magnitude-free rule: no Fisher pass; 2 epochs; val+test before and after each epoch
-    assert edit == [f"{tmp_path}/r/model_editing/random_s0.9_r4/seed0", str(2 * 45000), str(60000 + 3 * 15000)]
+    # editing with a magnitude-free rule: no Fisher pass; 2 epochs; val+test before and after each epoch; the gap
+    assert edit == [f"{tmp_path}/r/model_editing/random_s0.9_r4/seed0", str(2 * 45000), str(60000 + 3 * 15000 + 2 * 1000)]
 
 
 @pytest.mark.parametrize("line,says", [("fedavg.py --bogus 3", "fedavg.py: unrecognized arguments: --bogus"),
