@@ -3,6 +3,9 @@
     python plan.py --prefetch -- FLAGS    fetch and check what a run with FLAGS needs from outside
     python plan.py --describe-runs        each run's directory, image passes, state and config
     python plan.py --estimate             a probe of this machine: runs per GPU and each run's time
+    python plan.py --runs [--quick | --grid FILE] [--extensions] --seeds 0,1 --results R -- FLAGS
+                                          the study's runs, one a line (the study itself: families below)
+    python plan.py --grid-table           README.md's table of the study's runs
 
 Run it with --data-dir alone to download CIFAR-100 and the DINO weights for offline use:
     python plan.py --data-dir ./data
@@ -11,10 +14,12 @@ import argparse
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +71,6 @@ def parse_run(line):
     """'SCRIPT ARG...' (shell-quoted) -> (script name without .py, its parsed flags), from the script's own
     get_args: the run directory and every default are named in exactly one place."""
     import contextlib
-    import shlex
     line = line.strip()
     try:
         words = shlex.split(line)
@@ -105,6 +109,198 @@ def describe_run(line):
     name, args = parse_run(line)
     return (args.out, *STAGES[name].image_passes(args, *split_sizes(args)), run_state(args),
             json.dumps(plumbing.run_config(args), sort_keys=True))
+
+
+# ----------------------------------------------------------------------------- the study's runs, as data
+
+# The study (run_all.sh) is families of runs over a few lists; a family's runs are (script, grid flags).
+# run_all.sh, --dry-run, the tests and README.md's grid table all read it from here, so adding a mask rule
+# to common.MASK_RULES or a split name to SPLITS changes the study in this one place.
+
+# The federated splits, by name (common.split_flags gives fedavg.py's flags: iid, ncN, dirA).
+SPLITS = ["iid", "nc1", "nc5", "nc10", "nc50"]
+
+FULL = dict(  # the study's lists and sizes
+    central=["--grid", "--compare-schedulers"],  # 3 lr x 3 momentum x 2 wd, then all 5 schedulers
+    edit=[], fed=["--k", "100", "--c", "0.1", "--scale-rounds"], mask=[],
+    rules=common.MASK_RULES, sparsity=0.9, calib=4,
+    edit_sparsities=[0.5, 0.75, 0.9, 0.95, 0.99], edit_calibs=[1, 2, 4, 8],
+    splits=SPLITS, js=[4, 8, 16],
+    # Sparsity x calibration rounds inside FedAvg at ONE non-IID setting: Nc=10 is heterogeneous, yet
+    # FedAvg still learns well there (published results); at Nc=1 it collapses, which would hide any
+    # effect of the mask. Nc=5 and Nc=10 also carry the mask-rule comparison.
+    rule_splits=["iid", "nc5", "nc10"], ablation_split="nc10",
+    fed_sparsities=[0.5, 0.75, 0.9, 0.95, 0.99], fed_calibs=[1, 4, 8],
+    extension_splits=["iid", "nc5", "dir0.1"], extension_j=4)
+QUICK = dict(  # every kind of run of the full study, each as small as it gets (a smoke check)
+    FULL, central=["--grid", "--compare-schedulers", "--epochs", "2", "--grid-lr", "0.1,0.01", "--grid-momentum",
+                   "0.9", "--grid-wd", "0", "--schedulers", "cosine,constant"],
+    edit=["--epochs", "1", "--fisher-batches", "1"],
+    fed=["--k", "100", "--c", "0.1", "--scale-rounds", "--rounds", "4", "--eval-every", "2", "--test-every", "2"],
+    mask=["--fisher-batches", "1"], rules=["least-sensitive", "random"], calib=2,
+    edit_sparsities=[0.5, 0.9], edit_calibs=[1, 2], splits=["iid", "nc5"], js=[4, 8],
+    rule_splits=["iid", "nc5"], ablation_split="nc5", fed_sparsities=[0.5, 0.9], fed_calibs=[2])
+
+# The FL algorithms of the extensions group (run_all.sh --extensions), by their fedavg.py flags.
+ALGORITHMS = {"FedAvg": [], "FedProx": ["--mu", "0.01"], "SCAFFOLD": ["--scaffold"],
+              "FedAvgM": ["--server-momentum", "0.9"], "TIES": ["--aggregate", "ties"]}
+GROUPS = ["extensions"]  # opt-in groups of families: run_all.sh --NAME adds them to the study
+# Families whose flags other branches add: planned once their flags parse here (flip to True then).
+HEAD_BASELINE_READY = False  # fedavg.py --head zero
+EXTENSIONS_READY = False  # fedavg.py --mu, --scaffold, --server-momentum, --aggregate ties, --dirichlet
+
+
+class Family(NamedTuple):
+    name: str  # what it is, for the grid table
+    stage: str  # run_all.sh's stage: centralized, model_editing, fedavg dense, fedavg sparse
+    runs: list  # [(script, grid flags)], in run order
+    group: str = None  # None: the default study; else the opt-in group (GROUPS) it belongs to
+    on: bool = True  # False: its flags do not parse in this checkout yet; not planned, not in the table
+
+
+def families(s):
+    """The study's families for the sizes s (FULL or QUICK), in run order within a seed: the assignment's
+    core first (centralized, the default editing run, dense and sparse FedAvg at J=4 on every split), so
+    that a study stopped after a few hours (a Colab session) already fills the core tables."""
+    edit = lambda rule, sparsity, calib: ("model_editing.py", [*s["edit"], "--rule", rule, "--sparsity",
+                                                               str(sparsity), "--calib-rounds", str(calib)])
+    dense = lambda split, j, *more: ("fedavg.py", [*s["fed"], *common.split_flags(split), "--j", str(j), *more])
+    sparse = lambda split, j, rule, sparsity, calib, *more: dense(
+        split, j, "--sparse", "--rule", rule, "--sparsity", str(sparsity), "--calib-rounds", str(calib),
+        *s["mask"], *more)
+    default = ("least-sensitive", s["sparsity"], s["calib"])
+    grid = [(split, j) for split in s["splits"] for j in s["js"]]
+    ext = [(name, split) for name in ALGORITHMS for split in s["extension_splits"]]
+    each = lambda xs: "{" + ", ".join(map(str, xs)) + "}"
+    splits = lambda names: each(map(common.split_label, names))
+    mask = f"{default[0]}, sparsity {default[1]}, {default[2]} calibration rounds"
+    return [
+        Family(f"centralized: `{shlex.join(s['central'])}`", "centralized", [("centralized.py", s["central"])]),
+        Family(f"editing: the default mask ({mask})", "model_editing", [edit(*default)]),
+        Family(f"FedAvg dense, J=4, splits {splits(s['splits'])}", "fedavg dense",
+               [dense(split, 4) for split in s["splits"]]),
+        Family("FedAvg sparse, the default mask, J=4, every split", "fedavg sparse",
+               [sparse(split, 4, *default) for split in s["splits"]]),
+        Family(f"editing: the mask rules {each(s['rules'])}", "model_editing",
+               [edit(r, *default[1:]) for r in s["rules"]]),
+        Family(f"editing: {default[0]} at sparsity {each(s['edit_sparsities'])} x calibration rounds "
+               f"{each(s['edit_calibs'])}", "model_editing",
+               [edit(default[0], sp, r) for sp in s["edit_sparsities"] for r in s["edit_calibs"]]),
+        Family(f"FedAvg dense: every split x J {each(s['js'])}", "fedavg dense", [dense(sp, j) for sp, j in grid]),
+        Family("FedAvg sparse, the default mask: every split x J", "fedavg sparse",
+               [sparse(sp, j, *default) for sp, j in grid]),
+        Family(f"FedAvg sparse: the mask rules x splits {splits(s['rule_splits'])}, J=4", "fedavg sparse",
+               [sparse(split, 4, r, *default[1:]) for split in s["rule_splits"] for r in s["rules"]]),
+        Family(f"FedAvg sparse: sparsity {each(s['fed_sparsities'])} x calibration rounds {each(s['fed_calibs'])} "
+               f"at {common.split_label(s['ablation_split'])}, J=4", "fedavg sparse",
+               [sparse(s["ablation_split"], 4, default[0], sp, r)
+                for sp in s["fed_sparsities"] for r in s["fed_calibs"]]),
+        Family("FedAvg head only from a zero head (`--train head --head zero`): every split x J", "fedavg dense",
+               [dense(sp, j, "--train", "head", "--head", "zero") for sp, j in grid], on=HEAD_BASELINE_READY),
+        Family(f"extensions: {each(ALGORITHMS)} x splits {splits(s['extension_splits'])}, dense, "
+               f"J={s['extension_j']}", "fedavg dense",
+               [dense(split, s["extension_j"], *ALGORITHMS[a]) for a, split in ext],
+               group="extensions", on=EXTENSIONS_READY),
+        Family("extensions: the same, sparse (the default mask)", "fedavg sparse",
+               [sparse(split, s["extension_j"], *default, *ALGORITHMS[a]) for a, split in ext],
+               group="extensions", on=EXTENSIONS_READY),
+    ]
+
+
+def study_families(quick=False, groups=()):
+    """The families of the full (or quick) study that run: the default ones and those of the opt-in groups
+    asked for, whose flags parse in this checkout (a group asked for with none that does: UserError)."""
+    every = families(QUICK if quick else FULL)
+    for g in groups:
+        if not any(f.on for f in every if f.group == g):
+            raise plumbing.UserError(f"--{g}: its runs need fedavg.py flags this checkout does not have yet "
+                                     f"(see plan.families)")
+    return [f for f in every if f.on and (f.group is None or f.group in groups)]
+
+
+def new_runs(fams):
+    """[(family, [(script, grid flags) it adds])]: one seed's runs in run order, a run that two families
+    both name (e.g. least-sensitive at the default sparsity) listed once, under the first."""
+    seen, out = set(), []
+    for f in fams:
+        mine = [(script, flags) for script, flags in f.runs if (script, tuple(flags)) not in seen]
+        seen |= {(script, tuple(flags)) for script, flags in mine}
+        out.append((f, mine))
+    return out
+
+
+# run_all.sh sets these for every run: a grid file's line may not
+RUN_ALL_FLAGS = ("--out", "--seed", "--resume", "--results")
+
+
+def read_grid(path, results, extra):
+    """A student's grid file: one run 'SCRIPT FLAGS' a line (shell-quoted), # comments, blank lines ->
+    [(stage, script, grid flags)]. Each line is parsed by its script's own flags, with the results root and
+    the flags of every run (extra) added; a bad line, or two lines that would share a run directory, is one UserError naming
+    the file and the line."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise plumbing.UserError(f"--grid {path}: cannot read it ({getattr(e, 'strerror', None) or e})")
+    runs, dirs = [], {}
+    for n, line in enumerate(lines, 1):
+        try:
+            words = shlex.split(line, comments=True)
+            if not words:
+                continue
+            if any(c in w for w in words for c in "\t\n"):
+                raise plumbing.UserError("a quoted word holds a tab (run_all.sh reads one run a line, tab-separated)")
+            taken = [w for w in words[1:] if w.partition("=")[0] in RUN_ALL_FLAGS]
+            if taken:
+                raise plumbing.UserError(f"{taken[0]} is set by run_all.sh itself (use --seeds and RESULTS=)")
+            name, args = parse_run(shlex.join([*words, "--results", results, *extra]))
+        except (ValueError, plumbing.UserError) as e:
+            raise plumbing.UserError(f"--grid {path}, line {n}: {e}")
+        if args.out in dirs:
+            raise plumbing.UserError(f"--grid {path}, line {n}: the same run directory as line {dirs[args.out]} "
+                                     f"({args.out}); give the two runs flags that their run names tell apart")
+        dirs[args.out] = n
+        stage = f"fedavg {'sparse' if args.sparse else 'dense'}" if name == "fedavg" else name
+        runs.append((stage, f"{name}.py", words[1:]))
+    if not runs:
+        raise plumbing.UserError(f"--grid {path}: no run in it (one a line, e.g. 'fedavg.py --nc 5 --j 4')")
+    return runs
+
+
+def plan_runs(seeds, results, extra, quick=False, groups=(), grid=None):
+    """run_all.sh's study: (its name for run_all.settings, [(stage, script, ARGS)]), ARGS shell-quoted with
+    what run_all.sh gives every run. Seed by seed, so that a study stopped early has whole seeds to
+    summarize. The name leaves out the opt-in groups: their runs only add run directories of their own,
+    so a root may gain them later."""
+    if grid is not None:
+        runs = read_grid(grid, results, extra)
+        name = "file: " + "; ".join(shlex.join([script, *flags]) for _, script, flags in runs)
+    else:
+        runs = [(f.stage, script, flags) for f, mine in new_runs(study_families(quick, groups))
+                for script, flags in mine]
+        name = "quick" if quick else "full"
+    if any(c in w for w in (results, *extra) for c in "\t\n"):  # run_all.sh reads one run a line, tab-separated
+        raise plumbing.UserError("the results root or a flag after -- holds a tab or a newline")
+    return name, [(stage, script, shlex.join([*flags, "--results", results, "--seed", str(seed), "--resume",
+                                              "--deterministic", *extra]))
+                  for seed in seeds for stage, script, flags in runs]
+
+
+def grid_table():
+    """README.md's grid table: per family its runs per seed (a run listed by an earlier family counted
+    there), in the full and the quick study, and the totals; then the opt-in groups."""
+    full, quick = (new_runs([f for f in families(s) if f.on]) for s in (FULL, QUICK))
+    rows = ["| family | stage | runs per seed | --quick |", "|---|---|---|---|"]
+    for group in (None, *GROUPS):
+        mine = [(f, len(a), len(b)) for (f, a), (_, b) in zip(full, quick) if f.group == group]
+        if group is not None and mine:
+            rows.append(f"| *with --{group}:* | | | |")
+        rows += [f"| {f.name} | {f.stage} | {n} | {q} |" for f, n, q in mine]
+        if group is None:
+            n, q = sum(x[1] for x in mine), sum(x[2] for x in mine)
+            rows.append(f"| **total** | | **{n}** ({3 * n} with 3 seeds) | **{q}** |")
+    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------- run_all.sh's estimate of the time
@@ -288,13 +484,39 @@ def main(argv=None):
     p.add_argument("--per-gpu", default=None, type=lambda v: None if v == "auto" else plumbing.positive_int(v),
                    help="with --estimate: runs at once on each GPU, or auto (runs_per_gpu of the GPU)")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # one probe process of --estimate
+    g = p.add_argument_group("the study (run_all.sh)")
+    g.add_argument("--runs", action="store_true",
+                   help="print the study's name for run_all.settings (full, quick, or the grid file's runs), "
+                        "then one line per run 'STAGE<tab>SCRIPT<tab>ARGS' (ARGS shell-quoted, ending in --results "
+                        "R --seed S --resume --deterministic and the flags after --), seed by seed; with "
+                        "--describe-runs, each line goes on with that run's description")
+    g.add_argument("--quick", action="store_true", help="with --runs: the quick study")
+    g.add_argument("--grid", metavar="FILE", type=plumbing.path, default=None,
+                   help="with --runs: the runs of FILE (one 'SCRIPT FLAGS' a line, # comments) instead of the study")
+    for group in GROUPS:
+        g.add_argument(f"--{group}", action="store_true", help=f"with --runs: add the {group} group of runs")
+    g.add_argument("--seeds", type=lambda v: [plumbing.nonneg_int(x) for x in v.split(",")], default=[0],
+                   help="with --runs: comma-separated seeds (default: 0)")
+    g.add_argument("--results", default="./runs", help="with --runs: the results root (default: ./runs)")
+    g.add_argument("--grid-table", action="store_true", help="print README.md's grid table (Markdown)")
     a = p.parse_args(own)
     shared = plumbing.base_parser(common.DEFAULT_ARCH)  # the stage scripts' shared flags, for --prefetch
-    if flags is not None and not a.prefetch:
-        p.error("flags after -- go with --prefetch")
+    if flags is not None and not (a.prefetch or a.runs):
+        p.error("flags after -- go with --prefetch or --runs")
+    study = ["--quick", "--grid", "--seeds", "--results", *(f"--{g}" for g in GROUPS)]
+    given = [f for f in study if any(w == f or w.startswith(f + "=") for w in own)]
+    if given and not a.runs:
+        p.error(f"{given[0]} goes with --runs")
+    if a.grid and (a.quick or any(getattr(a, g) for g in GROUPS)):
+        p.error("--grid FILE is the whole study: it excludes --quick and the groups")
     if a.prefetch and len(own) > 1:
         p.error("--prefetch takes the stage scripts' flags after --, not its own")
-    if a.describe_runs:
+    if a.runs:  # with --describe-runs, each run's description follows it: run_all.sh's one call
+        name, runs = plan_runs(a.seeds, a.results, flags or [], a.quick, [g for g in GROUPS if getattr(a, g)], a.grid)
+        if a.describe_runs:
+            runs = [(*run, *map(str, describe_run(f"{run[1]} {run[2]}"))) for run in runs]
+        print(name, *("\t".join(run) for run in runs), sep="\n")
+    elif a.describe_runs:
         if len(own) > 1:
             p.error("--describe-runs takes no other flag")
         described = ["\t".join(map(str, describe_run(line))) for line in sys.stdin if line.strip()]
@@ -308,6 +530,8 @@ def main(argv=None):
               sep="\n")
     elif a.probe:
         probe(sys.stdin.readline())
+    elif a.grid_table:
+        print(grid_table())
     elif a.prefetch:
         script_flags = plumbing.Parser(parents=[shared], prog="plan.py --prefetch --", add_help=False)
         prefetch(script_flags.parse_known_args(flags or [])[0])

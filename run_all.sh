@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # run_all.sh - the whole study: every run of the grid below, then the tables and plots (summarize.py).
 #
-# usage: [RESULTS=./runs] [PYTHON=python] ./run_all.sh [--quick] [--seeds 0,1,2] [--dry-run]
+# usage: [RESULTS=./runs] [PYTHON=python] ./run_all.sh [--quick | --grid FILE] [--extensions] [--seeds 0,1,2] [--dry-run]
 #          [[--gpus G] [--per-gpu N] | --slurm [--partition P] [--time T] [--account A] [--gres G]
 #          [--max-parallel M]] [--summary-only] [-- FLAGS FOR EVERY RUN]
 #
 #   --quick           a tiny grid with short runs that still holds every kind of run (a smoke check
 #                     of the whole pipeline); its seeds default to 0
+#   --grid FILE       your own grid instead of the study's: FILE holds one run a line, a stage script and its
+#                     flags (e.g. `fedavg.py --nc 5 --j 4 --lr 0.001`; # comments, blank lines); each runs per seed
+#                     like the study's runs (skipped when done, resumed, packed, SLURM, summary)
+#   --extensions      add the extensions group of runs (FL algorithms x splits; python plan.py --grid-table)
 #   --seeds LIST      comma-separated seeds; every run of the grid runs once per seed (default: 0,1,2)
 #   --dry-run         print the commands, then per stage the runs still to do, the images they will
 #                     process (forward+backward and forward only) and the time they will take here,
@@ -30,7 +34,8 @@
 #   -- FLAGS          appended to every run, e.g. a CPU-only smoke test (3-6 minutes on a busy 2-core machine):
 #                     ./run_all.sh --quick -- --dataset synthetic --arch test_vit --weights standin-sharp --img-size 32 --device cpu
 #
-# The grid (81 runs per seed, --quick 17), the layout of RESULTS and the SLURM details: README.md.
+# The grid: `python plan.py --grid-table` (plan.py defines the study); the layout of RESULTS and the SLURM
+# details: README.md.
 # Every run is `python SCRIPT GRID-FLAGS --results $RESULTS --seed S --resume --deterministic FLAGS`;
 # seed by seed, the assignment's core runs first. No run reads another; a run whose result.json exists
 # with the same flags (config.json) is skipped, any other resumes from its checkpoint: the same command
@@ -48,12 +53,14 @@ RESULTS=${RESULTS%/}
 
 # ----------------------------------------------------------------------------- flags
 
-QUICK=0 SEEDS="" GPUS="" PER_GPU="" SLURM=0 DRY=0 SUMMARY_ONLY=0 EXTRA=() SLURM_ONLY=""
+QUICK=0 GRID_FILE="" EXTENSIONS=0 SEEDS="" GPUS="" PER_GPU="" SLURM=0 DRY=0 SUMMARY_ONLY=0 EXTRA=() SLURM_ONLY=""
 PARTITION="" TIME="" ACCOUNT="" GRES="" GRES_GIVEN=0 MAX_PARALLEL=""
 needs_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value"; }
 while (($#)); do
   case $1 in
     --quick) QUICK=1 ;;
+    --grid) needs_value "$@"; GRID_FILE=$2; shift ;;
+    --extensions) EXTENSIONS=1 ;;
     --seeds) needs_value "$@"; SEEDS=$2; shift ;;
     --gpus) needs_value "$@"; GPUS=$2; shift ;;
     --per-gpu) needs_value "$@"; PER_GPU=$2; shift ;;
@@ -81,6 +88,7 @@ SEED_RE='(0|[1-9][0-9]*)'
 [[ -z $GPUS || $GPUS =~ ^[1-9][0-9]*$ ]] || die "--gpus wants an integer >= 1, got '$GPUS'"
 [[ -z $PER_GPU || $PER_GPU =~ ^[1-9][0-9]*$ ]] || die "--per-gpu wants an integer >= 1, got '$PER_GPU'"
 [[ -z $MAX_PARALLEL || $MAX_PARALLEL =~ ^[1-9][0-9]*$ ]] || die "--max-parallel wants an integer >= 1, got '$MAX_PARALLEL'"
+[[ -z $GRID_FILE ]] || ((!QUICK && !EXTENSIONS)) || die "--grid FILE is the whole study: it excludes --quick and --extensions"
 ((SLURM)) || [[ -z $SLURM_ONLY ]] || die "$SLURM_ONLY goes with --slurm"
 ((!SLURM)) || [[ -z $GPUS && -z $PER_GPU ]] || die "--gpus and --per-gpu exclude --slurm (it gives each task a GPU)"
 [[ ! -e $RESULTS || -d $RESULTS ]] || die "RESULTS=$RESULTS is a file, not a directory"
@@ -113,100 +121,32 @@ if ((SUMMARY_ONLY)); then
   exec "$PY" "$HERE/summarize.py" "$RESULTS"
 fi
 
-# Run directories do not encode --quick or the flags after --, so one root holds one kind of study.
-# The settings are recorded only once a run has succeeded: a typo after -- that fails every run must
+# ----------------------------------------------------------------------------- the grid
+
+# The study is data in its planner (plan.py: families of runs over the mask rules and the splits). One
+# Python call answers the study's name for the settings (full, quick, or the grid file's runs), then per
+# run, seed by seed, the assignment's core first: its STAGE, SCRIPT and ARGS (shell-quoted, with the
+# common flags) and, from the script's own parsed flags, its run directory, the images it will process,
+# whether a finished run there is this one, and its config (a bad flag after -- stops here, before
+# anything is written).
+PLAN=(--runs --describe-runs --seeds "$SEEDS" --results "$RESULTS")
+((!QUICK)) || PLAN+=(--quick)
+((!EXTENSIONS)) || PLAN+=(--extensions)
+[[ -z $GRID_FILE ]] || PLAN+=(--grid "$GRID_FILE")
+PLANNED=$("$PY" "$HERE/plan.py" "${PLAN[@]}" -- "${EXTRA[@]}") || exit 2
+{ read -r GRID; mapfile -t ROWS; } <<< "$PLANNED"
+
+# Run directories do not encode --quick, the grid file or the flags after --, so one root holds one kind of
+# study. The settings are recorded only once a run has succeeded: a typo after -- that fails every run must
 # not lock the root, and a root with no finished run takes any settings.
-GRID=full
-((QUICK == 0)) || GRID=quick
 SETTINGS="grid=$GRID extra=$( ((${#EXTRA[@]} == 0)) || quote "${EXTRA[@]}")"
 if [[ -f $RESULTS/run_all.settings && $(< "$RESULTS/run_all.settings") != "$SETTINGS" ]]; then
   die "RESULTS=$RESULTS holds a study with other settings ($(< "$RESULTS/run_all.settings")): use another RESULTS="
 fi
 
-# ----------------------------------------------------------------------------- the grid
-
-RULES=(least-sensitive most-sensitive lowest-magnitude highest-magnitude random)
-if ((QUICK)); then  # every kind of run of the full grid, each as small as it gets
-  CENTRAL=(--grid --compare-schedulers --epochs 2 --grid-lr 0.1,0.01 --grid-momentum 0.9 --grid-wd 0
-           --schedulers cosine,constant)
-  EDIT=(--epochs 1 --fisher-batches 1)
-  FED=(--k 100 --c 0.1 --scale-rounds --rounds 4 --eval-every 2 --test-every 2)
-  MASK_FLAGS=(--fisher-batches 1)
-  EDIT_RULES=(least-sensitive random) SPARSITY=0.9 CALIB=2
-  EDIT_SPARSITIES=(0.5 0.9) EDIT_CALIBS=(1 2)
-  SPLITS=(iid nc5) JS=(4 8)
-  RULE_SPLITS=(iid nc5) ABLATION_SPLIT=nc5 FED_SPARSITIES=(0.5 0.9) FED_CALIBS=(2)
-else
-  CENTRAL=(--grid --compare-schedulers)  # 3 lr x 3 momentum x 2 wd, then all 5 schedulers
-  EDIT=() FED=(--k 100 --c 0.1 --scale-rounds) MASK_FLAGS=()
-  EDIT_RULES=("${RULES[@]}") SPARSITY=0.9 CALIB=4
-  EDIT_SPARSITIES=(0.5 0.75 0.9 0.95 0.99) EDIT_CALIBS=(1 2 4 8)
-  SPLITS=(iid nc1 nc5 nc10 nc50) JS=(4 8 16)
-  # Sparsity x calibration rounds inside FedAvg at ONE non-IID setting: Nc=10 is heterogeneous, yet
-  # FedAvg still learns well there (published results); at Nc=1 it collapses, which would hide any
-  # effect of the mask. Nc=5 and Nc=10 also carry the mask-rule comparison.
-  RULE_SPLITS=(iid nc5 nc10) ABLATION_SPLIT=nc10 FED_SPARSITIES=(0.5 0.75 0.9 0.95 0.99) FED_CALIBS=(1 4 8)
-fi
-
-# One list of runs. STAGE, SCRIPT and ARGS (shell-quoted, with the common flags) per run; a run
-# that two parts of the grid both name (e.g. least-sensitive at the default sparsity) is listed once.
-STAGE=() SCRIPT=() ARGS=()
-declare -A LISTED=()
-add() {  # add STAGE SCRIPT GRID-FLAGS...: one run for $seed
-  local stage=$1 script=$2 args
-  shift 2
-  args=$(quote "$@" --results "$RESULTS" --seed "$seed" --resume --deterministic "${EXTRA[@]}")
-  [[ -z ${LISTED["$script $args"]:-} ]] || return 0
-  LISTED["$script $args"]=1
-  STAGE+=("$stage") SCRIPT+=("$script") ARGS+=("$args")
-}
-split_flags() { [[ $1 == iid ]] && echo --iid || echo "--nc ${1#nc}"; }
-add_sparse_fedavg() {  # add_sparse_fedavg SPLIT J RULE SPARSITY CALIB
-  add "fedavg sparse" fedavg.py "${FED[@]}" $(split_flags "$1") --j "$2" --sparse --rule "$3" \
-    --sparsity "$4" --calib-rounds "$5" "${MASK_FLAGS[@]}"
-}
-
-# Seed by seed, so that a study stopped early has whole seeds to summarize; within a seed the
-# assignment's core first (centralized, the default editing run, dense and sparse FedAvg at J=4 on every
-# split), so that a study stopped after a few hours (a Colab session) already fills the core tables.
-for seed in ${SEEDS//,/ }; do
-  add centralized centralized.py "${CENTRAL[@]}"
-  add model_editing model_editing.py "${EDIT[@]}" --rule least-sensitive --sparsity $SPARSITY --calib-rounds $CALIB
-  for split in "${SPLITS[@]}"; do add "fedavg dense" fedavg.py "${FED[@]}" $(split_flags "$split") --j 4; done
-  for split in "${SPLITS[@]}"; do add_sparse_fedavg "$split" 4 least-sensitive $SPARSITY $CALIB; done
-  # then the J sweep and the ablations (a run listed above is not listed twice)
-  for rule in "${EDIT_RULES[@]}"; do
-    add model_editing model_editing.py "${EDIT[@]}" --rule "$rule" --sparsity $SPARSITY --calib-rounds $CALIB
-  done
-  for s in "${EDIT_SPARSITIES[@]}"; do
-    for r in "${EDIT_CALIBS[@]}"; do
-      add model_editing model_editing.py "${EDIT[@]}" --rule least-sensitive --sparsity "$s" --calib-rounds "$r"
-    done
-  done
-  for split in "${SPLITS[@]}"; do
-    for j in "${JS[@]}"; do add "fedavg dense" fedavg.py "${FED[@]}" $(split_flags "$split") --j "$j"; done
-  done
-  for split in "${SPLITS[@]}"; do
-    for j in "${JS[@]}"; do add_sparse_fedavg "$split" "$j" least-sensitive $SPARSITY $CALIB; done
-  done
-  for split in "${RULE_SPLITS[@]}"; do
-    for rule in "${EDIT_RULES[@]}"; do add_sparse_fedavg "$split" 4 "$rule" $SPARSITY $CALIB; done
-  done
-  for s in "${FED_SPARSITIES[@]}"; do
-    for r in "${FED_CALIBS[@]}"; do add_sparse_fedavg $ABLATION_SPLIT 4 least-sensitive "$s" "$r"; done
-  done
-done
-
-# The scripts themselves name each run's directory and, from their parsed flags, the images it will
-# process and whether a finished run there is this one: one Python call for all runs (a bad flag after
-# -- stops here, before anything is written).
-DESCRIBED=$(for i in "${!ARGS[@]}"; do echo "${SCRIPT[i]} ${ARGS[i]}"; done |
-            "$PY" "$HERE/plan.py" --describe-runs) || exit 2
-mapfile -t ROWS <<< "$DESCRIBED"
-((${#ROWS[@]} == ${#ARGS[@]})) || die "plan.py --describe-runs answered ${#ROWS[@]} lines for ${#ARGS[@]} runs"
-OUT=() FWD_BWD=() FWD=() CONFIG=() TODO=() OTHER=()
+STAGE=() SCRIPT=() ARGS=() OUT=() FWD_BWD=() FWD=() CONFIG=() TODO=() OTHER=()
 for i in "${!ROWS[@]}"; do
-  IFS=$'\t' read -r 'OUT[i]' 'FWD_BWD[i]' 'FWD[i]' state 'CONFIG[i]' <<< "${ROWS[i]}"
+  IFS=$'\t' read -r 'STAGE[i]' 'SCRIPT[i]' 'ARGS[i]' 'OUT[i]' 'FWD_BWD[i]' 'FWD[i]' state 'CONFIG[i]' <<< "${ROWS[i]}"
   case $state in
     done) echo "skip (done): ${OUT[i]}" ;;
     todo) TODO+=("$i") ;;
