@@ -31,7 +31,7 @@ def test_feature_cache_is_keyed_by_the_precision_computed_in():
     paths = set()
     for precision in ("off", "bf16", "fp16"):
         args.precision = precision
-        paths.add(common.feature_cache_path(args, "train", 0))
+        paths.add(common.feature_cache_path(args, "train", 0, "digest"))
     assert len(paths) == 3
 
 
