@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import socket
+import stat
 import sys
 import tempfile
 
@@ -697,30 +698,83 @@ LOCK_FILE = ".lock"
 _held_locks = {}  # run dir -> open lock file: held as long as the process lives (the OS drops it at exit)
 
 
+def refuse_links(path, root):
+    """Refuse `path` if it, or a folder between the results root `root` and it, is a symbolic link: a results
+    root is shared data, and a link in it (R/fedavg -> ~/projects) would steer the run's writes (and a
+    refused run's clean-up) outside it. The root itself may be a link (the user chose it); a path outside
+    the root is checked only for itself being a link."""
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    inside = path != root and os.path.commonpath([path, root]) == root
+    parts = os.path.relpath(path, root).split(os.sep) if inside else [os.path.basename(path)]
+    at = root if inside else os.path.dirname(path)
+    for part in parts:
+        at = os.path.join(at, part)
+        if os.path.islink(at):
+            raise UserError(f"{at} is a symbolic link (to {os.readlink(at)}); a results folder must hold real "
+                            f"folders: remove the link or choose another --out")
+
+
+def _open_lock_file(path):
+    """The lock file, opened for reading and writing without following a link (a .lock linked to a file
+    elsewhere would be truncated to our PID) and created if absent."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:  # a link (ELOOP), a read-only folder, a .lock that is a directory
+        what = "a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise UserError(f"cannot open {path} ({what}): the run directory must be writable and its {LOCK_FILE} "
+                        f"a file; fix it or choose another --out")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device
+        os.close(fd)
+        raise UserError(f"{path} is not a regular file; remove it or choose another --out")
+    return os.fdopen(fd, "r+")
+
+
 def lock_run(out):
-    """Take the exclusive lock of run directory `out` for the life of this process. A second process
-    is refused, naming the PID that holds it; a lock of a dead process is gone (flock dies with it)."""
-    os.makedirs(out, exist_ok=True)
+    """Take the exclusive lock of run directory `out` (which exists) for the life of this process. A
+    second process is refused, naming the PID that holds it, and touches nothing; a lock of a dead
+    process is gone (flock dies with it). The lock is on the file that `out/.lock` names when it is
+    taken: a lock on a file since unlinked (a refused run's clean-up) is retried on the new one."""
     key = os.path.realpath(out)
     if key in _held_locks:  # this process opened the run before (tests call main() repeatedly)
         return
-    try:
-        f = open(os.path.join(out, LOCK_FILE), "a+")
-    except OSError as e:  # a read-only folder, a .lock that is a directory
-        raise UserError(f"cannot open {os.path.join(out, LOCK_FILE)} ({e.strerror}): the run directory must be "
-                        f"writable and its {LOCK_FILE} a file; fix it or choose another --out")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
+    path = os.path.join(out, LOCK_FILE)
+    for _ in range(10):
+        f = _open_lock_file(path)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = f.read().strip() or "?"
+            f.close()
+            raise UserError(f"{out} is in use by another process (PID {pid}); wait for it to finish or stop it")
+        try:
+            same = os.path.samestat(os.fstat(f.fileno()), os.lstat(path))
+        except OSError:
+            same = False
+        if same:
+            break
         f.close()
-        raise UserError(f"{out} is in use by another process (PID {pid}); wait for it to finish or stop it")
+    else:
+        raise UserError(f"{path} keeps being replaced by another process; stop it or choose another --out")
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
     _held_locks[key] = f
+
+
+def unlock_new_run(out):
+    """Undo a refused start in the folder it created and locked: its lock file, then the folder if it
+    is empty. Nothing else is deleted (a folder holds only what its lock holder wrote, and the refused
+    command wrote nothing else)."""
+    f = _held_locks.pop(os.path.realpath(out), None)
+    if f is None:
+        return
+    try:
+        os.remove(os.path.join(out, LOCK_FILE))
+        os.rmdir(out)
+    except OSError:  # another start's lock file appeared meanwhile: the folder is theirs now
+        pass
+    f.close()
 
 
 def is_temporary(name):
@@ -792,7 +846,10 @@ def refuse_other_runs(args, config):
             raise UserError(f"{os.path.join(out, n)} is not a regular file; remove it or choose another --out")
     cfg_path = os.path.join(out, "config.json")
     if not os.path.isfile(cfg_path):
-        entries = os.listdir(out)  # its lock file, and temporaries only next to that lock file
+        try:
+            entries = os.listdir(out)  # its lock file, and temporaries only next to that lock file
+        except FileNotFoundError:  # removed by a refused start that had created it: a new folder again
+            return
         stray = [n for n in entries if n != LOCK_FILE and not (LOCK_FILE in entries and is_temporary(n))]
         if stray:
             raise UserError(f"--out {out} is not empty and holds no run (it has {sorted(stray)[0]!r}); "
@@ -812,6 +869,22 @@ def refuse_other_runs(args, config):
                         f"{out} holds an interrupted run: add --resume to continue it, or choose another --out")
 
 
+def make_run_dir(out):
+    """Create run directory `out` (and its parents); True if this process created it. Of several starts
+    at once only one creates it (os.mkdir is atomic), and only that one may remove it again."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        try:
+            os.mkdir(out)
+            return True
+        except FileExistsError:
+            if os.path.isdir(out):
+                return False
+            raise
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror}); choose another --out or --results")
+
+
 def open_run(args):
     """Open run directory args.out for this process: the checkpoint to resume from, or None to start.
 
@@ -819,20 +892,20 @@ def open_run(args):
     (refuse_other_runs), then locked and checked again under the lock; a new run writes config.json, an
     interrupted one (--resume) gets its checkpoint.pt back, refused unless stamped with this run's flags
     (save_checkpoint stamps them). The script restores its state from that dict (each script documents
-    its dict where it makes it). A run killed before its first checkpoint starts over."""
+    its dict where it makes it). A run killed before its first checkpoint starts over.
+    Of several starts at once, one takes the lock and the others are refused without touching anything;
+    a folder (or .lock) that is a link is refused (refuse_links)."""
     out, config = args.out, run_config(args)
+    refuse_links(out, args.results)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
-    created = not os.path.exists(out)
-    if not created:
-        refuse_other_runs(args, config)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out {out} ({e.strerror}); choose another --out or --results")
+    if os.path.isdir(out):
+        refuse_other_runs(args, config)  # looking only: no lock file in a folder that is not a run's
+    created = make_run_dir(out)
+    lock_run(out)  # a refused start stops here, having changed nothing
     global _open_run
     try:
-        lock_run(out)
+        refuse_links(out, args.results)  # again under the lock: a folder swapped for a link meanwhile
         refuse_other_runs(args, config)
         remove_stale_temporaries(out)
         cfg_path, ckpt_path, ckpt = os.path.join(out, "config.json"), os.path.join(out, "checkpoint.pt"), None
@@ -850,9 +923,8 @@ def open_run(args):
         _open_run = out
         return ckpt
     except UserError:
-        if created:  # leave nothing behind for a refused command
-            import shutil
-            shutil.rmtree(out, ignore_errors=True)
+        if created:  # leave nothing behind for a refused command: the folder it made, if still empty
+            unlock_new_run(out)
         raise
 
 

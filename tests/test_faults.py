@@ -31,3 +31,101 @@ def test_feature_cache_never_returns_another_backbones_features(tmp_path):
     again = common.cached_features(model, data, args, torch.device("cpu"))["val"][0]  # the cache is still used
     assert torch.equal(again, feats[1])
     assert len(os.listdir(tmp_path / "data" / "features")) == 6  # 3 splits x 2 backbones
+
+
+# A process that races for run directories: for each round r it says it is ready, waits for the file go<r>
+# (the barrier: every racer starts at once), then opens RACE/<r> as centralized.py does (the last racer with
+# --resume, a little later), and prints "r writer" or "r refused <line>". Winners hold their locks to the end.
+RACER = r"""
+import os, sys, time
+sys.path.insert(0, {root!r})
+import centralized, plumbing
+race, rounds, me, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+for r in range(rounds):
+    open(os.path.join(race, f"ready{{r}}-{{me}}"), "w").close()
+    while not os.path.exists(os.path.join(race, f"go{{r}}")):
+        time.sleep(0.001)
+    if resume:
+        time.sleep(0.05 * (r % 4))
+    args = centralized.get_args({fast!r} + ["--out", os.path.join(race, str(r))] + (["--resume"] if resume else []))
+    try:
+        plumbing.open_run(args)
+        print(r, "writer", flush=True)
+    except plumbing.UserError as e:
+        print(r, "refused", e, flush=True)
+    except Exception as e:
+        print(r, "crashed", type(e).__name__, e, flush=True)
+"""
+
+
+def test_racing_starts_give_one_writer_and_leave_the_winners_files(tmp_path):
+    """Three starts on one new --out at the same moment, and a --resume start just after: exactly one
+    writer; the others refused with one line; the winner's lock and config.json are intact."""
+    import subprocess, sys, time
+    from conftest import ROOT
+    rounds, racers = 5, 4
+    race = tmp_path / "race"
+    race.mkdir()
+    code = RACER.format(root=ROOT, fast=FAST)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(race), str(rounds), str(i), str(int(i == racers - 1))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(racers)]
+    try:
+        for r in range(rounds):
+            deadline = time.time() + 120
+            while len([n for n in os.listdir(race) if n.startswith(f"ready{r}-")]) < racers:
+                assert time.time() < deadline and all(p.poll() is None for p in procs), "a racer died"
+                time.sleep(0.01)
+            (race / f"go{r}").touch()
+        time.sleep(0.5)
+        # every winner still alive and holding its lock: the lock files must name them
+        results = {}
+        for r in range(rounds):
+            deadline = time.time() + 60
+            while not (race / str(r)).is_dir() and time.time() < deadline:
+                time.sleep(0.01)
+        pids = {p.pid: i for i, p in enumerate(procs)}
+        locks = {r: (race / str(r) / ".lock").read_text().strip() if (race / str(r) / ".lock").is_file() else None
+                 for r in range(rounds)}
+    finally:
+        outs = [p.communicate(timeout=120) for p in procs]
+    for i, (stdout, stderr) in enumerate(outs):
+        assert "Traceback" not in stderr, stderr
+        for line in stdout.splitlines():
+            r, what, *rest = line.split(" ", 2)
+            results.setdefault(int(r), []).append((i, what, rest))
+    for r in range(rounds):
+        writers = [i for i, what, _ in results[r] if what == "writer"]
+        assert len(writers) == 1, (r, results[r])
+        assert all(what in ("writer", "refused") for _, what, _ in results[r]), results[r]
+        assert locks[r] is not None and pids.get(int(locks[r])) == writers[0], (r, locks[r], results[r])
+        assert (race / str(r) / "config.json").is_file(), (r, results[r])
+
+
+def test_links_in_a_results_root_never_steer_a_write_outside_it(tmp_path):
+    """R/centralized -> elsewhere, a run folder that is a link, a .lock linked to a file elsewhere: each
+    refused in one line, the targets untouched."""
+    import pytest
+    import plumbing
+    root, elsewhere, victim = tmp_path / "R", tmp_path / "elsewhere", tmp_path / "victim"
+    root.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    victim.write_text("precious")
+    run = FAST + ["--epochs", "1", "--results", str(root)]
+    os.symlink(elsewhere, root / "centralized")
+    with pytest.raises(plumbing.UserError, match="symbolic link"):
+        centralized.main(run)
+    os.remove(root / "centralized")
+    os.symlink(elsewhere, root / "mine")  # --out inside the root, itself a link
+    with pytest.raises(plumbing.UserError, match="symbolic link"):
+        centralized.main(run + ["--out", str(root / "mine")])
+    out = root / "run"
+    out.mkdir()
+    os.symlink(victim, out / ".lock")
+    with pytest.raises(plumbing.UserError, match="symbolic link"):
+        centralized.main(run + ["--out", str(out)])
+    assert victim.read_text() == "precious"
+    assert os.listdir(elsewhere) == ["keep.txt"] and (elsewhere / "keep.txt").read_text() == "mine"
+    assert os.listdir(out) == [".lock"] and os.listdir(root) == ["mine", "run"]
+    centralized.main(run)  # a root of real folders: the run goes on
+    assert len(list(root.glob("centralized/*/seed0/result.json"))) == 1
