@@ -157,6 +157,10 @@ def load_data(args):
     tr, va = stratified_split(y_tr, args.val_frac, seed=0)
     if len(va) == 0:
         raise plumbing.UserError(f"--val-frac {args.val_frac} leaves no validation image; raise it (or --synthetic-size)")
+    if len(tr) == 0:  # checked here, before any run folder exists (each class's share is rounded)
+        raise plumbing.UserError(f"--val-frac {args.val_frac} leaves no training image (it rounds each class's "
+                                 f"{len(y_tr) // max(len(torch.unique(y_tr)), 1)} images to validation); lower it"
+                                 f"{' (or raise --synthetic-size)' if args.dataset == 'synthetic' else ''}")
     return {"train": (x_tr[tr], y_tr[tr]), "val": (x_tr[va], y_tr[va]), "test": (x_te, y_te)}
 
 

@@ -2,12 +2,13 @@
 each case refused with one line, or the run goes on; nothing outside the results root is ever touched."""
 import os
 
+import pytest
 import torch
 
 import centralized
 import common
 from conftest import TINY
-from helpers import tiny_model
+from helpers import run_as_script, tiny_model
 
 FAST = TINY + ["--synthetic-size", "1000", "--eval-batch-size", "64"]
 
@@ -129,3 +130,13 @@ def test_links_in_a_results_root_never_steer_a_write_outside_it(tmp_path):
     assert os.listdir(out) == [".lock"] and os.listdir(root) == ["mine", "run"]
     centralized.main(run)  # a root of real folders: the run goes on
     assert len(list(root.glob("centralized/*/seed0/result.json"))) == 1
+
+
+@pytest.mark.parametrize("script", ["centralized", "model_editing", "fedavg"])
+@pytest.mark.parametrize("split", [["--val-frac", "0.99"], ["--synthetic-size", "100", "--val-frac", "0.6"]])
+def test_a_split_with_no_training_image_is_one_line_and_writes_nothing(script, split, tmp_path, capsys):
+    module = __import__(script)
+    out = tmp_path / "run"
+    status, lines = run_as_script(module.main, TINY + ["--synthetic-size", "500"] + split + ["--out", str(out)], capsys)
+    assert status == 2 and len(lines) == 1 and "no training image" in lines[0], lines
+    assert not out.exists()
