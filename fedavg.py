@@ -690,6 +690,7 @@ def main(argv=None):
         ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
                 "upload": head_upload * args.k, "elapsed": 0.0, "head": plumbing.cpu_state(model.head)}
     else:
+        plumbing.resuming(args, f"round {ckpt['round'] + 1} of {total_rounds}")
         model.load_state_dict(ckpt["model"])
     # the head after step 0 (ridge, a head.pt, or with --head warmup the random head before its warm-up
     # rounds); model.pt holds the final one. Rewritten from the checkpoint on resume: a head.pt damaged

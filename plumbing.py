@@ -38,7 +38,7 @@ class Finished(Exception):
 
 
 class Stopped(Exception):
-    """SIGTERM or SIGUSR1 arrived (SLURM preemption or time limit): the run stopped during `phase`,
+    """SIGTERM, SIGUSR1 (SLURM preemption or time limit) or Ctrl-C arrived: the run stopped during `phase`,
     right after saving a checkpoint if `saved`, else at a point with nothing new worth saving."""
 
     def __init__(self, phase, saved=False):
@@ -50,19 +50,25 @@ class Diverged(Exception):
     """The training loss is not finite (see LossWatch): the run stops without a result."""
 
 
-DIVERGED_EXIT = 3  # exit status of a diverged run (2: bad input, 143: stopped by a signal)
+DIVERGED_EXIT = 3  # exit status of a diverged run (2: bad input, 130/143: stopped by a signal)
 
 _stop_signal = None
 _open_run = None  # the run directory open_run prepared: where run_main looks for a checkpoint on a stop
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 def _on_stop_signal(signum, frame):
     global _stop_signal
     _stop_signal = signum
+    if signum == signal.SIGINT:  # a second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def stop_requested():
-    """True once SIGTERM/SIGUSR1 arrived: loops checkpoint at the next step boundary, then raise Stopped."""
+    """True once SIGTERM/SIGUSR1/SIGINT (Ctrl-C) arrived: loops checkpoint at the next step boundary, then
+    raise Stopped."""
     return _stop_signal is not None
 
 
@@ -98,12 +104,26 @@ def die_with_parent():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def stop_status():
+    """The exit status of a run stopped by a signal: 130 for Ctrl-C (as a shell reports it), else 143 (what
+    run_all.sh's SLURM task requeues on, SIGUSR1 included)."""
+    return 130 if _stop_signal == signal.SIGINT else 143
+
+
+def resuming(args, where):
+    """Say where a resumed run continues from (its round, epoch or trial)."""
+    print(f"resuming {args.out} from {where}")
+
+
 def run_main(main):
     """Call main(): a UserError is one line on stderr and exit status 2; a diverged run (Diverged) one
-    line and DIVERGED_EXIT; SIGTERM/SIGUSR1 make the run stop within seconds (checkpointing at its
-    next step boundary where it has new state) and exit 143, ready for --resume."""
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, _on_stop_signal)
+    line and DIVERGED_EXIT; SIGTERM/SIGUSR1 and Ctrl-C (SIGINT) make the run stop within seconds
+    (checkpointing at its next step boundary where it has new state), ready for --resume, with status
+    stop_status(); a second Ctrl-C stops at once, saving nothing."""
+    for s in STOP_SIGNALS:
+        # an ignored SIGINT stays ignored (a background run of run_all.sh: the study stops it by SIGTERM)
+        if not (s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN):
+            signal.signal(s, _on_stop_signal)
     die_with_parent()
     try:
         main()
@@ -116,8 +136,9 @@ def run_main(main):
         print(f"diverged: {e}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT)
     except Stopped as e:
-        print(f"stopped by signal {_stop_signal} during {e.phase}: {_what_was_kept(e)}", file=sys.stderr)
-        sys.exit(143)
+        by = f"signal {_stop_signal}" + (" (Ctrl-C)" if _stop_signal == signal.SIGINT else "")
+        print(f"stopped by {by} during {e.phase}: {_what_was_kept(e)}", file=sys.stderr)
+        sys.exit(stop_status())
     except KeyboardInterrupt:
         print("interrupted: continue later with --resume", file=sys.stderr)
         sys.exit(130)
