@@ -121,8 +121,12 @@ def make_synthetic(n_train, n_test, seed=0, num_classes=NUM_CLASSES, family=0):
         y = torch.arange(n) % num_classes
         y = y[torch.randperm(n, generator=gen)]
         shift = torch.randint(-2, 3, (n, 2), generator=gen)
-        x = protos[y]
-        x = torch.stack([torch.roll(img, (int(s[0]), int(s[1])), dims=(1, 2)) for img, s in zip(x, shift)])
+        rolled = []
+        for i, (img, s) in enumerate(zip(protos[y], shift)):
+            if i % 1000 == 0:  # 200,000 images take seconds: a stop signal must not wait for them
+                plumbing.stop_here("building the synthetic set")
+            rolled.append(torch.roll(img, (int(s[0]), int(s[1])), dims=(1, 2)))
+        x = torch.stack(rolled)
         x = x + 0.3 * torch.randn(x.shape, generator=gen)  # pixel noise
         x = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         return x, y
@@ -244,6 +248,7 @@ def standin_weights(name, data_dir):
     while step < steps:
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x) - batch + 1, batch):
+            plumbing.stop_here(f"pretraining the stand-in backbone {name} (step {step + 1} of {steps})")
             off, flip = draw_augmentation(batch, gen)
             loss = F.cross_entropy(model(preprocess(augment(x[perm[i:i + batch]], off, flip), 32)),
                                    y[perm[i:i + batch]])

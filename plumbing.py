@@ -917,6 +917,7 @@ def open_run(args):
     Of several starts at once, one takes the lock and the others are refused without touching anything;
     a folder (or .lock) that is a link is refused (refuse_links)."""
     out, config = args.out, run_config(args)
+    stop_here("the run's start")  # a signal during the data, the model or the stand-in: nothing written after it
     refuse_links(out, args.results)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")

@@ -140,3 +140,21 @@ def test_a_split_with_no_training_image_is_one_line_and_writes_nothing(script, s
     status, lines = run_as_script(module.main, TINY + ["--synthetic-size", "500"] + split + ["--out", str(out)], capsys)
     assert status == 2 and len(lines) == 1 and "no training image" in lines[0], lines
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where,phase", [("augment", "pretraining the stand-in backbone standin (step 4 of 150)"),
+                                         ("roll", "building the synthetic set")])
+def test_a_stop_while_building_the_stand_in_or_the_data_says_so_and_writes_nothing(where, phase, tmp_path,
+                                                                                   monkeypatch):
+    """A stop signal while the stand-in backbone is pretrained or a synthetic set built: the run stops there
+    (it used to go on for seconds, then stop in the feature extraction with config.json written, so that
+    the same command was refused as an interrupted run)."""
+    import plumbing
+    from helpers import stop_during_call
+    stop_during_call(monkeypatch, common if where == "augment" else torch, where, 3)
+    out, data_dir = tmp_path / "run", tmp_path / "data"
+    argv = [a for a in FAST if a != "--no-pretrained"] + ["--weights", "standin", "--data-dir", str(data_dir)]
+    with pytest.raises(plumbing.Stopped) as e:
+        centralized.main(argv + ["--out", str(out), "--synthetic-size", "3000"])
+    assert e.value.phase == phase
+    assert not out.exists() and not (data_dir / "standin").exists()
