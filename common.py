@@ -1123,12 +1123,17 @@ def mask_kept_frac(mask):
 
 
 def check_sparsity(model, sparsity, rounds):
-    """Refuse a --sparsity that keeps no entry at all after --calib-rounds (it would train nothing
+    """Refuse a --sparsity, or a --calib-rounds, that keeps no entry at all after the last round (it would train nothing
     without a word; the reference's kthvalue fails there)."""
     total = sum(p.numel() for _, p in masked_params(model))
-    if keep_schedule(total, sparsity, rounds)[-1] < 1:
-        raise plumbing.UserError(f"--sparsity {sparsity} keeps none of the {total} entries of the masked tensors "
-                                 f"after {rounds} calibration round(s): lower it")
+    if keep_schedule(total, sparsity, rounds)[-1] >= 1:
+        return
+    if keep_schedule(total, sparsity, 1)[-1] >= 1:  # the sparsity alone keeps some: too many rounds
+        raise plumbing.UserError(f"--calib-rounds {rounds} is too many for the {total} entries of the masked tensors: "
+                                 f"each round drops at least one entry, and none would be left at --sparsity "
+                                 f"{sparsity}; use far fewer rounds (the default is 4)")
+    raise plumbing.UserError(f"--sparsity {sparsity} keeps none of the {total} entries of the masked tensors "
+                             f"after {rounds} calibration round(s): lower it")
 
 
 def calibrate(model, draw, args, device):

@@ -158,3 +158,19 @@ def test_a_stop_while_building_the_stand_in_or_the_data_says_so_and_writes_nothi
         centralized.main(argv + ["--out", str(out), "--synthetic-size", "3000"])
     assert e.value.phase == phase
     assert not out.exists() and not (data_dir / "standin").exists()
+
+
+def test_diverging_head_only_rounds_name_their_rate_and_an_impossible_calib_rounds_is_blamed(tmp_path, capsys):
+    import fedavg
+    import model_editing
+    fed = FAST + ["--k", "10", "--c", "0.5", "--rounds", "2", "--eval-every", "2", "--head-lr", "1e38"]
+    status, lines = run_as_script(fedavg.main, fed + ["--train", "head", "--out", str(tmp_path / "a")], capsys)
+    assert status == 3 and len(lines) == 1, lines
+    assert "head-only rounds (--train head)" in lines[0] and "try a --head-lr below 1e+38" in lines[0], lines
+    status, lines = run_as_script(fedavg.main, fed + ["--head", "warmup", "--warmup-rounds", "2", "--out",
+                                                      str(tmp_path / "b")], capsys)
+    assert status == 3 and "head warm-up rounds" in lines[0] and "--head-lr below" in lines[0], lines
+    status, lines = run_as_script(model_editing.main, FAST + ["--calib-rounds", "400000", "--out",
+                                                              str(tmp_path / "c")], capsys)
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: --calib-rounds 400000 is too many"), lines
+    assert not (tmp_path / "c").exists()
