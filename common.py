@@ -614,8 +614,7 @@ def feature_cache_path(args, split, views, digest):
     reruns skip the backbone."""
     src = f"{args.dataset}{args.synthetic_size if args.dataset == 'synthetic' else ''}"
     aug = f"_{views}views_seed{args.seed}" if views else ""  # augmented views depend on the seed
-    precision = "fp32" if args.precision == "off" else args.precision
-    name = f"{src}_{args.arch}_w{digest}_{args.img_size}px_{precision}_v{args.val_frac}_{split}{aug}.pt"
+    name = f"{src}_{args.arch}_w{digest}_{args.img_size}px_{args.precision}_v{args.val_frac}_{split}{aug}.pt"
     return os.path.join(args.data_dir, "features", name.replace("/", "_"))
 
 
@@ -1188,7 +1187,7 @@ def prepare(args):
         raise plumbing.Finished(f"{args.out} is already finished")
     device = plumbing.pick_device(args.device, args.deterministic)
     args.precision = plumbing.resolve_amp(args.amp, device)
-    print(f"device {device}, precision {'fp32' if args.precision == 'off' else args.precision} "
+    print(f"device {device}, precision {args.precision} "
           f"(head and accuracies in fp32){', deterministic' if args.deterministic else ''}")
     plumbing.seed_everything(args.seed)
     data = load_data(args)

@@ -445,13 +445,14 @@ def fused_attention_off(kernels=FUSED_ATTENTION):
 
 
 def resolve_amp(amp, device):
-    """The precision actually used: 'bf16', 'fp16' or 'off' (fp32), from --amp and the device."""
+    """The precision actually used, one word everywhere (console, config.json, result.json, the feature
+    cache): 'fp32', 'bf16' or 'fp16', from --amp (whose 'off' is fp32) and the device."""
     if device.type != "cuda":
         if amp in ("bf16", "fp16"):
             raise UserError(f"--amp {amp} needs a CUDA GPU; on the CPU use --amp off (or auto)")
-        return "off"
+        return "fp32"
     if amp != "auto":
-        return amp
+        return "fp32" if amp == "off" else amp
     major, _ = torch.cuda.get_device_capability(device)
     return "bf16" if major >= 8 else "fp16"  # T4 (7.5) and V100 (7.0) have no fast bf16
 
@@ -834,12 +835,17 @@ def read_result_json(out):
     return read_json_object(os.path.join(out, "result.json"))
 
 
+def in_current_words(stored):
+    """A stored run config or result in today's words: the precision once called 'off' is 'fp32'."""
+    return {**stored, "precision": "fp32"} if stored.get("precision") == "off" else stored
+
+
 def with_defaults(stored, defaults):
     """A stored run config (config.json, a checkpoint's "run") completed with the flags' defaults for
     the flags it lacks: a run written before a flag existed ran with what is now its default (a new flag's
     default keeps the older behaviour), so it is not another run for lacking the key. `defaults`:
     {flag: default}, a parser's (Flags.defaults); flags that do not change a result are left out."""
-    return {**{k: v for k, v in defaults.items() if k not in NON_RESULT_FLAGS}, **stored}
+    return {**{k: v for k, v in defaults.items() if k not in NON_RESULT_FLAGS}, **in_current_words(stored)}
 
 
 def differing_keys(stored, config, defaults):

@@ -17,7 +17,7 @@ def test_feature_cache_never_returns_another_backbones_features(tmp_path):
     """Two weights files of one name (every DINO training checkpoint is checkpoint.pth) in two folders:
     the second backbone gets its own features, not the first one's from the cache."""
     args = centralized.get_args(FAST + ["--data-dir", str(tmp_path / "data")])
-    args.precision, args.no_pretrained = "off", False  # features are cached only for real weights
+    args.precision, args.no_pretrained = "fp32", False  # features are cached only for real weights
     data = common.load_data(args)
     feats = []
     for folder, seed in (("a", 0), ("b", 1)):
@@ -174,3 +174,19 @@ def test_diverging_head_only_rounds_name_their_rate_and_an_impossible_calib_roun
                                                               str(tmp_path / "c")], capsys)
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error: --calib-rounds 400000 is too many"), lines
     assert not (tmp_path / "c").exists()
+
+
+def test_one_word_for_the_precision_and_runs_that_wrote_off_still_resume(tmp_path, capsys):
+    import json
+    out = tmp_path / "run"
+    argv = FAST + ["--epochs", "1", "--out", str(out)]
+    centralized.main(argv)
+    assert "precision fp32" in capsys.readouterr().out
+    for f in ("config.json", "result.json"):
+        assert json.loads((out / f).read_text())["precision"] == "fp32", f
+    # a run interrupted before this change wrote "off": still this run, resumed (started over) under --resume
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, precision="off")))
+    os.remove(out / "result.json")
+    centralized.main(argv + ["--resume"])
+    assert json.loads((out / "result.json").read_text())["precision"] == "fp32"

@@ -61,7 +61,7 @@ def test_no_file_the_code_reads_can_run_code(tmp_path):
     with pytest.raises(plumbing.UserError):
         plumbing.read_weights_file(str(tmp_path / "weights.pth"))
     args = centralized.get_args(FAST + ["--data-dir", str(tmp_path / "data")])
-    args.precision, args.no_pretrained = "off", False  # a cached file is only read for real weights
+    args.precision, args.no_pretrained = "fp32", False  # a cached file is only read for real weights
     path = common.feature_cache_path(args, "val", 0, common.backbone_digest(model))
     os.makedirs(os.path.dirname(path))
     craft(path, marker)
