@@ -639,8 +639,9 @@ def atomic_save(obj, path):
 
 
 def atomic_write_text(text, path):
+    """Text, in UTF-8 whatever the locale (a report's ± under LC_ALL=C)."""
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     atomic_write(path, write)
 
@@ -816,13 +817,21 @@ def remove_stale_temporaries(out):
                                 f"({e.strerror}): the run directory must be writable; nothing was changed")
 
 
+def open_regular(path, **kw):
+    """open(path, encoding="utf-8", **kw) for reading, of a regular file only: a FIFO (whose read would block
+    forever) or a device raises OSError. Text files are UTF-8 whatever the locale."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO's open would block too
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    return open(fd, encoding="utf-8", **kw)
+
+
 def read_json_object(path):
     """The JSON object (dict) in file `path`, or None: no regular file (a FIFO would block the read), not
     readable, not JSON (empty, truncated, not UTF-8, nested too deep), or not an object."""
-    if not os.path.isfile(path):
-        return None
     try:
-        with open(path) as f:
+        with open_regular(path) as f:
             obj = json.load(f)
     except (OSError, ValueError, RecursionError):
         return None
@@ -980,6 +989,8 @@ def pyplot():
     """matplotlib.pyplot with the file-only Agg backend (no display on a cluster node)."""
     import matplotlib
     matplotlib.use("Agg")
+    if "text.parse_math" in matplotlib.rcParams:  # text is text: '$' in a run's name is no formula (matplotlib >= 3.5)
+        matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
     return plt
 

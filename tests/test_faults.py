@@ -190,3 +190,120 @@ def test_one_word_for_the_precision_and_runs_that_wrote_off_still_resume(tmp_pat
     os.remove(out / "result.json")
     centralized.main(argv + ["--resume"])
     assert json.loads((out / "result.json").read_text())["precision"] == "fp32"
+
+
+# ----------------------------------------------------------------------------- summarize.py on crafted roots
+
+def a_root(root):
+    """A small study root (fake runs as the stage scripts write them) and its first summary."""
+    from test_summarize import fed, real_config, with_config, write_run
+    import fedavg
+    write_run(root, "centralized", "grid_compare", 0, 0.8)
+    for seed in (0, 1):
+        with_config(fed(root, "nc5", 4, seed, 0.5 + 0.01 * seed),
+                    real_config(fedavg, "--nc", "5", "--rounds", "8", "--scale-rounds", "--seed", str(seed)))
+    return root
+
+
+def summary_files(root):
+    out = root / "summary"
+    return {n: (out / n).read_bytes() for n in sorted(os.listdir(out))}
+
+
+def test_summarize_leaves_out_crafted_files_with_a_warning_each(tmp_path, capsys):
+    """Well-formed but crafted files (a plan line whose config is a list, a flag of the wrong type in a
+    config.json, a number too large for a float, '$' in a title): a warning each, never a traceback."""
+    import json
+    import summarize
+    from test_summarize import fed, real_config, with_config
+    import fedavg
+    root = a_root(tmp_path / "R")
+    for seed, change in ((5, {"rounds": "4"}), (6, {"j": None}), (7, {"rounds": 10 ** 400})):
+        d = fed(root, "nc5", 4, seed, 0.4)
+        with_config(d, dict(real_config(fedavg, "--nc", "5", "--rounds", "8", "--scale-rounds", "--seed", str(seed)),
+                            **change))
+    d = fed(root, "nc5", 4, 8, 0.4)
+    r = json.loads((d / "result.json").read_text())
+    (d / "result.json").write_text(json.dumps(dict(r, seconds=10 ** 400)))
+    fed(root, "iid", 4, 0, 0.4, head="a $x$ and $\\frac{$ head")  # mathtext would fail on this title
+    summarize.main([str(root)])
+    err = capsys.readouterr().err.splitlines()
+    assert all(line.startswith("warning: ") for line in err), err
+    assert sum("seed5" in line or "seed6" in line or "seed7" in line or "seed8" in line for line in err) == 4, err
+    (root / "run_all.plan").write_text("fedavg\tfedavg/nc5_j4_dense/seed0\t[1, 2]\n")
+    summarize.main([str(root)])
+    err = capsys.readouterr().err.splitlines()
+    assert any("run_all.plan" in line for line in err) and all(line.startswith("warning: ") for line in err), err
+    assert b"nc5_j4_dense/seed0" in summary_files(root)["results.csv"]
+
+
+def test_a_summary_is_all_new_or_all_old(tmp_path, monkeypatch, capsys):
+    import summarize
+    from test_summarize import fed
+    root = a_root(tmp_path / "R")
+    summarize.main([str(root)])
+    before = summary_files(root)
+    fed(root, "iid", 4, 0, 0.3)  # a new run, then a failure while plotting
+
+    def broken(*a, **k):
+        raise RuntimeError("a plot failed")
+
+    monkeypatch.setattr(summarize, "fedavg_plots", broken)
+    import pytest
+    with pytest.raises(RuntimeError):
+        summarize.main([str(root)])
+    assert summary_files(root) == before  # results.csv was new while report.md was old
+    monkeypatch.undo()
+    summarize.main([str(root)])
+    assert summary_files(root)["results.csv"] != before["results.csv"] and b"iid_j4" in summary_files(root)["results.csv"]
+
+
+def test_a_summary_folder_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
+    import pytest
+    import plumbing
+    import summarize
+    root, figs = a_root(tmp_path / "R"), tmp_path / "figs"
+    figs.mkdir()
+    (figs / "mine.png").write_bytes(b"png")
+    os.symlink(figs, root / "summary")
+    with pytest.raises(plumbing.UserError, match="symbolic link"):
+        summarize.main([str(root)])
+    assert os.listdir(figs) == ["mine.png"]
+
+
+def test_sigterm_stops_a_summary_with_one_line_and_status_143_leaving_the_old_one(tmp_path, monkeypatch, capsys):
+    import signal
+    import summarize
+    root = a_root(tmp_path / "R")
+    summarize.main([str(root)])
+    before = summary_files(root)
+    from test_summarize import fed
+    fed(root, "iid", 4, 0, 0.3)
+    real = summarize.read_metrics
+
+    def sigterm_while_reading(d):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(d)
+
+    monkeypatch.setattr(summarize, "read_metrics", sigterm_while_reading)
+    monkeypatch.setattr(summarize.plumbing, "_stop_signal", None)
+    status, lines = run_as_script(summarize.main, [str(root)], capsys)
+    assert status == 143 and len(lines) == 1 and lines[0].startswith("stopped by signal 15"), lines
+    assert summary_files(root) == before
+
+
+def test_a_fifo_in_a_root_does_not_hang_summarize_and_a_c_locale_writes_utf8(tmp_path):
+    """metrics.csv a FIFO (a read would block forever): a warning, the run without curves. Under a C locale
+    without UTF-8 (Python's locale coercion off) the text files are still written, in UTF-8 (±)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    root = a_root(tmp_path / "R")
+    os.remove(root / "fedavg" / "nc5_j4_dense" / "seed1" / "metrics.csv")
+    os.mkfifo(root / "fedavg" / "nc5_j4_dense" / "seed1" / "metrics.csv")
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "summarize.py"), str(root)], capture_output=True,
+                          text=True, env=env, timeout=120)  # a hang guard, not a timing
+    assert proc.returncode == 0, proc.stderr
+    assert "metrics.csv" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "±" in (root / "summary" / "report.md").read_text(encoding="utf-8")
