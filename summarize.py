@@ -19,6 +19,7 @@ folder, then renamed file by file into summary/ (an error or a stop leaves the e
 import argparse
 import collections
 import csv
+import fcntl
 import functools
 import json
 import math
@@ -194,17 +195,15 @@ def flag_defaults(stage):
 
 
 def flag_problem(config, defaults):
-    """What is wrong with a config.json's flag values (the first problem), or None: each must be of its
-    flag's kind, as its default shows (a number, a finite one, a string, a bool, a list), or null where
-    the default is."""
+    """What is wrong with a config.json's flag values (the first problem), or None: a flag whose default is
+    a number must be a finite number, one whose default is a bool a bool (the tables compute with them; a
+    string flag's type may turn it into a list, so strings are not checked)."""
     for k, v in config.items():
         d = defaults.get(k)
-        kind = (None if d is None else "bool" if isinstance(d, bool) else "number" if isinstance(d, (int, float))
-                else "string" if isinstance(d, str) else "list" if isinstance(d, list) else None)
-        ok = kind is None or {"bool": lambda: isinstance(v, bool), "number": lambda: number_ok(v),
-                              "string": lambda: isinstance(v, str), "list": lambda: isinstance(v, list)}[kind]()
-        if not ok:
-            return f'"{k}" is {json.dumps(v)[:40]}, not a {"finite number" if kind == "number" else kind}'
+        if isinstance(d, bool) and not isinstance(v, bool):
+            return f'"{k}" is {json.dumps(v)[:40]}, not a bool'
+        if isinstance(d, (int, float)) and not isinstance(d, bool) and not number_ok(v):
+            return f'"{k}" is {json.dumps(v)[:40]}, not a finite number'
     return None
 
 
@@ -310,8 +309,8 @@ def read_plan(root):
             for line in f:
                 stage, rel, config = line.rstrip("\n").split("\t")
                 plan[rel] = (stage, json.loads(config))
-                if stage not in STAGES or not isinstance(plan[rel][1], dict):
-                    raise ValueError("a line that is not a stage's run and its flags")
+                if not isinstance(plan[rel][1], dict):
+                    raise ValueError("a run's flags that are not a JSON object")
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not three fields, not JSON, not UTF-8
         warn(f"{path}: unreadable ({type(e).__name__}); every finished run is summarized, none marked as not run")
         return {}
@@ -1105,14 +1104,32 @@ def summarize(root, target=0.9):
 NEW = ".new-"  # a summary being written: ROOT/summary/.new-XXXX/, renamed file by file into summary/ at the end
 
 
+_held_summaries = {}  # summary folder -> its open descriptor, flock'ed for the life of this process
+
+
+def lock_summary(out_dir):
+    """Lock folder out_dir itself (flock on the folder: no lock file among the summary's files) for this
+    process: one summary written at a time. Opened without following a link."""
+    key = os.path.realpath(out_dir)
+    if key in _held_summaries:  # this process summarized here before (tests call main() repeatedly)
+        return
+    fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise plumbing.UserError(f"another summarize.py is writing {out_dir}; wait for it to finish")
+    _held_summaries[key] = fd
+
+
 def open_summary(root):
-    """ROOT/summary, locked for this process (one summary written at a time) and cleaned of what a killed
-    summary left; refused if it, or .lock in it, is a link (refuse_links: it would steer the writes, and
-    the removal of old plots, elsewhere)."""
+    """ROOT/summary, locked for this process (lock_summary) and cleaned of what a killed summary left;
+    refused if it is a link (refuse_links: it would steer the writes, and the removal of old plots,
+    elsewhere)."""
     out_dir = os.path.join(root, "summary")
     plumbing.refuse_links(out_dir, root)
     os.makedirs(out_dir, exist_ok=True)
-    plumbing.lock_run(out_dir)
+    lock_summary(out_dir)
     for name in os.listdir(out_dir):
         path = os.path.join(out_dir, name)
         if name.startswith(NEW) and os.path.isdir(path) and not os.path.islink(path):
