@@ -1128,6 +1128,8 @@ def open_summary(root):
     elsewhere)."""
     out_dir = os.path.join(root, "summary")
     plumbing.refuse_links(out_dir, root)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise plumbing.UserError(f"{out_dir} is not a folder; move it away to write the summary there")
     os.makedirs(out_dir, exist_ok=True)
     lock_summary(out_dir)
     for name in os.listdir(out_dir):
