@@ -1092,7 +1092,7 @@ def summarize(root, target=0.9):
     out_dir = open_summary(root)
     new = tempfile.mkdtemp(prefix=NEW, dir=out_dir)
     try:
-        write_summary(root, plan, runs, target, new)
+        write_summary(root, plan, runs, target, new, out_dir)
         plumbing.stop_here("writing the summary (the earlier one is kept)")
         replace_summary(new, out_dir)
     finally:
@@ -1150,8 +1150,9 @@ def replace_summary(new, out_dir):
         os.replace(os.path.join(new, name), os.path.join(out_dir, name))
 
 
-def write_summary(root, plan, runs, target, out_dir):
-    """results.csv, report.md, tables.tex and the plots of `runs` into the empty folder out_dir."""
+def write_summary(root, plan, runs, target, out_dir, final_dir):
+    """results.csv, report.md, tables.tex and the plots of `runs` into the empty folder out_dir; report.md's
+    links are relative to final_dir, where they will be."""
     rows, path = [csv_row(r, root) for r in runs], os.path.join(out_dir, "results.csv")
     if rows:
         plumbing.write_csv(rows, path)
@@ -1170,7 +1171,7 @@ def write_summary(root, plan, runs, target, out_dir):
     if "synthetic" in datasets:
         doc += ["**Synthetic data: these numbers say nothing about CIFAR-100.**", ""]
     doc += not_run_doc(plan, runs, root)
-    doc += centralized_doc(by_stage["centralized"], out_dir)
+    doc += centralized_doc(by_stage["centralized"], final_dir)
     section, plots = editing_doc(by_stage["model_editing"], out_dir)
     section2, shown = fedavg_doc(by_stage["fedavg"], by_stage["centralized"], by_stage["model_editing"], target)
     plots += fedavg_plots(by_stage["fedavg"], shown, out_dir)
@@ -1190,7 +1191,7 @@ def expected_doc():
     """Other projects' published CIFAR-100 figures (docs/expected.md, between its report markers), as a
     section of report.md; [] when the file is not there."""
     try:
-        with open(EXPECTED) as f:
+        with open(EXPECTED, encoding="utf-8") as f:  # whatever the locale
             text = f.read()
         part = text.split("<!-- report:begin -->\n", 1)[1].split("<!-- report:end -->", 1)[0]
     except (OSError, IndexError):
