@@ -146,6 +146,8 @@ def main(argv=None):
         # trial's summary by name (run_trial; a resumed run skips them), and "init_head", the head every
         # trial starts from.
         ckpt = {"done": {}, "init_head": plumbing.cpu_state(model.head)}
+    else:
+        plumbing.resuming(args, f"trial {len(ckpt['done']) + 1} ({len(ckpt['done'])} finished)")
 
     if args.grid:
         print(f"grid search: {len(args.grid_lr) * len(args.grid_momentum) * len(args.grid_wd)} settings")

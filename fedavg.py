@@ -690,6 +690,7 @@ def main(argv=None):
         ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
                 "upload": head_upload * args.k, "elapsed": 0.0, "head": plumbing.cpu_state(model.head)}
     else:
+        plumbing.resuming(args, f"round {ckpt['round'] + 1} of {total_rounds}")
         model.load_state_dict(ckpt["model"])
     # the head after step 0 (ridge, a head.pt, or with --head warmup the random head before its warm-up
     # rounds); model.pt holds the final one. Rewritten from the checkpoint on resume: a head.pt damaged
@@ -724,9 +725,9 @@ def main(argv=None):
     # -------- the rounds: head warm-up rounds; with --sparse, step 1 (the mask, once), then step 2
 
     phase, resumed_algo = None, ckpt.get("algo")
-    hint = f"a --lr below {args.lr:g}"
-    watches = {True: common.LossWatch("FedAvg head warm-up rounds", hint),
-               False: common.LossWatch(f"{'sparse ' if args.sparse else ''}FedAvg rounds", hint)}
+    head_rounds = "FedAvg head-only rounds (--train head)" if args.train == "head" else "FedAvg head warm-up rounds"
+    watches = {True: common.LossWatch(head_rounds, f"a --head-lr below {args.head_lr:g}"),  # their rate
+               False: common.LossWatch(f"{'sparse ' if args.sparse else ''}FedAvg rounds", f"a --lr below {args.lr:g}")}
     bar = tqdm(range(ckpt["round"], total_rounds), desc="rounds", disable=None)
     for rnd in bar:
         head_only = rnd < args.warmup_rounds or args.train == "head"

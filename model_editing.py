@@ -139,6 +139,8 @@ def main(argv=None):
     args = get_args(argv)
     device, data, model, inputs = common.prepare(args)
     ckpt = plumbing.open_run(args)
+    if ckpt:
+        plumbing.resuming(args, f"fine-tuning epoch {ckpt['epoch'] + 1} of {args.epochs}, step {ckpt['step'] + 1}")
     t0 = time.time() - (ckpt["elapsed"] if ckpt else 0.0)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import socket
+import stat
 import sys
 import tempfile
 
@@ -37,7 +38,7 @@ class Finished(Exception):
 
 
 class Stopped(Exception):
-    """SIGTERM or SIGUSR1 arrived (SLURM preemption or time limit): the run stopped during `phase`,
+    """SIGTERM, SIGUSR1 (SLURM preemption or time limit) or Ctrl-C arrived: the run stopped during `phase`,
     right after saving a checkpoint if `saved`, else at a point with nothing new worth saving."""
 
     def __init__(self, phase, saved=False):
@@ -49,19 +50,25 @@ class Diverged(Exception):
     """The training loss is not finite (see LossWatch): the run stops without a result."""
 
 
-DIVERGED_EXIT = 3  # exit status of a diverged run (2: bad input, 143: stopped by a signal)
+DIVERGED_EXIT = 3  # exit status of a diverged run (2: bad input, 130/143: stopped by a signal)
 
 _stop_signal = None
 _open_run = None  # the run directory open_run prepared: where run_main looks for a checkpoint on a stop
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 def _on_stop_signal(signum, frame):
     global _stop_signal
     _stop_signal = signum
+    if signum == signal.SIGINT:  # a second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def stop_requested():
-    """True once SIGTERM/SIGUSR1 arrived: loops checkpoint at the next step boundary, then raise Stopped."""
+    """True once SIGTERM/SIGUSR1/SIGINT (Ctrl-C) arrived: loops checkpoint at the next step boundary, then
+    raise Stopped."""
     return _stop_signal is not None
 
 
@@ -97,12 +104,26 @@ def die_with_parent():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def stop_status():
+    """The exit status of a run stopped by a signal: 130 for Ctrl-C (as a shell reports it), else 143 (what
+    run_all.sh's SLURM task requeues on, SIGUSR1 included)."""
+    return 130 if _stop_signal == signal.SIGINT else 143
+
+
+def resuming(args, where):
+    """Say where a resumed run continues from (its round, epoch or trial)."""
+    print(f"resuming {args.out} from {where}")
+
+
 def run_main(main):
     """Call main(): a UserError is one line on stderr and exit status 2; a diverged run (Diverged) one
-    line and DIVERGED_EXIT; SIGTERM/SIGUSR1 make the run stop within seconds (checkpointing at its
-    next step boundary where it has new state) and exit 143, ready for --resume."""
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, _on_stop_signal)
+    line and DIVERGED_EXIT; SIGTERM/SIGUSR1 and Ctrl-C (SIGINT) make the run stop within seconds
+    (checkpointing at its next step boundary where it has new state), ready for --resume, with status
+    stop_status(); a second Ctrl-C stops at once, saving nothing."""
+    for s in STOP_SIGNALS:
+        # an ignored SIGINT stays ignored (a background run of run_all.sh: the study stops it by SIGTERM)
+        if not (s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN):
+            signal.signal(s, _on_stop_signal)
     die_with_parent()
     try:
         main()
@@ -115,8 +136,9 @@ def run_main(main):
         print(f"diverged: {e}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT)
     except Stopped as e:
-        print(f"stopped by signal {_stop_signal} during {e.phase}: {_what_was_kept(e)}", file=sys.stderr)
-        sys.exit(143)
+        by = f"signal {_stop_signal}" + (" (Ctrl-C)" if _stop_signal == signal.SIGINT else "")
+        print(f"stopped by {by} during {e.phase}: {_what_was_kept(e)}", file=sys.stderr)
+        sys.exit(stop_status())
     except KeyboardInterrupt:
         print("interrupted: continue later with --resume", file=sys.stderr)
         sys.exit(130)
@@ -423,13 +445,14 @@ def fused_attention_off(kernels=FUSED_ATTENTION):
 
 
 def resolve_amp(amp, device):
-    """The precision actually used: 'bf16', 'fp16' or 'off' (fp32), from --amp and the device."""
+    """The precision actually used, one word everywhere (console, config.json, result.json, the feature
+    cache): 'fp32', 'bf16' or 'fp16', from --amp (whose 'off' is fp32) and the device."""
     if device.type != "cuda":
         if amp in ("bf16", "fp16"):
             raise UserError(f"--amp {amp} needs a CUDA GPU; on the CPU use --amp off (or auto)")
-        return "off"
+        return "fp32"
     if amp != "auto":
-        return amp
+        return "fp32" if amp == "off" else amp
     major, _ = torch.cuda.get_device_capability(device)
     return "bf16" if major >= 8 else "fp16"  # T4 (7.5) and V100 (7.0) have no fast bf16
 
@@ -616,8 +639,9 @@ def atomic_save(obj, path):
 
 
 def atomic_write_text(text, path):
+    """Text, in UTF-8 whatever the locale (a report's ± under LC_ALL=C)."""
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     atomic_write(path, write)
 
@@ -697,30 +721,83 @@ LOCK_FILE = ".lock"
 _held_locks = {}  # run dir -> open lock file: held as long as the process lives (the OS drops it at exit)
 
 
+def refuse_links(path, root):
+    """Refuse `path` if it, or a folder between the results root `root` and it, is a symbolic link: a results
+    root is shared data, and a link in it (R/fedavg -> ~/projects) would steer the run's writes (and a
+    refused run's clean-up) outside it. The root itself may be a link (the user chose it); a path outside
+    the root is checked only for itself being a link."""
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    inside = path != root and os.path.commonpath([path, root]) == root
+    parts = os.path.relpath(path, root).split(os.sep) if inside else [os.path.basename(path)]
+    at = root if inside else os.path.dirname(path)
+    for part in parts:
+        at = os.path.join(at, part)
+        if os.path.islink(at):
+            raise UserError(f"{at} is a symbolic link (to {os.readlink(at)}); a results folder must hold real "
+                            f"folders: remove the link or choose another --out")
+
+
+def _open_lock_file(path):
+    """The lock file, opened for reading and writing without following a link (a .lock linked to a file
+    elsewhere would be truncated to our PID) and created if absent."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:  # a link (ELOOP), a read-only folder, a .lock that is a directory
+        what = "a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise UserError(f"cannot open {path} ({what}): the run directory must be writable and its {LOCK_FILE} "
+                        f"a file; fix it or choose another --out")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device
+        os.close(fd)
+        raise UserError(f"{path} is not a regular file; remove it or choose another --out")
+    return os.fdopen(fd, "r+")
+
+
 def lock_run(out):
-    """Take the exclusive lock of run directory `out` for the life of this process. A second process
-    is refused, naming the PID that holds it; a lock of a dead process is gone (flock dies with it)."""
-    os.makedirs(out, exist_ok=True)
+    """Take the exclusive lock of run directory `out` (which exists) for the life of this process. A
+    second process is refused, naming the PID that holds it, and touches nothing; a lock of a dead
+    process is gone (flock dies with it). The lock is on the file that `out/.lock` names when it is
+    taken: a lock on a file since unlinked (a refused run's clean-up) is retried on the new one."""
     key = os.path.realpath(out)
     if key in _held_locks:  # this process opened the run before (tests call main() repeatedly)
         return
-    try:
-        f = open(os.path.join(out, LOCK_FILE), "a+")
-    except OSError as e:  # a read-only folder, a .lock that is a directory
-        raise UserError(f"cannot open {os.path.join(out, LOCK_FILE)} ({e.strerror}): the run directory must be "
-                        f"writable and its {LOCK_FILE} a file; fix it or choose another --out")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
+    path = os.path.join(out, LOCK_FILE)
+    for _ in range(10):
+        f = _open_lock_file(path)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = f.read().strip() or "?"
+            f.close()
+            raise UserError(f"{out} is in use by another process (PID {pid}); wait for it to finish or stop it")
+        try:
+            same = os.path.samestat(os.fstat(f.fileno()), os.lstat(path))
+        except OSError:
+            same = False
+        if same:
+            break
         f.close()
-        raise UserError(f"{out} is in use by another process (PID {pid}); wait for it to finish or stop it")
+    else:
+        raise UserError(f"{path} keeps being replaced by another process; stop it or choose another --out")
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
     _held_locks[key] = f
+
+
+def unlock_new_run(out):
+    """Undo a refused start in the folder it created and locked: its lock file, then the folder if it
+    is empty. Nothing else is deleted (a folder holds only what its lock holder wrote, and the refused
+    command wrote nothing else)."""
+    f = _held_locks.pop(os.path.realpath(out), None)
+    if f is None:
+        return
+    try:
+        os.remove(os.path.join(out, LOCK_FILE))
+        os.rmdir(out)
+    except OSError:  # another start's lock file appeared meanwhile: the folder is theirs now
+        pass
+    f.close()
 
 
 def is_temporary(name):
@@ -740,13 +817,21 @@ def remove_stale_temporaries(out):
                                 f"({e.strerror}): the run directory must be writable; nothing was changed")
 
 
+def open_regular(path, **kw):
+    """open(path, encoding="utf-8", **kw) for reading, of a regular file only: a FIFO (whose read would block
+    forever) or a device raises OSError. Text files are UTF-8 whatever the locale."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO's open would block too
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    return open(fd, encoding="utf-8", **kw)
+
+
 def read_json_object(path):
     """The JSON object (dict) in file `path`, or None: no regular file (a FIFO would block the read), not
     readable, not JSON (empty, truncated, not UTF-8, nested too deep), or not an object."""
-    if not os.path.isfile(path):
-        return None
     try:
-        with open(path) as f:
+        with open_regular(path) as f:
             obj = json.load(f)
     except (OSError, ValueError, RecursionError):
         return None
@@ -759,12 +844,17 @@ def read_result_json(out):
     return read_json_object(os.path.join(out, "result.json"))
 
 
+def in_current_words(stored):
+    """A stored run config or result in today's words: the precision once called 'off' is 'fp32'."""
+    return {**stored, "precision": "fp32"} if stored.get("precision") == "off" else stored
+
+
 def with_defaults(stored, defaults):
     """A stored run config (config.json, a checkpoint's "run") completed with the flags' defaults for
     the flags it lacks: a run written before a flag existed ran with what is now its default (a new flag's
     default keeps the older behaviour), so it is not another run for lacking the key. `defaults`:
     {flag: default}, a parser's (Flags.defaults); flags that do not change a result are left out."""
-    return {**{k: v for k, v in defaults.items() if k not in NON_RESULT_FLAGS}, **stored}
+    return {**{k: v for k, v in defaults.items() if k not in NON_RESULT_FLAGS}, **in_current_words(stored)}
 
 
 def differing_keys(stored, config, defaults):
@@ -792,7 +882,10 @@ def refuse_other_runs(args, config):
             raise UserError(f"{os.path.join(out, n)} is not a regular file; remove it or choose another --out")
     cfg_path = os.path.join(out, "config.json")
     if not os.path.isfile(cfg_path):
-        entries = os.listdir(out)  # its lock file, and temporaries only next to that lock file
+        try:
+            entries = os.listdir(out)  # its lock file, and temporaries only next to that lock file
+        except FileNotFoundError:  # removed by a refused start that had created it: a new folder again
+            return
         stray = [n for n in entries if n != LOCK_FILE and not (LOCK_FILE in entries and is_temporary(n))]
         if stray:
             raise UserError(f"--out {out} is not empty and holds no run (it has {sorted(stray)[0]!r}); "
@@ -812,6 +905,22 @@ def refuse_other_runs(args, config):
                         f"{out} holds an interrupted run: add --resume to continue it, or choose another --out")
 
 
+def make_run_dir(out):
+    """Create run directory `out` (and its parents); True if this process created it. Of several starts
+    at once only one creates it (os.mkdir is atomic), and only that one may remove it again."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        try:
+            os.mkdir(out)
+            return True
+        except FileExistsError:
+            if os.path.isdir(out):
+                return False
+            raise
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror}); choose another --out or --results")
+
+
 def open_run(args):
     """Open run directory args.out for this process: the checkpoint to resume from, or None to start.
 
@@ -819,20 +928,21 @@ def open_run(args):
     (refuse_other_runs), then locked and checked again under the lock; a new run writes config.json, an
     interrupted one (--resume) gets its checkpoint.pt back, refused unless stamped with this run's flags
     (save_checkpoint stamps them). The script restores its state from that dict (each script documents
-    its dict where it makes it). A run killed before its first checkpoint starts over."""
+    its dict where it makes it). A run killed before its first checkpoint starts over.
+    Of several starts at once, one takes the lock and the others are refused without touching anything;
+    a folder (or .lock) that is a link is refused (refuse_links)."""
     out, config = args.out, run_config(args)
+    stop_here("the run's start")  # a signal during the data, the model or the stand-in: nothing written after it
+    refuse_links(out, args.results)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
-    created = not os.path.exists(out)
-    if not created:
-        refuse_other_runs(args, config)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out {out} ({e.strerror}); choose another --out or --results")
+    if os.path.isdir(out):
+        refuse_other_runs(args, config)  # looking only: no lock file in a folder that is not a run's
+    created = make_run_dir(out)
+    lock_run(out)  # a refused start stops here, having changed nothing
     global _open_run
     try:
-        lock_run(out)
+        refuse_links(out, args.results)  # again under the lock: a folder swapped for a link meanwhile
         refuse_other_runs(args, config)
         remove_stale_temporaries(out)
         cfg_path, ckpt_path, ckpt = os.path.join(out, "config.json"), os.path.join(out, "checkpoint.pt"), None
@@ -850,9 +960,8 @@ def open_run(args):
         _open_run = out
         return ckpt
     except UserError:
-        if created:  # leave nothing behind for a refused command
-            import shutil
-            shutil.rmtree(out, ignore_errors=True)
+        if created:  # leave nothing behind for a refused command: the folder it made, if still empty
+            unlock_new_run(out)
         raise
 
 
@@ -880,6 +989,8 @@ def pyplot():
     """matplotlib.pyplot with the file-only Agg backend (no display on a cluster node)."""
     import matplotlib
     matplotlib.use("Agg")
+    if "text.parse_math" in matplotlib.rcParams:  # text is text: '$' in a run's name is no formula (matplotlib >= 3.5)
+        matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
     return plt
 

@@ -13,18 +13,22 @@ A run whose result.json (or its mask's editing result.json) is unreadable is lef
 warning on stderr; a FedAvg run without a readable metrics.csv keeps its table cells but has no
 curves and no rounds to target. In a root of run_all.sh (its run_all.plan), only the study's runs with
 the planned flags count (any other finished run is left out with a warning) and report.md lists the
-planned runs that have no result yet. Every file is written atomically (temporary file, then rename).
+planned runs that have no result yet. A summary is all new or all old: written whole into a temporary
+folder, then renamed file by file into summary/ (an error or a stop leaves the earlier one).
 """
 import argparse
 import collections
 import csv
+import fcntl
 import functools
 import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
+import tempfile
 
 import numpy as np
 
@@ -65,14 +69,25 @@ SCHEMA = {
 }
 
 
+def number_ok(v):
+    """A number the tables can compute with: not a bool, finite as a float (a bare NaN or Infinity, which
+    older runs wrote, or an integer of 400 digits, are not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
 def type_ok(v, t):
     if t.endswith("?"):
         return v is None or type_ok(v, t[:-1])
     if isinstance(v, bool):  # bool is an int to Python, never to us
         return t == "bool"
-    if isinstance(v, float) and not math.isfinite(v):  # a bare NaN or Infinity (older runs wrote them)
-        return False
-    return isinstance(v, {"str": str, "int": int, "num": (int, float), "dict": dict, "bool": bool}[t])
+    if t in ("int", "num"):
+        return number_ok(v) and (t == "num" or isinstance(v, int))
+    return isinstance(v, {"str": str, "dict": dict, "bool": bool}[t])
 
 
 def schema_problem(d, schema, not_finite=None):
@@ -89,12 +104,12 @@ def schema_problem(d, schema, not_finite=None):
 
 def read_result(path):
     """(result.json as a dict, None), or (None, what is wrong with it)."""
-    if not os.path.isfile(path):  # a FIFO would block the read
-        return None, "not a regular file"
     try:
-        with open(path) as f:
+        with plumbing.open_regular(path) as f:  # a FIFO would block the read
             r = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+    except OSError as e:
+        return None, e.strerror or "unreadable"
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
         return None, f"unreadable ({type(e).__name__})"
     if not isinstance(r, dict):
         return None, "not a JSON object"
@@ -127,7 +142,7 @@ def read_metrics(d):
     """A FedAvg run's metrics.csv as {column: [float or None per round]}, or None (with a warning)."""
     path = os.path.join(d, "metrics.csv")
     try:
-        with open(path, newline="") as f:
+        with plumbing.open_regular(path, newline="") as f:  # a FIFO would block the read
             rows = list(csv.DictReader(f))
         if not rows or not {"round", "val_acc"} <= set(rows[0]):
             raise ValueError("no rows with round and val_acc")
@@ -137,7 +152,8 @@ def read_metrics(d):
             raise ValueError("a row whose round is not a number")
         return m
     except (OSError, ValueError, csv.Error) as e:
-        warn(f"{path}: {e}; this run has no curves and no rounds to target")
+        warn(f"{path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}; this run has no curves and "
+             f"no rounds to target")
         return None
 
 
@@ -145,10 +161,11 @@ def load_runs(root):
     """Every finished, readable run under root: its result.json plus 'dir', 'split', 'mask' and
     (FedAvg) 'metrics', sorted by stage and directory."""
     runs = []
-    for d, subdirs, files in os.walk(root):
+    for d, subdirs, files in os.walk(root):  # links to folders are not followed
         subdirs[:] = sorted(s for s in subdirs if not (d == root and s == "summary"))
         if "result.json" not in files:
             continue
+        plumbing.stop_here("reading the runs (the earlier summary is kept)")
         path = os.path.join(d, "result.json")
         r, problem = read_result(path)
         try:
@@ -158,10 +175,13 @@ def load_runs(root):
                 r.update(zip(("rule", "sparsity", "calib_rounds"), mask_of(r)[:3]))
         except ValueError as e:
             problem = str(e)
+        config, bad_flag = read_config(d, r["stage"]) if not problem else ({}, None)
+        if bad_flag:
+            path, problem = os.path.join(d, "config.json"), bad_flag
         if problem:
             warn(f"{path}: {problem}; run left out")
             continue
-        r["dir"], r["config"], r["head"] = d, read_config(d, r["stage"]), across_seeds(r.get("head"))
+        r["dir"], r["config"], r["head"] = d, config, across_seeds(r.get("head"))
         if r["stage"] == "fedavg":
             r["metrics"] = read_metrics(d)
         runs.append(r)
@@ -174,11 +194,28 @@ def flag_defaults(stage):
     return SCRIPTS[stage].get_args([]).defaults
 
 
+def flag_problem(config, defaults):
+    """What is wrong with a config.json's flag values (the first problem), or None: a flag whose default is
+    a number must be a finite number, one whose default is a bool a bool (the tables compute with them; a
+    string flag's type may turn it into a list, so strings are not checked)."""
+    for k, v in config.items():
+        d = defaults.get(k)
+        if isinstance(d, bool) and not isinstance(v, bool):
+            return f'"{k}" is {json.dumps(v)[:40]}, not a bool'
+        if isinstance(d, (int, float)) and not isinstance(d, bool) and not number_ok(v):
+            return f'"{k}" is {json.dumps(v)[:40]}, not a finite number'
+    return None
+
+
 def read_config(d, stage):
-    """A run's config.json (every flag that defines it, the seed included) as a dict, a flag it lacks (an
-    older run's) at its default (plumbing.with_defaults); {} if unreadable or empty (no run's)."""
+    """(A run's config.json (every flag that defines it, the seed included) as a dict, a flag it lacks (an
+    older run's) at its default (plumbing.with_defaults), what is wrong with its values or None); {} if
+    unreadable or empty (no run's)."""
     c = plumbing.read_json_object(os.path.join(d, "config.json"))
-    return plumbing.with_defaults(c, flag_defaults(stage)) if c else {}
+    if not c:
+        return {}, None
+    problem = flag_problem(c, flag_defaults(stage))
+    return ({}, problem) if problem else (plumbing.with_defaults(c, flag_defaults(stage)), None)
 
 
 def once_each(runs):
@@ -264,15 +301,17 @@ def read_plan(root):
     """run_all.sh's plan of the study under root, {run directory relative to root: (stage, config)} in run
     order; {} without one (a root not made by run_all.sh: every finished run belongs) or when unreadable."""
     path = os.path.join(root, PLAN)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return {}
     plan = {}
     try:
-        with open(path) as f:
+        with plumbing.open_regular(path) as f:
             for line in f:
                 stage, rel, config = line.rstrip("\n").split("\t")
                 plan[rel] = (stage, json.loads(config))
-    except (OSError, ValueError) as e:  # ValueError: not three fields, not JSON, not UTF-8
+                if not isinstance(plan[rel][1], dict):
+                    raise ValueError("a run's flags that are not a JSON object")
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not three fields, not JSON, not UTF-8
         warn(f"{path}: unreadable ({type(e).__name__}); every finished run is summarized, none marked as not run")
         return {}
     return plan
@@ -323,10 +362,10 @@ def not_run_doc(plan, runs, root):
 
 def read_table(path, columns):
     """Rows of a side CSV (grid.csv, schedulers.csv) with the given columns; [] with a warning if bad."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return []
     try:
-        with open(path, newline="") as f:
+        with plumbing.open_regular(path, newline="") as f:  # a FIFO would block the read
             rows = list(csv.DictReader(f))
         for row in rows:
             row.update({c: float(row[c]) if c.endswith("acc") else str(row[c]) for c in columns})
@@ -1050,8 +1089,70 @@ def summarize(root, target=0.9):
         mark_flags([r for r in runs if r["stage"] == stage], SHOWN[stage],
                    fedavg_flags if stage == "fedavg" else lambda r: r["config"])
     add_rounds_to_target(runs, target)
+    out_dir = open_summary(root)
+    new = tempfile.mkdtemp(prefix=NEW, dir=out_dir)
+    try:
+        write_summary(root, plan, runs, target, new, out_dir)
+        plumbing.stop_here("writing the summary (the earlier one is kept)")
+        replace_summary(new, out_dir)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    print(f"{len(runs)} runs summarized: {out_dir}/report.md, tables.tex, results.csv and "
+          f"{sum(n.endswith('.png') for n in os.listdir(out_dir))} plots")
+
+
+NEW = ".new-"  # a summary being written: ROOT/summary/.new-XXXX/, renamed file by file into summary/ at the end
+
+
+_held_summaries = {}  # summary folder -> its open descriptor, flock'ed for the life of this process
+
+
+def lock_summary(out_dir):
+    """Lock folder out_dir itself (flock on the folder: no lock file among the summary's files) for this
+    process: one summary written at a time. Opened without following a link."""
+    key = os.path.realpath(out_dir)
+    if key in _held_summaries:  # this process summarized here before (tests call main() repeatedly)
+        return
+    fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise plumbing.UserError(f"another summarize.py is writing {out_dir}; wait for it to finish")
+    _held_summaries[key] = fd
+
+
+def open_summary(root):
+    """ROOT/summary, locked for this process (lock_summary) and cleaned of what a killed summary left;
+    refused if it is a link (refuse_links: it would steer the writes, and the removal of old plots,
+    elsewhere)."""
     out_dir = os.path.join(root, "summary")
+    plumbing.refuse_links(out_dir, root)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise plumbing.UserError(f"{out_dir} is not a folder; move it away to write the summary there")
     os.makedirs(out_dir, exist_ok=True)
+    lock_summary(out_dir)
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if name.startswith(NEW) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+    return out_dir
+
+
+def replace_summary(new, out_dir):
+    """Move the summary written in folder `new` into out_dir, replacing the earlier one, whose plots this
+    one did not draw are removed: all the computing is done, so no error leaves a mix of both."""
+    names = sorted(os.listdir(new), key=lambda n: n in ("results.csv", "report.md"))  # the report last
+    for name in os.listdir(out_dir):
+        if name.endswith(".png") and name not in names:
+            os.remove(os.path.join(out_dir, name))
+    for name in names:
+        os.replace(os.path.join(new, name), os.path.join(out_dir, name))
+
+
+def write_summary(root, plan, runs, target, out_dir, final_dir):
+    """results.csv, report.md, tables.tex and the plots of `runs` into the empty folder out_dir; report.md's
+    links are relative to final_dir, where they will be."""
     rows, path = [csv_row(r, root) for r in runs], os.path.join(out_dir, "results.csv")
     if rows:
         plumbing.write_csv(rows, path)
@@ -1070,7 +1171,7 @@ def summarize(root, target=0.9):
     if "synthetic" in datasets:
         doc += ["**Synthetic data: these numbers say nothing about CIFAR-100.**", ""]
     doc += not_run_doc(plan, runs, root)
-    doc += centralized_doc(by_stage["centralized"], out_dir)
+    doc += centralized_doc(by_stage["centralized"], final_dir)
     section, plots = editing_doc(by_stage["model_editing"], out_dir)
     section2, shown = fedavg_doc(by_stage["fedavg"], by_stage["centralized"], by_stage["model_editing"], target)
     plots += fedavg_plots(by_stage["fedavg"], shown, out_dir)
@@ -1078,13 +1179,9 @@ def summarize(root, target=0.9):
     doc += expected_doc()
     if plots:
         doc += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
-    for name in os.listdir(out_dir):  # plots of an earlier summary that this one did not draw
-        if name.endswith(".png") and os.path.join(out_dir, name) not in plots:
-            os.remove(os.path.join(out_dir, name))
     md, tex = render(doc)
     plumbing.atomic_write_text(md, os.path.join(out_dir, "report.md"))
     plumbing.atomic_write_text(tex, os.path.join(out_dir, "tables.tex"))
-    print(f"{len(runs)} runs summarized: {out_dir}/report.md, tables.tex, results.csv and {len(plots)} plots")
 
 
 EXPECTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "expected.md")
@@ -1094,7 +1191,7 @@ def expected_doc():
     """Other projects' published CIFAR-100 figures (docs/expected.md, between its report markers), as a
     section of report.md; [] when the file is not there."""
     try:
-        with open(EXPECTED) as f:
+        with open(EXPECTED, encoding="utf-8") as f:  # whatever the locale
             text = f.read()
         part = text.split("<!-- report:begin -->\n", 1)[1].split("<!-- report:end -->", 1)[0]
     except (OSError, IndexError):

@@ -69,7 +69,7 @@ def stop_during_call(monkeypatch, module, name, n):
 def run_as_script(main, argv, capsys):
     """main(argv) through plumbing.run_main, as the script's __main__ runs it: returns (exit status, the
     non-empty lines it printed on stderr). The stop-signal handlers run_main installs are put back."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {s: signal.getsignal(s) for s in plumbing.STOP_SIGNALS}
     capsys.readouterr()
     try:
         with pytest.raises(SystemExit) as e:

@@ -15,12 +15,12 @@ CPU = torch.device("cpu")
 def test_auto_precision_follows_the_gpu_capability(monkeypatch, capability, want):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert plumbing.resolve_amp("auto", torch.device("cuda")) == want  # T4 is 7.5, V100 7.0, A100 8.0, H100 9.0
-    assert plumbing.resolve_amp("off", torch.device("cuda")) == "off"
+    assert plumbing.resolve_amp("off", torch.device("cuda")) == "fp32"
     assert plumbing.resolve_amp("fp16", torch.device("cuda")) == "fp16"
 
 
 def test_the_cpu_runs_fp32_and_refuses_gpu_precisions():
-    assert plumbing.resolve_amp("auto", CPU) == "off"
+    assert plumbing.resolve_amp("auto", CPU) == "fp32"
     for amp in ("bf16", "fp16"):
         with pytest.raises(plumbing.UserError, match="needs a CUDA GPU"):
             plumbing.resolve_amp(amp, CPU)
@@ -29,9 +29,9 @@ def test_the_cpu_runs_fp32_and_refuses_gpu_precisions():
 def test_feature_cache_is_keyed_by_the_precision_computed_in():
     args = fedavg.get_args(TINY)
     paths = set()
-    for precision in ("off", "bf16", "fp16"):
+    for precision in ("fp32", "bf16", "fp16"):
         args.precision = precision
-        paths.add(common.feature_cache_path(args, "train", 0))
+        paths.add(common.feature_cache_path(args, "train", 0, "digest"))
     assert len(paths) == 3
 
 

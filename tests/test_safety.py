@@ -61,8 +61,8 @@ def test_no_file_the_code_reads_can_run_code(tmp_path):
     with pytest.raises(plumbing.UserError):
         plumbing.read_weights_file(str(tmp_path / "weights.pth"))
     args = centralized.get_args(FAST + ["--data-dir", str(tmp_path / "data")])
-    args.precision, args.no_pretrained = "off", False  # a cached file is only read for real weights
-    path = common.feature_cache_path(args, "val", 0)
+    args.precision, args.no_pretrained = "fp32", False  # a cached file is only read for real weights
+    path = common.feature_cache_path(args, "val", 0, common.backbone_digest(model))
     os.makedirs(os.path.dirname(path))
     craft(path, marker)
     data = common.load_data(args)
@@ -701,3 +701,46 @@ def test_fp16_skipped_steps_are_not_divergence_but_a_scaler_that_skips_every_ste
     steps(40, float("nan"))  # every step skipped: the scale backs off all the way
     with pytest.raises(plumbing.Diverged, match="round 2: the fp16 gradient scaler skipped every step"):
         watch.check(4.0, "round 2", scaler)
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+def test_ctrl_c_checkpoints_at_the_round_boundary_exits_130_and_resumes_to_the_same_run(tmp_path, monkeypatch,
+                                                                                        capsys):
+    argv = FAST + ["--k", "10", "--c", "0.5", "--rounds", "4", "--eval-every", "2", "--ckpt-every", "10",
+                   "--lr", "0.01"]
+    fedavg.main(argv + ["--out", str(tmp_path / "full")])
+    calls = {"n": 0}
+    real = fedavg.train_round
+
+    def ctrl_c_in_round_2(*a, **k):  # a real SIGINT to this process, as a terminal's Ctrl-C sends it
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fedavg, "train_round", ctrl_c_in_round_2)
+    monkeypatch.setattr(plumbing, "_stop_signal", None)  # undo() puts it back after the stop
+    status, err = run_as_script(fedavg.main, argv + ["--out", str(tmp_path / "cut")], capsys)
+    assert status == 130 and err[-1] == ("stopped by signal 2 (Ctrl-C) during round 2: checkpoint saved, continue "
+                                         "with --resume"), err
+    assert all(line.startswith("warning: ") for line in err[:-1]), err  # the one line of the stop, warnings aside
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["round"] == 2  # cut mid-run
+    assert not (tmp_path / "cut" / "result.json").exists()
+    monkeypatch.undo()
+    fedavg.main(argv + ["--out", str(tmp_path / "cut"), "--resume"])
+    assert f"resuming {tmp_path / 'cut'} from round 3 of 4" in capsys.readouterr().out
+    for f in ("model.pt", "head.pt", "metrics.csv", "shards.csv", "config.json"):
+        assert (tmp_path / "full" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
+
+
+def test_a_resumed_editing_run_says_the_epoch_and_step_it_continues_from(tmp_path, monkeypatch, capsys):
+    argv = FAST + ["--epochs", "2", "--synthetic-size", "1000", "--sparsity", "0.7", "--fisher-batches", "1",
+                   "--no-aug", "--out", str(tmp_path / "cut")]
+    stop_during_call(monkeypatch, model_editing, "train_step", 10)
+    with pytest.raises(plumbing.Stopped):
+        model_editing.main(argv)
+    monkeypatch.undo()
+    capsys.readouterr()
+    model_editing.main(argv + ["--resume"])
+    assert f"resuming {tmp_path / 'cut'} from fine-tuning epoch 1 of 2, step 11" in capsys.readouterr().out
