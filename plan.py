@@ -11,6 +11,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,20 +29,31 @@ import plumbing
 
 # ----------------------------------------------------------------------------- prefetch
 
-def prefetch(args, backbone=True):
+def prefetch(args, backbone=True, download=True):
     """Fetch and check, once, everything a stage script run with these flags needs from outside, before
     parallel runs or job-array tasks would all try at once (and all fail minutes later): CIFAR-100 (not
     for --dataset synthetic), and the backbone: --arch built at --img-size with its weights (--weights
-    FILE, or timm's hub weights unless --no-pretrained) read and fitted. A missing piece is one line."""
+    FILE, or timm's hub weights unless --no-pretrained) read and fitted. A missing piece is one line.
+    download=False (run_all.sh --dry-run) fetches and writes nothing: what is not here yet is said, and
+    is an error only where there is no network to fetch it later."""
     if args.dataset == "cifar100":
-        common.load_cifar100(args.data_dir)
-        print(f"CIFAR-100 is in {args.data_dir}")
+        here = common.load_cifar100(args.data_dir, download)
+        print(f"CIFAR-100 is in {args.data_dir}" if here else
+              f"CIFAR-100 is not in {args.data_dir} yet: the study downloads it first "
+              f"(`python plan.py --data-dir {args.data_dir}` does it now)")
     if not backbone:
         return
-    common.build_model(args)
-    source = (f"--weights {args.weights}" if args.weights else "random weights (--no-pretrained)"
-              if args.no_pretrained else f"timm's hub weights ({plumbing.hub_weights(args.arch)})")
-    print(f"backbone {args.arch} at {args.img_size} px with {source}: ready")
+    if args.weights:
+        source, later = f"--weights {args.weights}", not download and args.weights in common.STANDINS
+    elif args.no_pretrained:
+        source, later = "random weights (--no-pretrained)", False
+    else:
+        hub = plumbing.hub_weights(args.arch, download)
+        source, later = f"timm's hub weights ({hub or 'not cached here'})", hub is None
+    # weights the study downloads or makes (a stand-in) first are not read now: the model alone is checked
+    common.build_model(argparse.Namespace(**{**vars(args), "weights": None, "no_pretrained": True}) if later else args)
+    print(f"backbone {args.arch} at {args.img_size} px with {source}: "
+          + ("the study fetches or makes them first" if later else "ready"))
 
 
 # ----------------------------------------------------------------------------- each run's directory, images, state
@@ -262,6 +274,21 @@ def estimate(lines, gpus, per_gpu):
 
 # ----------------------------------------------------------------------------- the command line
 
+def quiet_on_stop():
+    """run_all.sh stopped (SIGTERM, also from die_with_parent) or gone (a closed pipe): the planner has
+    nothing to save, so it just ends (its probes with it, in run_probes' finally), without a traceback."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+def tsv_field(value):
+    """One field of a tab-separated answer line: a tab or a line break in it (a crafted config.json's key
+    in a run's state) would split the line, so they are written as escapes."""
+    return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     own, flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, None)
@@ -275,6 +302,9 @@ def main(argv=None):
                    help="fetch and check what a stage script needs when run with the flags after -- (it "
                         "reads --dataset, --data-dir, --arch, --img-size, --weights, --no-pretrained and ignores "
                         "the rest)")
+    p.add_argument("--no-download", action="store_true",
+                   help="with --prefetch: only look (run_all.sh --dry-run): say what is not here yet, download "
+                        "and write nothing; an error only where there is no network to get it")
     p.add_argument("--describe-runs", action="store_true",
                    help="read lines 'SCRIPT ARG...' (shell-quoted) on stdin and print for each "
                         "'RUN_DIR<tab>IMAGES_FWD_BWD<tab>IMAGES_FWD<tab>STATE<tab>CONFIG': its run directory, an "
@@ -288,16 +318,19 @@ def main(argv=None):
     p.add_argument("--per-gpu", default=None, type=lambda v: None if v == "auto" else plumbing.positive_int(v),
                    help="with --estimate: runs at once on each GPU, or auto (runs_per_gpu of the GPU)")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # one probe process of --estimate
+    quiet_on_stop()
     a = p.parse_args(own)
     shared = plumbing.base_parser(common.DEFAULT_ARCH)  # the stage scripts' shared flags, for --prefetch
+    if a.no_download and not a.prefetch:
+        p.error("--no-download goes with --prefetch")
     if flags is not None and not a.prefetch:
         p.error("flags after -- go with --prefetch")
-    if a.prefetch and len(own) > 1:
+    if a.prefetch and len(own) > 1 + a.no_download:
         p.error("--prefetch takes the stage scripts' flags after --, not its own")
     if a.describe_runs:
         if len(own) > 1:
             p.error("--describe-runs takes no other flag")
-        described = ["\t".join(map(str, describe_run(line))) for line in sys.stdin if line.strip()]
+        described = ["\t".join(map(tsv_field, describe_run(line))) for line in sys.stdin if line.strip()]
         print(*described, sep="\n") if described else None  # all or nothing: a bad line prints no row
     elif a.estimate:
         lines = [line.strip() for line in sys.stdin if line.strip()]
@@ -310,7 +343,7 @@ def main(argv=None):
         probe(sys.stdin.readline())
     elif a.prefetch:
         script_flags = plumbing.Parser(parents=[shared], prog="plan.py --prefetch --", add_help=False)
-        prefetch(script_flags.parse_known_args(flags or [])[0])
+        prefetch(script_flags.parse_known_args(flags or [])[0], download=not a.no_download)
     else:  # --data-only: the backbone comes from elsewhere (--weights FILE)
         prefetch(plumbing.Parser(parents=[shared]).parse_args(["--data-dir", a.data_dir, "--arch", a.arch]),
                  backbone=not a.data_only)
