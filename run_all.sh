@@ -414,6 +414,9 @@ done
 record_settings() { [[ -f $RESULTS/run_all.settings ]] || echo "$SETTINGS" | write_file "$RESULTS/run_all.settings"; }
 
 if ((SLURM)); then
+  # sbatch passes the environment on: a job must not take this login shell for its run_all.sh (the
+  # array's tasks set their own; the summary job has none)
+  unset RUN_ALL_PID
   n=${#TODO[@]}
   ((n)) || { echo "nothing to run"; exit 0; }
   mkdir -p "$RESULTS/slurm"
@@ -482,9 +485,8 @@ SLOT_PID=() SLOT_RUN=() SLOT_T0=() FAILED=()
 FINISHED=0 T_START=$SECONDS DONE_S=0 DONE_MS=0 LEFT_MS=0  # progress: seconds taken and estimated (ms)
 for i in "${TODO[@]}"; do ((LEFT_MS += ${COST[i]:-0})) || true; done
 for ((g = 0; g < SLOTS; g++)); do SLOT_PID[g]=""; done
-# A run gets SIGTERM when this shell dies, even by SIGKILL (PR_SET_PDEATHSIG, see plumbing.die_with_parent):
-# an orphan would go on writing while a rerun starts the same run again.
-export RUN_ALL_PID=$$
+# A run gets SIGTERM when this shell dies, even by SIGKILL (RUN_ALL_PID, exported above; see
+# plumbing.die_with_parent): an orphan would go on writing while a rerun starts the same run again.
 
 reap() {  # reap G: collect the finished run of slot G
   local g=$1 i=${SLOT_RUN[$1]} status=0
