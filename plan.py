@@ -203,6 +203,9 @@ def probe_answer(p, err, n):
     return json.loads(said)
 
 
+PROBES = []  # the probe processes running now, for quiet_on_stop
+
+
 def run_probes(line, n, threads):
     """Start n probe processes of the run `line` at once (each with `threads` CPU threads unless
     OMP_NUM_THREADS says otherwise, as run_all.sh gives its runs), release them together; returns
@@ -212,6 +215,7 @@ def run_probes(line, n, threads):
     errs = [tempfile.TemporaryFile("w+") for _ in range(n)]  # not a pipe: a chatty probe must not block
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--probe"], env=env, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err) for err in errs]
+    PROBES[:] = procs
     try:
         for p in procs:
             p.stdin.write(line + "\n")
@@ -226,6 +230,7 @@ def run_probes(line, n, threads):
             p.kill()
             p.wait()
             err.close()
+        PROBES.clear()
     return ready[0], rates, sum(r["ready"] - t0 for r in ready) / n
 
 
@@ -276,9 +281,12 @@ def estimate(lines, gpus, per_gpu):
 
 def quiet_on_stop():
     """run_all.sh stopped (SIGTERM, also from die_with_parent) or gone (a closed pipe): the planner has
-    nothing to save, so it just ends (its probes with it, in run_probes' finally), without a traceback."""
+    nothing to save, so it ends at once, its probes with it, without a traceback (os._exit: a signal
+    that arrives while Python is already exiting must not raise in its atexit callbacks)."""
     def stop(signum, frame):
-        raise SystemExit(128 + signum)
+        for p in PROBES:
+            p.kill()
+        os._exit(128 + signum)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 

@@ -284,11 +284,14 @@ PREFETCH=$(quote "$PY" "$HERE/plan.py" --prefetch -- "${EXTRA[@]}")
 # measured speed; the study's: the sum over its runs, divided among the runs at once.
 SAY=() COST=()
 estimate() {
-  local tag value k=0 line est=() fd status=0 gpu_env=()
+  local tag value k=0 line runs=() input est=() fd status=0 gpu_env=()
   [[ -z $GPUS ]] || gpu_env=(env CUDA_VISIBLE_DEVICES="${DEVICES[0]}")
-  # Read through a process substitution, not $(...): mapfile lets a stop's trap run at once.
-  exec {fd}< <(for i in "${TODO[@]}"; do echo "${SCRIPT[i]} ${ARGS[i]}"; done |
-               exec "${gpu_env[@]}" "$PY" "$HERE/plan.py" --estimate --gpus "${GPUS:-0}" --per-gpu "${PER_GPU:-auto}")
+  for i in "${TODO[@]}"; do runs+=("${SCRIPT[i]} ${ARGS[i]}"); done
+  printf -v input '%s\n' "${runs[@]}"
+  # Read through a process substitution that is plan.py itself (exec), not $(...): mapfile lets a
+  # stop's trap run at once, and the trap can stop plan.py.
+  exec {fd}< <(exec "${gpu_env[@]}" "$PY" "$HERE/plan.py" --estimate --gpus "${GPUS:-0}" --per-gpu "${PER_GPU:-auto}" \
+                 <<< "$input")
   CHILD=$!
   mapfile -t est <&"$fd"
   exec {fd}<&-

@@ -109,7 +109,7 @@ def test_a_root_with_glob_characters_is_summarized(tmp_path):
 def test_a_folder_in_place_of_the_roots_own_file_is_one_line(tmp_path, name):
     results = tmp_path / "runs"
     (results / name).mkdir(parents=True)
-    line = assert_usage_error(run_all("--quick", "--", *TINY, results=results))
+    line = assert_usage_error(run_all("--quick", "--", *TINY, results=results, env=fake_env(tmp_path)))
     assert name in line and "not a regular file" in line
 
 
