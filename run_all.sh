@@ -342,7 +342,10 @@ time_of() {  # ', about H:MM:SS' of runs whose times in their slots add up to $1
 if ((DRY)); then
   if ((${#TODO[@]})); then  # what the prefetch would fetch, looked at only: a dry run fetches and writes nothing
     echo "$PREFETCH"
-    in_background "$PY" "$HERE/plan.py" --prefetch --no-download -- "${EXTRA[@]}" || exit 2
+    # What the study would stop on (no data or weights, and no network to get them) is a warning here:
+    # the dry run goes on to list and estimate the runs.
+    in_background "$PY" "$HERE/plan.py" --prefetch --no-download -- "${EXTRA[@]}" \
+      2> >(sed 's/^error: /run_all.sh: warning: the study would stop at its prefetch: /' >&2) || true
   fi
   for i in "${TODO[@]}"; do command_of "$i"; done
   echo "$SUMMARY_CMD"

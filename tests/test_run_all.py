@@ -315,8 +315,8 @@ def test_describe_runs_refuses_a_bad_line_with_exit_2_and_prints_no_row():
 def test_prefetch_fetches_what_the_flags_after_the_separator_need(monkeypatch, flags, want):
     """Synthetic data needs no download, but the backbone does (offline, every run used to fail after 73 s)."""
     got = []
-    monkeypatch.setattr(common, "load_cifar100", lambda d: got.append(f"data {d}"))
-    monkeypatch.setattr(plumbing, "hub_weights", lambda arch: f"cache/{arch}")
+    monkeypatch.setattr(common, "load_cifar100", lambda d, download=True: got.append(f"data {d}"))
+    monkeypatch.setattr(plumbing, "hub_weights", lambda arch, download=True: f"cache/{arch}")
     monkeypatch.setattr(common, "build_model", lambda a: got.append(
         f"backbone {a.weights or ('random' if a.no_pretrained else 'hub')}"))
     plan.main(["--prefetch", "--", *flags])
