@@ -159,6 +159,7 @@ export RUN_ALL_PID=$$
 CHILD="" CREATED_ROOT=0
 stop_early() {
   trap '' INT TERM
+  set +e  # the child may be gone already, and its status is 143: neither may end this handler early
   [[ -z $CHILD ]] || { kill -TERM "$CHILD" 2> /dev/null; wait "$CHILD" 2> /dev/null; }
   echo "run_all.sh: stopped before the first run started: run the same command again to start" >&2
   forget_new_root
