@@ -722,12 +722,12 @@ def test_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, argv):
     assert not results.exists()
 
 
-@pytest.mark.parametrize("value", ["", "/"])
-def test_an_empty_results_root_is_refused(tmp_path, value):
-    """RESULTS= (empty) is no default: it would put the runs under /fedavg/..."""
+@pytest.mark.parametrize("value,says", [("", "RESULTS is empty"), ("/", "RESULTS=/ is the filesystem's root")])
+def test_an_empty_results_root_is_refused(tmp_path, value, says):
+    """RESULTS= (empty) is no default: it would put the runs under /fedavg/...; nor is the filesystem's root."""
     proc = subprocess.run(["bash", SCRIPT, "--quick", "--", *TINY], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "RESULTS": value, "PYTHON": sys.executable}, timeout=60)
-    assert "RESULTS is empty" in assert_usage_error(proc) and not list(tmp_path.iterdir())
+    assert says in assert_usage_error(proc) and not list(tmp_path.iterdir())
 
 
 def test_a_flag_the_scripts_refuse_stops_everything_before_anything_is_written(tmp_path):
