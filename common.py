@@ -79,8 +79,9 @@ def split_label(name):
 
 # ----------------------------------------------------------------------------- data
 
-def load_cifar100(data_dir):
-    """CIFAR-100 as uint8 tensors: (x_train N×32×32×3, y_train, x_test, y_test)."""
+def load_cifar100(data_dir, download=True):
+    """CIFAR-100 as uint8 tensors: (x_train N×32×32×3, y_train, x_test, y_test); download=False: None
+    where it would be downloaded (offline, the same error as with download=True)."""
     import torchvision
     sets = []
     for train in (True, False):
@@ -97,6 +98,8 @@ def load_cifar100(data_dir):
                 raise plumbing.UserError(f"CIFAR-100 is not in {data_dir} and there is no network: run "
                                          f"`python plan.py --data-dir DIR` on a machine with internet, copy DIR here "
                                          f"and pass --data-dir DIR (or use --dataset synthetic)")
+            if not download:
+                return None
             try:
                 ds = torchvision.datasets.CIFAR100(data_dir, train=train, download=True)
             except Exception as e:

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,20 +34,31 @@ import plumbing
 
 # ----------------------------------------------------------------------------- prefetch
 
-def prefetch(args, backbone=True):
+def prefetch(args, backbone=True, download=True):
     """Fetch and check, once, everything a stage script run with these flags needs from outside, before
     parallel runs or job-array tasks would all try at once (and all fail minutes later): CIFAR-100 (not
     for --dataset synthetic), and the backbone: --arch built at --img-size with its weights (--weights
-    FILE, or timm's hub weights unless --no-pretrained) read and fitted. A missing piece is one line."""
+    FILE, or timm's hub weights unless --no-pretrained) read and fitted. A missing piece is one line.
+    download=False (run_all.sh --dry-run) fetches and writes nothing: what is not here yet is said, and
+    is an error only where there is no network to fetch it later."""
     if args.dataset == "cifar100":
-        common.load_cifar100(args.data_dir)
-        print(f"CIFAR-100 is in {args.data_dir}")
+        here = common.load_cifar100(args.data_dir, download)
+        print(f"CIFAR-100 is in {args.data_dir}" if here else
+              f"CIFAR-100 is not in {args.data_dir} yet: the study downloads it first "
+              f"(`python plan.py --data-dir {args.data_dir}` does it now)")
     if not backbone:
         return
-    common.build_model(args)
-    source = (f"--weights {args.weights}" if args.weights else "random weights (--no-pretrained)"
-              if args.no_pretrained else f"timm's hub weights ({plumbing.hub_weights(args.arch)})")
-    print(f"backbone {args.arch} at {args.img_size} px with {source}: ready")
+    if args.weights:
+        source, later = f"--weights {args.weights}", not download and args.weights in common.STANDINS
+    elif args.no_pretrained:
+        source, later = "random weights (--no-pretrained)", False
+    else:
+        hub = plumbing.hub_weights(args.arch, download)
+        source, later = f"timm's hub weights ({hub or 'not cached here'})", hub is None
+    # weights the study downloads or makes (a stand-in) first are not read now: the model alone is checked
+    common.build_model(argparse.Namespace(**{**vars(args), "weights": None, "no_pretrained": True}) if later else args)
+    print(f"backbone {args.arch} at {args.img_size} px with {source}: "
+          + ("the study fetches or makes them first" if later else "ready"))
 
 
 # ----------------------------------------------------------------------------- each run's directory, images, state
@@ -387,6 +399,9 @@ def probe_answer(p, err, n):
     return json.loads(said)
 
 
+PROBES = []  # the probe processes running now, for quiet_on_stop
+
+
 def run_probes(line, n, threads):
     """Start n probe processes of the run `line` at once (each with `threads` CPU threads unless
     OMP_NUM_THREADS says otherwise, as run_all.sh gives its runs), release them together; returns
@@ -396,6 +411,7 @@ def run_probes(line, n, threads):
     errs = [tempfile.TemporaryFile("w+") for _ in range(n)]  # not a pipe: a chatty probe must not block
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--probe"], env=env, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err) for err in errs]
+    PROBES[:] = procs
     try:
         for p in procs:
             p.stdin.write(line + "\n")
@@ -410,6 +426,7 @@ def run_probes(line, n, threads):
             p.kill()
             p.wait()
             err.close()
+        PROBES.clear()
     return ready[0], rates, sum(r["ready"] - t0 for r in ready) / n
 
 
@@ -458,6 +475,25 @@ def estimate(lines, gpus, per_gpu):
 
 # ----------------------------------------------------------------------------- the command line
 
+def quiet_on_stop():
+    """run_all.sh stopped (SIGTERM, also from die_with_parent) or gone (a closed pipe): the planner has
+    nothing to save, so it ends at once, its probes with it, without a traceback (os._exit: a signal
+    that arrives while Python is already exiting must not raise in its atexit callbacks)."""
+    def stop(signum, frame):
+        for p in PROBES:
+            p.kill()
+        os._exit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+def tsv_field(value):
+    """One field of a tab-separated answer line: a tab or a line break in it (a crafted config.json's key
+    in a run's state) would split the line, so they are written as escapes. Backslashes stay as they are:
+    a run directory (which holds no tab or line break, parse_run) must reach run_all.sh unchanged."""
+    return str(value).replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     own, flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, None)
@@ -471,6 +507,9 @@ def main(argv=None):
                    help="fetch and check what a stage script needs when run with the flags after -- (it "
                         "reads --dataset, --data-dir, --arch, --img-size, --weights, --no-pretrained and ignores "
                         "the rest)")
+    p.add_argument("--no-download", action="store_true",
+                   help="with --prefetch: only look (run_all.sh --dry-run): say what is not here yet, download "
+                        "and write nothing; an error only where there is no network to get it")
     p.add_argument("--describe-runs", action="store_true",
                    help="read lines 'SCRIPT ARG...' (shell-quoted) on stdin and print for each "
                         "'RUN_DIR<tab>IMAGES_FWD_BWD<tab>IMAGES_FWD<tab>STATE<tab>CONFIG': its run directory, an "
@@ -499,8 +538,11 @@ def main(argv=None):
                    help="with --runs: comma-separated seeds (default: 0)")
     g.add_argument("--results", default="./runs", help="with --runs: the results root (default: ./runs)")
     g.add_argument("--grid-table", action="store_true", help="print README.md's grid table (Markdown)")
+    quiet_on_stop()
     a = p.parse_args(own)
     shared = plumbing.base_parser(common.DEFAULT_ARCH)  # the stage scripts' shared flags, for --prefetch
+    if a.no_download and not a.prefetch:
+        p.error("--no-download goes with --prefetch")
     if flags is not None and not (a.prefetch or a.runs):
         p.error("flags after -- go with --prefetch or --runs")
     study = ["--quick", "--grid", "--seeds", "--results", *(f"--{g}" for g in GROUPS)]
@@ -509,17 +551,17 @@ def main(argv=None):
         p.error(f"{given[0]} goes with --runs")
     if a.grid and (a.quick or any(getattr(a, g) for g in GROUPS)):
         p.error("--grid FILE is the whole study: it excludes --quick and the groups")
-    if a.prefetch and len(own) > 1:
+    if a.prefetch and len(own) > 1 + a.no_download:
         p.error("--prefetch takes the stage scripts' flags after --, not its own")
     if a.runs:  # with --describe-runs, each run's description follows it: run_all.sh's one call
         name, runs = plan_runs(a.seeds, a.results, flags or [], a.quick, [g for g in GROUPS if getattr(a, g)], a.grid)
         if a.describe_runs:
-            runs = [(*run, *map(str, describe_run(f"{run[1]} {run[2]}"))) for run in runs]
+            runs = [(*run, *map(tsv_field, describe_run(f"{run[1]} {run[2]}"))) for run in runs]
         print(name, *("\t".join(run) for run in runs), sep="\n")
     elif a.describe_runs:
         if len(own) > 1:
             p.error("--describe-runs takes no other flag")
-        described = ["\t".join(map(str, describe_run(line))) for line in sys.stdin if line.strip()]
+        described = ["\t".join(map(tsv_field, describe_run(line))) for line in sys.stdin if line.strip()]
         print(*described, sep="\n") if described else None  # all or nothing: a bad line prints no row
     elif a.estimate:
         lines = [line.strip() for line in sys.stdin if line.strip()]
@@ -534,7 +576,7 @@ def main(argv=None):
         print(grid_table())
     elif a.prefetch:
         script_flags = plumbing.Parser(parents=[shared], prog="plan.py --prefetch --", add_help=False)
-        prefetch(script_flags.parse_known_args(flags or [])[0])
+        prefetch(script_flags.parse_known_args(flags or [])[0], download=not a.no_download)
     else:  # --data-only: the backbone comes from elsewhere (--weights FILE)
         prefetch(plumbing.Parser(parents=[shared]).parse_args(["--data-dir", a.data_dir, "--arch", a.arch]),
                  backbone=not a.data_only)

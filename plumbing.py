@@ -91,16 +91,55 @@ def _what_was_kept(stopped):
     return "nothing written yet: rerun the same command to start it again"
 
 
+def _parent_of(pid):
+    """The parent PID of process `pid` (Linux /proc), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rpartition(b")")[2].split()[1])  # after the name, which may hold ') '
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _has_ancestor(pid):
+    """Whether process `pid` is this process's parent, grandparent, ... (a process a wrapper started)."""
+    here = os.getpid()
+    for _ in range(4096):  # a chain of parents ends at PID 1 (or 0); the bound guards a corrupt /proc
+        here = _parent_of(here)
+        if here == pid:
+            return True
+        if not here or here == 1:
+            return False
+    return False
+
+
+def _watch_ancestor(pid):
+    """Thread: SIGTERM to this process once `pid` is no longer among its ancestors (it died, even by
+    SIGKILL, and whatever stood between was reparented)."""
+    import time
+    while _has_ancestor(pid):
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def die_with_parent():
     """Under run_all.sh (which sets RUN_ALL_PID), get SIGTERM when run_all.sh dies, even by SIGKILL:
-    an orphaned run would otherwise go on writing while a rerun of run_all.sh starts it again."""
-    parent = os.environ.get("RUN_ALL_PID")
-    if not parent or not sys.platform.startswith("linux"):
+    an orphaned run would otherwise go on writing while a rerun of run_all.sh starts it again.
+    run_all.sh is the parent, or an ancestor when $PYTHON is a wrapper that does not exec (a bash script,
+    `conda run`, `uv run`, a container launcher): then a thread watches it (every 0.5 s)."""
+    parent = os.environ.get("RUN_ALL_PID", "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):
         return
-    import ctypes
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if str(os.getppid()) != parent:  # run_all.sh died before prctl took effect
+    parent = int(parent)
+    if os.getppid() == parent:
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # run_all.sh died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    elif _has_ancestor(parent):
+        import threading
+        threading.Thread(target=_watch_ancestor, args=(parent,), daemon=True, name="die_with_run_all").start()
+    else:  # run_all.sh died before this run started
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -147,11 +186,12 @@ def run_main(main):
 # ----------------------------------------------------------------------------- flags: the parser and value types
 
 class Parser(argparse.ArgumentParser):
-    """argparse that prints every default in --help (so help cannot drift from the code), and a bad
-    flag as one line (no usage dump) with exit status 2."""
+    """argparse that prints every default in --help (so help cannot drift from the code), takes a flag
+    only by its full name, and a bad flag as one line (no usage dump) with exit status 2."""
 
     def __init__(self, **kw):
-        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, **kw})
+        # No abbreviations: `--resul` must not pass for --results (run_all.sh refuses --results after --).
+        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, "allow_abbrev": False, **kw})
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -553,9 +593,10 @@ def read_weights_file(path):
         raise UserError(f"cannot read weights file {path} ({type(e).__name__}); re-download it")
 
 
-def hub_weights(arch):
-    """Path of the timm hub weights for `arch`: from the local cache, else downloaded.
-    Offline without a cache this fails in seconds instead of retrying for a minute."""
+def hub_weights(arch, download=True):
+    """Path of the timm hub weights for `arch`: from the local cache, else downloaded (download=False:
+    None, to be downloaded later). Offline without a cache this fails in seconds instead of retrying for
+    a minute."""
     import timm
     cfg = timm.models.get_pretrained_cfg(arch)
     if cfg is None or not cfg.hf_hub_id:
@@ -568,6 +609,8 @@ def hub_weights(arch):
     if not network_reachable("huggingface.co"):
         raise UserError(f"no network and no cached weights for {arch}: run `python plan.py` where there is "
                         f"internet (fills ~/.cache/huggingface), or pass --weights dino_deitsmall16_pretrain.pth")
+    if not download:
+        return None
     try:
         return hf_hub_download(cfg.hf_hub_id, "model.safetensors")
     except Exception as e:

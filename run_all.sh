@@ -43,19 +43,30 @@
 set -euo pipefail
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
-# A command as one shell-quoted line: printed, logged, read by Python and by SLURM tasks, eval'ed.
-quote() { local s; s=$(printf '%q ' "$@"); echo "${s% }"; }
+# A command as one shell-quoted line: printed, logged, read by Python (shlex) and by SLURM tasks, eval'ed.
+# Single quotes, not printf %q: under LC_ALL=C, %q writes a non-ASCII byte as $'\303', which neither
+# shlex nor dash reads. A word of only these ASCII characters needs no quotes (as %q leaves it).
+quote() {
+  local w out=()
+  for w; do
+    if [[ $w =~ ^[A-Za-z0-9_./=:+@%-]+$ ]]; then out+=("$w"); else out+=("'${w//\'/\'\\\'\'}'"); fi
+  done
+  echo "${out[*]}"
+}
 
 HERE=$(dirname "$0")
 PY=${PYTHON:-python}
 RESULTS=${RESULTS-./runs}  # set but empty is refused below, not taken for the default
-RESULTS=${RESULTS%/}
+while [[ $RESULTS == */ && $RESULTS != / ]]; do RESULTS=${RESULTS%/}; done
+[[ $RESULTS != -* ]] || RESULTS=./$RESULTS  # the same folder, never taken for a flag by the scripts
 
 # ----------------------------------------------------------------------------- flags
 
 QUICK=0 GRID_FILE="" EXTENSIONS=0 SEEDS="" GPUS="" PER_GPU="" SLURM=0 DRY=0 SUMMARY_ONLY=0 EXTRA=() SLURM_ONLY=""
 PARTITION="" TIME="" ACCOUNT="" GRES="" GRES_GIVEN=0 MAX_PARALLEL=""
 needs_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value"; }
+# bounded NAME VALUE MAX: an integer from 1 to MAX (bash arithmetic wraps beyond 2^63: compare digits first)
+bounded() { [[ $2 =~ ^[1-9][0-9]{0,9}$ ]] && (($2 <= $3)) || die "$1 wants an integer from 1 to $3, got '$2'"; }
 while (($#)); do
   case $1 in
     --quick) QUICK=1 ;;
@@ -84,19 +95,24 @@ done
 SEED_RE='(0|[1-9][0-9]*)'
 [[ $SEEDS =~ ^$SEED_RE(,$SEED_RE)*$ ]] || die "--seeds wants comma-separated integers >= 0, got '$SEEDS'"
 [[ -z $(tr , '\n' <<< "$SEEDS" | sort | uniq -d) ]] || die "--seeds lists a seed twice: $SEEDS"
+(($(tr , '\n' <<< "$SEEDS" | wc -l) <= 100)) || die "--seeds lists more than 100 seeds"
 [[ -n $RESULTS ]] || die "RESULTS is empty: give the results root, e.g. RESULTS=./runs (the default when unset)"
-[[ -z $GPUS || $GPUS =~ ^[1-9][0-9]*$ ]] || die "--gpus wants an integer >= 1, got '$GPUS'"
-[[ -z $PER_GPU || $PER_GPU =~ ^[1-9][0-9]*$ ]] || die "--per-gpu wants an integer >= 1, got '$PER_GPU'"
-[[ -z $MAX_PARALLEL || $MAX_PARALLEL =~ ^[1-9][0-9]*$ ]] || die "--max-parallel wants an integer >= 1, got '$MAX_PARALLEL'"
+[[ $RESULTS != / ]] || die "RESULTS=/ is the filesystem's root: give a folder for the study, e.g. RESULTS=./runs"
+[[ $RESULTS != *[$'\t\n']* ]] || die "RESULTS holds a tab or a newline: give a folder without them"
+# Beyond these, no machine has the GPUs, a GPU the memory, SLURM the array slots (and each run is a process)
+[[ -z $GPUS ]] || bounded --gpus "$GPUS" 1024
+[[ -z $PER_GPU ]] || bounded --per-gpu "$PER_GPU" 64
+[[ -z $MAX_PARALLEL ]] || bounded --max-parallel "$MAX_PARALLEL" 1000000
 [[ -z $GRID_FILE ]] || ((!QUICK && !EXTENSIONS)) || die "--grid FILE is the whole study: it excludes --quick and --extensions"
 ((SLURM)) || [[ -z $SLURM_ONLY ]] || die "$SLURM_ONLY goes with --slurm"
 ((!SLURM)) || [[ -z $GPUS && -z $PER_GPU ]] || die "--gpus and --per-gpu exclude --slurm (it gives each task a GPU)"
 [[ ! -e $RESULTS || -d $RESULTS ]] || die "RESULTS=$RESULTS is a file, not a directory"
 for a in "${EXTRA[@]}"; do
-  case $a in
-    --out|--out=*|--seed|--seed=*|--resume|--results|--results=*)
-      die "'$a' after -- is set by run_all.sh itself (use --seeds and RESULTS=)" ;;
-  esac
+  [[ $a != *$'\n'* ]] || die "a flag after -- holds a newline: $(quote "$a")"
+  [[ $a == --?* ]] || continue
+  for own in --out --seed --resume --results; do  # and any prefix of them, which argparse once took for them
+    [[ $own != "${a%%=*}"* ]] || die "'$a' after -- is set by run_all.sh itself (use --seeds and RESULTS=)"
+  done
 done
 
 # Asking for more GPUs than exist would hand out device numbers that do not exist, and those runs
@@ -120,6 +136,47 @@ if ((SUMMARY_ONLY)); then
   [[ -d $RESULTS ]] || die "RESULTS=$RESULTS does not exist: nothing to summarize"
   exec "$PY" "$HERE/summarize.py" "$RESULTS"
 fi
+
+# A results root is shared data: nothing in it may steer a write elsewhere. Its own files are written
+# only as regular files (through a temporary file made inside it, then renamed), its folders only as
+# real folders; a link or anything else in their place is refused before anything is written.
+root_files_are_plain() {
+  local f
+  for f in run_all.lock run_all.settings run_all.plan; do
+    [[ ! -L $RESULTS/$f && (! -e $RESULTS/$f || -f $RESULTS/$f) ]] ||
+      die "$RESULTS/$f is a link or not a regular file: move it away (run_all.sh writes only its own plain files there)"
+  done
+  for f in logs slurm; do
+    [[ ! -L $RESULTS/$f && (! -e $RESULTS/$f || -d $RESULTS/$f) ]] ||
+      die "$RESULTS/$f is a link or not a folder: move it away (run_all.sh writes only into its own folders there)"
+  done
+}
+# write_file PATH: stdin into PATH, whole or not at all, never through a link at PATH (a temporary file
+# made next to it, mktemp's own, then renamed over it).
+write_file() {
+  local tmp
+  tmp=$(mktemp "$1.XXXXXX") || die "cannot write into $(dirname "$1")"
+  cat > "$tmp" && chmod "$(printf '%o' $((0666 & ~0$(umask))))" "$tmp" && mv -f "$tmp" "$1" ||
+    { rm -f "$tmp"; die "cannot write $1"; }
+}
+root_files_are_plain
+
+# Until the runs start, a stop (Ctrl-C, SIGTERM) ends the child at work (the planner, the prefetch, the
+# probe) and leaves no new results root behind. Children run with RUN_ALL_PID: they die with this shell.
+export RUN_ALL_PID=$$
+CHILD="" CREATED_ROOT=0
+stop_early() {
+  trap '' INT TERM
+  set +e  # the child may be gone already, and its status is 143: neither may end this handler early
+  [[ -z $CHILD ]] || { kill -TERM "$CHILD" 2> /dev/null; wait "$CHILD" 2> /dev/null; }
+  echo "run_all.sh: stopped before the first run started: run the same command again to start" >&2
+  forget_new_root
+  exit 143
+}
+forget_new_root() {  # a root this study created and left empty but for its lock goes again
+  if ((CREATED_ROOT)); then rm -f "$RESULTS/run_all.lock"; rmdir "$RESULTS" 2> /dev/null || true; fi
+}
+trap stop_early INT TERM
 
 # ----------------------------------------------------------------------------- the grid
 
@@ -168,17 +225,36 @@ PREFETCH=$(quote "$PY" "$HERE/plan.py" --prefetch -- "${EXTRA[@]}")
 # measured speed; the study's: the sum over its runs, divided among the runs at once.
 SAY=() COST=()
 estimate() {
-  local tag value k=0 est gpu_env=()
+  local tag value k=0 line runs=() input est=() fd status=0 gpu_env=()
   [[ -z $GPUS ]] || gpu_env=(env CUDA_VISIBLE_DEVICES="${DEVICES[0]}")
-  est=$(for i in "${TODO[@]}"; do echo "${SCRIPT[i]} ${ARGS[i]}"; done |
-        "${gpu_env[@]}" "$PY" "$HERE/plan.py" --estimate --gpus "${GPUS:-0}" --per-gpu "${PER_GPU:-auto}") || return 2
-  while IFS=$'\t' read -r tag value; do
+  for i in "${TODO[@]}"; do runs+=("${SCRIPT[i]} ${ARGS[i]}"); done
+  printf -v input '%s\n' "${runs[@]}"
+  # Read through a process substitution that is plan.py itself (exec), not $(...): mapfile lets a
+  # stop's trap run at once, and the trap can stop plan.py.
+  exec {fd}< <(exec "${gpu_env[@]}" "$PY" "$HERE/plan.py" --estimate --gpus "${GPUS:-0}" --per-gpu "${PER_GPU:-auto}" \
+                 <<< "$input")
+  CHILD=$!
+  mapfile -t est <&"$fd"
+  exec {fd}<&-
+  wait "$CHILD" || status=$?
+  CHILD=""
+  ((status == 0)) || return 2
+  for line in "${est[@]}"; do
+    IFS=$'\t' read -r tag value <<< "$line"
     case $tag in
       per-gpu) PER_GPU=$value ;;
       say) SAY+=("$value") ;;
       cost) COST[TODO[k]]=$value; ((k += 1)) ;;
     esac
-  done <<< "$est"
+  done
+}
+in_background() {  # in_background COMMAND...: run it as CHILD, which a stop's trap can end; its status
+  "$@" &
+  CHILD=$!
+  local status=0
+  wait "$CHILD" || status=$?
+  CHILD=""
+  return "$status"
 }
 hms() {  # seconds as H:MM:SS, or in days beyond two
   if (($1 < 172800)); then printf '%d:%02d:%02d' $(($1 / 3600)) $(($1 % 3600 / 60)) $(($1 % 60))
@@ -205,7 +281,13 @@ time_of() {  # ', about H:MM:SS' of runs whose times in their slots add up to $1
 }
 
 if ((DRY)); then
-  ((${#TODO[@]} == 0)) || echo "$PREFETCH"
+  if ((${#TODO[@]})); then  # what the prefetch would fetch, looked at only: a dry run fetches and writes nothing
+    echo "$PREFETCH"
+    # What the study would stop on (no data or weights, and no network to get them) is a warning here:
+    # the dry run goes on to list and estimate the runs.
+    in_background "$PY" "$HERE/plan.py" --prefetch --no-download -- "${EXTRA[@]}" \
+      2> >(sed 's/^error: /run_all.sh: warning: the study would stop at its prefetch: /' >&2) || true
+  fi
   for i in "${TODO[@]}"; do command_of "$i"; done
   echo "$SUMMARY_CMD"
   if ((SLURM)); then SAY=("no time estimate: the runs go to SLURM nodes (run --dry-run on one to measure)")
@@ -221,57 +303,75 @@ fi
 # One study per results root at a time: two would run the same runs and report each other's as failed.
 # The lock (flock on $RESULTS/run_all.lock, which names the holder) is held by this shell and by the runs
 # it starts, which inherit it: a study killed by SIGKILL holds it until its runs have saved and exited.
-CREATED_ROOT=0
 lock_study() {
-  local pid
+  local pid lock=$RESULTS/run_all.lock
   [[ -d $RESULTS ]] || CREATED_ROOT=1
   mkdir -p "$RESULTS" || die "cannot create RESULTS=$RESULTS"
   if ! command -v flock > /dev/null; then
     echo "run_all.sh: warning: no flock command here, so a second study on $RESULTS is not refused" >&2
     return 0
   fi
-  exec {LOCK_FD}<> "$RESULTS/run_all.lock"
+  root_files_are_plain  # again, just before opening: the root may have changed since
+  exec {LOCK_FD}<> "$lock"
+  # The file opened must be the plain file at that path (not one a link put there meanwhile)
+  [[ ! -L $lock && /proc/$$/fd/$LOCK_FD -ef $lock ]] || [[ ! -e /proc/$$/fd ]] ||
+    die "$lock changed while it was opened (a link?): move it away"
   if ! flock -n "$LOCK_FD"; then
-    pid=$(< "$RESULTS/run_all.lock")
+    pid=$(tr -dc 0-9 < "$lock")
     die "RESULTS=$RESULTS is in use by another run_all.sh (PID ${pid:-?}); wait for it to finish or stop it"
   fi
-  echo $$ > "$RESULTS/run_all.lock"
+  # The holder's PID, written through the open file (never by its path), padded over an older, longer one
+  printf '%-20s\n' $$ >&"$LOCK_FD"
 }
 give_up() {  # a check before the first run failed, and said why: leave no new results root behind
-  if ((CREATED_ROOT)); then rm -f "$RESULTS/run_all.lock"; rmdir "$RESULTS" 2> /dev/null || true; fi
+  forget_new_root
   exit 2
 }
 write_plan() {  # every run of this study, in run order, for summarize.py (what has not run yet); runs
                 # planned earlier for other seeds of the same study stay
   local plan=$RESULTS/run_all.plan new old=""
   new=$(for i in "${!OUT[@]}"; do printf '%s\t%s\t%s\n' "${STAGE[i]}" "${OUT[i]#"$RESULTS"/}" "${CONFIG[i]}"; done)
-  if [[ -f $RESULTS/run_all.settings && -f $plan ]]; then
-    old=$(awk -F'\t' 'NR == FNR {mine[$2]; next} !($2 in mine)' <(echo "$new") "$plan")
+  if [[ -f $RESULTS/run_all.settings && -f $plan ]]; then  # only well-formed lines: 'STAGE<tab>RUN<tab>{...}'
+    old=$(awk -F'\t' -v stages="$PLAN_STAGES" -v ok="$PLAN_RUN_RE" '
+      BEGIN { n = split(stages, s, ","); for (i = 1; i <= n; i++) stage[s[i]] }
+      NR == FNR { mine[$2]; next }
+      NF == 3 && ($1 in stage) && $2 ~ ok && $2 !~ /(^|\/)\.\.?(\/|$)/ && $3 ~ /^\{.*\}$/ && !($2 in mine)' \
+      <(echo "$new") "$plan")
   fi
-  printf '%s\n' "$new" ${old:+"$old"} > "$plan.tmp" && mv "$plan.tmp" "$plan"
+  printf '%s\n' "$new" ${old:+"$old"} | write_file "$plan"
 }
+PLAN_STAGES="centralized,model_editing,fedavg dense,fedavg sparse"
+PLAN_RUN_RE='^[A-Za-z0-9_.=,+-]+(/[A-Za-z0-9_.=,+-]+)*$'  # a run's folder below the root, as the scripts name it
 
 lock_study
 if ((${#TODO[@]})); then  # first: if a check fails (no network, no data, no weights), nothing is written
   echo "prefetch: $PREFETCH"
-  "$PY" "$HERE/plan.py" --prefetch -- "${EXTRA[@]}" || give_up
+  in_background "$PY" "$HERE/plan.py" --prefetch -- "${EXTRA[@]}" || give_up
   ((SLURM)) || estimate || give_up
 fi
 SLOTS=$((${GPUS:-1} * ${PER_GPU:-1}))
 ((SLURM || ${#TODO[@]} == 0)) || print_estimate
 write_plan
 mkdir -p "$RESULTS/logs"
-record_settings() { [[ -f $RESULTS/run_all.settings ]] || echo "$SETTINGS" > "$RESULTS/run_all.settings"; }
+# A log is appended to: one that is a link (or not a plain file) would steer the run's output elsewhere.
+for i in "${TODO[@]}"; do
+  log=$(log_of "$i")
+  [[ ! -L $log && (! -e $log || -f $log) ]] || die "$log is a link or not a regular file: move it away"
+done
+record_settings() { [[ -f $RESULTS/run_all.settings ]] || echo "$SETTINGS" | write_file "$RESULTS/run_all.settings"; }
 
 if ((SLURM)); then
+  # sbatch passes the environment on: a job must not take this login shell for its run_all.sh (the
+  # array's tasks set their own; the summary job has none)
+  unset RUN_ALL_PID
   n=${#TODO[@]}
   ((n)) || { echo "nothing to run"; exit 0; }
   mkdir -p "$RESULTS/slurm"
   stamp=$(date +%Y%m%d-%H%M%S)-$$  # files of earlier submissions may still be read by their tasks
   cmds=$RESULTS/slurm/$stamp.cmds
-  for i in "${TODO[@]}"; do echo "$(quote "$(log_of "$i")") $(command_of "$i")"; done > "$cmds"
+  for i in "${TODO[@]}"; do echo "$(quote "$(log_of "$i")") $(command_of "$i")"; done | write_file "$cmds"
   task=$RESULTS/slurm/task.sh
-  cat > "$task.tmp" << 'EOF'
+  write_file "$task" << 'EOF'
 #!/usr/bin/env bash
 # One task of a run_all.sh job array: line SLURM_ARRAY_TASK_ID (from 0) of the file $1 is
 # 'LOG COMMAND...'; the first run that succeeds writes the study's settings $2 into the file $3.
@@ -280,6 +380,7 @@ if ((SLURM)); then
 # task, which resumes the run from that checkpoint.
 set -uo pipefail
 eval "words=($(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$1"))"
+if [[ -L ${words[0]} ]]; then echo "error: the log ${words[0]} is a link: move it away" >&2; exit 2; fi
 export RUN_ALL_PID=$$  # the run dies with this shell, whatever kills it
 pid=""
 forward() { [[ -z $pid ]] || kill -USR1 "$pid" 2> /dev/null || true; }
@@ -292,15 +393,14 @@ while :; do  # a trapped signal ends `wait` early; wait again until the run has 
   wait "$pid" || status=$?
   ((status > 128)) && kill -0 "$pid" 2> /dev/null || break
 done
-if ((status == 0)) && [[ ! -f $3 ]]; then  # tasks may race here: each writes whole, same content
-  echo "$2" > "$3.$$" && mv "$3.$$" "$3"
+if ((status == 0)) && [[ ! -f $3 && ! -L $3 ]]; then  # tasks may race here: each writes whole, same content
+  tmp=$(mktemp "$3.XXXXXX") && echo "$2" > "$tmp" && mv -f "$tmp" "$3"  # mktemp's own file: never a link
 fi
 if ((status == 143)); then
   scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
 fi
 exit "$status"
 EOF
-  mv "$task.tmp" "$task"
   chmod +x "$task"
   # Only what was given here goes on the command line; sbatch reads its SBATCH_* variables itself.
   opts=(--parsable --chdir "$PWD" ${PARTITION:+--partition "$PARTITION"} ${TIME:+--time "$TIME"}
@@ -332,9 +432,8 @@ SLOT_PID=() SLOT_RUN=() SLOT_T0=() FAILED=()
 FINISHED=0 T_START=$SECONDS DONE_S=0 DONE_MS=0 LEFT_MS=0  # progress: seconds taken and estimated (ms)
 for i in "${TODO[@]}"; do ((LEFT_MS += ${COST[i]:-0})) || true; done
 for ((g = 0; g < SLOTS; g++)); do SLOT_PID[g]=""; done
-# A run gets SIGTERM when this shell dies, even by SIGKILL (PR_SET_PDEATHSIG, see plumbing.die_with_parent):
-# an orphan would go on writing while a rerun starts the same run again.
-export RUN_ALL_PID=$$
+# A run gets SIGTERM when this shell dies, even by SIGKILL (RUN_ALL_PID, exported above; see
+# plumbing.die_with_parent): an orphan would go on writing while a rerun starts the same run again.
 
 reap() {  # reap G: collect the finished run of slot G
   local g=$1 i=${SLOT_RUN[$1]} status=0
@@ -399,7 +498,8 @@ for i in "${TODO[@]}"; do
 done
 for ((g = 0; g < SLOTS; g++)); do [[ -z ${SLOT_PID[g]} ]] || reap "$g"; done
 
-if compgen -G "$RESULTS/*/*/*/result.json" > /dev/null; then  # summarize whatever finished
+finished=("$RESULTS"/*/*/*/result.json)  # the root's name quoted: glob characters in it are its own
+if [[ -e ${finished[0]} ]]; then  # summarize whatever finished
   echo "summary: $SUMMARY_CMD"
   "$PY" "$HERE/summarize.py" "$RESULTS" || { echo "summary FAILED" >&2; exit 1; }
 fi

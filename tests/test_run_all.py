@@ -479,8 +479,8 @@ def test_describe_runs_refuses_a_bad_line_and_prints_no_row(monkeypatch, capsys)
 def test_prefetch_fetches_what_the_flags_after_the_separator_need(monkeypatch, flags, want):
     """Synthetic data needs no download, but the backbone does (offline, every run used to fail after 73 s)."""
     got = []
-    monkeypatch.setattr(common, "load_cifar100", lambda d: got.append(f"data {d}"))
-    monkeypatch.setattr(plumbing, "hub_weights", lambda arch: f"cache/{arch}")
+    monkeypatch.setattr(common, "load_cifar100", lambda d, download=True: got.append(f"data {d}"))
+    monkeypatch.setattr(plumbing, "hub_weights", lambda arch, download=True: f"cache/{arch}")
     monkeypatch.setattr(common, "build_model", lambda a: got.append(
         f"backbone {a.weights or ('random' if a.no_pretrained else 'hub')}"))
     plan.main(["--prefetch", "--", *flags])
@@ -883,12 +883,12 @@ def test_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, argv):
     assert not results.exists()
 
 
-@pytest.mark.parametrize("value", ["", "/"])
-def test_an_empty_results_root_is_refused(tmp_path, value):
-    """RESULTS= (empty) is no default: it would put the runs under /fedavg/..."""
+@pytest.mark.parametrize("value,says", [("", "RESULTS is empty"), ("/", "RESULTS=/ is the filesystem's root")])
+def test_an_empty_results_root_is_refused(tmp_path, value, says):
+    """RESULTS= (empty) is no default: it would put the runs under /fedavg/...; nor is the filesystem's root."""
     proc = subprocess.run(["bash", SCRIPT, "--quick", "--", *TINY], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "RESULTS": value, "PYTHON": sys.executable}, timeout=60)
-    assert "RESULTS is empty" in assert_usage_error(proc) and not list(tmp_path.iterdir())
+    assert says in assert_usage_error(proc) and not list(tmp_path.iterdir())
 
 
 def test_a_flag_the_scripts_refuse_stops_everything_before_anything_is_written(tmp_path):
