@@ -809,8 +809,12 @@ def run_name(args, stage, core, named):
     return f"{args.results}/{stage}/{'_'.join(parts)}/seed{args.seed}"
 
 
+# Values get_args derives from flags that config.json holds already (fedavg's split: --iid/--nc/--dirichlet)
+DERIVED_KEYS = {"split"}
+
+
 def run_config(args):
-    return {k: v for k, v in sorted(vars(args).items()) if k not in NON_RESULT_FLAGS}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NON_RESULT_FLAGS | DERIVED_KEYS}
 
 
 def plot_title(what, args, named=()):
