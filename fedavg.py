@@ -243,18 +243,19 @@ def noniid_shards(labels, k, nc, gen):
     return [torch.sort(torch.cat(s)).values for s in shards]
 
 
-def dirichlet_draw(labels, k, alpha, gen, rng):
-    """One Dirichlet split: for every class, client proportions p ~ Dir(alpha) over the K clients (numpy's
-    sampler, seeded from `gen`), and the class's shuffled samples cut at round(cumsum(p) * count), as
-    flwr-datasets' DirichletPartitioner and the FL literature (Hsu et al. 2019) do."""
-    shards = [[] for _ in range(k)]
-    for c in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        cuts = np.round(np.cumsum(rng.dirichlet(np.full(k, alpha))) * len(idx)).astype(np.int64)[:-1]
-        for client, piece in enumerate(torch.tensor_split(idx, torch.from_numpy(cuts))):
-            shards[client].append(piece)
-    return [torch.sort(torch.cat(s)).values for s in shards]
+def dirichlet_draw(by_class, k, alpha, gen, rng):
+    """One Dirichlet split of the samples `by_class` (a list of each class's indices): for every class,
+    client proportions p ~ Dir(alpha) over the K clients (numpy's sampler, seeded from `gen`), and the
+    class's shuffled samples cut at round(cumsum(p) * count), as flwr-datasets' DirichletPartitioner and
+    the FL literature (Hsu et al. 2019) do."""
+    samples, owners = [], []
+    for idx, p in zip(by_class, rng.dirichlet(np.full(k, alpha), size=len(by_class))):
+        samples.append(idx[torch.randperm(len(idx), generator=gen)])
+        cuts = np.round(np.cumsum(p) * len(idx))[:-1]  # client c gets positions cuts[c-1] to cuts[c]
+        owners.append(np.searchsorted(cuts, np.arange(len(idx)), side="right"))
+    samples, owners = torch.cat(samples), torch.from_numpy(np.concatenate(owners))
+    order = torch.argsort(owners * (int(samples.max()) + 1) + samples)  # by client, then by sample
+    return list(torch.split(samples[order], torch.bincount(owners, minlength=k).tolist()))
 
 
 def dirichlet_shards(labels, k, alpha, min_shard, gen):
@@ -263,9 +264,10 @@ def dirichlet_shards(labels, k, alpha, min_shard, gen):
     if k * min_shard > len(labels):
         raise plumbing.UserError(f"--k {k} clients x --min-shard {min_shard} > {len(labels)} training images; "
                                  f"lower --k or --min-shard")
+    by_class = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist()]
     rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))
     for _ in range(DIRICHLET_DRAWS):
-        shards = dirichlet_draw(labels, k, alpha, gen, rng)
+        shards = dirichlet_draw(by_class, k, alpha, gen, rng)
         if min(map(len, shards)) >= min_shard:
             return shards
     raise plumbing.UserError(f"--dirichlet {alpha:g}: none of {DIRICHLET_DRAWS} draws gave every one of the {k} "
