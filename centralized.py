@@ -25,6 +25,11 @@ def float_list(s):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
     if not vals or any(v < 0 or math.isinf(v) or math.isnan(v) for v in vals):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {s!r}")
+    shown = [f"{v:g}" for v in vals]  # as trial names and grid.csv show them: two equal ones would be one trial
+    same = [v for v, g in zip(s.split(","), shown) if shown.count(g) > 1]
+    if same:
+        raise argparse.ArgumentTypeError(f"{' and '.join(x.strip() for x in same)} are one value to 6 significant "
+                                         f"digits (trial names, grid.csv); give distinct values")
     return vals
 
 

@@ -227,3 +227,14 @@ def test_a_flag_no_table_knows_is_named_by_itself():
     args = fedavg.get_args([])
     args.given, args.defaults = dict(args.given, server_lr=0.5, ties=True), dict(args.defaults, server_lr=1.0, ties=False)
     assert plumbing.run_name(args, "fedavg", "core", set()) == "runs/fedavg/core_server-lr0.5_ties/seed0"
+
+
+@pytest.mark.parametrize("flag", ["--grid-lr", "--grid-momentum", "--grid-wd"])
+def test_grid_values_one_trial_would_merge_are_refused(flag, capsys):
+    """0.1 and 0.1000001 (or 0.1 twice) would be one trial name and two identical grid.csv rows."""
+    for values in ("0.1,0.1000001", "0.5,0.5"):
+        assert "give distinct values" in parse_refused(centralized.get_args, ["--grid", flag, values], capsys)
+    a = centralized.get_args(["--grid", flag, "0.1,0.1001"])
+    base = dict(lr=0.1, momentum=0.9, wd=0.0, scheduler="cosine")
+    hps = [dict(base, **{flag[7:]: v}) for v in getattr(a, flag[2:].replace("-", "_"))]
+    assert len({centralized.trial_key(hp) for hp in hps}) == 2
