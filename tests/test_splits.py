@@ -238,3 +238,26 @@ def test_grid_values_one_trial_would_merge_are_refused(flag, capsys):
     base = dict(lr=0.1, momentum=0.9, wd=0.0, scheduler="cosine")
     hps = [dict(base, **{flag[7:]: v}) for v in getattr(a, flag[2:].replace("-", "_"))]
     assert len({centralized.trial_key(hp) for hp in hps}) == 2
+
+
+# ----------------------------------------------------------------------------- the summary
+
+def test_summary_orders_and_labels_splits_and_names_the_plots_of_a_sweep(tmp_path):
+    """A Dirichlet run sits between IID and Nc in the tables, labelled Dir(0.1); its split comes from
+    result.json's "split" (an older result.json without one: from iid/nc). Setups apart only in --lr get
+    curve plots named by it, not by a counter."""
+    from test_summarize import real_config, summarize_root, table, with_config, write_run
+    for split, acc in (("iid", 0.6), ("nc5", 0.4), ("dir0.1", 0.5)):
+        kind = dict(split=split) if split.startswith("dir") else {}  # the older runs: no "split" key
+        with_config(write_run(tmp_path, "fedavg", f"{split}_j4_dense", 0, acc, {2: acc}, iid=split == "iid",
+                              nc=5 if split == "nc5" else None, **kind),
+                    real_config(fedavg, *common.split_flags(split)))
+    for lr in ("0.001", "0.0003"):
+        with_config(write_run(tmp_path, "fedavg", f"nc5_j4_dense_lr{lr}", 0, 0.1, {2: 0.1}, nc=5),
+                    real_config(fedavg, "--nc", "5", "--lr", lr))
+    rows, report, _ = summarize_root(tmp_path)
+    assert list(table(report, "FedAvg, dense; head ridge, K=100, C=0.1, lr 0.0001")) == \
+        ["split", "IID", "Dir(0.1)", "Nc=5"]
+    assert {r["split"] for r in rows} == {"iid", "nc5", "dir0.1"}
+    pngs = {p.name for p in (tmp_path / "summary").glob("fedavg_*_j4.png")}
+    assert {"fedavg_dense_j4.png", "fedavg_train-all_lr0.001_j4.png", "fedavg_train-all_lr0.0003_j4.png"} <= pngs
