@@ -414,7 +414,8 @@ def test_a_finished_run_counts_as_done_only_with_the_flags_of_the_study(tmp_path
         in proc.stderr
     plan_file = (results / "run_all.plan").read_text().splitlines()
     centralized_run = os.path.relpath(listed_runs(first.stdout)[0][1].out, results)
-    assert centralized_run.startswith("centralized/grid_compare_ep2_")  # the quick grid's flags are in its name
+    assert centralized_run == ("centralized/grid_compare_synthetic_test-vit_random_px32_b9_ep2_glr0.1,0.01_gm0.9_gwd0_"
+                               "scheds-cosine,constant/seed0")  # every flag of the quick grid and after --
     assert len(plan_file) == n and plan_file[0].split("\t")[:2] == ["centralized", centralized_run]
     assert [json.loads(line.split("\t")[2]) for line in plan_file if line.split("\t")[1] ==
             os.path.relpath(other.out, results)] == [plumbing.run_config(other)]
