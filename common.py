@@ -61,7 +61,9 @@ def parse_split(name):
 def split_flags(name):
     """fedavg.py's flags for a split name: 'nc5' -> ['--nc', '5']."""
     kind, value = parse_split(name)
-    return ["--iid"] if kind == "iid" else ["--nc", str(value)] if kind == "nc" else ["--dirichlet", plumbing.name_value(value)]
+    if kind == "iid":
+        return ["--iid"]
+    return ["--nc", str(value)] if kind == "nc" else ["--dirichlet", plumbing.name_value(value)]
 
 
 def split_order(name):

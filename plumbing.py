@@ -764,10 +764,10 @@ UNNAMED_FLAGS = NON_RESULT_FLAGS | {"seed", "amp", "deterministic", "compile", "
 # Short forms of flags in run names. A flag not listed here is named by itself (--server-lr 0.5 ->
 # server-lr0.5), so a new flag needs no entry; "" names a flag by its value alone (synthetic, test-vit).
 SHORT_FLAGS = {"dataset": "", "synthetic_size": "n", "val_frac": "val", "arch": "", "weights": "",
-               "no_pretrained": "random", "img_size": "px", "batch_size": "b", "head": "head",
+               "no_pretrained": "random", "img_size": "px", "batch_size": "b",
                "fisher_batches": "fb", "fisher_batch_size": "fbs", "calib_damp": "damp", "calib_images": "ci",
-               "k": "k", "c": "c", "min_shard": "ms", "eval_every": "ev", "test_every": "te", "ckpt_every": "ck",
-               "lr": "lr", "head_lr": "hlr", "momentum": "m", "wd": "wd", "warmup_rounds": "wr", "no_aug": "noaug",
+               "min_shard": "ms", "eval_every": "ev", "test_every": "te", "ckpt_every": "ck",
+               "head_lr": "hlr", "momentum": "m", "warmup_rounds": "wr", "no_aug": "noaug",
                "warmup_lr": "wlr", "warmup_momentum": "wm", "warmup_wd": "wwd", "warmup_epochs": "wep",
                "patience": "pat", "epochs": "ep", "scheduler": "sch", "grid_lr": "glr", "grid_momentum": "gm",
                "grid_wd": "gwd", "schedulers": "scheds", "aug_views": "views"}

@@ -225,7 +225,8 @@ def test_run_names_are_short_and_readable(script, argv, name):
 def test_a_flag_no_table_knows_is_named_by_itself():
     """A flag another stage adds later needs no entry: its own name, its value."""
     args = fedavg.get_args([])
-    args.given, args.defaults = dict(args.given, server_lr=0.5, ties=True), dict(args.defaults, server_lr=1.0, ties=False)
+    args.given = dict(args.given, server_lr=0.5, ties=True)
+    args.defaults = dict(args.defaults, server_lr=1.0, ties=False)
     assert plumbing.run_name(args, "fedavg", "core", set()) == "runs/fedavg/core_server-lr0.5_ties/seed0"
 
 
