@@ -413,7 +413,7 @@ def test_a_finished_run_counts_as_done_only_with_the_flags_of_the_study(tmp_path
     assert f"1 run(s) not run: their directories hold finished runs with other flags (see above):\n  {other.out}\n" \
         in proc.stderr
     plan_file = (results / "run_all.plan").read_text().splitlines()
-    centralized_run = os.path.relpath(listed_runs(first.stdout)[0][1].out, results)
+    centralized_run = os.path.relpath(plan.parse_run(shlex.join([first[0][1], *first[0][2]]))[1].out, results)
     assert centralized_run == ("centralized/grid_compare_synthetic_test-vit_random_px32_b9_ep2_glr0.1,0.01_gm0.9_gwd0_"
                                "scheds-cosine,constant/seed0")  # every flag of the quick grid and after --
     assert len(plan_file) == n and plan_file[0].split("\t")[:2] == ["centralized", centralized_run]
