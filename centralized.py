@@ -25,6 +25,11 @@ def float_list(s):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
     if not vals or any(v < 0 or math.isinf(v) or math.isnan(v) for v in vals):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {s!r}")
+    shown = [f"{v:g}" for v in vals]  # as trial names and grid.csv show them: two equal ones would be one trial
+    same = [v for v, g in zip(s.split(","), shown) if shown.count(g) > 1]
+    if same:
+        raise argparse.ArgumentTypeError(f"{' and '.join(x.strip() for x in same)} are one value to 6 significant "
+                                         f"digits (trial names, grid.csv); give distinct values")
     return vals
 
 
@@ -64,10 +69,20 @@ def get_args(argv=None):
         plumbing.refuse_ignored(p, args, ["lr", "momentum", "wd"],
                                 f"--{'hparams' if args.hparams else 'grid'} chooses the hyperparameters")
     plumbing.check_base_flags(p, args)
-    hp = "grid" if args.grid else "hparams" if args.hparams else f"lr{args.lr}_m{args.momentum}_wd{args.wd}"
-    sched = "compare" if args.compare_schedulers else args.scheduler
-    args.out = args.out or f"{args.results}/centralized/{hp}_{sched}/seed{args.seed}"
+    args.out = args.out or plumbing.run_name(args, "centralized", run_core(args), NAMED_FLAGS)
     return args
+
+
+# The flags run_core names; plumbing.run_name adds every other one not at its default
+NAMED_FLAGS = {"grid", "hparams", "lr", "momentum", "wd", "compare_schedulers", "scheduler"}
+
+
+def run_core(args):
+    """The readable part of a run's name: where the hyperparameters come from and the schedule, e.g.
+    grid_compare, lr0.01_m0.9_wd0.0_cosine, hparams-grid_compare-seed0-result_cosine."""
+    hp = ("grid" if args.grid else f"hparams-{plumbing.name_value(args.hparams)}" if args.hparams
+          else f"lr{args.lr}_m{args.momentum}_wd{args.wd}")
+    return f"{hp}_{'compare' if args.compare_schedulers else args.scheduler}"
 
 
 def trial_key(hp):

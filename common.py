@@ -39,7 +39,7 @@ def split_name(iid=False, nc=None, dirichlet=None):
     if nc is not None:
         return f"nc{nc}"
     if dirichlet is not None:
-        return f"dir{dirichlet:g}"
+        return f"dir{plumbing.name_value(float(dirichlet))}"  # exact: --dirichlet 0.1 and 0.1000001 differ
     return "iid"
 
 
@@ -61,7 +61,9 @@ def parse_split(name):
 def split_flags(name):
     """fedavg.py's flags for a split name: 'nc5' -> ['--nc', '5']."""
     kind, value = parse_split(name)
-    return ["--iid"] if kind == "iid" else ["--nc", str(value)] if kind == "nc" else ["--dirichlet", f"{value:g}"]
+    if kind == "iid":
+        return ["--iid"]
+    return ["--nc", str(value)] if kind == "nc" else ["--dirichlet", plumbing.name_value(value)]
 
 
 def split_order(name):

@@ -16,6 +16,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,8 +37,14 @@ def get_args(argv=None):
     g.add_argument("--rounds", type=plumbing.positive_int, default=300, help="communication rounds")
     g.add_argument("--scale-rounds", action="store_true",
                    help="--rounds is the count for J=4; run rounds*4/J so total local work is equal across J")
-    g.add_argument("--iid", action="store_true", help="IID shards (the default when --nc is not given)")
+    g.add_argument("--iid", action="store_true", help="IID shards (what a run without --nc or --dirichlet gets)")
     g.add_argument("--nc", type=int, default=None, help="non-IID: every client holds exactly NC classes")
+    g.add_argument("--dirichlet", type=plumbing.positive_float, default=None, metavar="ALPHA",
+                   help="non-IID: each class's samples go to the clients in proportions drawn from "
+                        "Dirichlet(ALPHA) (small: a few clients hold most of a class; large: near IID)")
+    g.add_argument("--min-shard", type=plumbing.positive_int, default=DIRICHLET_MIN_SHARD,
+                   help=f"with --dirichlet: the fewest samples a client may hold; a split with a smaller "
+                        f"shard is drawn again, up to {DIRICHLET_DRAWS} times")
     g.add_argument("--eval-every", type=plumbing.positive_int, default=20,
                    help="validation accuracy of the global model every N rounds (curves, rounds-to-target); "
                         "with the test every 300 rounds, evaluation is ~5%% of a default run's time "
@@ -73,8 +80,12 @@ def get_args(argv=None):
         p.error(f"--c must be in (0, 1], got {args.c}")
     if args.k * args.c < 1:
         p.error(f"--k {args.k} x --c {args.c} < 1: no client would be sampled")
-    if args.nc is not None and args.iid:
-        p.error("--iid and --nc exclude each other")
+    split_given = [f for f, v in (("--iid", args.iid or None), ("--nc", args.nc), ("--dirichlet", args.dirichlet))
+                   if v is not None]
+    if len(split_given) > 1:
+        p.error(f"{' and '.join(split_given)} exclude each other")
+    if args.dirichlet is None:
+        plumbing.refuse_ignored(p, args, ["min_shard"], "it bounds the shards of --dirichlet")
     if args.nc is not None and not 1 <= args.nc <= common.NUM_CLASSES:
         p.error(f"--nc must be in 1..{common.NUM_CLASSES}, got {args.nc}")
     if args.nc is not None and args.k * args.nc < common.NUM_CLASSES:
@@ -106,19 +117,43 @@ def get_args(argv=None):
     plumbing.check_base_flags(p, args)
     if args.head != "warmup":
         args.warmup_rounds = 0  # only --head warmup has head-only rounds
-    args.iid = args.nc is None
+    args.split = common.split_name(nc=args.nc, dirichlet=args.dirichlet)  # the one value every use reads
+    args.iid = args.split == "iid"  # kept in config.json as older runs recorded it (a resume compares it)
     if args.scale_rounds:
-        args.rounds = max(1, round(args.rounds * 4 / args.j))
-    split = "iid" if args.iid else f"nc{args.nc}"
+        args.rounds = scaled_rounds(args.rounds, args.j)
+    named = NAMED_FLAGS | ({"head"} if args.head in common.FRESH_HEADS else set())
+    args.out = args.out or plumbing.run_name(args, "fedavg", run_core(args), named)
+    return args
+
+
+DIRICHLET_MIN_SHARD = 10  # flwr-datasets' DirichletPartitioner's default min_partition_size
+DIRICHLET_DRAWS = 100
+# The flags run_core names; plumbing.run_name adds every other one not at its default
+# (and --head when it is a fresh head: run_core says _from-zero); algorithm_tag names the FL algorithm's flags
+NAMED_FLAGS = {"iid", "nc", "dirichlet", "j", "train", "sparse", "mask", "rule", "sparsity", "calib_rounds",
+               "rounds", "scale_rounds", "ridge_views",
+               "mu", "scaffold", "aggregate", "ties_keep", "server_opt", "server_lr", "server_momentum"}
+
+
+def scaled_rounds(rounds, j):
+    """--scale-rounds: rounds*4/J, so total local work is that of `rounds` rounds at J=4."""
+    return max(1, round(rounds * 4 / j))
+
+
+def run_core(args):
+    """The readable part of a FedAvg run's name: split, J, what trains, and the rounds run when they are not
+    the default's at this J with --scale-rounds (300*4/J), e.g. nc5_j4_sparse-least-sensitive_s0.9_r4 or
+    iid_j8_dense_R300. So the study's runs (--scale-rounds) keep their names, and --scale-rounds needs no
+    word of its own: the rounds run are named (a --j 4 run is the same with and without it)."""
     kind = "head" if args.train == "head" else "dense"
-    if args.head in common.FRESH_HEADS:  # the baseline where FedAvg learns the head: not the ridge head's run
-        kind += f"_from-{args.head}"
-    kind += plumbing.ridge_views_tag(args)
     if args.sparse:
         kind = (f"sparse-mask-{plumbing.file_tag(args.mask)}" if args.mask
                 else f"sparse-{args.rule}_s{args.sparsity}_r{args.calib_rounds}")
-    args.out = args.out or f"{args.results}/fedavg/{split}_j{args.j}_{kind}{algorithm_tag(args)}/seed{args.seed}"
-    return args
+    if args.head in common.FRESH_HEADS:  # the baseline where FedAvg learns the head: not the ridge head's run
+        kind += f"_from-{args.head}"
+    kind += plumbing.ridge_views_tag(args)
+    rounds = "" if args.rounds == scaled_rounds(args.defaults["rounds"], args.j) else f"_R{args.rounds}"
+    return f"{args.split}_j{args.j}_{kind}{algorithm_tag(args)}{rounds}"
 
 
 # ----------------------------------------------------------------------------- the FL algorithms' flags
@@ -208,14 +243,59 @@ def noniid_shards(labels, k, nc, gen):
     return [torch.sort(torch.cat(s)).values for s in shards]
 
 
+def dirichlet_draw(by_class, k, alpha, gen, rng):
+    """One Dirichlet split of the samples `by_class` (a list of each class's indices): for every class,
+    client proportions p ~ Dir(alpha) over the K clients (numpy's sampler, seeded from `gen`), and the
+    class's shuffled samples cut at round(cumsum(p) * count), as flwr-datasets' DirichletPartitioner and
+    the FL literature (Hsu et al. 2019) do."""
+    samples, owners = [], []
+    for idx, p in zip(by_class, rng.dirichlet(np.full(k, alpha), size=len(by_class))):
+        samples.append(idx[torch.randperm(len(idx), generator=gen)])
+        cuts = np.round(np.cumsum(p) * len(idx))[:-1]  # client c gets positions cuts[c-1] to cuts[c]
+        owners.append(np.searchsorted(cuts, np.arange(len(idx)), side="right"))
+    samples, owners = torch.cat(samples), torch.from_numpy(np.concatenate(owners))
+    order = torch.argsort(owners * (int(samples.max()) + 1) + samples)  # by client, then by sample
+    return list(torch.split(samples[order], torch.bincount(owners, minlength=k).tolist()))
+
+
+def dirichlet_shards(labels, k, alpha, min_shard, gen):
+    """A Dirichlet split (dirichlet_draw) in which every client holds at least `min_shard` samples: drawn
+    again, from the same stream, until one is (at most DIRICHLET_DRAWS times, then a UserError)."""
+    if k * min_shard > len(labels):
+        raise plumbing.UserError(f"--k {k} clients x --min-shard {min_shard} > {len(labels)} training images; "
+                                 f"lower --k or --min-shard")
+    by_class = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist()]
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))
+    for _ in range(DIRICHLET_DRAWS):
+        shards = dirichlet_draw(by_class, k, alpha, gen, rng)
+        if min(map(len, shards)) >= min_shard:
+            return shards
+    raise plumbing.UserError(f"--dirichlet {alpha:g}: none of {DIRICHLET_DRAWS} draws gave every one of the {k} "
+                             f"clients {min_shard}+ samples; raise --dirichlet or lower --k or --min-shard")
+
+
 def make_shards(labels, args):
     if args.k > len(labels):
         raise plumbing.UserError(f"--k {args.k} clients for {len(labels)} training images: some would hold nothing; "
                                  f"lower --k")
     gen = plumbing.stream("shards", args.seed)
-    if args.iid:
+    kind, value = common.parse_split(args.split)
+    if kind == "iid":
         return iid_shards(labels, args.k, gen)
-    return noniid_shards(labels, args.k, args.nc, gen)
+    if kind == "dir":
+        return dirichlet_shards(labels, args.k, value, args.min_shard, gen)
+    return noniid_shards(labels, args.k, value, gen)
+
+
+def shard_rows(shards, labels):
+    """shards.csv: per client its samples, its classes, and the share of its largest class (1 when it
+    holds one class; about 1/classes when its classes are balanced)."""
+    rows = []
+    for i, s in enumerate(shards):
+        counts = torch.bincount(labels[s])
+        rows.append({"client": i, "samples": len(s), "classes": int((counts > 0).sum()),
+                     "largest_class_share": float(counts.max()) / len(s)})
+    return rows
 
 
 # ----------------------------------------------------------------------------- step 0: the head (federated ridge)
@@ -593,9 +673,9 @@ def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
 
 def write_outputs(rows, args):
     plumbing.write_csv(rows, os.path.join(args.out, "metrics.csv"))
-    name = plumbing.plot_title(f"FedAvg {'IID' if args.iid else f'Nc={args.nc}'}, J={args.j}, "
+    name = plumbing.plot_title(f"FedAvg {common.split_label(args.split)}, J={args.j}, "
                                f"{'sparse' if args.sparse else 'dense'}, train {args.train}, head {args.head}",
-                               args, named=("iid", "nc", "j", "sparse", "train", "head"))
+                               args, named=("iid", "nc", "dirichlet", "j", "sparse", "train", "head"))
     for kind, label, scale in (("acc", "top-1 accuracy (%)", 100), ("loss", "cross-entropy", 1)):
         series = {}
         for split in ("train", "val", "test") if kind == "loss" else ("val", "test"):
@@ -648,7 +728,7 @@ def main(argv=None):
     ckpt = plumbing.open_run(args)
     x, y = (t.to(device) for t in data["train"])  # uint8: the whole training set fits on any GPU
     total_rounds = args.warmup_rounds + args.rounds
-    print(f"{args.k} clients ({'IID' if args.iid else f'{args.nc} classes each'}, "
+    print(f"{args.k} clients ({common.split_label(args.split)}, "
           f"{min(map(len, shards))}-{max(map(len, shards))} samples), {clients_per_round(args)} per "
           f"round, J={args.j}, {args.warmup_rounds} head warm-up + {args.rounds} rounds"
           f"{' (scaled from J=4)' if args.scale_rounds else ''}; head: {args.head}")
@@ -661,8 +741,7 @@ def main(argv=None):
     mask_path = os.path.join(args.out, "mask.pt")
 
     # written on resume too (the same bytes): a shards.csv damaged meanwhile does not survive
-    plumbing.write_csv([{"client": i, "samples": len(s), "classes": len(torch.unique(data["train"][1][s]))}
-                        for i, s in enumerate(shards)], os.path.join(args.out, "shards.csv"))
+    plumbing.write_csv(shard_rows(shards, data["train"][1]), os.path.join(args.out, "shards.csv"))
     # -------- step 0: the head (federated ridge, a head.pt, or the warm-up rounds below)
 
     if ckpt is None:
@@ -783,8 +862,9 @@ def main(argv=None):
     best = max(evaluated, key=lambda r: r["val_acc"])  # first of equals wins
     per_client = values_per_client(trained_params(model, mask, args.train == "head"), mask, args)
     result = {"stage": "fedavg", "dataset": args.dataset, "seed": args.seed, "k": args.k, "c": args.c,
-              "j": args.j, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "iid": args.iid,
-              "nc": args.nc, "train": args.train, "sparse": args.sparse, "head": args.head, **ckpt["head_info"],
+              "j": args.j, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "split": args.split,
+              "iid": args.iid, "nc": args.nc, "train": args.train, "sparse": args.sparse, "head": args.head,
+              **ckpt["head_info"],
               **{k: rows[args.warmup_rounds].get(k) for k in ("head_train_acc", "head_train_aug_acc")},
               "score": args.score if args.sparse else None,
               "rule": args.rule if args.sparse and not args.mask else None,

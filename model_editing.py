@@ -60,7 +60,8 @@ def get_args(argv=None):
     plumbing.check_base_flags(p, args)
     mask = f"mask-{plumbing.file_tag(args.mask)}" if args.mask else f"{args.rule}_s{args.sparsity}_r{args.calib_rounds}"
     mask += plumbing.ridge_views_tag(args)
-    args.out = args.out or f"{args.results}/model_editing/{mask}/seed{args.seed}"
+    args.out = args.out or plumbing.run_name(args, "model_editing", mask,
+                                             {"mask", "rule", "sparsity", "calib_rounds", "ridge_views"})
     return args
 
 

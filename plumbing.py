@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import socket
 import stat
@@ -197,16 +198,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
     def parse_args(self, args=None, namespace=None):
-        """The flags, carrying their defaults (Flags.defaults) for comparing with older runs' configs."""
+        """The flags, carrying their defaults (Flags.defaults) for comparing with older runs' configs, and
+        their values as given (Flags.given), before get_args derives anything from them (run_name)."""
         flags = super().parse_args(args, Flags() if namespace is None else namespace)
         flags.defaults = {a.dest: self.get_default(a.dest) for a in self._actions if a.default is not argparse.SUPPRESS}
+        flags.given = {k: getattr(flags, k) for k in flags.defaults}
         return flags
 
 
 class Flags(argparse.Namespace):
-    """Parsed flags, plus `defaults`: {flag: its default}. A slot, not an attribute: vars() (and so
-    config.json, run_config) leaves it out."""
-    __slots__ = ("defaults",)
+    """Parsed flags, plus `defaults`: {flag: its default} and `given`: {flag: its value as parsed}. Slots,
+    not attributes: vars() (and so config.json, run_config) leaves them out."""
+    __slots__ = ("defaults", "given")
 
 
 def positive_int(s):
@@ -227,6 +230,13 @@ def nonneg_float(s):
     v = float(s)
     if not v >= 0 or math.isinf(v):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
+    return v
+
+
+def positive_float(s):
+    v = float(s)
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
     return v
 
 
@@ -745,8 +755,66 @@ def file_tag(path):
                      os.path.splitext(name)[0]])
 
 
+# Flags that say where a run lives or how it computes, not what: a run's name leaves them out. --amp,
+# --deterministic, --compile and --eval-batch-size change a result in its last digits at most; config.json
+# still records them (a run is resumed only with the same ones), and run_all.sh gives --deterministic to
+# every run of the study.
+UNNAMED_FLAGS = NON_RESULT_FLAGS | {"seed", "amp", "deterministic", "compile", "eval_batch_size"}
+
+# Short forms of flags in run names. A flag not listed here is named by itself (--server-lr 0.5 ->
+# server-lr0.5), so a new flag needs no entry; "" names a flag by its value alone (synthetic, test-vit).
+SHORT_FLAGS = {"dataset": "", "synthetic_size": "n", "val_frac": "val", "arch": "", "weights": "",
+               "no_pretrained": "random", "img_size": "px", "batch_size": "b",
+               "fisher_batches": "fb", "fisher_batch_size": "fbs", "calib_damp": "damp", "calib_images": "ci",
+               "min_shard": "ms", "eval_every": "ev", "test_every": "te", "ckpt_every": "ck",
+               "head_lr": "hlr", "momentum": "m", "warmup_rounds": "wr", "no_aug": "noaug",
+               "warmup_lr": "wlr", "warmup_momentum": "wm", "warmup_wd": "wwd", "warmup_epochs": "wep",
+               "patience": "pat", "epochs": "ep", "scheduler": "sch", "grid_lr": "glr", "grid_momentum": "gm",
+               "grid_wd": "gwd", "schedulers": "scheds", "aug_views": "views"}
+
+
+def name_value(v):
+    """A flag's value in a run name: numbers as short as they stay exact (1e-05, 0.1000001: two values
+    never share a name), lists comma-joined, a path by its file_tag, nothing but [A-Za-z0-9.,+-]."""
+    if isinstance(v, (list, tuple)):
+        return ",".join(name_value(x) for x in v)
+    if isinstance(v, float):
+        short = f"{v:g}"
+        return short if float(short) == v else repr(v)
+    v = str(v)
+    if "/" in v or os.sep in v:
+        v = file_tag(v)
+    return re.sub(r"[^A-Za-z0-9.,+-]+", "-", v)
+
+
+def name_part(flag, value):
+    """One flag in a run name: 'lr0.001', 'noaug' (a switch), 'head-warmup', 'synthetic'."""
+    short = SHORT_FLAGS.get(flag, flag.replace("_", "-"))
+    if isinstance(value, bool):
+        return short if value else f"no-{short}"
+    text = name_value(value)
+    if not short:
+        return text
+    numbers = value if isinstance(value, (list, tuple)) else [value]
+    return f"{short}{text}" if all(isinstance(x, (int, float)) for x in numbers) else f"{short}-{text}"
+
+
+def run_name(args, stage, core, named):
+    """The default run directory, RESULTS/STAGE/CORE[_FLAG...]/seedSEED: the stage's readable core (made of
+    the flags in `named`), then every other flag that defines the run and differs from its default, in
+    short form (name_part), in the parser's order. So two runs that differ in any such flag (or a flag
+    added later: nothing to register) never share a directory, and at the defaults the name is the core."""
+    parts = [core] + [name_part(k, v) for k, v in args.given.items()
+                      if k not in UNNAMED_FLAGS and k not in named and v != args.defaults[k]]
+    return f"{args.results}/{stage}/{'_'.join(parts)}/seed{args.seed}"
+
+
+# Values get_args derives from flags that config.json holds already (fedavg's split: --iid/--nc/--dirichlet)
+DERIVED_KEYS = {"split"}
+
+
 def run_config(args):
-    return {k: v for k, v in sorted(vars(args).items()) if k not in NON_RESULT_FLAGS}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NON_RESULT_FLAGS | DERIVED_KEYS}
 
 
 def plot_title(what, args, named=()):

@@ -61,7 +61,7 @@ SCHEMA = {
     "model_editing": dict(rule="str?", sparsity="num?", calib_rounds="int?", mask_file="str?", head="str?", score="str?",
                     mask_kept_frac="num", changed_frac="num", head_test_acc="num", val_acc="num",
                     test_acc="num", best_val_acc="num", test_acc_at_best_val="num"),
-    "fedavg": dict(k="int", c="num", j="int", rounds="int", warmup_rounds="int?", iid="bool", nc="int?",
+    "fedavg": dict(k="int", c="num", j="int", rounds="int", warmup_rounds="int?", split="str?", iid="bool?", nc="int?",
                    train="str", sparse="bool", head="str?", score="str?", rule="str?", sparsity="num?",
                    calib_rounds="int?", mask_file="str?", val_acc="num", test_acc="num", best_val_acc="num",
                    test_acc_at_best_val="num?", comm_values_per_client_round="int?", comm_mb_total="num?"),
@@ -118,8 +118,22 @@ def read_result(path):
     problem = (schema_problem(r, SCHEMA["all"], r.get("not_finite")) or
                schema_problem(r, SCHEMA[r["stage"]], r.get("not_finite"))
                or (r["stage"] == "centralized" and schema_problem(r["best"], SCHEMA["best"]))
-               or (r["stage"] == "fedavg" and not r["iid"] and r["nc"] is None and '"nc" is null but not iid'))
+               or (r["stage"] == "fedavg" and split_problem(r)))
     return (None, problem) if problem else (r, None)
+
+
+def split_problem(r):
+    """Set a FedAvg result's "split" (common.split_name) when it has none (result.json written before it
+    had one: from its iid and nc); what is wrong with it, or None."""
+    if r.get("split") is None:
+        if not r.get("iid") and r.get("nc") is None:
+            return 'no "split", and "nc" is null but not iid'
+        r["split"] = common.split_name(nc=r.get("nc"))
+    try:
+        common.parse_split(r["split"])
+    except ValueError as e:
+        return f'"split": {e}'
+    return None
 
 
 def mask_of(r):
@@ -170,7 +184,7 @@ def load_runs(root):
         r, problem = read_result(path)
         try:
             if r and r["stage"] == "fedavg":
-                r.update(split="IID" if r["iid"] else f"Nc={r['nc']}", mask=mask_of(r) if r["sparse"] else None)
+                r.update(mask=mask_of(r) if r["sparse"] else None)
             elif r and r["stage"] == "model_editing" and r.get("mask_file"):  # a given mask: its own run's settings
                 r.update(zip(("rule", "sparsity", "calib_rounds"), mask_of(r)[:3]))
         except ValueError as e:
@@ -238,8 +252,8 @@ def once_each(runs):
 # named in the titles (mark_flags).
 SHOWN = {"centralized": {"seed"},  # the chosen hyperparameters are in the table; the flags are not
          "model_editing": {"seed", "rule", "sparsity", "calib_rounds", "mask", "head", "score"},
-         "fedavg": {"seed", "iid", "nc", "j", "train", "head", "k", "c", "warmup_rounds", "score", "sparse",
-                    "mask", "rule", "sparsity", "calib_rounds"}}
+         "fedavg": {"seed", "iid", "nc", "dirichlet", "j", "train", "head", "k", "c", "warmup_rounds", "score",
+                    "sparse", "mask", "rule", "sparsity", "calib_rounds"}}
 
 
 def fedavg_flags(r):
@@ -435,10 +449,6 @@ def short_names(keys):
     shared = [p for p in (next(iter(parts.values()), [])) if all(p in ps for ps in parts.values())]
     shared = shared if len(parts) > 1 else shared[1:]  # one setup: its kind is the label
     return {k: ", ".join(p for p in ps if p not in shared) for k, ps in parts.items()}, ", ".join(shared)
-
-
-def split_order(name):  # IID first, then Nc from many classes per client to one
-    return (0, 0) if name == "IID" else (1, -int(name.split("=")[1]))
 
 
 def rule_order(rule):
@@ -698,8 +708,9 @@ def fedavg_doc(runs, central, editing, frac):
     doc = ["## FedAvg", ""]
     if not runs:
         return doc + ["_No finished FedAvg run._", ""], []
-    doc += ["Test accuracy (%) of the final global model. Splits: IID, or Nc classes per client. Dense and "
-            "sparse runs are compared only with the same head source (named in each title).", ""]
+    doc += ["Test accuracy (%) of the final global model. Splits: IID, Nc classes per client, or Dir(α) (each "
+            "class spread over the clients in proportions drawn from Dirichlet(α)). Dense and sparse runs are "
+            "compared only with the same head source (named in each title).", ""]
     if central:
         base = main_central(central)
         doc += [f"Centralized baseline for reference: {acc(base).text()}{flags_note(base[0]['flags'])}.", ""]
@@ -711,12 +722,13 @@ def fedavg_doc(runs, central, editing, frac):
         if len(js) == 1 and key in covered:  # already in a table above
             continue
         shown.append(key)
-        splits = sorted({r["split"] for r in rs}, key=split_order)
+        splits = sorted({r["split"] for r in rs}, key=common.split_order)
         cells = group(rs, lambda r: (r["split"], r["j"]))
         rounds = {j: "/".join(str(n) for n in sorted({r["rounds"] for r in rs if r["j"] == j})) for j in js}
         doc.append(Table(f"FedAvg, {setup_name(key)}: test accuracy (%)",
                          ["split"] + [f"J={j} ({rounds[j]} rounds)" for j in js],
-                         [[s] + [acc(cells.get((s, j), [])) for j in js] for s in splits], [None] + ["max"] * len(js)))
+                         [[common.split_label(s)] + [acc(cells.get((s, j), [])) for j in js] for s in splits],
+                         [None] + ["max"] * len(js)))
     doc += six_models_tables(runs, central, editing)
     doc.append(cost_table(runs, frac))
     return doc, shown
@@ -734,21 +746,21 @@ def rules_tables(runs, covered):
         covered.update(setup(r) for r in rs)
         dense = [r for r in runs if not r["mask"] and setup(r)[:5] == base[:5] and r["flags"] == uncalibrated(base.flags)
                  and r["j"] == j]
-        splits = sorted({r["split"] for r in rs}, key=split_order)
+        splits = sorted({r["split"] for r in rs}, key=common.split_order)
         rows = [[rule] + [acc([r for r in x if r["split"] == sp]) for sp in splits] for rule, x in rules.items()]
         if dense:
             rows.append(["dense (no mask)"] + [acc([r for r in dense if r["split"] == sp]) for sp in splits])
         out.append(Table(f"Mask rules inside sparse FedAvg at sparsity {s:g}, {n} calibration rounds ({by}, "
                          f"{base.score} score), J={j}; head {base.head}, K={base.k}, C={base.c:g}"
                          f"{flags_text(base.flags)}: test accuracy (%)",
-                         ["rule"] + splits, rows, [None] + ["max"] * len(splits)))
+                         ["rule"] + [common.split_label(sp) for sp in splits], rows, [None] + ["max"] * len(splits)))
     return out
 
 
 def sparsity_tables(runs, covered):
     """Sparsity × calibration rounds inside sparse FedAvg, at each non-IID split and J that has several."""
     out = []
-    sparse = group([r for r in runs if r["mask"] and None not in r["mask"] and not r["iid"]],
+    sparse = group([r for r in runs if r["mask"] and None not in r["mask"] and r["split"] != "iid"],
                    lambda r: (setup(r)._replace(mask=None), r["mask"][0], r["mask"][3], r["split"], r["j"]))
     for (base, rule, by, split, j), rs in sparse.items():
         cells = group(rs, lambda r: r["mask"][1:3])
@@ -756,7 +768,7 @@ def sparsity_tables(runs, covered):
             continue
         covered.update(setup(r) for r in rs)
         out.append(sparsity_table(f"Sparsity × calibration rounds inside sparse FedAvg ({rule}, {by} calibration, "
-                                  f"{base.score} score) at {split}, J={j}; head {base.head}, K={base.k}, C={base.c:g}"
+                                  f"{base.score} score) at {common.split_label(split)}, J={j}; head {base.head}, K={base.k}, C={base.c:g}"
                                   f"{flags_text(base.flags)}",
                                   cells))
     return out
@@ -804,10 +816,10 @@ def six_models_tables(runs, central, editing):
         probe = probe_of(head, central)
         start = step0_head(head, editing, runs)
         fed = [r for r in runs if setup(r) in (dense, sparse) and r["j"] == j]
-        splits = sorted({r["split"] for r in fed}, key=split_order)
+        splits = sorted({r["split"] for r in fed}, key=common.split_order)
         rows = [[f"step-0 head alone", start, "–"], ["Centralized", acc(probe) if probe else start,
                                                         acc(edits.get(edit, []))]]
-        rows += [[f"FedAvg {s}", acc([r for r in fed if r["split"] == s and setup(r) == dense]),
+        rows += [[f"FedAvg {common.split_label(s)}", acc([r for r in fed if r["split"] == s and setup(r) == dense]),
                   acc([r for r in fed if r["split"] == s and setup(r) == sparse])] for s in splits]
         what = lambda m, flags: (mask_name(m) if m else "–") + flags_text(flags)
         out.append(Table(f"The six models (head {head}): test accuracy (%) without and with task arithmetic, "
@@ -867,9 +879,9 @@ def cost_table(runs, frac):
     rows = []
     for key, rs in sorted(group(runs, setup).items(), key=lambda kv: (kv[0].mask is not None, names[kv[0]])):
         for (split, j), x in sorted(group(rs, lambda r: (r["split"], r["j"])).items(),
-                                    key=lambda kv: (split_order(kv[0][0]), kv[0][1])):
+                                    key=lambda kv: (common.split_order(kv[0][0]), kv[0][1])):
             below = [r for r in x if starts_below(r)]
-            rows.append([names[key], split, j, "/".join(str(n) for n in sorted({r["rounds"] for r in x})),
+            rows.append([names[key], common.split_label(split), j, "/".join(str(n) for n in sorted({r["rounds"] for r in x})),
                          acc(x), Stat([round0(r, "test_acc") for r in x]),
                          Stat([r["rounds_to_target"] for r in below], 1, 0, of=len(below)),
                          Stat([r["test_acc"] - round0(r, "test_acc") for r in x if round0(r, "test_acc") is not None]),
@@ -913,7 +925,7 @@ def plot_curves(path, by_split, title):
         xs, mean, std = curve(rs, "val_acc")
         lo, hi = np.clip(100 * (mean - std), 0, None), np.clip(100 * (mean + std), None, 100)  # within 0-100%
         style = dict(marker=plumbing.MARKERS[i % len(plumbing.MARKERS)], fillstyle="none",
-                     markersize=plumbing.marker_size(i), label=f"{split} (n={len(rs)})")
+                     markersize=plumbing.marker_size(i), label=f"{common.split_label(split)} (n={len(rs)})")
         lowest = min([lowest, *lo]) if len(xs) else lowest
         if plumbing.sparse_points(list(xs)):  # validated every few rounds: the points measured, no line between
             sparse = True
@@ -953,7 +965,7 @@ def text_color(background):
 
 def plot_heatmap(path, dense, sparse, title):
     """Final test accuracy over split × J, dense and sparse side by side on one color scale."""
-    splits = sorted({r["split"] for r in dense + sparse}, key=split_order)
+    splits = sorted({r["split"] for r in dense + sparse}, key=common.split_order)
     js = sorted({r["j"] for r in dense + sparse})
     means = [[[acc([r for r in rs if r["split"] == s and r["j"] == j]).mean() for j in js] for s in splits]
              for rs in (dense, sparse)]
@@ -968,7 +980,7 @@ def plot_heatmap(path, dense, sparse, title):
     for ax, g, name in zip(axes[0], grids, ("dense", "sparse")):
         im = ax.imshow(g, norm=norm, cmap=cmap, aspect="auto")
         ax.set(xticks=range(len(js)), xticklabels=[f"J={j}" for j in js], yticks=range(len(splits)),
-               yticklabels=splits, title=name)
+               yticklabels=[common.split_label(s) for s in splits], title=name)
         for (i, k), v in np.ndenumerate(g):
             if not math.isnan(v):
                 ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=text_color(cmap(norm(v))))
@@ -990,10 +1002,10 @@ def plot_agreement(path, dense, sparse, title):
     legend beside the panels; on agreement, 1/n: what n orthogonal client updates of equal norm give."""
     plt = plumbing.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-    splits = sorted({r["split"] for r in dense + sparse}, key=split_order)
+    splits = sorted({r["split"] for r in dense + sparse}, key=common.split_order)
     smoothed = set()  # whether curves were smoothed (True) or drawn per round (False)
     for kind, rs, style, shade, mark in (("dense", dense, "-", 0, "o"), ("sparse", sparse, "--", 1, "s")):
-        for split, x in sorted(group(rs, lambda r: r["split"]).items(), key=lambda kv: split_order(kv[0])):
+        for split, x in sorted(group(rs, lambda r: r["split"]).items(), key=lambda kv: common.split_order(kv[0])):
             color = plt.get_cmap("tab20")(2 * (splits.index(split) % 10) + shade)
             for ax, col in zip(axes, ("agreement", "update_norm")):
                 xs, mean, _ = curve(x, col)
@@ -1001,7 +1013,7 @@ def plot_agreement(path, dense, sparse, title):
                     smoothed.add(len(xs) >= SMOOTH)
                     xs, mean = smooth(xs, mean)
                     ax.plot(xs, mean, style, marker=mark, markevery=max(1, len(xs) // 15), fillstyle="none",
-                            color=color, label=f"{split}, {kind}")
+                            color=color, label=f"{common.split_label(split)}, {kind}")
     for n in sorted({r.get("clients_per_round") for r in dense + sparse} - {None}):
         axes[0].axhline(1 / n, color="0.4", linestyle=":", label=f"1/n, n={n} clients per round")
     axes[0].set(ylabel="agreement ‖Σ wᵢΔᵢ‖² / Σ wᵢ‖Δᵢ‖²")
@@ -1024,17 +1036,22 @@ def fedavg_plots(runs, shown, out_dir):
     paths, tags = [], {}
     heads = list(group(runs, lambda r: r.get("head")))
     mains = {h: main_setups(runs, h) for h in heads}
+
+    def plain_tag(key):
+        tag = ("dense" if not key.mask else "sparse") if key in mains[key.head] else \
+            ("train-" + key.train if not key.mask else "sparse-" + mask_name(key.mask))
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", tag + (f"_head{heads.index(key.head)}" if key.head != heads[0] else ""))
+    shared = collections.Counter(plain_tag(key) for key in shown)
     for key in shown:
-        head, mask = key.head, key.mask
-        tag = ("dense" if not mask else "sparse") if key in mains[head] else \
-            ("train-" + key.train if not mask else "sparse-" + mask_name(mask))
-        tag = re.sub(r"[^A-Za-z0-9._-]+", "-", tag + (f"_head{heads.index(head)}" if head != heads[0] else ""))
+        tag = plain_tag(key)
+        if shared[tag] > 1:  # setups apart only in other flags (a --lr sweep): named by them, as run names are
+            tag = "_".join([tag] + [plumbing.name_part(k, json.loads(v)) for k, v in key.flags])
         tags[tag] = tags.get(tag, 0) + 1
         tag += f"_{tags[tag]}" if tags[tag] > 1 else ""
         rs = [r for r in runs if setup(r) == key]
         for j in sorted({r["j"] for r in rs if r["metrics"]}):
             paths.append(os.path.join(out_dir, f"fedavg_{tag}_j{j}.png"))
-            by_split = group(sorted([r for r in rs if r["j"] == j], key=lambda r: split_order(r["split"])),
+            by_split = group(sorted([r for r in rs if r["j"] == j], key=lambda r: common.split_order(r["split"])),
                              lambda r: r["split"])
             plot_curves(paths[-1], by_split, f"FedAvg J={j}, " + setup_name(key).replace("; ", "\n"))
     for i, head in enumerate(heads):

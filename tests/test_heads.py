@@ -60,11 +60,11 @@ def test_fedavg_learns_a_zero_head_and_iid_learns_more_than_one_class_per_client
 
 
 def test_zero_head_runs_have_their_own_names_and_refuse_a_frozen_fresh_head(capsys):
-    assert fedavg.get_args(TINY + ["--train", "head", "--head", "zero"]).out.endswith("iid_j4_head_from-zero/seed0")
-    assert fedavg.get_args(TINY + ["--head", "random", "--nc", "5"]).out.endswith("nc5_j4_dense_from-random/seed0")
-    assert fedavg.get_args(TINY + ["--train", "head"]).out.endswith("iid_j4_head/seed0")  # the ridge head's, as before
-    assert fedavg.get_args(TINY + ["--ridge-views", "4"]).out.endswith("iid_j4_dense_ridge4views/seed0")
-    assert model_editing.get_args(TINY + ["--ridge-views", "2"]).out.endswith("s0.9_r4_ridge2views/seed0")
+    assert fedavg.get_args(["--train", "head", "--head", "zero"]).out.endswith("iid_j4_head_from-zero/seed0")
+    assert fedavg.get_args(["--head", "random", "--nc", "5"]).out.endswith("nc5_j4_dense_from-random/seed0")
+    assert fedavg.get_args(["--train", "head"]).out.endswith("iid_j4_head/seed0")  # the ridge head's, as before
+    assert fedavg.get_args(["--ridge-views", "4"]).out.endswith("iid_j4_dense_ridge4views/seed0")
+    assert model_editing.get_args(["--ridge-views", "2"]).out.endswith("s0.9_r4_ridge2views/seed0")
     assert "--sparse freezes the head" in parse_refused(fedavg.get_args, TINY + ["--sparse", "--head", "zero"], capsys)
     assert "freezes the step-0 head" in parse_refused(model_editing.get_args, TINY + ["--head", "random"], capsys)
     for get_args in (fedavg.get_args, model_editing.get_args):

@@ -71,7 +71,7 @@ def run_key(script, a):
         return "centralized", (a.grid, a.compare_schedulers)
     if script == "model_editing.py":
         return "model_editing", (a.rule, a.sparsity, a.calib_rounds)
-    split = common.split_name(a.iid, a.nc, getattr(a, "dirichlet", None))
+    split = a.split
     if a.sparse:
         return "fedavg sparse", (split, a.j, a.rule, a.sparsity, a.calib_rounds)
     return "fedavg dense", (split, a.j)
@@ -413,7 +413,10 @@ def test_a_finished_run_counts_as_done_only_with_the_flags_of_the_study(tmp_path
     assert f"1 run(s) not run: their directories hold finished runs with other flags (see above):\n  {other.out}\n" \
         in proc.stderr
     plan_file = (results / "run_all.plan").read_text().splitlines()
-    assert len(plan_file) == n and plan_file[0].split("\t")[:2] == ["centralized", "centralized/grid_compare/seed0"]
+    centralized_run = os.path.relpath(plan.parse_run(shlex.join([first[0][1], *first[0][2]]))[1].out, results)
+    assert centralized_run == ("centralized/grid_compare_synthetic_test-vit_random_px32_b9_ep2_glr0.1,0.01_gm0.9_gwd0_"
+                               "scheds-cosine,constant/seed0")  # every flag of the quick grid and after --
+    assert len(plan_file) == n and plan_file[0].split("\t")[:2] == ["centralized", centralized_run]
     assert [json.loads(line.split("\t")[2]) for line in plan_file if line.split("\t")[1] ==
             os.path.relpath(other.out, results)] == [plumbing.run_config(other)]
 
@@ -452,7 +455,8 @@ def test_describe_runs_names_the_run_directory_and_counts_images_by_hand(tmp_pat
     assert fed == [f"{tmp_path}/r/fedavg/nc10_j8_sparse-least-sensitive_s0.9_r4/seed1",
                    str(150 * 10 * 8 * 64 + 4 * 100 * 3), str(60000 + 8 * 5000 + 1 * 10000 + 2 * 1000)]
     # editing with a magnitude-free rule: no Fisher pass; 2 epochs; val+test before and after each epoch; the gap
-    assert edit == [f"{tmp_path}/r/model_editing/random_s0.9_r4/seed0", str(2 * 45000), str(60000 + 3 * 15000 + 2 * 1000)]
+    assert edit == [f"{tmp_path}/r/model_editing/random_s0.9_r4_ep2/seed0", str(2 * 45000),
+                    str(60000 + 3 * 15000 + 2 * 1000)]
 
 
 @pytest.mark.parametrize("line,says", [("fedavg.py --bogus 3", "fedavg.py: unrecognized arguments: --bogus"),

@@ -452,14 +452,15 @@ def test_two_masks_of_the_project_layout_name_two_runs():
 def test_an_edit_on_a_given_mask_is_filed_under_that_masks_settings(tmp_path):
     base = FAST + ["--synthetic-size", "1000", "--epochs", "0", "--results", str(tmp_path)]
     model_editing.main(base + ["--rule", "random", "--sparsity", "0.5", "--calib-rounds", "1"])
-    made = tmp_path / "model_editing" / "random_s0.5_r1" / "seed0"
+    made = tmp_path / "model_editing" / "random_s0.5_r1_synthetic_n1000_test-vit_random_px32_b64_ep0" / "seed0"
     model_editing.main(base + ["--mask", str(made / "mask.pt")])
-    given = json.loads((tmp_path / "model_editing" / "mask-random_s0.5_r1-seed0-mask" / "seed0" / "result.json").read_text())
+    name = "mask-random_s0.5_r1_synthetic_n1000_test-vit_random_px32_b64_ep0-seed0-mask_synthetic_n1000_test-vit_random_px32_b64_ep0"
+    given = json.loads((tmp_path / "model_editing" / name / "seed0" / "result.json").read_text())
     assert (given["rule"], given["sparsity"], given["calib_rounds"]) == (None, None, None)  # not the flag defaults
     summarize.main([str(tmp_path)])
     with open(tmp_path / "summary" / "results.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
-    row = rows["model_editing/mask-random_s0.5_r1-seed0-mask/seed0"]
+    row = rows[f"model_editing/{name}/seed0"]
     assert (row["rule"], row["sparsity"], row["calib_rounds"]) == ("random", "0.5", "1")
 
 
