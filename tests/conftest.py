@@ -8,6 +8,7 @@ import sys
 for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[var] = "1"
 
+import pytest  # noqa: E402
 import torch  # noqa: E402  (after the environment is set)
 
 torch.set_num_threads(1)
@@ -18,3 +19,35 @@ sys.path.insert(0, ROOT)
 # A tiny random-init ViT on the synthetic CIFAR-shaped set: seconds on a laptop CPU.
 TINY = ["--dataset", "synthetic", "--arch", "test_vit", "--no-pretrained", "--img-size", "32",
         "--device", "cpu"]
+
+# The slow tests, left out of the fast lane (`python -m pytest -m "not slow"`, for the edit-test loop);
+# the full suite runs them all. A file's name marks all of it, FILE::TEST one test (and its parameters).
+# Chosen by measured duration (pytest --durations): the tests of several seconds or more that start
+# whole runs, studies or benchmarks; each file's quick tests of the same behaviour stay in the fast lane.
+SLOW = [
+    "test_run_all.py",
+    "test_dynamics.py",
+    "test_benchmarks.py",
+    "test_compile.py",
+]
+
+
+def slow_entry(nodeid):
+    """The SLOW entry that names this test (tests/FILE.py::TEST[param]), or None."""
+    path, _, test = nodeid.partition("::")
+    name, test = os.path.basename(path), test.split("[")[0]
+    return next((e for e in SLOW if e in (name, f"{name}::{test}")), None)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k/-m deselect
+def pytest_collection_modifyitems(config, items):
+    modules = {}
+    for item in items:
+        modules[os.path.basename(item.nodeid.split("::")[0])] = getattr(item, "module", None)
+        if slow_entry(item.nodeid):
+            item.add_marker(pytest.mark.slow)
+    # An entry naming a test its file no longer has would silently put that test back in the fast lane.
+    stale = [e for e in SLOW if "::" in e and e.split("::")[0] in modules
+             and not hasattr(modules[e.split("::")[0]], e.split("::")[1])]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py SLOW names a test that does not exist: {', '.join(stale)}")
