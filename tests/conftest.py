@@ -29,7 +29,29 @@ SLOW = [
     "test_dynamics.py",
     "test_benchmarks.py",
     "test_compile.py",
+    "test_centralized.py::test_missing_and_corrupt_weights_are_one_line_errors",
+    "test_editing.py::test_editing_reuses_a_saved_mask_and_rejects_a_bad_one",
+    "test_editing.py::test_short_edit_improves_validation_accuracy_over_the_frozen_head",
+    "test_editing.py::test_interrupted_edit_resumes_to_the_same_weights",
+    "test_fedavg.py::test_iid_learns_and_one_class_per_client_learns_less",
+    "test_fedavg.py::test_interrupted_run_resumes_to_the_same_files",
+    "test_fedavg.py::test_a_stop_signal_checkpoints_at_the_round_boundary_and_resumes",
+    "test_fedavg.py::test_a_kill_between_the_mask_and_the_checkpoint_recalibrates",
+    "test_fedavg.py::test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical",
+    "test_fedavg.py::test_bad_flag_end_to_end_is_one_line_and_exit_2",
+    "test_fedavg.py::test_sparse_fedavg_reuses_a_mask_file",
 ]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """With pytest-xdist installed (requirements.txt), the suite runs one worker per CPU core unless -n
+    says otherwise (-n 0: in this process): its tests are mostly single-threaded script runs, so two
+    cores take about half the time. Without pytest-xdist it runs in this process, as always."""
+    xdist = config.pluginmanager.hasplugin("xdist")
+    if xdist and config.option.numprocesses is None and not config.option.collectonly \
+            and not os.environ.get("PYTEST_XDIST_WORKER"):
+        config.option.numprocesses = "auto"
 
 
 def slow_entry(nodeid):
