@@ -22,6 +22,7 @@ import socket
 import stat
 import sys
 import tempfile
+import textwrap
 
 import numpy as np
 import torch
@@ -197,6 +198,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
             shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
             return f"{action.help} (default: {shown.replace('%', '%%')})"
         return action.help
+
+    def _split_lines(self, text, width):  # never "least-" / "sensitive" across two lines
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class Parser(argparse.ArgumentParser):
