@@ -34,7 +34,8 @@ def float_list(s):
 
 
 def get_args(argv=None):
-    p = plumbing.Parser(parents=[plumbing.base_parser(common.DEFAULT_ARCH)], description=__doc__.split("\n")[0])
+    p = plumbing.Parser(parents=[plumbing.base_parser(common.DEFAULT_ARCH)], description=__doc__.split("\n")[0],
+                        example="python centralized.py --grid --compare-schedulers   # the study's baseline")
     p.add_argument("--epochs", type=plumbing.positive_int, default=30, help="epochs per training")
     p.add_argument("--patience", type=plumbing.positive_int, default=5,
                    help="stop after this many epochs without a better validation accuracy")

@@ -27,7 +27,8 @@ import plumbing
 def get_args(argv=None):
     shared = [plumbing.base_parser(common.DEFAULT_ARCH),
               plumbing.edit_parser(common.MASK_RULES, common.SCORES, common.CALIB_IMAGES)]
-    p = plumbing.Parser(parents=shared, description=__doc__.split("\n")[0])
+    p = plumbing.Parser(parents=shared, description=__doc__.split("\n")[0],
+                        example="python fedavg.py --nc 5 --j 8 --sparse   # sparse FedAvg, 5 classes per client")
     p.set_defaults(batch_size=64)
     g = p.add_argument_group("federation")
     g.add_argument("--k", type=plumbing.positive_int, default=100, help="number of clients")
@@ -46,17 +47,14 @@ def get_args(argv=None):
                    help=f"with --dirichlet: the fewest samples a client may hold; a split with a smaller "
                         f"shard is drawn again, up to {DIRICHLET_DRAWS} times")
     g.add_argument("--eval-every", type=plumbing.positive_int, default=20,
-                   help="validation accuracy of the global model every N rounds (curves, rounds-to-target); "
-                        "with the test every 300 rounds, evaluation is ~5%% of a default run's time "
-                        "(measured on a CPU at 32 px, benchmarks/bench_round.py)")
+                   help="validation accuracy of the global model every N rounds (curves, rounds to target)")
     g.add_argument("--test-every", type=plumbing.positive_int, default=300,
                    help="test accuracy every N rounds, and always after the last round")
     g.add_argument("--ckpt-every", type=plumbing.positive_int, default=5, help="checkpoint every N rounds")
     g = p.add_argument_group("local training")
     g.add_argument("--lr", type=plumbing.nonneg_float, default=1e-4,
                    help="client learning rate of rounds that train the backbone (dense or --sparse), constant "
-                        "over rounds and steps (no schedule); higher rates wrecked the step-0 head's accuracy "
-                        "in the first rounds on the pretrained stand-in (README: choosing the defaults)")
+                        "(docs/flags.md: why this low)")
     g.add_argument("--head-lr", type=plumbing.nonneg_float, default=0.1,
                    help="client learning rate of head-only rounds (--head warmup's warm-up, --train head)")
     g.add_argument("--momentum", type=plumbing.unit_float, default=0.9,

@@ -25,7 +25,8 @@ import plumbing
 def get_args(argv=None):
     shared = [plumbing.base_parser(common.DEFAULT_ARCH),
               plumbing.edit_parser(common.MASK_RULES, common.SCORES, common.CALIB_IMAGES)]
-    p = plumbing.Parser(parents=shared, description=__doc__.split("\n")[0])
+    p = plumbing.Parser(parents=shared, description=__doc__.split("\n")[0],
+                        example="python model_editing.py --rule least-sensitive --sparsity 0.9 --calib-rounds 4")
     g = p.add_argument_group("--head warmup: SGD on cached frozen-backbone features, cosine schedule")
     g.add_argument("--hparams", type=plumbing.path, default=None,
                    help="lr/momentum/wd of the warm-up from a centralized run's result.json")
@@ -40,7 +41,7 @@ def get_args(argv=None):
     g = p.add_argument_group("step 2: sparse fine-tuning of the backbone (head frozen)")
     g.add_argument("--epochs", type=plumbing.nonneg_int, default=5, help="fine-tuning epochs")
     g.add_argument("--lr", type=plumbing.nonneg_float, default=1e-4,
-                   help="fine-tuning learning rate (as fedavg.py's --lr: README, choosing the defaults)")
+                   help="fine-tuning learning rate (docs/flags.md: why this low)")
     g.add_argument("--momentum", type=plumbing.unit_float, default=0.9, help="SparseSGDM momentum")
     g.add_argument("--wd", type=plumbing.nonneg_float, default=0.0, help="SparseSGDM weight decay (masked entries: none)")
     g.add_argument("--scheduler", choices=common.SCHEDULERS, default="cosine", help="LR schedule, per epoch")

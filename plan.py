@@ -499,7 +499,7 @@ def main(argv=None):
     own, flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, None)
     p = plumbing.Parser(description="Download CIFAR-100 and the DINO ViT-S/16 weights for later offline runs; "
                         "with --prefetch, --describe-runs or --estimate, answer run_all.sh.",
-                        epilog="e.g. python plan.py --prefetch -- --dataset cifar100 --weights dino.pth")
+                        example="python plan.py --data-dir ./data   # before going offline")
     p.add_argument("--data-dir", type=plumbing.path, default="./data", help="where CIFAR-100 goes")
     p.add_argument("--arch", default=common.DEFAULT_ARCH, help="timm ViT whose hub weights to download")
     p.add_argument("--data-only", action="store_true", help="only CIFAR-100 (you bring --weights FILE)")

@@ -23,6 +23,7 @@ import socket
 import stat
 import sys
 import tempfile
+import textwrap
 
 import numpy as np
 import torch
@@ -186,13 +187,41 @@ def run_main(main):
 
 # ----------------------------------------------------------------------------- flags: the parser and value types
 
-class Parser(argparse.ArgumentParser):
-    """argparse that prints every default in --help (so help cannot drift from the code), takes a flag
-    only by its full name, and a bad flag as one line (no usage dump) with exit status 2."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every default the code has, as the flag takes it: a list as commas (the --grid-*
+    flags), nothing for an off switch or an unset value (its help says what unset means); the
+    description and the example epilog keep their line breaks."""
 
-    def __init__(self, **kw):
+    def _get_help_string(self, action):
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS  # `is`: 0 is a default
+        if action.help and "%(default)" not in action.help and not unset and action.option_strings:
+            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+            return f"{action.help} (default: {shown.replace('%', '%%')})"
+        return action.help
+
+    def _split_lines(self, text, width):  # never "least-" / "sensitive" across two lines
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that prints every default in --help (so help cannot drift from the code), a short usage
+    line, an example at the end (example=...), takes a flag only by its full name, and a bad flag as one
+    line (no usage dump) with exit status 2."""
+
+    def __init__(self, example=None, **kw):
+        if example:
+            kw["epilog"] = "example:\n  " + example
         # No abbreviations: `--resul` must not pass for --results (run_all.sh refuses --results after --).
-        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, "allow_abbrev": False, **kw})
+        super().__init__(**{"formatter_class": HelpFormatter, "allow_abbrev": False, **kw})
+
+    def format_usage(self):
+        return self.format_help().split("\n\n")[0] + "\n"
+
+    def format_help(self):
+        if self.usage is None:  # the flags are listed below: one usage line, not a page of them
+            self.usage = " ".join(["%(prog)s [flags]"] + [a.metavar or a.dest for a in self._get_positional_actions()])
+        return super().format_help()
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -352,10 +381,9 @@ def base_parser(default_arch):
                    help="fraction of the training set held out for validation, stratified by class")
     g.add_argument("--arch", default=default_arch, help="timm ViT name (tests use test_vit)")
     g.add_argument("--weights", type=path, default=None,
-                   help="local weights file: official DINO checkpoint (dino_deitsmall16_pretrain.pth) "
-                        "or a timm state dict (.pth/.safetensors); none: timm's hub weights; "
-                        "standin or standin-sharp (with --arch test_vit): a tiny ViT the project pretrains "
-                        "itself on other synthetic classes, cached in DATA_DIR/standin/ (tests, offline trials)")
+                   help="a DINO checkpoint (dino_deitsmall16_pretrain.pth) or timm state dict (.pth/.safetensors); "
+                        "unset: timm's hub weights; standin / standin-sharp (with --arch test_vit): a tiny "
+                        "pretrained stand-in for offline trials, made and cached in DATA_DIR/standin/")
     g.add_argument("--no-pretrained", action="store_true",
                    help="random backbone weights (for tests and smoke runs only)")
     g.add_argument("--img-size", type=positive_int, default=224,
@@ -366,17 +394,14 @@ def base_parser(default_arch):
                    help="random seed of everything but the validation split and the synthetic images")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (none: cuda if available, else cpu)")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="mixed precision of the backbone on a GPU: auto = bf16 where the GPU supports it "
-                        "natively (compute capability >= 8.0), fp16 with a gradient scaler on older GPUs "
-                        "(T4, V100), off (fp32) on the CPU. The head and every accuracy are fp32 always")
+                   help="the backbone's precision: auto = bf16 on GPUs with compute capability >= 8.0, fp16 "
+                        "(gradient scaler) on older GPUs, fp32 on the CPU; head and accuracies are always fp32")
     g.add_argument("--deterministic", action="store_true",
-                   help="deterministic GPU kernels where PyTorch has them (bit-identical reruns and resumes on a GPU; "
-                        "an op without one prints a warning in the log and breaks that promise), attention by its "
-                        "math kernel: slower (a ViT-S/16 client step at 224 px took 1.46x as long on an H200)")
+                   help="deterministic GPU kernels and math attention: bit-identical reruns and resumes on a "
+                        "GPU, slower (docs/precision.md)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbone for training and evaluation: faster steps after a compile "
-                        "paid once per process (on an H200, a ViT-S/16 client step 1.27x faster after 36 s); "
-                        "results equal to float rounding, not bit for bit")
+                   help="torch.compile the backbone: faster steps after a one-off compile; results equal to "
+                        "float rounding, not bit for bit (docs/precision.md)")
     g.add_argument("--results", type=path, default="runs", help="root of the default run directories")
     g.add_argument("--out", type=path, default=None,
                    help="run directory (none: RESULTS/STAGE/NAME/seedSEED, NAME from the main flags)")
@@ -405,12 +430,10 @@ def edit_parser(rules, scores, calib_images):
     g.add_argument("--rule", choices=rules, default="least-sensitive",
                    help="which backbone weights may be updated (TaLoS: least-sensitive)")
     g.add_argument("--sparsity", type=unit_float, default=0.9,
-                   help="fraction of the masked tensors' N entries that are FROZEN: the mask keeps "
-                        "int((1 - sparsity) * N) of them updatable, 1 - sparsity in floating point (TaLoS's "
-                        "count; 0.9 updates 10%% of them, rounded down)")
+                   help="fraction of the masked tensors' N entries that are FROZEN: int((1 - sparsity) * N) "
+                        "stay updatable (TaLoS's count)")
     g.add_argument("--calib-rounds", type=positive_int, default=4,
-                   help="mask calibration rounds; round r keeps int((1 - sparsity) ** (r / rounds) * N) "
-                        "entries (TaLoS's count), at least one fewer than the round before")
+                   help="mask calibration rounds; round r keeps int((1 - sparsity) ** (r / rounds) * N) entries")
     g.add_argument("--score", choices=scores, default="logit",
                    help="sensitivity: squared per-sample gradient of the sampled class's raw logit (TaLoS's "
                         "code) or of its log-probability (the textbook Fisher)")

@@ -1226,7 +1226,7 @@ def fraction(s):
 
 
 def main(argv=None):
-    p = plumbing.Parser(description=__doc__.split("\n")[0])
+    p = plumbing.Parser(description=__doc__.split("\n")[0], example="python summarize.py runs   # writes runs/summary/")
     p.add_argument("root", type=plumbing.path, help="results root, e.g. run_all.sh's $RESULTS (default there: ./runs)")
     p.add_argument("--target", type=fraction, default=0.9,
                    help="rounds to target: the first FedAvg round whose validation accuracy reaches this fraction "

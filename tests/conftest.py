@@ -8,6 +8,7 @@ import sys
 for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[var] = "1"
 
+import pytest  # noqa: E402
 import torch  # noqa: E402  (after the environment is set)
 
 torch.set_num_threads(1)
@@ -18,3 +19,89 @@ sys.path.insert(0, ROOT)
 # A tiny random-init ViT on the synthetic CIFAR-shaped set: seconds on a laptop CPU.
 TINY = ["--dataset", "synthetic", "--arch", "test_vit", "--no-pretrained", "--img-size", "32",
         "--device", "cpu"]
+
+# The slow tests, left out of the fast lane (`python -m pytest -m "not slow"`, for the edit-test loop);
+# the full suite runs them all. A file's name marks all of it, FILE::TEST one test (and its parameters).
+# Chosen by measured duration (pytest --durations on the busy 2-core machine, 2026-12-02): every test
+# that took 13 s or more there (about 3 s on an idle machine): whole runs, studies, signals, benchmarks.
+SLOW = [
+    "test_run_all.py",
+    "test_dynamics.py",
+    "test_benchmarks.py",
+    "test_compile.py",
+    "test_centralized.py::test_missing_and_corrupt_weights_are_one_line_errors",
+    "test_centralized.py::test_interrupted_run_resumes_to_the_same_result",
+    "test_centralized.py::test_short_run_learns_far_above_chance",
+    "test_centralized.py::test_refuses_a_directory_holding_a_different_run",
+    "test_centralized.py::test_grid_and_scheduler_comparison_pick_the_best",
+    "test_centralized.py::test_malformed_hparams_are_refused_before_features_or_a_run_dir",
+    "test_common.py::test_dino_and_timm_weight_files_load_and_agree",
+    "test_editing.py::test_editing_reuses_a_saved_mask_and_rejects_a_bad_one",
+    "test_editing.py::test_short_edit_improves_validation_accuracy_over_the_frozen_head",
+    "test_editing.py::test_interrupted_edit_resumes_to_the_same_weights",
+    "test_editing.py::test_sparse_fine_tuning_touches_exactly_the_masked_in_weights",
+    "test_editing.py::test_head_sources_warmup_and_file",
+    "test_fedavg.py::test_iid_learns_and_one_class_per_client_learns_less",
+    "test_fedavg.py::test_interrupted_run_resumes_to_the_same_files",
+    "test_fedavg.py::test_a_stop_signal_checkpoints_at_the_round_boundary_and_resumes",
+    "test_fedavg.py::test_a_kill_between_the_mask_and_the_checkpoint_recalibrates",
+    "test_fedavg.py::test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical",
+    "test_fedavg.py::test_bad_flag_end_to_end_is_one_line_and_exit_2",
+    "test_fedavg.py::test_sparse_fedavg_reuses_a_mask_file",
+    "test_fedavg.py::test_dense_fedavg_starts_from_the_given_head_file",
+    "test_reference.py::test_default_mask_equals_the_talos_port",
+    "test_reference.py::test_calibrated_mask_equals_the_talos_port",
+    "test_safety.py::test_sigterm_during_calibration_stops_within_seconds",
+    "test_safety.py::test_an_orphan_dies_with_run_all",
+    "test_safety.py::test_a_script_exits_143_with_a_checkpoint_on_sigterm",
+    "test_safety.py::test_sigterm_during_feature_extraction_stops_within_seconds_and_says_nothing_was_saved",
+    "test_safety.py::test_sigterm_mid_editing_saves_the_step_and_resumes_to_the_same_model",
+    "test_safety.py::test_a_run_written_before_a_flag_existed_is_the_run_of_that_flags_default",
+    "test_safety.py::test_a_full_disk_is_one_line_and_the_last_checkpoint_is_kept",
+    "test_safety.py::test_an_empty_path_is_refused_in_every_path_flag",
+    "test_safety.py::test_a_resumed_run_reads_only_its_own_files",
+    "test_safety.py::test_resume_in_a_read_only_run_folder_is_one_line_and_changes_nothing",
+    "test_safety.py::test_no_file_the_code_reads_can_run_code",
+    "test_safety.py::test_a_diverging_run_stops_at_once_with_one_line_and_no_result",
+    "test_safety.py::test_run_files_of_the_wrong_kind_are_one_line",
+    "test_safety.py::test_identical_runs_write_byte_identical_files",
+    "test_safety.py::test_a_folder_not_known_to_be_this_runs_is_not_touched",
+    "test_safety.py::test_an_edit_on_a_given_mask_is_filed_under_that_masks_settings",
+    "test_safety.py::test_input_files_that_fit_only_in_shape_are_refused",
+    "test_safety.py::test_a_second_writer_is_refused_naming_the_pid_and_a_dead_ones_lock_does_not_block",
+    "test_safety.py::test_stale_temporaries_are_cleaned_and_a_dir_holding_only_them_is_empty",
+    "test_summarize.py::test_summary_plots_in_percent_with_integer_rounds_error_bars_and_two_decimals",
+    "test_summarize.py::test_plots_heatmap_curves_and_agreement",
+]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """With pytest-xdist installed (requirements.txt), the suite runs one worker per CPU core unless -n
+    says otherwise (-n 0: in this process): its tests are mostly single-threaded script runs, so two
+    cores take about half the time. Without pytest-xdist it runs in this process, as always."""
+    xdist = config.pluginmanager.hasplugin("xdist")
+    if xdist and config.option.numprocesses is None and not config.option.collectonly \
+            and not os.environ.get("PYTEST_XDIST_WORKER"):
+        config.option.numprocesses = "auto"
+
+
+def slow_entry(nodeid):
+    """The SLOW entry that names this test (tests/FILE.py::TEST[param]), or None."""
+    path, _, test = nodeid.partition("::")
+    name, test = os.path.basename(path), test.split("[")[0]
+    return next((e for e in SLOW if e in (name, f"{name}::{test}")), None)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k/-m deselect
+def pytest_collection_modifyitems(config, items):
+    modules = {}
+    for item in items:
+        modules[os.path.basename(item.nodeid.split("::")[0])] = getattr(item, "module", None)
+        if slow_entry(item.nodeid):
+            item.add_marker(pytest.mark.slow)
+    # An entry naming a test its file no longer has would silently put that test back in the fast lane.
+    stale = [e for e in SLOW if "::" in e and e.split("::")[0] in modules
+             and not hasattr(modules[e.split("::")[0]], e.split("::")[1])]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py SLOW names a test that does not exist: {', '.join(stale)}")

@@ -1,7 +1,10 @@
-"""colab.ipynb: a valid notebook whose commands are the README's (README.md, section Colab)."""
+"""colab.ipynb: a valid notebook whose commands are the README's (README.md, section Colab), which stops at its
+first cell until the user sets the repository to clone."""
 import json
 import os
 import re
+import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -26,7 +29,31 @@ def test_the_notebook_is_nbformat_4_without_outputs():
         if c["cell_type"] == "code":
             assert c["outputs"] == [] and c["execution_count"] is None  # committed clean
     first = next(c for c in nb["cells"] if c["cell_type"] == "code")
-    assert re.match(r'REPO_URL = "[^"]+"', first["source"][0])  # the one line a user edits
+    assert re.match(r'REPO_URL = ""', first["source"][0])  # the one line a user edits, committed unset
+
+
+def first_cell(repo_url):
+    """Run the notebook's first code cell, REPO_URL set to repo_url, as a script: the finished process."""
+    source = "".join(next(c for c in notebook()["cells"] if c["cell_type"] == "code")["source"])
+    source = source.replace('REPO_URL = ""', f"REPO_URL = {repo_url!r}", 1)
+    return subprocess.run([sys.executable, "-c", source + "\nprint(os.environ['REPO_URL'], os.environ['RESULTS'])"],
+                          capture_output=True, text=True)
+
+
+def test_the_first_cell_stops_with_one_line_until_the_repository_is_set():
+    unset = first_cell("")
+    assert unset.returncode != 0 and unset.stdout == ""  # Colab's "Run all" stops at a raised SystemExit
+    assert unset.stderr.strip().splitlines() == ["set REPO_URL in this cell to the repository's git URL, "
+                                                 "then run the cells again"]
+    ok = first_cell("https://example.org/me/repo.git")
+    assert ok.returncode == 0 and ok.stdout.split()[0] == "https://example.org/me/repo.git"
+    assert ok.stdout.split()[1].startswith("/content/drive/")  # results on Drive survive a disconnect
+
+
+def test_no_placeholder_left_for_the_user_to_find():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert "OWNER/REPO" not in readme and "OWNER/REPO" not in json.dumps(notebook())
 
 
 def test_the_notebook_runs_the_readme_commands_on_drive():
@@ -40,5 +67,5 @@ def test_the_notebook_runs_the_readme_commands_on_drive():
         readme = f.read()
     missing = [line for line in project if line not in readme]
     assert not missing, f"not in README.md: {missing}"
-    badge = r"\[!\[Open In Colab\]\([^)]*\)\]\(https://colab\.research\.google\.com/github/[^)]*/colab\.ipynb\)"
-    assert re.search(badge, readme), "no Open In Colab line in README.md"
+    badge = r"\[!\[Open In Colab\]\([^)]*\)\]\(https://colab\.research\.google\.com/?[^)]*\)"
+    assert re.search(badge, readme) and "colab.ipynb" in readme, "no Open In Colab line in README.md"
