@@ -157,9 +157,6 @@ QUICK = dict(  # every kind of run of the full study, each as small as it gets (
 ALGORITHMS = {"FedAvg": [], "FedProx": ["--mu", "0.01"], "SCAFFOLD": ["--scaffold"],
               "FedAvgM": ["--server-momentum", "0.9"], "TIES": ["--aggregate", "ties"]}
 GROUPS = ["extensions"]  # opt-in groups of families: run_all.sh --NAME adds them to the study
-# Families whose flags other branches add: planned once their flags parse here (flip to True then).
-HEAD_BASELINE_READY = False  # fedavg.py --head zero
-EXTENSIONS_READY = False  # fedavg.py --mu, --scaffold, --server-momentum, --aggregate ties, --dirichlet
 
 
 class Family(NamedTuple):
@@ -167,7 +164,6 @@ class Family(NamedTuple):
     stage: str  # run_all.sh's stage: centralized, model_editing, fedavg dense, fedavg sparse
     runs: list  # [(script, grid flags)], in run order
     group: str = None  # None: the default study; else the opt-in group (GROUPS) it belongs to
-    on: bool = True  # False: its flags do not parse in this checkout yet; not planned, not in the table
 
 
 def families(s):
@@ -208,26 +204,21 @@ def families(s):
                [sparse(s["ablation_split"], 4, default[0], sp, r)
                 for sp in s["fed_sparsities"] for r in s["fed_calibs"]]),
         Family("FedAvg head only from a zero head (`--train head --head zero`): every split x J", "fedavg dense",
-               [dense(sp, j, "--train", "head", "--head", "zero") for sp, j in grid], on=HEAD_BASELINE_READY),
+               [dense(sp, j, "--train", "head", "--head", "zero") for sp, j in grid]),
         Family(f"extensions: {each(ALGORITHMS)} x splits {splits(s['extension_splits'])}, dense, "
                f"J={s['extension_j']}", "fedavg dense",
                [dense(split, s["extension_j"], *ALGORITHMS[a]) for a, split in ext],
-               group="extensions", on=EXTENSIONS_READY),
+               group="extensions"),
         Family("extensions: the same, sparse (the default mask)", "fedavg sparse",
                [sparse(split, s["extension_j"], *default, *ALGORITHMS[a]) for a, split in ext],
-               group="extensions", on=EXTENSIONS_READY),
+               group="extensions"),
     ]
 
 
 def study_families(quick=False, groups=()):
     """The families of the full (or quick) study that run: the default ones and those of the opt-in groups
-    asked for, whose flags parse in this checkout (a group asked for with none that does: UserError)."""
-    every = families(QUICK if quick else FULL)
-    for g in groups:
-        if not any(f.on for f in every if f.group == g):
-            raise plumbing.UserError(f"--{g}: its runs need fedavg.py flags this checkout does not have yet "
-                                     f"(see plan.families)")
-    return [f for f in every if f.on and (f.group is None or f.group in groups)]
+    asked for."""
+    return [f for f in families(QUICK if quick else FULL) if f.group is None or f.group in groups]
 
 
 def new_runs(fams):
@@ -302,7 +293,7 @@ def plan_runs(seeds, results, extra, quick=False, groups=(), grid=None):
 def grid_table():
     """README.md's grid table: per family its runs per seed (a run listed by an earlier family counted
     there), in the full and the quick study, and the totals; then the opt-in groups."""
-    full, quick = (new_runs([f for f in families(s) if f.on]) for s in (FULL, QUICK))
+    full, quick = (new_runs(families(s)) for s in (FULL, QUICK))
     rows = ["| family | stage | runs per seed | --quick |", "|---|---|---|---|"]
     for group in (None, *GROUPS):
         mine = [(f, len(a), len(b)) for (f, a), (_, b) in zip(full, quick) if f.group == group]

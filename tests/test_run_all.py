@@ -289,26 +289,21 @@ def test_grid_table_is_printed_by_the_command(capsys):
     assert capsys.readouterr().out == plan.grid_table() + "\n"
 
 
-def test_opt_in_groups_wait_for_their_flags_and_join_when_flipped(tmp_path, monkeypatch):
-    """The extensions group and the head-only baseline are defined but off until fedavg.py parses their
-    flags; --extensions says so in one line. Flipped on, they add their runs (shared runs once)."""
-    with pytest.raises(plumbing.UserError, match=r"^--extensions: its runs need fedavg.py flags"):
-        planned(tmp_path, groups=["extensions"])
+def test_the_extensions_group_is_opt_in_and_the_head_baseline_is_in_the_study(tmp_path):
+    """--extensions adds its runs after the study's (a run the study has already is listed once); the
+    head-only FedAvg baseline from a zero head is part of the default study, one run per split x J."""
     base, table = planned(tmp_path, quick=False), plan.grid_table()
-    monkeypatch.setattr(plan, "EXTENSIONS_READY", True)
-    assert planned(tmp_path, quick=False) == base  # opt-in: not without --extensions
     ext = planned(tmp_path, quick=False, groups=["extensions"])
     s, algorithms = plan.FULL, plan.ALGORITHMS
     shared = 2 * len(set(s["extension_splits"]) & set(s["splits"]))  # plain FedAvg, dense and sparse, J=4
     assert len(ext) - len(base) == len(algorithms) * len(s["extension_splits"]) * 2 - shared
     assert ext[:len(base)] == base and all("--j" in w and w[w.index("--j") + 1] == "4" for _, _, w in ext[len(base):])
-    assert "*with --extensions:*" in plan.grid_table() and "*with --extensions:*" not in table
-    monkeypatch.setattr(plan, "HEAD_BASELINE_READY", True)  # part of the default study
-    head = planned(tmp_path, quick=False)
-    assert len(head) - len(base) == len(s["splits"]) * len(s["js"])
-    baseline = [w for _, _, w in head if "--train" in w]
-    assert len(baseline) == len(head) - len(base)
+    assert "*with --extensions:*" in table
+    baseline = [w for _, _, w in base if "--train" in w]
+    assert len(baseline) == len(s["splits"]) * len(s["js"]) * 1  # seed 0
     assert all(w[w.index("--train"):w.index("--train") + 4] == ["--train", "head", "--head", "zero"] for w in baseline)
+    assert sorted({(w[w.index("--j") + 1], " ".join(w[w.index("--k"):w.index("--j")])) for w in baseline}) == \
+        sorted({(str(j), " ".join([*s["fed"], *common.split_flags(sp)])) for sp in s["splits"] for j in s["js"]})
 
 
 # ----------------------------------------------------------------------------- run_all.sh --grid FILE

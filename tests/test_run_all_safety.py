@@ -17,21 +17,21 @@ import fedavg
 import plumbing
 from conftest import ROOT, TINY
 from helpers import assert_usage_error, parse_refused
-from test_run_all import calls, fake_map, fake_python, listed_runs, run_all, sbatch_on_path
+from test_run_all import QUICK_N, calls, fake_map, fake_python, listed_runs, planned, run_all, sbatch_on_path
 
 
-def fake_env(tmp_path, planned=""):
-    """The environment of a study of fake runs (test_run_all.fake_python), those of the dry run `planned`."""
+def fake_env(tmp_path, *runs):
+    """The environment of a study of fake runs (test_run_all.fake_python), for these planned runs (lists of
+    test_run_all.planned())."""
     return {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_ESTIMATE": "1",
-            "FAKE_MAP": fake_map(tmp_path, planned)}
+            "FAKE_MAP": fake_map(tmp_path, *runs)}
 
 
 def fake_study(tmp_path, results, *argv, env=None, seeds="0"):
     """A --quick study of fake runs into `results` (--seeds seeds); returns CompletedProcess."""
     argv = ("--seeds", seeds, *argv)
-    planned = run_all("--dry-run", "--slurm", "--seeds", seeds, "--quick", "--", *TINY, results=results, env=env)
-    assert planned.returncode == 0, planned.stderr
-    return run_all(*argv, "--quick", "--", *TINY, results=results, env={**fake_env(tmp_path, planned.stdout), **(env or {})})
+    runs = planned(results, TINY, seeds=[int(x) for x in seeds.split(",")])
+    return run_all(*argv, "--quick", "--", *TINY, results=results, env={**fake_env(tmp_path, runs), **(env or {})})
 
 
 def victim(tmp_path):
@@ -86,16 +86,16 @@ def test_a_non_ascii_root_under_lc_all_c_is_quoted_so_python_reads_it(tmp_path):
     proc = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results, env=env)
     assert proc.returncode == 0, proc.stderr
     runs = listed_runs(proc.stdout)
-    assert len(runs) == 17 and {a.results for _, a, _ in runs} == {str(results)}
+    assert len(runs) == QUICK_N and {a.results for _, a, _ in runs} == {str(results)}
     summary = [shlex.split(line) for line in proc.stdout.splitlines() if "summarize.py" in line]
     assert summary == [[sys.executable, os.path.join(ROOT, "summarize.py"), str(results)]]
     # a finished study is finished: nothing reruns, nothing is reported failed
-    assert run_all("--quick", "--", *TINY, results=results, env={**fake_env(tmp_path, proc.stdout), **env}).returncode == 0
+    assert run_all("--quick", "--", *TINY, results=results, env={**fake_env(tmp_path, planned(results, TINY)), **env}).returncode == 0
     proc = fake_study(tmp_path, results, env=env)
     assert proc.returncode == 0 and "FAILED" not in proc.stdout, proc.stdout + proc.stderr
-    assert proc.stdout.count("skip (done)") == 17
+    assert proc.stdout.count("skip (done)") == QUICK_N
     plan = (results / "run_all.plan").read_text().splitlines()
-    assert len(plan) == 17 and all((results / line.split("\t")[1] / "result.json").exists() for line in plan)
+    assert len(plan) == QUICK_N and all((results / line.split("\t")[1] / "result.json").exists() for line in plan)
 
 
 def test_a_root_with_glob_characters_is_summarized(tmp_path):
@@ -134,12 +134,12 @@ def test_a_link_in_place_of_the_roots_own_file_is_refused_before_anything_is_wri
 
 def test_a_link_at_a_runs_log_is_refused_before_the_first_run(tmp_path):
     results, target = tmp_path / "runs", victim(tmp_path)
-    planned = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results)
-    some = [a.out for _, a, _ in listed_runs(planned.stdout)][5]
+    dry = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results)
+    some = [a.out for _, a, _ in listed_runs(dry.stdout)][5]
     (results / "logs").mkdir(parents=True)
     log = results / "logs" / (os.path.relpath(some, results).replace("/", "_") + ".log")
     log.symlink_to(target)
-    line = assert_usage_error(run_all("--quick", "--", *TINY, results=results, env=fake_env(tmp_path, planned.stdout)))
+    line = assert_usage_error(run_all("--quick", "--", *TINY, results=results, env=fake_env(tmp_path, planned(results, TINY))))
     assert f"{log} is a link" in line
     assert target.read_text() == "precious\n" and not (tmp_path / "calls.log").exists()
 
@@ -155,7 +155,7 @@ def test_temporary_names_in_the_root_steer_no_write(tmp_path):
     proc = fake_study(tmp_path, results, "--slurm", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert target.read_text() == "precious\n" and os.stat(target).st_mode & 0o777 == 0o644
-    assert len((results / "run_all.plan").read_text().splitlines()) == 17
+    assert len((results / "run_all.plan").read_text().splitlines()) == QUICK_N
     task = results / "slurm" / "task.sh"
     assert not task.is_symlink() and os.access(task, os.X_OK) and "job array" in task.read_text()
 
@@ -173,7 +173,7 @@ def test_only_well_formed_lines_of_an_old_plan_are_carried_into_the_new_one(tmp_
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = plan.read_text().splitlines()
     assert foreign in lines and not set(bad) & set(lines)
-    assert len(lines) == 17 + 17 + 1  # seed 0, seed 1 (kept: the same study), the foreign line
+    assert len(lines) == 2 * QUICK_N + 1  # seed 0, seed 1 (kept: the same study), the foreign line
 
 
 # ----------------------------------------------------------------------------- case 2: abbreviations
@@ -195,8 +195,8 @@ def test_the_scripts_take_no_abbreviated_flag(capsys):
 @pytest.mark.parametrize("key", ["a\tb", "a\nb"])
 def test_a_tab_or_newline_in_a_config_key_keeps_the_plan_whole(tmp_path, key):
     results = tmp_path / "runs"
-    planned = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results)
-    out = listed_runs(planned.stdout)[2][1].out
+    dry = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results)
+    out = listed_runs(dry.stdout)[2][1].out
     os.makedirs(out)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({key: 1}, f)
@@ -204,7 +204,7 @@ def test_a_tab_or_newline_in_a_config_key_keeps_the_plan_whole(tmp_path, key):
         json.dump({}, f)
     proc = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results)
     assert proc.returncode == 0, proc.stderr
-    assert len(listed_runs(proc.stdout)) == 16
+    assert len(listed_runs(proc.stdout)) == QUICK_N - 1
     assert f"skip (other flags): {out} holds a finished run that differs in " in proc.stdout
 
 
@@ -267,7 +267,7 @@ def test_results_starting_with_a_dash_is_a_folder_not_a_flag(tmp_path):
                           env={**os.environ, **env, "RESULTS": "-x", "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr
     runs = listed_runs(proc.stdout)
-    assert len(runs) == 17 and {a.results for _, a, _ in runs} == {"./-x"}
+    assert len(runs) == QUICK_N and {a.results for _, a, _ in runs} == {"./-x"}
     assert not (tmp_path / "-x").exists()
 
 
@@ -279,7 +279,7 @@ def test_a_dry_run_says_that_cifar100_is_missing_offline(tmp_path):
         pytest.skip("online: the study would download CIFAR-100, a dry run only says so")
     data = tmp_path / "data"
     proc = run_all("--dry-run", "--slurm", "--quick", "--", *TINY[2:], "--data-dir", str(data), results=tmp_path / "runs")
-    assert proc.returncode == 0 and len(listed_runs(proc.stdout)) == 17, proc.stderr
+    assert proc.returncode == 0 and len(listed_runs(proc.stdout)) == QUICK_N, proc.stderr
     (line,) = [line for line in proc.stderr.splitlines() if line.strip()]
     assert line.startswith(f"run_all.sh: warning: the study would stop at its prefetch: CIFAR-100 is not in {data}")
     assert "python plan.py --data-dir" in line
