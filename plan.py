@@ -161,7 +161,7 @@ GROUPS = ["extensions"]  # opt-in groups of families: run_all.sh --NAME adds the
 
 class Family(NamedTuple):
     name: str  # what it is, for the grid table
-    stage: str  # run_all.sh's stage: centralized, model_editing, fedavg dense, fedavg sparse
+    stage: str  # run_all.sh's stage: centralized, model_editing, fedavg dense, fedavg sparse, fedavg head
     runs: list  # [(script, grid flags)], in run order
     group: str = None  # None: the default study; else the opt-in group (GROUPS) it belongs to
 
@@ -203,7 +203,7 @@ def families(s):
                f"at {common.split_label(s['ablation_split'])}, J=4", "fedavg sparse",
                [sparse(s["ablation_split"], 4, default[0], sp, r)
                 for sp in s["fed_sparsities"] for r in s["fed_calibs"]]),
-        Family("FedAvg head only from a zero head (`--train head --head zero`): every split x J", "fedavg dense",
+        Family("FedAvg head only from a zero head (`--train head --head zero`): every split x J", "fedavg head",
                [dense(sp, j, "--train", "head", "--head", "zero") for sp, j in grid]),
         Family(f"extensions: {each(ALGORITHMS)} x splits {splits(s['extension_splits'])}, dense, "
                f"J={s['extension_j']}", "fedavg dense",

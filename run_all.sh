@@ -264,7 +264,7 @@ print_estimate() {  # per stage and in total: runs still to do, their images and
   local stage n fb f ms total_n=0 total_fb=0 total_f=0 total_ms=0 line
   echo "# runs still to do, the images they will process (an estimate: each script's image_passes) and their time here"
   for line in "${SAY[@]}"; do echo "# $line"; done
-  for stage in centralized model_editing "fedavg dense" "fedavg sparse"; do
+  for stage in centralized model_editing "fedavg dense" "fedavg sparse" "fedavg head"; do
     n=0 fb=0 f=0 ms=0
     for i in "${TODO[@]}"; do
       [[ ${STAGE[i]} == "$stage" ]] || continue
@@ -340,7 +340,7 @@ write_plan() {  # every run of this study, in run order, for summarize.py (what 
   fi
   printf '%s\n' "$new" ${old:+"$old"} | write_file "$plan"
 }
-PLAN_STAGES="centralized,model_editing,fedavg dense,fedavg sparse"
+PLAN_STAGES="centralized,model_editing,fedavg dense,fedavg sparse,fedavg head"
 PLAN_RUN_RE='^[A-Za-z0-9_.=,+-]+(/[A-Za-z0-9_.=,+-]+)*$'  # a run's folder below the root, as the scripts name it
 
 lock_study

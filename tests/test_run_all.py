@@ -27,7 +27,7 @@ from conftest import ROOT, TINY
 from helpers import assert_usage_error, backbone_file
 
 SCRIPT = os.path.join(ROOT, "run_all.sh")
-STAGES = ["centralized", "model_editing", "fedavg dense", "fedavg sparse"]
+STAGES = ["centralized", "model_editing", "fedavg dense", "fedavg sparse", "fedavg head"]
 # A tiny study on the CPU: 600 synthetic images is the smallest set that leaves a validation image per
 # class. Its time goes mostly into starting 17 processes (importing torch, timm, matplotlib), not compute.
 SMALL = TINY + ["--synthetic-size", "600", "--batch-size", "16"]
@@ -72,6 +72,8 @@ def run_key(script, a):
     if script == "model_editing.py":
         return "model_editing", (a.rule, a.sparsity, a.calib_rounds)
     split = a.split
+    if a.train == "head":
+        return "fedavg head", (split, a.j, a.head)
     if a.sparse:
         return "fedavg sparse", (split, a.j, a.rule, a.sparsity, a.calib_rounds)
     return "fedavg dense", (split, a.j)
@@ -160,6 +162,7 @@ def expected_grid(s):
                          | {(sp, 4, r, *default) for sp in s["rule_splits"] for r in s["rules"]}
                          | {(s["ablation_split"], 4, "least-sensitive", sp, r)
                             for sp in s["fed_sparsities"] for r in s["fed_calibs"]},
+        "fedavg head": {(sp, j, "zero") for sp in s["splits"] for j in s["js"]},  # the head-only baseline
     }
 
 
@@ -196,8 +199,8 @@ def test_a_new_mask_rule_or_split_changes_the_study_and_its_table_in_one_place(t
     new = [w for w in after if w not in before]
     assert all("mean-gradient" in words or "--dirichlet" in words for _, _, words in new)
     # the rule: an editing run and one per rule split in sparse FedAvg; the split: dense and sparse FedAvg
-    # at every J
-    assert len(new) == len(after) - len(before) == 1 + len(s["rule_splits"]) + 2 * len({4, *s["js"]})
+    # at every J, and the head-only baseline at every J of the sweep
+    assert len(new) == len(after) - len(before) == 1 + len(s["rule_splits"]) + 2 * len({4, *s["js"]}) + len(s["js"])
     assert f"**{len(after)}**" in grown and f"**{len(before)}**" in table
     assert planned(tmp_path, quick=False) == before
 
@@ -258,13 +261,15 @@ def test_dry_run_lists_the_planned_grid_and_counts_its_runs_and_images(tmp_path,
         images[run_key(script, a)[0]][1] += f
     for s in STAGES:
         assert counted[s][1:] == tuple(images[s])
-        assert counted[s][2] > 0 and (counted[s][1] > 0) == (s != "centralized")  # a probe trains no backbone
+        assert counted[s][2] > 0 and (counted[s][1] > 0) == (s not in ("centralized", "fedavg head"))  # these train no backbone
     assert counted["total"] == tuple(sum(counted[s][k] for s in STAGES) for k in range(3))
 
 
 def table_rows(table):
     """README's grid table -> [(family, stage, per seed, quick)] and the totals (full, quick)."""
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    lines = table.splitlines()[2:]
+    lines = lines[:next((i for i, line in enumerate(lines) if line.startswith("| *with --")), len(lines))]  # opt-in groups
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     total = next(r for r in rows if r[0] == "**total**")
     return ([(r[0], r[1], int(r[2]), int(r[3])) for r in rows if r[1]],
             (int(total[2].split("**")[1]), int(total[3].strip("*"))))
@@ -321,7 +326,7 @@ def test_a_grid_file_runs_per_seed_through_the_same_machinery(tmp_path):
     assert [[s, *w] for s, _, w in listed_runs(proc.stdout)] == \
         [[*line, *common_flags(seed)] for seed in (0, 1) for line in lines]
     counted = stage_lines(proc.stdout)
-    assert [counted[s][0] for s in STAGES] == [0, 2, 2, 0]
+    assert [counted[s][0] for s in STAGES] == [0, 2, 2, 0, 0]
 
     runs = planned(results, TINY, seeds=(0, 1), grid=str(grid))
     env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": fake_map(tmp_path, runs),
@@ -599,7 +604,8 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
     kinds = {}
     for path in finished:
         r = json.loads(path.read_text())
-        kind = r["stage"] + (" sparse" if r.get("sparse") else " dense" if r["stage"] == "fedavg" else "")
+        kind = r["stage"] + (" sparse" if r.get("sparse") else " head" if r.get("train") == "head"
+                             else " dense" if r["stage"] == "fedavg" else "")
         kinds[kind] = kinds.get(kind, 0) + 1
     assert kinds == {stage: len(keys) for stage, keys in expected_grid(plan.QUICK).items()}
     assert all(p.parent.name == "seed0" for p in finished)  # the quick study's default seed
