@@ -1031,6 +1031,12 @@ def plot_agreement(path, dense, sparse, title):
     plumbing.save_figure(fig, path)
 
 
+def head_tag(head):
+    """A plot name's part for a head source other than the first one seen: '_head-zero', or for a head file
+    its run name (plumbing.file_tag)."""
+    return "_head-" + (head if head in ("ridge", "warmup", *common.FRESH_HEADS) else plumbing.file_tag(head))
+
+
 def fedavg_plots(runs, shown, out_dir):
     """Curves for every setup with a split × J table; heatmap and agreement for each head's main setups."""
     paths, tags = [], {}
@@ -1040,7 +1046,7 @@ def fedavg_plots(runs, shown, out_dir):
     def plain_tag(key):
         tag = ("dense" if not key.mask else "sparse") if key in mains[key.head] else \
             ("train-" + key.train if not key.mask else "sparse-" + mask_name(key.mask))
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", tag + (f"_head{heads.index(key.head)}" if key.head != heads[0] else ""))
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", tag + (head_tag(key.head) if key.head != heads[0] else ""))
     shared = collections.Counter(plain_tag(key) for key in shown)
     for key in shown:
         tag = plain_tag(key)
@@ -1056,7 +1062,7 @@ def fedavg_plots(runs, shown, out_dir):
             plot_curves(paths[-1], by_split, f"FedAvg J={j}, " + setup_name(key).replace("; ", "\n"))
     for i, head in enumerate(heads):
         dense, sparse = ([r for r in runs if setup(r) == k] for k in mains[head])
-        suffix = f"_head{i}" if i else ""
+        suffix = head_tag(head) if i else ""
         if dense and sparse:
             paths.append(os.path.join(out_dir, f"fedavg_heatmap{suffix}.png"))
             plot_heatmap(paths[-1], dense, sparse, f"FedAvg final test accuracy (%), head {head}; "

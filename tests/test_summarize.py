@@ -686,8 +686,8 @@ def test_the_zero_head_family_and_new_keys_are_read(tmp_path):
     assert table(report, "FedAvg, dense; head ridge")["IID"] == [pm(0.75)]
     assert not [t for t in md_tables(report) if t.startswith("The six models (head zero)")]  # nothing sparse there
     out = tmp_path / "summary"
-    assert {"fedavg_train-head_head1_j4.png", "fedavg_train-head_head1_j8.png", "fedavg_dense_j4.png"} <= \
-        {p.name for p in out.iterdir()}  # head1: the second head seen (the ridge run's folder sorts first)
+    assert {"fedavg_train-head_head-zero_j4.png", "fedavg_train-head_head-zero_j8.png", "fedavg_dense_j4.png"} <= \
+        {p.name for p in out.iterdir()}  # named by its head: not the first head seen (the ridge run sorts first)
 
 
 def test_the_six_models_pair_the_sgd_probe_with_editing_from_its_head(tmp_path, no_plots):
