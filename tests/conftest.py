@@ -22,8 +22,9 @@ TINY = ["--dataset", "synthetic", "--arch", "test_vit", "--no-pretrained", "--im
 
 # The slow tests, left out of the fast lane (`python -m pytest -m "not slow"`, for the edit-test loop);
 # the full suite runs them all. A file's name marks all of it, FILE::TEST one test (and its parameters).
-# Chosen by measured duration (pytest --durations on the busy 2-core machine, 2026-12-02): every test
-# that took 13 s or more there (about 3 s on an idle machine): whole runs, studies, signals, benchmarks.
+# Chosen by measured duration (pytest --durations, 2026-12-02): every test that took 13 s or more on the
+# busy 2-core machine, then every other one that took 1 s or more on the idle machine: whole runs,
+# studies, signals, benchmarks.
 SLOW = [
     "test_run_all.py",
     "test_dynamics.py",
@@ -72,6 +73,37 @@ SLOW = [
     "test_safety.py::test_stale_temporaries_are_cleaned_and_a_dir_holding_only_them_is_empty",
     "test_summarize.py::test_summary_plots_in_percent_with_integer_rounds_error_bars_and_two_decimals",
     "test_summarize.py::test_plots_heatmap_curves_and_agreement",
+    # measured 2026-12-02 on an idle 2-core machine: 1 s or more each in the fast lane
+    "test_run_all_safety.py::test_only_well_formed_lines_of_an_old_plan_are_carried_into_the_new_one",
+    "test_run_all_safety.py::test_a_non_ascii_root_under_lc_all_c_is_quoted_so_python_reads_it",
+    "test_run_all_safety.py::test_a_link_at_a_runs_log_is_refused_before_the_first_run",
+    "test_run_all_safety.py::test_a_dry_run_reads_a_weights_file_and_makes_no_stand_in",
+    "test_run_all_safety.py::test_a_tab_or_newline_in_a_config_key_keeps_the_plan_whole",
+    "test_run_all_safety.py::test_a_root_with_glob_characters_is_summarized",
+    "test_heads.py::test_fedavg_learns_a_zero_head_and_iid_learns_more_than_one_class_per_client",
+    "test_run_all_safety.py::test_temporary_names_in_the_root_steer_no_write",
+    "test_run_all_safety.py::test_a_dry_run_says_that_cifar100_is_missing_offline",
+    "test_run_all_safety.py::test_results_starting_with_a_dash_is_a_folder_not_a_flag",
+    "test_safety.py::test_ctrl_c_checkpoints_at_the_round_boundary_exits_130_and_resumes_to_the_same_run",
+    "test_faults.py::test_racing_starts_give_one_writer_and_leave_the_winners_files",
+    "test_run_all_safety.py::test_a_stop_before_the_first_run_ends_the_planner_quietly_and_leaves_no_root",
+    "test_algorithms.py::test_an_algorithm_at_its_neutral_setting_is_fedavg_bit_for_bit",
+    "test_run_all_safety.py::test_a_run_behind_a_wrapper_that_does_not_exec_lives_and_dies_with_run_all",
+    "test_algorithms.py::test_scaffold_state_survives_a_resume_across_the_head_warmup",
+    "test_heads.py::test_a_zero_head_run_resumes_bit_exact",
+    "test_faults.py::test_a_fifo_in_a_root_does_not_hang_summarize_and_a_c_locale_writes_utf8",
+    "test_algorithms.py::test_every_algorithm_resumes_bit_for_bit_and_keeps_masked_entries",
+    "test_splits.py::test_every_flag_that_defines_a_run_names_its_directory",
+    "test_heads.py::test_round_0_records_the_heads_accuracy_on_clean_and_augmented_training_images",
+    "test_summarize.py::test_sparse_evaluations_are_points_and_editing_plots_show_differences",
+    "test_safety.py::test_a_resumed_editing_run_says_the_epoch_and_step_it_continues_from",
+    "test_faults.py::test_summarize_leaves_out_crafted_files_with_a_warning_each",
+    "test_heads.py::test_augmented_ridge_is_fitted_on_the_views_and_federated_equals_central",
+    "test_heads.py::test_no_gap_is_measured_without_augmentation",
+    "test_faults.py::test_links_in_a_results_root_never_steer_a_write_outside_it",
+    "test_faults.py::test_a_stop_while_building_the_stand_in_or_the_data_says_so_and_writes_nothing",
+    "test_splits.py::test_a_dirichlet_run_names_its_split_everywhere",
+    "test_faults.py::test_one_word_for_the_precision_and_runs_that_wrote_off_still_resume",
 ]
 
 
