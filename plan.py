@@ -103,6 +103,13 @@ def parse_run(line):
     return name, args
 
 
+def stage_of(name, args):
+    """run_all.sh's stage of a run of script name with these parsed flags (its counts and estimate)."""
+    if name != "fedavg":
+        return name
+    return "fedavg " + ("sparse" if args.sparse else "head" if args.train == "head" else "dense")
+
+
 def run_state(args):
     """'todo', 'done' (args.out holds a finished run of these flags), or, when it holds a finished run of
     other flags, how it differs ('differs in lr, epochs'): run_all.sh neither counts such a run as done nor
@@ -264,8 +271,7 @@ def read_grid(path, results, extra):
             raise plumbing.UserError(f"--grid {path}, line {n}: the same run directory as line {dirs[args.out]} "
                                      f"({args.out}); give the two runs flags that their run names tell apart")
         dirs[args.out] = n
-        stage = f"fedavg {'sparse' if args.sparse else 'dense'}" if name == "fedavg" else name
-        runs.append((stage, f"{name}.py", words[1:]))
+        runs.append((stage_of(name, args), f"{name}.py", words[1:]))
     if not runs:
         raise plumbing.UserError(f"--grid {path}: no run in it (one a line, e.g. 'fedavg.py --nc 5 --j 4')")
     return runs

@@ -318,27 +318,29 @@ def test_a_grid_file_runs_per_seed_through_the_same_machinery(tmp_path):
     are the recorded settings, so another grid on the same root is refused."""
     results, log, grid = tmp_path / "runs", tmp_path / "calls.log", tmp_path / "grid.txt"
     grid.write_text("# my grid\n\nfedavg.py --nc 5 --j 4 --lr 0.001  # a lower rate\n"
-                    "  model_editing.py --rule random --epochs 1\n")
-    lines = [["fedavg.py", "--nc", "5", "--j", "4", "--lr", "0.001"], ["model_editing.py", "--rule", "random", "--epochs", "1"]]
+                    "  model_editing.py --rule random --epochs 1\nfedavg.py --iid --train head --head zero\n")
+    lines = [["fedavg.py", "--nc", "5", "--j", "4", "--lr", "0.001"], ["model_editing.py", "--rule", "random", "--epochs", "1"],
+             ["fedavg.py", "--iid", "--train", "head", "--head", "zero"]]
     proc = run_all("--dry-run", "--slurm", "--grid", str(grid), "--seeds", "0,1", "--", *TINY, results=results)
     assert proc.returncode == 0, proc.stderr
     common_flags = lambda seed: ["--results", str(results), "--seed", str(seed), "--resume", "--deterministic", *TINY]
     assert [[s, *w] for s, _, w in listed_runs(proc.stdout)] == \
         [[*line, *common_flags(seed)] for seed in (0, 1) for line in lines]
     counted = stage_lines(proc.stdout)
-    assert [counted[s][0] for s in STAGES] == [0, 2, 2, 0, 0]
+    assert [counted[s][0] for s in STAGES] == [0, 2, 2, 0, 2]  # a head-only line is the stage 'fedavg head'
 
     runs = planned(results, TINY, seeds=(0, 1), grid=str(grid))
     env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": fake_map(tmp_path, runs),
            "FAKE_ESTIMATE": "1"}
     proc = run_all("--grid", str(grid), "--seeds", "0,1", "--", *TINY, results=results, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert [c[0] for c in calls(log)] == ["fedavg.py", "model_editing.py"] * 2 + ["summarize.py"]
+    assert [c[0] for c in calls(log)] == ["fedavg.py", "model_editing.py", "fedavg.py"] * 2 + ["summarize.py"]
     assert (results / "run_all.settings").read_text() == \
         f"grid=file: {'; '.join(map(shlex.join, lines))} extra={shlex.join(TINY)}\n"
-    assert len((results / "run_all.plan").read_text().splitlines()) == 4
+    assert [line.split("\t")[0] for line in (results / "run_all.plan").read_text().splitlines()] == \
+        ["fedavg dense", "model_editing", "fedavg head"] * 2
     proc = run_all("--grid", str(grid), "--seeds", "0,1", "--", *TINY, results=results, env=env)
-    assert proc.returncode == 0 and proc.stdout.count("skip (done): ") == 4
+    assert proc.returncode == 0 and proc.stdout.count("skip (done): ") == 6
     grid.write_text("fedavg.py --nc 5 --j 8\n")  # another grid: another study
     assert "other settings (grid=file: fedavg.py --nc 5 --j 4" in assert_usage_error(
         run_all("--grid", str(grid), "--", *TINY, results=results, env=env))
