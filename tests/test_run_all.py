@@ -1,6 +1,6 @@
 """run_all.sh and its planner plan.py: the grid it lists, in its order, and what it costs (--dry-run,
---describe-runs, --prefetch, the probe's estimate), a quick study end to end (killed, resumed, then nothing
-to redo), a finished run of other flags, the settings file, the study lock, --gpus and --per-gpu, SLURM
+--describe-runs, --prefetch, the probe's estimate), the quick study's core end to end (killed, resumed, then
+nothing to redo, then summarized), a finished run of other flags, the settings file, the study lock, --gpus and --per-gpu, SLURM
 submission and its task script, bad input."""
 import io
 import json
@@ -545,12 +545,28 @@ def alive(pid):
         return False
 
 
-def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
+def quick_core_grid(path):
+    """The quick study's core (centralized, the default editing run, dense and sparse FedAvg at J=4 on each
+    split) and its first head-only run, as a grid file: every stage of the quick study at its sizes, in 7
+    real runs instead of 21 (the other 14 differ from these in one flag's value: the dry-run tests parse
+    them with the scripts' own flags, and each flag has its own tests). -> [(stage, script, flags)]."""
+    fams = plan.families(plan.QUICK)
+    core = [(f.stage, *run) for f in fams[:4] for run in f.runs]
+    head = next(f for f in fams if f.stage == "fedavg head")
+    runs = core + [(head.stage, *head.runs[0])]
+    path.write_text("".join(shlex.join([script, *flags]) + "\n" for _, script, flags in runs))
+    return runs
+
+
+def test_a_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
     results, log = tmp_path / "runs", tmp_path / "calls.log"
+    grid = quick_core_grid(tmp_path / "core.txt")
+    n = len(grid)
+    assert {stage for stage, _, _ in grid} == set(STAGES) and n == 7
     # the estimate answers at once: its probe is test_dry_run_estimates_the_time_from_a_probe's
     env = {"PYTHON": fake_python(tmp_path, runs="real"), "FAKE_LOG": str(log), "CUDA_VISIBLE_DEVICES": "0,1",
            "FAKE_ESTIMATE": "1"}
-    argv = ["--quick", "--gpus", "2", "--", *SMALL]  # two at a time, on the CPU (--device cpu)
+    argv = ["--grid", str(tmp_path / "core.txt"), "--seeds", "0", "--gpus", "2", "--", *SMALL]  # two at a time
     full_env = {**os.environ, "RESULTS": str(results), **env}
 
     # SIGKILL run_all.sh while runs are going (after at least one finished): its children must not go on
@@ -589,19 +605,19 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
     assert stopped and all(not os.path.exists(os.path.join(r, "result.json")) for r, log in zip(runs, logs)
                            if log in stopped)
     finished_before = len(list(results.rglob("result.json")))
-    assert 0 < finished_before < QUICK_N
+    assert 0 < finished_before < n
 
     # the same command continues the study
     proc = run_all(*argv, results=results, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("skip (done): ") == finished_before
-    assert sum(line.startswith("run: ") for line in proc.stdout.splitlines()) == QUICK_N - finished_before
+    assert sum(line.startswith("run: ") for line in proc.stdout.splitlines()) == n - finished_before
     # the estimate before the first run, one progress line after each
-    total = f"total: {QUICK_N - finished_before} runs, "
+    total = f"total: {n - finished_before} runs, "
     assert [line for line in proc.stdout.splitlines() if line.startswith(total)][0].endswith(" with 2 run(s) at once")
     progress = [line for line in proc.stdout.splitlines() if line.startswith("progress: ")]
-    assert len(progress) == QUICK_N - finished_before and " left" in progress[-1]
-    assert progress[-1].startswith(f"progress: {QUICK_N - finished_before}/{QUICK_N - finished_before} runs finished, ")
+    assert len(progress) == n - finished_before and " left" in progress[-1]
+    assert progress[-1].startswith(f"progress: {n - finished_before}/{n - finished_before} runs finished, ")
     finished = sorted(results.rglob("result.json"))
     kinds = {}
     for path in finished:
@@ -609,12 +625,12 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
         kind = r["stage"] + (" sparse" if r.get("sparse") else " head" if r.get("train") == "head"
                              else " dense" if r["stage"] == "fedavg" else "")
         kinds[kind] = kinds.get(kind, 0) + 1
-    assert kinds == {stage: len(keys) for stage, keys in expected_grid(plan.QUICK).items()}
-    assert all(p.parent.name == "seed0" for p in finished)  # the quick study's default seed
-    assert len(list((results / "logs").glob("*.log"))) == QUICK_N
+    assert kinds == {stage: sum(s == stage for s, _, _ in grid) for stage in STAGES}
+    assert all(p.parent.name == "seed0" for p in finished)
+    assert len(list((results / "logs").glob("*.log"))) == n
     assert calls(log)[-1][:1] == ["summarize.py"] and calls(log)[-1][-1] == str(results)
     assert all(c[2] != "unset" for c in calls(log) if c[0] != "summarize.py")  # RUN_ALL_PID for every run
-    assert (results / "run_all.settings").read_text().startswith("grid=quick extra=--dataset synthetic")
+    assert (results / "run_all.settings").read_text().startswith("grid=file: centralized.py --grid ")
     # the real summary of the real study: every table in LaTeX, the heatmap, the agreement plot
     summarize.main([str(results)])
     check_latex((results / "summary" / "tables.tex").read_text())
@@ -623,13 +639,13 @@ def test_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
     for png in ("fedavg_heatmap.png", "fedavg_agreement_j4.png"):
         assert (results / "summary" / png).stat().st_size > 1000, png
     rows = (results / "summary" / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + QUICK_N
+    assert len(rows) == 1 + n
 
     # again: every run is skipped, none is touched
     mtimes = {p: p.stat().st_mtime_ns for p in finished}
     proc = run_all(*argv, results=results, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("skip (done): ") == QUICK_N and "run: " not in proc.stdout
+    assert proc.stdout.count("skip (done): ") == n and "run: " not in proc.stdout
     assert {p: p.stat().st_mtime_ns for p in results.rglob("result.json")} == mtimes
     # (the same root with other settings is refused: test_settings_are_recorded_only_once_a_run_succeeded)
 
