@@ -107,6 +107,24 @@ SLOW = [
 ]
 
 
+@pytest.fixture(scope="session")
+def standin_dir(tmp_path_factory):
+    """A data dir holding every stand-in backbone (common.STANDINS), pretrained once per test run (seconds
+    each): the pytest-xdist workers share it, the first one there pretrains and a lock makes the others wait,
+    instead of each pretraining its own. Runs cache their features there too (written whole, so a reader
+    never sees half a file)."""
+    import fcntl
+    import common
+    base = tmp_path_factory.getbasetemp()  # a worker's own folder under the run's, with xdist
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "standins"
+    root.mkdir(exist_ok=True)
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        for name in common.STANDINS:
+            common.standin_weights(name, str(root))
+    return str(root)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
     """With pytest-xdist installed (requirements.txt), the suite runs one worker per CPU core unless -n

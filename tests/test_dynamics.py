@@ -19,13 +19,10 @@ SCRIPTS = {"centralized.py": centralized, "model_editing.py": model_editing, "fe
 STANDIN = [f for f in TINY if f != "--no-pretrained"]  # the default --synthetic-size 5000: 45 images a client
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """One data dir for the module: the stand-ins are pretrained once (seconds) and cached there."""
-    d = tmp_path_factory.mktemp("data")
-    for name in common.STANDINS:
-        common.standin_weights(name, str(d))
-    return str(d)
+@pytest.fixture
+def data_dir(standin_dir):
+    """The suite's data dir with the stand-ins (conftest.standin_dir: pretrained once for all the tests)."""
+    return standin_dir
 
 
 def run(tmp_path, data_dir, script, name, *flags):

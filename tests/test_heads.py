@@ -18,12 +18,10 @@ STANDIN = [f for f in TINY if f != "--no-pretrained"]
 FAST = TINY + ["--synthetic-size", "2000", "--k", "10", "--c", "0.5", "--batch-size", "32"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """One data dir for the module: the stand-in is pretrained once (seconds) and cached there."""
-    d = tmp_path_factory.mktemp("data")
-    common.standin_weights("standin-sharp", str(d))
-    return str(d)
+@pytest.fixture
+def data_dir(standin_dir):
+    """The suite's data dir with the stand-ins (conftest.standin_dir: pretrained once for all the tests)."""
+    return standin_dir
 
 
 def rows_of(out):

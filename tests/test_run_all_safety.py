@@ -14,6 +14,7 @@ import time
 import pytest
 
 import fedavg
+import plan
 import plumbing
 from conftest import ROOT, TINY
 from helpers import assert_usage_error, parse_refused
@@ -195,8 +196,8 @@ def test_the_scripts_take_no_abbreviated_flag(capsys):
 @pytest.mark.parametrize("key", ["a\tb", "a\nb"])
 def test_a_tab_or_newline_in_a_config_key_keeps_the_plan_whole(tmp_path, key):
     results = tmp_path / "runs"
-    dry = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results)
-    out = listed_runs(dry.stdout)[2][1].out
+    _, script, words = planned(results, TINY)[2]  # the third run of the quick study
+    out = plan.parse_run(shlex.join([script, *words]))[1].out
     os.makedirs(out)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({key: 1}, f)
