@@ -461,14 +461,17 @@ progress() {  # runs finished / to do, elapsed, and the estimate of the rest cor
        "$(hms $((SECONDS - T_START))) elapsed$left"
 }
 
-free_slot() {  # sets FREE to an idle slot, waiting for a run to finish if there is none
-  local g
+free_slot() {  # sets FREE to an idle slot, waiting for a run to finish if there is none: it looks every
+               # 0.05 s at first, then less often, up to every second (short runs go on at once, long
+               # ones cost no CPU); `wait -n` would need bash 4.3, and its -p bash 5.1
+  local g k=0 naps=(0.05 0.05 0.1 0.2 0.5 1)
   while true; do
     for ((g = 0; g < SLOTS; g++)); do
       if [[ -n ${SLOT_PID[g]} ]] && ! kill -0 "${SLOT_PID[g]}" 2> /dev/null; then reap "$g"; fi
       if [[ -z ${SLOT_PID[g]} ]]; then FREE=$g; return; fi
     done
-    sleep 0.2
+    sleep "${naps[k]}"
+    ((k < ${#naps[@]} - 1)) && ((k += 1)) || true
   done
 }
 
