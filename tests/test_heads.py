@@ -18,12 +18,6 @@ STANDIN = [f for f in TINY if f != "--no-pretrained"]
 FAST = TINY + ["--synthetic-size", "2000", "--k", "10", "--c", "0.5", "--batch-size", "32"]
 
 
-@pytest.fixture
-def data_dir(standin_dir):
-    """The suite's data dir with the stand-ins (conftest.standin_dir: pretrained once for all the tests)."""
-    return standin_dir
-
-
 def rows_of(out):
     with open(out / "metrics.csv") as f:
         return list(csv.DictReader(f))
@@ -35,21 +29,21 @@ def result_of(out):
 
 # ----------------------------------------------------------------------------- --head zero / random
 
-def zero_head_run(tmp_path, data_dir, name, *flags):
+def zero_head_run(tmp_path, standin_dir, name, *flags):
     out = tmp_path / name
-    fedavg.main(STANDIN + ["--data-dir", data_dir, "--weights", "standin-sharp", "--synthetic-size", "2000",
+    fedavg.main(STANDIN + ["--data-dir", standin_dir, "--weights", "standin-sharp", "--synthetic-size", "2000",
                            "--train", "head", "--head", "zero", "--rounds", "20", "--eval-every", "10",
                            "--out", str(out), *flags])
     return result_of(out), [float(r["val_acc"]) for r in rows_of(out) if r["val_acc"]]
 
 
-def test_fedavg_learns_a_zero_head_and_iid_learns_more_than_one_class_per_client(tmp_path, data_dir):
+def test_fedavg_learns_a_zero_head_and_iid_learns_more_than_one_class_per_client(tmp_path, standin_dir):
     """The federated baseline: a zero head (every logit 0: class 0 for every image, 1% on 100 balanced
     classes) that FedAvg's head-only rounds train on the frozen stand-in, at the default --head-lr.
     standin-sharp: its features separate the classes, so an SGD head learns in tens of rounds (on
     standin an SGD head learns slowly, centralized too: README)."""
-    iid, val_iid = zero_head_run(tmp_path, data_dir, "iid")
-    nc1, val_nc1 = zero_head_run(tmp_path, data_dir, "nc1", "--nc", "1")
+    iid, val_iid = zero_head_run(tmp_path, standin_dir, "iid")
+    nc1, val_nc1 = zero_head_run(tmp_path, standin_dir, "nc1", "--nc", "1")
     assert val_iid[0] == val_nc1[0] == pytest.approx(0.01)  # round 0: the same zero head
     assert iid["train"] == "head" and iid["head"] == "zero"  # what the run trained, where its head came from
     assert val_iid[-1] > 0.3, val_iid  # learns, far above chance

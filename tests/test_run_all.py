@@ -1,7 +1,7 @@
 """run_all.sh and its planner plan.py: the grid it lists, in its order, and what it costs (--dry-run,
 --describe-runs, --prefetch, the probe's estimate), the quick study's core end to end (killed, resumed, then
-nothing to redo, then summarized), a finished run of other flags, the settings file, the study lock, --gpus and --per-gpu, SLURM
-submission and its task script, bad input."""
+nothing to redo, then summarized), a finished run of other flags, the settings file, the study lock, --gpus
+and --per-gpu, SLURM submission and its task script, bad input."""
 import io
 import json
 import os
@@ -82,9 +82,9 @@ def run_key(script, a):
 def fake_python(tmp_path, runs="fake"):
     """A stand-in for $PYTHON. plan.py runs for real (run_all.sh asks it for run directories), except
     that with $FAKE_ESTIMATE set, `plan.py --estimate` answers at once instead of measuring: the
-    --per-gpu asked for (auto: 1), and $FAKE_ESTIMATE milliseconds per run; and with $FAKE_PREFETCH set,
-    `plan.py --prefetch` answers 'fake prefetch: ready' at once (the prefetch's own tests run it for real;
-    here it would only build the random test_vit, a new process importing timm). summarize.py is recorded and
+    --per-gpu asked for (auto: 1), and $FAKE_ESTIMATE milliseconds per run; and with runs='fake',
+    `plan.py --prefetch` answers 'fake prefetch: ready' at once (what fake runs need is nothing: the
+    prefetch's own tests and the real study run it for real). summarize.py is recorded and
     does nothing (its own tests are in test_summarize.py). A stage script is run for real with
     runs='real'; with runs='fake' it is recorded in $FAKE_LOG as 'SCRIPT CUDA_VISIBLE_DEVICES RUN_ALL_PID
     ARGS...' and 'finishes' by writing result.json and config.json into the run directory that $FAKE_MAP
@@ -101,7 +101,7 @@ if [[ $script == plan.py && $2 == --estimate && -n ${{FAKE_ESTIMATE:-}} ]]; then
   for ((i = 0; i < n; i++)); do printf 'cost\t%s\n' "$FAKE_ESTIMATE"; done
   exit 0
 fi
-if [[ $script == plan.py && $2 == --prefetch && -n ${{FAKE_PREFETCH:-}} ]]; then echo "fake prefetch: ready"; exit 0; fi
+if [[ $script == plan.py && $2 == --prefetch && {runs} == fake ]]; then echo "fake prefetch: ready"; exit 0; fi
 [[ $script != plan.py ]] || exec {sys.executable} "$@"
 echo "$script ${{CUDA_VISIBLE_DEVICES-unset}} ${{RUN_ALL_PID-unset}} ${{*:2}}" >> "$FAKE_LOG"
 [[ $script != summarize.py ]] || exit 0
@@ -334,7 +334,7 @@ def test_a_grid_file_runs_per_seed_through_the_same_machinery(tmp_path):
 
     runs = planned(results, TINY, seeds=(0, 1), grid=str(grid))
     env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": fake_map(tmp_path, runs),
-           "FAKE_ESTIMATE": "1", "FAKE_PREFETCH": "1"}
+           "FAKE_ESTIMATE": "1"}
     proc = run_all("--grid", str(grid), "--seeds", "0,1", "--", *TINY, results=results, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [c[0] for c in calls(log)] == ["fedavg.py", "model_editing.py", "fedavg.py"] * 2 + ["summarize.py"]
@@ -407,7 +407,7 @@ def test_a_finished_run_counts_as_done_only_with_the_flags_of_the_study(tmp_path
     assert prefetch == [shlex.join([sys.executable, os.path.join(ROOT, "plan.py"), "--prefetch", "--", *flags])]
 
     # running: the other run is left alone, reported at the end, and the summary does not count it
-    env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_ESTIMATE": "1", "FAKE_PREFETCH": "1",
+    env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_ESTIMATE": "1",
            "FAKE_MAP": fake_map(tmp_path, first)}
     mtime = os.stat(os.path.join(other.out, "result.json")).st_mtime_ns
     proc = run_all("--quick", "--", *flags, results=results, env=env)
@@ -658,7 +658,7 @@ def test_a_quick_study_killed_then_resumed_then_nothing_to_redo(tmp_path):
 def test_sigterm_stops_the_running_runs_and_exits_130_and_a_second_study_on_the_root_is_refused(tmp_path):
     results, log = tmp_path / "runs", tmp_path / "calls.log"
     env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_WAIT": "1", "FAKE_MAP": "/dev/null",
-           "CUDA_VISIBLE_DEVICES": "0,1", "FAKE_ESTIMATE": "1", "FAKE_PREFETCH": "1"}
+           "CUDA_VISIBLE_DEVICES": "0,1", "FAKE_ESTIMATE": "1"}
     proc = subprocess.Popen(["bash", SCRIPT, "--quick", "--gpus", "2", "--", *TINY],
                             env={**os.environ, "RESULTS": str(results), **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -685,8 +685,7 @@ def test_settings_are_recorded_only_once_a_run_succeeded(tmp_path):
     runs = [planned(results, f) for f in (typo, good)]
     maps = fake_map(tmp_path, *runs)
     env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": maps, "FAIL_IF": "77",
-           "FAIL_STATUS": str(plumbing.DIVERGED_EXIT), "CUDA_VISIBLE_DEVICES": "5,7", "FAKE_ESTIMATE": "1",
-           "FAKE_PREFETCH": "1"}
+           "FAIL_STATUS": str(plumbing.DIVERGED_EXIT), "CUDA_VISIBLE_DEVICES": "5,7", "FAKE_ESTIMATE": "1"}
 
     proc = run_all("--quick", "--gpus", "2", "--", *typo, results=results, env=env)  # every run fails (diverges)
     assert proc.returncode == 1
@@ -724,7 +723,7 @@ def test_gpus_beyond_the_visible_ones_are_refused(tmp_path):
         return subprocess.run(["bash", SCRIPT, "--dry-run", "--quick", "--gpus", gpus, "--", *TINY],
                               capture_output=True, text=True,
                               env={**env, "RESULTS": str(results), "PYTHON": fake_python(tmp_path),
-                                   "FAKE_ESTIMATE": "1", "FAKE_PREFETCH": "1", **extra})
+                                   "FAKE_ESTIMATE": "1", **extra})
     assert "only 2 GPU(s) visible" in assert_usage_error(go("3"))  # nvidia-smi -L: 2
     assert "only 0 GPU(s) visible" in assert_usage_error(go("1", CUDA_VISIBLE_DEVICES=""))  # empty: none
     assert "only 1 GPU(s) visible" in assert_usage_error(go("2", CUDA_VISIBLE_DEVICES="3"))
@@ -741,8 +740,7 @@ def test_per_gpu_packs_that_many_runs_on_each_gpu_and_never_more(tmp_path):
     """Fake GPUs 0 and 1, --gpus 2 --per-gpu 2, the runs on the CPU: four at once, two on each device."""
     results, log = tmp_path / "runs", tmp_path / "calls.log"
     env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": fake_map(tmp_path, planned(results, TINY)),
-           "FAKE_SLEEP": "0.5", "FAKE_ESTIMATE": "60000", "FAKE_PREFETCH": "1",
-           "CUDA_VISIBLE_DEVICES": "0,1"}  # 1 min a run
+           "FAKE_SLEEP": "0.5", "FAKE_ESTIMATE": "60000", "CUDA_VISIBLE_DEVICES": "0,1"}  # 1 min a run
     proc = run_all("--quick", "--gpus", "2", "--per-gpu", "2", "--", *TINY, results=results, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     running, most = {}, {}  # device -> runs going now / at most; from the log, in order
@@ -840,7 +838,7 @@ def test_slurm_submits_one_throttled_array_and_a_summary_after_it(tmp_path):
     flags = TINY
     env = {"PATH": f"{sbatch_on_path(tmp_path)}:{os.environ['PATH']}", "SBATCH_LOG": str(sub_log),
            "PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "SBATCH_ACCOUNT": "proj1",
-           "FAKE_MAP": fake_map(tmp_path, planned(results, flags)), "FAKE_PREFETCH": "1"}
+           "FAKE_MAP": fake_map(tmp_path, planned(results, flags))}
     proc = run_all("--slurm", "--quick", "--max-parallel", "3", "--partition", "gpu", "--time", "2:00:00",
                    "--", *flags, results=results, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -879,8 +877,7 @@ def test_slurm_submits_one_throttled_array_and_a_summary_after_it(tmp_path):
 def test_slurm_task_passes_the_warning_signal_to_the_run_and_requeues_itself(tmp_path):
     results, log = tmp_path / "runs", tmp_path / "calls.log"
     env = {"PATH": f"{sbatch_on_path(tmp_path)}:{os.environ['PATH']}", "SBATCH_LOG": str(tmp_path / "sbatch.log"),
-           "PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": "/dev/null",
-           "FAKE_PREFETCH": "1"}
+           "PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": "/dev/null"}
     proc = run_all("--slurm", "--quick", "--", *TINY, results=results, env=env)
     assert proc.returncode == 0, proc.stderr
     array = json.loads((tmp_path / "sbatch.log").read_text().splitlines()[0])[1:]

@@ -25,7 +25,7 @@ def fake_env(tmp_path, *runs):
     """The environment of a study of fake runs (test_run_all.fake_python), for these planned runs (lists of
     test_run_all.planned())."""
     return {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_ESTIMATE": "1",
-            "FAKE_PREFETCH": "1", "FAKE_MAP": fake_map(tmp_path, *runs)}
+            "FAKE_MAP": fake_map(tmp_path, *runs)}
 
 
 def fake_study(tmp_path, results, *argv, env=None, seeds="0"):
