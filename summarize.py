@@ -253,7 +253,7 @@ def once_each(runs):
 # named in the titles (mark_flags).
 SHOWN = {"centralized": {"seed"},  # the chosen hyperparameters are in the table; the flags are not
          "model_editing": {"seed", "rule", "sparsity", "calib_rounds", "mask", "head", "score"},
-         "fedavg": {"seed", "iid", "nc", "dirichlet", "j", "train", "head", "k", "c", "warmup_rounds", "score",
+         "fedavg": {"seed", *splits.NAME_FLAGS, "j", "train", "head", "k", "c", "warmup_rounds", "score",
                     "sparse", "mask", "rule", "sparsity", "calib_rounds"}}
 
 
