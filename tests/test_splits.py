@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import centralized
-import common
 import fedavg
 import model_editing
 import plumbing
