@@ -752,7 +752,8 @@ def main(argv=None):
     per_client = values_per_client(trained_params(model, mask, args.train == "head"), mask, args)
     result = {"stage": "fedavg", "dataset": args.dataset, "seed": args.seed, "k": args.k, "c": args.c,
               "j": args.j, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "split": args.split,
-              "label_skew": label_skew, "iid": args.iid, "nc": args.nc, "train": args.train, "sparse": args.sparse, "head": args.head,
+              "iid": args.iid, "nc": args.nc, "train": args.train, "sparse": args.sparse, "head": args.head,
+              "label_skew": label_skew,  # the shards' mean client-to-global label TV distance (splits.label_skew)
               **ckpt["head_info"],
               **{k: rows[args.warmup_rounds].get(k) for k in ("head_train_acc", "head_train_aug_acc")},
               "score": args.score if args.sparse else None,
