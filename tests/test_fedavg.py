@@ -64,12 +64,15 @@ def test_noniid_shards_on_uneven_sizes_stay_as_close_as_the_classes_allow(k, nc)
     assert holders.max() - holders.min() <= 1
 
 
-@pytest.mark.parametrize("split", [["--iid"], ["--nc", "5"], ["--dirichlet", "0.3"]])
-def test_shards_are_seeded(split):
-    """The same seed, the same shards (every client's); another seed, other shards."""
+@pytest.mark.parametrize("kind", splits.KINDS, ids=lambda kind: kind.__name__)
+def test_every_kind_s_shards_are_a_partition_and_seeded(kind):
+    """Every kind of splits.py (its example split, e.g. nc5), K = 100: every client holds a shard, each
+    sample is in exactly one; the same seed gives the same shards (every client's), another seed others."""
     y = cifar_labels(45000)
-    a, b, c = (make_shards(y, fedavg.get_args(split + ["--seed", seed])) for seed in ("1", "1", "2"))
-    assert len(a) == len(b) == len(c) == 100
+    a, b, c = (make_shards(y, fedavg.get_args(splits.split_flags(kind.example) + ["--seed", seed]))
+               for seed in ("1", "1", "2"))
+    assert len(a) == len(b) == len(c) == 100 and min(map(len, a)) > 0
+    check_partition(a, len(y))
     assert all(torch.equal(s, t) for s, t in zip(a, b))
     assert not all(torch.equal(s, t) for s, t in zip(a, c))
 

@@ -152,8 +152,9 @@ NAMES = ["iid", "nc1", "nc5", "nc100", "dir0.1", "dir1e-05", "dir0.1000001", "di
 
 
 def test_every_name_is_its_split_and_back():
-    """Name -> split -> name, flags -> split -> name, for every kind; labels and sort keys tell names apart."""
-    for name in NAMES:
+    """Name -> split -> name, flags -> split -> name, for every kind (and every kind's example); labels and
+    sort keys tell names apart."""
+    for name in NAMES + [kind.example for kind in splits.KINDS]:
         split = splits.parse_split(name)
         assert splits.canonical(name) == split.name == name
         args = fedavg.get_args(splits.split_flags(name) + (["--k", "100"] if name.startswith("nc") else []))
