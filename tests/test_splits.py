@@ -249,7 +249,8 @@ def test_label_skew_orders_the_splits_on_one_axis():
 SCRIPTS = {"fedavg": fedavg, "centralized": centralized, "model_editing": model_editing}
 # Flags some other flags need (--min-shard needs --dirichlet, --warmup-rounds --head warmup, ...)
 CONTEXTS = {"fedavg": [[], ["--j", "8"], ["--sparse"], ["--head", "warmup"], ["--train", "head"],
-                       ["--dirichlet", "0.5"], ["--aggregate", "ties"], ["--server-opt", "adam"]],
+                       ["--aggregate", "ties"], ["--server-opt", "adam"],
+                       *(splits.split_flags(kind.example) for kind in splits.KINDS if kind.more_flags)],
             "centralized": [[], ["--grid"]],
             "model_editing": [[], ["--head", "warmup"]]}
 HOW_FLAGS = {"amp", "deterministic", "compile", "eval_batch_size"}  # how a run computes, not what
