@@ -27,8 +27,9 @@ class Split:
 
     prefix   its names are prefix + value ('nc5', 'dir0.1'); a kind without a value (IID) is its prefix alone
     flag     its fedavg.py flag; the flag's dest holds the value in args and config.json
-    value_type  the flag's argparse type (a name's value is parsed with it too); None: a switch, no value
-    example  a name of this kind, for error messages
+    value_type  the flag's argparse type (a name's value is parsed with it too); None: a switch, no value;
+             valid / bounds: the values it takes (checked for the flag and for names), and in words
+    example  a name of this kind: for error messages, and the registry's tests run every kind through it
     rank     where its runs sit in tables: IID first, then the kinds from near IID to most heterogeneous
 
     and defines shards(labels, k, gen) and label. Where it has more flags than `flag` (Dirichlet's
