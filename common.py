@@ -28,57 +28,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# ----------------------------------------------------------------------------- the federated split's identity
-
-# A federated run's split of the training set over its clients is ONE value, its name: "iid", "ncN" (every
-# client holds N classes) or "dirA" (per-class client proportions drawn from Dirichlet(A)). fedavg.py's
-# flags, run names, result.json ("split"), the study's planner (plan.py) and the summary all use it.
-
-def split_name(iid=False, nc=None, dirichlet=None):
-    """The split's name from fedavg.py's flags (--iid / --nc N / --dirichlet A): 'iid', 'nc5', 'dir0.1'."""
-    if nc is not None:
-        return f"nc{nc}"
-    if dirichlet is not None:
-        return f"dir{plumbing.name_value(float(dirichlet))}"  # exact: --dirichlet 0.1 and 0.1000001 differ
-    return "iid"
-
-
-def parse_split(name):
-    """'iid' -> ('iid', None), 'nc5' -> ('nc', 5), 'dir0.1' -> ('dir', 0.1); ValueError otherwise."""
-    if name == "iid":
-        return "iid", None
-    for kind, cast in (("nc", int), ("dir", float)):
-        if name.startswith(kind):
-            try:
-                value = cast(name[len(kind):])
-            except ValueError:
-                break
-            if value > 0 and math.isfinite(value):
-                return kind, value
-    raise ValueError(f"not a split name: {name!r} (iid, ncN or dirA, e.g. nc5 or dir0.1)")
-
-
-def split_flags(name):
-    """fedavg.py's flags for a split name: 'nc5' -> ['--nc', '5']."""
-    kind, value = parse_split(name)
-    if kind == "iid":
-        return ["--iid"]
-    return ["--nc", str(value)] if kind == "nc" else ["--dirichlet", plumbing.name_value(value)]
-
-
-def split_order(name):
-    """Sort key: IID first, then Dirichlet from large alpha (near IID) to small, then Nc from many classes
-    per client to one (the most heterogeneous last)."""
-    kind, value = parse_split(name)
-    return (0, 0) if kind == "iid" else (1, -value) if kind == "dir" else (2, -value)
-
-
-def split_label(name):
-    """For titles and tables: 'IID', 'Nc=5', 'Dir(0.1)'."""
-    kind, value = parse_split(name)
-    return "IID" if kind == "iid" else f"Nc={value}" if kind == "nc" else f"Dir({value:g})"
-
-
 # ----------------------------------------------------------------------------- data
 
 def load_cifar100(data_dir, download=True):

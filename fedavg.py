@@ -1,6 +1,6 @@
 """Federated Averaging (McMahan et al. 2017) of the DINO ViT-S/16 classifier, simulated on one device.
 
-K clients hold disjoint shards of the training set (IID, or Nc classes each). Every round the server
+K clients hold disjoint shards of the training set (splits.py: IID, Nc, Dirichlet). Every round the server
 samples ceil(C*K) clients; each starts from the global model, takes J SGD-momentum steps on its own
 shard, and the server adds the average of the client updates (client - global, weighted by shard size)
 to the global model. Clients train one after another in the same model, so 100 clients never mean 100
@@ -16,12 +16,12 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import common
 import plumbing
+import splits
 
 
 def get_args(argv=None):
@@ -38,14 +38,7 @@ def get_args(argv=None):
     g.add_argument("--rounds", type=plumbing.positive_int, default=300, help="communication rounds")
     g.add_argument("--scale-rounds", action="store_true",
                    help="--rounds is the count for J=4; run rounds*4/J so total local work is equal across J")
-    g.add_argument("--iid", action="store_true", help="IID shards (what a run without --nc or --dirichlet gets)")
-    g.add_argument("--nc", type=int, default=None, help="non-IID: every client holds exactly NC classes")
-    g.add_argument("--dirichlet", type=plumbing.positive_float, default=None, metavar="ALPHA",
-                   help="non-IID: each class's samples go to the clients in proportions drawn from "
-                        "Dirichlet(ALPHA) (small: a few clients hold most of a class; large: near IID)")
-    g.add_argument("--min-shard", type=plumbing.positive_int, default=DIRICHLET_MIN_SHARD,
-                   help=f"with --dirichlet: the fewest samples a client may hold; a split with a smaller "
-                        f"shard is drawn again, up to {DIRICHLET_DRAWS} times")
+    splits.add_flags(g)  # --iid, --nc, --dirichlet, --min-shard
     g.add_argument("--eval-every", type=plumbing.positive_int, default=20,
                    help="validation accuracy of the global model every N rounds (curves, rounds to target)")
     g.add_argument("--test-every", type=plumbing.positive_int, default=300,
@@ -78,16 +71,7 @@ def get_args(argv=None):
         p.error(f"--c must be in (0, 1], got {args.c}")
     if args.k * args.c < 1:
         p.error(f"--k {args.k} x --c {args.c} < 1: no client would be sampled")
-    split_given = [f for f, v in (("--iid", args.iid or None), ("--nc", args.nc), ("--dirichlet", args.dirichlet))
-                   if v is not None]
-    if len(split_given) > 1:
-        p.error(f"{' and '.join(split_given)} exclude each other")
-    if args.dirichlet is None:
-        plumbing.refuse_ignored(p, args, ["min_shard"], "it bounds the shards of --dirichlet")
-    if args.nc is not None and not 1 <= args.nc <= common.NUM_CLASSES:
-        p.error(f"--nc must be in 1..{common.NUM_CLASSES}, got {args.nc}")
-    if args.nc is not None and args.k * args.nc < common.NUM_CLASSES:
-        p.error(f"--k x --nc must be >= {common.NUM_CLASSES} so that every class (every sample) has a client")
+    splits.check_flags(p, args)
     if args.mask and not args.sparse:
         p.error("--mask needs --sparse")
     if args.sparse and args.train == "head":
@@ -115,7 +99,7 @@ def get_args(argv=None):
     plumbing.check_base_flags(p, args)
     if args.head != "warmup":
         args.warmup_rounds = 0  # only --head warmup has head-only rounds
-    args.split = common.split_name(nc=args.nc, dirichlet=args.dirichlet)  # the one value every use reads
+    args.split = splits.of_args(args).name  # the one value every use reads
     args.iid = args.split == "iid"  # kept in config.json as older runs recorded it (a resume compares it)
     if args.scale_rounds:
         args.rounds = scaled_rounds(args.rounds, args.j)
@@ -124,11 +108,9 @@ def get_args(argv=None):
     return args
 
 
-DIRICHLET_MIN_SHARD = 10  # flwr-datasets' DirichletPartitioner's default min_partition_size
-DIRICHLET_DRAWS = 100
 # The flags run_core names; plumbing.run_name adds every other one not at its default
 # (and --head when it is a fresh head: run_core says _from-zero); algorithm_tag names the FL algorithm's flags
-NAMED_FLAGS = {"iid", "nc", "dirichlet", "j", "train", "sparse", "mask", "rule", "sparsity", "calib_rounds",
+NAMED_FLAGS = {*splits.NAME_FLAGS, "j", "train", "sparse", "mask", "rule", "sparsity", "calib_rounds",
                "rounds", "scale_rounds", "ridge_views",
                "mu", "scaffold", "aggregate", "ties_keep", "server_opt", "server_lr", "server_momentum"}
 
@@ -202,98 +184,6 @@ def algorithm_tag(args):
     if args.server_opt != "sgd" or args.server_lr != 1 or args.server_momentum:
         tag += f"_{args.server_opt}{args.server_lr:g}" + (f"m{args.server_momentum:g}" if args.server_momentum else "")
     return tag
-
-
-# ----------------------------------------------------------------------------- sharding
-
-def iid_shards(labels, k, gen):
-    """Every class shuffled, the classes laid end to end, then dealt round-robin to the K clients:
-    client sizes differ by at most 1, and each client holds about count_c / K samples of class c."""
-    order = []
-    for c in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        order.append(idx[torch.randperm(len(idx), generator=gen)])
-    order = torch.cat(order)
-    return [torch.sort(order[i::k]).values for i in range(k)]
-
-
-def noniid_shards(labels, k, nc, gen):
-    """Every client holds exactly `nc` classes. The K*nc (client, class) slots are filled with the
-    classes in a seeded random order, cycling: slot s takes class perm[s % num_classes]. So every class
-    goes to floor or ceil of K*nc/num_classes clients, and a client never gets a class twice (nc <=
-    num_classes). Each class's samples are shuffled and cut into near-equal pieces, one per holder.
-    With balanced classes and num_classes dividing K*nc (CIFAR-100, K=100) all shards are equal."""
-    classes = torch.unique(labels)
-    perm = classes[torch.randperm(len(classes), generator=gen)].tolist()
-    holders = {c: [] for c in perm}
-    for client in range(k):
-        for i in range(nc):
-            holders[perm[(client * nc + i) % len(perm)]].append(client)
-    shards = [[] for _ in range(k)]
-    for c in sorted(holders):
-        idx = torch.nonzero(labels == c).flatten()
-        if len(idx) < len(holders[c]):
-            raise plumbing.UserError(f"class {c} has {len(idx)} samples for {len(holders[c])} clients; "
-                                     f"use fewer clients (--k) or classes per client (--nc)")
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        for client, piece in zip(holders[c], torch.tensor_split(idx, len(holders[c]))):
-            shards[client].append(piece)
-    return [torch.sort(torch.cat(s)).values for s in shards]
-
-
-def dirichlet_draw(by_class, k, alpha, gen, rng):
-    """One Dirichlet split of the samples `by_class` (a list of each class's indices): for every class,
-    client proportions p ~ Dir(alpha) over the K clients (numpy's sampler, seeded from `gen`), and the
-    class's shuffled samples cut at round(cumsum(p) * count), as flwr-datasets' DirichletPartitioner and
-    the FL literature (Hsu et al. 2019) do."""
-    samples, owners = [], []
-    for idx, p in zip(by_class, rng.dirichlet(np.full(k, alpha), size=len(by_class))):
-        samples.append(idx[torch.randperm(len(idx), generator=gen)])
-        cuts = np.round(np.cumsum(p) * len(idx))[:-1]  # client c gets positions cuts[c-1] to cuts[c]
-        owners.append(np.searchsorted(cuts, np.arange(len(idx)), side="right"))
-    samples, owners = torch.cat(samples), torch.from_numpy(np.concatenate(owners))
-    order = torch.argsort(owners * (int(samples.max()) + 1) + samples)  # by client, then by sample
-    return list(torch.split(samples[order], torch.bincount(owners, minlength=k).tolist()))
-
-
-def dirichlet_shards(labels, k, alpha, min_shard, gen):
-    """A Dirichlet split (dirichlet_draw) in which every client holds at least `min_shard` samples: drawn
-    again, from the same stream, until one is (at most DIRICHLET_DRAWS times, then a UserError)."""
-    if k * min_shard > len(labels):
-        raise plumbing.UserError(f"--k {k} clients x --min-shard {min_shard} > {len(labels)} training images; "
-                                 f"lower --k or --min-shard")
-    by_class = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist()]
-    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))
-    for _ in range(DIRICHLET_DRAWS):
-        shards = dirichlet_draw(by_class, k, alpha, gen, rng)
-        if min(map(len, shards)) >= min_shard:
-            return shards
-    raise plumbing.UserError(f"--dirichlet {alpha:g}: none of {DIRICHLET_DRAWS} draws gave every one of the {k} "
-                             f"clients {min_shard}+ samples; raise --dirichlet or lower --k or --min-shard")
-
-
-def make_shards(labels, args):
-    if args.k > len(labels):
-        raise plumbing.UserError(f"--k {args.k} clients for {len(labels)} training images: some would hold nothing; "
-                                 f"lower --k")
-    gen = plumbing.stream("shards", args.seed)
-    kind, value = common.parse_split(args.split)
-    if kind == "iid":
-        return iid_shards(labels, args.k, gen)
-    if kind == "dir":
-        return dirichlet_shards(labels, args.k, value, args.min_shard, gen)
-    return noniid_shards(labels, args.k, value, gen)
-
-
-def shard_rows(shards, labels):
-    """shards.csv: per client its samples, its classes, and the share of its largest class (1 when it
-    holds one class; about 1/classes when its classes are balanced)."""
-    rows = []
-    for i, s in enumerate(shards):
-        counts = torch.bincount(labels[s])
-        rows.append({"client": i, "samples": len(s), "classes": int((counts > 0).sum()),
-                     "largest_class_share": float(counts.max()) / len(s)})
-    return rows
 
 
 # ----------------------------------------------------------------------------- step 0: the head (federated ridge)
@@ -671,9 +561,9 @@ def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
 
 def write_outputs(rows, args):
     plumbing.write_csv(rows, os.path.join(args.out, "metrics.csv"))
-    name = plumbing.plot_title(f"FedAvg {common.split_label(args.split)}, J={args.j}, "
+    name = plumbing.plot_title(f"FedAvg {splits.split_label(args.split)}, J={args.j}, "
                                f"{'sparse' if args.sparse else 'dense'}, train {args.train}, head {args.head}",
-                               args, named=("iid", "nc", "dirichlet", "j", "sparse", "train", "head"))
+                               args, named=(*splits.NAME_FLAGS, "j", "sparse", "train", "head"))
     for kind, label, scale in (("acc", "top-1 accuracy (%)", 100), ("loss", "cross-entropy", 1)):
         series = {}
         for split in ("train", "val", "test") if kind == "loss" else ("val", "test"):
@@ -720,14 +610,15 @@ def main(argv=None):
     args = get_args(argv)
     device, data, model, inputs = common.prepare(args)
     given_mask = inputs["mask"]
-    shards = make_shards(data["train"][1], args)
+    shards = splits.make_shards(data["train"][1], splits.of_args(args), args.k, args.seed)
+    label_skew = splits.label_skew(shards, data["train"][1])
     if args.scaffold:
         check_scaffold_memory(model, args, given_mask)
     ckpt = plumbing.open_run(args)
     x, y = (t.to(device) for t in data["train"])  # uint8: the whole training set fits on any GPU
     total_rounds = args.warmup_rounds + args.rounds
-    print(f"{args.k} clients ({common.split_label(args.split)}, "
-          f"{min(map(len, shards))}-{max(map(len, shards))} samples), {clients_per_round(args)} per "
+    print(f"{args.k} clients ({splits.split_label(args.split)}, {min(map(len, shards))}-{max(map(len, shards))} "
+          f"samples, label skew {label_skew:.3f}), {clients_per_round(args)} per "
           f"round, J={args.j}, {args.warmup_rounds} head warm-up + {args.rounds} rounds"
           f"{' (scaled from J=4)' if args.scale_rounds else ''}; head: {args.head}")
     for p in model.parameters():
@@ -739,7 +630,7 @@ def main(argv=None):
     mask_path = os.path.join(args.out, "mask.pt")
 
     # written on resume too (the same bytes): a shards.csv damaged meanwhile does not survive
-    plumbing.write_csv(shard_rows(shards, data["train"][1]), os.path.join(args.out, "shards.csv"))
+    plumbing.write_csv(splits.shard_rows(shards, data["train"][1]), os.path.join(args.out, "shards.csv"))
     # -------- step 0: the head (federated ridge, a head.pt, or the warm-up rounds below)
 
     if ckpt is None:
@@ -862,6 +753,7 @@ def main(argv=None):
     result = {"stage": "fedavg", "dataset": args.dataset, "seed": args.seed, "k": args.k, "c": args.c,
               "j": args.j, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "split": args.split,
               "iid": args.iid, "nc": args.nc, "train": args.train, "sparse": args.sparse, "head": args.head,
+              "label_skew": label_skew,  # the shards' mean client-to-global label TV distance (splits.label_skew)
               **ckpt["head_info"],
               **{k: rows[args.warmup_rounds].get(k) for k in ("head_train_acc", "head_train_aug_acc")},
               "score": args.score if args.sparse else None,

@@ -30,6 +30,7 @@ import common
 import fedavg
 import model_editing
 import plumbing
+import splits
 
 
 # ----------------------------------------------------------------------------- prefetch
@@ -136,7 +137,7 @@ def describe_run(line):
 # run_all.sh, --dry-run, the tests and README.md's grid table all read it from here, so adding a mask rule
 # to common.MASK_RULES or a split name to SPLITS changes the study in this one place.
 
-# The federated splits, by name (common.split_flags gives fedavg.py's flags: iid, ncN, dirA).
+# The federated splits, by name (splits.split_flags gives fedavg.py's flags: iid, ncN, dirA).
 SPLITS = ["iid", "nc1", "nc5", "nc10", "nc50"]
 
 FULL = dict(  # the study's lists and sizes
@@ -179,7 +180,7 @@ def families(s):
     that a study stopped after a few hours (a Colab session) already fills the core tables."""
     edit = lambda rule, sparsity, calib: ("model_editing.py", [*s["edit"], "--rule", rule, "--sparsity",
                                                                str(sparsity), "--calib-rounds", str(calib)])
-    dense = lambda split, j, *more: ("fedavg.py", [*s["fed"], *common.split_flags(split), "--j", str(j), *more])
+    dense = lambda split, j, *more: ("fedavg.py", [*s["fed"], *splits.split_flags(split), "--j", str(j), *more])
     sparse = lambda split, j, rule, sparsity, calib, *more: dense(
         split, j, "--sparse", "--rule", rule, "--sparsity", str(sparsity), "--calib-rounds", str(calib),
         *s["mask"], *more)
@@ -187,12 +188,12 @@ def families(s):
     grid = [(split, j) for split in s["splits"] for j in s["js"]]
     ext = [(name, split) for name in ALGORITHMS for split in s["extension_splits"]]
     each = lambda xs: "{" + ", ".join(map(str, xs)) + "}"
-    splits = lambda names: each(map(common.split_label, names))
+    labels = lambda names: each(map(splits.split_label, names))
     mask = f"{default[0]}, sparsity {default[1]}, {default[2]} calibration rounds"
     return [
         Family(f"centralized: `{shlex.join(s['central'])}`", "centralized", [("centralized.py", s["central"])]),
         Family(f"editing: the default mask ({mask})", "model_editing", [edit(*default)]),
-        Family(f"FedAvg dense, J=4, splits {splits(s['splits'])}", "fedavg dense",
+        Family(f"FedAvg dense, J=4, splits {labels(s['splits'])}", "fedavg dense",
                [dense(split, 4) for split in s["splits"]]),
         Family("FedAvg sparse, the default mask, J=4, every split", "fedavg sparse",
                [sparse(split, 4, *default) for split in s["splits"]]),
@@ -204,15 +205,15 @@ def families(s):
         Family(f"FedAvg dense: every split x J {each(s['js'])}", "fedavg dense", [dense(sp, j) for sp, j in grid]),
         Family("FedAvg sparse, the default mask: every split x J", "fedavg sparse",
                [sparse(sp, j, *default) for sp, j in grid]),
-        Family(f"FedAvg sparse: the mask rules x splits {splits(s['rule_splits'])}, J=4", "fedavg sparse",
+        Family(f"FedAvg sparse: the mask rules x splits {labels(s['rule_splits'])}, J=4", "fedavg sparse",
                [sparse(split, 4, r, *default[1:]) for split in s["rule_splits"] for r in s["rules"]]),
         Family(f"FedAvg sparse: sparsity {each(s['fed_sparsities'])} x calibration rounds {each(s['fed_calibs'])} "
-               f"at {common.split_label(s['ablation_split'])}, J=4", "fedavg sparse",
+               f"at {splits.split_label(s['ablation_split'])}, J=4", "fedavg sparse",
                [sparse(s["ablation_split"], 4, default[0], sp, r)
                 for sp in s["fed_sparsities"] for r in s["fed_calibs"]]),
         Family("FedAvg head only from a zero head (`--train head --head zero`): every split x J", "fedavg head",
                [dense(sp, j, "--train", "head", "--head", "zero") for sp, j in grid]),
-        Family(f"extensions: {each(ALGORITHMS)} x splits {splits(s['extension_splits'])}, dense, "
+        Family(f"extensions: {each(ALGORITHMS)} x splits {labels(s['extension_splits'])}, dense, "
                f"J={s['extension_j']}", "fedavg dense",
                [dense(split, s["extension_j"], *ALGORITHMS[a]) for a, split in ext],
                group="extensions"),

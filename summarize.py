@@ -37,6 +37,7 @@ import common
 import fedavg
 import model_editing
 import plumbing
+import splits
 
 STAGES = ["centralized", "model_editing", "fedavg"]
 SCRIPTS = dict(zip(STAGES, (centralized, model_editing, fedavg)))
@@ -123,14 +124,14 @@ def read_result(path):
 
 
 def split_problem(r):
-    """Set a FedAvg result's "split" (common.split_name) when it has none (result.json written before it
+    """Set a FedAvg result's "split" (splits.split_name) when it has none (result.json written before it
     had one: from its iid and nc); what is wrong with it, or None."""
     if r.get("split") is None:
         if not r.get("iid") and r.get("nc") is None:
             return 'no "split", and "nc" is null but not iid'
-        r["split"] = common.split_name(nc=r.get("nc"))
+        r["split"] = splits.split_name(nc=r.get("nc"))
     try:
-        common.parse_split(r["split"])
+        splits.canonical(r["split"])  # a non-standard spelling (nc05) would be a second row of one split
     except ValueError as e:
         return f'"split": {e}'
     return None
@@ -252,7 +253,7 @@ def once_each(runs):
 # named in the titles (mark_flags).
 SHOWN = {"centralized": {"seed"},  # the chosen hyperparameters are in the table; the flags are not
          "model_editing": {"seed", "rule", "sparsity", "calib_rounds", "mask", "head", "score"},
-         "fedavg": {"seed", "iid", "nc", "dirichlet", "j", "train", "head", "k", "c", "warmup_rounds", "score",
+         "fedavg": {"seed", *splits.NAME_FLAGS, "j", "train", "head", "k", "c", "warmup_rounds", "score",
                     "sparse", "mask", "rule", "sparsity", "calib_rounds"}}
 
 
@@ -722,12 +723,12 @@ def fedavg_doc(runs, central, editing, frac):
         if len(js) == 1 and key in covered:  # already in a table above
             continue
         shown.append(key)
-        splits = sorted({r["split"] for r in rs}, key=common.split_order)
+        split_names = sorted({r["split"] for r in rs}, key=splits.split_order)
         cells = group(rs, lambda r: (r["split"], r["j"]))
         rounds = {j: "/".join(str(n) for n in sorted({r["rounds"] for r in rs if r["j"] == j})) for j in js}
         doc.append(Table(f"FedAvg, {setup_name(key)}: test accuracy (%)",
                          ["split"] + [f"J={j} ({rounds[j]} rounds)" for j in js],
-                         [[common.split_label(s)] + [acc(cells.get((s, j), [])) for j in js] for s in splits],
+                         [[splits.split_label(s)] + [acc(cells.get((s, j), [])) for j in js] for s in split_names],
                          [None] + ["max"] * len(js)))
     doc += six_models_tables(runs, central, editing)
     doc.append(cost_table(runs, frac))
@@ -746,14 +747,14 @@ def rules_tables(runs, covered):
         covered.update(setup(r) for r in rs)
         dense = [r for r in runs if not r["mask"] and setup(r)[:5] == base[:5] and r["flags"] == uncalibrated(base.flags)
                  and r["j"] == j]
-        splits = sorted({r["split"] for r in rs}, key=common.split_order)
-        rows = [[rule] + [acc([r for r in x if r["split"] == sp]) for sp in splits] for rule, x in rules.items()]
+        split_names = sorted({r["split"] for r in rs}, key=splits.split_order)
+        rows = [[rule] + [acc([r for r in x if r["split"] == sp]) for sp in split_names] for rule, x in rules.items()]
         if dense:
-            rows.append(["dense (no mask)"] + [acc([r for r in dense if r["split"] == sp]) for sp in splits])
+            rows.append(["dense (no mask)"] + [acc([r for r in dense if r["split"] == sp]) for sp in split_names])
         out.append(Table(f"Mask rules inside sparse FedAvg at sparsity {s:g}, {n} calibration rounds ({by}, "
                          f"{base.score} score), J={j}; head {base.head}, K={base.k}, C={base.c:g}"
                          f"{flags_text(base.flags)}: test accuracy (%)",
-                         ["rule"] + [common.split_label(sp) for sp in splits], rows, [None] + ["max"] * len(splits)))
+                         ["rule"] + [splits.split_label(sp) for sp in split_names], rows, [None] + ["max"] * len(split_names)))
     return out
 
 
@@ -768,7 +769,7 @@ def sparsity_tables(runs, covered):
             continue
         covered.update(setup(r) for r in rs)
         out.append(sparsity_table(f"Sparsity × calibration rounds inside sparse FedAvg ({rule}, {by} calibration, "
-                                  f"{base.score} score) at {common.split_label(split)}, J={j}; head {base.head}, K={base.k}, C={base.c:g}"
+                                  f"{base.score} score) at {splits.split_label(split)}, J={j}; head {base.head}, K={base.k}, C={base.c:g}"
                                   f"{flags_text(base.flags)}",
                                   cells))
     return out
@@ -816,11 +817,11 @@ def six_models_tables(runs, central, editing):
         probe = probe_of(head, central)
         start = step0_head(head, editing, runs)
         fed = [r for r in runs if setup(r) in (dense, sparse) and r["j"] == j]
-        splits = sorted({r["split"] for r in fed}, key=common.split_order)
+        split_names = sorted({r["split"] for r in fed}, key=splits.split_order)
         rows = [[f"step-0 head alone", start, "–"], ["Centralized", acc(probe) if probe else start,
                                                         acc(edits.get(edit, []))]]
-        rows += [[f"FedAvg {common.split_label(s)}", acc([r for r in fed if r["split"] == s and setup(r) == dense]),
-                  acc([r for r in fed if r["split"] == s and setup(r) == sparse])] for s in splits]
+        rows += [[f"FedAvg {splits.split_label(s)}", acc([r for r in fed if r["split"] == s and setup(r) == dense]),
+                  acc([r for r in fed if r["split"] == s and setup(r) == sparse])] for s in split_names]
         what = lambda m, flags: (mask_name(m) if m else "–") + flags_text(flags)
         out.append(Table(f"The six models (head {head}): test accuracy (%) without and with task arithmetic, "
                          f"each pair from this head",
@@ -879,9 +880,9 @@ def cost_table(runs, frac):
     rows = []
     for key, rs in sorted(group(runs, setup).items(), key=lambda kv: (kv[0].mask is not None, names[kv[0]])):
         for (split, j), x in sorted(group(rs, lambda r: (r["split"], r["j"])).items(),
-                                    key=lambda kv: (common.split_order(kv[0][0]), kv[0][1])):
+                                    key=lambda kv: (splits.split_order(kv[0][0]), kv[0][1])):
             below = [r for r in x if starts_below(r)]
-            rows.append([names[key], common.split_label(split), j, "/".join(str(n) for n in sorted({r["rounds"] for r in x})),
+            rows.append([names[key], splits.split_label(split), j, "/".join(str(n) for n in sorted({r["rounds"] for r in x})),
                          acc(x), Stat([round0(r, "test_acc") for r in x]),
                          Stat([r["rounds_to_target"] for r in below], 1, 0, of=len(below)),
                          Stat([r["test_acc"] - round0(r, "test_acc") for r in x if round0(r, "test_acc") is not None]),
@@ -925,7 +926,7 @@ def plot_curves(path, by_split, title):
         xs, mean, std = curve(rs, "val_acc")
         lo, hi = np.clip(100 * (mean - std), 0, None), np.clip(100 * (mean + std), None, 100)  # within 0-100%
         style = dict(marker=plumbing.MARKERS[i % len(plumbing.MARKERS)], fillstyle="none",
-                     markersize=plumbing.marker_size(i), label=f"{common.split_label(split)} (n={len(rs)})")
+                     markersize=plumbing.marker_size(i), label=f"{splits.split_label(split)} (n={len(rs)})")
         lowest = min([lowest, *lo]) if len(xs) else lowest
         if plumbing.sparse_points(list(xs)):  # validated every few rounds: the points measured, no line between
             sparse = True
@@ -965,9 +966,9 @@ def text_color(background):
 
 def plot_heatmap(path, dense, sparse, title):
     """Final test accuracy over split × J, dense and sparse side by side on one color scale."""
-    splits = sorted({r["split"] for r in dense + sparse}, key=common.split_order)
+    split_names = sorted({r["split"] for r in dense + sparse}, key=splits.split_order)
     js = sorted({r["j"] for r in dense + sparse})
-    means = [[[acc([r for r in rs if r["split"] == s and r["j"] == j]).mean() for j in js] for s in splits]
+    means = [[[acc([r for r in rs if r["split"] == s and r["j"] == j]).mean() for j in js] for s in split_names]
              for rs in (dense, sparse)]
     grids = [100 * np.array(m, dtype=float) for m in means]  # None (no run) -> nan
     lo, hi = np.nanmin(grids), np.nanmax(grids)
@@ -975,12 +976,12 @@ def plot_heatmap(path, dense, sparse, title):
         lo, hi = (lo + hi) / 2 - 0.5, (lo + hi) / 2 + 0.5
     plt = plumbing.pyplot()
     cmap, norm = plt.get_cmap("viridis"), plt.Normalize(lo, hi)
-    fig, axes = plumbing.pyplot().subplots(1, 2, figsize=(3 + 2.4 * len(js), 1.4 + 0.6 * len(splits)),
+    fig, axes = plumbing.pyplot().subplots(1, 2, figsize=(3 + 2.4 * len(js), 1.4 + 0.6 * len(split_names)),
                                            squeeze=False, layout="constrained")
     for ax, g, name in zip(axes[0], grids, ("dense", "sparse")):
         im = ax.imshow(g, norm=norm, cmap=cmap, aspect="auto")
-        ax.set(xticks=range(len(js)), xticklabels=[f"J={j}" for j in js], yticks=range(len(splits)),
-               yticklabels=[common.split_label(s) for s in splits], title=name)
+        ax.set(xticks=range(len(js)), xticklabels=[f"J={j}" for j in js], yticks=range(len(split_names)),
+               yticklabels=[splits.split_label(s) for s in split_names], title=name)
         for (i, k), v in np.ndenumerate(g):
             if not math.isnan(v):
                 ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=text_color(cmap(norm(v))))
@@ -1002,18 +1003,18 @@ def plot_agreement(path, dense, sparse, title):
     legend beside the panels; on agreement, 1/n: what n orthogonal client updates of equal norm give."""
     plt = plumbing.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-    splits = sorted({r["split"] for r in dense + sparse}, key=common.split_order)
+    split_names = sorted({r["split"] for r in dense + sparse}, key=splits.split_order)
     smoothed = set()  # whether curves were smoothed (True) or drawn per round (False)
     for kind, rs, style, shade, mark in (("dense", dense, "-", 0, "o"), ("sparse", sparse, "--", 1, "s")):
-        for split, x in sorted(group(rs, lambda r: r["split"]).items(), key=lambda kv: common.split_order(kv[0])):
-            color = plt.get_cmap("tab20")(2 * (splits.index(split) % 10) + shade)
+        for split, x in sorted(group(rs, lambda r: r["split"]).items(), key=lambda kv: splits.split_order(kv[0])):
+            color = plt.get_cmap("tab20")(2 * (split_names.index(split) % 10) + shade)
             for ax, col in zip(axes, ("agreement", "update_norm")):
                 xs, mean, _ = curve(x, col)
                 if len(xs):
                     smoothed.add(len(xs) >= SMOOTH)
                     xs, mean = smooth(xs, mean)
                     ax.plot(xs, mean, style, marker=mark, markevery=max(1, len(xs) // 15), fillstyle="none",
-                            color=color, label=f"{common.split_label(split)}, {kind}")
+                            color=color, label=f"{splits.split_label(split)}, {kind}")
     for n in sorted({r.get("clients_per_round") for r in dense + sparse} - {None}):
         axes[0].axhline(1 / n, color="0.4", linestyle=":", label=f"1/n, n={n} clients per round")
     axes[0].set(ylabel="agreement ‖Σ wᵢΔᵢ‖² / Σ wᵢ‖Δᵢ‖²")
@@ -1057,7 +1058,7 @@ def fedavg_plots(runs, shown, out_dir):
         rs = [r for r in runs if setup(r) == key]
         for j in sorted({r["j"] for r in rs if r["metrics"]}):
             paths.append(os.path.join(out_dir, f"fedavg_{tag}_j{j}.png"))
-            by_split = group(sorted([r for r in rs if r["j"] == j], key=lambda r: common.split_order(r["split"])),
+            by_split = group(sorted([r for r in rs if r["j"] == j], key=lambda r: splits.split_order(r["split"])),
                              lambda r: r["split"])
             plot_curves(paths[-1], by_split, f"FedAvg J={j}, " + setup_name(key).replace("; ", "\n"))
     for i, head in enumerate(heads):

@@ -10,6 +10,7 @@ import torch
 
 import common
 import plumbing
+import splits
 from conftest import ROOT, TINY
 
 
@@ -25,6 +26,11 @@ def assert_usage_error(proc):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1, proc.stderr
     return lines[0]
+
+
+def make_shards(labels, args):
+    """A FedAvg run's shards, as fedavg.main makes them from its flags."""
+    return splits.make_shards(labels, splits.of_args(args), args.k, args.seed)
 
 
 def tiny_model(seed=0):

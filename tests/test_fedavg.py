@@ -1,5 +1,6 @@
 """fedavg.py: sharding, one round against the math, sparse rounds, resume, learning, bad flags."""
 import copy
+import hashlib
 import json
 import math
 import os
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 import common
 import fedavg
 import plumbing
+import splits
 from conftest import TINY
-from helpers import (assert_usage_error, backbone_file, count_calls, masked_weights_moved, run_script,
+from helpers import (assert_usage_error, backbone_file, count_calls, make_shards, masked_weights_moved, run_script,
                      stop_during_call, tiny_model)
 
 FAST = TINY + ["--synthetic-size", "2000", "--k", "10", "--c", "0.5", "--lr", "0.05", "--batch-size", "32"]
@@ -36,7 +38,7 @@ def check_partition(shards, n):
 def test_shards_are_disjoint_covering_balanced_with_nc_classes(n, nc):
     y = cifar_labels(n)
     args = fedavg.get_args(["--k", "100"] + (["--nc", str(nc)] if nc else ["--iid"]))
-    shards = fedavg.make_shards(y, args)
+    shards = make_shards(y, args)
     assert len(shards) == 100
     check_partition(shards, n)
     sizes = [len(s) for s in shards]
@@ -51,9 +53,8 @@ def test_shards_are_disjoint_covering_balanced_with_nc_classes(n, nc):
 
 @pytest.mark.parametrize("k,nc", [(7, 30), (13, 9), (30, 4), (100, 1)])
 def test_noniid_shards_on_uneven_sizes_stay_as_close_as_the_classes_allow(k, nc):
-    # classes of unequal size (20..119 samples) and K*nc not a multiple of 100
-    y = torch.cat([torch.full((20 + c,), c) for c in range(100)])
-    shards = fedavg.noniid_shards(y, k, nc, plumbing.make_generator(0))
+    y = uneven_labels()  # and K*nc not a multiple of 100
+    shards = splits.Nc(nc).shards(y, k, plumbing.make_generator(0))
     check_partition(shards, len(y))
     for s in shards:
         assert int((torch.bincount(y[s], minlength=100) > 0).sum()) == nc
@@ -63,13 +64,46 @@ def test_noniid_shards_on_uneven_sizes_stay_as_close_as_the_classes_allow(k, nc)
     assert holders.max() - holders.min() <= 1
 
 
-def test_shards_are_seeded():
+@pytest.mark.parametrize("kind", splits.KINDS, ids=lambda kind: kind.__name__)
+def test_every_kind_s_shards_are_a_partition_and_seeded(kind):
+    """Every kind of splits.py (its example split, e.g. nc5), K = 100: every client holds a shard, each
+    sample is in exactly one; the same seed gives the same shards (every client's), another seed others."""
     y = cifar_labels(45000)
-    a = fedavg.make_shards(y, fedavg.get_args(["--nc", "5", "--seed", "1"]))
-    b = fedavg.make_shards(y, fedavg.get_args(["--nc", "5", "--seed", "1"]))
-    c = fedavg.make_shards(y, fedavg.get_args(["--nc", "5", "--seed", "2"]))
+    a, b, c = (make_shards(y, fedavg.get_args(splits.split_flags(kind.example) + ["--seed", seed]))
+               for seed in ("1", "1", "2"))
+    assert len(a) == len(b) == len(c) == 100 and min(map(len, a)) > 0
+    check_partition(a, len(y))
     assert all(torch.equal(s, t) for s, t in zip(a, b))
     assert not all(torch.equal(s, t) for s, t in zip(a, c))
+
+
+def shards_digest(shards):
+    h = hashlib.sha256()
+    for s in shards:
+        h.update(str(len(s)).encode())
+        h.update(s.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def uneven_labels():
+    """Classes of unequal size: class c has 20 + c samples."""
+    return torch.cat([torch.full((20 + c,), c) for c in range(100)])
+
+
+@pytest.mark.parametrize("n,flags,digest", [
+    (45000, ["--k", "100"], "e6637dd5bb972b60"), (45000, ["--k", "37", "--seed", "3"], "101562d03016934c"),
+    (45000, ["--nc", "1"], "2d6da0979edc952c"), (45000, ["--nc", "5"], "6f81a703524bf524"),
+    (45000, ["--nc", "5", "--seed", "1"], "45773fe4e5597d63"),
+    (None, ["--nc", "50", "--k", "7", "--c", "0.5"], "3cbbd4d6b7550de5"),
+    (45000, ["--dirichlet", "0.1"], "93c59383cbdd0853"), (45000, ["--dirichlet", "1", "--seed", "2"], "ab54010f75e1ecb1"),
+    (45000, ["--dirichlet", "1000"], "1501e0bf1be4162f"),
+    (2000, ["--dirichlet", "0.3", "--min-shard", "11"], "654eb48232f20ddb")])  # drawn several times
+def test_shards_are_those_of_earlier_versions(n, flags, digest):
+    """Every client's shard, bit for bit, as fedavg.py drew them before the splits moved to splits.py
+    (a26795e; these digests were measured there): a run resumed or repeated keeps its clients' data.
+    The Dirichlet draws go through numpy's sampler: a numpy that changed it would fail here too."""
+    y = uneven_labels() if n is None else cifar_labels(n)
+    assert shards_digest(make_shards(y, fedavg.get_args(flags))) == digest
 
 
 def test_client_sampling_is_seeded_distinct_and_ceil_ck():
@@ -201,7 +235,7 @@ def test_head_only_rounds_train_the_head_on_features_and_leave_the_backbone_unto
     args = round_args(*[f for f in FAST[len(TINY):] if f not in ("--lr", "0.05")], "--train", "head")
     data = common.load_data(args)
     feats = common.cached_features(model, data, args, torch.device("cpu"))
-    shards = fedavg.make_shards(data["train"][1], args)
+    shards = make_shards(data["train"][1], args)
     one_round(model, shards, feats["train"][0], data["train"][1], args, head_only=True)
     for n, p in model.state_dict().items():
         assert torch.equal(p, before[n]) != n.startswith("head."), n
@@ -235,7 +269,7 @@ def test_federated_ridge_equals_central_ridge_on_the_union():
     central = copy.deepcopy(model.head)
     common.ridge_head(central, common.ridge_stats(*feats["train"]), *feats["val"])
     for split in (["--iid"], ["--k", "100", "--nc", "1"]):
-        shards = fedavg.make_shards(data["train"][1], round_args(*FAST[len(TINY):], *split))
+        shards = make_shards(data["train"][1], round_args(*FAST[len(TINY):], *split))
         fed = copy.deepcopy(model.head)
         fedavg.federated_ridge(fed, shards, feats)
         torch.testing.assert_close(fed.weight, central.weight, rtol=1e-4, atol=1e-4)
@@ -248,7 +282,7 @@ def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monke
     args = round_args(*FAST[len(TINY):], "--fisher-batches", "1", "--fisher-batch-size", "20", "--calib-rounds", "1", "--sparse")
     data = common.load_data(args)
     x = data["train"][0]
-    shards = fedavg.make_shards(data["train"][1], args)
+    shards = make_shards(data["train"][1], args)
     seen = []
     real = common.fisher_sums
 
@@ -283,7 +317,7 @@ def test_federated_calibration_scores_the_images_calib_images_names(monkeypatch,
                       *flags)
     data = common.load_data(args)
     x = data["train"][0]
-    shards = fedavg.make_shards(data["train"][1], args)
+    shards = make_shards(data["train"][1], args)
     seen = []
 
     def recording(model, images, *a, **k):
@@ -326,7 +360,7 @@ def test_sparse_fedavg_keeps_the_head_and_the_masked_out_entries_bit_identical(t
     data = common.load_data(args)
     feats = common.cached_features(pre, data, args, torch.device("cpu"))
     ridge = copy.deepcopy(pre.head)
-    fedavg.federated_ridge(ridge, fedavg.make_shards(data["train"][1], args), feats)
+    fedavg.federated_ridge(ridge, make_shards(data["train"][1], args), feats)
     assert torch.equal(head["weight"], ridge.weight) and torch.equal(head["bias"], ridge.bias)  # the ridge head
     total = sum(p.numel() for _, p in common.masked_params(pre))
     result = json.loads((out / "result.json").read_text())

@@ -12,7 +12,7 @@ import fedavg
 import model_editing
 import plumbing
 from conftest import TINY
-from helpers import parse_refused, tiny_model
+from helpers import make_shards, parse_refused, tiny_model
 
 STANDIN = [f for f in TINY if f != "--no-pretrained"]
 FAST = TINY + ["--synthetic-size", "2000", "--k", "10", "--c", "0.5", "--batch-size", "32"]
@@ -134,7 +134,7 @@ def test_augmented_ridge_is_fitted_on_the_views_and_federated_equals_central():
     common.ridge_head(clean, common.ridge_stats(*feats["train"]), *feats["val"])
     assert not torch.allclose(clean.weight, stacked.weight, rtol=1e-3, atol=1e-3)
     for split in (["--iid"], ["--k", "100", "--nc", "1"]):
-        shards = fedavg.make_shards(y, fedavg.get_args(FAST + split))
+        shards = make_shards(y, fedavg.get_args(FAST + split))
         fed = copy.deepcopy(model.head)
         fedavg.federated_ridge(fed, shards, feats, torch.stack(views))
         torch.testing.assert_close(fed.weight, stacked.weight, rtol=1e-4, atol=1e-4)

@@ -19,6 +19,7 @@ import centralized
 import common
 import plan
 import plumbing
+import splits
 import summarize
 from test_summarize import check_latex
 import fedavg
@@ -311,7 +312,7 @@ def test_the_extensions_group_is_opt_in_and_the_head_baseline_is_in_the_study(tm
     assert len(baseline) == len(s["splits"]) * len(s["js"]) * 1  # seed 0
     assert all(w[w.index("--train"):w.index("--train") + 4] == ["--train", "head", "--head", "zero"] for w in baseline)
     assert sorted({(w[w.index("--j") + 1], " ".join(w[w.index("--k"):w.index("--j")])) for w in baseline}) == \
-        sorted({(str(j), " ".join([*s["fed"], *common.split_flags(sp)])) for sp in s["splits"] for j in s["js"]})
+        sorted({(str(j), " ".join([*s["fed"], *splits.split_flags(sp)])) for sp in s["splits"] for j in s["js"]})
 
 
 # ----------------------------------------------------------------------------- run_all.sh --grid FILE

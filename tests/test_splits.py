@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import centralized
-import common
 import fedavg
 import model_editing
 import plumbing
+import splits
 from conftest import TINY
 from helpers import count_calls, parse_refused, run_as_script
 
@@ -21,7 +21,7 @@ def labels(n_per_class, classes=100, seed=0):
 
 
 def dirichlet(y, k, alpha, min_shard=1, seed=0):
-    return fedavg.dirichlet_shards(y, k, alpha, min_shard, plumbing.stream("shards", seed))
+    return splits.Dirichlet(alpha, min_shard=min_shard).shards(y, k, plumbing.stream("shards", seed))
 
 
 # ----------------------------------------------------------------------------- Dirichlet shards
@@ -51,7 +51,7 @@ def test_class_concentration_follows_alpha(alpha):
 
 def test_small_alpha_gives_clients_few_classes_and_large_alpha_near_iid():
     y = labels(450)
-    rows = {a: fedavg.shard_rows(dirichlet(y, 100, a), y) for a in (0.1, 1000.0)}
+    rows = {a: splits.shard_rows(dirichlet(y, 100, a), y) for a in (0.1, 1000.0)}
     share = {a: sorted(r["largest_class_share"] for r in rs) for a, rs in rows.items()}
     classes = {a: sorted(r["classes"] for r in rs) for a, rs in rows.items()}
     # alpha 0.1, the median client: under half of the classes, a tenth or more of its samples from one
@@ -67,7 +67,7 @@ def test_min_shard_holds_by_drawing_again(monkeypatch):
     y = labels(20)
     first = min(map(len, dirichlet(y, 100, 0.3, min_shard=1)))
     assert first < 11
-    draws = count_calls(monkeypatch, fedavg, "dirichlet_draw")
+    draws = count_calls(monkeypatch, splits, "dirichlet_draw")
     shards = dirichlet(y, 100, 0.3, min_shard=11)
     assert min(map(len, shards)) >= 11 and draws["n"] > 1
     again = dirichlet(y, 100, 0.3, min_shard=11)
@@ -76,17 +76,10 @@ def test_min_shard_holds_by_drawing_again(monkeypatch):
 
 def test_an_impossible_min_shard_is_one_error():
     y = labels(20)
-    with pytest.raises(plumbing.UserError, match=r"none of 100 draws .* raise --dirichlet or lower --k or --min-shard"):
+    with pytest.raises(plumbing.UserError, match=r"none of 100 draws .* raise --dirichlet .*or lower --k or --min-shard"):
         dirichlet(y, 100, 0.01, min_shard=19)
     with pytest.raises(plumbing.UserError, match=r"--k 100 clients x --min-shard 21 > 2000"):
         dirichlet(y, 100, 10.0, min_shard=21)
-
-
-def test_dirichlet_shards_are_seeded():
-    y = labels(50)
-    a, b, c = (fedavg.make_shards(y, fedavg.get_args(["--dirichlet", "0.3", "--seed", s])) for s in ("1", "1", "2"))
-    assert all(torch.equal(x, z) for x, z in zip(a, b))
-    assert not all(torch.equal(x, z) for x, z in zip(a, c))
 
 
 @pytest.mark.parametrize("bad,says", [(["--dirichlet", "0.5", "--nc", "5"], "--nc and --dirichlet exclude"),
@@ -105,14 +98,19 @@ def test_a_dirichlet_run_names_its_split_everywhere(tmp_path, capsys):
                    "--dirichlet", "0.5", "--results", str(tmp_path)]
     fedavg.main(argv)
     out = tmp_path / "fedavg" / "dir0.5_j4_dense_R1_synthetic_n1000_test-vit_random_px32_b8_k10_c0.5" / "seed0"
-    assert "10 clients (Dir(0.5), " in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "10 clients (Dir(0.5), " in said
     result = json.loads((out / "result.json").read_text())
     assert result["split"] == "dir0.5" and result["iid"] is False and result["nc"] is None
     with open(out / "shards.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and sum(int(r["samples"]) for r in rows) == 900  # 1000 minus the 10% validation
-    assert min(int(r["samples"]) for r in rows) >= fedavg.DIRICHLET_MIN_SHARD
+    assert min(int(r["samples"]) for r in rows) >= splits.Dirichlet.MIN_SHARD
     assert all(0 < float(r["largest_class_share"]) <= 1 for r in rows)
+    # the label skew: the mean of the clients' label_tv, in result.json and in the start-up line
+    assert 0.1 < result["label_skew"] < 0.9
+    assert result["label_skew"] == pytest.approx(sum(float(r["label_tv"]) for r in rows) / 10, abs=1e-5)
+    assert f"label skew {result['label_skew']:.3f})" in said
 
 
 def test_an_impossible_dirichlet_split_writes_nothing(tmp_path, capsys):
@@ -123,11 +121,127 @@ def test_an_impossible_dirichlet_split_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_huge_alpha_is_refused_and_a_failed_draw_at_a_large_one_does_not_advise_raising_it(capsys):
+    """--dirichlet 1.7e308 made numpy's proportions all 0 (every sample on the last client), and the draws'
+    failure advised "raise --dirichlet". It is refused as a flag now, and at an alpha where a larger one no
+    longer evens the shards out, the failure names what does help."""
+    said = parse_refused(fedavg.get_args, ["--dirichlet", "1.7e308"], capsys)
+    assert "--dirichlet must be at most 1e+06" in said and "raise" not in said
+    assert fedavg.get_args(["--dirichlet", "1e6"]).split == "dir1e+06"  # the bound itself is a split
+    # 45 samples of each of 10 classes over 25 clients: near-even proportions cut every class at the same
+    # places (1.8 a client: 1 or 2), so the same clients get 10 samples at every large alpha, never 18
+    y = labels(45, classes=10)
+    with pytest.raises(plumbing.UserError) as e:
+        dirichlet(y, 25, 1000.0, min_shard=18)
+    assert "raise --dirichlet" not in str(e.value) and "lower --k or --min-shard" in str(e.value)
+    with pytest.raises(plumbing.UserError, match="raise --dirichlet"):  # where a larger alpha is worth a try
+        dirichlet(y, 25, 0.01, min_shard=18)
+
+
 def test_split_names_are_exact():
     """Two alphas never share a split name (nor a run name): :g would round 0.1000001 to 0.1."""
-    assert common.split_name(dirichlet=0.1000001) != common.split_name(dirichlet=0.1) == "dir0.1"
-    assert common.parse_split(common.split_name(dirichlet=0.1000001)) == ("dir", 0.1000001)
-    assert fedavg.get_args(common.split_flags("dir0.1000001")).split == "dir0.1000001"
+    assert splits.split_name(dirichlet=0.1000001) != splits.split_name(dirichlet=0.1) == "dir0.1"
+    assert splits.parse_split(splits.split_name(dirichlet=0.1000001)) == splits.Dirichlet(0.1000001)
+    assert fedavg.get_args(splits.split_flags("dir0.1000001")).split == "dir0.1000001"
+    assert splits.split_label("dir0.1000001") == "Dir(0.1000001)" != splits.split_label("dir0.1")
+
+
+# ----------------------------------------------------------------------------- the split kinds: names, flags
+
+NAMES = ["iid", "nc1", "nc5", "nc100", "dir0.1", "dir1e-05", "dir0.1000001", "dir1e+06", "dir1000"]
+
+
+def test_every_name_is_its_split_and_back():
+    """Name -> split -> name, flags -> split -> name, for every kind (and every kind's example); labels and
+    sort keys tell names apart."""
+    for name in NAMES + [kind.example for kind in splits.KINDS]:
+        split = splits.parse_split(name)
+        assert splits.canonical(name) == split.name == name
+        args = fedavg.get_args(splits.split_flags(name) + (["--k", "100"] if name.startswith("nc") else []))
+        assert args.split == name and splits.of_args(args) == split
+        assert splits.split_name(**{type(split).dest(): split.value}) == name
+    assert len({splits.split_label(n) for n in NAMES}) == len({splits.split_order(n) for n in NAMES}) == len(NAMES)
+    assert sorted(NAMES, key=splits.split_order) == ["iid", "dir1e+06", "dir1000", "dir0.1000001", "dir0.1",
+                                                     "dir1e-05", "nc100", "nc5", "nc1"]
+    assert [splits.split_label(n) for n in ("iid", "nc5", "dir0.1")] == ["IID", "Nc=5", "Dir(0.1)"]
+
+
+@pytest.mark.parametrize("name", ["nc05", "nc 7", "nc1_0", "nc+5", "dir0.10", "dir1e-5", "dir.1", "nc\u0665",
+                                  "dir\uff10.1", "nc0", "nc101", "dir0", "dir-1", "dirnan", "dirinf", "dir2e6",
+                                  "iid0", "IID", "nc", "dir", "", "x5"])
+def test_a_non_standard_or_impossible_name_is_refused(name):
+    """Only a split's one standard spelling is a name: nc05 or a non-ASCII digit (Arabic-Indic five, a
+    full-width zero) read as a number would make a second table row, labelled Nc=5 like the first."""
+    with pytest.raises(ValueError):
+        splits.canonical(name)
+    with pytest.raises(ValueError):
+        splits.split_label(name)
+
+
+def test_the_kinds_names_never_overlap_and_their_flags_come_from_the_registry(capsys):
+    """No kind's prefix starts another's (a name has one reading); every kind's flags are in fedavg.py's
+    parser, in config.json, and in SPLIT_FLAGS; NAME_FLAGS are those the run name's core holds."""
+    prefixes = [k.prefix for k in splits.KINDS]
+    assert not [(a, b) for a in prefixes for b in prefixes if a != b and b.startswith(a)]
+    config = plumbing.run_config(fedavg.get_args([]))
+    assert set(splits.SPLIT_FLAGS) <= set(config) and set(splits.NAME_FLAGS) <= set(splits.SPLIT_FLAGS)
+    assert {"iid", "nc", "dirichlet", "min_shard"} <= set(splits.SPLIT_FLAGS)
+    helps = " ".join(parse_help(capsys))
+    others = " or ".join(k.flag for k in splits.KINDS if k is not splits.IID)
+    assert f"IID shards (what a run without {others} gets)" in helps and "--nc or --dirichlet" in others
+    assert all(f"{kind.flag} " in helps for kind in splits.KINDS)
+
+
+def parse_help(capsys):
+    with pytest.raises(SystemExit):
+        fedavg.get_args(["--help"])
+    return capsys.readouterr().out.split()
+
+
+def test_a_split_read_back_from_config_json_is_the_run_s():
+    """SPLIT_FLAGS are what config.json must hold to give the run's split (with --seed, its shards)."""
+    for flags in ([], ["--nc", "5"], ["--dirichlet", "0.3", "--min-shard", "3"]):
+        args = fedavg.get_args(flags)
+        config = {k: v for k, v in plumbing.run_config(args).items() if k in splits.SPLIT_FLAGS}
+        assert splits.of_config(config) == splits.of_args(args)
+    assert splits.of_config({"dirichlet": 0.3, "min_shard": 3}).min_shard == 3
+    assert splits.of_config({"dirichlet": 0.3}).min_shard == splits.Dirichlet.MIN_SHARD  # an older config
+
+
+def test_python_fedavg_nc5_j8_sparse_keeps_its_flags_and_name():
+    args = fedavg.get_args(["--nc", "5", "--j", "8", "--sparse", "--results", "R"])
+    assert (args.nc, args.split, args.iid) == (5, "nc5", False)
+    assert args.out == "R/fedavg/nc5_j8_sparse-least-sensitive_s0.9_r4_R300/seed0"  # as before splits.py
+
+
+# ----------------------------------------------------------------------------- label skew
+
+def test_label_skew_of_hand_made_shards():
+    """TV_i = 1/2 sum_c |p_i(c) - q(c)|, q the labels of all the clients' samples together."""
+    y = torch.tensor([0, 0, 1, 1])
+    assert splits.label_skew([torch.tensor([0, 1]), torch.tensor([2, 3])], y) == 0.5  # one class each: 1 - 1/2
+    assert splits.label_skew([torch.tensor([0, 2]), torch.tensor([1, 3])], y) == 0.0  # each as the whole
+    y = torch.tensor([0, 0, 0, 1])  # q = (3/4, 1/4); client 0 (1, 0): TV 1/4; client 1 (2/3, 1/3): TV 1/12
+    shards = [torch.tensor([0]), torch.tensor([1, 2, 3])]
+    assert splits.client_tv(shards, y).tolist() == pytest.approx([1 / 4, 1 / 12], abs=1e-15)
+    assert splits.label_skew(shards, y) == pytest.approx(1 / 6, abs=1e-15)  # each client counts once
+    y = torch.arange(12) % 4  # 4 balanced classes, two per client: 1 - 2/4
+    shards = [torch.nonzero((y == a) | (y == b)).flatten() for a, b in ((0, 1), (2, 3), (0, 2), (1, 3))]
+    assert splits.label_skew(shards, y) == pytest.approx(0.5, abs=1e-15)
+    rows = splits.shard_rows(shards, y)
+    assert [r["label_tv"] for r in rows] == pytest.approx([0.5] * 4)
+
+
+def test_label_skew_orders_the_splits_on_one_axis():
+    """On balanced labels (as --dataset synthetic's and CIFAR-100's training set, K = 100): Nc=N is exactly
+    1 - N/100, IID is near 0 (each client's 4 or 5 samples of a class against the 4.5 of the whole), and
+    Dirichlet falls with alpha, between them."""
+    y = labels(450)
+    skew = {f: splits.label_skew(splits.make_shards(y, splits.parse_split(f), 100, 0), y)
+            for f in ("iid", "nc1", "nc5", "dir0.1", "dir10")}
+    assert skew["nc1"] == pytest.approx(0.99) and skew["nc5"] == pytest.approx(0.95)
+    assert skew["nc1"] > skew["nc5"] > skew["dir0.1"] > skew["dir10"] > skew["iid"]
+    assert skew["iid"] == pytest.approx(0.5 * 100 * (0.5 / 450), rel=1e-9)  # |4/450 - 1/100| = |5/450 - 1/100|
 
 
 # ----------------------------------------------------------------------------- run names
@@ -135,7 +249,8 @@ def test_split_names_are_exact():
 SCRIPTS = {"fedavg": fedavg, "centralized": centralized, "model_editing": model_editing}
 # Flags some other flags need (--min-shard needs --dirichlet, --warmup-rounds --head warmup, ...)
 CONTEXTS = {"fedavg": [[], ["--j", "8"], ["--sparse"], ["--head", "warmup"], ["--train", "head"],
-                       ["--dirichlet", "0.5"], ["--aggregate", "ties"], ["--server-opt", "adam"]],
+                       ["--aggregate", "ties"], ["--server-opt", "adam"],
+                       *(splits.split_flags(kind.example) for kind in splits.KINDS if kind.more_flags)],
             "centralized": [[], ["--grid"]],
             "model_editing": [[], ["--head", "warmup"]]}
 HOW_FLAGS = {"amp", "deterministic", "compile", "eval_batch_size"}  # how a run computes, not what
@@ -252,7 +367,7 @@ def test_summary_orders_and_labels_splits_and_names_the_plots_of_a_sweep(tmp_pat
         kind = dict(split=split) if split.startswith("dir") else {}  # the older runs: no "split" key
         with_config(write_run(tmp_path, "fedavg", f"{split}_j4_dense", 0, acc, {2: acc}, iid=split == "iid",
                               nc=5 if split == "nc5" else None, **kind),
-                    real_config(fedavg, *common.split_flags(split)))
+                    real_config(fedavg, *splits.split_flags(split)))
     for lr in ("0.001", "0.0003"):
         with_config(write_run(tmp_path, "fedavg", f"nc5_j4_dense_lr{lr}", 0, 0.1, {2: 0.1}, nc=5),
                     real_config(fedavg, "--nc", "5", "--lr", lr))
@@ -262,3 +377,18 @@ def test_summary_orders_and_labels_splits_and_names_the_plots_of_a_sweep(tmp_pat
     assert {r["split"] for r in rows} == {"iid", "nc5", "dir0.1"}
     pngs = {p.name for p in (tmp_path / "summary").glob("fedavg_*_j4.png")}
     assert {"fedavg_dense_j4.png", "fedavg_train-all_lr0.001_j4.png", "fedavg_train-all_lr0.0003_j4.png"} <= pngs
+
+
+def test_the_summary_leaves_out_a_run_whose_split_name_is_not_standard(tmp_path, capsys):
+    """A result.json with "split": "nc05" (hand-edited, or written by another tool) would be a second
+    Nc=5 row in every table: the run is left out with a warning naming the standard spelling."""
+    import summarize
+    from test_summarize import write_run
+    for name in ("nc5", "nc05", "nc\u0665", "dir0.10", "iid"):
+        write_run(tmp_path / name, "fedavg", "run", 0, 0.5, {1: 0.5}, iid=name == "iid",
+                  nc=5 if name.startswith("nc") else None, split=name)
+    runs = [r for name in ("nc5", "nc05", "nc\u0665", "dir0.10", "iid") for r in summarize.load_runs(tmp_path / name)]
+    assert sorted(r["split"] for r in runs) == ["iid", "nc5"]
+    err = capsys.readouterr().err
+    assert "'nc05' is not the standard spelling of the split 'nc5': write nc5" in err and "write dir0.1" in err
+    assert err.count("run left out") == 3

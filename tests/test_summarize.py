@@ -120,7 +120,7 @@ def test_summary_averages_over_seeds_and_says_what_is_missing(tmp_path):
     assert "_No finished centralized run._" in report
     assert (tmp_path / "summary" / "fedavg_dense_j8.png").is_file()
     assert len(rows) == 4 and [r["seed"] for r in rows if r["stage"] == "fedavg"] == ["0", "1"]
-    assert {r["split"] for r in rows if r["stage"] == "fedavg"} == {"nc5"}  # the split's name (common.split_name)
+    assert {r["split"] for r in rows if r["stage"] == "fedavg"} == {"nc5"}  # the split's name (splits.split_name)
 
 
 def study(root):
