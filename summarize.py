@@ -38,6 +38,15 @@ import fedavg
 import model_editing
 import plumbing
 
+try:  # the FL algorithm seam (algorithms.py), once merged; until then the flags' reading below
+    from algorithms import identify as identify_algorithm
+except ImportError:
+    identify_algorithm = None
+try:  # the split seam (splits.py), once merged; until then common's split names
+    import splits as split_seam
+except ImportError:
+    split_seam = None
+
 STAGES = ["centralized", "model_editing", "fedavg"]
 SCRIPTS = dict(zip(STAGES, (centralized, model_editing, fedavg)))
 COLUMNS = ["stage", "run", "dataset", "seed", "head", "score", "lr", "momentum", "wd", "scheduler", "rule",
@@ -130,22 +139,36 @@ def split_problem(r):
             return 'no "split", and "nc" is null but not iid'
         r["split"] = common.split_name(nc=r.get("nc"))
     try:
-        common.parse_split(r["split"])
+        canonical_split(r["split"])
     except ValueError as e:
         return f'"split": {e}'
     return None
+
+
+def canonical_split(name):
+    """The split name if it is written as fedavg.py writes it (splits.canonical once merged), else ValueError:
+    nc05, 'nc 7', nc1_0 or dir0.10 parse to a split but would be rows of their own beside nc5 or dir0.1."""
+    if split_seam:
+        return split_seam.canonical(name)
+    kind, value = common.parse_split(name)
+    if name != common.split_name(**({} if kind == "iid" else {"nc" if kind == "nc" else "dirichlet": value})):
+        raise ValueError(f"{name!r} is not written as fedavg.py writes split names (iid, ncN or dirA, e.g. nc5 or "
+                         f"dir0.1)")
+    return name
 
 
 def mask_of(r):
     """A sparse FedAvg run's mask as (rule, sparsity, calib_rounds, calibrated by): from the editing
     run that wrote mask_file when its result.json is there (the truth about that mask), else from the
     FedAvg run's own result.json (federated calibration: mask_file is null). Raises ValueError when the
-    editing run's result.json is there but unreadable."""
-    if not r["mask_file"]:
-        return r["rule"], r["sparsity"], r["calib_rounds"], "federated"
+    editing run's result.json is there but unreadable. Older result.json files may lack mask_file, rule,
+    sparsity and calib_rounds (all optional in SCHEMA): what is not known is None."""
+    own = r.get("rule"), r.get("sparsity"), r.get("calib_rounds")
+    if not r.get("mask_file"):
+        return (*own, "federated")
     path = os.path.join(os.path.dirname(r["mask_file"]), "result.json")
     if not os.path.isfile(path):
-        return r["rule"], r["sparsity"], r["calib_rounds"], "central"
+        return (*own, "central")
     e, problem = read_result(path)
     if problem or e["stage"] != "model_editing":
         raise ValueError(f"its mask's editing run {path} is {problem or 'not an editing run'}")
@@ -185,7 +208,7 @@ def load_runs(root):
         try:
             if r and r["stage"] == "fedavg":
                 r.update(mask=mask_of(r) if r["sparse"] else None)
-            elif r and r["stage"] == "model_editing" and r.get("mask_file"):  # a given mask: its own run's settings
+            elif r and r["stage"] == "model_editing":  # a given mask: its own run's settings
                 r.update(zip(("rule", "sparsity", "calib_rounds"), mask_of(r)[:3]))
         except ValueError as e:
             problem = str(e)
@@ -421,8 +444,8 @@ def setup(r):
 
 def mask_name(mask):
     """'least-sensitive s=0.9 r=4' (what is known of it)."""
-    rule, s, n = mask[:3]
-    return " ".join([rule or "given mask"] + ([f"s={s:g}"] if s is not None else []) +
+    rule, s, n, by = mask
+    return " ".join([rule or ("given mask" if by == "central" else "mask of unknown rule")] + ([f"s={s:g}"] if s is not None else []) +
                     ([f"r={n}"] if n is not None else []))
 
 
@@ -807,10 +830,10 @@ def six_models_tables(runs, central, editing):
         if not js:  # only head-only runs
             continue
         j = 4 if 4 in js else js[0]
-        mask = sparse.mask[:3] if sparse else None
+        mask = sparse.mask if sparse else None
         edits = group([r for r in editing if r.get("head") == head and r["rule"] == "least-sensitive"],
                       lambda r: (r["rule"], r["sparsity"], r["calib_rounds"], r["flags"]))
-        prefer = [k for k in edits if k[:3] == mask] or [k for k in edits if k[:3] == ("least-sensitive", 0.9, 4)] \
+        prefer = [k for k in edits if mask and k[:3] == mask[:3]] or [k for k in edits if k[:3] == ("least-sensitive", 0.9, 4)] \
             or list(edits)  # the mask sparse FedAvg used, else the default one, else the most seeds
         edit = max(prefer, key=lambda k: len(edits[k]), default=None)
         probe = probe_of(head, central)
@@ -831,7 +854,7 @@ def six_models_tables(runs, central, editing):
                             if probe else "the step-0 head itself (fitted centrally)")
                          + f"; FedAvg, dense FedAvg{flags_note(dense.flags if dense else ())}. With: sparse "
                          f"fine-tuning from the same head, centralized model editing "
-                         f"({what(edit, edit[3] if edit else ())}) and sparse FedAvg "
+                         f"({what(edit and (*edit[:3], 'central'), edit[3] if edit else ())}) and sparse FedAvg "
                          f"({what(mask, sparse.flags if sparse else ())}). FedAvg at J={j}."))
     return out
 
@@ -1101,7 +1124,7 @@ def csv_row(r, root):
                target_val_acc=r["target"])
     if r["mask"]:
         row.update(zip(("rule", "sparsity", "calib_rounds"), r["mask"][:3]),
-                   mask=os.path.relpath(r["mask_file"], root) if r["mask_file"] else "federated")
+                   mask=os.path.relpath(r["mask_file"], root) if r.get("mask_file") else "federated")
     return row
 
 

@@ -821,3 +821,30 @@ def test_report_links_the_centralized_plots_and_cites_published_figures_as_other
     assert table(report, "Centralized linear probe")["0.1"][3] == "2 (n=1)"  # best epoch: an integer
     section = report.split("## What to expect on CIFAR-100")[1]
     assert "published figures (not ours)" in section and "| SolarFlareZ/aml-project |" in section
+
+
+# ----------------------------------------------------------------------------- older and odd result.json files
+
+def test_a_sparse_run_of_an_older_version_without_mask_keys_is_summarized(tmp_path, no_plots, capsys):
+    """result.json of older versions: no "mask_file" at all, or a null one and no "rule" (both optional)."""
+    for seed, drop in ((0, ("mask_file",)), (1, ("rule",))):
+        d = fed(tmp_path, "nc5", 4, seed, 0.4 + 0.1 * seed, mask=("least-sensitive", 0.9, 4), mask_file=None)
+        r = json.loads((d / "result.json").read_text())
+        (d / "result.json").write_text(json.dumps({k: v for k, v in r.items() if k not in drop}))
+    rows, report, _ = summarize_root(tmp_path)
+    assert "warning" not in capsys.readouterr().err and len(rows) == 2
+    assert table(report, "FedAvg, sparse, least-sensitive s=0.9 r=4, federated")["Nc=5"] == [pm(0.4)]
+    assert table(report, "FedAvg, sparse, mask of unknown rule s=0.9 r=4, federated")["Nc=5"] == [pm(0.5)]
+    assert {r["mask"] for r in rows} == {"federated"}
+
+
+@pytest.mark.parametrize("name", ["nc05", "nc 7", "nc1_0", "dir0.10", "nc\u0665"])
+def test_a_split_name_not_written_as_fedavg_writes_it_is_refused_naming_the_file(tmp_path, no_plots, capsys, name):
+    fed(tmp_path, "nc5", 4, 0, 0.4)
+    odd = fed(tmp_path, "nc5", 4, 1, 0.5)
+    r = json.loads((odd / "result.json").read_text())
+    (odd / "result.json").write_text(json.dumps(dict(r, split=name)))
+    rows, report, _ = summarize_root(tmp_path)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(odd / "result.json") in err[0] and err[0].endswith("run left out"), err
+    assert len(rows) == 1 and table(report, "FedAvg, dense")["Nc=5"] == [pm(0.4)]  # one row, not two "Nc=5"
