@@ -18,9 +18,11 @@ folder, then renamed file by file into summary/ (an error or a stop leaves the e
 """
 import argparse
 import collections
+import contextlib
 import csv
 import fcntl
 import functools
+import io
 import json
 import math
 import os
@@ -49,10 +51,6 @@ except ImportError:
 
 STAGES = ["centralized", "model_editing", "fedavg"]
 SCRIPTS = dict(zip(STAGES, (centralized, model_editing, fedavg)))
-COLUMNS = ["stage", "run", "dataset", "seed", "head", "score", "lr", "momentum", "wd", "scheduler", "rule",
-           "sparsity", "calib_rounds", "mask", "k", "c", "j", "rounds", "warmup_rounds", "split", "sparse",
-           "train", "best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc", "target_val_acc",
-           "rounds_to_target", "comm_values_per_client_round", "comm_mb_total", "precision", "seconds"]
 SMOOTH = 5  # rounds in the moving average of the agreement / update-norm curves
 
 
@@ -73,7 +71,8 @@ SCHEMA = {
     "fedavg": dict(k="int", c="num", j="int", rounds="int", warmup_rounds="int?", split="str?", iid="bool?", nc="int?",
                    train="str", sparse="bool", head="str?", score="str?", rule="str?", sparsity="num?",
                    calib_rounds="int?", mask_file="str?", val_acc="num", test_acc="num", best_val_acc="num",
-                   test_acc_at_best_val="num?", comm_values_per_client_round="int?", comm_mb_total="num?"),
+                   test_acc_at_best_val="num?", comm_values_per_client_round="int?", comm_mb_total="num?",
+                   algorithm="str?", label_skew="num?"),
     "best": dict(lr="num", momentum="num", wd="num", scheduler="str"),  # centralized "best"
 }
 
@@ -221,6 +220,7 @@ def load_runs(root):
         r["dir"], r["config"], r["head"] = d, config, across_seeds(r.get("head"))
         if r["stage"] == "fedavg":
             r["metrics"] = read_metrics(d)
+            r["algorithm"], r["algorithm_flags"] = algorithm_of(r)
         runs.append(r)
     return sorted(runs, key=lambda r: (STAGES.index(r["stage"]), r["dir"]))
 
@@ -270,25 +270,60 @@ def once_each(runs):
     return out
 
 
-# The flags (config.json keys) each stage's tables show or group by already. Any other flag that differs
-# between runs of a stage (epochs, lr, augmentation, ...) splits them into separate tables and cells,
-# named in the titles (mark_flags).
-SHOWN = {"centralized": {"seed"},  # the chosen hyperparameters are in the table; the flags are not
-         "model_editing": {"seed", "rule", "sparsity", "calib_rounds", "mask", "head", "score"},
-         "fedavg": {"seed", "iid", "nc", "dirichlet", "j", "train", "head", "k", "c", "warmup_rounds", "score",
-                    "sparse", "mask", "rule", "sparsity", "calib_rounds"}}
+def shown_flags(stage):
+    """The flags (config.json keys) a stage's tables show or group by already, read off what groups them:
+    the seed and a FedAvg run's split, J, setup (Setup) and mask (its rule, sparsity, calibration rounds,
+    or file); an editing run's mask and head (SCHEMA's keys that are flags); the centralized tables show the
+    chosen hyperparameters, not flags. Any other flag that differs between runs of a stage (epochs, lr, mu,
+    augmentation, ...) splits them into separate tables and cells, named in the titles (mark_flags)."""
+    flags = set(flag_defaults(stage))
+    if stage == "centralized":
+        return {"seed"}
+    if stage == "model_editing":
+        return {"seed", "mask"} | (set(SCHEMA[stage]) & flags)
+    return {"seed", "j", "sparse", "mask", *split_flags(), *plumbing.CALIBRATION_FLAGS[:3], *Setup._fields} & flags
 
 
-def fedavg_flags(r):
-    """A FedAvg run's flags for mark_flags: config.json, with --rounds as given (with --scale-rounds,
-    config.json holds the rounds run, --rounds × 4 / J: the flag is then the same for every J of a
-    study), and without the calibration flags where the run calibrated no mask (they did nothing)."""
+def split_flags():
+    """The config.json keys that define a FedAvg split (splits.SPLIT_FLAGS once merged)."""
+    return split_seam.SPLIT_FLAGS if split_seam else ("iid", "nc", "dirichlet")
+
+
+def run_flags(r):
+    """A run's flags that do something, for mark_flags and results.csv: its config.json without the flags its
+    script refuses to take given the others (refused_flags: --lr of a --train head run, --head-lr of a dense
+    one, the calibration flags with --mask or without --sparse, ...), and FedAvg's --rounds as given (with
+    --scale-rounds config.json holds the rounds run, --rounds × 4 / J: the flag is then the same for every J
+    of a study)."""
     c = dict(r["config"])
-    if c.get("scale_rounds"):
+    if r["stage"] == "fedavg" and c.get("scale_rounds"):
         c["rounds"] = c["rounds"] * c["j"] // 4 if c["rounds"] * c["j"] % 4 == 0 else c["rounds"] * c["j"] / 4
-    if not (r["mask"] and r["mask"][3] == "federated"):
-        c = {k: v for k, v in c.items() if k not in plumbing.CALIBRATION_FLAGS}
-    return c
+    refused = refused_flags(r["stage"], json.dumps(c, sort_keys=True)) if c else ()
+    return {k: v for k, v in c.items() if k not in refused}
+
+
+@functools.cache
+def refused_flags(stage, config):
+    """The flags that a run of these flags (config, JSON) would refuse to take at another value: those its
+    script's get_args hands to plumbing.refuse_ignored, as doing nothing given the others. Asked of the
+    script itself, so no list here can drift from it; () when its flags do not parse today."""
+    flags, defaults, refused = json.loads(config), flag_defaults(stage), []
+    argv = []
+    for k, v in flags.items():
+        if k not in defaults or v == defaults[k] or v is None or v is False:  # a default needs no flag
+            continue
+        opt = "--" + k.replace("_", "-")
+        argv += [opt] if v is True else [opt, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    real = plumbing.refuse_ignored
+    plumbing.refuse_ignored = lambda p, args, names, why: refused.extend(names)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            SCRIPTS[stage].get_args(argv)
+    except (SystemExit, Exception):  # a flag of an older version, a file no longer there
+        return ()
+    finally:
+        plumbing.refuse_ignored = real
+    return tuple(refused)
 
 
 # A seed folder inside a file flag's value: RESULTS/STAGE/NAME/seedN/FILE, the project's layout.
@@ -327,7 +362,7 @@ def flags_note(flags):
 
 
 def uncalibrated(flags):
-    """The flags without the calibration flags: those a dense FedAvg run would have (see fedavg_flags)."""
+    """The flags without the calibration flags: those a dense FedAvg run would have (see run_flags)."""
     return tuple(kv for kv in flags if kv[0] not in plumbing.CALIBRATION_FLAGS)
 
 
@@ -433,13 +468,43 @@ def add_rounds_to_target(runs, frac):
                                           if v is not None and v >= r["target"]), None)
 
 
-Setup = collections.namedtuple("Setup", "train head k c warmup_rounds score mask flags")
+Setup = collections.namedtuple("Setup", "train head k c warmup_rounds score mask flags algorithm")
 
 
 def setup(r):
-    """What defines a FedAvg experiment apart from split, J and seed (flags: mark_flags)."""
+    """What defines a FedAvg experiment apart from split, J and seed (flags: mark_flags; the FL algorithm its
+    flags make)."""
     return Setup(r["train"], r.get("head"), r["k"], r["c"], r.get("warmup_rounds") or 0,
-                 r.get("score") if r["mask"] else None, r["mask"], r["flags"])
+                 r.get("score") if r["mask"] else None, r["mask"], r["flags"], r["algorithm"])
+
+
+DEFAULT_ALGORITHM = "FedAvg"  # every algorithm flag at its default
+
+
+def algorithm_of(r):
+    """(name, {flag: value} of its own flags) of a FedAvg run's FL algorithm: result.json's "algorithm" where
+    it has one, its flags read by algorithms.identify (or flags_algorithm before that module exists) otherwise
+    (older runs); read from result.json's flags where config.json is empty."""
+    name, own = (identify_algorithm or flags_algorithm)(r["config"] or r)
+    return r.get("algorithm") or name, own
+
+
+def flags_algorithm(cfg):
+    """algorithms.identify until algorithms.py is merged: the algorithm that fedavg.py's FL flags (docs/
+    extending.md) make, and its own flags."""
+    get = lambda k, default: cfg.get(k, default) if cfg.get(k) is not None else default
+    if get("scaffold", False):
+        return "SCAFFOLD", {}
+    if get("aggregate", "mean") == "ties":
+        return "TIES", {"ties_keep": get("ties_keep", 0.2), "server_lr": get("server_lr", 1.0)}
+    if get("server_opt", "sgd") != "sgd":
+        return ("FedAdam" if cfg["server_opt"] == "adam" else "FedYogi",
+                {"server_lr": get("server_lr", 1.0), "server_eps": get("server_eps", 1e-3)})
+    if get("server_momentum", 0.0):
+        return "FedAvgM", {"server_lr": get("server_lr", 1.0), "server_momentum": cfg["server_momentum"]}
+    if get("mu", 0.0):
+        return "FedProx", {"mu": cfg["mu"]}
+    return DEFAULT_ALGORITHM, ({"server_lr": cfg["server_lr"]} if get("server_lr", 1.0) != 1.0 else {})
 
 
 def mask_name(mask):
@@ -451,7 +516,7 @@ def mask_name(mask):
 
 def setup_parts(key):
     """What a setup is, as (what it trains, [where its head came from and the other settings])."""
-    train, head, k, c, warm, score, mask, flags = key
+    train, head, k, c, warm, score, mask, flags, _ = key
     if mask:
         kind = f"sparse, {mask_name(mask)}, {mask[3]} calibration" + (f", {score} score" if score else "")
     else:
@@ -467,8 +532,8 @@ def setup_name(key):
 
 def short_names(keys):
     """({setup: a short row label}, what all of them share, for the title): a label names only what
-    differs between the setups of one table."""
-    parts = {k: [setup_parts(k)[0]] + setup_parts(k)[1] for k in keys}
+    differs between the setups of one table (the algorithm too)."""
+    parts = {k: [setup_parts(k)[0], k.algorithm] + setup_parts(k)[1] for k in keys}
     shared = [p for p in (next(iter(parts.values()), [])) if all(p in ps for ps in parts.values())]
     shared = shared if len(parts) > 1 else shared[1:]  # one setup: its kind is the label
     return {k: ", ".join(p for p in ps if p not in shared) for k, ps in parts.items()}, ", ".join(shared)
@@ -748,7 +813,7 @@ def fedavg_doc(runs, central, editing, frac):
         splits = sorted({r["split"] for r in rs}, key=common.split_order)
         cells = group(rs, lambda r: (r["split"], r["j"]))
         rounds = {j: "/".join(str(n) for n in sorted({r["rounds"] for r in rs if r["j"] == j})) for j in js}
-        doc.append(Table(f"FedAvg, {setup_name(key)}: test accuracy (%)",
+        doc.append(Table(f"{key.algorithm}, {setup_name(key)}: test accuracy (%)",
                          ["split"] + [f"J={j} ({rounds[j]} rounds)" for j in js],
                          [[common.split_label(s)] + [acc(cells.get((s, j), [])) for j in js] for s in splits],
                          [None] + ["max"] * len(js)))
@@ -808,10 +873,11 @@ def sparsity_table(title, cells):
 def main_setups(runs, head):
     """The dense (train all) and sparse setups of one head with the most (split, J) cells: the ones the
     six-models table, the heatmap and the agreement plot use."""
-    def best(rs):
+    def best(rs):  # most cells, most runs; where setups tie, FedAvg, then the fewest flags off their defaults
         cells = group(rs, setup)
-        return max(cells, key=lambda k: (len({(r["split"], r["j"]) for r in cells[k]}), len(cells[k]),
-                                         str(tuple(k))), default=None)
+        ranked = sorted(cells, key=lambda k: (-len({(r["split"], r["j"]) for r in cells[k]}), -len(cells[k]),
+                                              k.algorithm != DEFAULT_ALGORITHM, off_default(k.flags), setup_name(k)))
+        return ranked[0] if ranked else None
     mine = [r for r in runs if r.get("head") == head]
     dense = best([r for r in mine if not r["mask"] and r["train"] == "all"])
     sparse = [r for r in mine if r["mask"] and r["mask"][0] in ("least-sensitive", None)] or \
@@ -819,6 +885,11 @@ def main_setups(runs, head):
     if dense:  # of the dense setup's flags where some are
         sparse = [r for r in sparse if uncalibrated(r["flags"]) == dense.flags] or sparse
     return dense, best(sparse)
+
+
+def off_default(flags):
+    """How many of a setup's flags (mark_flags) are off their defaults."""
+    return sum(json.loads(v) != flag_defaults("fedavg").get(k) for k, v in flags)
 
 
 def six_models_tables(runs, central, editing):
@@ -852,11 +923,17 @@ def six_models_tables(runs, central, editing):
                          f"backbone, before any training. Without: centralized, "
                          + (f"the centralized linear probe that saved this head{flags_note(probe[0]['flags'])}"
                             if probe else "the step-0 head itself (fitted centrally)")
-                         + f"; FedAvg, dense FedAvg{flags_note(dense.flags if dense else ())}. With: sparse "
-                         f"fine-tuning from the same head, centralized model editing "
-                         f"({what(edit and (*edit[:3], 'central'), edit[3] if edit else ())}) and sparse FedAvg "
-                         f"({what(mask, sparse.flags if sparse else ())}). FedAvg at J={j}."))
+                         + f"; FedAvg rows, {'the dense setup ' + algorithm_setup(dense) if dense else 'none'}. With: "
+                         f"sparse fine-tuning from the same head, centralized model editing "
+                         f"({what(edit and (*edit[:3], 'central'), edit[3] if edit else ())}) and for the FedAvg "
+                         f"rows {'the sparse setup ' + algorithm_setup(sparse) if sparse else 'none'}. FedAvg rows "
+                         f"at J={j}; where setups have as many runs, the default algorithm ({DEFAULT_ALGORITHM})."))
     return out
+
+
+def algorithm_setup(key):
+    """'FedAvg, dense; head ridge, K=100, C=0.1, lr 0.001': the setup a row of the six models is."""
+    return f"{key.algorithm}, {setup_name(key)}"
 
 
 def probe_of(head, central):
@@ -1103,28 +1180,48 @@ def fedavg_plots(runs, shown, out_dir):
 
 # ----------------------------------------------------------------------------- results.csv and main
 
-def csv_row(r, root):
+# results.csv's measured columns, the same for every stage (csv_row), after the columns that define a run
+MEASURES = ["best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc", "target_val_acc",
+            "rounds_to_target", "comm_values_per_client_round", "comm_mb_total", "label_skew", "precision", "seconds"]
+
+
+def defining_keys(stage):
+    """The result.json keys (SCHEMA) of a stage that are its flags, the split's aside (the split column
+    names it): what its tables group by."""
+    return [k for k in SCHEMA[stage] if k in flag_defaults(stage) and k not in split_flags()]
+
+
+def csv_columns(runs):
+    """results.csv's columns: the run, its split and algorithm, what each stage's tables group by (SCHEMA;
+    the centralized run's chosen hyperparameters), every other flag that differs among the runs of a stage
+    (mark_flags: lr, mu, head_lr, ...; taken from config.json), then the measurements."""
+    cols = ["stage", "run", "dataset", "seed", "split", "algorithm"]
+    for stage in STAGES:
+        cols += defining_keys(stage) + (list(SCHEMA["best"]) if stage == "centralized" else []) + ["mask"]
+    cols += [k for r in runs for k, _ in r["flags"]] + MEASURES
+    return list(dict.fromkeys(cols))
+
+
+def csv_row(r, root, columns):
     """One results.csv row: what defines the run, and its accuracies in the same columns for every
     stage: at the best validation epoch/round, and at the last one (centralized.py logs no final
-    validation accuracy; the head it keeps is the best-validation one)."""
-    row = dict.fromkeys(COLUMNS)
-    row.update({k: r.get(k) for k in ("stage", "dataset", "seed", "seconds", "precision", "head", "score")},
+    validation accuracy; the head it keeps is the best-validation one). A flag the run refused (run_flags)
+    or does not have is an empty cell."""
+    row = dict.fromkeys(columns)
+    row.update({k: json.loads(v) for k, v in r["flags"]})
+    row.update({k: r.get(k) for k in ("stage", "dataset", "seed", "algorithm", *defining_keys(r["stage"]), *MEASURES)},
                run=os.path.relpath(r["dir"], root))
     if r["stage"] == "centralized":
-        row.update({k: r["best"][k] for k in ("lr", "momentum", "wd", "scheduler")})
+        row.update({k: r["best"][k] for k in SCHEMA["best"]})
         row.update(best_val_acc=r["val_acc"], test_acc_at_best_val=r["test_acc"], final_test_acc=r["final_test_acc"])
         return row
     row.update(best_val_acc=r["best_val_acc"], test_acc_at_best_val=r.get("test_acc_at_best_val"),
                final_val_acc=r["val_acc"], final_test_acc=r["test_acc"])
-    if r["stage"] == "model_editing":
-        row.update({k: r[k] for k in ("rule", "sparsity", "calib_rounds")})
-        return row
-    row.update({k: r.get(k) for k in ("k", "c", "j", "rounds", "warmup_rounds", "sparse", "train", "split",
-                                      "comm_values_per_client_round", "comm_mb_total", "rounds_to_target")},
-               target_val_acc=r["target"])
-    if r["mask"]:
-        row.update(zip(("rule", "sparsity", "calib_rounds"), r["mask"][:3]),
-                   mask=os.path.relpath(r["mask_file"], root) if r.get("mask_file") else "federated")
+    if r["stage"] == "fedavg":
+        row.update({k: r.get(k) for k in ("split", "rounds_to_target")}, target_val_acc=r["target"])
+        if r["mask"]:
+            row.update(zip(("rule", "sparsity", "calib_rounds"), r["mask"][:3]),
+                       mask=os.path.relpath(r["mask_file"], root) if r.get("mask_file") else "federated")
     return row
 
 
@@ -1132,8 +1229,7 @@ def summarize(root, target=0.9):
     plan = read_plan(root)
     runs = once_each(planned_runs(load_runs(root), plan, root))  # a planned run, not its copy, is kept
     for stage in STAGES:  # before anything groups them
-        mark_flags([r for r in runs if r["stage"] == stage], SHOWN[stage],
-                   fedavg_flags if stage == "fedavg" else lambda r: r["config"])
+        mark_flags([r for r in runs if r["stage"] == stage], shown_flags(stage), run_flags)
     add_rounds_to_target(runs, target)
     out_dir = open_summary(root)
     new = tempfile.mkdtemp(prefix=NEW, dir=out_dir)
@@ -1199,11 +1295,11 @@ def replace_summary(new, out_dir):
 def write_summary(root, plan, runs, target, out_dir, final_dir):
     """results.csv, report.md, tables.tex and the plots of `runs` into the empty folder out_dir; report.md's
     links are relative to final_dir, where they will be."""
-    rows, path = [csv_row(r, root) for r in runs], os.path.join(out_dir, "results.csv")
-    if rows:
-        plumbing.write_csv(rows, path)
+    columns, path = csv_columns(runs), os.path.join(out_dir, "results.csv")
+    if runs:
+        plumbing.write_csv([csv_row(r, root, columns) for r in runs], path)
     else:  # write_csv takes its header from the rows
-        plumbing.atomic_write_text(",".join(COLUMNS) + "\n", path)
+        plumbing.atomic_write_text(",".join(columns) + "\n", path)
 
     by_stage = {s: [r for r in runs if r["stage"] == s] for s in STAGES}
     seeds = sorted({r["seed"] for r in runs})

@@ -230,7 +230,7 @@ def test_rounds_to_target_per_seed_else_the_mean_and_not_reached(tmp_path, capsy
     assert got == {"fedavg/nc5_j4_dense/seed0": ("0.72", "40"), "fedavg/nc5_j4_dense/seed1": ("0.63", "20"),
                    "fedavg/iid_j4_dense/seed0": ("0.72", ""), "fedavg/iid_j4_dense/seed1": ("", "")}
     cost = table(report, "FedAvg cost: rounds to 0.9")  # one setup: its kind the label, the rest in the title
-    assert "communication (head ridge, K=100, C=0.1)" in [t for t in md_tables(report) if t.startswith("FedAvg cost")][0]
+    assert "communication (FedAvg, head ridge, K=100, C=0.1)" in [t for t in md_tables(report) if t.startswith("FedAvg cost")][0]
     assert cost["dense"][5] == "30 ± 14 (2/2 reached)"
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 1 and str(broken / "metrics.csv") in warnings[0]
@@ -680,7 +680,7 @@ def test_the_zero_head_family_and_new_keys_are_read(tmp_path):
         (d / "metrics.csv").write_text("\n".join([text[0] + ",aug_acc"] + [row + ",0.3" for row in text[1:]]) + "\n")
     fed(tmp_path, "iid", 4, 0, 0.75)  # the dense ridge family beside it
     _, report, _ = summarize_root(tmp_path)
-    zero = table(report, "FedAvg, head only (frozen backbone); head zero, K=100, C=0.1:")
+    zero = table(report, "FedProx, head only (frozen backbone); head zero, K=100, C=0.1:")  # mu 0.1: FedProx
     assert zero == {"split": ["J=4 (300 rounds)", "J=8 (300 rounds)"], "IID": [pm(0.7), pm(0.68)],
                     "Nc=1": [pm(0.5), pm(0.4)]}
     assert table(report, "FedAvg, dense; head ridge")["IID"] == [pm(0.75)]
@@ -848,3 +848,38 @@ def test_a_split_name_not_written_as_fedavg_writes_it_is_refused_naming_the_file
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and str(odd / "result.json") in err[0] and err[0].endswith("run left out"), err
     assert len(rows) == 1 and table(report, "FedAvg, dense")["Nc=5"] == [pm(0.4)]  # one row, not two "Nc=5"
+
+
+# ----------------------------------------------------------------------------- every swept flag, from config.json
+
+def sweep(root):
+    """A new user's root: dense FedAvg at two --lr, FedProx, head-only runs at two --head-lr (no --lr: they
+    refuse it), each with the config.json fedavg.py writes."""
+    runs = {("--lr", "0.001"): 0.30, ("--lr", "0.0001"): 0.40, ("--mu", "0.01"): 0.45}
+    def run(name, a, *flags, **fields):
+        with_config(write_run(root, "fedavg", name, 0, a, {1: a / 2, 2: a}, j=4, iid=False, nc=5, **fields),
+                    real_config(fedavg, "--nc", "5", *flags))
+    for flags, a in runs.items():
+        run(f"dense{flags[1]}{flags[0]}", a, *flags, mu=float(flags[1]) if flags[0] == "--mu" else 0.0)
+    for hlr, a in (("0.1", 0.6), ("0.05", 0.55)):
+        run(f"head{hlr}", a, "--train", "head", "--head", "zero", "--head-lr", hlr, train="head", head="zero")
+
+
+def test_results_csv_carries_every_swept_flag_and_only_where_the_run_takes_it(tmp_path, no_plots):
+    sweep(tmp_path)
+    rows, report, _ = summarize_root(tmp_path)
+    got = {(r["train"], r["lr"], r["mu"], r["head_lr"], r["algorithm"]) for r in rows}
+    assert got == {("all", "0.001", "0", "", "FedAvg"), ("all", "0.0001", "0", "", "FedAvg"),
+                   ("all", "0.0001", "0.01", "", "FedProx"),  # dense runs take no --head-lr
+                   ("head", "", "0", "0.1", "FedAvg"), ("head", "", "0", "0.05", "FedAvg")}  # nor these --lr
+    heads = [t for t in md_tables(report) if t.startswith("FedAvg, head only")]
+    assert len(heads) == 2 and all("head_lr" in t and "lr 0.0001" not in t for t in heads), heads
+    assert table(report, "FedProx, dense; head ridge, K=100, C=0.1, lr 0.0001, mu 0.01")["Nc=5"] == [pm(0.45)]
+
+
+def test_the_six_models_take_fedavg_where_setups_tie_and_say_which_setup(tmp_path, no_plots):
+    sweep(tmp_path)
+    _, report, _ = summarize_root(tmp_path)
+    assert table(report, "The six models (head ridge)")["FedAvg Nc=5"][0] == pm(0.40)  # FedAvg at the default lr
+    note = report.split("### The six models (head ridge)")[1].split("\n\n")[1]
+    assert "FedAvg rows, the dense setup FedAvg, dense; head ridge, K=100, C=0.1, lr 0.0001, mu 0" in note
