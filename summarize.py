@@ -792,10 +792,10 @@ def editing_doc(runs, out_dir):
 # ----------------------------------------------------------------------------- FedAvg tables
 
 def fedavg_doc(runs, central, editing, frac):
-    """The FedAvg tables, and the setups whose split × J table was written (the plots follow those)."""
+    """The FedAvg tables."""
     doc = ["## FedAvg", ""]
     if not runs:
-        return doc + ["_No finished FedAvg run._", ""], []
+        return doc + ["_No finished FedAvg run._", ""]
     doc += ["Test accuracy (%) of the final global model. Splits: IID, Nc classes per client, or Dir(α) (each "
             "class spread over the clients in proportions drawn from Dirichlet(α)). Dense and sparse runs are "
             "compared only with the same head source (named in each title).", ""]
@@ -804,12 +804,10 @@ def fedavg_doc(runs, central, editing, frac):
         doc += [f"Centralized baseline for reference: {acc(base).text()}{flags_note(base[0]['flags'])}.", ""]
     covered = set()
     doc += rules_tables(runs, covered) + sparsity_tables(runs, covered)
-    shown = []
     for key, rs in group(runs, setup).items():
         js = sorted({r["j"] for r in rs})
         if len(js) == 1 and key in covered:  # already in a table above
             continue
-        shown.append(key)
         splits = sorted({r["split"] for r in rs}, key=common.split_order)
         cells = group(rs, lambda r: (r["split"], r["j"]))
         rounds = {j: "/".join(str(n) for n in sorted({r["rounds"] for r in rs if r["j"] == j})) for j in js}
@@ -819,7 +817,7 @@ def fedavg_doc(runs, central, editing, frac):
                          [None] + ["max"] * len(js)))
     doc += six_models_tables(runs, central, editing)
     doc.append(cost_table(runs, frac))
-    return doc, shown
+    return doc
 
 
 def rules_tables(runs, covered):
@@ -1131,51 +1129,84 @@ def plot_agreement(path, dense, sparse, title):
     plumbing.save_figure(fig, path)
 
 
-def head_tag(head):
-    """A plot name's part for a head source other than the first one seen: '_head-zero', or for a head file
-    its run name (plumbing.file_tag)."""
-    return "_head-" + (head if head in ("ridge", "warmup", *common.FRESH_HEADS) else plumbing.file_tag(head))
+def plot_name(key, keys):
+    """A setup's part of a plot's file name, made as run names are (docs/splits-and-names.md): what it trains
+    (dense, head, sparse-RULE_sS_rN for a mask calibrated federatedly, sparse-mask-RULE_sS_rN for a mask
+    file), its head source where not the default (from-zero as in run names, head-warmup, head-FILE TAG),
+    then, in run-name short form, each setting that tells the setups `keys` apart and is off its default
+    (K, C, warm-up rounds, score, then the swept flags: lr0.001, mu0.01, ...)."""
+    defaults = flag_defaults("fedavg")
+    if key.mask:
+        rule, s, n, by = key.mask
+        kind = "sparse-" + ("mask-" if by == "central" else "") + \
+            "_".join([rule or "mask"] + [f"{c}{plumbing.name_value(v)}" for c, v in (("s", s), ("r", n)) if v is not None])
+    else:
+        kind = "dense" if key.train == "all" else key.train
+    parts = [kind.replace("mask-mask", "mask")] + ([head_part(key.head)] if head_part(key.head) else [])
+    for field in ("k", "c", "warmup_rounds", "score"):
+        v = getattr(key, field)
+        if len({getattr(k, field) for k in keys}) > 1 and v not in (None, defaults[field]):
+            parts.append(plumbing.name_part(field, v))
+    parts += [plumbing.name_part(f, json.loads(v)) for f, v in key.flags if json.loads(v) != defaults.get(f)]
+    return "_".join(parts)
 
 
-def fedavg_plots(runs, shown, out_dir):
-    """Curves for every setup with a split × J table; heatmap and agreement for each head's main setups."""
-    paths, tags = [], {}
-    heads = list(group(runs, lambda r: r.get("head")))
-    mains = {h: main_setups(runs, h) for h in heads}
+def head_part(head):
+    """A plot name's part for a head source: '' for the default (ridge), from-zero as run names say it,
+    head-warmup, head-FILE TAG (plumbing.name_part)."""
+    if head in common.FRESH_HEADS:
+        return f"from-{head}"
+    return "" if head == flag_defaults("fedavg")["head"] else plumbing.name_part("head", head)
 
-    def plain_tag(key):
-        tag = ("dense" if not key.mask else "sparse") if key in mains[key.head] else \
-            ("train-" + key.train if not key.mask else "sparse-" + mask_name(key.mask))
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", tag + (head_tag(key.head) if key.head != heads[0] else ""))
-    shared = collections.Counter(plain_tag(key) for key in shown)
-    for key in shown:
-        tag = plain_tag(key)
-        if shared[tag] > 1:  # setups apart only in other flags (a --lr sweep): named by them, as run names are
-            tag = "_".join([tag] + [plumbing.name_part(k, json.loads(v)) for k, v in key.flags])
-        tags[tag] = tags.get(tag, 0) + 1
-        tag += f"_{tags[tag]}" if tags[tag] > 1 else ""
+
+def plot_names(keys):
+    """{setup: plot_name}, distinct: a name two setups would share (a run without config.json, whose flags
+    are not known) gets _2, _3, ... in the order of the setups."""
+    names, seen = {}, collections.Counter()
+    for key in keys:
+        name = plot_name(key, keys)
+        seen[name] += 1
+        names[key] = name + (f"_{seen[name]}" if seen[name] > 1 else "")
+    return names
+
+
+def fedavg_plots(runs, out_dir):
+    """Curves for every setup at every J (fedavg_SETUP_jJ.png); heatmap and agreement for each head's main
+    setups (fedavg_heatmap[_HEAD].png, fedavg_agreement[_HEAD]_jJ.png). Returns (the plots, report lines
+    saying which runs a plot leaves out)."""
+    paths, notes = [], []
+    keys = list(group(runs, setup))
+    names = plot_names(keys)
+    for key in keys:
         rs = [r for r in runs if setup(r) == key]
         for j in sorted({r["j"] for r in rs if r["metrics"]}):
-            paths.append(os.path.join(out_dir, f"fedavg_{tag}_j{j}.png"))
-            by_split = group(sorted([r for r in rs if r["j"] == j], key=lambda r: common.split_order(r["split"])),
-                             lambda r: r["split"])
-            plot_curves(paths[-1], by_split, f"FedAvg J={j}, " + setup_name(key).replace("; ", "\n"))
-    for i, head in enumerate(heads):
-        dense, sparse = ([r for r in runs if setup(r) == k] for k in mains[head])
-        suffix = head_tag(head) if i else ""
+            paths.append(os.path.join(out_dir, f"fedavg_{names[key]}_j{j}.png"))
+            by_split = group(sorted([r for r in rs if r["j"] == j and r["metrics"]],
+                                    key=lambda r: common.split_order(r["split"])), lambda r: r["split"])
+            plot_curves(paths[-1], by_split, f"{key.algorithm} J={j}, " + setup_name(key).replace("; ", "\n"))
+    no_curves = [r for r in runs if not r["metrics"]]
+    if no_curves:
+        notes.append(f"No curves (no readable metrics.csv): {', '.join(r['dir'] for r in no_curves)}.")
+    for head in group(runs, lambda r: r.get("head")):
+        mains = main_setups(runs, head)
+        dense, sparse = ([r for r in runs if setup(r) == k] for k in mains)
+        suffix = f"_{head_part(head)}" if head_part(head) else ""
+        others = [k for k in keys if k.head == head and k not in mains]
+        drawn = "; ".join(f"{what} {algorithm_setup(k)}" for what, k in zip(("dense:", "sparse:"), mains) if k)
         if dense and sparse:
             paths.append(os.path.join(out_dir, f"fedavg_heatmap{suffix}.png"))
-            plot_heatmap(paths[-1], dense, sparse, f"FedAvg final test accuracy (%), head {head}; "
-                                                   f"{setup_name(mains[head][1]).split(';')[0]}")
+            plot_heatmap(paths[-1], dense, sparse, f"Final test accuracy (%), head {head}\n"
+                                                   f"dense: {algorithm_setup(mains[0])}\nsparse: {algorithm_setup(mains[1])}")
         for j in sorted({r["j"] for r in dense + sparse}):
             at = lambda rs: [r for r in rs if r["j"] == j and r["metrics"] and any(
                 v is not None for v in r["metrics"]["agreement"])]
             if at(dense) or at(sparse):
                 paths.append(os.path.join(out_dir, f"fedavg_agreement{suffix}_j{j}.png"))
-                plot_agreement(paths[-1], at(dense), at(sparse), f"FedAvg update agreement and norm, J={j}, "
-                                                                 f"head {head}: dense (solid, circles) vs sparse "
-                                                                 f"(dashed, squares)")
-    return paths
+                plot_agreement(paths[-1], at(dense), at(sparse), f"Update agreement and norm, J={j}, head {head}")
+        if others and (dense or sparse):
+            notes.append(f"The heatmap and agreement plots of head {head} draw only its main setups ({drawn}); "
+                         f"not drawn there: {'; '.join(algorithm_setup(k) for k in others)} (each has its curves).")
+    return paths, notes
 
 
 # ----------------------------------------------------------------------------- results.csv and main
@@ -1315,12 +1346,14 @@ def write_summary(root, plan, runs, target, out_dir, final_dir):
     doc += not_run_doc(plan, runs, root)
     doc += centralized_doc(by_stage["centralized"], final_dir)
     section, plots = editing_doc(by_stage["model_editing"], out_dir)
-    section2, shown = fedavg_doc(by_stage["fedavg"], by_stage["centralized"], by_stage["model_editing"], target)
-    plots += fedavg_plots(by_stage["fedavg"], shown, out_dir)
+    section2 = fedavg_doc(by_stage["fedavg"], by_stage["centralized"], by_stage["model_editing"], target)
+    fed_plots, notes = fedavg_plots(by_stage["fedavg"], out_dir)
+    plots += fed_plots
     doc += section + section2
     doc += expected_doc()
     if plots:
-        doc += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+        doc += ["## Plots", ""] + [f"- {n}" for n in notes] + [""] * bool(notes) + \
+            [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     md, tex = render(doc)
     plumbing.atomic_write_text(md, os.path.join(out_dir, "report.md"))
     plumbing.atomic_write_text(tex, os.path.join(out_dir, "tables.tex"))

@@ -68,7 +68,7 @@ def fed(root, split, j, seed, acc, mask=None, curve=None, **fields):
 @pytest.fixture
 def no_plots(monkeypatch):
     """Tables only: drawing PNGs takes most of summarize.py's time (test_plots_... draws them)."""
-    monkeypatch.setattr(summarize, "fedavg_plots", lambda *a: [])
+    monkeypatch.setattr(summarize, "fedavg_plots", lambda *a: ([], []))
     monkeypatch.setattr(summarize.plumbing, "plot_lines", lambda *a, **k: None)
     monkeypatch.setattr(summarize.plumbing, "plot_bars", lambda *a, **k: None)
 
@@ -686,8 +686,8 @@ def test_the_zero_head_family_and_new_keys_are_read(tmp_path):
     assert table(report, "FedAvg, dense; head ridge")["IID"] == [pm(0.75)]
     assert not [t for t in md_tables(report) if t.startswith("The six models (head zero)")]  # nothing sparse there
     out = tmp_path / "summary"
-    assert {"fedavg_train-head_head-zero_j4.png", "fedavg_train-head_head-zero_j8.png", "fedavg_dense_j4.png"} <= \
-        {p.name for p in out.iterdir()}  # named by its head: not the first head seen (the ridge run sorts first)
+    assert {"fedavg_head_from-zero_j4.png", "fedavg_head_from-zero_j8.png", "fedavg_dense_j4.png"} <= \
+        {p.name for p in out.iterdir()}  # named as its runs are (nc1_j4_head_from-zero): head-only, from zero
 
 
 def test_the_six_models_pair_the_sgd_probe_with_editing_from_its_head(tmp_path, no_plots):
@@ -883,3 +883,24 @@ def test_the_six_models_take_fedavg_where_setups_tie_and_say_which_setup(tmp_pat
     assert table(report, "The six models (head ridge)")["FedAvg Nc=5"][0] == pm(0.40)  # FedAvg at the default lr
     note = report.split("### The six models (head ridge)")[1].split("\n\n")[1]
     assert "FedAvg rows, the dense setup FedAvg, dense; head ridge, K=100, C=0.1, lr 0.0001, mu 0" in note
+
+
+@pytest.fixture
+def plot_names(monkeypatch):
+    """The plots are named (in report.md) but not drawn: a test of names, in a fraction of the time."""
+    for name in ("plot_curves", "plot_heatmap", "plot_agreement", "plot_skew"):
+        if hasattr(summarize, name):
+            monkeypatch.setattr(summarize, name, lambda path, *a, **k: open(path, "wb").close())
+
+
+def test_plots_are_named_as_their_runs_are_with_every_flag_that_tells_them_apart(tmp_path, plot_names):
+    """docs/splits-and-names.md: what trains, the head where not the default, each setting that tells the
+    setups apart off its default, in run-name short form; the default setup keeps the plain name."""
+    sweep(tmp_path)
+    _, report, _ = summarize_root(tmp_path)
+    pngs = set(re.findall(r"!\[(fedavg_[^\]]*_j4\.png)\]", report))
+    assert pngs == {"fedavg_dense_j4.png", "fedavg_dense_lr0.001_j4.png", "fedavg_dense_mu0.01_j4.png",
+                    "fedavg_head_from-zero_j4.png", "fedavg_head_from-zero_hlr0.05_j4.png", "fedavg_agreement_j4.png"}
+    note = [line for line in report.splitlines() if line.startswith("- The heatmap and agreement plots of head ridge")]
+    assert len(note) == 1 and "FedProx, dense; head ridge, K=100, C=0.1, lr 0.0001, mu 0.01" in note[0]
+    assert "FedAvg, dense; head ridge, K=100, C=0.1, lr 0.001, mu 0" in note[0]  # the two dense runs not drawn
