@@ -611,7 +611,8 @@ def md_table(t):
 
 TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "×": r"$\times$", "±": r"$\pm$",
-       "–": "--", "→": r"$\to$", "<": r"\textless{}", ">": r"\textgreater{}", "≥": r"$\geq$", "≤": r"$\leq$"}
+       "–": "--", "→": r"$\to$", "<": r"\textless{}", ">": r"\textgreater{}", "≥": r"$\geq$", "≤": r"$\leq$",
+       "≈": r"$\approx$"}
 
 
 def tex_escape(s):
@@ -811,13 +812,101 @@ def fedavg_doc(runs, central, editing, frac):
         splits = sorted({r["split"] for r in rs}, key=common.split_order)
         cells = group(rs, lambda r: (r["split"], r["j"]))
         rounds = {j: "/".join(str(n) for n in sorted({r["rounds"] for r in rs if r["j"] == j})) for j in js}
+        skew = [SKEW] if any(r.get("label_skew") is not None for r in rs) else []
         doc.append(Table(f"{key.algorithm}, {setup_name(key)}: test accuracy (%)",
-                         ["split"] + [f"J={j} ({rounds[j]} rounds)" for j in js],
-                         [[common.split_label(s)] + [acc(cells.get((s, j), [])) for j in js] for s in splits],
-                         [None] + ["max"] * len(js)))
+                         ["split"] + [f"J={j} ({rounds[j]} rounds)" for j in js] + skew,
+                         [[common.split_label(s)] + [acc(cells.get((s, j), [])) for j in js] +
+                          [skew_stat([r for r in rs if r["split"] == s])] * len(skew) for s in splits],
+                         [None] + ["max"] * len(js) + [None] * len(skew)))
+    doc += algorithm_tables(runs)
     doc += six_models_tables(runs, central, editing)
     doc.append(cost_table(runs, frac))
     return doc
+
+
+SKEW = "label skew"  # the column of result.json's label_skew: mean over clients of the TV distance to the global labels
+
+
+def skew_stat(runs):
+    """The label skew of a split's runs (one per seed: the shards are the seed's), mean ± std, 3 decimals."""
+    return Stat([r.get("label_skew") for r in runs], 1, 3)
+
+
+# ----------------------------------------------------------------------------- the algorithms compared
+
+def comparison_base(r):
+    """What an algorithm comparison holds fixed: the setup without its flags and algorithm, the split, J."""
+    return setup(r)._replace(flags=(), algorithm=""), r["split"], r["j"]
+
+
+def selected_settings(runs):
+    """{(comparison_base, algorithm): (the runs of the setting picked, [every setting's runs])}: for each
+    algorithm in each comparison, its setting (its runs' flags) of the best mean final validation accuracy
+    over seeds; a tie goes to the setting with the fewest flags off their defaults."""
+    out = {}
+    for (base, algo), rs in group(runs, lambda r: (comparison_base(r), r["algorithm"])).items():
+        settings = list(group(rs, lambda r: r["flags"]).values())
+        best = min(settings, key=lambda x: (-statistics.mean(r["val_acc"] for r in x), off_default(x[0]["flags"])))
+        out[base, algo] = best, settings
+    return out
+
+
+def setting_text(picked, settings):
+    """The picked setting in words: the algorithm's own flags, then any other flag its settings differ in."""
+    own = picked[0]["algorithm_flags"]
+    varying = {k for x in settings for k, v in x[0]["flags"] if len({dict(y[0]["flags"]).get(k) for y in settings}) > 1}
+    words = [f"{k} {plumbing.name_value(v)}" for k, v in own.items()] + \
+        [f"{k} {v}" for k, v in picked[0]["flags"] if k in varying and k not in own]
+    return ", ".join(words) or "–"
+
+
+def gap_text(runs, ref):
+    """Test accuracy of `runs` minus that of the FedAvg runs `ref`, paired by seed (a seed's runs share its
+    shards): mean ± std of the per-seed differences in points, '≈' where |mean| ≤ std (within the seeds'
+    spread); over one common seed the spread is unknown."""
+    a, b = ({r["seed"]: r["test_acc"] for r in x} for x in (runs, ref))
+    d = [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
+    if not d:
+        return "no common seed"
+    if len(d) == 1:
+        return f"{d[0]:+.2f} (n=1, spread unknown)"
+    m, sd = statistics.mean(d), statistics.stdev(d)
+    return f"{m:+.2f} ± {sd:.2f} (n={len(d)})" + (" ≈" if abs(m) <= sd else "")
+
+
+def algorithm_tables(runs):
+    """For each comparison (comparison_base: same start head, what trains, mask, K, C; per J) that holds
+    more than one algorithm: each algorithm at its selected setting (selected_settings) per split, test
+    accuracy beside FedAvg's."""
+    picks, out = selected_settings(runs), []
+    for (key, j), cells in group(picks.items(), lambda kv: (kv[0][0][0], kv[0][0][2])).items():
+        algos = sorted({algo for (_, algo), _ in cells}, key=lambda a: (a != DEFAULT_ALGORITHM, a))
+        if len(algos) < 2:
+            continue
+        cells = dict(cells)
+        rows = []
+        for split in sorted({base[1] for base, _ in cells}, key=common.split_order):
+            base = (key, split, j)
+            ref = cells.get((base, DEFAULT_ALGORITHM), (None,))[0]
+            for algo in algos:
+                if (base, algo) not in cells:
+                    continue
+                picked, settings = cells[base, algo]
+                rows.append([common.split_label(split), algo, setting_text(picked, settings), len(settings),
+                             acc(picked, "val_acc"), acc(picked),
+                             "–" if algo == DEFAULT_ALGORITHM else gap_text(picked, ref) if ref else "no FedAvg run"])
+        start = "fresh head" if key.head in common.FRESH_HEADS else "step-0 head"
+        kind, rest = setup_parts(key)
+        out.append(Table(f"Algorithms at their selected settings, {kind}, from the {start} ({', '.join(rest)}), "
+                         f"J={j}: test accuracy (%)",
+                         ["split", "algorithm", "selected setting", "settings tried", "val acc (%)", "test acc (%)",
+                          "vs FedAvg (points)"], rows, [None] * 5 + ["max", None],
+                         "Each algorithm's setting is picked on the mean final validation accuracy over seeds among "
+                         "the settings it ran (a tie: the fewest flags off their defaults); test accuracy is then "
+                         "reported at that setting. vs FedAvg: test accuracy minus FedAvg's at its own selected "
+                         "setting, per seed (a seed's runs share its shards), mean ± std over the common seeds; "
+                         "≈ marks a gap within the seeds' spread (|mean| ≤ std of the per-seed differences)."))
+    return out
 
 
 def rules_tables(runs, covered):

@@ -10,6 +10,8 @@ import subprocess
 
 import pytest
 
+import common
+
 import centralized
 import fedavg
 import summarize
@@ -904,3 +906,44 @@ def test_plots_are_named_as_their_runs_are_with_every_flag_that_tells_them_apart
     note = [line for line in report.splitlines() if line.startswith("- The heatmap and agreement plots of head ridge")]
     assert len(note) == 1 and "FedProx, dense; head ridge, K=100, C=0.1, lr 0.0001, mu 0.01" in note[0]
     assert "FedAvg, dense; head ridge, K=100, C=0.1, lr 0.001, mu 0" in note[0]  # the two dense runs not drawn
+
+
+# ----------------------------------------------------------------------------- algorithms compared, label skew
+
+def algo_run(root, split, seed, val, test, *flags, skew=None, **fields):
+    """A FedAvg-family run with fedavg.py's config.json for these flags; final val/test accuracies apart."""
+    name = "_".join([split, "j4", "dense"] + [f.strip("-") for f in flags]) or "fedavg"
+    extra = {} if skew is None else dict(label_skew=skew)
+    d = write_run(root, "fedavg", name, seed, test, {1: val / 2, 2: val}, j=4, iid=split == "iid",
+                  nc=None if split == "iid" else int(split[2:]), val_acc=val, **extra, **fields)
+    return with_config(d, real_config(fedavg, *common.split_flags(split), *flags, "--seed", str(seed)))
+
+
+def algorithms_root(root):
+    for seed in (0, 1):
+        for split, fedavg_test, prox in (("nc5", 0.41 + 0.02 * seed, 0.40 + 0.04 * seed), ("iid", 0.60 + 0.01 * seed,
+                                                                                         0.70 + 0.02 * seed)):
+            skew = 0.0 if split == "iid" else 0.9
+            algo_run(root, split, seed, 0.5, fedavg_test, skew=skew)
+            algo_run(root, split, seed, 0.6, prox, "--mu", "0.1", skew=skew, mu=0.1)  # the best on validation,
+            algo_run(root, split, seed, 0.55, 0.9, "--mu", "0.01", skew=skew, mu=0.01)  # not on test
+
+
+def test_each_algorithm_at_its_setting_picked_on_validation_beside_fedavg(tmp_path, no_plots):
+    algorithms_root(tmp_path)
+    _, report, tex = summarize_root(tmp_path)
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): [c.strip() for c in line.strip("|").split("|")[2:]]
+            for line in report.split("### Algorithms at their selected settings, dense, from the step-0 head")[1]
+            .split("###")[0].splitlines() if line.startswith("| ") and not line.startswith("| split")}
+    assert rows[("IID", "FedAvg")] == ["–", "1", pm(0.5, 0.5), pm(0.60, 0.61), "–"]
+    assert rows[("IID", "FedProx")] == ["mu 0.1", "2", pm(0.6, 0.6), pm(0.70, 0.72), "+10.50 ± 0.71 (n=2)"]
+    assert rows[("Nc=5", "FedProx")][:2] == ["mu 0.1", "2"]  # picked on validation, not mu 0.01's 90% on test
+    assert rows[("Nc=5", "FedProx")][4] == "+0.00 ± 1.41 (n=2) ≈"  # -1 and +1 points: within the spread
+    assert r"$\approx$" in tex
+
+
+def test_label_skew_is_a_column_of_the_split_tables(tmp_path, no_plots):
+    algorithms_root(tmp_path)
+    _, report, _ = summarize_root(tmp_path)
+    t = table(report, "FedAvg, dense; head ridge")
+    assert t["split"][-1] == "label skew" and t["IID"][-1] == "0.000 ± 0.000 (n=2)" and t["Nc=5"][-1] == "0.900 ± 0.000 (n=2)"
