@@ -785,7 +785,7 @@ def editing_doc(runs, out_dir):
             path = os.path.join(out_dir, "editing_rules.png")
             plumbing.plot_bars(path, labels, [100 * v.mean() for v in values], "test accuracy (%)",
                                f"Model editing: mask rules ({on})\nmean over seeds ± std",
-                               [100 * v.std() for v in values], zoom=True)
+                               [100 * v.std() for v in values], zoom=True, ymax=100)
             plots.append(path)
     return doc, plots
 
@@ -1107,13 +1107,13 @@ def curve(runs, col):
 
 def plot_curves(path, by_split, title):
     fig, ax = plumbing.pyplot().subplots(figsize=(7, 4))
-    sparse, lowest = False, 100.0
+    sparse, lowest, highest = False, 100.0, 0.0
     for i, (split, rs) in enumerate(by_split.items()):
         xs, mean, std = curve(rs, "val_acc")
         lo, hi = np.clip(100 * (mean - std), 0, None), np.clip(100 * (mean + std), None, 100)  # within 0-100%
         style = dict(marker=plumbing.MARKERS[i % len(plumbing.MARKERS)], fillstyle="none",
                      markersize=plumbing.marker_size(i), label=f"{common.split_label(split)} (n={len(rs)})")
-        lowest = min([lowest, *lo]) if len(xs) else lowest
+        lowest, highest = min([lowest, *lo]), max([highest, *hi])
         if plumbing.sparse_points(list(xs)):  # validated every few rounds: the points measured, no line between
             sparse = True
             ax.errorbar(xs, 100 * mean, yerr=[100 * mean - lo, hi - 100 * mean], linestyle="none", capsize=3, **style)
@@ -1123,7 +1123,7 @@ def plot_curves(path, by_split, title):
             ax.fill_between(xs, lo, hi, alpha=0.2)
     ax.set(xlabel="round (0 = the head, before any round)", ylabel="validation accuracy (%)")
     plumbing.integer_ticks(ax.xaxis)
-    plumbing.cap_y(ax, lowest, 100)
+    percent_axis(ax, [lowest, highest])
     ax.set_title(title + "\n" + ("markers: mean over seeds where validated, bars: ± std" if sparse else
                                  "line: mean over seeds, band: ± std"), fontsize=8)
     ax.grid(alpha=0.3)
@@ -1160,6 +1160,7 @@ def plot_heatmap(path, dense, sparse, title):
     lo, hi = np.nanmin(grids), np.nanmax(grids)
     if hi - lo < 1:  # equal cells: one point around them, not a colour scale of nothing
         lo, hi = (lo + hi) / 2 - 0.5, (lo + hi) / 2 + 0.5
+        lo, hi = lo - max(hi - 100, 0) + max(-lo, 0), min(hi, 100) + max(-lo, 0)  # within 0-100%
     plt = plumbing.pyplot()
     cmap, norm = plt.get_cmap("viridis"), plt.Normalize(lo, hi)
     fig, axes = plumbing.pyplot().subplots(1, 2, figsize=(3 + 2.4 * len(js), 1.4 + 0.6 * len(splits)),
@@ -1172,7 +1173,7 @@ def plot_heatmap(path, dense, sparse, title):
             if not math.isnan(v):
                 ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=text_color(cmap(norm(v))))
     fig.colorbar(im, ax=axes[0].tolist(), label="test accuracy (%)")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(wrap(title, fig), fontsize=9)
     plumbing.save_figure(fig, path)
 
 
@@ -1208,13 +1209,14 @@ def plot_agreement(path, dense, sparse, title):
     how = {frozenset({True}): f"moving average over {SMOOTH} rounds", frozenset({False}): "per round",
            frozenset({True, False}): f"moving average over {SMOOTH} rounds (runs shorter than that: per round)"}
     for ax, name in zip(axes, ("update agreement", "update norm")):
-        ax.set(xlabel="round", title=f"{name}, {how.get(frozenset(smoothed), 'no data')}")
+        ax.set(xlabel="round", title=name)
         plumbing.integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=7, handlelength=4)
-    fig.suptitle(title, fontsize=9)
+        fig.legend(handles, labels, loc="outside lower center", fontsize=7, handlelength=4, ncols=min(len(labels), 4))
+    fig.suptitle(wrap(f"{title}\nmean over seeds, {how.get(frozenset(smoothed), 'no data')}; dense: solid, "
+                      f"circles; sparse: dashed, squares", fig), fontsize=9)
     plumbing.save_figure(fig, path)
 
 
@@ -1281,21 +1283,115 @@ def fedavg_plots(runs, out_dir):
         dense, sparse = ([r for r in runs if setup(r) == k] for k in mains)
         suffix = f"_{head_part(head)}" if head_part(head) else ""
         others = [k for k in keys if k.head == head and k not in mains]
-        drawn = "; ".join(f"{what} {algorithm_setup(k)}" for what, k in zip(("dense:", "sparse:"), mains) if k)
+        drawn = "\n".join(f"{what} {algorithm_setup(k)}" for what, k in zip(("dense:", "sparse:"), mains) if k)
         if dense and sparse:
             paths.append(os.path.join(out_dir, f"fedavg_heatmap{suffix}.png"))
-            plot_heatmap(paths[-1], dense, sparse, f"Final test accuracy (%), head {head}\n"
-                                                   f"dense: {algorithm_setup(mains[0])}\nsparse: {algorithm_setup(mains[1])}")
+            plot_heatmap(paths[-1], dense, sparse, f"Final test accuracy (%), head {head}\n{drawn}")
         for j in sorted({r["j"] for r in dense + sparse}):
             at = lambda rs: [r for r in rs if r["j"] == j and r["metrics"] and any(
                 v is not None for v in r["metrics"]["agreement"])]
             if at(dense) or at(sparse):
                 paths.append(os.path.join(out_dir, f"fedavg_agreement{suffix}_j{j}.png"))
-                plot_agreement(paths[-1], at(dense), at(sparse), f"Update agreement and norm, J={j}, head {head}")
+                plot_agreement(paths[-1], at(dense), at(sparse), f"Update agreement and norm, J={j}, head {head}\n"
+                                                                 f"{drawn}")
         if others and (dense or sparse):
-            notes.append(f"The heatmap and agreement plots of head {head} draw only its main setups ({drawn}); "
+            notes.append(f"The heatmap and agreement plots of head {head} draw only its main setups "
+                         f"({drawn.replace(chr(10), '; ')}); "
                          f"not drawn there: {'; '.join(algorithm_setup(k) for k in others)} (each has its curves).")
     return paths, notes
+
+
+def mean_agreement(r):
+    """A run's update agreement averaged over its rounds (metrics.csv), or None."""
+    vs = [v for v in (r["metrics"] or {}).get("agreement", []) if v is not None]
+    return statistics.mean(vs) if vs else None
+
+
+def skew_plots(runs, out_dir):
+    """Final test accuracy and mean update agreement against the label skew (result.json), one line per
+    algorithm at its selected settings (selected_settings), a panel per setup (dense, sparse, head only
+    apart), one figure per head source and J: fedavg_label-skew[_HEAD]_jJ.png. Returns (the plots, report
+    lines naming the runs left off: those without a label skew, older runs)."""
+    paths, notes = [], []
+    old = [r for r in runs if r.get("label_skew") is None]
+    if old:
+        notes.append(f"Left off the label-skew plots (their result.json has no label_skew, written before it was "
+                     f"measured): {', '.join(r['dir'] for r in old)}.")
+    picks = selected_settings([r for r in runs if r.get("label_skew") is not None])
+    by_figure = group(picks.items(), lambda kv: (kv[0][0][0].head, kv[0][0][2]))  # head, J
+    for (head, j), cells in by_figure.items():
+        panels = {}
+        for ((key, split, _), algo), (picked, _) in cells:
+            points = panels.setdefault(key, {}).setdefault(algo, [])
+            points.append((statistics.mean(r["label_skew"] for r in picked), split, acc(picked),
+                           Stat([mean_agreement(r) for r in picked], 1)))
+        suffix = f"_{head_part(head)}" if head_part(head) else ""
+        paths.append(os.path.join(out_dir, f"fedavg_label-skew{suffix}_j{j}.png"))
+        plot_skew(paths[-1], panels, f"Final test accuracy and update agreement vs label skew, head {head}, J={j}; "
+                                     f"each algorithm at its setting selected on validation")
+    return paths, notes
+
+
+def plot_skew(path, panels, title):
+    """panels: {setup: {algorithm: [(label skew, split, test acc Stat, agreement Stat)]}} -> a column per
+    setup, test accuracy above, mean update agreement below; the splits named on the top axis."""
+    plt = plumbing.pyplot()
+    fig, axes = plt.subplots(2, len(panels), figsize=(2.5 + 4.2 * len(panels), 7), squeeze=False,
+                             layout="constrained")
+    algos = sorted({a for p in panels.values() for a in p}, key=lambda a: (a != DEFAULT_ALGORITHM, a))
+    for col, (key, lines) in enumerate(panels.items()):
+        top, bottom = axes[0][col], axes[1][col]
+        values = []
+        for algo, points in lines.items():
+            i = algos.index(algo)
+            points.sort(key=lambda p: p[0])
+            style = dict(marker=plumbing.MARKERS[i % len(plumbing.MARKERS)], fillstyle="none", capsize=3,
+                         markersize=plumbing.marker_size(i), linestyle=plumbing.LINESTYLES[i % len(plumbing.LINESTYLES)],
+                         color=plt.get_cmap("tab10")(i % 10), label=algo)
+            xs = [p[0] for p in points]
+            ys, es = [100 * p[2].mean() for p in points], [100 * p[2].std() for p in points]
+            top.errorbar(xs, ys, yerr=es, **style)
+            values += [y - e for y, e in zip(ys, es)] + [y + e for y, e in zip(ys, es)]
+            agree = [(x, p[3]) for x, p in zip(xs, points) if p[3].values]
+            if agree:
+                bottom.errorbar([x for x, _ in agree], [a.mean() for _, a in agree], yerr=[a.std() for _, a in agree],
+                                **style)
+        percent_axis(top, values)
+        kind, rest = setup_parts(key)
+        top.set(ylabel="final test accuracy (%)", title=kind)
+        bottom.set(xlabel="label skew (mean TV distance of a client's labels to the global ones)",
+                   ylabel="mean update agreement")
+        splits = {}
+        for points in lines.values():
+            for x, split, *_ in points:
+                splits.setdefault(split, []).append(x)
+        ticks = top.secondary_xaxis("top")
+        ticks.set_xticks([statistics.mean(v) for v in splits.values()],
+                         [common.split_label(s) for s in splits], fontsize=7, rotation=30)
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", fontsize=8, title="algorithm (mean over seeds ± std)",
+               ncols=min(len(labels), 5))
+    fig.suptitle(wrap(title, fig), fontsize=9)
+    plumbing.save_figure(fig, path)
+
+
+def wrap(title, fig, fontsize=9):
+    """A figure title in lines that fit its width (a title wider than the figure is cut at both ends)."""
+    import textwrap
+    chars = int(fig.get_figwidth() * 72 / (0.6 * fontsize))  # about 0.6 em per character
+    return "\n".join(textwrap.fill(line, chars) for line in title.split("\n"))
+
+
+def percent_axis(ax, values):
+    """An accuracy axis within 0-100 around `values` (%), with a margin, never past 100 or below 0; its
+    markers drawn whole on the edge (not clipped in half at 100%)."""
+    lo, hi = min(values, default=0), max(values, default=100)
+    pad = max(1.0, 0.08 * (hi - lo))
+    ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+    for artist in ax.lines:
+        artist.set_clip_on(False)
 
 
 # ----------------------------------------------------------------------------- results.csv and main
@@ -1437,7 +1533,8 @@ def write_summary(root, plan, runs, target, out_dir, final_dir):
     section, plots = editing_doc(by_stage["model_editing"], out_dir)
     section2 = fedavg_doc(by_stage["fedavg"], by_stage["centralized"], by_stage["model_editing"], target)
     fed_plots, notes = fedavg_plots(by_stage["fedavg"], out_dir)
-    plots += fed_plots
+    skew, skew_notes = skew_plots(by_stage["fedavg"], out_dir)
+    plots, notes = plots + fed_plots + skew, notes + skew_notes
     doc += section + section2
     doc += expected_doc()
     if plots:

@@ -762,7 +762,7 @@ def test_agreement_plot_tells_dense_from_sparse_outside_the_data_with_a_1_over_n
     ref = [line for line in fig.axes[0].lines if "1/n" in line.get_label()]
     assert len(ref) == 1 and list(ref[0].get_ydata()) == [0.1, 0.1]  # BASE: 10 clients per round
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0] != titles[1] and all("moving average over 5 rounds" in t for t in titles)
+    assert titles[0] != titles[1] and "moving average over 5 rounds" in fig._suptitle.get_text()  # said once
 
 
 def test_sparse_evaluations_are_points_and_editing_plots_show_differences(tmp_path, figures):
@@ -947,3 +947,57 @@ def test_label_skew_is_a_column_of_the_split_tables(tmp_path, no_plots):
     _, report, _ = summarize_root(tmp_path)
     t = table(report, "FedAvg, dense; head ridge")
     assert t["split"][-1] == "label skew" and t["IID"][-1] == "0.000 ± 0.000 (n=2)" and t["Nc=5"][-1] == "0.900 ± 0.000 (n=2)"
+
+
+def test_accuracy_and_agreement_against_label_skew_one_line_per_algorithm(tmp_path, figures, monkeypatch):
+    for other in ("plot_curves", "plot_agreement"):  # not looked at here: not drawn (seconds)
+        monkeypatch.setattr(summarize, other, lambda path, *a: open(path, "wb").close())
+    algorithms_root(tmp_path)
+    old = fed(tmp_path, "nc1", 4, 0, 0.1)  # an older run: no label_skew
+    _, report, _ = summarize_root(tmp_path)
+    fig = figures["fedavg_label-skew_j4.png"]
+    top = fig.axes[0]
+    lines = {c.get_label(): c.lines[0] for c in top.containers}  # errorbar: its data line
+    assert set(lines) == {"FedAvg", "FedProx"}
+    assert list(lines["FedProx"].get_xdata()) == [0.0, 0.9]  # IID, then Nc=5: at its label skew
+    assert list(lines["FedProx"].get_ydata()) == pytest.approx([71.0, 42.0])  # mu 0.1, picked on validation
+    assert 0 <= top.get_ylim()[0] and top.get_ylim()[1] <= 100
+    assert fig.legends and [t.get_text() for t in fig.legends[0].get_texts()] == ["FedAvg", "FedProx"]
+    note = [line for line in report.splitlines() if line.startswith("- Left off the label-skew plots")]
+    assert len(note) == 1 and str(old) in note[0]
+
+
+def test_no_figure_overlaps_cuts_or_leaves_a_line_unlabelled_and_accuracy_stays_within_0_100(tmp_path, figures):
+    """Every figure of a summary of mixed setups, algorithms, label skews and runs at 100%: no two titles or
+    legends overlap, every title lies whole inside its figure, every drawn line is named in a legend, an
+    accuracy axis or colour bar stays within 0-100 and a marker at 100% is drawn whole (not clipped)."""
+    algorithms_root(tmp_path)
+    for seed in (0, 1):  # at 100% from round 5 on, every seed: equal heatmap cells at the top of the scale
+        for split in ("iid", "nc5"):
+            fed(tmp_path, split, 16, seed, 1.0, curve={x: min(1.0, 0.9 + 0.02 * x) for x in range(9)})
+            fed(tmp_path, split, 16, seed, 1.0, mask=("least-sensitive", 0.9, 4), curve={x: 1.0 for x in range(9)})
+    summarize_root(tmp_path)
+    assert {"fedavg_heatmap.png", "fedavg_agreement_j16.png", "fedavg_label-skew_j4.png"} <= set(figures)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    for name, fig in figures.items():
+        canvas = FigureCanvasAgg(fig)  # the figure was closed when saved
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        box = fig.bbox
+        texts = [t for t in [fig._suptitle] + [ax.title for ax in fig.axes] if t is not None and t.get_text()]
+        boxes = [t.get_window_extent(renderer) for t in texts] + [lg.get_window_extent(renderer) for lg in fig.legends]
+        for i, a in enumerate(boxes):
+            assert box.x0 - 1 <= a.x0 and a.x1 <= box.x1 + 1 and a.y1 <= box.y1 + 1, (name, a)  # whole
+            assert not any(a.overlaps(b) for b in boxes[i + 1:]), name
+        for ax in fig.axes:
+            in_containers = {id(x): c.get_label() for c in ax.containers
+                             for x in [c.lines[0], *c.lines[1], *c.lines[2]] if x is not None}
+            for line in ax.lines:
+                label = in_containers.get(id(line), line.get_label())
+                assert not label.startswith("_"), (name, label)  # named in a legend
+                if "accuracy" in ax.get_ylabel() and 100 in list(line.get_ydata()):
+                    assert not line.get_clip_on(), name  # drawn whole at the top edge
+            if "accuracy" in ax.get_ylabel():
+                assert 0 <= ax.get_ylim()[0] and ax.get_ylim()[1] <= 100, (name, ax.get_ylim())
+            for im in ax.images:
+                assert 0 <= im.norm.vmin and im.norm.vmax <= 100, name
