@@ -6,8 +6,8 @@ Writes RESULTS_DIR/summary/:
   results.csv  one row per run: what defines it, accuracies, rounds to target, communication
   report.md    every table; each cell is the mean ± sample std over seeds and their number n; links to the
                centralized run's plots; other projects' published CIFAR-100 figures (docs/expected.md)
-  tables.tex   the same tables in LaTeX, ready to \\input (needs \\usepackage{booktabs,graphicx}); a table
-               wider than the text is scaled down to \\textwidth
+  tables.tex   the same tables in LaTeX, ready to \\input (needs \\usepackage{booktabs}), never scaled down:
+               at 9 or 8 pt, a table wider than the text or longer than a page in parts (tex_table)
   *.png        heatmap, accuracy-vs-round curves, update agreement, editing plots
 A run whose result.json (or its mask's editing result.json) is unreadable is left out with one
 warning on stderr; a FedAvg run without a readable metrics.csv keeps its table cells but has no
@@ -575,7 +575,7 @@ class Stat:
     def text(self, tex=False, bold=False, n_shown=True):
         """n_shown=False: without "(n=...)" (a table whose cells all have the same n says it once)."""
         if not self.values:
-            return f"not reached (n={self.of})" if self.of else ("--" if tex else "–")
+            return (f"{'--' if tex else '–'} (0/{self.of} reached)" if self.of else ("--" if tex else "–"))
         n = f"({len(self.values)}/{self.of} reached)" if self.of is not None else \
             f"(n={len(self.values)})" if n_shown else ""
         s = self.mean_text()
@@ -623,11 +623,15 @@ def tex_escape(s):
                    for i, ch in enumerate(s))
 
 
-# A table wider than the text is scaled down to \textwidth, and one still taller than 0.75 \textheight (its
-# caption needs the rest of the page) down to that; FIT_END closes both boxes.
-FIT_WIDTH = (r"\resizebox*{!}{\ifdim\totalheight>0.75\textheight0.75\textheight\else\totalheight\fi}{"
-             r"\resizebox{\ifdim\width>\textwidth\textwidth\else\width\fi}{!}{%")
-FIT_END = "}}"
+# tables.tex is never scaled down (a \resizebox shrank a wide table to about 5 pt): a table is set in \small
+# (9 pt), or \footnotesize (8 pt, the smallest) where that is too wide; one still wider than the text is cut
+# into parts of its columns (each repeating the label columns), and one longer than a page into parts of its
+# rows. Widths are estimated for article's 10 pt \textwidth (345 pt), the narrowest usual one.
+TEXT_WIDTH_PT = 345
+CHAR_PT = {"small": 4.9, "footnotesize": 4.4}  # a generous average character width of Computer Modern
+COLUMN_PAD_PT = 12  # \tabcolsep on both sides
+WRAP_PT = 99.6  # a p{3.5cm} column of long labels
+MAX_ROWS = 30  # rows per part: a page with a caption and headers
 
 
 def tex_label(title, taken):
@@ -642,43 +646,83 @@ def tex_label(title, taken):
     return label
 
 
-def tex_header(h, width=12):
-    """A column heading in lines of about `width` characters (a one-column tabular), so that long headings
-    do not widen a table of short numbers."""
+def tex_header_lines(h, width=12):
+    """A column heading's lines of about `width` characters."""
     lines = []
     for word in h.split():
         if lines and len(lines[-1]) + 1 + len(word) <= width:
             lines[-1] += " " + word
         else:
             lines.append(word)
+    return lines
+
+
+def tex_header(h):
+    """A column heading in lines (tex_header_lines; a one-column tabular), so that long headings do not
+    widen a table of short numbers."""
+    lines = tex_header_lines(h)
     if len(lines) < 2:
         return tex_escape(h)
     return r"\begin{tabular}[b]{@{}c@{}}" + r" \\ ".join(map(tex_escape, lines)) + r"\end{tabular}"
 
 
 def tex_table(t, label):
+    """A Table as LaTeX table floats at 8 pt at the least: one, or parts of its columns and rows (see
+    TEXT_WIDTH_PT), the caption on the first and "(continued)" on the others."""
     stat = [any(isinstance(row[i], Stat) for row in t.rows) for i in range(len(t.header))]
     ns = {len(c.values) for row in t.rows for c in row if isinstance(c, Stat) and c.values and c.of is None}
     one_n = len(ns) == 1  # every cell over the same seeds: n said once, in the caption
     wide = [not x and max((len(str(row[i])) for row in t.rows), default=0) > 24 for i, x in enumerate(stat)]
-    spec = "".join("r" if x else r"p{3.5cm}" if w else "l" for x, w in zip(stat, wide))  # long labels wrap
-    body = [" & ".join(c.text(tex=True, bold=t.bold(i, c), n_shown=not one_n) if isinstance(c, Stat)
-                       else tex_escape(c) for i, c in enumerate(row)) + r" \\" for row in t.rows]
+    spec = ["r" if x else r"p{3.5cm}" if w else "l" for x, w in zip(stat, wide)]  # long labels wrap
+    cells = [[c.text(tex=True, bold=t.bold(i, c), n_shown=not one_n) if isinstance(c, Stat) else tex_escape(c)
+              for i, c in enumerate(row)] for row in t.rows]
+    shown = [[c.text(n_shown=not one_n) if isinstance(c, Stat) else str(c) for c in row] for row in t.rows]
     bold = any(t.bold(i, c) for row in t.rows for i, c in enumerate(row))
     n = min(ns, default=0)
     seeds = f"n={n} seed{'s' * (n > 1)} each" if one_n else "n: seeds"
     caption = f"{tex_escape(t.title)}. {tex_escape(t.note) + ' ' if t.note else ''}Mean $\\pm$ sample std " \
               f"over seeds ({seeds}){'; bold: the one best mean of a column' if bold else ''}."
-    return "\n".join([r"\begin{table}[htbp]", r"\centering", r"\small", rf"\caption{{{caption}}}",
-                      rf"\label{{{label}}}", FIT_WIDTH,
-                      rf"\begin{{tabular}}{{{spec}}}",
-                      r"\toprule", " & ".join(map(tex_header, t.header)) + r" \\", r"\midrule", *body,
-                      r"\bottomrule", r"\end{tabular}" + FIT_END, r"\end{table}"])
+    size, groups = column_parts(t.header, shown, wide, stat)
+    rows = [list(range(i, min(i + MAX_ROWS, len(t.rows)))) for i in range(0, len(t.rows), MAX_ROWS)] or [[]]
+    parts = [(cols, rs) for rs in rows for cols in groups]
+    out = []
+    for k, (cols, rs) in enumerate(parts):
+        head = [rf"\caption{{{caption}}}", rf"\label{{{label}}}"] if k == 0 else \
+            [rf"\textit{{{tex_escape(t.title)} (continued, part {k + 1} of {len(parts)}).}}\par\smallskip"]
+        out += ([""] if k else []) + [r"\begin{table}[htbp]", r"\centering", rf"\{size}", *head,
+                                      rf"\begin{{tabular}}{{{''.join(spec[i] for i in cols)}}}",
+                                      r"\toprule", " & ".join(tex_header(t.header[i]) for i in cols) + r" \\",
+                                      r"\midrule", *(" & ".join(cells[r][i] for i in cols) + r" \\" for r in rs),
+                                      r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(out)
+
+
+def column_parts(header, shown, wide, stat):
+    r"""(font size, [column indices of each part]): \small where the table fits the text width, else
+    \footnotesize, in as few parts as fit; each part repeats the label columns (those before the first
+    column of numbers)."""
+    def width(i, size):
+        chars = max([len(line) for line in tex_header_lines(header[i])] + [len(row[i]) for row in shown])
+        return (WRAP_PT if wide[i] else chars * CHAR_PT[size]) + COLUMN_PAD_PT
+    n = len(header)
+    keys = list(range(next((i for i, x in enumerate(stat) if x), n) or 1))
+    for size in ("small", "footnotesize"):
+        if sum(width(i, size) for i in range(n)) <= TEXT_WIDTH_PT:
+            return size, [list(range(n))]
+    groups, used = [[]], sum(width(i, "footnotesize") for i in keys)
+    for i in range(len(keys), n):
+        w = width(i, "footnotesize")
+        if groups[-1] and used + w > TEXT_WIDTH_PT:
+            groups.append([])
+            used = sum(width(k, "footnotesize") for k in keys)
+        groups[-1].append(i)
+        used += w
+    return "footnotesize", [keys + g for g in groups]
 
 
 def render(doc):
     """doc: a list of Markdown lines and Tables -> (report.md text, tables.tex text)."""
-    md, tex, labels = [], [r"% summarize.py: every table of report.md; needs \usepackage{booktabs,graphicx}"], set()
+    md, tex, labels = [], [r"% summarize.py: every table of report.md; needs \usepackage{booktabs}"], set()
     for block in doc:
         if isinstance(block, Table):
             md += [f"### {block.title}", ""] + ([block.note, ""] if block.note else []) + [md_table(block), ""]

@@ -271,8 +271,9 @@ def check_latex(tex):
     assert tex.isascii()
     stack, cols, labels = [], None, []
     for line in tex.splitlines():
-        if line.startswith("%") or line == summarize.FIT_WIDTH:  # its % ends the line without a space
+        if line.startswith("%"):
             continue
+        assert "resizebox" not in line and "scalebox" not in line  # a table is never shrunk below its font
         for kind, env in re.findall(r"\\(begin|end)\{(\w+)\}", line):
             if kind == "begin":
                 stack.append(env)
@@ -284,7 +285,7 @@ def check_latex(tex):
             rules = []
         elif line in (r"\toprule", r"\midrule", r"\bottomrule"):
             rules.append(line)
-        elif line == r"\end{tabular}" + summarize.FIT_END:  # and the \resizebox around it
+        elif line == r"\end{tabular}":
             assert rules == [r"\toprule", r"\midrule", r"\bottomrule"]
             cols = None
         elif cols:
@@ -294,7 +295,9 @@ def check_latex(tex):
         assert not re.search(r"(?<!\\)[_%#]", line), line
         labels += re.findall(r"\\label\{([^}]*)\}", line)
     assert not stack and len(labels) == len(set(labels)) > 0
-    assert tex.count(r"\begin{table}") == len(labels) == tex.count(r"\caption{")
+    parts = tex.count(r"(continued, part ")  # a table's parts after its first: no caption or label of their own
+    assert tex.count(r"\begin{table}") - parts == len(labels) == tex.count(r"\caption{")
+    assert re.findall(r"^\\(small|footnotesize)$", tex, re.M) and not re.search(r"\\(scriptsize|tiny)\b", tex)
 
 
 def test_tables_tex_is_well_formed_escaped_and_bolds_the_best(tmp_path, no_plots):
@@ -303,13 +306,13 @@ def test_tables_tex_is_well_formed_escaped_and_bolds_the_best(tmp_path, no_plots
     fed(tmp_path, "iid", 8, 5, 0.2, mask=("most-sensitive", 0.9, 4))  # a 2nd rules table, title as J=4's
     _, report, tex = summarize_root(tmp_path)
     check_latex(tex)
-    assert tex.count(r"\begin{table}") == len(md_tables(report))
+    assert tex.count(r"\label{") == len(md_tables(report))
     assert r"my\_head\%\#\&.pt" in tex
     dense = tex.split(r"\caption{FedAvg, dense; head ridge")[1].split(r"\end{table}")[0]
     assert r"IID & \textbf{60.50} $\pm$ 0.71 & \textbf{65.50} $\pm$ 0.71 \\" in dense  # n=2 everywhere:
     assert r"Nc=5 & 40.50 $\pm$ 0.71 & 45.50 $\pm$ 0.71 \\" in dense and "(n=2 seeds each)" in dense  # said once
-    cost = tex.split(r"\caption{FedAvg cost")[1].split(r"\end{table}")[0]
-    assert "not reached (n=2)" in cost  # nothing to bold there; communication has no "best"
+    cost = tex.split(r"\caption{FedAvg cost")[1].split(r"\caption{")[0]  # with its parts
+    assert r"-- (0/2 reached)" in cost  # as "30 (1/2 reached)"; nothing to bold; communication has no "best"
     assert cost.count(r"\textbf") == 1 and r"\textbf{67.50}" in cost  # test acc: IID, J=8, sparse
 
 
@@ -334,11 +337,12 @@ def test_tables_tex_compiles_if_a_tex_engine_is_here(tmp_path, no_plots):
 
 
 def test_the_latex_checker_catches_what_it_checks():
-    good = "\\begin{table}\n\\caption{x}\n\\label{tab:a}\n" + summarize.FIT_WIDTH + "\n\\begin{tabular}{lr}\n" \
-           "\\toprule\na & b \\\\\n\\midrule\nc & d \\\\\n\\bottomrule\n\\end{tabular}" + summarize.FIT_END + "\n\\end{table}"
+    good = "\\begin{table}\n\\small\n\\caption{x}\n\\label{tab:a}\n\\begin{tabular}{lr}\n" \
+           "\\toprule\na & b \\\\\n\\midrule\nc & d \\\\\n\\bottomrule\n\\end{tabular}\n\\end{table}"
     check_latex(good)
     for bad in (good.replace("c & d", "c & d & e"), good.replace("\\end{table}", ""), good.replace("c & d", "c_1 & d"),
-                good + "\n" + good, good.replace("\\midrule\n", ""), good.replace("a & b", "a × b")):
+                good + "\n" + good, good.replace("\\midrule\n", ""), good.replace("a & b", "a × b"),
+                good.replace("\\small", "\\scriptsize"), good.replace("\\begin{tabular}", "\\resizebox{!}{!}{\\begin{tabular}")):
         with pytest.raises(AssertionError):
             check_latex(bad)
 
@@ -666,7 +670,7 @@ def test_the_cost_table_discriminates_a_head_learnt_from_zero_from_a_solved_head
     row = lambda split: [line for line in report.splitlines() if line.startswith(f"| {zero} | {split} |")][0]
     assert row("IID").split(" | ")[1:9] == ["IID", "4", "300", pm(0.76), pm(0.01), "4 (1/1 reached)", pm(0.75),
                                             "6 (n=1)"]
-    assert row("Nc=1").split(" | ")[6:9] == ["not reached (n=1)", pm(0.39), "4 (n=1)"]
+    assert row("Nc=1").split(" | ")[6:9] == ["– (0/1 reached)", pm(0.39), "4 (n=1)"]
     assert cost["dense, head ridge"][3:8] == [pm(0.78), pm(0.75), "–", pm(0.03), "2 (n=1)"]
     assert "K=100, C=0.1" in [t for t in md_tables(report) if t.startswith("FedAvg cost")][0]  # shared: title
 
@@ -1001,3 +1005,26 @@ def test_no_figure_overlaps_cuts_or_leaves_a_line_unlabelled_and_accuracy_stays_
                 assert 0 <= ax.get_ylim()[0] and ax.get_ylim()[1] <= 100, (name, ax.get_ylim())
             for im in ax.images:
                 assert 0 <= im.norm.vmin and im.norm.vmax <= 100, name
+
+
+def test_a_wide_or_long_table_is_cut_into_parts_at_8_pt_never_shrunk():
+    """The cost table of many columns (once \\resizebox'ed to about 5 pt): parts of its columns, each with the
+    label columns, each within the text width as estimated, in \\footnotesize (8 pt); 70 rows: 3 parts."""
+    header = ["run", "split"] + [f"measure {i} (%)" for i in range(9)]
+    rows = [[f"setup {r}, a label of some length", "Nc=5"] + [summarize.Stat([0.5, 0.6])] * 9 for r in range(70)]
+    md, tex = summarize.render([summarize.Table("Wide", header, rows, [None] * 11)])
+    check_latex(tex)
+    tables = tex.split(r"\begin{table}")[1:]
+    assert all("\\footnotesize\n" in t for t in tables) and r"\label{tab:wide}" in tables[0]
+    heads = [re.search(r"\\toprule\n(.*) \\\\\n", t).group(1) for t in tables]
+    per_rows = len(set(heads))  # the column parts, repeated for each part of the rows
+    assert per_rows > 1 and len(tables) == 3 * per_rows
+    cols = [h.split(" & ") for h in heads[:per_rows]]
+    assert all(c[:2] == ["run", "split"] for c in cols)  # the labels in every part
+    assert sum(len(c) - 2 for c in cols) == 9  # every measure once
+    shown = [[c.text() if isinstance(c, summarize.Stat) else c for c in row] for row in rows]
+    size, groups = summarize.column_parts(header, shown, [True, False] + [False] * 9, [False, False] + [True] * 9)
+    width = lambda i: max(len(s[i]) for s in shown) * summarize.CHAR_PT[size] + summarize.COLUMN_PAD_PT
+    assert all(sum(summarize.WRAP_PT + 12 if i == 0 else width(i) for i in g) <= summarize.TEXT_WIDTH_PT
+               for g in groups)
+    assert md.count("| setup") == 70  # report.md keeps the table whole
