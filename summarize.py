@@ -298,7 +298,8 @@ def run_flags(r):
     c = dict(r["config"])
     if r["stage"] == "fedavg" and c.get("scale_rounds"):
         c["rounds"] = c["rounds"] * c["j"] // 4 if c["rounds"] * c["j"] % 4 == 0 else c["rounds"] * c["j"] / 4
-    refused = refused_flags(r["stage"], json.dumps(c, sort_keys=True)) if c else ()
+    refused = refused_flags(r["stage"], json.dumps({k: v for k, v in c.items() if k != "seed"}, sort_keys=True)) \
+        if c else ()  # the seed refuses nothing: asked once for all seeds
     return {k: v for k, v in c.items() if k not in refused}
 
 
@@ -485,7 +486,11 @@ def algorithm_of(r):
     """(name, {flag: value} of its own flags) of a FedAvg run's FL algorithm: result.json's "algorithm" where
     it has one, its flags read by algorithms.identify (or flags_algorithm before that module exists) otherwise
     (older runs); read from result.json's flags where config.json is empty."""
-    name, own = (identify_algorithm or flags_algorithm)(r["config"] or r)
+    flags = r["config"] or r
+    try:
+        name, own = (identify_algorithm or flags_algorithm)(flags)
+    except (KeyError, TypeError, ValueError):  # flags of a version identify does not know: the local reading
+        name, own = flags_algorithm(flags)
     return r.get("algorithm") or name, own
 
 
