@@ -1367,6 +1367,9 @@ def skew_plots(runs, out_dir):
         notes.append(f"Left off the label-skew plots (their result.json has no label_skew, written before it was "
                      f"measured): {', '.join(r['dir'] for r in old)}.")
     picks = selected_settings([r for r in runs if r.get("label_skew") is not None])
+    if any(len(settings) > 1 for _, settings in picks.values()):
+        notes.append("The label-skew plots draw each algorithm at its selected setting only (the algorithm "
+                     "tables name it); the runs of its other settings are in the tables.")
     by_figure = group(picks.items(), lambda kv: (kv[0][0][0].head, kv[0][0][2]))  # head, J
     for (head, j), cells in by_figure.items():
         panels = {}
