@@ -362,7 +362,7 @@ def test_plots_heatmap_curves_and_agreement(tmp_path):
     pngs = {p.name for p in out.iterdir() if p.suffix == ".png"}
     assert all((out / p).stat().st_mode & 0o777 == 0o644 for p in pngs)  # readable by collaborators
     assert {"fedavg_heatmap.png", "fedavg_agreement_j4.png", "fedavg_agreement_j8.png", "fedavg_dense_j4.png",
-            "fedavg_sparse_j8.png", "editing_rules.png"} <= pngs
+            "fedavg_sparse-mask-least-sensitive_s0.9_r4_j8.png", "editing_rules.png"} <= pngs
     assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == ["report.md", "results.csv", "tables.tex"]
     report = (out / "report.md").read_text()
