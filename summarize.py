@@ -48,6 +48,7 @@ try:  # the split seam (splits.py), once merged; until then common's split names
     import splits as split_seam
 except ImportError:
     split_seam = None
+SPLITS = split_seam or common  # split_name, parse_split, split_order, split_label: in splits.py once merged
 
 STAGES = ["centralized", "model_editing", "fedavg"]
 SCRIPTS = dict(zip(STAGES, (centralized, model_editing, fedavg)))
@@ -131,12 +132,12 @@ def read_result(path):
 
 
 def split_problem(r):
-    """Set a FedAvg result's "split" (common.split_name) when it has none (result.json written before it
+    """Set a FedAvg result's "split" (SPLITS.split_name) when it has none (result.json written before it
     had one: from its iid and nc); what is wrong with it, or None."""
     if r.get("split") is None:
         if not r.get("iid") and r.get("nc") is None:
             return 'no "split", and "nc" is null but not iid'
-        r["split"] = common.split_name(nc=r.get("nc"))
+        r["split"] = SPLITS.split_name(nc=r.get("nc"))
     try:
         canonical_split(r["split"])
     except ValueError as e:
@@ -149,8 +150,8 @@ def canonical_split(name):
     nc05, 'nc 7', nc1_0 or dir0.10 parse to a split but would be rows of their own beside nc5 or dir0.1."""
     if split_seam:
         return split_seam.canonical(name)
-    kind, value = common.parse_split(name)
-    if name != common.split_name(**({} if kind == "iid" else {"nc" if kind == "nc" else "dirichlet": value})):
+    kind, value = SPLITS.parse_split(name)
+    if name != SPLITS.split_name(**({} if kind == "iid" else {"nc" if kind == "nc" else "dirichlet": value})):
         raise ValueError(f"{name!r} is not written as fedavg.py writes split names (iid, ncN or dirA, e.g. nc5 or "
                          f"dir0.1)")
     return name
@@ -497,7 +498,7 @@ def algorithm_of(r):
 def flags_algorithm(cfg):
     """algorithms.identify until algorithms.py is merged: the algorithm that fedavg.py's FL flags (docs/
     extending.md) make, and its own flags."""
-    get = lambda k, default: cfg.get(k, default) if cfg.get(k) is not None else default
+    get = lambda k, default: default if cfg.get(k) is None else cfg[k]
     if get("scaffold", False):
         return "SCAFFOLD", {}
     if get("aggregate", "mean") == "ties":
@@ -858,13 +859,13 @@ def fedavg_doc(runs, central, editing, frac):
         js = sorted({r["j"] for r in rs})
         if len(js) == 1 and key in covered:  # already in a table above
             continue
-        splits = sorted({r["split"] for r in rs}, key=common.split_order)
+        splits = sorted({r["split"] for r in rs}, key=SPLITS.split_order)
         cells = group(rs, lambda r: (r["split"], r["j"]))
         rounds = {j: "/".join(str(n) for n in sorted({r["rounds"] for r in rs if r["j"] == j})) for j in js}
         skew = [SKEW] if any(r.get("label_skew") is not None for r in rs) else []
         doc.append(Table(f"{key.algorithm}, {setup_name(key)}: test accuracy (%)",
                          ["split"] + [f"J={j} ({rounds[j]} rounds)" for j in js] + skew,
-                         [[common.split_label(s)] + [acc(cells.get((s, j), [])) for j in js] +
+                         [[SPLITS.split_label(s)] + [acc(cells.get((s, j), [])) for j in js] +
                           [skew_stat([r for r in rs if r["split"] == s])] * len(skew) for s in splits],
                          [None] + ["max"] * len(js) + [None] * len(skew)))
     doc += algorithm_tables(runs)
@@ -934,14 +935,14 @@ def algorithm_tables(runs):
             continue
         cells = dict(cells)
         rows = []
-        for split in sorted({base[1] for base, _ in cells}, key=common.split_order):
+        for split in sorted({base[1] for base, _ in cells}, key=SPLITS.split_order):
             base = (key, split, j)
             ref = cells.get((base, DEFAULT_ALGORITHM), (None,))[0]
             for algo in algos:
                 if (base, algo) not in cells:
                     continue
                 picked, settings = cells[base, algo]
-                rows.append([common.split_label(split), algo, setting_text(picked, settings), len(settings),
+                rows.append([SPLITS.split_label(split), algo, setting_text(picked, settings), len(settings),
                              acc(picked, "val_acc"), acc(picked),
                              "–" if algo == DEFAULT_ALGORITHM else gap_text(picked, ref) if ref else "no FedAvg run"])
         start = "fresh head" if key.head in common.FRESH_HEADS else "step-0 head"
@@ -970,14 +971,14 @@ def rules_tables(runs, covered):
         covered.update(setup(r) for r in rs)
         dense = [r for r in runs if not r["mask"] and setup(r)[:5] == base[:5] and r["flags"] == uncalibrated(base.flags)
                  and r["j"] == j]
-        splits = sorted({r["split"] for r in rs}, key=common.split_order)
+        splits = sorted({r["split"] for r in rs}, key=SPLITS.split_order)
         rows = [[rule] + [acc([r for r in x if r["split"] == sp]) for sp in splits] for rule, x in rules.items()]
         if dense:
             rows.append(["dense (no mask)"] + [acc([r for r in dense if r["split"] == sp]) for sp in splits])
         out.append(Table(f"Mask rules inside sparse FedAvg at sparsity {s:g}, {n} calibration rounds ({by}, "
                          f"{base.score} score), J={j}; head {base.head}, K={base.k}, C={base.c:g}"
                          f"{flags_text(base.flags)}: test accuracy (%)",
-                         ["rule"] + [common.split_label(sp) for sp in splits], rows, [None] + ["max"] * len(splits)))
+                         ["rule"] + [SPLITS.split_label(sp) for sp in splits], rows, [None] + ["max"] * len(splits)))
     return out
 
 
@@ -992,7 +993,7 @@ def sparsity_tables(runs, covered):
             continue
         covered.update(setup(r) for r in rs)
         out.append(sparsity_table(f"Sparsity × calibration rounds inside sparse FedAvg ({rule}, {by} calibration, "
-                                  f"{base.score} score) at {common.split_label(split)}, J={j}; head {base.head}, K={base.k}, C={base.c:g}"
+                                  f"{base.score} score) at {SPLITS.split_label(split)}, J={j}; head {base.head}, K={base.k}, C={base.c:g}"
                                   f"{flags_text(base.flags)}",
                                   cells))
     return out
@@ -1046,10 +1047,10 @@ def six_models_tables(runs, central, editing):
         probe = probe_of(head, central)
         start = step0_head(head, editing, runs)
         fed = [r for r in runs if setup(r) in (dense, sparse) and r["j"] == j]
-        splits = sorted({r["split"] for r in fed}, key=common.split_order)
+        splits = sorted({r["split"] for r in fed}, key=SPLITS.split_order)
         rows = [[f"step-0 head alone", start, "–"], ["Centralized", acc(probe) if probe else start,
                                                         acc(edits.get(edit, []))]]
-        rows += [[f"FedAvg {common.split_label(s)}", acc([r for r in fed if r["split"] == s and setup(r) == dense]),
+        rows += [[f"FedAvg {SPLITS.split_label(s)}", acc([r for r in fed if r["split"] == s and setup(r) == dense]),
                   acc([r for r in fed if r["split"] == s and setup(r) == sparse])] for s in splits]
         what = lambda m, flags: (mask_name(m) if m else "–") + flags_text(flags)
         out.append(Table(f"The six models (head {head}): test accuracy (%) without and with task arithmetic, "
@@ -1115,9 +1116,9 @@ def cost_table(runs, frac):
     rows = []
     for key, rs in sorted(group(runs, setup).items(), key=lambda kv: (kv[0].mask is not None, names[kv[0]])):
         for (split, j), x in sorted(group(rs, lambda r: (r["split"], r["j"])).items(),
-                                    key=lambda kv: (common.split_order(kv[0][0]), kv[0][1])):
+                                    key=lambda kv: (SPLITS.split_order(kv[0][0]), kv[0][1])):
             below = [r for r in x if starts_below(r)]
-            rows.append([names[key], common.split_label(split), j, "/".join(str(n) for n in sorted({r["rounds"] for r in x})),
+            rows.append([names[key], SPLITS.split_label(split), j, "/".join(str(n) for n in sorted({r["rounds"] for r in x})),
                          acc(x), Stat([round0(r, "test_acc") for r in x]),
                          Stat([r["rounds_to_target"] for r in below], 1, 0, of=len(below)),
                          Stat([r["test_acc"] - round0(r, "test_acc") for r in x if round0(r, "test_acc") is not None]),
@@ -1161,7 +1162,7 @@ def plot_curves(path, by_split, title):
         xs, mean, std = curve(rs, "val_acc")
         lo, hi = np.clip(100 * (mean - std), 0, None), np.clip(100 * (mean + std), None, 100)  # within 0-100%
         style = dict(marker=plumbing.MARKERS[i % len(plumbing.MARKERS)], fillstyle="none",
-                     markersize=plumbing.marker_size(i), label=f"{common.split_label(split)} (n={len(rs)})")
+                     markersize=plumbing.marker_size(i), label=f"{SPLITS.split_label(split)} (n={len(rs)})")
         lowest, highest = min([lowest, *lo]), max([highest, *hi])
         if plumbing.sparse_points(list(xs)):  # validated every few rounds: the points measured, no line between
             sparse = True
@@ -1201,7 +1202,7 @@ def text_color(background):
 
 def plot_heatmap(path, dense, sparse, title):
     """Final test accuracy over split × J, dense and sparse side by side on one color scale."""
-    splits = sorted({r["split"] for r in dense + sparse}, key=common.split_order)
+    splits = sorted({r["split"] for r in dense + sparse}, key=SPLITS.split_order)
     js = sorted({r["j"] for r in dense + sparse})
     means = [[[acc([r for r in rs if r["split"] == s and r["j"] == j]).mean() for j in js] for s in splits]
              for rs in (dense, sparse)]
@@ -1217,7 +1218,7 @@ def plot_heatmap(path, dense, sparse, title):
     for ax, g, name in zip(axes[0], grids, ("dense", "sparse")):
         im = ax.imshow(g, norm=norm, cmap=cmap, aspect="auto")
         ax.set(xticks=range(len(js)), xticklabels=[f"J={j}" for j in js], yticks=range(len(splits)),
-               yticklabels=[common.split_label(s) for s in splits], title=name)
+               yticklabels=[SPLITS.split_label(s) for s in splits], title=name)
         for (i, k), v in np.ndenumerate(g):
             if not math.isnan(v):
                 ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=text_color(cmap(norm(v))))
@@ -1239,10 +1240,10 @@ def plot_agreement(path, dense, sparse, title):
     legend beside the panels; on agreement, 1/n: what n orthogonal client updates of equal norm give."""
     plt = plumbing.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-    splits = sorted({r["split"] for r in dense + sparse}, key=common.split_order)
+    splits = sorted({r["split"] for r in dense + sparse}, key=SPLITS.split_order)
     smoothed = set()  # whether curves were smoothed (True) or drawn per round (False)
     for kind, rs, style, shade, mark in (("dense", dense, "-", 0, "o"), ("sparse", sparse, "--", 1, "s")):
-        for split, x in sorted(group(rs, lambda r: r["split"]).items(), key=lambda kv: common.split_order(kv[0])):
+        for split, x in sorted(group(rs, lambda r: r["split"]).items(), key=lambda kv: SPLITS.split_order(kv[0])):
             color = plt.get_cmap("tab20")(2 * (splits.index(split) % 10) + shade)
             for ax, col in zip(axes, ("agreement", "update_norm")):
                 xs, mean, _ = curve(x, col)
@@ -1250,7 +1251,7 @@ def plot_agreement(path, dense, sparse, title):
                     smoothed.add(len(xs) >= SMOOTH)
                     xs, mean = smooth(xs, mean)
                     ax.plot(xs, mean, style, marker=mark, markevery=max(1, len(xs) // 15), fillstyle="none",
-                            color=color, label=f"{common.split_label(split)}, {kind}")
+                            color=color, label=f"{SPLITS.split_label(split)}, {kind}")
     for n in sorted({r.get("clients_per_round") for r in dense + sparse} - {None}):
         axes[0].axhline(1 / n, color="0.4", linestyle=":", label=f"1/n, n={n} clients per round")
     axes[0].set(ylabel="agreement ‖Σ wᵢΔᵢ‖² / Σ wᵢ‖Δᵢ‖²")
@@ -1322,7 +1323,7 @@ def fedavg_plots(runs, out_dir):
         for j in sorted({r["j"] for r in rs if r["metrics"]}):
             paths.append(os.path.join(out_dir, f"fedavg_{names[key]}_j{j}.png"))
             by_split = group(sorted([r for r in rs if r["j"] == j and r["metrics"]],
-                                    key=lambda r: common.split_order(r["split"])), lambda r: r["split"])
+                                    key=lambda r: SPLITS.split_order(r["split"])), lambda r: r["split"])
             plot_curves(paths[-1], by_split, f"{key.algorithm} J={j}, " + setup_name(key).replace("; ", "\n"))
     no_curves = [r for r in runs if not r["metrics"]]
     if no_curves:
@@ -1419,7 +1420,7 @@ def plot_skew(path, panels, title):
                 splits.setdefault(split, []).append(x)
         ticks = top.secondary_xaxis("top")
         ticks.set_xticks([statistics.mean(v) for v in splits.values()],
-                         [common.split_label(s) for s in splits], fontsize=7, rotation=30)
+                         [SPLITS.split_label(s) for s in splits], fontsize=7, rotation=30)
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -1477,8 +1478,9 @@ def csv_row(r, root, columns):
     or does not have is an empty cell."""
     row = dict.fromkeys(columns)
     row.update({k: json.loads(v) for k, v in r["flags"]})
-    row.update({k: r.get(k) for k in ("stage", "dataset", "seed", "algorithm", *defining_keys(r["stage"]), *MEASURES)},
-               run=os.path.relpath(r["dir"], root))
+    refused = set(r["config"]) - set(run_flags(r))
+    row.update({k: r.get(k) for k in ("stage", "dataset", "seed", "algorithm", *defining_keys(r["stage"]), *MEASURES)
+                if k not in refused}, run=os.path.relpath(r["dir"], root))
     if r["stage"] == "centralized":
         row.update({k: r["best"][k] for k in SCHEMA["best"]})
         row.update(best_val_acc=r["val_acc"], test_acc_at_best_val=r["test_acc"], final_test_acc=r["final_test_acc"])

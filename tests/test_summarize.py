@@ -875,6 +875,7 @@ def test_results_csv_carries_every_swept_flag_and_only_where_the_run_takes_it(tm
     sweep(tmp_path)
     rows, report, _ = summarize_root(tmp_path)
     got = {(r["train"], r["lr"], r["mu"], r["head_lr"], r["algorithm"]) for r in rows}
+    assert {r["score"] for r in rows} == {""}  # a calibration flag: no dense run takes it
     assert got == {("all", "0.001", "0", "", "FedAvg"), ("all", "0.0001", "0", "", "FedAvg"),
                    ("all", "0.0001", "0.01", "", "FedProx"),  # dense runs take no --head-lr
                    ("head", "", "0", "0.1", "FedAvg"), ("head", "", "0", "0.05", "FedAvg")}  # nor these --lr
