@@ -634,7 +634,7 @@ def tex_escape(s):
 # into parts of its columns (each repeating the label columns), and one longer than a page into parts of its
 # rows. Widths are estimated for article's 10 pt \textwidth (345 pt), the narrowest usual one.
 TEXT_WIDTH_PT = 345
-CHAR_PT = {"small": 4.9, "footnotesize": 4.4}  # a generous average character width of Computer Modern
+CHAR_PT = {"small": 4.5, "footnotesize": 4.0}  # a character of Computer Modern, digits 0.5 em, on the generous side
 COLUMN_PAD_PT = 12  # \tabcolsep on both sides
 WRAP_PT = 99.6  # a p{3.5cm} column of long labels
 MAX_ROWS = 30  # rows per part: a page with a caption and headers
