@@ -1196,9 +1196,10 @@ def plot_lines(path, series, xlabel, ylabel, title, integer_x=True, ymax=None):
     save_figure(fig, path)
 
 
-def plot_bars(path, labels, values, ylabel, title, std=None, zoom=False):
+def plot_bars(path, labels, values, ylabel, title, std=None, zoom=False, ymax=None):
     """Bars with their values written on them. zoom: the y axis spans the values (± std) with a margin
-    instead of starting at 0, where the bars differ by a few points of a large value (the label says so)."""
+    instead of starting at 0, where the bars differ by a few points of a large value (the label says so).
+    ymax: the y axis ends there at most (100 for %)."""
     fig, ax = pyplot().subplots(figsize=(max(6, 0.35 * len(labels)), 4))
     ax.bar(range(len(values)), values, yerr=std, capsize=3)
     for i, (v, s) in enumerate(zip(values, std or [0] * len(values))):  # above its error bar
@@ -1208,7 +1209,7 @@ def plot_bars(path, labels, values, ylabel, title, std=None, zoom=False):
         lo = min(v - s for v, s in zip(values, std or [0] * len(values)))
         hi = max(v + s for v, s in zip(values, std or [0] * len(values)))
         pad = max(0.5, 0.2 * (hi - lo))
-        ax.set_ylim(max(0.0, lo - pad), hi + pad)
+        ax.set_ylim(max(0.0, lo - pad), hi + pad if ymax is None else min(hi + pad, ymax))
         ylabel += " (axis not from 0)"
     ax.set_xticks(range(len(values)))
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)

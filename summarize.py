@@ -6,8 +6,8 @@ Writes RESULTS_DIR/summary/:
   results.csv  one row per run: what defines it, accuracies, rounds to target, communication
   report.md    every table; each cell is the mean ± sample std over seeds and their number n; links to the
                centralized run's plots; other projects' published CIFAR-100 figures (docs/expected.md)
-  tables.tex   the same tables in LaTeX, ready to \\input (needs \\usepackage{booktabs,graphicx}); a table
-               wider than the text is scaled down to \\textwidth
+  tables.tex   the same tables in LaTeX, ready to \\input (needs \\usepackage{booktabs}), never scaled down:
+               at 9 or 8 pt, a table wider than the text or longer than a page in parts (tex_table)
   *.png        heatmap, accuracy-vs-round curves, update agreement, editing plots
 A run whose result.json (or its mask's editing result.json) is unreadable is left out with one
 warning on stderr; a FedAvg run without a readable metrics.csv keeps its table cells but has no
@@ -18,9 +18,11 @@ folder, then renamed file by file into summary/ (an error or a stop leaves the e
 """
 import argparse
 import collections
+import contextlib
 import csv
 import fcntl
 import functools
+import io
 import json
 import math
 import os
@@ -39,12 +41,13 @@ import model_editing
 import plumbing
 import splits
 
+try:  # the FL algorithm seam (algorithms.py), once merged; until then the flags' reading below
+    from algorithms import identify as identify_algorithm
+except ImportError:
+    identify_algorithm = None
+
 STAGES = ["centralized", "model_editing", "fedavg"]
 SCRIPTS = dict(zip(STAGES, (centralized, model_editing, fedavg)))
-COLUMNS = ["stage", "run", "dataset", "seed", "head", "score", "lr", "momentum", "wd", "scheduler", "rule",
-           "sparsity", "calib_rounds", "mask", "k", "c", "j", "rounds", "warmup_rounds", "split", "sparse",
-           "train", "best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc", "target_val_acc",
-           "rounds_to_target", "comm_values_per_client_round", "comm_mb_total", "precision", "seconds"]
 SMOOTH = 5  # rounds in the moving average of the agreement / update-norm curves
 
 
@@ -65,7 +68,8 @@ SCHEMA = {
     "fedavg": dict(k="int", c="num", j="int", rounds="int", warmup_rounds="int?", split="str?", iid="bool?", nc="int?",
                    train="str", sparse="bool", head="str?", score="str?", rule="str?", sparsity="num?",
                    calib_rounds="int?", mask_file="str?", val_acc="num", test_acc="num", best_val_acc="num",
-                   test_acc_at_best_val="num?", comm_values_per_client_round="int?", comm_mb_total="num?"),
+                   test_acc_at_best_val="num?", comm_values_per_client_round="int?", comm_mb_total="num?",
+                   algorithm="str?", label_skew="num?"),
     "best": dict(lr="num", momentum="num", wd="num", scheduler="str"),  # centralized "best"
 }
 
@@ -141,12 +145,14 @@ def mask_of(r):
     """A sparse FedAvg run's mask as (rule, sparsity, calib_rounds, calibrated by): from the editing
     run that wrote mask_file when its result.json is there (the truth about that mask), else from the
     FedAvg run's own result.json (federated calibration: mask_file is null). Raises ValueError when the
-    editing run's result.json is there but unreadable."""
-    if not r["mask_file"]:
-        return r["rule"], r["sparsity"], r["calib_rounds"], "federated"
+    editing run's result.json is there but unreadable. Older result.json files may lack mask_file, rule,
+    sparsity and calib_rounds (all optional in SCHEMA): what is not known is None."""
+    own = r.get("rule"), r.get("sparsity"), r.get("calib_rounds")
+    if not r.get("mask_file"):
+        return (*own, "federated")
     path = os.path.join(os.path.dirname(r["mask_file"]), "result.json")
     if not os.path.isfile(path):
-        return r["rule"], r["sparsity"], r["calib_rounds"], "central"
+        return (*own, "central")
     e, problem = read_result(path)
     if problem or e["stage"] != "model_editing":
         raise ValueError(f"its mask's editing run {path} is {problem or 'not an editing run'}")
@@ -186,7 +192,7 @@ def load_runs(root):
         try:
             if r and r["stage"] == "fedavg":
                 r.update(mask=mask_of(r) if r["sparse"] else None)
-            elif r and r["stage"] == "model_editing" and r.get("mask_file"):  # a given mask: its own run's settings
+            elif r and r["stage"] == "model_editing":  # a given mask: its own run's settings
                 r.update(zip(("rule", "sparsity", "calib_rounds"), mask_of(r)[:3]))
         except ValueError as e:
             problem = str(e)
@@ -199,6 +205,7 @@ def load_runs(root):
         r["dir"], r["config"], r["head"] = d, config, across_seeds(r.get("head"))
         if r["stage"] == "fedavg":
             r["metrics"] = read_metrics(d)
+            r["algorithm"], r["algorithm_flags"] = algorithm_of(r)
         runs.append(r)
     return sorted(runs, key=lambda r: (STAGES.index(r["stage"]), r["dir"]))
 
@@ -248,25 +255,56 @@ def once_each(runs):
     return out
 
 
-# The flags (config.json keys) each stage's tables show or group by already. Any other flag that differs
-# between runs of a stage (epochs, lr, augmentation, ...) splits them into separate tables and cells,
-# named in the titles (mark_flags).
-SHOWN = {"centralized": {"seed"},  # the chosen hyperparameters are in the table; the flags are not
-         "model_editing": {"seed", "rule", "sparsity", "calib_rounds", "mask", "head", "score"},
-         "fedavg": {"seed", *splits.NAME_FLAGS, "j", "train", "head", "k", "c", "warmup_rounds", "score",
-                    "sparse", "mask", "rule", "sparsity", "calib_rounds"}}
+def shown_flags(stage):
+    """The flags (config.json keys) a stage's tables show or group by already, read off what groups them:
+    the seed and a FedAvg run's split, J, setup (Setup) and mask (its rule, sparsity, calibration rounds,
+    or file); an editing run's mask and head (SCHEMA's keys that are flags); the centralized tables show the
+    chosen hyperparameters, not flags. Any other flag that differs between runs of a stage (epochs, lr, mu,
+    augmentation, ...) splits them into separate tables and cells, named in the titles (mark_flags)."""
+    flags = set(flag_defaults(stage))
+    if stage == "centralized":
+        return {"seed"}
+    if stage == "model_editing":
+        return {"seed", "mask"} | (set(SCHEMA[stage]) & flags)
+    return {"seed", "j", "sparse", "mask", *splits.SPLIT_FLAGS, *plumbing.CALIBRATION_FLAGS[:3], *Setup._fields} & flags
 
 
-def fedavg_flags(r):
-    """A FedAvg run's flags for mark_flags: config.json, with --rounds as given (with --scale-rounds,
-    config.json holds the rounds run, --rounds × 4 / J: the flag is then the same for every J of a
-    study), and without the calibration flags where the run calibrated no mask (they did nothing)."""
+def run_flags(r):
+    """A run's flags that do something, for mark_flags and results.csv: its config.json without the flags its
+    script refuses to take given the others (refused_flags: --lr of a --train head run, --head-lr of a dense
+    one, the calibration flags with --mask or without --sparse, ...), and FedAvg's --rounds as given (with
+    --scale-rounds config.json holds the rounds run, --rounds × 4 / J: the flag is then the same for every J
+    of a study)."""
     c = dict(r["config"])
-    if c.get("scale_rounds"):
+    if r["stage"] == "fedavg" and c.get("scale_rounds"):
         c["rounds"] = c["rounds"] * c["j"] // 4 if c["rounds"] * c["j"] % 4 == 0 else c["rounds"] * c["j"] / 4
-    if not (r["mask"] and r["mask"][3] == "federated"):
-        c = {k: v for k, v in c.items() if k not in plumbing.CALIBRATION_FLAGS}
-    return c
+    refused = refused_flags(r["stage"], json.dumps({k: v for k, v in c.items() if k != "seed"}, sort_keys=True)) \
+        if c else ()  # the seed refuses nothing: asked once for all seeds
+    return {k: v for k, v in c.items() if k not in refused}
+
+
+@functools.cache
+def refused_flags(stage, config):
+    """The flags that a run of these flags (config, JSON) would refuse to take at another value: those its
+    script's get_args hands to plumbing.refuse_ignored, as doing nothing given the others. Asked of the
+    script itself, so no list here can drift from it; () when its flags do not parse today."""
+    flags, defaults, refused = json.loads(config), flag_defaults(stage), []
+    argv = []
+    for k, v in flags.items():
+        if k not in defaults or v == defaults[k] or v is None or v is False:  # a default needs no flag
+            continue
+        opt = "--" + k.replace("_", "-")
+        argv += [opt] if v is True else [opt, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    real = plumbing.refuse_ignored
+    plumbing.refuse_ignored = lambda p, args, names, why: refused.extend(names)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            SCRIPTS[stage].get_args(argv)
+    except (SystemExit, Exception):  # a flag of an older version, a file no longer there
+        return ()
+    finally:
+        plumbing.refuse_ignored = real
+    return tuple(refused)
 
 
 # A seed folder inside a file flag's value: RESULTS/STAGE/NAME/seedN/FILE, the project's layout.
@@ -305,7 +343,7 @@ def flags_note(flags):
 
 
 def uncalibrated(flags):
-    """The flags without the calibration flags: those a dense FedAvg run would have (see fedavg_flags)."""
+    """The flags without the calibration flags: those a dense FedAvg run would have (see run_flags)."""
     return tuple(kv for kv in flags if kv[0] not in plumbing.CALIBRATION_FLAGS)
 
 
@@ -411,25 +449,59 @@ def add_rounds_to_target(runs, frac):
                                           if v is not None and v >= r["target"]), None)
 
 
-Setup = collections.namedtuple("Setup", "train head k c warmup_rounds score mask flags")
+Setup = collections.namedtuple("Setup", "train head k c warmup_rounds score mask flags algorithm")
 
 
 def setup(r):
-    """What defines a FedAvg experiment apart from split, J and seed (flags: mark_flags)."""
+    """What defines a FedAvg experiment apart from split, J and seed (flags: mark_flags; the FL algorithm its
+    flags make)."""
     return Setup(r["train"], r.get("head"), r["k"], r["c"], r.get("warmup_rounds") or 0,
-                 r.get("score") if r["mask"] else None, r["mask"], r["flags"])
+                 r.get("score") if r["mask"] else None, r["mask"], r["flags"], r["algorithm"])
+
+
+DEFAULT_ALGORITHM = "FedAvg"  # every algorithm flag at its default
+
+
+def algorithm_of(r):
+    """(name, {flag: value} of its own flags) of a FedAvg run's FL algorithm: result.json's "algorithm" where
+    it has one, its flags read by algorithms.identify (or flags_algorithm before that module exists) otherwise
+    (older runs); read from result.json's flags where config.json is empty."""
+    flags = r["config"] or r
+    try:
+        name, own = (identify_algorithm or flags_algorithm)(flags)
+    except (KeyError, TypeError, ValueError):  # flags of a version identify does not know: the local reading
+        name, own = flags_algorithm(flags)
+    return r.get("algorithm") or name, own
+
+
+def flags_algorithm(cfg):
+    """algorithms.identify until algorithms.py is merged: the algorithm that fedavg.py's FL flags (docs/
+    extending.md) make, and its own flags."""
+    get = lambda k, default: default if cfg.get(k) is None else cfg[k]
+    if get("scaffold", False):
+        return "SCAFFOLD", {}
+    if get("aggregate", "mean") == "ties":
+        return "TIES", {"ties_keep": get("ties_keep", 0.2), "server_lr": get("server_lr", 1.0)}
+    if get("server_opt", "sgd") != "sgd":
+        return ("FedAdam" if cfg["server_opt"] == "adam" else "FedYogi",
+                {"server_lr": get("server_lr", 1.0), "server_eps": get("server_eps", 1e-3)})
+    if get("server_momentum", 0.0):
+        return "FedAvgM", {"server_lr": get("server_lr", 1.0), "server_momentum": cfg["server_momentum"]}
+    if get("mu", 0.0):
+        return "FedProx", {"mu": cfg["mu"]}
+    return DEFAULT_ALGORITHM, ({"server_lr": cfg["server_lr"]} if get("server_lr", 1.0) != 1.0 else {})
 
 
 def mask_name(mask):
     """'least-sensitive s=0.9 r=4' (what is known of it)."""
-    rule, s, n = mask[:3]
-    return " ".join([rule or "given mask"] + ([f"s={s:g}"] if s is not None else []) +
+    rule, s, n, by = mask
+    return " ".join([rule or ("given mask" if by == "central" else "mask of unknown rule")] + ([f"s={s:g}"] if s is not None else []) +
                     ([f"r={n}"] if n is not None else []))
 
 
 def setup_parts(key):
     """What a setup is, as (what it trains, [where its head came from and the other settings])."""
-    train, head, k, c, warm, score, mask, flags = key
+    train, head, k, c, warm, score, mask, flags, _ = key
     if mask:
         kind = f"sparse, {mask_name(mask)}, {mask[3]} calibration" + (f", {score} score" if score else "")
     else:
@@ -445,8 +517,8 @@ def setup_name(key):
 
 def short_names(keys):
     """({setup: a short row label}, what all of them share, for the title): a label names only what
-    differs between the setups of one table."""
-    parts = {k: [setup_parts(k)[0]] + setup_parts(k)[1] for k in keys}
+    differs between the setups of one table (the algorithm too)."""
+    parts = {k: [setup_parts(k)[0], k.algorithm] + setup_parts(k)[1] for k in keys}
     shared = [p for p in (next(iter(parts.values()), [])) if all(p in ps for ps in parts.values())]
     shared = shared if len(parts) > 1 else shared[1:]  # one setup: its kind is the label
     return {k: ", ".join(p for p in ps if p not in shared) for k, ps in parts.items()}, ", ".join(shared)
@@ -488,7 +560,7 @@ class Stat:
     def text(self, tex=False, bold=False, n_shown=True):
         """n_shown=False: without "(n=...)" (a table whose cells all have the same n says it once)."""
         if not self.values:
-            return f"not reached (n={self.of})" if self.of else ("--" if tex else "–")
+            return (f"{'--' if tex else '–'} (0/{self.of} reached)" if self.of else ("--" if tex else "–"))
         n = f"({len(self.values)}/{self.of} reached)" if self.of is not None else \
             f"(n={len(self.values)})" if n_shown else ""
         s = self.mean_text()
@@ -524,7 +596,8 @@ def md_table(t):
 
 TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "×": r"$\times$", "±": r"$\pm$",
-       "–": "--", "→": r"$\to$", "<": r"\textless{}", ">": r"\textgreater{}", "≥": r"$\geq$", "≤": r"$\leq$"}
+       "–": "--", "→": r"$\to$", "<": r"\textless{}", ">": r"\textgreater{}", "≥": r"$\geq$", "≤": r"$\leq$",
+       "≈": r"$\approx$"}
 
 
 def tex_escape(s):
@@ -535,11 +608,15 @@ def tex_escape(s):
                    for i, ch in enumerate(s))
 
 
-# A table wider than the text is scaled down to \textwidth, and one still taller than 0.75 \textheight (its
-# caption needs the rest of the page) down to that; FIT_END closes both boxes.
-FIT_WIDTH = (r"\resizebox*{!}{\ifdim\totalheight>0.75\textheight0.75\textheight\else\totalheight\fi}{"
-             r"\resizebox{\ifdim\width>\textwidth\textwidth\else\width\fi}{!}{%")
-FIT_END = "}}"
+# tables.tex is never scaled down (a \resizebox shrank a wide table to about 5 pt): a table is set in \small
+# (9 pt), or \footnotesize (8 pt, the smallest) where that is too wide; one still wider than the text is cut
+# into parts of its columns (each repeating the label columns), and one longer than a page into parts of its
+# rows. Widths are estimated for article's 10 pt \textwidth (345 pt), the narrowest usual one.
+TEXT_WIDTH_PT = 345
+CHAR_PT = {"small": 4.5, "footnotesize": 4.0}  # a character of Computer Modern, digits 0.5 em, on the generous side
+COLUMN_PAD_PT = 12  # \tabcolsep on both sides
+WRAP_PT = 99.6  # a p{3.5cm} column of long labels
+MAX_ROWS = 30  # rows per part: a page with a caption and headers
 
 
 def tex_label(title, taken):
@@ -554,43 +631,83 @@ def tex_label(title, taken):
     return label
 
 
-def tex_header(h, width=12):
-    """A column heading in lines of about `width` characters (a one-column tabular), so that long headings
-    do not widen a table of short numbers."""
+def tex_header_lines(h, width=12):
+    """A column heading's lines of about `width` characters."""
     lines = []
     for word in h.split():
         if lines and len(lines[-1]) + 1 + len(word) <= width:
             lines[-1] += " " + word
         else:
             lines.append(word)
+    return lines
+
+
+def tex_header(h):
+    """A column heading in lines (tex_header_lines; a one-column tabular), so that long headings do not
+    widen a table of short numbers."""
+    lines = tex_header_lines(h)
     if len(lines) < 2:
         return tex_escape(h)
     return r"\begin{tabular}[b]{@{}c@{}}" + r" \\ ".join(map(tex_escape, lines)) + r"\end{tabular}"
 
 
 def tex_table(t, label):
+    """A Table as LaTeX table floats at 8 pt at the least: one, or parts of its columns and rows (see
+    TEXT_WIDTH_PT), the caption on the first and "(continued)" on the others."""
     stat = [any(isinstance(row[i], Stat) for row in t.rows) for i in range(len(t.header))]
     ns = {len(c.values) for row in t.rows for c in row if isinstance(c, Stat) and c.values and c.of is None}
     one_n = len(ns) == 1  # every cell over the same seeds: n said once, in the caption
     wide = [not x and max((len(str(row[i])) for row in t.rows), default=0) > 24 for i, x in enumerate(stat)]
-    spec = "".join("r" if x else r"p{3.5cm}" if w else "l" for x, w in zip(stat, wide))  # long labels wrap
-    body = [" & ".join(c.text(tex=True, bold=t.bold(i, c), n_shown=not one_n) if isinstance(c, Stat)
-                       else tex_escape(c) for i, c in enumerate(row)) + r" \\" for row in t.rows]
+    spec = ["r" if x else r"p{3.5cm}" if w else "l" for x, w in zip(stat, wide)]  # long labels wrap
+    cells = [[c.text(tex=True, bold=t.bold(i, c), n_shown=not one_n) if isinstance(c, Stat) else tex_escape(c)
+              for i, c in enumerate(row)] for row in t.rows]
+    shown = [[c.text(n_shown=not one_n) if isinstance(c, Stat) else str(c) for c in row] for row in t.rows]
     bold = any(t.bold(i, c) for row in t.rows for i, c in enumerate(row))
     n = min(ns, default=0)
     seeds = f"n={n} seed{'s' * (n > 1)} each" if one_n else "n: seeds"
     caption = f"{tex_escape(t.title)}. {tex_escape(t.note) + ' ' if t.note else ''}Mean $\\pm$ sample std " \
               f"over seeds ({seeds}){'; bold: the one best mean of a column' if bold else ''}."
-    return "\n".join([r"\begin{table}[htbp]", r"\centering", r"\small", rf"\caption{{{caption}}}",
-                      rf"\label{{{label}}}", FIT_WIDTH,
-                      rf"\begin{{tabular}}{{{spec}}}",
-                      r"\toprule", " & ".join(map(tex_header, t.header)) + r" \\", r"\midrule", *body,
-                      r"\bottomrule", r"\end{tabular}" + FIT_END, r"\end{table}"])
+    size, groups = column_parts(t.header, shown, wide, stat)
+    rows = [list(range(i, min(i + MAX_ROWS, len(t.rows)))) for i in range(0, len(t.rows), MAX_ROWS)] or [[]]
+    parts = [(cols, rs) for rs in rows for cols in groups]
+    out = []
+    for k, (cols, rs) in enumerate(parts):
+        head = [rf"\caption{{{caption}}}", rf"\label{{{label}}}"] if k == 0 else \
+            [rf"\textit{{{tex_escape(t.title)} (continued, part {k + 1} of {len(parts)}).}}\par\smallskip"]
+        out += ([""] if k else []) + [r"\begin{table}[htbp]", r"\centering", rf"\{size}", *head,
+                                      rf"\begin{{tabular}}{{{''.join(spec[i] for i in cols)}}}",
+                                      r"\toprule", " & ".join(tex_header(t.header[i]) for i in cols) + r" \\",
+                                      r"\midrule", *(" & ".join(cells[r][i] for i in cols) + r" \\" for r in rs),
+                                      r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(out)
+
+
+def column_parts(header, shown, wide, stat):
+    r"""(font size, [column indices of each part]): \small where the table fits the text width, else
+    \footnotesize, in as few parts as fit; each part repeats the label columns (those before the first
+    column of numbers)."""
+    def width(i, size):
+        chars = max([len(line) for line in tex_header_lines(header[i])] + [len(row[i]) for row in shown])
+        return (WRAP_PT if wide[i] else chars * CHAR_PT[size]) + COLUMN_PAD_PT
+    n = len(header)
+    keys = list(range(next((i for i, x in enumerate(stat) if x), n) or 1))
+    for size in ("small", "footnotesize"):
+        if sum(width(i, size) for i in range(n)) <= TEXT_WIDTH_PT:
+            return size, [list(range(n))]
+    groups, used = [[]], sum(width(i, "footnotesize") for i in keys)
+    for i in range(len(keys), n):
+        w = width(i, "footnotesize")
+        if groups[-1] and used + w > TEXT_WIDTH_PT:
+            groups.append([])
+            used = sum(width(k, "footnotesize") for k in keys)
+        groups[-1].append(i)
+        used += w
+    return "footnotesize", [keys + g for g in groups]
 
 
 def render(doc):
     """doc: a list of Markdown lines and Tables -> (report.md text, tables.tex text)."""
-    md, tex, labels = [], [r"% summarize.py: every table of report.md; needs \usepackage{booktabs,graphicx}"], set()
+    md, tex, labels = [], [r"% summarize.py: every table of report.md; needs \usepackage{booktabs}"], set()
     for block in doc:
         if isinstance(block, Table):
             md += [f"### {block.title}", ""] + ([block.note, ""] if block.note else []) + [md_table(block), ""]
@@ -697,7 +814,7 @@ def editing_doc(runs, out_dir):
             path = os.path.join(out_dir, "editing_rules.png")
             plumbing.plot_bars(path, labels, [100 * v.mean() for v in values], "test accuracy (%)",
                                f"Model editing: mask rules ({on})\nmean over seeds ± std",
-                               [100 * v.std() for v in values], zoom=True)
+                               [100 * v.std() for v in values], zoom=True, ymax=100)
             plots.append(path)
     return doc, plots
 
@@ -705,10 +822,10 @@ def editing_doc(runs, out_dir):
 # ----------------------------------------------------------------------------- FedAvg tables
 
 def fedavg_doc(runs, central, editing, frac):
-    """The FedAvg tables, and the setups whose split × J table was written (the plots follow those)."""
+    """The FedAvg tables."""
     doc = ["## FedAvg", ""]
     if not runs:
-        return doc + ["_No finished FedAvg run._", ""], []
+        return doc + ["_No finished FedAvg run._", ""]
     doc += ["Test accuracy (%) of the final global model. Splits: IID, Nc classes per client, or Dir(α) (each "
             "class spread over the clients in proportions drawn from Dirichlet(α)). Dense and sparse runs are "
             "compared only with the same head source (named in each title).", ""]
@@ -717,22 +834,108 @@ def fedavg_doc(runs, central, editing, frac):
         doc += [f"Centralized baseline for reference: {acc(base).text()}{flags_note(base[0]['flags'])}.", ""]
     covered = set()
     doc += rules_tables(runs, covered) + sparsity_tables(runs, covered)
-    shown = []
     for key, rs in group(runs, setup).items():
         js = sorted({r["j"] for r in rs})
         if len(js) == 1 and key in covered:  # already in a table above
             continue
-        shown.append(key)
         split_names = sorted({r["split"] for r in rs}, key=splits.split_order)
         cells = group(rs, lambda r: (r["split"], r["j"]))
         rounds = {j: "/".join(str(n) for n in sorted({r["rounds"] for r in rs if r["j"] == j})) for j in js}
-        doc.append(Table(f"FedAvg, {setup_name(key)}: test accuracy (%)",
-                         ["split"] + [f"J={j} ({rounds[j]} rounds)" for j in js],
-                         [[splits.split_label(s)] + [acc(cells.get((s, j), [])) for j in js] for s in split_names],
-                         [None] + ["max"] * len(js)))
+        skew = [SKEW] if any(r.get("label_skew") is not None for r in rs) else []
+        doc.append(Table(f"{key.algorithm}, {setup_name(key)}: test accuracy (%)",
+                         ["split"] + [f"J={j} ({rounds[j]} rounds)" for j in js] + skew,
+                         [[splits.split_label(s)] + [acc(cells.get((s, j), [])) for j in js] +
+                          [skew_stat([r for r in rs if r["split"] == s])] * len(skew) for s in split_names],
+                         [None] + ["max"] * len(js) + [None] * len(skew)))
+    doc += algorithm_tables(runs)
     doc += six_models_tables(runs, central, editing)
     doc.append(cost_table(runs, frac))
-    return doc, shown
+    return doc
+
+
+SKEW = "label skew"  # the column of result.json's label_skew: mean over clients of the TV distance to the global labels
+
+
+def skew_stat(runs):
+    """The label skew of a split's runs (one per seed: the shards are the seed's), mean ± std, 3 decimals."""
+    return Stat([r.get("label_skew") for r in runs], 1, 3)
+
+
+# ----------------------------------------------------------------------------- the algorithms compared
+
+def comparison_base(r):
+    """What an algorithm comparison holds fixed: the setup without its flags and algorithm, the split, J."""
+    return setup(r)._replace(flags=(), algorithm=""), r["split"], r["j"]
+
+
+def selected_settings(runs):
+    """{(comparison_base, algorithm): (the runs of the setting picked, [every setting's runs])}: for each
+    algorithm in each comparison, its setting (its runs' flags) of the best mean final validation accuracy
+    over seeds; a tie goes to the setting with the fewest flags off their defaults."""
+    out = {}
+    for (base, algo), rs in group(runs, lambda r: (comparison_base(r), r["algorithm"])).items():
+        settings = list(group(rs, lambda r: r["flags"]).values())
+        best = min(settings, key=lambda x: (-statistics.mean(r["val_acc"] for r in x), off_default(x[0]["flags"])))
+        out[base, algo] = best, settings
+    return out
+
+
+def setting_text(picked, settings):
+    """The picked setting in words: the algorithm's own flags, then any other flag its settings differ in."""
+    own = picked[0]["algorithm_flags"]
+    varying = {k for x in settings for k, v in x[0]["flags"] if len({dict(y[0]["flags"]).get(k) for y in settings}) > 1}
+    words = [f"{k} {plumbing.name_value(v)}" for k, v in own.items()] + \
+        [f"{k} {v}" for k, v in picked[0]["flags"] if k in varying and k not in own]
+    return ", ".join(words) or "–"
+
+
+def gap_text(runs, ref):
+    """Test accuracy of `runs` minus that of the FedAvg runs `ref`, paired by seed (a seed's runs share its
+    shards): mean ± std of the per-seed differences in points, '≈' where |mean| ≤ std (within the seeds'
+    spread); over one common seed the spread is unknown."""
+    a, b = ({r["seed"]: r["test_acc"] for r in x} for x in (runs, ref))
+    d = [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
+    if not d:
+        return "no common seed"
+    if len(d) == 1:
+        return f"{d[0]:+.2f} (n=1, spread unknown)"
+    m, sd = statistics.mean(d), statistics.stdev(d)
+    return f"{m:+.2f} ± {sd:.2f} (n={len(d)})" + (" ≈" if abs(m) <= sd else "")
+
+
+def algorithm_tables(runs):
+    """For each comparison (comparison_base: same start head, what trains, mask, K, C; per J) that holds
+    more than one algorithm: each algorithm at its selected setting (selected_settings) per split, test
+    accuracy beside FedAvg's."""
+    picks, out = selected_settings(runs), []
+    for (key, j), cells in group(picks.items(), lambda kv: (kv[0][0][0], kv[0][0][2])).items():
+        algos = sorted({algo for (_, algo), _ in cells}, key=lambda a: (a != DEFAULT_ALGORITHM, a))
+        if len(algos) < 2:
+            continue
+        cells = dict(cells)
+        rows = []
+        for split in sorted({base[1] for base, _ in cells}, key=splits.split_order):
+            base = (key, split, j)
+            ref = cells.get((base, DEFAULT_ALGORITHM), (None,))[0]
+            for algo in algos:
+                if (base, algo) not in cells:
+                    continue
+                picked, settings = cells[base, algo]
+                rows.append([splits.split_label(split), algo, setting_text(picked, settings), len(settings),
+                             acc(picked, "val_acc"), acc(picked),
+                             "–" if algo == DEFAULT_ALGORITHM else gap_text(picked, ref) if ref else "no FedAvg run"])
+        start = "fresh head" if key.head in common.FRESH_HEADS else "step-0 head"
+        kind, rest = setup_parts(key)
+        out.append(Table(f"Algorithms at their selected settings, {kind}, from the {start} ({', '.join(rest)}), "
+                         f"J={j}: test accuracy (%)",
+                         ["split", "algorithm", "selected setting", "settings tried", "val acc (%)", "test acc (%)",
+                          "vs FedAvg (points)"], rows, [None] * 5 + ["max", None],
+                         "Each algorithm's setting is picked on the mean final validation accuracy over seeds among "
+                         "the settings it ran (a tie: the fewest flags off their defaults); test accuracy is then "
+                         "reported at that setting. vs FedAvg: test accuracy minus FedAvg's at its own selected "
+                         "setting, per seed (a seed's runs share its shards), mean ± std over the common seeds; "
+                         "≈ marks a gap within the seeds' spread (|mean| ≤ std of the per-seed differences)."))
+    return out
 
 
 def rules_tables(runs, covered):
@@ -786,10 +989,11 @@ def sparsity_table(title, cells):
 def main_setups(runs, head):
     """The dense (train all) and sparse setups of one head with the most (split, J) cells: the ones the
     six-models table, the heatmap and the agreement plot use."""
-    def best(rs):
+    def best(rs):  # most cells, most runs; where setups tie, FedAvg, then the fewest flags off their defaults
         cells = group(rs, setup)
-        return max(cells, key=lambda k: (len({(r["split"], r["j"]) for r in cells[k]}), len(cells[k]),
-                                         str(tuple(k))), default=None)
+        ranked = sorted(cells, key=lambda k: (-len({(r["split"], r["j"]) for r in cells[k]}), -len(cells[k]),
+                                              k.algorithm != DEFAULT_ALGORITHM, off_default(k.flags), setup_name(k)))
+        return ranked[0] if ranked else None
     mine = [r for r in runs if r.get("head") == head]
     dense = best([r for r in mine if not r["mask"] and r["train"] == "all"])
     sparse = [r for r in mine if r["mask"] and r["mask"][0] in ("least-sensitive", None)] or \
@@ -797,6 +1001,11 @@ def main_setups(runs, head):
     if dense:  # of the dense setup's flags where some are
         sparse = [r for r in sparse if uncalibrated(r["flags"]) == dense.flags] or sparse
     return dense, best(sparse)
+
+
+def off_default(flags):
+    """How many of a setup's flags (mark_flags) are off their defaults."""
+    return sum(json.loads(v) != flag_defaults("fedavg").get(k) for k, v in flags)
 
 
 def six_models_tables(runs, central, editing):
@@ -808,10 +1017,10 @@ def six_models_tables(runs, central, editing):
         if not js:  # only head-only runs
             continue
         j = 4 if 4 in js else js[0]
-        mask = sparse.mask[:3] if sparse else None
+        mask = sparse.mask if sparse else None
         edits = group([r for r in editing if r.get("head") == head and r["rule"] == "least-sensitive"],
                       lambda r: (r["rule"], r["sparsity"], r["calib_rounds"], r["flags"]))
-        prefer = [k for k in edits if k[:3] == mask] or [k for k in edits if k[:3] == ("least-sensitive", 0.9, 4)] \
+        prefer = [k for k in edits if mask and k[:3] == mask[:3]] or [k for k in edits if k[:3] == ("least-sensitive", 0.9, 4)] \
             or list(edits)  # the mask sparse FedAvg used, else the default one, else the most seeds
         edit = max(prefer, key=lambda k: len(edits[k]), default=None)
         probe = probe_of(head, central)
@@ -830,11 +1039,17 @@ def six_models_tables(runs, central, editing):
                          f"backbone, before any training. Without: centralized, "
                          + (f"the centralized linear probe that saved this head{flags_note(probe[0]['flags'])}"
                             if probe else "the step-0 head itself (fitted centrally)")
-                         + f"; FedAvg, dense FedAvg{flags_note(dense.flags if dense else ())}. With: sparse "
-                         f"fine-tuning from the same head, centralized model editing "
-                         f"({what(edit, edit[3] if edit else ())}) and sparse FedAvg "
-                         f"({what(mask, sparse.flags if sparse else ())}). FedAvg at J={j}."))
+                         + f"; FedAvg rows, {'the dense setup ' + algorithm_setup(dense) if dense else 'none'}. With: "
+                         f"sparse fine-tuning from the same head, centralized model editing "
+                         f"({what(edit and (*edit[:3], 'central'), edit[3] if edit else ())}) and for the FedAvg "
+                         f"rows {'the sparse setup ' + algorithm_setup(sparse) if sparse else 'none'}. FedAvg rows "
+                         f"at J={j}; where setups have as many runs, the default algorithm ({DEFAULT_ALGORITHM})."))
     return out
+
+
+def algorithm_setup(key):
+    """'FedAvg, dense; head ridge, K=100, C=0.1, lr 0.001': the setup a row of the six models is."""
+    return f"{key.algorithm}, {setup_name(key)}"
 
 
 def probe_of(head, central):
@@ -921,13 +1136,13 @@ def curve(runs, col):
 
 def plot_curves(path, by_split, title):
     fig, ax = plumbing.pyplot().subplots(figsize=(7, 4))
-    sparse, lowest = False, 100.0
+    sparse, lowest, highest = False, 100.0, 0.0
     for i, (split, rs) in enumerate(by_split.items()):
         xs, mean, std = curve(rs, "val_acc")
         lo, hi = np.clip(100 * (mean - std), 0, None), np.clip(100 * (mean + std), None, 100)  # within 0-100%
         style = dict(marker=plumbing.MARKERS[i % len(plumbing.MARKERS)], fillstyle="none",
                      markersize=plumbing.marker_size(i), label=f"{splits.split_label(split)} (n={len(rs)})")
-        lowest = min([lowest, *lo]) if len(xs) else lowest
+        lowest, highest = min([lowest, *lo]), max([highest, *hi])
         if plumbing.sparse_points(list(xs)):  # validated every few rounds: the points measured, no line between
             sparse = True
             ax.errorbar(xs, 100 * mean, yerr=[100 * mean - lo, hi - 100 * mean], linestyle="none", capsize=3, **style)
@@ -937,7 +1152,7 @@ def plot_curves(path, by_split, title):
             ax.fill_between(xs, lo, hi, alpha=0.2)
     ax.set(xlabel="round (0 = the head, before any round)", ylabel="validation accuracy (%)")
     plumbing.integer_ticks(ax.xaxis)
-    plumbing.cap_y(ax, lowest, 100)
+    percent_axis(ax, [lowest, highest])
     ax.set_title(title + "\n" + ("markers: mean over seeds where validated, bars: ± std" if sparse else
                                  "line: mean over seeds, band: ± std"), fontsize=8)
     ax.grid(alpha=0.3)
@@ -974,6 +1189,7 @@ def plot_heatmap(path, dense, sparse, title):
     lo, hi = np.nanmin(grids), np.nanmax(grids)
     if hi - lo < 1:  # equal cells: one point around them, not a colour scale of nothing
         lo, hi = (lo + hi) / 2 - 0.5, (lo + hi) / 2 + 0.5
+        lo, hi = lo - max(hi - 100, 0) + max(-lo, 0), min(hi, 100) + max(-lo, 0)  # within 0-100%
     plt = plumbing.pyplot()
     cmap, norm = plt.get_cmap("viridis"), plt.Normalize(lo, hi)
     fig, axes = plumbing.pyplot().subplots(1, 2, figsize=(3 + 2.4 * len(js), 1.4 + 0.6 * len(split_names)),
@@ -986,7 +1202,7 @@ def plot_heatmap(path, dense, sparse, title):
             if not math.isnan(v):
                 ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=text_color(cmap(norm(v))))
     fig.colorbar(im, ax=axes[0].tolist(), label="test accuracy (%)")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(wrap(title, fig), fontsize=9)
     plumbing.save_figure(fig, path)
 
 
@@ -1022,87 +1238,239 @@ def plot_agreement(path, dense, sparse, title):
     how = {frozenset({True}): f"moving average over {SMOOTH} rounds", frozenset({False}): "per round",
            frozenset({True, False}): f"moving average over {SMOOTH} rounds (runs shorter than that: per round)"}
     for ax, name in zip(axes, ("update agreement", "update norm")):
-        ax.set(xlabel="round", title=f"{name}, {how.get(frozenset(smoothed), 'no data')}")
+        ax.set(xlabel="round", title=name)
         plumbing.integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=7, handlelength=4)
-    fig.suptitle(title, fontsize=9)
+        fig.legend(handles, labels, loc="outside lower center", fontsize=7, handlelength=4, ncols=min(len(labels), 4))
+    fig.suptitle(wrap(f"{title}\nmean over seeds, {how.get(frozenset(smoothed), 'no data')}; dense: solid, "
+                      f"circles; sparse: dashed, squares", fig), fontsize=9)
     plumbing.save_figure(fig, path)
 
 
-def head_tag(head):
-    """A plot name's part for a head source other than the first one seen: '_head-zero', or for a head file
-    its run name (plumbing.file_tag)."""
-    return "_head-" + (head if head in ("ridge", "warmup", *common.FRESH_HEADS) else plumbing.file_tag(head))
+def plot_name(key, keys):
+    """A setup's part of a plot's file name, made as run names are (docs/splits-and-names.md): what it trains
+    (dense, head, sparse-RULE_sS_rN for a mask calibrated federatedly, sparse-mask-RULE_sS_rN for a mask
+    file), its head source where not the default (from-zero as in run names, head-warmup, head-FILE TAG),
+    then, in run-name short form, each setting that tells the setups `keys` apart and is off its default
+    (K, C, warm-up rounds, score, then the swept flags: lr0.001, mu0.01, ...)."""
+    defaults = flag_defaults("fedavg")
+    if key.mask:
+        rule, s, n, by = key.mask
+        kind = "sparse-" + ("mask-" if by == "central" else "") + \
+            "_".join([rule or "mask"] + [f"{c}{plumbing.name_value(v)}" for c, v in (("s", s), ("r", n)) if v is not None])
+    else:
+        kind = "dense" if key.train == "all" else key.train
+    parts = [kind.replace("mask-mask", "mask")] + ([head_part(key.head)] if head_part(key.head) else [])
+    for field in ("k", "c", "warmup_rounds", "score"):
+        v = getattr(key, field)
+        if len({getattr(k, field) for k in keys}) > 1 and v not in (None, defaults[field]):
+            parts.append(plumbing.name_part(field, v))
+    parts += [plumbing.name_part(f, json.loads(v)) for f, v in key.flags if json.loads(v) != defaults.get(f)]
+    return "_".join(parts)
 
 
-def fedavg_plots(runs, shown, out_dir):
-    """Curves for every setup with a split × J table; heatmap and agreement for each head's main setups."""
-    paths, tags = [], {}
-    heads = list(group(runs, lambda r: r.get("head")))
-    mains = {h: main_setups(runs, h) for h in heads}
+def head_part(head):
+    """A plot name's part for a head source: '' for the default (ridge), from-zero as run names say it,
+    head-warmup, head-FILE TAG (plumbing.name_part)."""
+    if head in common.FRESH_HEADS:
+        return f"from-{head}"
+    return "" if head == flag_defaults("fedavg")["head"] else plumbing.name_part("head", head)
 
-    def plain_tag(key):
-        tag = ("dense" if not key.mask else "sparse") if key in mains[key.head] else \
-            ("train-" + key.train if not key.mask else "sparse-" + mask_name(key.mask))
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", tag + (head_tag(key.head) if key.head != heads[0] else ""))
-    shared = collections.Counter(plain_tag(key) for key in shown)
-    for key in shown:
-        tag = plain_tag(key)
-        if shared[tag] > 1:  # setups apart only in other flags (a --lr sweep): named by them, as run names are
-            tag = "_".join([tag] + [plumbing.name_part(k, json.loads(v)) for k, v in key.flags])
-        tags[tag] = tags.get(tag, 0) + 1
-        tag += f"_{tags[tag]}" if tags[tag] > 1 else ""
+
+def plot_names(keys):
+    """{setup: plot_name}, distinct: a name two setups would share (a run without config.json, whose flags
+    are not known) gets _2, _3, ... in the order of the setups."""
+    names, seen = {}, collections.Counter()
+    for key in keys:
+        name = plot_name(key, keys)
+        seen[name] += 1
+        names[key] = name + (f"_{seen[name]}" if seen[name] > 1 else "")
+    return names
+
+
+def fedavg_plots(runs, out_dir):
+    """Curves for every setup at every J (fedavg_SETUP_jJ.png); heatmap and agreement for each head's main
+    setups (fedavg_heatmap[_HEAD].png, fedavg_agreement[_HEAD]_jJ.png). Returns (the plots, report lines
+    saying which runs a plot leaves out)."""
+    paths, notes = [], []
+    keys = list(group(runs, setup))
+    names = plot_names(keys)
+    for key in keys:
         rs = [r for r in runs if setup(r) == key]
         for j in sorted({r["j"] for r in rs if r["metrics"]}):
-            paths.append(os.path.join(out_dir, f"fedavg_{tag}_j{j}.png"))
-            by_split = group(sorted([r for r in rs if r["j"] == j], key=lambda r: splits.split_order(r["split"])),
-                             lambda r: r["split"])
-            plot_curves(paths[-1], by_split, f"FedAvg J={j}, " + setup_name(key).replace("; ", "\n"))
-    for i, head in enumerate(heads):
-        dense, sparse = ([r for r in runs if setup(r) == k] for k in mains[head])
-        suffix = head_tag(head) if i else ""
+            paths.append(os.path.join(out_dir, f"fedavg_{names[key]}_j{j}.png"))
+            by_split = group(sorted([r for r in rs if r["j"] == j and r["metrics"]],
+                                    key=lambda r: splits.split_order(r["split"])), lambda r: r["split"])
+            plot_curves(paths[-1], by_split, f"{key.algorithm} J={j}, " + setup_name(key).replace("; ", "\n"))
+    no_curves = [r for r in runs if not r["metrics"]]
+    if no_curves:
+        notes.append(f"No curves (no readable metrics.csv): {', '.join(r['dir'] for r in no_curves)}.")
+    for head in group(runs, lambda r: r.get("head")):
+        mains = main_setups(runs, head)
+        dense, sparse = ([r for r in runs if setup(r) == k] for k in mains)
+        suffix = f"_{head_part(head)}" if head_part(head) else ""
+        others = [k for k in keys if k.head == head and k not in mains]
+        drawn = "\n".join(f"{what} {algorithm_setup(k)}" for what, k in zip(("dense:", "sparse:"), mains) if k)
         if dense and sparse:
             paths.append(os.path.join(out_dir, f"fedavg_heatmap{suffix}.png"))
-            plot_heatmap(paths[-1], dense, sparse, f"FedAvg final test accuracy (%), head {head}; "
-                                                   f"{setup_name(mains[head][1]).split(';')[0]}")
+            plot_heatmap(paths[-1], dense, sparse, f"Final test accuracy (%), head {head}\n{drawn}")
         for j in sorted({r["j"] for r in dense + sparse}):
             at = lambda rs: [r for r in rs if r["j"] == j and r["metrics"] and any(
                 v is not None for v in r["metrics"]["agreement"])]
             if at(dense) or at(sparse):
                 paths.append(os.path.join(out_dir, f"fedavg_agreement{suffix}_j{j}.png"))
-                plot_agreement(paths[-1], at(dense), at(sparse), f"FedAvg update agreement and norm, J={j}, "
-                                                                 f"head {head}: dense (solid, circles) vs sparse "
-                                                                 f"(dashed, squares)")
-    return paths
+                plot_agreement(paths[-1], at(dense), at(sparse), f"Update agreement and norm, J={j}, head {head}\n"
+                                                                 f"{drawn}")
+        if others and (dense or sparse):
+            notes.append(f"The heatmap and agreement plots of head {head} draw only its main setups "
+                         f"({drawn.replace(chr(10), '; ')}); "
+                         f"not drawn there: {'; '.join(algorithm_setup(k) for k in others)} (each has its curves).")
+    return paths, notes
+
+
+def mean_agreement(r):
+    """A run's update agreement averaged over its rounds (metrics.csv), or None."""
+    vs = [v for v in (r["metrics"] or {}).get("agreement", []) if v is not None]
+    return statistics.mean(vs) if vs else None
+
+
+def skew_plots(runs, out_dir):
+    """Final test accuracy and mean update agreement against the label skew (result.json), one line per
+    algorithm at its selected settings (selected_settings), a panel per setup (dense, sparse, head only
+    apart), one figure per head source and J: fedavg_label-skew[_HEAD]_jJ.png. Returns (the plots, report
+    lines naming the runs left off: those without a label skew, older runs)."""
+    paths, notes = [], []
+    old = [r for r in runs if r.get("label_skew") is None]
+    if old:
+        notes.append(f"Left off the label-skew plots (their result.json has no label_skew, written before it was "
+                     f"measured): {', '.join(r['dir'] for r in old)}.")
+    picks = selected_settings([r for r in runs if r.get("label_skew") is not None])
+    if any(len(settings) > 1 for _, settings in picks.values()):
+        notes.append("The label-skew plots draw each algorithm at its selected setting only (the algorithm "
+                     "tables name it); the runs of its other settings are in the tables.")
+    by_figure = group(picks.items(), lambda kv: (kv[0][0][0].head, kv[0][0][2]))  # head, J
+    for (head, j), cells in by_figure.items():
+        panels = {}
+        for ((key, split, _), algo), (picked, _) in cells:
+            points = panels.setdefault(key, {}).setdefault(algo, [])
+            points.append((statistics.mean(r["label_skew"] for r in picked), split, acc(picked),
+                           Stat([mean_agreement(r) for r in picked], 1)))
+        suffix = f"_{head_part(head)}" if head_part(head) else ""
+        paths.append(os.path.join(out_dir, f"fedavg_label-skew{suffix}_j{j}.png"))
+        plot_skew(paths[-1], panels, f"Final test accuracy and update agreement vs label skew, head {head}, J={j}; "
+                                     f"each algorithm at its setting selected on validation")
+    return paths, notes
+
+
+def plot_skew(path, panels, title):
+    """panels: {setup: {algorithm: [(label skew, split, test acc Stat, agreement Stat)]}} -> a column per
+    setup, test accuracy above, mean update agreement below; the splits named on the top axis."""
+    plt = plumbing.pyplot()
+    fig, axes = plt.subplots(2, len(panels), figsize=(2.5 + 4.2 * len(panels), 7), squeeze=False,
+                             layout="constrained")
+    algos = sorted({a for p in panels.values() for a in p}, key=lambda a: (a != DEFAULT_ALGORITHM, a))
+    for col, (key, lines) in enumerate(panels.items()):
+        top, bottom = axes[0][col], axes[1][col]
+        values = []
+        for algo, points in lines.items():
+            i = algos.index(algo)
+            points.sort(key=lambda p: p[0])
+            style = dict(marker=plumbing.MARKERS[i % len(plumbing.MARKERS)], fillstyle="none", capsize=3,
+                         markersize=plumbing.marker_size(i), linestyle=plumbing.LINESTYLES[i % len(plumbing.LINESTYLES)],
+                         color=plt.get_cmap("tab10")(i % 10), label=algo)
+            xs = [p[0] for p in points]
+            ys, es = [100 * p[2].mean() for p in points], [100 * p[2].std() for p in points]
+            top.errorbar(xs, ys, yerr=es, **style)
+            values += [y - e for y, e in zip(ys, es)] + [y + e for y, e in zip(ys, es)]
+            agree = [(x, p[3]) for x, p in zip(xs, points) if p[3].values]
+            if agree:
+                bottom.errorbar([x for x, _ in agree], [a.mean() for _, a in agree], yerr=[a.std() for _, a in agree],
+                                **style)
+        percent_axis(top, values)
+        kind, rest = setup_parts(key)
+        top.set(ylabel="final test accuracy (%)", title=kind)
+        bottom.set(xlabel="label skew (mean TV distance of a client's labels to the global ones)",
+                   ylabel="mean update agreement")
+        split_names = {}
+        for points in lines.values():
+            for x, split, *_ in points:
+                split_names.setdefault(split, []).append(x)
+        ticks = top.secondary_xaxis("top")
+        ticks.set_xticks([statistics.mean(v) for v in split_names.values()],
+                         [splits.split_label(s) for s in split_names], fontsize=7, rotation=30)
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", fontsize=8, title="algorithm (mean over seeds ± std)",
+               ncols=min(len(labels), 5))
+    fig.suptitle(wrap(title, fig), fontsize=9)
+    plumbing.save_figure(fig, path)
+
+
+def wrap(title, fig, fontsize=9):
+    """A figure title in lines that fit its width (a title wider than the figure is cut at both ends)."""
+    import textwrap
+    chars = int(fig.get_figwidth() * 72 / (0.6 * fontsize))  # about 0.6 em per character
+    return "\n".join(textwrap.fill(line, chars) for line in title.split("\n"))
+
+
+def percent_axis(ax, values):
+    """An accuracy axis within 0-100 around `values` (%), with a margin, never past 100 or below 0; its
+    markers drawn whole on the edge (not clipped in half at 100%)."""
+    lo, hi = min(values, default=0), max(values, default=100)
+    pad = max(1.0, 0.08 * (hi - lo))
+    ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+    for artist in ax.lines:
+        artist.set_clip_on(False)
 
 
 # ----------------------------------------------------------------------------- results.csv and main
 
-def csv_row(r, root):
+# results.csv's measured columns, the same for every stage (csv_row), after the columns that define a run
+MEASURES = ["best_val_acc", "test_acc_at_best_val", "final_val_acc", "final_test_acc", "target_val_acc",
+            "rounds_to_target", "comm_values_per_client_round", "comm_mb_total", "label_skew", "precision", "seconds"]
+
+
+def defining_keys(stage):
+    """The result.json keys (SCHEMA) of a stage that are its flags, the split's aside (the split column
+    names it): what its tables group by."""
+    return [k for k in SCHEMA[stage] if k in flag_defaults(stage) and k not in splits.SPLIT_FLAGS]
+
+
+def csv_columns(runs):
+    """results.csv's columns: the run, its split and algorithm, what each stage's tables group by (SCHEMA;
+    the centralized run's chosen hyperparameters), every other flag that differs among the runs of a stage
+    (mark_flags: lr, mu, head_lr, ...; taken from config.json), then the measurements."""
+    cols = ["stage", "run", "dataset", "seed", "split", "algorithm"]
+    for stage in STAGES:
+        cols += defining_keys(stage) + (list(SCHEMA["best"]) if stage == "centralized" else []) + ["mask"]
+    cols += [k for r in runs for k, _ in r["flags"]] + MEASURES
+    return list(dict.fromkeys(cols))
+
+
+def csv_row(r, root, columns):
     """One results.csv row: what defines the run, and its accuracies in the same columns for every
     stage: at the best validation epoch/round, and at the last one (centralized.py logs no final
-    validation accuracy; the head it keeps is the best-validation one)."""
-    row = dict.fromkeys(COLUMNS)
-    row.update({k: r.get(k) for k in ("stage", "dataset", "seed", "seconds", "precision", "head", "score")},
-               run=os.path.relpath(r["dir"], root))
+    validation accuracy; the head it keeps is the best-validation one). A flag the run refused (run_flags)
+    or does not have is an empty cell."""
+    row = dict.fromkeys(columns)
+    row.update({k: json.loads(v) for k, v in r["flags"]})
+    refused = set(r["config"]) - set(run_flags(r))
+    row.update({k: r.get(k) for k in ("stage", "dataset", "seed", "algorithm", *defining_keys(r["stage"]), *MEASURES)
+                if k not in refused}, run=os.path.relpath(r["dir"], root))
     if r["stage"] == "centralized":
-        row.update({k: r["best"][k] for k in ("lr", "momentum", "wd", "scheduler")})
+        row.update({k: r["best"][k] for k in SCHEMA["best"]})
         row.update(best_val_acc=r["val_acc"], test_acc_at_best_val=r["test_acc"], final_test_acc=r["final_test_acc"])
         return row
     row.update(best_val_acc=r["best_val_acc"], test_acc_at_best_val=r.get("test_acc_at_best_val"),
                final_val_acc=r["val_acc"], final_test_acc=r["test_acc"])
-    if r["stage"] == "model_editing":
-        row.update({k: r[k] for k in ("rule", "sparsity", "calib_rounds")})
-        return row
-    row.update({k: r.get(k) for k in ("k", "c", "j", "rounds", "warmup_rounds", "sparse", "train", "split",
-                                      "comm_values_per_client_round", "comm_mb_total", "rounds_to_target")},
-               target_val_acc=r["target"])
-    if r["mask"]:
-        row.update(zip(("rule", "sparsity", "calib_rounds"), r["mask"][:3]),
-                   mask=os.path.relpath(r["mask_file"], root) if r["mask_file"] else "federated")
+    if r["stage"] == "fedavg":
+        row.update({k: r.get(k) for k in ("split", "rounds_to_target")}, target_val_acc=r["target"])
+        if r["mask"]:
+            row.update(zip(("rule", "sparsity", "calib_rounds"), r["mask"][:3]),
+                       mask=os.path.relpath(r["mask_file"], root) if r.get("mask_file") else "federated")
     return row
 
 
@@ -1110,8 +1478,7 @@ def summarize(root, target=0.9):
     plan = read_plan(root)
     runs = once_each(planned_runs(load_runs(root), plan, root))  # a planned run, not its copy, is kept
     for stage in STAGES:  # before anything groups them
-        mark_flags([r for r in runs if r["stage"] == stage], SHOWN[stage],
-                   fedavg_flags if stage == "fedavg" else lambda r: r["config"])
+        mark_flags([r for r in runs if r["stage"] == stage], shown_flags(stage), run_flags)
     add_rounds_to_target(runs, target)
     out_dir = open_summary(root)
     new = tempfile.mkdtemp(prefix=NEW, dir=out_dir)
@@ -1177,11 +1544,11 @@ def replace_summary(new, out_dir):
 def write_summary(root, plan, runs, target, out_dir, final_dir):
     """results.csv, report.md, tables.tex and the plots of `runs` into the empty folder out_dir; report.md's
     links are relative to final_dir, where they will be."""
-    rows, path = [csv_row(r, root) for r in runs], os.path.join(out_dir, "results.csv")
-    if rows:
-        plumbing.write_csv(rows, path)
+    columns, path = csv_columns(runs), os.path.join(out_dir, "results.csv")
+    if runs:
+        plumbing.write_csv([csv_row(r, root, columns) for r in runs], path)
     else:  # write_csv takes its header from the rows
-        plumbing.atomic_write_text(",".join(COLUMNS) + "\n", path)
+        plumbing.atomic_write_text(",".join(columns) + "\n", path)
 
     by_stage = {s: [r for r in runs if r["stage"] == s] for s in STAGES}
     seeds = sorted({r["seed"] for r in runs})
@@ -1197,12 +1564,15 @@ def write_summary(root, plan, runs, target, out_dir, final_dir):
     doc += not_run_doc(plan, runs, root)
     doc += centralized_doc(by_stage["centralized"], final_dir)
     section, plots = editing_doc(by_stage["model_editing"], out_dir)
-    section2, shown = fedavg_doc(by_stage["fedavg"], by_stage["centralized"], by_stage["model_editing"], target)
-    plots += fedavg_plots(by_stage["fedavg"], shown, out_dir)
+    section2 = fedavg_doc(by_stage["fedavg"], by_stage["centralized"], by_stage["model_editing"], target)
+    fed_plots, notes = fedavg_plots(by_stage["fedavg"], out_dir)
+    skew, skew_notes = skew_plots(by_stage["fedavg"], out_dir)
+    plots, notes = plots + fed_plots + skew, notes + skew_notes
     doc += section + section2
     doc += expected_doc()
     if plots:
-        doc += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+        doc += ["## Plots", ""] + [f"- {n}" for n in notes] + [""] * bool(notes) + \
+            [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     md, tex = render(doc)
     plumbing.atomic_write_text(md, os.path.join(out_dir, "report.md"))
     plumbing.atomic_write_text(tex, os.path.join(out_dir, "tables.tex"))

@@ -10,8 +10,11 @@ import subprocess
 
 import pytest
 
+import common
+
 import centralized
 import fedavg
+import splits
 import summarize
 
 # ----------------------------------------------------------------------------- a fake results root
@@ -68,7 +71,7 @@ def fed(root, split, j, seed, acc, mask=None, curve=None, **fields):
 @pytest.fixture
 def no_plots(monkeypatch):
     """Tables only: drawing PNGs takes most of summarize.py's time (test_plots_... draws them)."""
-    monkeypatch.setattr(summarize, "fedavg_plots", lambda *a: [])
+    monkeypatch.setattr(summarize, "fedavg_plots", lambda *a: ([], []))
     monkeypatch.setattr(summarize.plumbing, "plot_lines", lambda *a, **k: None)
     monkeypatch.setattr(summarize.plumbing, "plot_bars", lambda *a, **k: None)
 
@@ -230,7 +233,7 @@ def test_rounds_to_target_per_seed_else_the_mean_and_not_reached(tmp_path, capsy
     assert got == {"fedavg/nc5_j4_dense/seed0": ("0.72", "40"), "fedavg/nc5_j4_dense/seed1": ("0.63", "20"),
                    "fedavg/iid_j4_dense/seed0": ("0.72", ""), "fedavg/iid_j4_dense/seed1": ("", "")}
     cost = table(report, "FedAvg cost: rounds to 0.9")  # one setup: its kind the label, the rest in the title
-    assert "communication (head ridge, K=100, C=0.1)" in [t for t in md_tables(report) if t.startswith("FedAvg cost")][0]
+    assert "communication (FedAvg, head ridge, K=100, C=0.1)" in [t for t in md_tables(report) if t.startswith("FedAvg cost")][0]
     assert cost["dense"][5] == "30 ± 14 (2/2 reached)"
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 1 and str(broken / "metrics.csv") in warnings[0]
@@ -269,8 +272,9 @@ def check_latex(tex):
     assert tex.isascii()
     stack, cols, labels = [], None, []
     for line in tex.splitlines():
-        if line.startswith("%") or line == summarize.FIT_WIDTH:  # its % ends the line without a space
+        if line.startswith("%"):
             continue
+        assert "resizebox" not in line and "scalebox" not in line  # a table is never shrunk below its font
         for kind, env in re.findall(r"\\(begin|end)\{(\w+)\}", line):
             if kind == "begin":
                 stack.append(env)
@@ -282,7 +286,7 @@ def check_latex(tex):
             rules = []
         elif line in (r"\toprule", r"\midrule", r"\bottomrule"):
             rules.append(line)
-        elif line == r"\end{tabular}" + summarize.FIT_END:  # and the \resizebox around it
+        elif line == r"\end{tabular}":
             assert rules == [r"\toprule", r"\midrule", r"\bottomrule"]
             cols = None
         elif cols:
@@ -292,7 +296,9 @@ def check_latex(tex):
         assert not re.search(r"(?<!\\)[_%#]", line), line
         labels += re.findall(r"\\label\{([^}]*)\}", line)
     assert not stack and len(labels) == len(set(labels)) > 0
-    assert tex.count(r"\begin{table}") == len(labels) == tex.count(r"\caption{")
+    parts = tex.count(r"(continued, part ")  # a table's parts after its first: no caption or label of their own
+    assert tex.count(r"\begin{table}") - parts == len(labels) == tex.count(r"\caption{")
+    assert re.findall(r"^\\(small|footnotesize)$", tex, re.M) and not re.search(r"\\(scriptsize|tiny)\b", tex)
 
 
 def test_tables_tex_is_well_formed_escaped_and_bolds_the_best(tmp_path, no_plots):
@@ -301,13 +307,13 @@ def test_tables_tex_is_well_formed_escaped_and_bolds_the_best(tmp_path, no_plots
     fed(tmp_path, "iid", 8, 5, 0.2, mask=("most-sensitive", 0.9, 4))  # a 2nd rules table, title as J=4's
     _, report, tex = summarize_root(tmp_path)
     check_latex(tex)
-    assert tex.count(r"\begin{table}") == len(md_tables(report))
+    assert tex.count(r"\label{") == len(md_tables(report))
     assert r"my\_head\%\#\&.pt" in tex
     dense = tex.split(r"\caption{FedAvg, dense; head ridge")[1].split(r"\end{table}")[0]
     assert r"IID & \textbf{60.50} $\pm$ 0.71 & \textbf{65.50} $\pm$ 0.71 \\" in dense  # n=2 everywhere:
     assert r"Nc=5 & 40.50 $\pm$ 0.71 & 45.50 $\pm$ 0.71 \\" in dense and "(n=2 seeds each)" in dense  # said once
-    cost = tex.split(r"\caption{FedAvg cost")[1].split(r"\end{table}")[0]
-    assert "not reached (n=2)" in cost  # nothing to bold there; communication has no "best"
+    cost = tex.split(r"\caption{FedAvg cost")[1].split(r"\caption{")[0]  # with its parts
+    assert r"-- (0/2 reached)" in cost  # as "30 (1/2 reached)"; nothing to bold; communication has no "best"
     assert cost.count(r"\textbf") == 1 and r"\textbf{67.50}" in cost  # test acc: IID, J=8, sparse
 
 
@@ -332,11 +338,12 @@ def test_tables_tex_compiles_if_a_tex_engine_is_here(tmp_path, no_plots):
 
 
 def test_the_latex_checker_catches_what_it_checks():
-    good = "\\begin{table}\n\\caption{x}\n\\label{tab:a}\n" + summarize.FIT_WIDTH + "\n\\begin{tabular}{lr}\n" \
-           "\\toprule\na & b \\\\\n\\midrule\nc & d \\\\\n\\bottomrule\n\\end{tabular}" + summarize.FIT_END + "\n\\end{table}"
+    good = "\\begin{table}\n\\small\n\\caption{x}\n\\label{tab:a}\n\\begin{tabular}{lr}\n" \
+           "\\toprule\na & b \\\\\n\\midrule\nc & d \\\\\n\\bottomrule\n\\end{tabular}\n\\end{table}"
     check_latex(good)
     for bad in (good.replace("c & d", "c & d & e"), good.replace("\\end{table}", ""), good.replace("c & d", "c_1 & d"),
-                good + "\n" + good, good.replace("\\midrule\n", ""), good.replace("a & b", "a × b")):
+                good + "\n" + good, good.replace("\\midrule\n", ""), good.replace("a & b", "a × b"),
+                good.replace("\\small", "\\scriptsize"), good.replace("\\begin{tabular}", "\\resizebox{!}{!}{\\begin{tabular}")):
         with pytest.raises(AssertionError):
             check_latex(bad)
 
@@ -356,7 +363,7 @@ def test_plots_heatmap_curves_and_agreement(tmp_path):
     pngs = {p.name for p in out.iterdir() if p.suffix == ".png"}
     assert all((out / p).stat().st_mode & 0o777 == 0o644 for p in pngs)  # readable by collaborators
     assert {"fedavg_heatmap.png", "fedavg_agreement_j4.png", "fedavg_agreement_j8.png", "fedavg_dense_j4.png",
-            "fedavg_sparse_j8.png", "editing_rules.png"} <= pngs
+            "fedavg_sparse-mask-least-sensitive_s0.9_r4_j8.png", "editing_rules.png"} <= pngs
     assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == ["report.md", "results.csv", "tables.tex"]
     report = (out / "report.md").read_text()
@@ -664,7 +671,7 @@ def test_the_cost_table_discriminates_a_head_learnt_from_zero_from_a_solved_head
     row = lambda split: [line for line in report.splitlines() if line.startswith(f"| {zero} | {split} |")][0]
     assert row("IID").split(" | ")[1:9] == ["IID", "4", "300", pm(0.76), pm(0.01), "4 (1/1 reached)", pm(0.75),
                                             "6 (n=1)"]
-    assert row("Nc=1").split(" | ")[6:9] == ["not reached (n=1)", pm(0.39), "4 (n=1)"]
+    assert row("Nc=1").split(" | ")[6:9] == ["– (0/1 reached)", pm(0.39), "4 (n=1)"]
     assert cost["dense, head ridge"][3:8] == [pm(0.78), pm(0.75), "–", pm(0.03), "2 (n=1)"]
     assert "K=100, C=0.1" in [t for t in md_tables(report) if t.startswith("FedAvg cost")][0]  # shared: title
 
@@ -680,14 +687,14 @@ def test_the_zero_head_family_and_new_keys_are_read(tmp_path):
         (d / "metrics.csv").write_text("\n".join([text[0] + ",aug_acc"] + [row + ",0.3" for row in text[1:]]) + "\n")
     fed(tmp_path, "iid", 4, 0, 0.75)  # the dense ridge family beside it
     _, report, _ = summarize_root(tmp_path)
-    zero = table(report, "FedAvg, head only (frozen backbone); head zero, K=100, C=0.1:")
+    zero = table(report, "FedProx, head only (frozen backbone); head zero, K=100, C=0.1:")  # mu 0.1: FedProx
     assert zero == {"split": ["J=4 (300 rounds)", "J=8 (300 rounds)"], "IID": [pm(0.7), pm(0.68)],
                     "Nc=1": [pm(0.5), pm(0.4)]}
     assert table(report, "FedAvg, dense; head ridge")["IID"] == [pm(0.75)]
     assert not [t for t in md_tables(report) if t.startswith("The six models (head zero)")]  # nothing sparse there
     out = tmp_path / "summary"
-    assert {"fedavg_train-head_head-zero_j4.png", "fedavg_train-head_head-zero_j8.png", "fedavg_dense_j4.png"} <= \
-        {p.name for p in out.iterdir()}  # named by its head: not the first head seen (the ridge run sorts first)
+    assert {"fedavg_head_from-zero_j4.png", "fedavg_head_from-zero_j8.png", "fedavg_dense_j4.png"} <= \
+        {p.name for p in out.iterdir()}  # named as its runs are (nc1_j4_head_from-zero): head-only, from zero
 
 
 def test_the_six_models_pair_the_sgd_probe_with_editing_from_its_head(tmp_path, no_plots):
@@ -760,7 +767,7 @@ def test_agreement_plot_tells_dense_from_sparse_outside_the_data_with_a_1_over_n
     ref = [line for line in fig.axes[0].lines if "1/n" in line.get_label()]
     assert len(ref) == 1 and list(ref[0].get_ydata()) == [0.1, 0.1]  # BASE: 10 clients per round
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0] != titles[1] and all("moving average over 5 rounds" in t for t in titles)
+    assert titles[0] != titles[1] and "moving average over 5 rounds" in fig._suptitle.get_text()  # said once
 
 
 def test_sparse_evaluations_are_points_and_editing_plots_show_differences(tmp_path, figures):
@@ -821,3 +828,205 @@ def test_report_links_the_centralized_plots_and_cites_published_figures_as_other
     assert table(report, "Centralized linear probe")["0.1"][3] == "2 (n=1)"  # best epoch: an integer
     section = report.split("## What to expect on CIFAR-100")[1]
     assert "published figures (not ours)" in section and "| SolarFlareZ/aml-project |" in section
+
+
+# ----------------------------------------------------------------------------- older and odd result.json files
+
+def test_a_sparse_run_of_an_older_version_without_mask_keys_is_summarized(tmp_path, no_plots, capsys):
+    """result.json of older versions: no "mask_file" at all, or a null one and no "rule" (both optional)."""
+    for seed, drop in ((0, ("mask_file",)), (1, ("rule",))):
+        d = fed(tmp_path, "nc5", 4, seed, 0.4 + 0.1 * seed, mask=("least-sensitive", 0.9, 4), mask_file=None)
+        r = json.loads((d / "result.json").read_text())
+        (d / "result.json").write_text(json.dumps({k: v for k, v in r.items() if k not in drop}))
+    rows, report, _ = summarize_root(tmp_path)
+    assert "warning" not in capsys.readouterr().err and len(rows) == 2
+    assert table(report, "FedAvg, sparse, least-sensitive s=0.9 r=4, federated")["Nc=5"] == [pm(0.4)]
+    assert table(report, "FedAvg, sparse, mask of unknown rule s=0.9 r=4, federated")["Nc=5"] == [pm(0.5)]
+    assert {r["mask"] for r in rows} == {"federated"}
+
+
+@pytest.mark.parametrize("name", ["nc05", "nc 7", "nc1_0", "dir0.10", "nc\u0665"])
+def test_a_split_name_not_written_as_fedavg_writes_it_is_refused_naming_the_file(tmp_path, no_plots, capsys, name):
+    fed(tmp_path, "nc5", 4, 0, 0.4)
+    odd = fed(tmp_path, "nc5", 4, 1, 0.5)
+    r = json.loads((odd / "result.json").read_text())
+    (odd / "result.json").write_text(json.dumps(dict(r, split=name)))
+    rows, report, _ = summarize_root(tmp_path)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(odd / "result.json") in err[0] and err[0].endswith("run left out"), err
+    assert len(rows) == 1 and table(report, "FedAvg, dense")["Nc=5"] == [pm(0.4)]  # one row, not two "Nc=5"
+
+
+# ----------------------------------------------------------------------------- every swept flag, from config.json
+
+def sweep(root):
+    """A new user's root: dense FedAvg at two --lr, FedProx, head-only runs at two --head-lr (no --lr: they
+    refuse it), each with the config.json fedavg.py writes."""
+    runs = {("--lr", "0.001"): 0.30, ("--lr", "0.0001"): 0.40, ("--mu", "0.01"): 0.45}
+    def run(name, a, *flags, **fields):
+        with_config(write_run(root, "fedavg", name, 0, a, {1: a / 2, 2: a}, j=4, iid=False, nc=5, **fields),
+                    real_config(fedavg, "--nc", "5", *flags))
+    for flags, a in runs.items():
+        run(f"dense{flags[1]}{flags[0]}", a, *flags, mu=float(flags[1]) if flags[0] == "--mu" else 0.0)
+    for hlr, a in (("0.1", 0.6), ("0.05", 0.55)):
+        run(f"head{hlr}", a, "--train", "head", "--head", "zero", "--head-lr", hlr, train="head", head="zero")
+
+
+def test_results_csv_carries_every_swept_flag_and_only_where_the_run_takes_it(tmp_path, no_plots):
+    sweep(tmp_path)
+    rows, report, _ = summarize_root(tmp_path)
+    got = {(r["train"], r["lr"], r["mu"], r["head_lr"], r["algorithm"]) for r in rows}
+    assert {r["score"] for r in rows} == {""}  # a calibration flag: no dense run takes it
+    assert got == {("all", "0.001", "0", "", "FedAvg"), ("all", "0.0001", "0", "", "FedAvg"),
+                   ("all", "0.0001", "0.01", "", "FedProx"),  # dense runs take no --head-lr
+                   ("head", "", "0", "0.1", "FedAvg"), ("head", "", "0", "0.05", "FedAvg")}  # nor these --lr
+    heads = [t for t in md_tables(report) if t.startswith("FedAvg, head only")]
+    assert len(heads) == 2 and all("head_lr" in t and "lr 0.0001" not in t for t in heads), heads
+    assert table(report, "FedProx, dense; head ridge, K=100, C=0.1, lr 0.0001, mu 0.01")["Nc=5"] == [pm(0.45)]
+
+
+def test_the_six_models_take_fedavg_where_setups_tie_and_say_which_setup(tmp_path, no_plots):
+    sweep(tmp_path)
+    _, report, _ = summarize_root(tmp_path)
+    assert table(report, "The six models (head ridge)")["FedAvg Nc=5"][0] == pm(0.40)  # FedAvg at the default lr
+    note = report.split("### The six models (head ridge)")[1].split("\n\n")[1]
+    assert "FedAvg rows, the dense setup FedAvg, dense; head ridge, K=100, C=0.1, lr 0.0001, mu 0" in note
+
+
+@pytest.fixture
+def plot_names(monkeypatch):
+    """The plots are named (in report.md) but not drawn: a test of names, in a fraction of the time."""
+    for name in ("plot_curves", "plot_heatmap", "plot_agreement", "plot_skew"):
+        if hasattr(summarize, name):
+            monkeypatch.setattr(summarize, name, lambda path, *a, **k: open(path, "wb").close())
+
+
+def test_plots_are_named_as_their_runs_are_with_every_flag_that_tells_them_apart(tmp_path, plot_names):
+    """docs/splits-and-names.md: what trains, the head where not the default, each setting that tells the
+    setups apart off its default, in run-name short form; the default setup keeps the plain name."""
+    sweep(tmp_path)
+    _, report, _ = summarize_root(tmp_path)
+    pngs = set(re.findall(r"!\[(fedavg_[^\]]*_j4\.png)\]", report))
+    assert pngs == {"fedavg_dense_j4.png", "fedavg_dense_lr0.001_j4.png", "fedavg_dense_mu0.01_j4.png",
+                    "fedavg_head_from-zero_j4.png", "fedavg_head_from-zero_hlr0.05_j4.png", "fedavg_agreement_j4.png"}
+    note = [line for line in report.splitlines() if line.startswith("- The heatmap and agreement plots of head ridge")]
+    assert len(note) == 1 and "FedProx, dense; head ridge, K=100, C=0.1, lr 0.0001, mu 0.01" in note[0]
+    assert "FedAvg, dense; head ridge, K=100, C=0.1, lr 0.001, mu 0" in note[0]  # the two dense runs not drawn
+
+
+# ----------------------------------------------------------------------------- algorithms compared, label skew
+
+def algo_run(root, split, seed, val, test, *flags, skew=None, **fields):
+    """A FedAvg-family run with fedavg.py's config.json for these flags; final val/test accuracies apart."""
+    name = "_".join([split, "j4", "dense"] + [f.strip("-") for f in flags]) or "fedavg"
+    extra = {} if skew is None else dict(label_skew=skew)
+    d = write_run(root, "fedavg", name, seed, test, {1: val / 2, 2: val}, j=4, iid=split == "iid",
+                  nc=None if split == "iid" else int(split[2:]), val_acc=val, **extra, **fields)
+    return with_config(d, real_config(fedavg, *splits.split_flags(split), *flags, "--seed", str(seed)))
+
+
+def algorithms_root(root):
+    for seed in (0, 1):
+        for split, fedavg_test, prox in (("nc5", 0.41 + 0.02 * seed, 0.40 + 0.04 * seed), ("iid", 0.60 + 0.01 * seed,
+                                                                                         0.70 + 0.02 * seed)):
+            skew = 0.0 if split == "iid" else 0.9
+            algo_run(root, split, seed, 0.5, fedavg_test, skew=skew)
+            algo_run(root, split, seed, 0.6, prox, "--mu", "0.1", skew=skew, mu=0.1)  # the best on validation,
+            algo_run(root, split, seed, 0.55, 0.9, "--mu", "0.01", skew=skew, mu=0.01)  # not on test
+
+
+def test_each_algorithm_at_its_setting_picked_on_validation_beside_fedavg(tmp_path, no_plots):
+    algorithms_root(tmp_path)
+    _, report, tex = summarize_root(tmp_path)
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): [c.strip() for c in line.strip("|").split("|")[2:]]
+            for line in report.split("### Algorithms at their selected settings, dense, from the step-0 head")[1]
+            .split("###")[0].splitlines() if line.startswith("| ") and not line.startswith("| split")}
+    assert rows[("IID", "FedAvg")] == ["–", "1", pm(0.5, 0.5), pm(0.60, 0.61), "–"]
+    assert rows[("IID", "FedProx")] == ["mu 0.1", "2", pm(0.6, 0.6), pm(0.70, 0.72), "+10.50 ± 0.71 (n=2)"]
+    assert rows[("Nc=5", "FedProx")][:2] == ["mu 0.1", "2"]  # picked on validation, not mu 0.01's 90% on test
+    assert rows[("Nc=5", "FedProx")][4] == "+0.00 ± 1.41 (n=2) ≈"  # -1 and +1 points: within the spread
+    assert r"$\approx$" in tex
+
+
+def test_label_skew_is_a_column_of_the_split_tables(tmp_path, no_plots):
+    algorithms_root(tmp_path)
+    _, report, _ = summarize_root(tmp_path)
+    t = table(report, "FedAvg, dense; head ridge")
+    assert t["split"][-1] == "label skew" and t["IID"][-1] == "0.000 ± 0.000 (n=2)" and t["Nc=5"][-1] == "0.900 ± 0.000 (n=2)"
+
+
+def test_accuracy_and_agreement_against_label_skew_one_line_per_algorithm(tmp_path, figures, monkeypatch):
+    for other in ("plot_curves", "plot_agreement"):  # not looked at here: not drawn (seconds)
+        monkeypatch.setattr(summarize, other, lambda path, *a: open(path, "wb").close())
+    algorithms_root(tmp_path)
+    old = fed(tmp_path, "nc1", 4, 0, 0.1)  # an older run: no label_skew
+    _, report, _ = summarize_root(tmp_path)
+    fig = figures["fedavg_label-skew_j4.png"]
+    top = fig.axes[0]
+    lines = {c.get_label(): c.lines[0] for c in top.containers}  # errorbar: its data line
+    assert set(lines) == {"FedAvg", "FedProx"}
+    assert list(lines["FedProx"].get_xdata()) == [0.0, 0.9]  # IID, then Nc=5: at its label skew
+    assert list(lines["FedProx"].get_ydata()) == pytest.approx([71.0, 42.0])  # mu 0.1, picked on validation
+    assert 0 <= top.get_ylim()[0] and top.get_ylim()[1] <= 100
+    assert fig.legends and [t.get_text() for t in fig.legends[0].get_texts()] == ["FedAvg", "FedProx"]
+    note = [line for line in report.splitlines() if line.startswith("- Left off the label-skew plots")]
+    assert len(note) == 1 and str(old) in note[0]
+
+
+def test_no_figure_overlaps_cuts_or_leaves_a_line_unlabelled_and_accuracy_stays_within_0_100(tmp_path, figures):
+    """Every figure of a summary of mixed setups, algorithms, label skews and runs at 100%: no two titles or
+    legends overlap, every title lies whole inside its figure, every drawn line is named in a legend, an
+    accuracy axis or colour bar stays within 0-100 and a marker at 100% is drawn whole (not clipped)."""
+    algorithms_root(tmp_path)
+    for seed in (0, 1):  # at 100% from round 5 on, every seed: equal heatmap cells at the top of the scale
+        for split in ("iid", "nc5"):
+            fed(tmp_path, split, 16, seed, 1.0, curve={x: min(1.0, 0.9 + 0.02 * x) for x in range(9)})
+            fed(tmp_path, split, 16, seed, 1.0, mask=("least-sensitive", 0.9, 4), curve={x: 1.0 for x in range(9)})
+    summarize_root(tmp_path)
+    assert {"fedavg_heatmap.png", "fedavg_agreement_j16.png", "fedavg_label-skew_j4.png"} <= set(figures)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    for name, fig in figures.items():
+        canvas = FigureCanvasAgg(fig)  # the figure was closed when saved
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        box = fig.bbox
+        texts = [t for t in [fig._suptitle] + [ax.title for ax in fig.axes] if t is not None and t.get_text()]
+        boxes = [t.get_window_extent(renderer) for t in texts] + [lg.get_window_extent(renderer) for lg in fig.legends]
+        for i, a in enumerate(boxes):
+            assert box.x0 - 1 <= a.x0 and a.x1 <= box.x1 + 1 and a.y1 <= box.y1 + 1, (name, a)  # whole
+            assert not any(a.overlaps(b) for b in boxes[i + 1:]), name
+        for ax in fig.axes:
+            in_containers = {id(x): c.get_label() for c in ax.containers
+                             for x in [c.lines[0], *c.lines[1], *c.lines[2]] if x is not None}
+            for line in ax.lines:
+                label = in_containers.get(id(line), line.get_label())
+                assert not label.startswith("_"), (name, label)  # named in a legend
+                if "accuracy" in ax.get_ylabel() and 100 in list(line.get_ydata()):
+                    assert not line.get_clip_on(), name  # drawn whole at the top edge
+            if "accuracy" in ax.get_ylabel():
+                assert 0 <= ax.get_ylim()[0] and ax.get_ylim()[1] <= 100, (name, ax.get_ylim())
+            for im in ax.images:
+                assert 0 <= im.norm.vmin and im.norm.vmax <= 100, name
+
+
+def test_a_wide_or_long_table_is_cut_into_parts_at_8_pt_never_shrunk():
+    """The cost table of many columns (once \\resizebox'ed to about 5 pt): parts of its columns, each with the
+    label columns, each within the text width as estimated, in \\footnotesize (8 pt); 70 rows: 3 parts."""
+    header = ["run", "split"] + [f"measure {i} (%)" for i in range(9)]
+    rows = [[f"setup {r}, a label of some length", "Nc=5"] + [summarize.Stat([0.5, 0.6])] * 9 for r in range(70)]
+    md, tex = summarize.render([summarize.Table("Wide", header, rows, [None] * 11)])
+    check_latex(tex)
+    tables = tex.split(r"\begin{table}")[1:]
+    assert all("\\footnotesize\n" in t for t in tables) and r"\label{tab:wide}" in tables[0]
+    heads = [re.search(r"\\toprule\n(.*) \\\\\n", t).group(1) for t in tables]
+    per_rows = len(set(heads))  # the column parts, repeated for each part of the rows
+    assert per_rows > 1 and len(tables) == 3 * per_rows
+    cols = [h.split(" & ") for h in heads[:per_rows]]
+    assert all(c[:2] == ["run", "split"] for c in cols)  # the labels in every part
+    assert sum(len(c) - 2 for c in cols) == 9  # every measure once
+    shown = [[c.text() if isinstance(c, summarize.Stat) else c for c in row] for row in rows]
+    size, groups = summarize.column_parts(header, shown, [True, False] + [False] * 9, [False, False] + [True] * 9)
+    width = lambda i: max(len(s[i]) for s in shown) * summarize.CHAR_PT[size] + summarize.COLUMN_PAD_PT
+    assert all(sum(summarize.WRAP_PT + 12 if i == 0 else width(i) for i in g) <= summarize.TEXT_WIDTH_PT
+               for g in groups)
+    assert md.count("| setup") == 70  # report.md keeps the table whole
