@@ -151,7 +151,9 @@ FULL = dict(  # the study's lists and sizes
     # effect of the mask. Nc=5 and Nc=10 also carry the mask-rule comparison.
     rule_splits=["iid", "nc5", "nc10"], ablation_split="nc10",
     fed_sparsities=[0.5, 0.75, 0.9, 0.95, 0.99], fed_calibs=[1, 4, 8],
-    extension_splits=["iid", "nc5", "dir0.1"], extension_j=4)
+    # --extensions: every FL algorithm at every setting of its grid (extension_settings: the first N of
+    # each grid, None: all), from both starts, dense and sparse, on an IID, an Nc and a Dirichlet split
+    extension_splits=["iid", "nc5", "dir0.1"], extension_j=4, extension_settings=None)
 QUICK = dict(  # every kind of run of the full study, each as small as it gets (a smoke check)
     FULL, central=["--grid", "--compare-schedulers", "--epochs", "2", "--grid-lr", "0.1,0.01", "--grid-momentum",
                    "0.9", "--grid-wd", "0", "--schedulers", "cosine,constant"],
@@ -159,11 +161,29 @@ QUICK = dict(  # every kind of run of the full study, each as small as it gets (
     fed=["--k", "100", "--c", "0.1", "--scale-rounds", "--rounds", "4", "--eval-every", "2", "--test-every", "2"],
     mask=["--fisher-batches", "1"], rules=["least-sensitive", "random"], calib=2,
     edit_sparsities=[0.5, 0.9], edit_calibs=[1, 2], splits=["iid", "nc5"], js=[4, 8],
-    rule_splits=["iid", "nc5"], ablation_split="nc5", fed_sparsities=[0.5, 0.9], fed_calibs=[2])
+    rule_splits=["iid", "nc5"], ablation_split="nc5", fed_sparsities=[0.5, 0.9], fed_calibs=[2],
+    # every algorithm, two settings of it, both starts, dense and sparse, on a CPU in minutes; one split, the
+    # kind the default study lacks (IID and Nc=5 are in it)
+    extension_splits=["dir0.1"], extension_settings=2)
 
-# The FL algorithms of the extensions group (run_all.sh --extensions), by their fedavg.py flags.
-ALGORITHMS = {"FedAvg": [], "FedProx": ["--mu", "0.01"], "SCAFFOLD": ["--scaffold"],
-              "FedAvgM": ["--server-momentum", "0.9"], "TIES": ["--aggregate", "ties"]}
+# The FL algorithms of the extensions group (run_all.sh --extensions): name -> its grid, the fedavg.py flag
+# lists of its own hyperparameters to select from on validation accuracy, the first its default guess.
+# Each algorithm declares its grid in algorithms.py (algorithms.REGISTRY); the study reads it from there.
+try:
+    import algorithms
+    ALGORITHMS = {name: [list(flags) for flags in cls.grid] for name, cls in algorithms.REGISTRY.items()}
+except ModuleNotFoundError as e:  # FALLBACK until algorithms.py (branch algos) is merged: then this goes
+    if e.name != "algorithms":  # algorithms.py is there but cannot import what it needs: say so
+        raise
+    ALGORITHMS = {
+        "FedAvg": [[]],
+        "FedProx": [["--mu", mu] for mu in ("0.01", "0.001", "0.1")],
+        "FedAvgM": [["--server-momentum", "0.9", "--server-lr", lr] for lr in ("1", "0.5", "0.1")],
+        "FedAdam": [["--server-opt", "adam", "--server-lr", lr, "--server-eps", eps]
+                    for lr in ("1e-2", "1e-3") for eps in ("1e-3", "1e-2")],
+        "SCAFFOLD": [["--scaffold"]],
+        "TIES": [["--aggregate", "ties", "--ties-keep", keep] for keep in ("0.2", "0.5")],
+    }
 GROUPS = ["extensions"]  # opt-in groups of families: run_all.sh --NAME adds them to the study
 
 
@@ -186,7 +206,10 @@ def families(s):
         *s["mask"], *more)
     default = ("least-sensitive", s["sparsity"], s["calib"])
     grid = [(split, j) for split in s["splits"] for j in s["js"]]
-    ext = [(name, split) for name in ALGORITHMS for split in s["extension_splits"]]
+    # --extensions: each algorithm's settings (its grid, or the first extension_settings of it) x splits
+    ext = [(split, flags) for split in s["extension_splits"] for settings in ALGORITHMS.values()
+           for flags in settings[:s["extension_settings"]]]
+    fresh = ("--train", "head", "--head", "zero")  # the fresh head: FedAvg itself learns it
     each = lambda xs: "{" + ", ".join(map(str, xs)) + "}"
     labels = lambda names: each(map(splits.split_label, names))
     mask = f"{default[0]}, sparsity {default[1]}, {default[2]} calibration rounds"
@@ -211,15 +234,17 @@ def families(s):
                f"at {splits.split_label(s['ablation_split'])}, J=4", "fedavg sparse",
                [sparse(s["ablation_split"], 4, default[0], sp, r)
                 for sp in s["fed_sparsities"] for r in s["fed_calibs"]]),
-        Family("FedAvg head only from a zero head (`--train head --head zero`): every split x J", "fedavg head",
-               [dense(sp, j, "--train", "head", "--head", "zero") for sp, j in grid]),
-        Family(f"extensions: {each(ALGORITHMS)} x splits {labels(s['extension_splits'])}, dense, "
-               f"J={s['extension_j']}", "fedavg dense",
-               [dense(split, s["extension_j"], *ALGORITHMS[a]) for a, split in ext],
+        Family(f"FedAvg head only from a zero head (`{shlex.join(fresh)}`): every split x J", "fedavg head",
+               [dense(sp, j, *fresh) for sp, j in grid]),
+        Family(f"extensions: each FL algorithm at each setting of its grid (settings: "
+               f"{each(f'{a} {len(settings)}' for a, settings in ALGORITHMS.items())}) x splits "
+               f"{labels(s['extension_splits'])}, J={s['extension_j']}, from a zero head (`{shlex.join(fresh)}`)",
+               "fedavg head", [dense(split, s["extension_j"], *fresh, *flags) for split, flags in ext],
                group="extensions"),
+        Family("extensions: the same, dense from the step-0 head", "fedavg dense",
+               [dense(split, s["extension_j"], *flags) for split, flags in ext], group="extensions"),
         Family("extensions: the same, sparse (the default mask)", "fedavg sparse",
-               [sparse(split, s["extension_j"], *default, *ALGORITHMS[a]) for a, split in ext],
-               group="extensions"),
+               [sparse(split, s["extension_j"], *default, *flags) for split, flags in ext], group="extensions"),
     ]
 
 
@@ -279,27 +304,29 @@ def read_grid(path, results, extra):
 
 
 def plan_runs(seeds, results, extra, quick=False, groups=(), grid=None):
-    """run_all.sh's study: (its name for run_all.settings, [(stage, script, ARGS)]), ARGS shell-quoted with
-    what run_all.sh gives every run. Seed by seed, so that a study stopped early has whole seeds to
+    """run_all.sh's study: (its name for run_all.settings, [(stage, script, ARGS, group)]), ARGS shell-quoted
+    with what run_all.sh gives every run, group the opt-in group that adds the run ('-': the study itself;
+    run_all.sh says what a group adds). Seed by seed, so that a study stopped early has whole seeds to
     summarize. The name leaves out the opt-in groups: their runs only add run directories of their own,
     so a root may gain them later."""
     if grid is not None:
-        runs = read_grid(grid, results, extra)
-        name = "file: " + "; ".join(shlex.join([script, *flags]) for _, script, flags in runs)
+        runs = [(*run, "-") for run in read_grid(grid, results, extra)]
+        name = "file: " + "; ".join(shlex.join([script, *flags]) for _, script, flags, _ in runs)
     else:
-        runs = [(f.stage, script, flags) for f, mine in new_runs(study_families(quick, groups))
+        runs = [(f.stage, script, flags, f.group or "-") for f, mine in new_runs(study_families(quick, groups))
                 for script, flags in mine]
         name = "quick" if quick else "full"
     if any(c in w for w in (results, *extra) for c in "\t\n"):  # run_all.sh reads one run a line, tab-separated
         raise plumbing.UserError("the results root or a flag after -- holds a tab or a newline")
     return name, [(stage, script, shlex.join([*flags, "--results", results, "--seed", str(seed), "--resume",
-                                              "--deterministic", *extra]))
-                  for seed in seeds for stage, script, flags in runs]
+                                              "--deterministic", *extra]), group)
+                  for seed in seeds for stage, script, flags, group in runs]
 
 
 def grid_table():
     """README.md's grid table: per family its runs per seed (a run listed by an earlier family counted
-    there), in the full and the quick study, and the totals; then the opt-in groups."""
+    there), in the full and the quick study, and the totals; then the opt-in groups, each with the runs
+    it adds."""
     full, quick = (new_runs(families(s)) for s in (FULL, QUICK))
     rows = ["| family | stage | runs per seed | --quick |", "|---|---|---|---|"]
     for group in (None, *GROUPS):
@@ -307,9 +334,11 @@ def grid_table():
         if group is not None and mine:
             rows.append(f"| *with --{group}:* | | | |")
         rows += [f"| {f.name} | {f.stage} | {n} | {q} |" for f, n, q in mine]
+        n, q = sum(x[1] for x in mine), sum(x[2] for x in mine)
         if group is None:
-            n, q = sum(x[1] for x in mine), sum(x[2] for x in mine)
             rows.append(f"| **total** | | **{n}** ({3 * n} with 3 seeds) | **{q}** |")
+        elif mine:
+            rows.append(f"| **--{group} adds** | | **{n}** ({3 * n} with 3 seeds) | **{q}** |")
     return "\n".join(rows)
 
 
@@ -524,8 +553,9 @@ def main(argv=None):
     g = p.add_argument_group("the study (run_all.sh)")
     g.add_argument("--runs", action="store_true",
                    help="print the study's name for run_all.settings (full, quick, or the grid file's runs), "
-                        "then one line per run 'STAGE<tab>SCRIPT<tab>ARGS' (ARGS shell-quoted, ending in --results "
-                        "R --seed S --resume --deterministic and the flags after --), seed by seed; with "
+                        "then one line per run 'STAGE<tab>SCRIPT<tab>ARGS<tab>GROUP' (ARGS shell-quoted, ending in "
+                        "--results R --seed S --resume --deterministic and the flags after --; GROUP the opt-in "
+                        "group that adds it, or -), seed by seed; with "
                         "--describe-runs, each line goes on with that run's description")
     g.add_argument("--quick", action="store_true", help="with --runs: the quick study")
     g.add_argument("--grid", metavar="FILE", type=plumbing.path, default=None,

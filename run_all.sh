@@ -10,7 +10,9 @@
 #   --grid FILE       your own grid instead of the study's: FILE holds one run a line, a stage script and its
 #                     flags (e.g. `fedavg.py --nc 5 --j 4 --lr 0.001`; # comments, blank lines); each runs per seed
 #                     like the study's runs (skipped when done, resumed, packed, SLURM, summary)
-#   --extensions      add the extensions group of runs (FL algorithms x splits; python plan.py --grid-table)
+#   --extensions      add the FL algorithm comparison: every algorithm at each setting of its grid, from a
+#                     zero head and from the step-0 head (dense and sparse), on an IID, an Nc and a Dirichlet
+#                     split (python plan.py --grid-table; --dry-run says how many runs and how long it adds)
 #   --seeds LIST      comma-separated seeds; every run of the grid runs once per seed (default: 0,1,2)
 #   --dry-run         print the commands, then per stage the runs still to do, the images they will
 #                     process (forward+backward and forward only) and the time they will take here,
@@ -183,9 +185,9 @@ trap stop_early INT TERM
 # The study is data in its planner (plan.py: families of runs over the mask rules and the splits). One
 # Python call answers the study's name for the settings (full, quick, or the grid file's runs), then per
 # run, seed by seed, the assignment's core first: its STAGE, SCRIPT and ARGS (shell-quoted, with the
-# common flags) and, from the script's own parsed flags, its run directory, the images it will process,
-# whether a finished run there is this one, and its config (a bad flag after -- stops here, before
-# anything is written).
+# common flags), the opt-in GROUP that adds it (- for none) and, from the script's own parsed flags, its
+# run directory, the images it will process, whether a finished run there is this one, and its config (a
+# bad flag after -- stops here, before anything is written).
 PLAN=(--runs --describe-runs --seeds "$SEEDS" --results "$RESULTS")
 ((!QUICK)) || PLAN+=(--quick)
 ((!EXTENSIONS)) || PLAN+=(--extensions)
@@ -201,9 +203,9 @@ if [[ -f $RESULTS/run_all.settings && $(< "$RESULTS/run_all.settings") != "$SETT
   die "RESULTS=$RESULTS holds a study with other settings ($(< "$RESULTS/run_all.settings")): use another RESULTS="
 fi
 
-STAGE=() SCRIPT=() ARGS=() OUT=() FWD_BWD=() FWD=() CONFIG=() TODO=() OTHER=()
+STAGE=() SCRIPT=() ARGS=() GROUP=() OUT=() FWD_BWD=() FWD=() CONFIG=() TODO=() OTHER=()
 for i in "${!ROWS[@]}"; do
-  IFS=$'\t' read -r 'STAGE[i]' 'SCRIPT[i]' 'ARGS[i]' 'OUT[i]' 'FWD_BWD[i]' 'FWD[i]' state 'CONFIG[i]' <<< "${ROWS[i]}"
+  IFS=$'\t' read -r 'STAGE[i]' 'SCRIPT[i]' 'ARGS[i]' 'GROUP[i]' 'OUT[i]' 'FWD_BWD[i]' 'FWD[i]' state 'CONFIG[i]' <<< "${ROWS[i]}"
   case $state in
     done) echo "skip (done): ${OUT[i]}" ;;
     todo) TODO+=("$i") ;;
@@ -275,6 +277,9 @@ print_estimate() {  # per stage and in total: runs still to do, their images and
   done
   echo "total: $total_n runs, $total_fb images forward+backward, $total_f forward only$(time_of "$total_ms")$(
     ((${#COST[@]} == 0)) || echo " with $SLOTS run(s) at once")"
+  n=0 ms=0  # what the opt-in group adds (plan.py's GROUP of a run)
+  for i in "${TODO[@]}"; do [[ ${GROUP[i]} != extensions ]] || ((n += 1, ms += ${COST[i]:-0})) || true; done
+  ((!EXTENSIONS)) || echo "of these, --extensions adds $n runs$(time_of "$ms")"
 }
 time_of() {  # ', about H:MM:SS' of runs whose times in their slots add up to $1 ms, when measured
   ((${#COST[@]} == 0)) || echo ", about $(hms $(($1 / 1000 / SLOTS)))"

@@ -1,7 +1,8 @@
-"""Benchmark: what each FL algorithm of fedavg.py does to final accuracy and to update agreement, on a
-pretrained stand-in (tiny ViT, synthetic CIFAR-shaped data), dense and --sparse, over seeds. Runs are
-seconds each (small set, few rounds) and run one after another in this process; prints one Markdown
-table: test accuracy at the end (mean ± std over seeds, in %), and the mean agreement over the rounds.
+"""Benchmark: what each FL algorithm of fedavg.py does to final accuracy and to update agreement, at every
+setting of its grid (plan.ALGORITHMS, as run_all.sh --extensions runs it), on a pretrained stand-in (tiny
+ViT, synthetic CIFAR-shaped data), dense and --sparse, over seeds. Runs are seconds each (small set, few
+rounds) and run one after another in this process; prints one Markdown table, a row per setting: test
+accuracy at the end (mean ± std over seeds, in %), and the mean agreement over the rounds.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_algorithms.py                         # the default grid
     python benchmarks/bench_algorithms.py --weights standin --splits iid --seeds 0 --rounds 5
@@ -11,21 +12,15 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ALGORITHMS = {  # name: fedavg.py flags (hyperparameters are single, untuned guesses: see docs/extending.md)
-    "FedAvg": [],
-    "FedProx mu=0.1": ["--mu", "0.1"],
-    "FedAvgM 0.9, lr 0.1": ["--server-momentum", "0.9", "--server-lr", "0.1"],
-    "FedAdam lr 1e-2": ["--server-opt", "adam", "--server-lr", "1e-2"],
-    "FedYogi lr 1e-2": ["--server-opt", "yogi", "--server-lr", "1e-2"],
-    "SCAFFOLD": ["--scaffold"],
-    "TIES keep 0.2": ["--aggregate", "ties"],
-}
+import plan  # noqa: E402  (after the path: the algorithms and their grids, as the study runs them)
+
 # Dir(0.1) with --min-shard 5: at 2000 synthetic images no draw gives each of 100 clients the default 10
 SPLITS = {"iid": ["--iid"], "nc1": ["--nc", "1"], "dir0.1": ["--dirichlet", "0.1", "--min-shard", "5"]}
 
@@ -37,7 +32,8 @@ def get_args():
                         "standin-sharp's accuracy everywhere: nothing to compare)")
     p.add_argument("--splits", nargs="+", default=["iid", "nc1"], choices=list(SPLITS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    p.add_argument("--algorithms", nargs="+", default=list(plan.ALGORITHMS), choices=list(plan.ALGORITHMS),
+                   help="each runs at every setting of its grid")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--data-dir", default=None, help="where the stand-ins are cached (default: a temporary folder)")
     return p.parse_args()
@@ -71,21 +67,23 @@ def main():
             "--data-dir", data_dir]
     print(f"{a.rounds} rounds, K=100, 5 clients a round, J=4, batch 16, synthetic 2000, no augmentation, "
           f"seeds {a.seeds}; test accuracy % (mean ± std; 'start': the ridge head at round 0), agreement (mean over rounds and seeds)\n")
-    print("| weights @ client lr | split | algorithm | start | dense acc | dense agreement | sparse acc | sparse agreement |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| weights @ client lr | split | algorithm | setting | start | dense acc | dense agreement | sparse acc "
+          "| sparse agreement |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for spec in a.weights:
         weights, lr = spec.split("@")
         for split in a.splits:
-            for name in a.algorithms:
+            for name, flags in [(n, f) for n in a.algorithms for f in plan.ALGORITHMS[n]]:
                 cells, start = [], None
                 for sparse in ([], ["--sparse", "--calib-rounds", "1", "--fisher-batches", "2"]):
                     runs = [run(base + ["--weights", weights, "--lr", lr, "--seed", str(s), *SPLITS[split], *sparse,
-                                        *ALGORITHMS[name]]) for s in a.seeds]
+                                        *flags]) for s in a.seeds]
                     acc = [100 * r[0] for r in runs]
                     start = statistics.mean(100 * r[2] for r in runs)
                     sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
                     cells += [f"{statistics.mean(acc):.1f} ± {sd:.1f}", f"{statistics.mean(r[1] for r in runs):.3f}"]
-                print(f"| {spec} | {split} | {name} | {start:.1f} | " + " | ".join(cells) + " |", flush=True)
+                setting = shlex.join(flags) or "(defaults)"
+                print(f"| {spec} | {split} | {name} | {setting} | {start:.1f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ SLOW = [
     "test_dynamics.py",
     "test_benchmarks.py",
     "test_compile.py",
+    "test_compare.py::test_dry_run_says_how_many_runs_and_how_long_the_extensions_add",
     "test_centralized.py::test_missing_and_corrupt_weights_are_one_line_errors",
     "test_centralized.py::test_interrupted_run_resumes_to_the_same_result",
     "test_centralized.py::test_short_run_learns_far_above_chance",

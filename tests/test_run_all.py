@@ -125,7 +125,7 @@ mkdir -p "$out" && echo '{{}}' > "$out/result.json" && echo "$config" > "$out/co
 def planned(results, extra=(), seeds=(0,), quick=True, **kw):
     """The runs plan.py gives run_all.sh, as (stage, script, words): the same call as run_all.sh's."""
     _, runs = plan.plan_runs(list(seeds), str(results), list(extra), quick=quick, **kw)
-    return [(stage, script, shlex.split(args)) for stage, script, args in runs]
+    return [(stage, script, shlex.split(args)) for stage, script, args, _ in runs]
 
 
 QUICK_N = len(planned("runs"))  # runs in one seed of the quick study
@@ -299,14 +299,12 @@ def test_grid_table_is_printed_by_the_command(capsys):
 
 
 def test_the_extensions_group_is_opt_in_and_the_head_baseline_is_in_the_study(tmp_path):
-    """--extensions adds its runs after the study's (a run the study has already is listed once); the
+    """--extensions adds its runs after the study's (what they are: tests/test_compare.py); the
     head-only FedAvg baseline from a zero head is part of the default study, one run per split x J."""
     base, table = planned(tmp_path, quick=False), plan.grid_table()
     ext = planned(tmp_path, quick=False, groups=["extensions"])
-    s, algorithms = plan.FULL, plan.ALGORITHMS
-    shared = 2 * len(set(s["extension_splits"]) & set(s["splits"]))  # plain FedAvg, dense and sparse, J=4
-    assert len(ext) - len(base) == len(algorithms) * len(s["extension_splits"]) * 2 - shared
-    assert ext[:len(base)] == base and all("--j" in w and w[w.index("--j") + 1] == "4" for _, _, w in ext[len(base):])
+    s = plan.FULL
+    assert len(ext) > len(base) and ext[:len(base)] == base
     assert "*with --extensions:*" in table
     baseline = [w for _, _, w in base if "--train" in w]
     assert len(baseline) == len(s["splits"]) * len(s["js"]) * 1  # seed 0
