@@ -515,7 +515,7 @@ def test_a_stop_between_two_clients_saves_the_rounds_start_and_resumes_to_the_sa
 
     def step(*a, **k):  # SIGTERM during the first step of round 3's second client (2 clients a round, J = 2)
         steps["n"] += 1
-        if calls["n"] == 6 and steps["n"] == 10:
+        if calls["n"] == 6 and steps["n"] == 11:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(*a, **k)
     monkeypatch.setattr(common, "optimizer_step", step)
@@ -523,7 +523,7 @@ def test_a_stop_between_two_clients_saves_the_rounds_start_and_resumes_to_the_sa
     status, err = run_as_script(fedavg.main, SMALL + flags + ["--out", str(tmp_path / "cut")], capsys)
     assert status == 143 and err[-1] == ("stopped by signal 15 during round 3: checkpoint saved, continue with "
                                          "--resume"), err
-    assert steps["n"] == 10  # it stopped before the client's second step
+    assert steps["n"] == 11  # it stopped before the client's second step
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ckpt["round"] == 2 and len(ckpt["rows"]) == 3 and not (tmp_path / "cut" / "result.json").exists()
     assert set(ckpt["algo"]["scaffold"]["ci"]) == {c for r in range(2) for c in fedavg.sample_clients(
