@@ -445,7 +445,7 @@ def random_mask(tmp_path_factory):
 
 def sparse_flags(path):
     """5 clients a round: enough that a median, a sign vote or a Fisher-weighted mean differs from the mean."""
-    return ["--sparse", "--mask", path, "--k", "5", "--c", "1", "--rounds", "4", "--ckpt-every", "2"]
+    return ["--sparse", "--mask", path, "--k", "5", "--c", "1", "--rounds", "3", "--ckpt-every", "2", "--batch-size", "8"]
 
 
 @pytest.fixture(scope="module")

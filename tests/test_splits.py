@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import algorithms
 import centralized
 import common
 import fedavg
@@ -135,7 +136,7 @@ def test_split_names_are_exact():
 SCRIPTS = {"fedavg": fedavg, "centralized": centralized, "model_editing": model_editing}
 # Flags some other flags need (--min-shard needs --dirichlet, --warmup-rounds --head warmup, ...)
 CONTEXTS = {"fedavg": [[], ["--j", "8"], ["--sparse"], ["--head", "warmup"], ["--train", "head"],
-                       ["--dirichlet", "0.5"], ["--aggregate", "ties"], ["--aggregate", "gma"], ["--server-opt", "adam"]],
+                       ["--dirichlet", "0.5"], *(c.example for c in algorithms.REGISTRY.values())],
             "centralized": [[], ["--grid"]],
             "model_editing": [[], ["--head", "warmup"]]}
 HOW_FLAGS = {"amp", "deterministic", "compile", "eval_batch_size"}  # how a run computes, not what
