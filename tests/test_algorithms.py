@@ -300,7 +300,7 @@ def test_scaffold_memory_of_a_sparse_run_counts_only_its_trained_entries():
 
 # ----------------------------------------------------------------------------- SCAFFOLD under momentum
 
-def quadratic_distance(monkeypatch, momentum, *flags, rounds=60, k=10, d=5, j=4, lr=0.02, old_variates=False):
+def quadratic_distance(monkeypatch, momentum, *flags, rounds=40, k=10, d=5, j=4, lr=0.02, old_variates=False):
     """Distance to the global optimum after `rounds` of fedavg.train_round (the project's Phase, SparseSGDM and
     the algorithm's hooks) on K heterogeneous quadratics f_i(w) = 1/2 ||A_i w - b_i||^2, full-batch gradients,
     every client every round, equal shards."""
