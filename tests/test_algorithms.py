@@ -65,6 +65,9 @@ def test_every_algorithm_declares_its_flags_grid_and_settings():
                 assert algorithms.selected_class(args) is cls, (cls.name, flags)  # ... that runs this algorithm
         assert set(cls.flags) <= set(algorithms.FLAGS)
     assert algorithms.identify({})[0] == "FedAvg"  # a config older than every algorithm flag
+    # a run from before one algorithm a run: both named, both flags
+    assert algorithms.identify({"mu": 0.1, "scaffold": True}) == ("FedProx+SCAFFOLD", {"mu": 0.1, "server_lr": 1.0,
+                                                                                      "scaffold": True})
 
 
 @pytest.mark.parametrize("cls", REGISTRY, ids=lambda c: c.name)
