@@ -25,6 +25,10 @@ ALGORITHMS = {  # name: fedavg.py flags (hyperparameters are single, untuned gue
     "FedYogi lr 1e-2": ["--server-opt", "yogi", "--server-lr", "1e-2"],
     "SCAFFOLD": ["--scaffold"],
     "TIES keep 0.2": ["--aggregate", "ties"],
+    "FedDyn alpha 0.01": ["--feddyn-alpha", "0.01"],
+    "Median": ["--aggregate", "median"],
+    "FedGMA tau 0.4": ["--aggregate", "gma"],
+    "FisherMerge": ["--aggregate", "fisher"],
 }
 # Dir(0.1) with --min-shard 5: at 2000 synthetic images no draw gives each of 100 clients the default 10
 SPLITS = {"iid": ["--iid"], "nc1": ["--nc", "1"], "dir0.1": ["--dirichlet", "0.1", "--min-shard", "5"]}
