@@ -537,6 +537,33 @@ def test_a_stop_between_two_clients_saves_the_rounds_start_and_resumes_to_the_sa
         assert (full / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
 
 
+def test_a_stopped_round_puts_back_the_weights_the_fp16_scale_and_the_pending_state(monkeypatch):
+    """train_round alone, head-only on features, FedDyn (per-client state), an fp16 scaler that doubles its scale
+    every step: a stop during the second client's steps leaves the weights, the scale and the algorithm's state
+    as they were at the round's start."""
+    torch.manual_seed(0)
+    args = round_args("--train", "head", "--k", "3", "--c", "1", "--j", "3", "--feddyn-alpha", "0.1")
+    model = tiny_model()
+    phase = fedavg.Phase(model, args, head_only=True)
+    feats, y = torch.randn(60, model.head.in_features), torch.randint(0, 100, (60,))
+    shards = list(torch.arange(60).view(3, -1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    fedavg.train_round(model, phase, shards, feats, y, 0, args, torch.device("cpu"), scaler)  # a committed round
+    start = {k: v.clone() for k, v in model.head.state_dict().items()}
+    state, scale = copy.deepcopy(phase.state_dict()), scaler.get_scale()
+    steps = count_calls(monkeypatch, common, "optimizer_step")
+    monkeypatch.setattr(plumbing, "stop_requested", lambda: steps["n"] >= 5)  # during client 2's steps
+    with pytest.raises(fedavg.RoundStopped):
+        fedavg.train_round(model, phase, shards, feats, y, 1, args, torch.device("cpu"), scaler)
+    assert steps["n"] == 5 and scaler.get_scale() == scale
+    assert all(torch.equal(v, start[k]) for k, v in model.head.state_dict().items())
+    assert not phase.algo.pending and not any(p.requires_grad for p in model.head.parameters())
+    after = phase.state_dict()
+    assert after["feddyn"]["g"].keys() == state["feddyn"]["g"].keys()
+    assert all(torch.equal(after["feddyn"]["g"][c], state["feddyn"]["g"][c]) for c in state["feddyn"]["g"])
+    assert all(torch.equal(a, b) for a, b in zip(after["feddyn"]["h"], state["feddyn"]["h"]))
+
+
 # ----------------------------------------------------------------------------- flags
 
 @pytest.mark.parametrize("bad,says", [(["--ties-keep", "0.5"], "--aggregate ties"),
