@@ -489,7 +489,7 @@ class TIES(Aggregator):
 class Median(Aggregator):
     __doc__ = coordinate_median.__doc__
     name, flags, how, choice = "Median", ["aggregate", "server_lr"], "--aggregate median", "median"
-    grid = [["--aggregate", "median"], ["--aggregate", "median", "--server-lr", "2"]]
+    grid = [["--aggregate", "median"], ["--aggregate", "median", "--server-lr", "0.5"]]
     neutral, neutral_context = ["--aggregate", "median"], ["--c", "0.25"]  # the median of one update
     example = ["--aggregate", "median"]
 
@@ -529,7 +529,9 @@ class FisherMerge(Aggregator):
     gradients: a coarser, cheaper estimate than Matena & Raffel's per-example Fisher at the final weights.
     Each client uploads F_i with Δ_i (twice FedAvg's values)."""
     name, flags, how, choice = "FisherMerge", ["aggregate", "server_lr"], "--aggregate fisher", "fisher"
-    grid = [["--aggregate", "fisher"], ["--aggregate", "fisher", "--server-lr", "2"]]
+    # unlike the mean, it does not shrink an update only one client makes: a server rate below 1 stands in
+    grid = [["--aggregate", "fisher"], ["--aggregate", "fisher", "--server-lr", "0.2"],
+            ["--aggregate", "fisher", "--server-lr", "0.5"]]
     neutral, example = None, ["--aggregate", "fisher"]  # one client: F Δ / F is Δ only to rounding
     uploads = 2
 
