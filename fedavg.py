@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import algorithms
 import common
 import plumbing
 import splits
@@ -64,9 +65,9 @@ def get_args(argv=None):
                    help="frozen head; clients update only masked-in backbone entries with SparseSGDM")
     g.add_argument("--mask", type=plumbing.path, default=None,
                    help="mask.pt from model_editing.py; without it the mask is calibrated federatedly")
-    algorithm_flags(p)
+    algorithms.add_flags(p)
     args = p.parse_args(argv)
-    check_algorithm_flags(p, args)
+    algorithms.check_flags(p, args)
     if not 0 < args.c <= 1:
         p.error(f"--c must be in (0, 1], got {args.c}")
     if args.k * args.c < 1:
@@ -109,10 +110,9 @@ def get_args(argv=None):
 
 
 # The flags run_core names; plumbing.run_name adds every other one not at its default
-# (and --head when it is a fresh head: run_core says _from-zero); algorithm_tag names the FL algorithm's flags
+# (and --head when it is a fresh head: run_core says _from-zero); algorithms.tag names the FL algorithm's flags
 NAMED_FLAGS = {*splits.NAME_FLAGS, "j", "train", "sparse", "mask", "rule", "sparsity", "calib_rounds",
-               "rounds", "scale_rounds", "ridge_views",
-               "mu", "scaffold", "aggregate", "ties_keep", "server_opt", "server_lr", "server_momentum"}
+               "rounds", "scale_rounds", "ridge_views"} | algorithms.TAGGED
 
 
 def scaled_rounds(rounds, j):
@@ -133,57 +133,7 @@ def run_core(args):
         kind += f"_from-{args.head}"
     kind += plumbing.ridge_views_tag(args)
     rounds = "" if args.rounds == scaled_rounds(args.defaults["rounds"], args.j) else f"_R{args.rounds}"
-    return f"{args.split}_j{args.j}_{kind}{algorithm_tag(args)}{rounds}"
-
-
-# ----------------------------------------------------------------------------- the FL algorithms' flags
-
-SERVER_BETAS = (0.9, 0.99)  # FedAdam/FedYogi's beta1, beta2 (Reddi et al. 2021)
-
-
-def algorithm_flags(p):
-    g = p.add_argument_group("FL algorithms (docs/extending.md; every default is FedAvg)")
-    g.add_argument("--mu", type=plumbing.nonneg_float, default=0.0,
-                   help="FedProx: the proximal term (mu/2)||w - w_global||^2 on every client's objective")
-    g.add_argument("--scaffold", action="store_true",
-                   help="SCAFFOLD (option II control variates): each client's gradient corrected by c - c_i; "
-                        "K client variates of the trained entries on the host (refused if they do not fit)")
-    g.add_argument("--aggregate", choices=["mean", "ties"], default="mean",
-                   help="the server's aggregate of the client updates: their mean weighted by shard size "
-                        "(FedAvg), or TIES-merging (trim each to its top --ties-keep, elect signs, disjoint mean)")
-    g.add_argument("--ties-keep", type=plumbing.positive_unit_float, default=0.2,
-                   help="--aggregate ties: fraction of each client update's trained entries kept (largest |value|)")
-    g.add_argument("--server-opt", choices=["sgd", "adam", "yogi"], default="sgd",
-                   help="the server's optimizer on the aggregate (a task vector): sgd (FedAvg, FedAvgM with "
-                        f"--server-momentum), adam or yogi (FedAdam/FedYogi, betas {SERVER_BETAS[0]}, {SERVER_BETAS[1]})")
-    g.add_argument("--server-lr", type=plumbing.nonneg_float, default=1.0,
-                   help="the server's learning rate: task arithmetic's scaling coefficient of the aggregate")
-    g.add_argument("--server-momentum", type=plumbing.unit_float, default=0.0,
-                   help="--server-opt sgd: momentum on the aggregate (FedAvgM)")
-    g.add_argument("--server-eps", type=plumbing.positive_float, default=1e-3,
-                   help="--server-opt adam/yogi: tau, the adaptivity floor added to sqrt(v)")
-
-
-def check_algorithm_flags(p, args):
-    if args.aggregate != "ties":
-        plumbing.refuse_ignored(p, args, ["ties_keep"], "it is --aggregate ties's")
-    if args.server_opt == "sgd":
-        plumbing.refuse_ignored(p, args, ["server_eps"], "it is --server-opt adam/yogi's")
-    else:
-        plumbing.refuse_ignored(p, args, ["server_momentum"], f"--server-opt {args.server_opt} has its own "
-                                f"beta1 {SERVER_BETAS[0]}")
-    if args.scaffold and not (args.lr > 0 and args.head_lr > 0):
-        p.error("--scaffold divides a client's update by its learning rate: give --lr and --head-lr above 0")
-
-
-def algorithm_tag(args):
-    """The run name's part for the algorithm flags that differ from FedAvg ('' for FedAvg)."""
-    tag = f"_mu{args.mu:g}" if args.mu else ""
-    tag += "_scaffold" if args.scaffold else ""
-    tag += f"_ties{args.ties_keep:g}" if args.aggregate == "ties" else ""
-    if args.server_opt != "sgd" or args.server_lr != 1 or args.server_momentum:
-        tag += f"_{args.server_opt}{args.server_lr:g}" + (f"m{args.server_momentum:g}" if args.server_momentum else "")
-    return tag
+    return f"{args.split}_j{args.j}_{kind}{algorithms.tag(args)}{rounds}"
 
 
 # ----------------------------------------------------------------------------- step 0: the head (federated ridge)
@@ -263,19 +213,6 @@ def client_batches(x, y, shard, rnd, client, args, device, augment):
     return xb.view(args.j, -1, *xb.shape[1:]), yb.view(args.j, -1)
 
 
-def client_update(forward, opt, scaler, batches, grad_term=None):
-    """J local steps from whatever weights the model holds, with fresh momentum; grad_term() adds the
-    client objective's closed-form terms to the gradients before each step (client_grad_term).
-    Returns the mean loss as a device tensor (read once per round, never per step)."""
-    opt.restart()  # nothing leaks between clients or rounds
-    total = 0
-    for xb, yb in zip(*batches):
-        loss = F.cross_entropy(forward(xb), yb)
-        common.optimizer_step(opt, loss, scaler, grad_term)
-        total = total + loss.detach()
-    return total / len(batches[0])
-
-
 def trained_params(model, mask=None, head_only=False):
     """(name, param) the clients train: with head_only the head, with a mask the backbone (masked
     tensors through the mask, cls_token/pos_embed densely, the head frozen), else everything."""
@@ -291,20 +228,20 @@ def upload_per_client(params, mask):
 
 
 def values_per_client(params, mask, args):
-    """Values one client uploads per round: its update (upload_per_client), and with --scaffold as many
-    again, the change of its control variate."""
-    return upload_per_client(params, mask) * (2 if args.scaffold else 1)
+    """Values one client uploads per round: its update (upload_per_client), times the algorithm's uploads
+    per trained entry (SCAFFOLD also uploads its variate's change, FisherMerge its Fisher)."""
+    return upload_per_client(params, mask) * algorithms.selected_class(args).uploads
 
 
 class Phase:
     """What the clients train in a phase of the run (head warm-up or main rounds), made once: the
     (name, param) list, one SparseSGDM over it (masks cast once; each client restarts its momentum),
     the server's two buffers, reused every round (see trained_params), the values a client uploads, and
-    the FL algorithm's state (server optimizer, SCAFFOLD's variates; state_dict for the checkpoint).
+    the FL algorithm (algorithms.make: its hooks and state; state_dict for the checkpoint).
 
     pack/unpack: a list shaped like `params` <-> one 1-D tensor of the trained entries only (the
-    masked-in ones of a masked tensor, all of the others), in order: TIES trims over them, and
-    SCAFFOLD's client variates are stored so (with --sparse, only their trained entries cost memory)."""
+    masked-in ones of a masked tensor, all of the others), in order: the algorithms' client updates and
+    per-client state are packed so (with --sparse, only their trained entries cost memory)."""
 
     def __init__(self, model, args, mask=None, head_only=False):
         self.params = trained_params(model, mask, head_only)
@@ -317,8 +254,7 @@ class Phase:
         self.head_only = head_only
         self.upload = values_per_client(self.params, mask, args)  # counted once: a device mask's sums sync the host
         self.counts = [p.numel() if k is None else int(k.sum()) for p, k in zip(tensors, self.keep)]
-        self.server = ServerOpt(args)
-        self.scaffold = Scaffold(self, args) if args.scaffold else None
+        self.algo = algorithms.make(self, args)
 
     def pack(self, tensors):
         return torch.cat([t.flatten() if k is None else t[k] for t, k in zip(tensors, self.keep)])
@@ -335,178 +271,51 @@ class Phase:
         return out
 
     def state_dict(self):
-        return {"head_only": self.head_only, "server": self.server.state_dict(),
-                "scaffold": self.scaffold.state_dict() if self.scaffold else None}
+        return {"head_only": self.head_only, **self.algo.state_dict()}
 
     def load_state_dict(self, state):
-        device = self.global_w[0].device
-        self.server.load_state_dict(state["server"], device)
-        if self.scaffold:
-            self.scaffold.load_state_dict(state["scaffold"], device)
+        self.algo.load_state_dict(state, self.global_w[0].device)
 
 
-class ServerOpt:
-    """The server's step on the round's aggregate Δ (a task vector), x += server_lr * step(Δ):
-    sgd: step = Δ, or with --server-momentum β the FedAvgM buffer m = βm + Δ (from m = 0);
-    adam/yogi (Reddi et al. 2021, Algorithm 2, no bias correction): m = β1 m + (1-β1)Δ, from m = 0;
-    v from τ² (the paper's v_{-1} >= τ²), adam v = β2 v + (1-β2)Δ², yogi v = v - (1-β2)Δ² sign(v - Δ²);
-    step = m / (sqrt(v) + τ). An entry no client moved has Δ = 0 at every round, so m = 0 and its step is
-    exactly 0 there (masked-out entries stay bit for bit). Plain sgd at lr 1 is FedAvg, bit for bit."""
-
-    def __init__(self, args):
-        self.kind, self.lr, self.mom, self.eps = args.server_opt, args.server_lr, args.server_momentum, args.server_eps
-        self.m = self.v = None  # made at the first step, shaped like the aggregate
-
-    @torch.no_grad()
-    def step(self, params, agg):
-        if self.kind == "sgd" and not self.mom:
-            torch._foreach_add_(params, agg, alpha=self.lr)
-            return
-        if self.m is None:
-            self.m = [torch.zeros_like(a) for a in agg]
-            self.v = None if self.kind == "sgd" else [torch.full_like(a, self.eps ** 2) for a in agg]
-        if self.kind == "sgd":
-            torch._foreach_mul_(self.m, self.mom)
-            torch._foreach_add_(self.m, agg)
-            torch._foreach_add_(params, self.m, alpha=self.lr)
-            return
-        b1, b2 = SERVER_BETAS
-        torch._foreach_mul_(self.m, b1)
-        torch._foreach_add_(self.m, agg, alpha=1 - b1)
-        sq = torch._foreach_mul(agg, agg)
-        if self.kind == "adam":
-            torch._foreach_mul_(self.v, b2)
-            torch._foreach_add_(self.v, sq, alpha=1 - b2)
-        else:
-            sign = [torch.sign(v - s) for v, s in zip(self.v, sq)]
-            torch._foreach_sub_(self.v, torch._foreach_mul(sq, sign), alpha=1 - b2)
-        denom = torch._foreach_add(torch._foreach_sqrt(self.v), self.eps)
-        torch._foreach_addcdiv_(params, self.m, denom, value=self.lr)
-
-    def state_dict(self):
-        return {"m": [t.cpu() for t in self.m] if self.m else None, "v": [t.cpu() for t in self.v] if self.v else None}
-
-    def load_state_dict(self, state, device):
-        self.m = [t.to(device) for t in state["m"]] if state["m"] else None
-        self.v = [t.to(device) for t in state["v"]] if state["v"] else None
+class RoundStopped(Exception):
+    """A stop request (SIGTERM, SIGUSR1, Ctrl-C) reached a round between two client steps: train_round put
+    the global weights back and dropped the round's pending algorithm results, so the run's state is that of
+    the round's start, and main saves it."""
 
 
-class Scaffold:
-    """SCAFFOLD's control variates (Karimireddy et al. 2020, option II): the server's c (shaped like the
-    trained params, on the device) and each client's c_i (a packed 1-D tensor of the trained entries, on the
-    host; a client not yet sampled holds c_i = 0 and costs nothing). A client's gradient is corrected by
-    c - c_i; after its J steps at rate lr, c_i+ = c_i - c + (w_global - w_i)/(J lr); after the round the
-    server adds (|S|/K) mean_i(c_i+ - c_i) = sum_i(c_i+ - c_i) / K to c. Entries no client trains are 0 in
-    c and c_i from the start and stay 0 (there w_i = w_global), so they move nothing."""
-
-    def __init__(self, phase, args):
-        self.phase, self.k = phase, args.k
-        self.steps, self.lr = args.j, phase.opt.param_groups[0]["lr"]
-        self.c = [torch.zeros_like(g) for g in phase.global_w]
-        self.ci = {}
-        self.dc = None
-
-    def correction(self, client):
-        """c - c_i, shaped like the params."""
-        if client not in self.ci:
-            return self.c
-        return torch._foreach_sub(self.c, self.phase.unpack(self.ci[client].to(self.c[0].device)))
-
-    def client_done(self, client, delta):
-        """Client `client` trained; delta: its packed update w_i - w_global."""
-        old = self.ci[client].to(delta.device) if client in self.ci else torch.zeros_like(delta)
-        new = old - self.phase.pack(self.c) - delta / (self.steps * self.lr)
-        self.dc = new - old if self.dc is None else self.dc.add_(new - old)
-        self.ci[client] = new.cpu()
-
-    def server_step(self):
-        torch._foreach_add_(self.c, self.phase.unpack(self.dc / self.k))
-        self.dc = None
-
-    def state_dict(self):
-        return {"c": [t.cpu() for t in self.c], "ci": dict(self.ci)}
-
-    def load_state_dict(self, state, device):
-        self.c = [t.to(device) for t in state["c"]]
-        self.ci = dict(state["ci"])
+def stop_between_steps():
+    if plumbing.stop_requested():
+        raise RoundStopped
 
 
-def ties_merge(deltas, weights, keep):
-    """TIES-merging (Yadav et al. 2023) of packed client updates (1-D, trained entries only): trim each
-    to its ceil(keep * n) entries of largest magnitude (per client, over all its trained entries, as TIES
-    trims a whole task vector), elect each entry's sign as that of the weighted sum of the trimmed
-    updates (the side with more mass), and average, weighted, only the kept values of the elected sign
-    (a disjoint mean; an entry no kept value agrees with stays 0). The weights are the shard sizes'
-    (FedAvg's); with equal shards this is TIES as published. Holds all sampled clients' updates at once."""
-    k = max(1, math.ceil(keep * deltas[0].numel()))
-    trimmed = torch.zeros(len(deltas), deltas[0].numel(), device=deltas[0].device, dtype=deltas[0].dtype)
-    for row, d in zip(trimmed, deltas):
-        idx = d.abs().topk(k, sorted=False).indices
-        row[idx] = d[idx]
-    w = torch.tensor(weights, device=trimmed.device, dtype=trimmed.dtype)[:, None]
-    elected = torch.sign((w * trimmed).sum(0))
-    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-    mass = (w * agree).sum(0)
-    return torch.where(mass > 0, (w * trimmed * agree).sum(0) / mass.clamp_min(torch.finfo(mass.dtype).tiny), 0.0)
-
-
-def scaffold_bytes(model, args, mask=None):
-    """Bytes of SCAFFOLD's K client variates: K x the trained entries of the main rounds (the head with
-    --train head; every weight dense; with --sparse the backbone's masked-in entries, `mask`'s count or,
-    before calibration, the (1 - sparsity) share the rule keeps, plus cls_token and pos_embed)."""
-    if args.train == "head":
-        params = list(model.head.parameters())
-        n = sum(p.numel() for p in params)
-    elif not args.sparse:
-        params = list(model.parameters())
-        n = sum(p.numel() for p in params)
-    else:
-        params = [p for _, p in common.backbone_params(model)]
-        masked = {n for n, _ in common.masked_params(model)}
-        n = sum(p.numel() for name, p in common.backbone_params(model) if name not in masked)
-        n += (sum(int(m.sum()) for m in mask.values()) if mask is not None else
-              math.ceil((1 - args.sparsity) * sum(p.numel() for _, p in common.masked_params(model))))
-    return args.k * n * params[0].element_size()
-
-
-def check_scaffold_memory(model, args, mask=None):
-    """Refuse, before anything is written, a --scaffold run whose client variates (on the host) would not
-    fit in the host memory available now."""
-    need, free = scaffold_bytes(model, args, mask), plumbing.host_memory_available()
-    if need > free:
-        raise plumbing.UserError(f"--scaffold keeps {args.k} client control variates, {need / 1e9:.1f} GB, and the "
-                                 f"host has {free / 1e9:.1f} GB available: use fewer clients (--k), --sparse, or "
-                                 f"a bigger machine")
-
-
-def client_grad_term(phase, client, args):
-    """The client objective's closed-form gradient terms, or None for FedAvg's plain loss: FedProx's
-    mu (w - w_global) and SCAFFOLD's correction c - c_i. SparseSGDM masks the gradient after them, so on
-    a masked-out entry they move nothing."""
-    params = [p for _, p in phase.params]
-    corr = phase.scaffold.correction(client) if phase.scaffold else None
-    if not args.mu and corr is None:
-        return None
-
-    def add_terms():
-        grads = [p.grad for p in params]
-        if args.mu:
-            torch._foreach_add_(grads, torch._foreach_sub(params, phase.global_w), alpha=args.mu)
-        if corr is not None:
-            torch._foreach_add_(grads, corr)
-    return add_terms
+def client_update(forward, opt, scaler, batches, grad_term=None):
+    """J local steps from whatever weights the model holds, with fresh momentum; grad_term() adds the
+    client objective's closed-form terms to the gradients before each step (the algorithm's client_term).
+    A stop request ends it between two steps (RoundStopped). Returns the mean loss as a device tensor
+    (read once per round, never per step)."""
+    opt.restart()  # nothing leaks between clients or rounds
+    total = 0
+    for xb, yb in zip(*batches):
+        stop_between_steps()
+        loss = F.cross_entropy(forward(xb), yb)
+        common.optimizer_step(opt, loss, scaler, grad_term)
+        total = total + loss.detach()
+    return total / len(batches[0])
 
 
 def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
-    """Round `rnd` of FedAvg on `model`, in place, for a Phase: on cached features (`x`) in a
-    head-only phase, else on uint8 images (`x`). Each sampled client trains in turn from the global
-    weights, then the server adds the weighted average of the updates Δ_i = client_i - global to the
-    global weights (the Phase's `params`; its `global_w` and `update` are the server's buffers).
+    """Round `rnd` of FedAvg on `model`, in place, for a Phase, through its algorithm's hooks
+    (algorithms.py): on cached features (`x`) in a head-only phase, else on uint8 images (`x`). Each sampled
+    client trains in turn from the global weights (plus the algorithm's client_term); the round's mean of
+    the updates Δ_i = client_i - global (weighted by the algorithm's mean_weights) goes to the algorithm's
+    server_step, or, for a stacked aggregator, its aggregate of the packed Δ_i (client_done sees each Δ_i).
+    The Phase's `params` are the global weights; its `global_w` and `update` are the server's buffers.
 
     Averaging updates rather than weights keeps every entry that no client changed (masked out,
     frozen) bit-for-bit the same. The task-arithmetic lens is computed on the way, O(1) extra memory:
-    update_norm = mean ||Δ_i||, agreement = ||Σ w_iΔ_i||² / Σ w_i||Δ_i||² (1 when all clients move the
-    same way, 1/n for n equally weighted orthogonal updates, 0 when they cancel).
+    update_norm = mean ||Δ_i||, agreement = ||Σ w_iΔ_i||² / Σ w_i||Δ_i||² with the mean's weights (1 when
+    all clients move the same way, 1/n for n equally weighted orthogonal updates, 0 when they cancel).
+    A stop request between two clients or two steps undoes the round and raises RoundStopped.
     Returns (mean client loss, update_norm, agreement) as floats."""
     if phase.head_only:
         net, augment, forward = model.head, False, model.head
@@ -515,27 +324,55 @@ def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
 
         def forward(xb):
             return common.forward_logits(model, common.preprocess(xb, args.img_size), device, args.precision)
-    params, global_w, update = [p for _, p in phase.params], phase.global_w, phase.update
+    params, global_w, update, algo = [p for _, p in phase.params], phase.global_w, phase.update, phase.algo
     for p in params:
         p.requires_grad_(True)
     clients = sample_clients(args, rnd)
-    sizes = [len(shards[c]) for c in clients]
-    weights = [s / sum(sizes) for s in sizes]
+    weights = algo.mean_weights([len(shards[c]) for c in clients])
     net.train()
     with torch.no_grad():
         torch._foreach_copy_(global_w, params)
         torch._foreach_zero_(update)
+    scale = scaler.state_dict() if scaler.is_enabled() else None  # the fp16 scale at the round's start
+    try:
+        losses, sq_norms, deltas = train_clients(forward, phase, shards, x, y, rnd, clients, weights, args, device,
+                                                 scaler, augment)
+    except RoundStopped:
+        with torch.no_grad():  # back to the round's start: the global weights, no pending result, the scale
+            torch._foreach_copy_(params, global_w)
+        algo.discard()
+        if scale is not None:
+            scaler.load_state_dict(scale)
+        for p in params:
+            p.requires_grad_(False)
+        raise
+    with torch.no_grad():
+        agg = torch.stack(torch._foreach_norm(update)).square().sum()  # the lens: on the clients' mean update
+        algo.server_step(params, phase.unpack(algo.aggregate(deltas, weights)) if algo.stacked else update)
+    for p in params:
+        p.requires_grad_(False)
+    sq = torch.stack(sq_norms).square().view(len(clients), -1).sum(1)
+    spread = float((torch.tensor(weights, device=sq.device) * sq).sum())
+    return (float(torch.stack(losses).mean()), float(sq.sqrt().mean()),
+            float(agg) / spread if spread > 0 else float("nan"))
+
+
+def train_clients(forward, phase, shards, x, y, rnd, clients, weights, args, device, scaler, augment):
+    """The sampled clients' J steps, one after another from the global weights: adds w_i Δ_i into
+    phase.update, hands Δ_i (packed) to the algorithm's client_done when it reads it, and returns (the
+    clients' mean losses, the per-tensor norms of their Δ_i, their packed Δ_i for a stacked aggregator)."""
+    params, global_w, update, algo = [p for _, p in phase.params], phase.global_w, phase.update, phase.algo
     groups = common.cache_sized_groups(params)
     losses, sq_norms, deltas = [], [], []
     for client, w in zip(clients, weights):
+        stop_between_steps()
         batches = client_batches(x, y, shards[client], rnd, client, args, device, augment)
-        losses.append(client_update(forward, phase.opt, scaler, batches, client_grad_term(phase, client, args)))
+        losses.append(client_update(forward, phase.opt, scaler, batches, algo.client_term(client)))
         with torch.no_grad():
-            if phase.scaffold or args.aggregate == "ties":  # they read the whole Δ_i
+            if algo.reads_update:
                 delta = phase.pack(torch._foreach_sub(params, global_w))
-                if phase.scaffold:
-                    phase.scaffold.client_done(client, delta)
-                if args.aggregate == "ties":
+                algo.client_done(client, delta)
+                if algo.stacked:
                     deltas.append(delta)
             for i in groups:  # on the CPU a few MB at a time: the four passes below then read it from the cache
                 p, g, u = [params[k] for k in i], [global_w[k] for k in i], [update[k] for k in i]
@@ -543,18 +380,7 @@ def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
                 torch._foreach_add_(u, p, alpha=w)
                 sq_norms += torch._foreach_norm(p)
                 torch._foreach_copy_(p, g)  # the next client starts from the global model again
-    with torch.no_grad():
-        agg = torch.stack(torch._foreach_norm(update)).square().sum()  # the lens: on the clients' mean update
-        phase.server.step(params, update if args.aggregate == "mean" else
-                          phase.unpack(ties_merge(deltas, weights, args.ties_keep)))  # the server's step
-        if phase.scaffold:
-            phase.scaffold.server_step()
-    for p in params:
-        p.requires_grad_(False)
-    sq = torch.stack(sq_norms).square().view(len(clients), -1).sum(1)
-    spread = float((torch.tensor(weights, device=sq.device) * sq).sum())
-    return (float(torch.stack(losses).mean()), float(sq.sqrt().mean()),
-            float(agg) / spread if spread > 0 else float("nan"))
+    return losses, sq_norms, deltas
 
 
 # ----------------------------------------------------------------------------- main
@@ -612,8 +438,7 @@ def main(argv=None):
     given_mask = inputs["mask"]
     shards = splits.make_shards(data["train"][1], splits.of_args(args), args.k, args.seed)
     label_skew = splits.label_skew(shards, data["train"][1])
-    if args.scaffold:
-        check_scaffold_memory(model, args, given_mask)
+    algorithms.check_memory(model, args, given_mask)
     ckpt = plumbing.open_run(args)
     x, y = (t.to(device) for t in data["train"])  # uint8: the whole training set fits on any GPU
     total_rounds = args.warmup_rounds + args.rounds
@@ -654,7 +479,9 @@ def main(argv=None):
         #   elapsed                seconds of work so far, across resumes
         #   model, scaler          from the first save on: the global model, the fp16 gradient scale
         #   algo                   from the first save on: the FL algorithm's state of the phase then running
-        #                          (Phase.state_dict: server optimizer buffers, SCAFFOLD's c and c_i), or None
+        #                          as of the last round boundary (Phase.state_dict: head_only and the
+        #                          algorithm's state_dict, e.g. server optimizer buffers, SCAFFOLD's c and c_i),
+        #                          or None
         ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
                 "upload": head_upload * args.k, "elapsed": 0.0, "head": plumbing.cpu_state(model.head)}
     else:
@@ -717,8 +544,12 @@ def main(argv=None):
             if resumed_algo is not None and resumed_algo["head_only"] == head_only:  # saved in this phase
                 phase.load_state_dict(resumed_algo)
             resumed_algo = None  # saved in an earlier phase: this one starts afresh, as it did uninterrupted
-        loss, norm, agreement = train_round(model, phase, shards, feats["train"][0] if head_only else x, y, rnd,
-                                            args, device, scaler)
+        try:
+            loss, norm, agreement = train_round(model, phase, shards, feats["train"][0] if head_only else x, y, rnd,
+                                                args, device, scaler)
+        except RoundStopped:  # a stop mid-round: train_round undid the round, so save the state as of its start
+            save()
+            raise plumbing.Stopped(f"round {rnd + 1}", saved=True)
         watches[head_only].check(loss, f"round {rnd + 1}", scaler)  # before anything of this round is kept
         ckpt["upload"] += phase.upload * clients_per_round(args)
         ckpt["round"] = rnd + 1
@@ -750,7 +581,7 @@ def main(argv=None):
     evaluated = [r for r in rows if r["val_acc"] is not None]
     best = max(evaluated, key=lambda r: r["val_acc"])  # first of equals wins
     per_client = values_per_client(trained_params(model, mask, args.train == "head"), mask, args)
-    result = {"stage": "fedavg", "dataset": args.dataset, "seed": args.seed, "k": args.k, "c": args.c,
+    result = {"stage": "fedavg", "algorithm": algorithms.selected_class(args).name, "dataset": args.dataset, "seed": args.seed, "k": args.k, "c": args.c,
               "j": args.j, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "split": args.split,
               "iid": args.iid, "nc": args.nc, "train": args.train, "sparse": args.sparse, "head": args.head,
               "label_skew": label_skew,  # the shards' mean client-to-global label TV distance (splits.label_skew)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+import algorithms
 import centralized
 import common
 import fedavg
@@ -169,21 +170,7 @@ QUICK = dict(  # every kind of run of the full study, each as small as it gets (
 # The FL algorithms of the extensions group (run_all.sh --extensions): name -> its grid, the fedavg.py flag
 # lists of its own hyperparameters to select from on validation accuracy, the first its default guess.
 # Each algorithm declares its grid in algorithms.py (algorithms.REGISTRY); the study reads it from there.
-try:
-    import algorithms
-    ALGORITHMS = {name: [list(flags) for flags in cls.grid] for name, cls in algorithms.REGISTRY.items()}
-except ModuleNotFoundError as e:  # FALLBACK until algorithms.py (branch algos) is merged: then this goes
-    if e.name != "algorithms":  # algorithms.py is there but cannot import what it needs: say so
-        raise
-    ALGORITHMS = {
-        "FedAvg": [[]],
-        "FedProx": [["--mu", mu] for mu in ("0.01", "0.001", "0.1")],
-        "FedAvgM": [["--server-momentum", "0.9", "--server-lr", lr] for lr in ("1", "0.5", "0.1")],
-        "FedAdam": [["--server-opt", "adam", "--server-lr", lr, "--server-eps", eps]
-                    for lr in ("1e-2", "1e-3") for eps in ("1e-3", "1e-2")],
-        "SCAFFOLD": [["--scaffold"]],
-        "TIES": [["--aggregate", "ties", "--ties-keep", keep] for keep in ("0.2", "0.5")],
-    }
+ALGORITHMS = {name: [list(flags) for flags in cls.grid] for name, cls in algorithms.REGISTRY.items()}
 GROUPS = ["extensions"]  # opt-in groups of families: run_all.sh --NAME adds them to the study
 
 

@@ -34,17 +34,13 @@ import tempfile
 
 import numpy as np
 
+import algorithms
 import centralized
 import common
 import fedavg
 import model_editing
 import plumbing
 import splits
-
-try:  # the FL algorithm seam (algorithms.py), once merged; until then the flags' reading below
-    from algorithms import identify as identify_algorithm
-except ImportError:
-    identify_algorithm = None
 
 STAGES = ["centralized", "model_editing", "fedavg"]
 SCRIPTS = dict(zip(STAGES, (centralized, model_editing, fedavg)))
@@ -211,8 +207,9 @@ def load_runs(root):
 
 
 @functools.cache
+@functools.cache
 def flag_defaults(stage):
-    """{flag: default} of the stage script's flags, its parser's."""
+    """{flag: default} of the stage script's flags, its parser's (parsed once: do not change it)."""
     return SCRIPTS[stage].get_args([]).defaults
 
 
@@ -319,13 +316,20 @@ def across_seeds(value):
 
 def mark_flags(runs, shown, flags_of):
     """Set each run's "flags": its (flag, JSON value) pairs, sorted, of the flags outside `shown` that take
-    more than one value among these runs (a flag a run lacks is not one of its values). Runs of different
-    "flags" are never in one cell; titles name them (flags_text)."""
-    values = {}
-    for r in runs:
-        for k, v in flags_of(r).items():
+    more than one value among these runs. A run with a config.json that does not take a flag (its script
+    refuses it given the others: FedAvg's --mu) counts as one more value where another run takes it off its
+    default, so FedProx's --mu 0.01 beside FedAvg is named; a run without a config.json counts as none. Runs of different "flags" are never in
+    one cell; titles name them (flags_text)."""
+    values, flags = {}, [flags_of(r) for r in runs]
+    for f in flags:
+        for k, v in f.items():
             if k not in shown:
                 values.setdefault(k, set()).add(json.dumps(across_seeds(v), sort_keys=True))
+    off_default = {k for r, f in zip(runs, flags) for k, v in f.items()
+                   if v != flag_defaults(r["stage"]).get(k, v)}
+    for f in flags:
+        for k in (values.keys() & off_default) - f.keys() if f else ():
+            values[k].add(None)  # not taken, beside a run that takes it off its default
     varying = {k for k, vs in values.items() if len(vs) > 1}
     for r in runs:
         r["flags"] = tuple(sorted((k, json.dumps(across_seeds(v), sort_keys=True)) for k, v in flags_of(r).items()
@@ -464,32 +468,10 @@ DEFAULT_ALGORITHM = "FedAvg"  # every algorithm flag at its default
 
 def algorithm_of(r):
     """(name, {flag: value} of its own flags) of a FedAvg run's FL algorithm: result.json's "algorithm" where
-    it has one, its flags read by algorithms.identify (or flags_algorithm before that module exists) otherwise
-    (older runs); read from result.json's flags where config.json is empty."""
-    flags = r["config"] or r
-    try:
-        name, own = (identify_algorithm or flags_algorithm)(flags)
-    except (KeyError, TypeError, ValueError):  # flags of a version identify does not know: the local reading
-        name, own = flags_algorithm(flags)
+    it has one, else its flags read by algorithms.identify (older runs); read from result.json's flags where
+    config.json is empty."""
+    name, own = algorithms.identify(r["config"] or r)
     return r.get("algorithm") or name, own
-
-
-def flags_algorithm(cfg):
-    """algorithms.identify until algorithms.py is merged: the algorithm that fedavg.py's FL flags (docs/
-    extending.md) make, and its own flags."""
-    get = lambda k, default: default if cfg.get(k) is None else cfg[k]
-    if get("scaffold", False):
-        return "SCAFFOLD", {}
-    if get("aggregate", "mean") == "ties":
-        return "TIES", {"ties_keep": get("ties_keep", 0.2), "server_lr": get("server_lr", 1.0)}
-    if get("server_opt", "sgd") != "sgd":
-        return ("FedAdam" if cfg["server_opt"] == "adam" else "FedYogi",
-                {"server_lr": get("server_lr", 1.0), "server_eps": get("server_eps", 1e-3)})
-    if get("server_momentum", 0.0):
-        return "FedAvgM", {"server_lr": get("server_lr", 1.0), "server_momentum": cfg["server_momentum"]}
-    if get("mu", 0.0):
-        return "FedProx", {"mu": cfg["mu"]}
-    return DEFAULT_ALGORITHM, ({"server_lr": cfg["server_lr"]} if get("server_lr", 1.0) != 1.0 else {})
 
 
 def mask_name(mask):
@@ -881,8 +863,11 @@ def selected_settings(runs):
 
 
 def setting_text(picked, settings):
-    """The picked setting in words: the algorithm's own flags, then any other flag its settings differ in."""
-    own = picked[0]["algorithm_flags"]
+    """The picked setting in words: the algorithm's own flags off their defaults or differing among the
+    settings tried, then any other flag its settings differ in."""
+    at_default = algorithms.defaults()
+    own = {k: v for k, v in picked[0]["algorithm_flags"].items()
+           if v != at_default.get(k) or len({x[0]["algorithm_flags"].get(k) for x in settings}) > 1}
     varying = {k for x in settings for k, v in x[0]["flags"] if len({dict(y[0]["flags"]).get(k) for y in settings}) > 1}
     words = [f"{k} {plumbing.name_value(v)}" for k, v in own.items()] + \
         [f"{k} {v}" for k, v in picked[0]["flags"] if k in varying and k not in own]

@@ -709,6 +709,8 @@ def test_fp16_skipped_steps_are_not_divergence_but_a_scaler_that_skips_every_ste
 
 def test_ctrl_c_checkpoints_at_the_round_boundary_exits_130_and_resumes_to_the_same_run(tmp_path, monkeypatch,
                                                                                         capsys):
+    """Ctrl-C as round 2 starts: the round stops before its first client step and the checkpoint is round 1's
+    end (a stop between clients: tests/test_algorithms.py)."""
     argv = FAST + ["--k", "10", "--c", "0.5", "--rounds", "4", "--eval-every", "2", "--ckpt-every", "10",
                    "--lr", "0.01"]
     fedavg.main(argv + ["--out", str(tmp_path / "full")])
@@ -727,11 +729,11 @@ def test_ctrl_c_checkpoints_at_the_round_boundary_exits_130_and_resumes_to_the_s
     assert status == 130 and err[-1] == ("stopped by signal 2 (Ctrl-C) during round 2: checkpoint saved, continue "
                                          "with --resume"), err
     assert all(line.startswith("warning: ") for line in err[:-1]), err  # the one line of the stop, warnings aside
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["round"] == 2  # cut mid-run
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["round"] == 1  # cut mid-run
     assert not (tmp_path / "cut" / "result.json").exists()
     monkeypatch.undo()
     fedavg.main(argv + ["--out", str(tmp_path / "cut"), "--resume"])
-    assert f"resuming {tmp_path / 'cut'} from round 3 of 4" in capsys.readouterr().out
+    assert f"resuming {tmp_path / 'cut'} from round 2 of 4" in capsys.readouterr().out
     for f in ("model.pt", "head.pt", "metrics.csv", "shards.csv", "config.json"):
         assert (tmp_path / "full" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
 

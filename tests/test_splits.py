@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import algorithms
 import centralized
 import fedavg
 import model_editing
@@ -249,8 +250,8 @@ def test_label_skew_orders_the_splits_on_one_axis():
 SCRIPTS = {"fedavg": fedavg, "centralized": centralized, "model_editing": model_editing}
 # Flags some other flags need (--min-shard needs --dirichlet, --warmup-rounds --head warmup, ...)
 CONTEXTS = {"fedavg": [[], ["--j", "8"], ["--sparse"], ["--head", "warmup"], ["--train", "head"],
-                       ["--aggregate", "ties"], ["--server-opt", "adam"],
-                       *(splits.split_flags(kind.example) for kind in splits.KINDS if kind.more_flags)],
+                       *(splits.split_flags(kind.example) for kind in splits.KINDS if kind.more_flags),
+                       *(c.example for c in algorithms.REGISTRY.values())],
             "centralized": [[], ["--grid"]],
             "model_editing": [[], ["--head", "warmup"]]}
 HOW_FLAGS = {"amp", "deterministic", "compile", "eval_batch_size"}  # how a run computes, not what

@@ -877,9 +877,9 @@ def test_results_csv_carries_every_swept_flag_and_only_where_the_run_takes_it(tm
     rows, report, _ = summarize_root(tmp_path)
     got = {(r["train"], r["lr"], r["mu"], r["head_lr"], r["algorithm"]) for r in rows}
     assert {r["score"] for r in rows} == {""}  # a calibration flag: no dense run takes it
-    assert got == {("all", "0.001", "0", "", "FedAvg"), ("all", "0.0001", "0", "", "FedAvg"),
+    assert got == {("all", "0.001", "", "", "FedAvg"), ("all", "0.0001", "", "", "FedAvg"),  # FedAvg takes no --mu
                    ("all", "0.0001", "0.01", "", "FedProx"),  # dense runs take no --head-lr
-                   ("head", "", "0", "0.1", "FedAvg"), ("head", "", "0", "0.05", "FedAvg")}  # nor these --lr
+                   ("head", "", "", "0.1", "FedAvg"), ("head", "", "", "0.05", "FedAvg")}  # nor these --lr
     heads = [t for t in md_tables(report) if t.startswith("FedAvg, head only")]
     assert len(heads) == 2 and all("head_lr" in t and "lr 0.0001" not in t for t in heads), heads
     assert table(report, "FedProx, dense; head ridge, K=100, C=0.1, lr 0.0001, mu 0.01")["Nc=5"] == [pm(0.45)]
@@ -890,7 +890,7 @@ def test_the_six_models_take_fedavg_where_setups_tie_and_say_which_setup(tmp_pat
     _, report, _ = summarize_root(tmp_path)
     assert table(report, "The six models (head ridge)")["FedAvg Nc=5"][0] == pm(0.40)  # FedAvg at the default lr
     note = report.split("### The six models (head ridge)")[1].split("\n\n")[1]
-    assert "FedAvg rows, the dense setup FedAvg, dense; head ridge, K=100, C=0.1, lr 0.0001, mu 0" in note
+    assert "FedAvg rows, the dense setup FedAvg, dense; head ridge, K=100, C=0.1, lr 0.0001." in note
 
 
 @pytest.fixture
@@ -911,7 +911,7 @@ def test_plots_are_named_as_their_runs_are_with_every_flag_that_tells_them_apart
                     "fedavg_head_from-zero_j4.png", "fedavg_head_from-zero_hlr0.05_j4.png", "fedavg_agreement_j4.png"}
     note = [line for line in report.splitlines() if line.startswith("- The heatmap and agreement plots of head ridge")]
     assert len(note) == 1 and "FedProx, dense; head ridge, K=100, C=0.1, lr 0.0001, mu 0.01" in note[0]
-    assert "FedAvg, dense; head ridge, K=100, C=0.1, lr 0.001, mu 0" in note[0]  # the two dense runs not drawn
+    assert "FedAvg, dense; head ridge, K=100, C=0.1, lr 0.001" in note[0] and "mu 0;" not in note[0]  # the two dense runs not drawn
 
 
 # ----------------------------------------------------------------------------- algorithms compared, label skew
