@@ -56,16 +56,69 @@ DIVERGED_EXIT = 3  # exit status of a diverged run (2: bad input, 130/143: stopp
 
 _stop_signal = None
 _open_run = None  # the run directory open_run prepared: where run_main looks for a checkpoint on a stop
+_counting = False  # whether _count_stop_signals watches the stop signals (run_main starts it)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+AT_ONCE_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a second of these stops at once (not SLURM's SIGUSR1,
+# which task.sh also sends for a preemption's SIGTERM: a repeated request to checkpoint)
 
 
 def _on_stop_signal(signum, frame):
+    """Python's handler: only where no _count_stop_signals thread counts the signals (it sets the flag)."""
     global _stop_signal
-    _stop_signal = signum
-    if signum == signal.SIGINT:  # a second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if not _counting:
+        _stop_signal = signum
+
+
+def _count_stop_signals(fd):
+    """Thread: each stop signal as it arrives (one byte each, written by Python's C-level handler into
+    the wakeup fd), not when the main thread gets round to Python's handler: a long torch call delays
+    that handler for seconds, and two signals that arrive meanwhile would run it once. The first asks
+    for a stop at the next step boundary; a second SIGTERM or Ctrl-C stops at once."""
+    global _stop_signal
+    while True:
+        for signum in os.read(fd, 64):
+            if signum not in STOP_SIGNALS:
+                continue
+            if _stop_signal is None:
+                _stop_signal = signum
+            elif signum in AT_ONCE_SIGNALS:
+                _stop_at_once(signum)
+
+
+def _stop_at_once(signum):
+    """A second stop signal: exit now, whatever the main thread is doing (a round, a blocked read), with
+    one line saying what is kept. Files are written whole (atomic_write), so the last checkpoint and
+    the files before it are intact; a temporary file left behind is removed on the next start."""
+    if _open_run and os.path.isfile(os.path.join(_open_run, "checkpoint.pt")):
+        kept = "its last checkpoint is kept: continue with --resume"
+    elif _open_run:
+        kept = "no checkpoint yet: rerun with --resume to start it over"
+    else:
+        kept = "nothing written yet: rerun the same command to start it again"
+    by = f"signal {signum}" + (" (Ctrl-C)" if signum == signal.SIGINT else "")
+    os.write(2, f"stopped at once by a second {by}: {kept}\n".encode())  # not print: the main thread may hold stderr
+    os._exit(130 if signum == signal.SIGINT else 143)
+
+
+def count_stop_signals():
+    """Start _count_stop_signals (once per process, from the main thread): Python's C-level handler
+    writes each signal's number into a pipe that the thread reads."""
+    global _counting
+    if _counting:
+        return
+    import threading
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # the C-level handler must never block
+    try:
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread (a test's): Python's handler alone sets the flag
+        os.close(read_end)
+        os.close(write_end)
+        return
+    threading.Thread(target=_count_stop_signals, args=(read_end,), daemon=True, name="stop_signals").start()
+    _counting = True
 
 
 def stop_requested():
@@ -160,11 +213,12 @@ def run_main(main):
     """Call main(): a UserError is one line on stderr and exit status 2; a diverged run (Diverged) one
     line and DIVERGED_EXIT; SIGTERM/SIGUSR1 and Ctrl-C (SIGINT) make the run stop within seconds
     (checkpointing at its next step boundary where it has new state), ready for --resume, with status
-    stop_status(); a second Ctrl-C stops at once, saving nothing."""
+    stop_status(); a second SIGTERM or Ctrl-C stops at once (_stop_at_once), saving nothing new."""
     for s in STOP_SIGNALS:
         # an ignored SIGINT stays ignored (a background run of run_all.sh: the study stops it by SIGTERM)
         if not (s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN):
             signal.signal(s, _on_stop_signal)
+    count_stop_signals()
     die_with_parent()
     try:
         main()
