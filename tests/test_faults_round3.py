@@ -19,7 +19,7 @@ import fedavg
 import plan
 import plumbing
 from conftest import ROOT, TINY
-from helpers import assert_usage_error, run_script
+from helpers import assert_usage_error, tiny_model
 from test_run_all import fake_map, fake_python, planned, run_all, sbatch_on_path
 
 FAST = TINY + ["--synthetic-size", "2000", "--batch-size", "64"]
@@ -107,3 +107,77 @@ def test_a_second_ctrl_c_stops_a_fedavg_round_at_once_keeping_its_checkpoint(tmp
     assert err.splitlines()[-1] == ("stopped at once by a second signal 2 (Ctrl-C): its last checkpoint is kept: "
                                     "continue with --resume"), err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] >= 1 and not (out / "result.json").exists()
+
+
+# ----------------------------------------------------------------------------- 35.2: input files that are no regular files
+
+def in_time(call, timeout=20):
+    """call() in a thread: what it raised (or returned), failing the test if it blocks (a FIFO's open
+    or read would block forever: the thread is left behind)."""
+    said = {}
+
+    def run():
+        try:
+            said["returned"] = call()
+        except BaseException as e:  # noqa: BLE001 (what it raised is the answer)
+            said["raised"] = e
+    import threading
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "blocked (on a FIFO?)"
+    return said.get("raised", said.get("returned"))
+
+
+def odd_file(tmp_path, kind):
+    """A path that is no regular file: a FIFO (no writer: an open or read would block), a folder, a device."""
+    if kind == "fifo":
+        path = tmp_path / "input.pt"
+        os.mkfifo(path)
+        return str(path)
+    if kind == "folder":
+        (tmp_path / "input.pt").mkdir()
+        return str(tmp_path / "input.pt")
+    return "/dev/zero"  # a device: a read never ends
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device"])
+def test_every_input_file_that_is_no_regular_file_is_one_line_naming_it(tmp_path, kind):
+    path, model = odd_file(tmp_path, kind), tiny_model()
+    reads = {"--hparams": lambda: plumbing.hparams_from(path),
+             "--mask": lambda: common.load_mask(path, model),
+             "--head": lambda: common.load_head_file(path, model.head),
+             "--weights": lambda: plumbing.read_weights_file(path),
+             "--weights .safetensors": lambda: plumbing.read_weights_file(safetensors_path(tmp_path, kind)),
+             "--grid": lambda: plan.read_grid(path, "runs", [])}
+    for flag, read in reads.items():
+        e = in_time(read)
+        assert isinstance(e, plumbing.UserError), (flag, e)
+        assert "not a regular file" in str(e) and "\n" not in str(e), (flag, str(e))
+    # the files the code finds by itself: a run's checkpoint, a cached feature file, a JSON file
+    assert isinstance(in_time(lambda: plumbing.load_tensors(path)), OSError)
+    assert in_time(lambda: plumbing.read_json_object(path)) is None
+
+
+def safetensors_path(tmp_path, kind):
+    """The same kind of file, named .safetensors (read by another loader)."""
+    path = tmp_path / "w.safetensors"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+    return str(path)
+
+
+def test_a_fifo_as_head_of_a_fedavg_run_is_one_line_and_leaves_no_run(tmp_path):
+    """The issue's case: `fedavg.py --head FIFO` hung, and SIGTERM did not stop it."""
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "fedavg.py"), *FA, "--rounds", "2", "--head", str(fifo),
+                           "--results", str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    line = assert_usage_error(proc)
+    assert line == f"error: cannot read --head file {fifo} (not a regular file): use ridge, warmup or a head.pt of an " \
+                   f"earlier run", line
+    assert not (tmp_path / "runs").exists()
