@@ -7,9 +7,10 @@
 #
 #   --quick           a tiny grid with short runs that still holds every kind of run (a smoke check
 #                     of the whole pipeline); its seeds default to 0
-#   --grid FILE       your own grid instead of the study's: FILE holds one run a line, a stage script and its
-#                     flags (e.g. `fedavg.py --nc 5 --j 4 --lr 0.001`; # comments, blank lines); each runs per seed
-#                     like the study's runs (skipped when done, resumed, packed, SLURM, summary)
+#   --grid FILE       your own grid instead of the study's: FILE holds one run a line, a stage script by its
+#                     name and its flags (e.g. `fedavg.py --nc 5 --j 4 --lr 0.001`; # comments, blank lines; a
+#                     line may not set a flag given after --); each runs per seed like the study's runs
+#                     (skipped when done, resumed, packed, SLURM, summary)
 #   --extensions      add the extensions group of runs (FL algorithms x splits; python plan.py --grid-table)
 #   --seeds LIST      comma-separated seeds; every run of the grid runs once per seed (default: 0,1,2)
 #   --dry-run         print the commands, then per stage the runs still to do, the images they will

@@ -342,3 +342,32 @@ def test_a_grid_line_names_a_script_by_its_name_alone(tmp_path, script):
     assert str(e.value) == f"--grid {grid}, line 1: '{script} --iid --results runs {shlex.join(TINY)}': the first " \
                            f"word must be one of centralized.py, model_editing.py, fedavg.py, by name alone (run_all.sh " \
                            f"runs the project's own scripts)"
+
+
+def test_a_second_sigterm_to_run_all_stops_its_runs_at_once(tmp_path):
+    """run_all.sh passes a stop on to its runs (which checkpoint at their next step); a second one too,
+    and a run stops at once on it."""
+    results, grid = tmp_path / "runs", tmp_path / "grid.txt"
+    grid.write_text("fedavg.py --iid --j 30 --rounds 2000 --eval-every 2000 --test-every 2000 --ckpt-every 1\n")
+    flags = [*TINY, "--synthetic-size", "1000", "--batch-size", "16", "--k", "10", "--c", "0.3"]
+    ((_, script, words),) = planned(results, flags, grid=str(grid))
+    out = plan.parse_run(shlex.join([script, *words]))[1].out
+    env = {**os.environ, "RESULTS": str(results), "PYTHON": fake_python(tmp_path, runs="real"), "FAKE_ESTIMATE": "1",
+           "FAKE_LOG": str(tmp_path / "calls.log")}
+    study = subprocess.Popen(["bash", os.path.join(ROOT, "run_all.sh"), "--grid", str(grid), "--seeds", "0", "--",
+                              *flags], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(out, "checkpoint.pt")) or study.poll() is not None,
+                 what="the run's first checkpoint")
+        study.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        study.send_signal(signal.SIGTERM)
+        t = time.time()
+        _, err = study.communicate(timeout=60)
+    finally:
+        os.killpg(study.pid, signal.SIGKILL) if study.poll() is None else None
+    assert study.returncode == 130 and time.time() - t < 5 and "interrupted" in err, err
+    (log,) = (results / "logs").iterdir()
+    assert log.read_text().splitlines()[-1] == ("stopped at once by a second signal 15: its last checkpoint is kept: "
+                                                "continue with --resume"), log.read_text()
