@@ -117,6 +117,7 @@ SLOW = [
     "test_faults_round3.py::test_a_flag_after_dashdash_that_a_grid_line_also_sets_is_one_line",
     "test_faults_round3.py::test_slurm_takes_a_big_grid_whose_settings_travel_in_a_file",
     "test_faults_round3.py::test_a_refused_slurm_submission_leaves_nothing_behind",
+    "test_faults_round3.py::test_a_second_sigterm_to_run_all_stops_its_runs_at_once",
 ]
 
 

@@ -159,6 +159,16 @@ def test_every_input_file_that_is_no_regular_file_is_one_line_naming_it(tmp_path
     assert in_time(lambda: plumbing.read_json_object(path)) is None
 
 
+def test_a_device_is_refused_without_being_opened(monkeypatch):
+    """Opening some devices does something (a tape rewinds, a watchdog arms): it is looked at first."""
+    opened = []
+    real = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+    with pytest.raises(OSError, match="not a regular file"):
+        plumbing.open_regular("/dev/zero")
+    assert opened == []
+
+
 def safetensors_path(tmp_path, kind):
     """The same kind of file, named .safetensors (read by another loader)."""
     path = tmp_path / "w.safetensors"
