@@ -267,8 +267,9 @@ def read_grid(path, results, extra):
             words = shlex.split(line, comments=True)
             if not words:
                 continue
-            if any(c in w for w in words for c in "\t\n"):
-                raise plumbing.UserError("a quoted word holds a tab (run_all.sh reads one run a line, tab-separated)")
+            if any(c in w for w in words for c in "\t\n\0"):  # bash drops a NUL byte: --data-dir da\0ta would be data
+                raise plumbing.UserError("a quoted word holds a tab, a line break or a NUL byte (run_all.sh reads one "
+                                         "run a line, tab-separated)")
             taken = [w for w in words[1:] if w.partition("=")[0] in RUN_ALL_FLAGS]
             if taken:
                 raise plumbing.UserError(f"{taken[0]} is set by run_all.sh itself (use --seeds and RESULTS=)")

@@ -342,6 +342,14 @@ def test_a_grid_comment_ends_at_a_line_feed_only(tmp_path, sep):
     assert [flags for _, _, flags in runs] == [["--iid"]]
 
 
+def test_a_nul_byte_in_a_grid_line_is_one_line(tmp_path):
+    """bash drops a NUL byte from what it reads: the run would get another value than the line's."""
+    grid = tmp_path / "grid.txt"
+    grid.write_bytes(b"fedavg.py --iid --data-dir da\0ta\n")
+    with pytest.raises(plumbing.UserError, match=r"line 1: a quoted word holds a tab, a line break or a NUL byte"):
+        plan.read_grid(str(grid), "runs", TINY)
+
+
 @pytest.mark.parametrize("script", ["../fedavg.py", "/elsewhere/fedavg.py", os.path.join(ROOT, "fedavg.py"),
                                     "./fedavg.py"])
 def test_a_grid_line_names_a_script_by_its_name_alone(tmp_path, script):
