@@ -420,7 +420,9 @@ while :; do  # a trapped signal ends `wait` early; wait again until the run has 
   ((status > 128)) && kill -0 "$pid" 2> /dev/null || break
 done
 if ((status == 0)) && [[ ! -f $3 && ! -L $3 ]]; then  # tasks may race here: each writes whole, same content
-  tmp=$(mktemp "$3.XXXXXX") && cat "$2" > "$tmp" && mv -f "$tmp" "$3"  # mktemp's own file: never a link
+  # mktemp's own file (never a link), removed again if the settings cannot be read (a task of an array
+  # that an older run_all.sh submitted, which passed them as words)
+  tmp=$(mktemp "$3.XXXXXX") && { cat "$2" > "$tmp" && mv -f "$tmp" "$3" || rm -f "$tmp"; }
 fi
 if ((status == 143)); then
   scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
