@@ -585,7 +585,7 @@ def split_features(model, data, split, views, args, device, digest=None):
     f = None
     if path and os.path.isfile(path):
         try:
-            f = torch.load(path, map_location="cpu", weights_only=True)
+            f = plumbing.load_tensors(path)
         except Exception:
             f = None  # a corrupt cache file is just recomputed
     if f is None:

@@ -90,10 +90,11 @@ def parse_run(line):
         words = shlex.split(line)
     except ValueError as e:
         raise plumbing.UserError(f"cannot split {line!r}: {e}")
-    script = os.path.basename(words[0]) if words else ""
+    script = words[0] if words else ""
     name = script[:-3] if script.endswith(".py") else script
-    if name not in STAGES:
-        raise plumbing.UserError(f"{line!r}: the first word must be one of {', '.join(s + '.py' for s in STAGES)}")
+    if name not in STAGES:  # by its name alone: run_all.sh runs the project's own (../fedavg.py would not be it)
+        raise plumbing.UserError(f"{line!r}: the first word must be one of {', '.join(s + '.py' for s in STAGES)}, "
+                                 f"by name alone (run_all.sh runs the project's own scripts)")
     said = io.StringIO()
     try:  # argparse reports a bad flag by printing it and exiting: turn that into one line naming the script
         with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
@@ -256,27 +257,39 @@ def new_runs(fams):
 RUN_ALL_FLAGS = ("--out", "--seed", "--resume", "--results")
 
 
+def flag_names(words):
+    """The flags among words ('--lr 0.1' and '--lr=0.1' both: --lr). The scripts take no abbreviation."""
+    return [w.partition("=")[0] for w in words if w.startswith("--")]
+
+
 def read_grid(path, results, extra):
     """A student's grid file: one run 'SCRIPT FLAGS' a line (shell-quoted), # comments, blank lines ->
     [(stage, script, grid flags)]. Each line is parsed by its script's own flags, with the results root and
-    the flags of every run (extra) added; a bad line, or two lines that would share a run directory, is one UserError naming
-    the file and the line."""
+    the flags of every run (extra) added; a bad line, a line that sets a flag of extra (which would
+    silently win), or two lines that would share a run directory, is one UserError naming the file and
+    the line. Lines end at a line feed only (str.splitlines also breaks at \v, \f, U+2028, ..., which
+    would end a comment early and run what follows it)."""
     try:
-        with open(path) as f:
-            lines = f.read().splitlines()
+        with plumbing.open_regular(path, newline="") as f:  # a FIFO would block the read; a \r is no line end
+            lines = f.read().split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise plumbing.UserError(f"--grid {path}: cannot read it ({getattr(e, 'strerror', None) or e})")
-    runs, dirs = [], {}
+    runs, dirs, everywhere = [], {}, set(flag_names(extra))
     for n, line in enumerate(lines, 1):
         try:
             words = shlex.split(line, comments=True)
             if not words:
                 continue
-            if any(c in w for w in words for c in "\t\n"):
-                raise plumbing.UserError("a quoted word holds a tab (run_all.sh reads one run a line, tab-separated)")
+            if any(c in w for w in words for c in "\t\n\0"):  # bash drops a NUL byte: --data-dir da\0ta would be data
+                raise plumbing.UserError("a quoted word holds a tab, a line break or a NUL byte (run_all.sh reads one "
+                                         "run a line, tab-separated)")
             taken = [w for w in words[1:] if w.partition("=")[0] in RUN_ALL_FLAGS]
             if taken:
                 raise plumbing.UserError(f"{taken[0]} is set by run_all.sh itself (use --seeds and RESULTS=)")
+            twice = [f for f in flag_names(words[1:]) if f in everywhere]
+            if twice:
+                raise plumbing.UserError(f"{twice[0]} is set both on this line and after -- (which would win "
+                                         f"silently): set it in one place")
             name, args = parse_run(shlex.join([*words, "--results", results, *extra]))
         except (ValueError, plumbing.UserError) as e:
             raise plumbing.UserError(f"--grid {path}, line {n}: {e}")

@@ -56,16 +56,69 @@ DIVERGED_EXIT = 3  # exit status of a diverged run (2: bad input, 130/143: stopp
 
 _stop_signal = None
 _open_run = None  # the run directory open_run prepared: where run_main looks for a checkpoint on a stop
+_counting = False  # whether _count_stop_signals watches the stop signals (run_main starts it)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+AT_ONCE_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a second of these stops at once (not SLURM's SIGUSR1,
+# which task.sh also sends for a preemption's SIGTERM: a repeated request to checkpoint)
 
 
 def _on_stop_signal(signum, frame):
+    """Python's handler: only where no _count_stop_signals thread counts the signals (it sets the flag)."""
     global _stop_signal
-    _stop_signal = signum
-    if signum == signal.SIGINT:  # a second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if not _counting:
+        _stop_signal = signum
+
+
+def _count_stop_signals(fd):
+    """Thread: each stop signal as it arrives (one byte each, written by Python's C-level handler into
+    the wakeup fd), not when the main thread gets round to Python's handler: a long torch call delays
+    that handler for seconds, and two signals that arrive meanwhile would run it once. The first asks
+    for a stop at the next step boundary; a second SIGTERM or Ctrl-C stops at once."""
+    global _stop_signal
+    while True:
+        for signum in os.read(fd, 64):
+            if signum not in STOP_SIGNALS:
+                continue
+            if _stop_signal is None:
+                _stop_signal = signum
+            elif signum in AT_ONCE_SIGNALS:
+                _stop_at_once(signum)
+
+
+def _stop_at_once(signum):
+    """A second stop signal: exit now, whatever the main thread is doing (a round, a blocked read), with
+    one line saying what is kept. Files are written whole (atomic_write), so the last checkpoint and
+    the files before it are intact; a temporary file left behind is removed on the next start."""
+    if _open_run and os.path.isfile(os.path.join(_open_run, "checkpoint.pt")):
+        kept = "its last checkpoint is kept: continue with --resume"
+    elif _open_run:
+        kept = "no checkpoint yet: rerun with --resume to start it over"
+    else:
+        kept = "nothing written yet: rerun the same command to start it again"
+    by = f"signal {signum}" + (" (Ctrl-C)" if signum == signal.SIGINT else "")
+    os.write(2, f"stopped at once by a second {by}: {kept}\n".encode())  # not print: the main thread may hold stderr
+    os._exit(130 if signum == signal.SIGINT else 143)
+
+
+def count_stop_signals():
+    """Start _count_stop_signals (once per process, from the main thread): Python's C-level handler
+    writes each signal's number into a pipe that the thread reads."""
+    global _counting
+    if _counting:
+        return
+    import threading
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # the C-level handler must never block
+    try:
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread (a test's): Python's handler alone sets the flag
+        os.close(read_end)
+        os.close(write_end)
+        return
+    threading.Thread(target=_count_stop_signals, args=(read_end,), daemon=True, name="stop_signals").start()
+    _counting = True
 
 
 def stop_requested():
@@ -160,11 +213,12 @@ def run_main(main):
     """Call main(): a UserError is one line on stderr and exit status 2; a diverged run (Diverged) one
     line and DIVERGED_EXIT; SIGTERM/SIGUSR1 and Ctrl-C (SIGINT) make the run stop within seconds
     (checkpointing at its next step boundary where it has new state), ready for --resume, with status
-    stop_status(); a second Ctrl-C stops at once, saving nothing."""
+    stop_status(); a second SIGTERM or Ctrl-C stops at once (_stop_at_once), saving nothing new."""
     for s in STOP_SIGNALS:
         # an ignored SIGINT stays ignored (a background run of run_all.sh: the study stops it by SIGTERM)
         if not (s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN):
             signal.signal(s, _on_stop_signal)
+    count_stop_signals()
     die_with_parent()
     try:
         main()
@@ -343,7 +397,7 @@ def hparams_from(path):
     """lr / momentum / weight decay chosen by a centralized run (its result.json), checked as the flags
     --lr, --momentum and --wd are."""
     try:
-        with open(path) as f:
+        with open_regular(path) as f:
             best = json.load(f)["best"]
         hp = float(best["lr"]), float(best["momentum"]), float(best["wd"])
     except OSError as e:
@@ -613,15 +667,19 @@ def _unwrap_state_dict(sd):
 
 def read_weights_file(path):
     """The backbone state dict in a --weights file (a .pth/.pt checkpoint or .safetensors), unwrapped."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UserError(f"weights file not found: {path} (download dino_deitsmall16_pretrain.pth or drop --weights)")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(path)
+            from safetensors.torch import load
+            with open_regular(path, binary=True) as f:
+                sd = load(f.read())
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_tensors(path)
         return _unwrap_state_dict(sd)
+    except OSError as e:
+        raise UserError(f"cannot read weights file {path} ({e.strerror or type(e).__name__}): give a .pth or "
+                        f".safetensors file")
     except Exception as e:
         raise UserError(f"cannot read weights file {path} ({type(e).__name__}); re-download it")
 
@@ -654,9 +712,11 @@ def load_tensor_file(path, what, fix):
     """torch.load of a file the user names, on the CPU and weights_only (a crafted pickle cannot run
     code); a missing or unreadable file is one line saying `fix`."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_tensors(path)
     except FileNotFoundError:
         raise UserError(f"{what} not found: {path} ({fix})")
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path} ({e.strerror or type(e).__name__}): {fix}")
     except Exception as e:
         raise UserError(f"cannot read {what} {path} ({type(e).__name__}): {fix}")
 
@@ -829,7 +889,21 @@ def run_name(args, stage, core, named):
     added later: nothing to register) never share a directory, and at the defaults the name is the core."""
     parts = [core] + [name_part(k, v) for k, v in args.given.items()
                       if k not in UNNAMED_FLAGS and k not in named and v != args.defaults[k]]
-    return f"{args.results}/{stage}/{'_'.join(parts)}/seed{args.seed}"
+    out = f"{args.results}/{stage}/{'_'.join(parts)}/seed{args.seed}"
+    refuse_long_names(out, "shorten the flag values that name the run (or run it alone with --out DIR)")
+    return out
+
+
+NAME_MAX = 255  # bytes in one file or folder name on Linux's filesystems (ext4, xfs, btrfs, tmpfs, NFS)
+
+
+def refuse_long_names(path, fix):
+    """A UserError saying `fix` if a file or folder name in `path` is longer than NAME_MAX: refused before
+    anything is created (makedirs would leave the folders above it behind)."""
+    too_long = [part for part in path.split(os.sep) if len(os.fsencode(part)) > NAME_MAX]
+    if too_long:
+        raise UserError(f"the folder name {too_long[0][:40]}... is {len(os.fsencode(too_long[0]))} bytes, more than "
+                        f"the {NAME_MAX} a name may have: {fix}")
 
 
 # Values get_args derives from flags that config.json holds already (fedavg's split: --iid/--nc/--dirichlet)
@@ -951,14 +1025,26 @@ def remove_stale_temporaries(out):
                                 f"({e.strerror}): the run directory must be writable; nothing was changed")
 
 
-def open_regular(path, **kw):
-    """open(path, encoding="utf-8", **kw) for reading, of a regular file only: a FIFO (whose read would block
-    forever) or a device raises OSError. Text files are UTF-8 whatever the locale."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO's open would block too
+def open_regular(path, binary=False, **kw):
+    """open(path, encoding="utf-8", **kw) for reading (binary: open(path, "rb")), of a regular file only: a
+    FIFO (whose open and read would block forever), a folder, a device or a socket raises OSError
+    ("not a regular file") without being opened, or (replaced meanwhile) without blocking. Every file
+    a user names goes through here. Text files are UTF-8 whatever the locale."""
+    not_regular = OSError(errno.EINVAL, "not a regular file", path)
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a device is never opened (opening some has effects)
+        raise not_regular
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO put there since: no blocking open
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", path)
-    return open(fd, encoding="utf-8", **kw)
+        raise not_regular
+    return open(fd, "rb") if binary else open(fd, encoding="utf-8", **kw)
+
+
+def load_tensors(path):
+    """torch.load of a regular file (open_regular), on the CPU and weights_only: a crafted pickle cannot run
+    code. Raises what open_regular and torch.load raise."""
+    with open_regular(path, binary=True) as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def read_json_object(path):
@@ -1042,6 +1128,7 @@ def refuse_other_runs(args, config):
 def make_run_dir(out):
     """Create run directory `out` (and its parents); True if this process created it. Of several starts
     at once only one creates it (os.mkdir is atomic), and only that one may remove it again."""
+    refuse_long_names(out, "choose a shorter --out or --results")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         try:
@@ -1084,7 +1171,7 @@ def open_run(args):
             write_json(config, cfg_path)
         elif os.path.isfile(ckpt_path):  # --resume of an interrupted run (without a checkpoint: it starts over)
             try:  # weights_only: a crafted checkpoint cannot run code
-                ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+                ckpt = load_tensors(ckpt_path)
             except Exception as e:
                 raise UserError(f"cannot read {ckpt_path} ({type(e).__name__}); delete it to start over")
             if not isinstance(ckpt, dict) or not isinstance(ckpt.get("run"), dict) or \

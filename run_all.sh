@@ -7,9 +7,10 @@
 #
 #   --quick           a tiny grid with short runs that still holds every kind of run (a smoke check
 #                     of the whole pipeline); its seeds default to 0
-#   --grid FILE       your own grid instead of the study's: FILE holds one run a line, a stage script and its
-#                     flags (e.g. `fedavg.py --nc 5 --j 4 --lr 0.001`; # comments, blank lines); each runs per seed
-#                     like the study's runs (skipped when done, resumed, packed, SLURM, summary)
+#   --grid FILE       your own grid instead of the study's: FILE holds one run a line, a stage script by its
+#                     name and its flags (e.g. `fedavg.py --nc 5 --j 4 --lr 0.001`; # comments, blank lines; a
+#                     line may not set a flag given after --); each runs per seed like the study's runs
+#                     (skipped when done, resumed, packed, SLURM, summary)
 #   --extensions      add the FL algorithm comparison: every algorithm at each setting of its grid, from a
 #                     zero head and from the step-0 head (dense and sparse), on an IID, an Nc and a Dirichlet
 #                     split (python plan.py --grid-table; --dry-run says how many runs and how long it adds)
@@ -106,6 +107,9 @@ SEED_RE='(0|[1-9][0-9]*)'
 [[ -z $PER_GPU ]] || bounded --per-gpu "$PER_GPU" 64
 [[ -z $MAX_PARALLEL ]] || bounded --max-parallel "$MAX_PARALLEL" 1000000
 [[ -z $GRID_FILE ]] || ((!QUICK && !EXTENSIONS)) || die "--grid FILE is the whole study: it excludes --quick and --extensions"
+# A FIFO's read would block the planner (plan.py refuses it too, for a grid file replaced meanwhile)
+[[ -z $GRID_FILE || ! -e $GRID_FILE || -f $GRID_FILE ]] ||
+  die "--grid $GRID_FILE is not a regular file (a FIFO, a folder, a device): give a grid file"
 ((SLURM)) || [[ -z $SLURM_ONLY ]] || die "$SLURM_ONLY goes with --slurm"
 ((!SLURM)) || [[ -z $GPUS && -z $PER_GPU ]] || die "--gpus and --per-gpu exclude --slurm (it gives each task a GPU)"
 [[ ! -e $RESULTS || -d $RESULTS ]] || die "RESULTS=$RESULTS is a file, not a directory"
@@ -179,6 +183,19 @@ forget_new_root() {  # a root this study created and left empty but for its lock
   if ((CREATED_ROOT)); then rm -f "$RESULTS/run_all.lock"; rmdir "$RESULTS" 2> /dev/null || true; fi
 }
 trap stop_early INT TERM
+# read_child COMMAND...: run it as CHILD, its output lines into the array OUTPUT, its exit status returned.
+# Read through a process substitution that is the command itself (exec), not $(...), which holds a stop's
+# trap until the command has returned: mapfile lets the trap run at once, and the trap can stop CHILD.
+read_child() {
+  local fd status=0
+  exec {fd}< <(exec "$@")
+  CHILD=$!
+  mapfile -t OUTPUT <&"$fd"
+  exec {fd}<&-
+  wait "$CHILD" || status=$?
+  CHILD=""
+  return "$status"
+}
 
 # ----------------------------------------------------------------------------- the grid
 
@@ -192,8 +209,8 @@ PLAN=(--runs --describe-runs --seeds "$SEEDS" --results "$RESULTS")
 ((!QUICK)) || PLAN+=(--quick)
 ((!EXTENSIONS)) || PLAN+=(--extensions)
 [[ -z $GRID_FILE ]] || PLAN+=(--grid "$GRID_FILE")
-PLANNED=$("$PY" "$HERE/plan.py" "${PLAN[@]}" -- "${EXTRA[@]}") || exit 2
-{ read -r GRID; mapfile -t ROWS; } <<< "$PLANNED"
+read_child "$PY" "$HERE/plan.py" "${PLAN[@]}" -- "${EXTRA[@]}" || exit 2
+GRID=${OUTPUT[0]-} ROWS=("${OUTPUT[@]:1}")
 
 # Run directories do not encode --quick, the grid file or the flags after --, so one root holds one kind of
 # study. The settings are recorded only once a run has succeeded: a typo after -- that fails every run must
@@ -215,7 +232,14 @@ for i in "${!ROWS[@]}"; do
   esac
 done
 command_of() { echo "$(quote "$PY" "$HERE/${SCRIPT[$1]}") ${ARGS[$1]}"; }
-log_of() { local rel=${OUT[$1]#"$RESULTS"/}; echo "$RESULTS/logs/${rel//\//_}.log"; }
+# A run's log: logs/STAGE_NAME_seedS.log; where that is longer than a file name may be (255 bytes; NAME
+# is up to 255 itself), its first 200 bytes and a checksum of the whole (a run's FAILED line names both).
+log_of() {
+  local rel=${OUT[$1]#"$RESULTS"/} log
+  log=${rel//\//_}.log
+  ((${#log} <= 255)) || log=${log:0:200}-$(cksum <<< "$rel" | cut -d' ' -f1).log
+  echo "$RESULTS/logs/$log"
+}
 # Download CIFAR-100 and the weights once, before parallel runs or array tasks could all try.
 PREFETCH=$(quote "$PY" "$HERE/plan.py" --prefetch -- "${EXTRA[@]}")
 
@@ -227,21 +251,13 @@ PREFETCH=$(quote "$PY" "$HERE/plan.py" --prefetch -- "${EXTRA[@]}")
 # measured speed; the study's: the sum over its runs, divided among the runs at once.
 SAY=() COST=()
 estimate() {
-  local tag value k=0 line runs=() input est=() fd status=0 gpu_env=()
+  local tag value k=0 line runs=() input gpu_env=()
   [[ -z $GPUS ]] || gpu_env=(env CUDA_VISIBLE_DEVICES="${DEVICES[0]}")
   for i in "${TODO[@]}"; do runs+=("${SCRIPT[i]} ${ARGS[i]}"); done
   printf -v input '%s\n' "${runs[@]}"
-  # Read through a process substitution that is plan.py itself (exec), not $(...): mapfile lets a
-  # stop's trap run at once, and the trap can stop plan.py.
-  exec {fd}< <(exec "${gpu_env[@]}" "$PY" "$HERE/plan.py" --estimate --gpus "${GPUS:-0}" --per-gpu "${PER_GPU:-auto}" \
-                 <<< "$input")
-  CHILD=$!
-  mapfile -t est <&"$fd"
-  exec {fd}<&-
-  wait "$CHILD" || status=$?
-  CHILD=""
-  ((status == 0)) || return 2
-  for line in "${est[@]}"; do
+  read_child "${gpu_env[@]}" "$PY" "$HERE/plan.py" --estimate --gpus "${GPUS:-0}" --per-gpu "${PER_GPU:-auto}" \
+    <<< "$input" || return 2
+  for line in "${OUTPUT[@]}"; do
     IFS=$'\t' read -r tag value <<< "$line"
     case $tag in
       per-gpu) PER_GPU=$value ;;
@@ -374,12 +390,22 @@ if ((SLURM)); then
   mkdir -p "$RESULTS/slurm"
   stamp=$(date +%Y%m%d-%H%M%S)-$$  # files of earlier submissions may still be read by their tasks
   cmds=$RESULTS/slurm/$stamp.cmds
+  # The settings go to the tasks as a file: as one argument of sbatch, a big grid's (over 128 KiB)
+  # would not fit (Argument list too long)
+  settings=$RESULTS/slurm/$stamp.settings
+  undo_submission() {  # sbatch refused the array: leave no file of it behind
+    rm -f "$cmds" "$settings"
+    ((!CREATED_ROOT)) || rm -f "$RESULTS/slurm/task.sh" "$RESULTS/run_all.plan"
+    rmdir "$RESULTS/slurm" "$RESULTS/logs" 2> /dev/null || true
+    forget_new_root
+  }
   for i in "${TODO[@]}"; do echo "$(quote "$(log_of "$i")") $(command_of "$i")"; done | write_file "$cmds"
+  echo "$SETTINGS" | write_file "$settings"
   task=$RESULTS/slurm/task.sh
   write_file "$task" << 'EOF'
 #!/usr/bin/env bash
 # One task of a run_all.sh job array: line SLURM_ARRAY_TASK_ID (from 0) of the file $1 is
-# 'LOG COMMAND...'; the first run that succeeds writes the study's settings $2 into the file $3.
+# 'LOG COMMAND...'; the first run that succeeds copies the study's settings (the file $2) to the file $3.
 # SLURM's warning signal (--signal=B:USR1@120) and a preemption's TERM reach this
 # shell only: pass them to the run, which checkpoints at its next step and exits 143; then requeue the
 # task, which resumes the run from that checkpoint.
@@ -399,7 +425,9 @@ while :; do  # a trapped signal ends `wait` early; wait again until the run has 
   ((status > 128)) && kill -0 "$pid" 2> /dev/null || break
 done
 if ((status == 0)) && [[ ! -f $3 && ! -L $3 ]]; then  # tasks may race here: each writes whole, same content
-  tmp=$(mktemp "$3.XXXXXX") && echo "$2" > "$tmp" && mv -f "$tmp" "$3"  # mktemp's own file: never a link
+  # mktemp's own file (never a link), removed again if the settings cannot be read (a task of an array
+  # that an older run_all.sh submitted, which passed them as words)
+  tmp=$(mktemp "$3.XXXXXX") && { cat "$2" > "$tmp" && mv -f "$tmp" "$3" || rm -f "$tmp"; }
 fi
 if ((status == 143)); then
   scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
@@ -415,15 +443,22 @@ EOF
   elif ((GRES_GIVEN)); then gres=(--gres "$GRES")
   elif [[ ! -v SBATCH_GRES ]]; then gres=(--gres gpu:1)
   fi
+  status=0
   id=$("${no_gres[@]}" sbatch "${opts[@]}" "${gres[@]}" --array "0-$((n - 1))${MAX_PARALLEL:+%$MAX_PARALLEL}" \
     --requeue --signal=B:USR1@120 --job-name run_all --output "$RESULTS/logs/slurm-%A_%a.out" \
-    "$task" "$cmds" "$SETTINGS" "$RESULTS/run_all.settings")
+    "$task" "$cmds" "$settings" "$RESULTS/run_all.settings") || status=$?
+  if ((status)); then
+    undo_submission
+    die "sbatch refused the job array (exit $status, its message above): nothing was submitted"
+  fi
   id=${id%%;*}  # --parsable prints "jobid" or "jobid;cluster"
   echo "job array $id: $n runs ($cmds)"
   # afterany: summarize whatever finished, failed tasks included; a dependency that can never be met
   # (e.g. the array was cancelled before it existed) cancels the summary instead of leaving it pending.
   sid=$(env -u SBATCH_GRES sbatch "${opts[@]}" --dependency "afterany:$id" --kill-on-invalid-dep=yes \
-    --job-name run_all-summary --output "$RESULTS/logs/slurm-summary-%j.out" --wrap "$SUMMARY_CMD")
+    --job-name run_all-summary --output "$RESULTS/logs/slurm-summary-%j.out" --wrap "$SUMMARY_CMD") ||
+    { echo "run_all.sh: error: sbatch refused the summary job: once the array $id has ended, run" \
+           "./run_all.sh --summary-only" >&2; exit 1; }
   echo "summary: job ${sid%%;*}; tables and plots will be in $RESULTS/summary/ (logs in $RESULTS/logs/)"
   exit 0
 fi
@@ -480,15 +515,19 @@ free_slot() {  # sets FREE to an idle slot, waiting for a run to finish if there
   done
 }
 
-interrupted() {  # the runs save a checkpoint at their next step and exit; wait for that
+interrupted() {  # the runs save a checkpoint at their next step and exit; wait for that. A second
+                 # Ctrl-C or SIGTERM is passed on: a second one stops a run at once (with its last checkpoint)
+  trap stop_runs INT TERM
+  stop_runs
+  until wait; do :; done  # a trapped signal ends `wait` early: wait again until every run has exited
+  echo "interrupted: run the same command again to continue (finished runs are skipped)" >&2
+  exit 130
+}
+stop_runs() {
   local g
-  trap '' INT TERM
   for ((g = 0; g < SLOTS; g++)); do
     [[ -z ${SLOT_PID[g]} ]] || kill -TERM "${SLOT_PID[g]}" 2> /dev/null || true
   done
-  wait
-  echo "interrupted: run the same command again to continue (finished runs are skipped)" >&2
-  exit 130
 }
 trap interrupted INT TERM
 
