@@ -3,10 +3,12 @@
 Read it top to bottom, each part using only those above it: data and transforms, the ViT and its
 weights (timm's hub, a file, or the project's pretrained stand-ins), SparseSGDM, learning-rate
 schedules, forward passes and evaluation, frozen-backbone features and heads (SGD and ridge), Fisher
-scores and masks (TaLoS steps 1-2), and last a run's start (prepare).
+scores and masks (TaLoS steps 1-2), the flags of steps 0-2 (edit_parser), and last a run's start
+(prepare).
 A run's plumbing (errors, the flags the scripts share, device, random streams, files, run directories,
 plots) is in plumbing.py; run_all.sh's planner (prefetch, image passes, time estimate) in plan.py.
 """
+import argparse
 import hashlib
 import math
 import os
@@ -858,6 +860,79 @@ SCORES = ["logit", "loglik"]
 CALIB_IMAGES = ["train-aug", "clean"]
 # The layers whose weight and bias TaLoS masks (its layers.mask_pretrained_vit wraps exactly these).
 MASKED_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm)
+
+
+# ----------------------------------------------------------------------------- the flags of steps 0-2
+
+# --ridge-views' bound: each view is one more forward pass over the training set, and split_features holds
+# every view's features at once on the device (N x D floats a view: 69 MB for CIFAR-100 on ViT-S/16, so
+# 2.2 GB at 32). 10^8 views were accepted, months of passes and terabytes.
+MAX_RIDGE_VIEWS = 32
+
+
+def ridge_views(s):
+    v = plumbing.nonneg_int(s)
+    if v > MAX_RIDGE_VIEWS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_RIDGE_VIEWS}, got {s}")
+    return v
+
+
+def edit_parser():
+    """The flags of the science above, shared by model_editing.py and fedavg.py (an argparse parent): the
+    step-0 head, and the mask (fedavg.py: only with --sparse)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("step 0: the classifier head (frozen from then on, except in dense FedAvg)")
+    g.add_argument("--head", type=plumbing.path, default="ridge", metavar="{ridge,warmup,zero,random,FILE}",
+                   help="ridge: closed-form ridge regression on frozen-backbone features, lambda chosen on "
+                        "the validation split (fedavg.py: from the clients' sufficient statistics, one "
+                        "round); warmup: SGD on the frozen backbone (fedavg.py: --warmup-rounds head-only "
+                        "rounds); zero / random (fedavg.py without --sparse only): a fresh head, all zeros or "
+                        "seeded by --seed, that FedAvg trains from scratch; FILE: a head.pt saved by an "
+                        "earlier run (e.g. the centralized baseline)")
+    g.add_argument("--ridge-views", type=ridge_views, default=0,
+                   help="with --head ridge: fit it on the clean training images plus this many augmented views "
+                        "(training crop/flip) of each (fedavg.py: each client's statistics of its own views); "
+                        f"0: clean images only; at most {MAX_RIDGE_VIEWS}: each view is another pass over "
+                        f"the training set, and all views' features are held at once")
+    g = p.add_argument_group("steps 1-2: gradient mask (model_editing.py, fedavg.py --sparse)")
+    g.add_argument("--rule", choices=MASK_RULES, default="least-sensitive",
+                   help="which backbone weights may be updated (TaLoS: least-sensitive)")
+    g.add_argument("--sparsity", type=plumbing.unit_float, default=0.9,
+                   help="fraction of the masked tensors' N entries that are FROZEN: int((1 - sparsity) * N) "
+                        "stay updatable (TaLoS's count)")
+    g.add_argument("--calib-rounds", type=plumbing.positive_int, default=4,
+                   help="mask calibration rounds; round r keeps int((1 - sparsity) ** (r / rounds) * N) entries")
+    g.add_argument("--score", choices=SCORES, default="logit",
+                   help="sensitivity: squared per-sample gradient of the sampled class's raw logit (TaLoS's "
+                        "code) or of its log-probability (the textbook Fisher)")
+    g.add_argument("--fisher-batches", type=plumbing.positive_int, default=8,
+                   help="batches of --fisher-batch-size images scored per calibration round")
+    g.add_argument("--fisher-batch-size", type=plumbing.positive_int, default=32,
+                   help="images per Fisher batch; memory grows with it (one layer's per-sample gradients)")
+    g.add_argument("--calib-damp", type=plumbing.damping, default=0.1,
+                   help="while calibrating, weights already masked out are scaled by this (TaLoS: 0.1)")
+    g.add_argument("--calib-images", choices=CALIB_IMAGES, default="train-aug",
+                   help="calibration images scored through the training augmentation, a fresh random crop "
+                        "and flip each round (train-aug: TaLoS scores through its training preprocessing) "
+                        "or as they are (clean); independent of --no-aug")
+    return p
+
+
+def check_head_flags(p, args):
+    """edit_parser's head flags, as both scripts refuse them: --ridge-views only fits a ridge head."""
+    if args.head != "ridge":
+        plumbing.refuse_ignored(p, args, ["ridge_views"], f"it fits --head ridge, and this run's head is {args.head}")
+
+
+def ridge_views_tag(args):
+    """Run-name suffix of a ridge head fitted on augmented views ('_ridge4views'; '' for the clean one,
+    whose runs keep their names): another head, so another run."""
+    return f"_ridge{args.ridge_views}views" if args.head == "ridge" and args.ridge_views else ""
+
+
+# edit_parser's flags that make a mask: they do nothing without one to make (no --sparse, or --mask FILE)
+CALIBRATION_FLAGS = ("rule", "sparsity", "calib_rounds", "score", "fisher_batches", "fisher_batch_size",
+                     "calib_damp")
 
 
 def _masked_layers(model):

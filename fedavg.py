@@ -26,7 +26,7 @@ import plumbing
 
 def get_args(argv=None):
     shared = [plumbing.base_parser(common.DEFAULT_ARCH),
-              plumbing.edit_parser(common.MASK_RULES, common.SCORES, common.CALIB_IMAGES)]
+              common.edit_parser()]
     p = plumbing.Parser(parents=shared, description=__doc__.split("\n")[0],
                         example="python fedavg.py --nc 5 --j 8 --sparse   # sparse FedAvg, 5 classes per client")
     p.set_defaults(batch_size=64)
@@ -52,14 +52,14 @@ def get_args(argv=None):
                    help="test accuracy every N rounds, and always after the last round")
     g.add_argument("--ckpt-every", type=plumbing.positive_int, default=5, help="checkpoint every N rounds")
     g = p.add_argument_group("local training")
-    g.add_argument("--lr", type=plumbing.nonneg_float, default=1e-4,
+    g.add_argument("--lr", type=plumbing.rate, default=1e-4,
                    help="client learning rate of rounds that train the backbone (dense or --sparse), constant "
                         "(docs/flags.md: why this low)")
-    g.add_argument("--head-lr", type=plumbing.nonneg_float, default=0.1,
+    g.add_argument("--head-lr", type=plumbing.rate, default=0.1,
                    help="client learning rate of head-only rounds (--head warmup's warm-up, --train head)")
     g.add_argument("--momentum", type=plumbing.unit_float, default=0.9,
                    help="client momentum; a fresh buffer for every client and round")
-    g.add_argument("--wd", type=plumbing.nonneg_float, default=0.0, help="client weight decay")
+    g.add_argument("--wd", type=plumbing.rate, default=0.0, help="client weight decay")
     g.add_argument("--train", choices=["all", "head"], default="all",
                    help="what dense clients train: the whole model, or only the head on the frozen backbone "
                         "(then on cached clean features)")
@@ -92,7 +92,7 @@ def get_args(argv=None):
         p.error("--mask needs --sparse")
     if args.sparse and args.train == "head":
         p.error("--sparse fine-tunes the backbone under a frozen head; it cannot go with --train head")
-    plumbing.check_head_flags(p, args)
+    common.check_head_flags(p, args)
     if args.sparse and args.head in common.FRESH_HEADS:
         p.error(f"--sparse freezes the head, and a frozen --head {args.head} would stay a fresh head (a zero head "
                 f"passes the backbone no gradient at all): use ridge, warmup or a head.pt")
@@ -106,9 +106,9 @@ def get_args(argv=None):
     if args.train == "head":
         plumbing.refuse_ignored(p, args, ["lr"], "every round of --train head is head-only, at --head-lr")
     if not args.sparse:
-        plumbing.refuse_ignored(p, args, plumbing.CALIBRATION_FLAGS, "they make the mask of --sparse")
+        plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "they make the mask of --sparse")
     elif args.mask:
-        plumbing.refuse_ignored(p, args, plumbing.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
+        plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
     if args.scale_rounds and args.rounds * 4 % args.j:
         p.error(f"--scale-rounds: {args.rounds} rounds x 4 / J={args.j} is not a whole number of rounds, so local "
                 f"work would not be equal across J; choose --rounds a multiple of {args.j // math.gcd(args.j, 4)}")
@@ -149,7 +149,7 @@ def run_core(args):
                 else f"sparse-{args.rule}_s{args.sparsity}_r{args.calib_rounds}")
     if args.head in common.FRESH_HEADS:  # the baseline where FedAvg learns the head: not the ridge head's run
         kind += f"_from-{args.head}"
-    kind += plumbing.ridge_views_tag(args)
+    kind += common.ridge_views_tag(args)
     rounds = "" if args.rounds == scaled_rounds(args.defaults["rounds"], args.j) else f"_R{args.rounds}"
     return f"{args.split}_j{args.j}_{kind}{algorithm_tag(args)}{rounds}"
 

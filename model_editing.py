@@ -24,15 +24,15 @@ import plumbing
 
 def get_args(argv=None):
     shared = [plumbing.base_parser(common.DEFAULT_ARCH),
-              plumbing.edit_parser(common.MASK_RULES, common.SCORES, common.CALIB_IMAGES)]
+              common.edit_parser()]
     p = plumbing.Parser(parents=shared, description=__doc__.split("\n")[0],
                         example="python model_editing.py --rule least-sensitive --sparsity 0.9 --calib-rounds 4")
     g = p.add_argument_group("--head warmup: SGD on cached frozen-backbone features, cosine schedule")
     g.add_argument("--hparams", type=plumbing.path, default=None,
                    help="lr/momentum/wd of the warm-up from a centralized run's result.json")
-    g.add_argument("--warmup-lr", type=plumbing.nonneg_float, default=0.01, help="warm-up lr without --hparams")
+    g.add_argument("--warmup-lr", type=plumbing.rate, default=0.01, help="warm-up lr without --hparams")
     g.add_argument("--warmup-momentum", type=plumbing.unit_float, default=0.9, help="warm-up momentum without --hparams")
-    g.add_argument("--warmup-wd", type=plumbing.nonneg_float, default=0.0, help="warm-up weight decay without --hparams")
+    g.add_argument("--warmup-wd", type=plumbing.rate, default=0.0, help="warm-up weight decay without --hparams")
     g.add_argument("--warmup-epochs", type=plumbing.positive_int, default=20, help="warm-up epochs (early stopping)")
     g.add_argument("--patience", type=plumbing.positive_int, default=5,
                    help="warm-up stops after this many epochs without a better validation accuracy")
@@ -40,10 +40,10 @@ def get_args(argv=None):
     g.add_argument("--mask", type=plumbing.path, default=None, help="use this mask.pt instead of calibrating one")
     g = p.add_argument_group("step 2: sparse fine-tuning of the backbone (head frozen)")
     g.add_argument("--epochs", type=plumbing.nonneg_int, default=5, help="fine-tuning epochs")
-    g.add_argument("--lr", type=plumbing.nonneg_float, default=1e-4,
+    g.add_argument("--lr", type=plumbing.rate, default=1e-4,
                    help="fine-tuning learning rate (docs/flags.md: why this low)")
     g.add_argument("--momentum", type=plumbing.unit_float, default=0.9, help="SparseSGDM momentum")
-    g.add_argument("--wd", type=plumbing.nonneg_float, default=0.0, help="SparseSGDM weight decay (masked entries: none)")
+    g.add_argument("--wd", type=plumbing.rate, default=0.0, help="SparseSGDM weight decay (masked entries: none)")
     g.add_argument("--scheduler", choices=common.SCHEDULERS, default="cosine", help="LR schedule, per epoch")
     g.add_argument("--no-aug", action="store_true", help="no random crop / flip while fine-tuning")
     args = p.parse_args(argv)
@@ -53,14 +53,14 @@ def get_args(argv=None):
         plumbing.refuse_ignored(p, args, ["warmup_lr", "warmup_momentum", "warmup_wd"],
                                 "--hparams sets the warm-up's lr, momentum and weight decay")
     if args.mask:
-        plumbing.refuse_ignored(p, args, plumbing.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
+        plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
     if args.head in common.FRESH_HEADS:
         p.error(f"model_editing.py freezes the step-0 head, and a frozen --head {args.head} would stay a fresh head "
                 f"(a zero head passes the backbone no gradient at all): use ridge, warmup or a head.pt")
-    plumbing.check_head_flags(p, args)
+    common.check_head_flags(p, args)
     plumbing.check_base_flags(p, args)
     mask = f"mask-{plumbing.file_tag(args.mask)}" if args.mask else f"{args.rule}_s{args.sparsity}_r{args.calib_rounds}"
-    mask += plumbing.ridge_views_tag(args)
+    mask += common.ridge_views_tag(args)
     args.out = args.out or plumbing.run_name(args, "model_editing", mask,
                                              {"mask", "rule", "sparsity", "calib_rounds", "ridge_views"})
     return args

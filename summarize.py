@@ -264,7 +264,7 @@ def fedavg_flags(r):
     if c.get("scale_rounds"):
         c["rounds"] = c["rounds"] * c["j"] // 4 if c["rounds"] * c["j"] % 4 == 0 else c["rounds"] * c["j"] / 4
     if not (r["mask"] and r["mask"][3] == "federated"):
-        c = {k: v for k, v in c.items() if k not in plumbing.CALIBRATION_FLAGS}
+        c = {k: v for k, v in c.items() if k not in common.CALIBRATION_FLAGS}
     return c
 
 
@@ -305,7 +305,7 @@ def flags_note(flags):
 
 def uncalibrated(flags):
     """The flags without the calibration flags: those a dense FedAvg run would have (see fedavg_flags)."""
-    return tuple(kv for kv in flags if kv[0] not in plumbing.CALIBRATION_FLAGS)
+    return tuple(kv for kv in flags if kv[0] not in common.CALIBRATION_FLAGS)
 
 
 PLAN = "run_all.plan"  # run_all.sh's runs of the study: lines 'STAGE<tab>RUN DIR under the root<tab>CONFIG (JSON)'

@@ -328,9 +328,10 @@ def test_flags_beyond_what_torch_or_memory_take_are_one_line(argv, says, capsys)
 
 
 @pytest.mark.parametrize("best, says", [
-    ({"lr": -1, "momentum": 0.9, "wd": 0}, "its lr must be a finite number >= 0"),
+    ({"lr": -1, "momentum": 0.9, "wd": 0}, "its lr must be in [0, 1e+38]"),
     ({"lr": 0.1, "momentum": 5, "wd": 0}, "its momentum must be in [0, 1)"),
-    ({"lr": float("nan"), "momentum": 0.9, "wd": 0}, "its lr must be a finite number >= 0"),
+    ({"lr": float("nan"), "momentum": 0.9, "wd": 0}, "its lr must be in [0, 1e+38]"),
+    ({"lr": 0.1, "momentum": 0.9, "wd": 1e39}, "its wd must be in [0, 1e+38]"),  # as --wd: torch would overflow
 ])
 def test_hparams_out_of_range_are_refused_before_anything_is_written(tmp_path, best, says):
     (tmp_path / "r.json").write_text(json.dumps({"best": dict(best, scheduler="cosine")}))
