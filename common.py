@@ -526,6 +526,13 @@ class LossWatch:
                                     f"{scaler.get_scale():.3g} (the gradients are not finite at any scale; training loss "
                                     f"{loss:.4g}); stopped without a result: try {self.hint}")
 
+    def check_weights(self, tensors, when, hint=None):
+        """Stop the run (Diverged) if a weight is not finite: a step after the loss was read (FedAvg's server
+        step, the last round's included, whose weights no later loss would read) can diverge too."""
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            raise plumbing.Diverged(f"{self.stage}, {when}: the weights are not finite after the step (the training "
+                                    f"loss was finite before it); stopped without a result: try {hint or self.hint}")
+
     def warn(self, loss, when):
         chance = math.log(NUM_CLASSES)
         if not self.warned and loss > LOSS_WARN_FACTOR * chance:
@@ -932,7 +939,7 @@ def ridge_views_tag(args):
 
 # edit_parser's flags that make a mask: they do nothing without one to make (no --sparse, or --mask FILE)
 CALIBRATION_FLAGS = ("rule", "sparsity", "calib_rounds", "score", "fisher_batches", "fisher_batch_size",
-                     "calib_damp")
+                     "calib_damp", "calib_images")
 
 
 def _masked_layers(model):
@@ -1177,23 +1184,28 @@ def save_mask(mask, path):
 
 def load_mask(path, model):
     """Read a mask file and check it fits masked_params(model) (every name, every shape)."""
-    mask = plumbing.load_tensor_file(path, "mask file", "make one with model_editing.py")
+    return checked_mask(plumbing.load_tensor_file(path, "mask file", "make one with model_editing.py"), path, model)
+
+
+def checked_mask(mask, where, model):
+    """`mask` (read from `where`: a mask file, a checkpoint) as {name: bool tensor}, if it fits
+    masked_params(model) (every name, every shape) and keeps something; else a UserError naming `where`."""
     params = dict(masked_params(model))
     if not isinstance(mask, dict):
-        raise plumbing.UserError(f"{path} is not a mask file (a dict of bool tensors by parameter name; it holds a "
+        raise plumbing.UserError(f"{where} is not a mask file (a dict of bool tensors by parameter name; it holds a "
                                  f"{type(mask).__name__}): make one with model_editing.py")
     if {"cls_token", "pos_embed"} & set(mask):
-        raise plumbing.UserError(f"mask {path} was made by an older version (it masks cls_token/pos_embed); "
+        raise plumbing.UserError(f"mask {where} was made by an older version (it masks cls_token/pos_embed); "
                                  "recalibrate it: rerun model_editing.py")
     if set(mask) != set(params):
         extra, missing = sorted(set(mask) - set(params)), sorted(set(params) - set(mask))
-        raise plumbing.UserError(f"mask {path} does not fit --arch: missing {missing[:3]}, unknown {extra[:3]}")
+        raise plumbing.UserError(f"mask {where} does not fit --arch: missing {missing[:3]}, unknown {extra[:3]}")
     for n, p in params.items():
         if not isinstance(mask[n], torch.Tensor) or mask[n].shape != p.shape:
-            raise plumbing.UserError(f"mask {path} does not fit --arch: {n} should have shape {tuple(p.shape)}")
+            raise plumbing.UserError(f"mask {where} does not fit --arch: {n} should have shape {tuple(p.shape)}")
     mask = {n: m.bool() for n, m in mask.items()}
     if not any(bool(m.any()) for m in mask.values()):  # as --sparsity that keeps nothing (check_sparsity)
-        raise plumbing.UserError(f"mask {path} keeps no entry at all (every value False): it would train nothing")
+        raise plumbing.UserError(f"mask {where} keeps no entry at all (every value False): it would train nothing")
     return mask
 
 

@@ -12,9 +12,12 @@ mask calibrated from the clients' summed Fisher scores (or --mask); step 2 FedAv
 clients update only masked-in backbone entries with SparseSGDM. Example:
     python fedavg.py --nc 5 --j 8 --sparse
 """
+import dataclasses
 import math
 import os
 import time
+import typing
+from typing import Optional
 
 import numpy as np
 import torch
@@ -667,7 +670,7 @@ def train_round(model, phase, shards, x, y, rnd, args, device, scaler):
             float(agg) / spread if spread > 0 else float("nan"))
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- outputs, and what the planner asks
 
 def write_outputs(rows, args):
     plumbing.write_csv(rows, os.path.join(args.out, "metrics.csv"))
@@ -715,170 +718,305 @@ def image_passes(a, train, val, test):
     return a.rounds * clients_per_round(a) * a.j * a.batch_size + calib, feats + evals
 
 
+# ----------------------------------------------------------------------------- the run's state: its checkpoint
+
+ROW_KEYS = ("round", "train_loss", "update_norm", "agreement", "val_loss", "val_acc", "test_loss", "test_acc")
+
+
+@dataclasses.dataclass
+class RunState:
+    """All of a FedAvg run's state, which is its checkpoint (to_checkpoint; plumbing.save_checkpoint adds
+    "run", the run's flags). The fields are the checkpoint's schema: from_checkpoint refuses any other."""
+    head: dict                  # step 0: the head after it (head.pt; with --head warmup, before its warm-up rounds)
+    head_info: dict             # step 0: how the head was made (into result.json)
+    upload: int                 # values the clients uploaded so far
+    round: int = 0              # rounds done, warm-up rounds included
+    rows: list = dataclasses.field(default_factory=list)  # metrics.csv so far: round 0 (the head), one per round
+    mask: Optional[dict] = None  # step 1: the mask once made ({name: bool tensor}; mask.pt is written from it)
+    calib_log: list = dataclasses.field(default_factory=list)  # step 1: its rounds (calibration.csv)
+    elapsed: float = 0.0        # seconds of work so far, across resumes
+    model: Optional[dict] = None   # from the first save on: the global model
+    scaler: Optional[dict] = None  # from the first save on: the fp16 gradient scaler
+    algo: Optional[dict] = None    # the FL algorithm's state of the phase then running (Phase.state_dict), or None
+
+    def to_checkpoint(self):
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, model, args):
+        """The state in checkpoint dict `ckpt` (plumbing.open_run's), checked against the schema and this run
+        (its rounds, its model, --sparse), or a UserError naming the file: never a traceback or a short run."""
+        path = os.path.join(args.out, "checkpoint.pt")
+
+        def refuse(why):
+            raise plumbing.UserError(f"{path} is not a checkpoint this run can continue ({why}); delete it to start "
+                                     f"the run over")
+        ckpt = {k: v for k, v in ckpt.items() if k != "run"}
+        if ckpt.pop("calibrated", False) and "mask" not in ckpt:
+            refuse("it predates the mask in the checkpoint, and the run folder's mask.pt is not trusted")
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        missing = sorted(set(fields) - set(ckpt) - {"mask"})  # no "mask": written before the mask was made
+        if missing or set(ckpt) - set(fields):
+            refuse(f"missing {missing[:3]}, unknown {sorted(set(ckpt) - set(fields), key=str)[:3]}")
+        for name, kind in fields.items():
+            if name in ckpt and not type_ok(ckpt[name], kind):
+                refuse(f"its {name} is a {type(ckpt[name]).__name__}")
+        state = cls(**ckpt)
+        problem = state.misfit(model, args)
+        if problem:
+            refuse(problem)
+        if state.mask is not None:
+            try:
+                state.mask = common.checked_mask(state.mask, "in it", model)
+            except plumbing.UserError as e:
+                refuse(str(e))
+        return state
+
+    def misfit(self, model, args):
+        """What makes this state not one of this run's, or None."""
+        total = args.warmup_rounds + args.rounds
+        if not 0 <= self.round <= total:
+            return f"round {self.round} of a run of {total} rounds"
+        if len(self.rows) != self.round + 1:
+            return f"{len(self.rows)} rows of metrics for round {self.round}"
+        for i, row in enumerate(self.rows):
+            if not isinstance(row, dict) or row.get("round") != i or not set(ROW_KEYS) <= set(row) or \
+                    not all(v is None or type_ok(v, float) for k, v in row.items() if k != "round"):
+                return f"row {i} of its metrics is not round {i}'s"
+        if not type_ok(self.rows[0]["val_acc"], float) or self.round == total and \
+                not all(type_ok(self.rows[-1][k], float) for k in ("val_acc", "test_acc", "test_loss")):
+            return "its metrics lack the evaluation of round 0 or of its last round"
+        if self.upload < 0 or self.elapsed < 0:
+            return "a negative upload or time"
+        calibrated = args.sparse and self.round > args.warmup_rounds  # the mask is made before the first main round
+        if self.mask is None and calibrated or self.mask is not None and (not args.sparse or self.round < args.warmup_rounds):
+            return f"{'no' if self.mask is None else 'a'} mask at round {self.round}"
+        if self.algo is not None and not isinstance(self.algo.get("head_only"), bool):
+            return "its FL algorithm's state has no phase"
+        for what, sd, module in (("head", self.head, model.head), ("model", self.model, model)):
+            problem = plumbing.state_misfit(sd, module)
+            if problem:
+                return f"its {what} does not fit --arch: {problem}"
+        return None
+
+    def write_files(self, out):
+        """head.pt and, once made, mask.pt, from the state: on resume too, so a file damaged, replaced or
+        linked elsewhere meanwhile does not survive (atomic_save replaces a link, never writes through it)."""
+        plumbing.atomic_save(self.head, os.path.join(out, "head.pt"))
+        if self.mask is not None:
+            common.save_mask(self.mask, os.path.join(out, "mask.pt"))
+
+
+def type_ok(value, kind):
+    """Whether a checkpoint's value has a RunState field's type (Optional[...] takes None; bool is no number)."""
+    kinds = typing.get_args(kind) or (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds + ((int,) if float in kinds else ()))
+
+
+# ----------------------------------------------------------------------------- the rounds
+
+class Rounds:
+    """A run's FedAvg rounds on its RunState: --head warmup's head-only rounds, then the main ones (step 2).
+    Holds what they share: the training set on the device, the cached features, the shards, the fp16 scaler,
+    the FL algorithm's phase (made afresh when the run passes from head-only to backbone rounds, as an
+    uninterrupted run does, and restored from the checkpoint in the phase it was saved in) and the loss
+    watches of both kinds of rounds."""
+
+    def __init__(self, model, data, feats, shards, state, args, device):
+        self.model, self.data, self.feats, self.shards, self.state = model, data, feats, shards, state
+        self.args, self.device = args, device
+        self.x, self.y = (t.to(device) for t in data["train"])  # uint8: the whole training set fits on any GPU
+        self.t0 = time.time() - state.elapsed
+        self.scaler = plumbing.grad_scaler(device, args.precision)
+        if state.scaler is not None:
+            self.scaler.load_state_dict(state.scaler)
+        self.phase, self.resumed_algo = None, state.algo
+        self.mask = None  # state.mask on the device, once made
+        head_rounds = "FedAvg head-only rounds (--train head)" if args.train == "head" else "FedAvg head warm-up rounds"
+        self.watches = {True: common.LossWatch(head_rounds, f"a --head-lr below {args.head_lr:g}"),  # their rate
+                        False: common.LossWatch(f"{'sparse ' if args.sparse else ''}FedAvg rounds",
+                                                f"a --lr below {args.lr:g}")}
+
+    def save(self):
+        s = self.state
+        s.model, s.scaler = plumbing.cpu_state(self.model), self.scaler.state_dict()
+        s.elapsed, s.algo = time.time() - self.t0, self.phase.state_dict() if self.phase is not None else None
+        plumbing.save_checkpoint(s.to_checkpoint(), self.args)
+
+    def evaluate(self, split, backbone_changed):
+        if backbone_changed:
+            return common.evaluate(self.model, *self.data[split], self.args, self.device)
+        return common.evaluate_head(self.model.head, *self.feats[split])  # same numbers, no ViT pass
+
+    def round_zero(self):
+        """Round 0's row: the head every curve leaves from, before any round."""
+        if self.state.rows:
+            return
+        row = {"round": 0, "train_loss": None, "update_norm": None, "agreement": None}
+        for split in ("val", "test"):
+            row[f"{split}_loss"], row[f"{split}_acc"] = self.evaluate(split, backbone_changed=self.feats is None)
+        self.state.rows.append(row)
+        print(f"round 0 (the head): val acc {row['val_acc']:.4f}  test acc {row['test_acc']:.4f}")
+        if self.args.head != "warmup" and self.args.head not in common.FRESH_HEADS:  # at chance by design
+            common.check_head_accuracy(row["val_acc"], self.args)
+
+    def phase_for(self, head_only):
+        if self.phase is None or self.phase.head_only != head_only:
+            if self.mask is None and self.state.mask is not None:
+                self.mask = {n: m.to(self.device) for n, m in self.state.mask.items()}
+            self.phase = Phase(self.model, self.args, None if head_only else self.mask, head_only)
+            if self.resumed_algo is not None and self.resumed_algo["head_only"] == head_only:  # saved in this phase
+                self.phase.load_state_dict(self.resumed_algo)
+            self.resumed_algo = None  # saved in an earlier phase: this one starts afresh, as it did uninterrupted
+        return self.phase
+
+    def train(self, until):
+        """The rounds from state.round to `until`: each checked for divergence, its loss and its server step,
+        before anything of it is kept; evaluated and checkpointed as --eval-every, --test-every and
+        --ckpt-every say. A stop request ends the run at the round's end, saved (Stopped)."""
+        from tqdm import tqdm
+        a, state = self.args, self.state
+        total = a.warmup_rounds + a.rounds
+        for rnd in tqdm(range(state.round, until), desc="rounds", disable=None):
+            head_only = rnd < a.warmup_rounds or a.train == "head"
+            phase = self.phase_for(head_only)
+            loss, norm, agreement = train_round(self.model, phase, self.shards, self.feats["train"][0] if head_only
+                                                else self.x, self.y, rnd, a, self.device, self.scaler)
+            watch = self.watches[head_only]
+            watch.check(loss, f"round {rnd + 1}", self.scaler)
+            watch.check_weights([p for _, p in trained_params(self.model, self.mask, head_only)], f"round {rnd + 1}",
+                                f"{watch.hint}, or a gentler server step (--server-*)")
+            state.upload += phase.upload * clients_per_round(a)
+            state.round = rnd + 1
+            row = {"round": rnd + 1, "train_loss": loss, "update_norm": norm, "agreement": agreement}
+            last = rnd + 1 == total
+            for split, every in (("val", a.eval_every), ("test", a.test_every)):
+                if (rnd + 1) % every == 0 or last:
+                    row[f"{split}_loss"], row[f"{split}_acc"] = self.evaluate(split, backbone_changed=not head_only)
+                else:
+                    row[f"{split}_loss"] = row[f"{split}_acc"] = None
+            state.rows.append(row)
+            if row["val_acc"] is not None:
+                watch.warn(loss, f"round {rnd + 1}")
+                write_outputs(state.rows, a)
+                tqdm.write(f"round {rnd + 1}: train loss {loss:.4f}  val acc {row['val_acc']:.4f}"
+                           + (f"  test acc {row['test_acc']:.4f}" if row["test_acc"] is not None else ""))
+            stop = plumbing.stop_requested()  # read once: a signal between two reads would skip the save
+            if (rnd + 1) % a.ckpt_every == 0 or row["val_acc"] is not None or stop:
+                self.save()
+            if stop and not last:  # SLURM preemption / time limit: saved at this round boundary
+                raise plumbing.Stopped(f"round {rnd + 1}", saved=True)
+
+    def measure_aug_gap(self):
+        """The head the backbone is about to train under (round 0's, or after the warm-up rounds), on a sample
+        of the union of the shards: as if clients counted on their own images and the server added."""
+        row = self.state.rows[self.args.warmup_rounds]
+        if self.state.round == self.args.warmup_rounds and measures_aug_gap(self.args) and "head_train_aug_acc" not in row:
+            gap = common.augmentation_gap(self.model, *self.data["train"], self.args, self.device)
+            row.update(gap)
+            common.warn_augmentation_gap(gap)
+
+
+# ----------------------------------------------------------------------------- the run, in its stages
+
+def make_head(model, shards, feats, data, head_file, args, device):
+    """Step 0, on model.head: the federated ridge head (one round of the clients' statistics), a head.pt, or a
+    fresh head (--head warmup: the one its warm-up rounds start from). Returns (how it was made, the values
+    each client uploaded for it)."""
+    if args.head == "ridge":
+        views = common.split_features(model, data, "train", args.ridge_views, args, device) if args.ridge_views else None
+        d = model.head.in_features + 1
+        return federated_ridge(model.head, shards, feats, views), d * d + d * common.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ, count
+    if head_file is not None:
+        model.head.load_state_dict(head_file)
+    else:
+        common.fresh_head(model.head, args.head)
+    return {}, 0
+
+
+def make_mask(model, shards, x, given, args, device):
+    """Step 1 (--sparse): the mask, given (--mask) or calibrated federatedly under the head the backbone
+    will train under. Returns (mask on the host, the calibration's rounds)."""
+    mask, log = (given, []) if given is not None else federated_mask(model, shards, x, args, device)
+    return {n: m.detach().cpu().bool() for n, m in mask.items()}, log
+
+
+def result_of(state, model, pretrained, args, seconds):
+    """result.json: every flag of the run (plumbing.run_config, so a new flag is in it with no edit) and what
+    the run measured. Mask flags that made nothing are null, as summarize.SCHEMA reads them (--score is the
+    run's own with --mask too, as older results have it); the mask file is "mask_file"."""
+    rows, mask = state.rows, state.mask
+    config = plumbing.run_config(args)
+    mask_file = config.pop("mask")
+    made_nothing = () if args.sparse and not args.mask else \
+        [k for k in common.CALIBRATION_FLAGS if not (args.sparse and k == "score")]
+    best = max((r for r in rows if r["val_acc"] is not None), key=lambda r: r["val_acc"])  # first of equals wins
+    params = trained_params(model, mask, args.train == "head")
+    result = {"stage": "fedavg", **config, "split": args.split, "mask_file": mask_file,
+              **dict.fromkeys(made_nothing), **state.head_info,
+              **{k: rows[args.warmup_rounds].get(k) for k in ("head_train_acc", "head_train_aug_acc")},
+              "val_acc": rows[-1]["val_acc"], "test_acc": rows[-1]["test_acc"], "test_loss": rows[-1]["test_loss"],
+              "best_val_acc": best["val_acc"], "best_round": best["round"], "clients_per_round": clients_per_round(args),
+              "comm_values_per_client_round": values_per_client(params, mask, args),
+              "comm_mb_total": state.upload * 4 / 1e6, "seconds": seconds}
+    if args.sparse:
+        changed, total = common.changed_count(model, pretrained)
+        result.update(mask_kept_frac=common.mask_kept_frac(mask), changed_frac=changed / total)
+    return result
+
+
 def main(argv=None):
-    from tqdm import tqdm
     args = get_args(argv)
     device, data, model, inputs = common.prepare(args)
-    given_mask = inputs["mask"]
     shards = make_shards(data["train"][1], args)
     if args.scaffold:
-        check_scaffold_memory(model, args, given_mask)
+        check_scaffold_memory(model, args, inputs["mask"])
     ckpt = plumbing.open_run(args)
-    x, y = (t.to(device) for t in data["train"])  # uint8: the whole training set fits on any GPU
-    total_rounds = args.warmup_rounds + args.rounds
-    print(f"{args.k} clients ({common.split_label(args.split)}, "
-          f"{min(map(len, shards))}-{max(map(len, shards))} samples), {clients_per_round(args)} per "
-          f"round, J={args.j}, {args.warmup_rounds} head warm-up + {args.rounds} rounds"
-          f"{' (scaled from J=4)' if args.scale_rounds else ''}; head: {args.head}")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    state = RunState.from_checkpoint(ckpt, model, args) if ckpt is not None else None  # checked before any work
+    print(f"{args.k} clients ({common.split_label(args.split)}, {min(map(len, shards))}-{max(map(len, shards))} "
+          f"samples), {clients_per_round(args)} per round, J={args.j}, {args.warmup_rounds} head warm-up + "
+          f"{args.rounds} rounds{' (scaled from J=4)' if args.scale_rounds else ''}; head: {args.head}")
+    model.requires_grad_(False)
     # Frozen-backbone features of the clean images: the ridge statistics, head-only rounds and their
     # evaluation (the backbone does not change there) all read them instead of running the ViT.
     feats = common.cached_features(model, data, args, device) if needs_features(args) else None
     pretrained = {n: p.detach().cpu().clone() for n, p in common.masked_params(model)}
-    mask_path = os.path.join(args.out, "mask.pt")
-
     # written on resume too (the same bytes): a shards.csv damaged meanwhile does not survive
     plumbing.write_csv(shard_rows(shards, data["train"][1]), os.path.join(args.out, "shards.csv"))
-    # -------- step 0: the head (federated ridge, a head.pt, or the warm-up rounds below)
 
-    if ckpt is None:
-        head_info, head_upload = {}, 0
-        if args.head == "ridge":
-            views = common.split_features(model, data, "train", args.ridge_views, args, device) \
-                if args.ridge_views else None
-            head_info = dict(federated_ridge(model.head, shards, feats, views), ridge_views=args.ridge_views)
-            d = model.head.in_features + 1
-            head_upload = d * d + d * common.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ and a count, once per client
-        elif inputs["head"] is not None:
-            model.head.load_state_dict(inputs["head"])
-        else:
-            common.fresh_head(model.head, args.head)
-        # The checkpoint: all of a run's state (plumbing.save_checkpoint adds "run", the run's flags).
-        #   round                  rounds done (warm-up rounds included)
-        #   rows                   metrics.csv so far, one row per round
-        #   calibrated, calib_log  step 1 done (the mask is mask.pt), and its rounds (calibration.csv)
-        #   head_info, head        step 0: how the head was made, and the head after it (head.pt)
-        #   upload                 values the clients uploaded so far
-        #   elapsed                seconds of work so far, across resumes
-        #   model, scaler          from the first save on: the global model, the fp16 gradient scale
-        #   algo                   from the first save on: the FL algorithm's state of the phase then running
-        #                          (Phase.state_dict: server optimizer buffers, SCAFFOLD's c and c_i), or None
-        ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
-                "upload": head_upload * args.k, "elapsed": 0.0, "head": plumbing.cpu_state(model.head)}
+    # -------- step 0: the head (federated ridge, a head.pt, a fresh head; --head warmup: trained in its rounds)
+    if state is None:
+        head_info, upload = make_head(model, shards, feats, data, inputs["head"], args, device)
+        state = RunState(head=plumbing.cpu_state(model.head), head_info=head_info, upload=upload * args.k)
     else:
-        plumbing.resuming(args, f"round {ckpt['round'] + 1} of {total_rounds}")
-        model.load_state_dict(ckpt["model"])
-    # the head after step 0 (ridge, a head.pt, or with --head warmup the random head before its warm-up
-    # rounds); model.pt holds the final one. Rewritten from the checkpoint on resume: a head.pt damaged
-    # meanwhile does not survive
-    plumbing.atomic_save(ckpt["head"], os.path.join(args.out, "head.pt"))
-    t0 = time.time() - ckpt["elapsed"]
-    mask = common.load_mask(mask_path, model) if ckpt["calibrated"] else None
-    mask = {n: m.to(device) for n, m in mask.items()} if mask else None
-    scaler = plumbing.grad_scaler(device, args.precision)
-    if "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
+        plumbing.resuming(args, f"round {state.round + 1} of {args.warmup_rounds + args.rounds}")
+        model.load_state_dict(state.model)
+    state.write_files(args.out)
+    rounds = Rounds(model, data, feats, shards, state, args, device)
+    rounds.round_zero()
+    rounds.train(until=args.warmup_rounds)  # --head warmup's head-only rounds (none otherwise)
 
-    def save():
-        ckpt.update(model=plumbing.cpu_state(model), scaler=scaler.state_dict(), elapsed=time.time() - t0,
-                    algo=phase.state_dict() if phase is not None else None)
-        plumbing.save_checkpoint(ckpt, args)
+    # -------- step 1 (--sparse): the mask, under the head the backbone will train under
+    if args.sparse and state.mask is None:
+        state.mask, state.calib_log = make_mask(model, shards, rounds.x, inputs["mask"], args, device)
+        state.write_files(args.out)
+        rounds.save()
 
-    def evaluate(split, backbone_changed):
-        if backbone_changed:
-            return common.evaluate(model, *data[split], args, device)
-        return common.evaluate_head(model.head, *feats[split])  # same numbers, no ViT pass
+    # -------- step 2: the rounds
+    rounds.measure_aug_gap()
+    rounds.train(until=args.warmup_rounds + args.rounds)
 
-    if ckpt["round"] == 0 and not ckpt["rows"]:  # round 0: the head every curve leaves from
-        row = {"round": 0, "train_loss": None, "update_norm": None, "agreement": None}
-        for split in ("val", "test"):
-            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(split, backbone_changed=feats is None)
-        ckpt["rows"].append(row)
-        print(f"round 0 (the head): val acc {row['val_acc']:.4f}  test acc {row['test_acc']:.4f}")
-        if args.head != "warmup" and args.head not in common.FRESH_HEADS:  # at chance by design: trained in rounds
-            common.check_head_accuracy(row["val_acc"], args)
-
-    # -------- the rounds: head warm-up rounds; with --sparse, step 1 (the mask, once), then step 2
-
-    phase, resumed_algo = None, ckpt.get("algo")
-    head_rounds = "FedAvg head-only rounds (--train head)" if args.train == "head" else "FedAvg head warm-up rounds"
-    watches = {True: common.LossWatch(head_rounds, f"a --head-lr below {args.head_lr:g}"),  # their rate
-               False: common.LossWatch(f"{'sparse ' if args.sparse else ''}FedAvg rounds", f"a --lr below {args.lr:g}")}
-    bar = tqdm(range(ckpt["round"], total_rounds), desc="rounds", disable=None)
-    for rnd in bar:
-        head_only = rnd < args.warmup_rounds or args.train == "head"
-        if args.sparse and not head_only and not ckpt["calibrated"]:  # step 1, once the head is there
-            mask, ckpt["calib_log"] = (given_mask, []) if given_mask is not None else \
-                federated_mask(model, shards, x, args, device)
-            common.save_mask(mask, mask_path)
-            mask = {n: m.to(device) for n, m in mask.items()}
-            ckpt["calibrated"] = True
-            save()
-        if rnd == args.warmup_rounds and measures_aug_gap(args) and "head_train_aug_acc" not in ckpt["rows"][rnd]:
-            # the head the backbone is about to train under (round 0's, or after the warm-up rounds), on a
-            # sample of the union of the shards: as if clients counted on their own images and the server added
-            gap = common.augmentation_gap(model, *data["train"], args, device)
-            ckpt["rows"][rnd].update(gap)
-            common.warn_augmentation_gap(gap)
-        if phase is None or phase.head_only != head_only:
-            phase = Phase(model, args, None if head_only else mask, head_only)
-            if resumed_algo is not None and resumed_algo["head_only"] == head_only:  # saved in this phase
-                phase.load_state_dict(resumed_algo)
-            resumed_algo = None  # saved in an earlier phase: this one starts afresh, as it did uninterrupted
-        loss, norm, agreement = train_round(model, phase, shards, feats["train"][0] if head_only else x, y, rnd,
-                                            args, device, scaler)
-        watches[head_only].check(loss, f"round {rnd + 1}", scaler)  # before anything of this round is kept
-        ckpt["upload"] += phase.upload * clients_per_round(args)
-        ckpt["round"] = rnd + 1
-        row = {"round": rnd + 1, "train_loss": loss, "update_norm": norm, "agreement": agreement}
-        last = rnd + 1 == total_rounds
-        for split, every in (("val", args.eval_every), ("test", args.test_every)):
-            if (rnd + 1) % every == 0 or last:
-                row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(split, backbone_changed=not head_only)
-            else:
-                row[f"{split}_loss"] = row[f"{split}_acc"] = None
-        ckpt["rows"].append(row)
-        if row["val_acc"] is not None:
-            watches[head_only].warn(loss, f"round {rnd + 1}")
-            write_outputs(ckpt["rows"], args)
-            bar.write(f"round {rnd + 1}: train loss {loss:.4f}  val acc {row['val_acc']:.4f}"
-                      + (f"  test acc {row['test_acc']:.4f}" if row["test_acc"] is not None else ""))
-        stop = plumbing.stop_requested()  # read once: a signal between two reads would skip the save
-        if (rnd + 1) % args.ckpt_every == 0 or row["val_acc"] is not None or stop:
-            save()
-        if stop and not last:  # SLURM preemption / time limit: saved at this round boundary
-            raise plumbing.Stopped(f"round {rnd + 1}", saved=True)
-
-    # -------- results
-
-    rows = ckpt["rows"]
-    write_outputs(rows, args)
-    if ckpt["calib_log"]:
-        plumbing.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
-    evaluated = [r for r in rows if r["val_acc"] is not None]
-    best = max(evaluated, key=lambda r: r["val_acc"])  # first of equals wins
-    per_client = values_per_client(trained_params(model, mask, args.train == "head"), mask, args)
-    result = {"stage": "fedavg", "dataset": args.dataset, "seed": args.seed, "k": args.k, "c": args.c,
-              "j": args.j, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "split": args.split,
-              "iid": args.iid, "nc": args.nc, "train": args.train, "sparse": args.sparse, "head": args.head,
-              **ckpt["head_info"],
-              **{k: rows[args.warmup_rounds].get(k) for k in ("head_train_acc", "head_train_aug_acc")},
-              "score": args.score if args.sparse else None,
-              "rule": args.rule if args.sparse and not args.mask else None,
-              "sparsity": args.sparsity if args.sparse and not args.mask else None,
-              "calib_rounds": args.calib_rounds if args.sparse and not args.mask else None, "mask_file": args.mask,
-              "val_acc": rows[-1]["val_acc"], "test_acc": rows[-1]["test_acc"], "test_loss": rows[-1]["test_loss"],
-              "best_val_acc": best["val_acc"], "best_round": best["round"],
-              "clients_per_round": clients_per_round(args), "comm_values_per_client_round": per_client,
-              "comm_mb_total": ckpt["upload"] * 4 / 1e6, "seconds": time.time() - t0}
-    if args.sparse:
-        changed, total = common.changed_count(model, pretrained)
-        result.update(mask_kept_frac=common.mask_kept_frac(mask), changed_frac=changed / total)
+    # -------- the result
+    write_outputs(state.rows, args)
+    if state.calib_log:
+        plumbing.write_csv(state.calib_log, os.path.join(args.out, "calibration.csv"))
+    result = result_of(state, model, pretrained, args, time.time() - rounds.t0)
     plumbing.atomic_save(plumbing.cpu_state(model), os.path.join(args.out, "model.pt"))
     plumbing.finish_run(result, args)
-    print(f"test acc {result['test_acc']:.4f} after {total_rounds} rounds (best val {best['val_acc']:.4f} at "
-          f"round {best['round']}); results in {args.out}")
+    print(f"test acc {result['test_acc']:.4f} after {state.round} rounds (best val {result['best_val_acc']:.4f} "
+          f"at round {result['best_round']}); results in {args.out}")
 
 
 if __name__ == "__main__":

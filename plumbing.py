@@ -1062,6 +1062,21 @@ def finished(args):
     return config_differences(args.out, run_config(args), args.defaults) == [] and read_result_json(args.out) is not None
 
 
+def state_misfit(sd, module):
+    """What keeps state dict `sd` (from a checkpoint) from loading into `module` as it is, or None: another
+    set of names, a value that is no tensor, another shape or dtype."""
+    if not isinstance(sd, dict):
+        return f"a {type(sd).__name__}, not a state dict"
+    want = module.state_dict()
+    if set(sd) != set(want):
+        missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want), key=str)
+        return f"missing {missing[:3]}, unknown {extra[:3]}"
+    for k, t in want.items():
+        if not isinstance(sd[k], torch.Tensor) or sd[k].shape != t.shape or sd[k].dtype != t.dtype:
+            return f"{k} is not a {t.dtype} tensor of shape {tuple(t.shape)}"
+    return None
+
+
 def save_checkpoint(state, args):
     """The checkpoint carries its run's config: one copied from another run is refused (open_run)."""
     atomic_save(dict(state, run=run_config(args)), os.path.join(args.out, "checkpoint.pt"))

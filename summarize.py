@@ -1081,7 +1081,16 @@ def fedavg_plots(runs, shown, out_dir):
 # ----------------------------------------------------------------------------- results.csv and main
 
 def csv_row(r, root):
-    """One results.csv row: what defines the run, and its accuracies in the same columns for every
+    """One results.csv row: COLUMNS, then every other flag of the run (its config.json: a new flag has its
+    column with no edit here; a stage without it leaves its cell empty). A flag also fills an empty cell of
+    COLUMNS (FedAvg's lr), but for the mask's flags, whose empty cell says the run made no mask."""
+    row = table_row(r, root)
+    empty = {k for k, v in row.items() if v is None} - set(common.CALIBRATION_FLAGS) - {"mask"}
+    return {**row, **{k: v for k, v in r["config"].items() if k not in row or k in empty}}
+
+
+def table_row(r, root):
+    """results.csv's COLUMNS of a run: what defines it, and its accuracies in the same columns for every
     stage: at the best validation epoch/round, and at the last one (centralized.py logs no final
     validation accuracy; the head it keeps is the best-validation one)."""
     row = dict.fromkeys(COLUMNS)
