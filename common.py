@@ -622,6 +622,15 @@ def backbone_digest(model):
     return h.hexdigest()[:16]
 
 
+def tensor_digest(t):
+    """A short hash of a tensor's dtype, shape and bytes (CIFAR-100's training images: about 0.2 s)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 def feature_cache_path(args, split, views, digest):
     """Features depend on data, backbone weights (`digest`: backbone_digest), image size and the precision
     they were computed in (fp32 on a CPU and bf16 on a GPU differ slightly); cache them so grids and
@@ -632,22 +641,47 @@ def feature_cache_path(args, split, views, digest):
     return os.path.join(args.data_dir, "features", name.replace("/", "_"))
 
 
+def read_feature_cache(path, source, shape):
+    """The features cached in `path` if the file holds what split_features wrote for `source` (the digests
+    of the images and the backbone, the views, the seed, the size and precision) and `shape`, their own
+    digest intact; else None, with a warning saying why (they are then recomputed): a file of another
+    shape, another source, or altered contents is never used."""
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = f"unreadable ({type(e).__name__})"
+    else:
+        f = cache.get("features") if isinstance(cache, dict) else None
+        if not isinstance(f, torch.Tensor):
+            why = "not a feature cache of this version"
+        elif cache.get("source") != source:
+            why = "features of other images or another backbone"
+        elif tuple(f.shape) != shape or f.dtype != torch.float32:
+            why = f"features of shape {tuple(f.shape)} ({f.dtype}), not {shape} (float32)"
+        elif cache.get("digest") != tensor_digest(f):
+            why = "its features were altered"
+        else:
+            return f
+    print(f"warning: cached features {path}: {why}; recomputed", file=sys.stderr)
+    return None
+
+
 def split_features(model, data, split, views, args, device, digest=None):
     """Features of one split on device: of its clean images (views=0, N×D) or of V augmented copies
     (views=V, V×N×D, copy v drawn from the stream feature_view(seed, v)); cached on disk in
     --data-dir/features, keyed by the backbone's weights (`digest`, backbone_digest: hashed here if not
-    given), never by a file name; not for a random backbone (it differs by seed)."""
-    if args.no_pretrained:
-        path = None
-    else:
-        path = feature_cache_path(args, split, views, digest or backbone_digest(model))
+    given), never by a file name, and checked when read (read_feature_cache); not for a random backbone
+    (it differs by seed)."""
     x = data[split][0]
-    f = None
-    if path and os.path.isfile(path):
-        try:
-            f = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            f = None  # a corrupt cache file is just recomputed
+    shape = ((views,) if views else ()) + (len(x), model.head.in_features)
+    path = source = f = None
+    if not args.no_pretrained:
+        digest = digest or backbone_digest(model)
+        path = feature_cache_path(args, split, views, digest)
+        source = {"images": tensor_digest(x), "backbone": digest, "views": views, "seed": args.seed if views else None,
+                  "img_size": args.img_size, "precision": args.precision}
+        if os.path.isfile(path):  # not a FIFO, whose read would block
+            f = read_feature_cache(path, source, shape)
     if f is None:
         if views == 0:
             f = extract_features(model, x, args, device, desc=f"{split} features").cpu()
@@ -655,7 +689,7 @@ def split_features(model, data, split, views, args, device, digest=None):
             f = torch.stack([extract_features(model, x, args, device, plumbing.stream("feature_view", args.seed, v),
                                               desc=f"{split} view {v}").cpu() for v in range(views)])
         if path:
-            plumbing.atomic_save(f, path)
+            plumbing.atomic_save({"features": f, "digest": tensor_digest(f), "source": source}, path)
     return f.to(device)
 
 

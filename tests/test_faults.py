@@ -366,3 +366,30 @@ def test_positive_float_takes_only_finite_numbers_above_0(value, ok):
     else:
         with pytest.raises(argparse.ArgumentTypeError, match="finite number > 0"):
             plumbing.positive_float(value)
+
+
+def test_a_feature_cache_of_another_shape_source_or_content_is_recomputed_with_a_warning(tmp_path, capsys):
+    """Issue 35.9: a cache file of the right name and another shape was an IndexError after the run folder
+    existed; one of the right shape and other contents was used silently."""
+    args = centralized.get_args(FAST + ["--data-dir", str(tmp_path / "data")])
+    args.precision, args.no_pretrained = "fp32", False  # features are cached only for real weights
+    data, model, cpu = common.load_data(args), tiny_model(), torch.device("cpu")
+    fresh = common.extract_features(model, data["val"][0], args, cpu)
+    path = common.feature_cache_path(args, "val", 0, common.backbone_digest(model))
+    assert torch.equal(common.split_features(model, data, "val", 0, args, cpu), fresh)  # written
+    good = torch.load(path, weights_only=True)
+    other = tiny_model(seed=1)
+    elsewhere = dict(good, features=common.extract_features(other, data["val"][0], args, cpu))
+    crafted = {"another shape": torch.zeros(3, 5), "a plain tensor of the right shape": torch.zeros_like(fresh),
+               "altered contents": dict(good, features=torch.zeros_like(fresh)),
+               "another backbone's features, their digest right": dict(elsewhere, digest=common.tensor_digest(
+                   elsewhere["features"]), source=dict(good["source"], backbone="0" * 16))}
+    capsys.readouterr()
+    for what, content in crafted.items():
+        torch.save(content, path)
+        assert torch.equal(common.split_features(model, data, "val", 0, args, cpu), fresh), what
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"warning: cached features {path}: ") and "recomputed" in err[0], err
+        assert torch.equal(torch.load(path, weights_only=True)["features"], fresh), what  # rewritten
+    common.split_features(model, data, "val", 0, args, cpu)
+    assert capsys.readouterr().err == ""  # a good cache is used without a word
