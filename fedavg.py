@@ -16,7 +16,6 @@ import dataclasses
 import math
 import os
 import time
-import typing
 from typing import Optional
 
 import numpy as np
@@ -724,9 +723,9 @@ ROW_KEYS = ("round", "train_loss", "update_norm", "agreement", "val_loss", "val_
 
 
 @dataclasses.dataclass
-class RunState:
-    """All of a FedAvg run's state, which is its checkpoint (to_checkpoint; plumbing.save_checkpoint adds
-    "run", the run's flags). The fields are the checkpoint's schema: from_checkpoint refuses any other."""
+class RunState(plumbing.CheckpointState):
+    """All of a FedAvg run's state, which is its checkpoint (plumbing.CheckpointState: the fields are its
+    schema; save_checkpoint adds "run", the run's flags)."""
     head: dict                  # step 0: the head after it (head.pt; with --head warmup, before its warm-up rounds)
     head_info: dict             # step 0: how the head was made (into result.json)
     upload: int                 # values the clients uploaded so far
@@ -738,42 +737,11 @@ class RunState:
     model: Optional[dict] = None   # from the first save on: the global model
     scaler: Optional[dict] = None  # from the first save on: the fp16 gradient scaler
     algo: Optional[dict] = None    # the FL algorithm's state of the phase then running (Phase.state_dict), or None
+    MAY_LACK = ("mask",)  # before version 2026-12-08 the mask was in mask.pt alone
+    DROPPED = ("calibrated",)  # the same versions' "the mask is in mask.pt", which a resume no longer trusts
 
-    def to_checkpoint(self):
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_checkpoint(cls, ckpt, model, args):
-        """The state in checkpoint dict `ckpt` (plumbing.open_run's), checked against the schema and this run
-        (its rounds, its model, --sparse), or a UserError naming the file: never a traceback or a short run."""
-        path = os.path.join(args.out, "checkpoint.pt")
-
-        def refuse(why):
-            raise plumbing.UserError(f"{path} is not a checkpoint this run can continue ({why}); delete it to start "
-                                     f"the run over")
-        ckpt = {k: v for k, v in ckpt.items() if k != "run"}
-        if ckpt.pop("calibrated", False) and "mask" not in ckpt:
-            refuse("it predates the mask in the checkpoint, and the run folder's mask.pt is not trusted")
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        missing = sorted(set(fields) - set(ckpt) - {"mask"})  # no "mask": written before the mask was made
-        if missing or set(ckpt) - set(fields):
-            refuse(f"missing {missing[:3]}, unknown {sorted(set(ckpt) - set(fields), key=str)[:3]}")
-        for name, kind in fields.items():
-            if name in ckpt and not type_ok(ckpt[name], kind):
-                refuse(f"its {name} is a {type(ckpt[name]).__name__}")
-        state = cls(**ckpt)
-        problem = state.misfit(model, args)
-        if problem:
-            refuse(problem)
-        if state.mask is not None:
-            try:
-                state.mask = common.checked_mask(state.mask, "in it", model)
-            except plumbing.UserError as e:
-                refuse(str(e))
-        return state
-
-    def misfit(self, model, args):
-        """What makes this state not one of this run's, or None."""
+    def misfit(self, args, model):
+        """What makes this state not one of this run's, or None; the mask is kept as common.checked_mask reads it."""
         total = args.warmup_rounds + args.rounds
         if not 0 <= self.round <= total:
             return f"round {self.round} of a run of {total} rounds"
@@ -781,22 +749,29 @@ class RunState:
             return f"{len(self.rows)} rows of metrics for round {self.round}"
         for i, row in enumerate(self.rows):
             if not isinstance(row, dict) or row.get("round") != i or not set(ROW_KEYS) <= set(row) or \
-                    not all(v is None or type_ok(v, float) for k, v in row.items() if k != "round"):
+                    not all(v is None or plumbing.type_ok(v, float) for k, v in row.items() if k != "round"):
                 return f"row {i} of its metrics is not round {i}'s"
-        if not type_ok(self.rows[0]["val_acc"], float) or self.round == total and \
-                not all(type_ok(self.rows[-1][k], float) for k in ("val_acc", "test_acc", "test_loss")):
+        if not plumbing.type_ok(self.rows[0]["val_acc"], float) or self.round == total and \
+                not all(plumbing.type_ok(self.rows[-1][k], float) for k in ("val_acc", "test_acc", "test_loss")):
             return "its metrics lack the evaluation of round 0 or of its last round"
         if self.upload < 0 or self.elapsed < 0:
             return "a negative upload or time"
         calibrated = args.sparse and self.round > args.warmup_rounds  # the mask is made before the first main round
-        if self.mask is None and calibrated or self.mask is not None and (not args.sparse or self.round < args.warmup_rounds):
-            return f"{'no' if self.mask is None else 'a'} mask at round {self.round}"
+        if self.mask is None and calibrated:
+            return f"no mask at round {self.round} (older versions left it to mask.pt, which a resume does not trust)"
+        if self.mask is not None and (not args.sparse or self.round < args.warmup_rounds):
+            return f"a mask at round {self.round}, before step 1"
         if self.algo is not None and not isinstance(self.algo.get("head_only"), bool):
             return "its FL algorithm's state has no phase"
         for what, sd, module in (("head", self.head, model.head), ("model", self.model, model)):
             problem = plumbing.state_misfit(sd, module)
             if problem:
                 return f"its {what} does not fit --arch: {problem}"
+        if self.mask is not None:
+            try:
+                self.mask = common.checked_mask(self.mask, "in it", model)
+            except plumbing.UserError as e:
+                return str(e)
         return None
 
     def write_files(self, out):
@@ -805,14 +780,6 @@ class RunState:
         plumbing.atomic_save(self.head, os.path.join(out, "head.pt"))
         if self.mask is not None:
             common.save_mask(self.mask, os.path.join(out, "mask.pt"))
-
-
-def type_ok(value, kind):
-    """Whether a checkpoint's value has a RunState field's type (Optional[...] takes None; bool is no number)."""
-    kinds = typing.get_args(kind) or (kind,)
-    if isinstance(value, bool):
-        return bool in kinds
-    return isinstance(value, kinds + ((int,) if float in kinds else ()))
 
 
 # ----------------------------------------------------------------------------- the rounds
@@ -974,7 +941,7 @@ def main(argv=None):
     if args.scaffold:
         check_scaffold_memory(model, args, inputs["mask"])
     ckpt = plumbing.open_run(args)
-    state = RunState.from_checkpoint(ckpt, model, args) if ckpt is not None else None  # checked before any work
+    state = RunState.from_checkpoint(ckpt, args, model) if ckpt is not None else None  # checked before any work
     print(f"{args.k} clients ({common.split_label(args.split)}, {min(map(len, shards))}-{max(map(len, shards))} "
           f"samples), {clients_per_round(args)} per round, J={args.j}, {args.warmup_rounds} head warm-up + "
           f"{args.rounds} rounds{' (scaled from J=4)' if args.scale_rounds else ''}; head: {args.head}")

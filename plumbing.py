@@ -11,6 +11,7 @@ run directory, plots. A script's life in three calls:
 """
 import argparse
 import csv
+import dataclasses
 import errno
 import fcntl
 import io
@@ -24,6 +25,7 @@ import stat
 import sys
 import tempfile
 import textwrap
+import typing
 
 import numpy as np
 import torch
@@ -1075,6 +1077,55 @@ def state_misfit(sd, module):
         if not isinstance(sd[k], torch.Tensor) or sd[k].shape != t.shape or sd[k].dtype != t.dtype:
             return f"{k} is not a {t.dtype} tensor of shape {tuple(t.shape)}"
     return None
+
+
+def type_ok(value, kind):
+    """Whether `value` has type `kind`, a class or Optional[...] of classes (None then fits); a bool is no
+    number, an int fits a float."""
+    kinds = typing.get_args(kind) or (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds + ((int,) if float in kinds else ()))
+
+
+class CheckpointState:
+    """A script's run state, all of it, which is its checkpoint: a subclass is a dataclass whose fields (their
+    names and types) are the checkpoint's schema. to_checkpoint() is what save_checkpoint stores;
+    from_checkpoint() takes back only a checkpoint of that schema that fits this run (the subclass's misfit),
+    else one line naming the file: a crafted checkpoint with the right run stamp is never a traceback, and
+    never a run that goes on short of its state."""
+    MAY_LACK = ()  # fields a checkpoint may lack: their default holds (written before they had a value)
+    DROPPED = ()   # keys of older versions that are no state any more: ignored
+
+    def to_checkpoint(self):
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, args, *context):
+        """The state in checkpoint dict `ckpt` (open_run's) of run `args`; context: what misfit compares with."""
+        ckpt = {k: v for k, v in ckpt.items() if k != "run" and k not in cls.DROPPED}
+        state, problem = None, cls.schema_problem(ckpt)
+        if problem is None:
+            state = cls(**ckpt)
+            problem = state.misfit(args, *context)
+        if problem:
+            raise UserError(f"{os.path.join(args.out, 'checkpoint.pt')} is not a checkpoint this run can continue "
+                            f"({problem}); delete it to start the run over")
+        return state
+
+    @classmethod
+    def schema_problem(cls, ckpt):
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        missing = sorted(set(fields) - set(ckpt) - set(cls.MAY_LACK))
+        unknown = sorted(set(ckpt) - set(fields), key=str)
+        if missing or unknown:
+            return f"missing {missing[:3]}, unknown {unknown[:3]}"
+        wrong = [name for name, value in ckpt.items() if not type_ok(value, fields[name])]
+        return f"its {wrong[0]} is a {type(ckpt[wrong[0]]).__name__}" if wrong else None
+
+    def misfit(self, args, *context):
+        """What makes this state, of the right schema, not one of this run's, or None (a subclass's checks)."""
+        return None
 
 
 def save_checkpoint(state, args):
