@@ -9,6 +9,7 @@ A run's plumbing (errors, the flags the scripts share, device, random streams, f
 plots) is in plumbing.py; run_all.sh's planner (prefetch, image passes, time estimate) in plan.py.
 """
 import argparse
+import dataclasses
 import hashlib
 import math
 import os
@@ -971,9 +972,25 @@ def ridge_views_tag(args):
     return f"_ridge{args.ridge_views}views" if args.head == "ridge" and args.ridge_views else ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """How step 1 calibrates a mask: the values of edit_parser's mask flags, one field each (calibrate)."""
+    rule: str
+    sparsity: float
+    calib_rounds: int
+    score: str
+    fisher_batches: int
+    fisher_batch_size: int
+    calib_damp: float
+    calib_images: str
+
+    @classmethod
+    def of(cls, args):
+        return cls(**{k: getattr(args, k) for k in CALIBRATION_FLAGS})
+
+
 # edit_parser's flags that make a mask: they do nothing without one to make (no --sparse, or --mask FILE)
-CALIBRATION_FLAGS = ("rule", "sparsity", "calib_rounds", "score", "fisher_batches", "fisher_batch_size",
-                     "calib_damp", "calib_images")
+CALIBRATION_FLAGS = tuple(f.name for f in dataclasses.fields(Calibration))
 
 
 def _masked_layers(model):
@@ -1261,22 +1278,23 @@ def check_sparsity(model, sparsity, rounds):
                              f"after {rounds} calibration round(s): lower it")
 
 
-def calibrate(model, draw, args, device):
-    """Step 1 of model_editing.py and fedavg.py --sparse: calibrate_mask with --rule, --sparsity and
-    --calib-rounds, round r scoring the images draw(r) -> (uint8 images, uniforms for their labels)
-    with --score and --calib-damp. Prints the rounds; returns (mask, per-round log)."""
+def calibrate(model, draw, calib, seed, img_size, device):
+    """Step 1 of model_editing.py and fedavg.py --sparse: calibrate_mask with `calib`'s (a Calibration) rule,
+    sparsity and rounds, round r scoring the images draw(r) -> (uint8 images, uniforms for their labels),
+    resized to img_size, with its score and damping; the random rule draws from --seed's stream. Prints the
+    rounds; returns (mask, per-round log)."""
     def score(r, mask):  # the mean squared per-sample gradients of round r's images
         images, u = draw(r)
-        sums, n = fisher_sums(model, images, u, args.img_size, args.fisher_batch_size, device,
-                              mask=mask, damp=args.calib_damp, score=args.score)
+        sums, n = fisher_sums(model, images, u, img_size, calib.fisher_batch_size, device,
+                              mask=mask, damp=calib.calib_damp, score=calib.score)
         return {k: v / n for k, v in sums.items()}
 
     t = time.time()
-    mask, log = calibrate_mask(model, score, args.rule, args.sparsity, args.calib_rounds,
-                               plumbing.stream("mask_rule", args.seed))
+    mask, log = calibrate_mask(model, score, calib.rule, calib.sparsity, calib.calib_rounds,
+                               plumbing.stream("mask_rule", seed))
     for row in log:
         print(f"  calibration round {row['round']}: keep {row['kept']} entries ({row['kept_frac']:.4%})")
-    print(f"mask ({args.rule}, sparsity {args.sparsity}, score {args.score}, {args.calib_images} images) "
+    print(f"mask ({calib.rule}, sparsity {calib.sparsity}, score {calib.score}, {calib.calib_images} images) "
           f"calibrated in {time.time() - t:.1f}s")
     return mask, log
 

@@ -319,25 +319,25 @@ def federated_ridge(head, shards, feats, views=None):
 
 # ----------------------------------------------------------------------------- step 1: federated mask calibration
 
-def federated_mask(model, shards, x, args, device):
-    """Calibrate the mask without pooling data: in every calibration round each of the K clients scores
-    ceil(fisher_batches * fisher_batch_size / K) of its own images (squared per-sample gradients, labels
-    sampled from the model) and sends the per-entry sums and its count; the server adds them up and
-    divides by the total count: the Fisher over the union of the scored images.
+def federated_mask(model, shards, x, calib, seed, img_size, device):
+    """Calibrate the mask (common.calibrate, as `calib` says) without pooling data: in every calibration round
+    each of the K clients scores ceil(fisher_batches * fisher_batch_size / K) of its own images (squared
+    per-sample gradients, labels sampled from the model) and sends the per-entry sums and its count; the server
+    adds them up and divides by the total count: the Fisher over the union of the scored images.
     Simulated in shared batches: per-sample terms do not depend on their batch-mates (eval mode,
     labels from per-sample uniforms), so the sums are those of per-client scoring, at the cost of
     central calibration instead of K small calls."""
-    per_client = math.ceil(args.fisher_batches * args.fisher_batch_size / args.k)
+    per_client = math.ceil(calib.fisher_batches * calib.fisher_batch_size / len(shards))
 
     def draw(r):  # each client draws (and, by default, crops and flips) its own images
         images, u = [], []
         for client, shard in enumerate(shards):
-            i, v = common.draw_calibration(len(shard), per_client, plumbing.stream("fed_calib", args.seed, r, client))
-            images.append(common.calibration_view(x[shard[i].to(x.device)], args.calib_images,
-                                                  plumbing.stream("fed_calib_aug", args.seed, r, client)))
+            i, v = common.draw_calibration(len(shard), per_client, plumbing.stream("fed_calib", seed, r, client))
+            images.append(common.calibration_view(x[shard[i].to(x.device)], calib.calib_images,
+                                                  plumbing.stream("fed_calib_aug", seed, r, client)))
             u.append(v)
         return torch.cat(images), torch.cat(u)
-    return common.calibrate(model, draw, args, device)
+    return common.calibrate(model, draw, calib, seed, img_size, device)
 
 
 # ----------------------------------------------------------------------------- one round
@@ -879,8 +879,8 @@ class Rounds:
     def measure_aug_gap(self):
         """The head the backbone is about to train under (round 0's, or after the warm-up rounds), on a sample
         of the union of the shards: as if clients counted on their own images and the server added."""
-        row = self.state.rows[self.args.warmup_rounds]
-        if self.state.round == self.args.warmup_rounds and measures_aug_gap(self.args) and "head_train_aug_acc" not in row:
+        a, row = self.args, self.state.rows[self.args.warmup_rounds]
+        if self.state.round == a.warmup_rounds and measures_aug_gap(a) and "head_train_aug_acc" not in row:
             gap = common.augmentation_gap(self.model, *self.data["train"], self.args, self.device)
             row.update(gap)
             common.warn_augmentation_gap(gap)
@@ -893,21 +893,15 @@ def make_head(model, shards, feats, data, head_file, args, device):
     fresh head (--head warmup: the one its warm-up rounds start from). Returns (how it was made, the values
     each client uploaded for it)."""
     if args.head == "ridge":
-        views = common.split_features(model, data, "train", args.ridge_views, args, device) if args.ridge_views else None
+        views = common.split_features(model, data, "train", args.ridge_views, args, device) \
+            if args.ridge_views else None
         d = model.head.in_features + 1
-        return federated_ridge(model.head, shards, feats, views), d * d + d * common.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ, count
+        return federated_ridge(model.head, shards, feats, views), d * d + d * common.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ, n
     if head_file is not None:
         model.head.load_state_dict(head_file)
     else:
         common.fresh_head(model.head, args.head)
     return {}, 0
-
-
-def make_mask(model, shards, x, given, args, device):
-    """Step 1 (--sparse): the mask, given (--mask) or calibrated federatedly under the head the backbone
-    will train under. Returns (mask on the host, the calibration's rounds)."""
-    mask, log = (given, []) if given is not None else federated_mask(model, shards, x, args, device)
-    return {n: m.detach().cpu().bool() for n, m in mask.items()}, log
 
 
 def result_of(state, model, pretrained, args, seconds):
@@ -925,7 +919,8 @@ def result_of(state, model, pretrained, args, seconds):
               **dict.fromkeys(made_nothing), **state.head_info,
               **{k: rows[args.warmup_rounds].get(k) for k in ("head_train_acc", "head_train_aug_acc")},
               "val_acc": rows[-1]["val_acc"], "test_acc": rows[-1]["test_acc"], "test_loss": rows[-1]["test_loss"],
-              "best_val_acc": best["val_acc"], "best_round": best["round"], "clients_per_round": clients_per_round(args),
+              "best_val_acc": best["val_acc"], "best_round": best["round"],
+              "clients_per_round": clients_per_round(args),
               "comm_values_per_client_round": values_per_client(params, mask, args),
               "comm_mb_total": state.upload * 4 / 1e6, "seconds": seconds}
     if args.sparse:
@@ -967,7 +962,9 @@ def main(argv=None):
 
     # -------- step 1 (--sparse): the mask, under the head the backbone will train under
     if args.sparse and state.mask is None:
-        state.mask, state.calib_log = make_mask(model, shards, rounds.x, inputs["mask"], args, device)
+        mask, state.calib_log = (inputs["mask"], []) if inputs["mask"] is not None else \
+            federated_mask(model, shards, rounds.x, common.Calibration.of(args), args.seed, args.img_size, device)
+        state.mask = {n: m.detach().cpu().bool() for n, m in mask.items()}
         state.write_files(args.out)
         rounds.save()
 

@@ -116,17 +116,15 @@ def make_head(model, data, args, device, inputs):
     return info
 
 
-def make_mask(model, data, args, device):
-    """Step 1: calibrate the mask on --fisher-batches x --fisher-batch-size training images, a fresh
-    sample each round (TaLoS scores its validation split; we keep that split for model selection),
-    as --calib-images says (by default with a fresh crop and flip each round)."""
-    x = data["train"][0]
-
+def make_mask(model, x, calib, seed, img_size, device):
+    """Step 1: calibrate the mask (common.calibrate, as `calib` says) on fisher_batches x fisher_batch_size of
+    the training images `x`, a fresh sample each round (TaLoS scores its validation split; we keep that split
+    for model selection), as calib_images says (by default with a fresh crop and flip each round)."""
     def draw(r):
-        idx, u = common.draw_calibration(len(x), args.fisher_batches * args.fisher_batch_size,
-                                         plumbing.stream("edit_calib", args.seed, r))
-        return common.calibration_view(x[idx], args.calib_images, plumbing.stream("edit_calib_aug", args.seed, r)), u
-    return common.calibrate(model, draw, args, device)
+        idx, u = common.draw_calibration(len(x), calib.fisher_batches * calib.fisher_batch_size,
+                                         plumbing.stream("edit_calib", seed, r))
+        return common.calibration_view(x[idx], calib.calib_images, plumbing.stream("edit_calib_aug", seed, r)), u
+    return common.calibrate(model, draw, calib, seed, img_size, device)
 
 
 def image_passes(a, train, val, test):
@@ -244,7 +242,7 @@ class FineTuning:
             for g in self.opt.param_groups:
                 g["lr"] = a.lr * common.lr_factor(a.scheduler, ep, a.epochs)
             perm = torch.randperm(len(x), generator=plumbing.stream("edit_epoch", a.seed, ep))
-            for s in range(state.step, steps_per_epoch(x, a)):
+            for s in range(state.step, steps_per_epoch(len(x), a.batch_size)):
                 idx = perm[s * a.batch_size:(s + 1) * a.batch_size]
                 xb, yb = x[idx].to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
                 if not a.no_aug:
@@ -268,8 +266,8 @@ class FineTuning:
             plumbing.write_csv(state.rows, os.path.join(a.out, "metrics.csv"))
 
 
-def steps_per_epoch(x, args):
-    return -(-len(x) // args.batch_size)
+def steps_per_epoch(n, batch_size):
+    return -(-n // batch_size)
 
 
 def write_outputs(state, args):
@@ -313,14 +311,16 @@ def main(argv=None):
     device, data, model, inputs = common.prepare(args)
     ckpt = plumbing.open_run(args)
     model.requires_grad_(False)
-    state = EditState.from_checkpoint(ckpt, args, model, steps_per_epoch(data["train"][0], args)) if ckpt else None
+    steps = steps_per_epoch(len(data["train"][0]), args.batch_size)
+    state = EditState.from_checkpoint(ckpt, args, model, steps) if ckpt else None  # checked before any work
     pretrained = {n: p.detach().cpu().clone() for n, p in common.masked_params(model)}
 
     # -------- steps 0 and 1: the head, then the mask under it, checkpointed together once both are done
     if state is None:
         t0 = time.time()
         head_info = make_head(model, data, args, device, inputs)
-        mask, log = (inputs["mask"], []) if inputs["mask"] is not None else make_mask(model, data, args, device)
+        mask, log = (inputs["mask"], []) if inputs["mask"] is not None else \
+            make_mask(model, data["train"][0], common.Calibration.of(args), args.seed, args.img_size, device)
         state = EditState(head=plumbing.cpu_state(model.head), head_info=head_info, calib_log=log,
                           mask={n: m.detach().cpu().bool() for n, m in mask.items()}, elapsed=time.time() - t0)
         plumbing.save_checkpoint(state.to_checkpoint(), args)

@@ -109,7 +109,7 @@ def test_calibration_scores_the_images_calib_images_names(monkeypatch, flags, ho
         return {n: torch.zeros_like(p) for n, p in common.masked_params(model)}, len(images)
 
     monkeypatch.setattr(common, "fisher_sums", recording)
-    model_editing.make_mask(tiny_model(), data, args, CPU)
+    model_editing.make_mask(tiny_model(), x, common.Calibration.of(args), args.seed, 32, CPU)
     assert len(seen) == 2
     n = args.fisher_batches * args.fisher_batch_size
     for r, images in enumerate(seen, 1):

@@ -258,7 +258,7 @@ def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monke
         return sums, n
 
     monkeypatch.setattr(common, "fisher_sums", recording)
-    fedavg.federated_mask(model, shards, x, args, torch.device("cpu"))
+    fedavg.federated_mask(model, shards, x, common.Calibration.of(args), args.seed, 32, torch.device("cpu"))
     batched, count = seen[0]
     monkeypatch.setattr(common, "fisher_sums", real)
     per_client = math.ceil(20 / args.k)
@@ -291,7 +291,7 @@ def test_federated_calibration_scores_the_images_calib_images_names(monkeypatch,
         return {n: torch.zeros_like(p) for n, p in common.masked_params(model)}, len(images)
 
     monkeypatch.setattr(common, "fisher_sums", recording)
-    fedavg.federated_mask(tiny_model(), shards, x, args, torch.device("cpu"))
+    fedavg.federated_mask(tiny_model(), shards, x, common.Calibration.of(args), args.seed, 32, torch.device("cpu"))
     assert len(seen) == 2
     per_client = math.ceil(20 / args.k)
     for r, images in enumerate(seen, 1):
