@@ -527,12 +527,17 @@ class LossWatch:
                                     f"{scaler.get_scale():.3g} (the gradients are not finite at any scale; training loss "
                                     f"{loss:.4g}); stopped without a result: try {self.hint}")
 
-    def check_weights(self, tensors, when, hint=None):
-        """Stop the run (Diverged) if a weight is not finite: a step after the loss was read (FedAvg's server
-        step, the last round's included, whose weights no later loss would read) can diverge too."""
+    def check_step(self, tensors, evaluated, when, hint=None):
+        """Stop the run (Diverged) if a step that no training loss read yet (FedAvg's server step, after the
+        clients' losses; the last round's, which no later loss reads) left `tensors` (its weights) not
+        finite, or losses of the model evaluated after it ({split: loss}, None where not evaluated) that
+        are not finite."""
+        bad = [f"the {split} loss is {v}" for split, v in evaluated.items() if v is not None and not math.isfinite(v)]
         if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-            raise plumbing.Diverged(f"{self.stage}, {when}: the weights are not finite after the step (the training "
-                                    f"loss was finite before it); stopped without a result: try {hint or self.hint}")
+            bad.insert(0, "the weights are not finite")
+        if bad:
+            raise plumbing.Diverged(f"{self.stage}, {when}: {' and '.join(bad)} after the step (the training loss "
+                                    f"was finite before it); stopped without a result: try {hint or self.hint}")
 
     def warn(self, loss, when):
         chance = math.log(NUM_CLASSES)

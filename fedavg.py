@@ -745,15 +745,9 @@ class RunState(plumbing.CheckpointState):
         total = args.warmup_rounds + args.rounds
         if not 0 <= self.round <= total:
             return f"round {self.round} of a run of {total} rounds"
-        if len(self.rows) != self.round + 1:
-            return f"{len(self.rows)} rows of metrics for round {self.round}"
-        for i, row in enumerate(self.rows):
-            if not isinstance(row, dict) or row.get("round") != i or not set(ROW_KEYS) <= set(row) or \
-                    not all(v is None or plumbing.type_ok(v, float) for k, v in row.items() if k != "round"):
-                return f"row {i} of its metrics is not round {i}'s"
-        if not plumbing.type_ok(self.rows[0]["val_acc"], float) or self.round == total and \
-                not all(plumbing.type_ok(self.rows[-1][k], float) for k in ("val_acc", "test_acc", "test_loss")):
-            return "its metrics lack the evaluation of round 0 or of its last round"
+        problem = rows_problem(self.rows, self.round, total)
+        if problem:
+            return problem
         if self.upload < 0 or self.elapsed < 0:
             return "a negative upload or time"
         calibrated = args.sparse and self.round > args.warmup_rounds  # the mask is made before the first main round
@@ -780,6 +774,21 @@ class RunState(plumbing.CheckpointState):
         plumbing.atomic_save(self.head, os.path.join(out, "head.pt"))
         if self.mask is not None:
             common.save_mask(self.mask, os.path.join(out, "mask.pt"))
+
+
+def rows_problem(rows, done, total):
+    """What keeps `rows` from being the metrics of a run `done` rounds into `total` (round 0 first, one row per
+    round, every value a number or empty, round 0 and the last round evaluated), or None."""
+    if len(rows) != done + 1:
+        return f"{len(rows)} rows of metrics for round {done}"
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or row.get("round") != i or not set(ROW_KEYS) <= set(row) or \
+                not all(v is None or plumbing.type_ok(v, float) for k, v in row.items() if k != "round"):
+            return f"row {i} of its metrics is not round {i}'s"
+    if not plumbing.type_ok(rows[0]["val_acc"], float) or done == total and \
+            not all(plumbing.type_ok(rows[-1][k], float) for k in ("val_acc", "test_acc", "test_loss")):
+        return "its metrics lack the evaluation of round 0 or of its last round"
+    return None
 
 
 # ----------------------------------------------------------------------------- the rounds
@@ -852,11 +861,7 @@ class Rounds:
             loss, norm, agreement = train_round(self.model, phase, self.shards, self.feats["train"][0] if head_only
                                                 else self.x, self.y, rnd, a, self.device, self.scaler)
             watch = self.watches[head_only]
-            watch.check(loss, f"round {rnd + 1}", self.scaler)
-            watch.check_weights([p for _, p in trained_params(self.model, self.mask, head_only)], f"round {rnd + 1}",
-                                f"{watch.hint}, or a gentler server step (--server-*)")
-            state.upload += phase.upload * clients_per_round(a)
-            state.round = rnd + 1
+            watch.check(loss, f"round {rnd + 1}", self.scaler)  # nothing of this round is kept before the checks
             row = {"round": rnd + 1, "train_loss": loss, "update_norm": norm, "agreement": agreement}
             last = rnd + 1 == total
             for split, every in (("val", a.eval_every), ("test", a.test_every)):
@@ -864,6 +869,11 @@ class Rounds:
                     row[f"{split}_loss"], row[f"{split}_acc"] = self.evaluate(split, backbone_changed=not head_only)
                 else:
                     row[f"{split}_loss"] = row[f"{split}_acc"] = None
+            watch.check_step([p for _, p in trained_params(self.model, self.mask, head_only)],
+                             {"val": row["val_loss"], "test": row["test_loss"]}, f"round {rnd + 1}",
+                             f"{watch.hint}, or a gentler server step (--server-*)")
+            state.upload += phase.upload * clients_per_round(a)
+            state.round = rnd + 1
             state.rows.append(row)
             if row["val_acc"] is not None:
                 watch.warn(loss, f"round {rnd + 1}")

@@ -588,6 +588,12 @@ def test_a_last_round_whose_server_step_diverges_stops_with_no_result(tmp_path, 
     assert status == plumbing.DIVERGED_EXIT and len(lines) == 1, lines
     assert "FedAvg rounds, round 1: the weights are not finite" in lines[0] and "--lr below" in lines[0], lines
     assert not (out / "result.json").exists()
+    monkeypatch.undo()  # finite weights whose evaluated loss is not (logits that overflow): the same
+    monkeypatch.setattr(common, "evaluate", lambda *a: (float("inf"), 0.01))
+    status, lines = run_as_script(fedavg.main, FAST + ["--rounds", "1", "--no-aug", "--out", str(tmp_path / "b")], capsys)
+    assert status == plumbing.DIVERGED_EXIT and len(lines) == 1, lines
+    assert "round 1: the val loss is inf and the test loss is inf after the step" in lines[0], lines
+    assert not (tmp_path / "b" / "result.json").exists()
 
 
 def test_a_new_flag_reaches_result_json_and_results_csv_with_no_edit(tmp_path, monkeypatch):
