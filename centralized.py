@@ -39,9 +39,9 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=plumbing.positive_int, default=30, help="epochs per training")
     p.add_argument("--patience", type=plumbing.positive_int, default=5,
                    help="stop after this many epochs without a better validation accuracy")
-    p.add_argument("--lr", type=plumbing.nonneg_float, default=0.01, help="learning rate without --grid")
+    p.add_argument("--lr", type=plumbing.rate, default=0.01, help="learning rate without --grid")
     p.add_argument("--momentum", type=plumbing.unit_float, default=0.9, help="momentum without --grid")
-    p.add_argument("--wd", type=plumbing.nonneg_float, default=0.0, help="weight decay without --grid")
+    p.add_argument("--wd", type=plumbing.rate, default=0.0, help="weight decay without --grid")
     p.add_argument("--hparams", type=plumbing.path, default=None,
                    help="take lr/momentum/wd from an earlier centralized run's result.json")
     p.add_argument("--scheduler", choices=common.SCHEDULERS, default="cosine",

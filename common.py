@@ -3,10 +3,13 @@
 Read it top to bottom, each part using only those above it: data and transforms, the ViT and its
 weights (timm's hub, a file, or the project's pretrained stand-ins), SparseSGDM, learning-rate
 schedules, forward passes and evaluation, frozen-backbone features and heads (SGD and ridge), Fisher
-scores and masks (TaLoS steps 1-2), and last a run's start (prepare).
+scores and masks (TaLoS steps 1-2), the flags of steps 0-2 (edit_parser), and last a run's start
+(prepare).
 A run's plumbing (errors, the flags the scripts share, device, random streams, files, run directories,
 plots) is in plumbing.py; run_all.sh's planner (prefetch, image passes, time estimate) in plan.py.
 """
+import argparse
+import dataclasses
 import hashlib
 import math
 import os
@@ -473,6 +476,18 @@ class LossWatch:
                                     f"{scaler.get_scale():.3g} (the gradients are not finite at any scale; training loss "
                                     f"{loss:.4g}); stopped without a result: try {self.hint}")
 
+    def check_step(self, tensors, evaluated, when, hint=None):
+        """Stop the run (Diverged) if a step that no training loss read yet (FedAvg's server step, after the
+        clients' losses; the last round's, which no later loss reads) left `tensors` (its weights) not
+        finite, or losses of the model evaluated after it ({split: loss}, None where not evaluated) that
+        are not finite."""
+        bad = [f"the {split} loss is {v}" for split, v in evaluated.items() if v is not None and not math.isfinite(v)]
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            bad.insert(0, "the weights are not finite")
+        if bad:
+            raise plumbing.Diverged(f"{self.stage}, {when}: {' and '.join(bad)} after the step (the training loss "
+                                    f"was finite before it); stopped without a result: try {hint or self.hint}")
+
     def warn(self, loss, when):
         chance = math.log(NUM_CLASSES)
         if not self.warned and loss > LOSS_WARN_FACTOR * chance:
@@ -562,6 +577,15 @@ def backbone_digest(model):
     return h.hexdigest()[:16]
 
 
+def tensor_digest(t):
+    """A short hash of a tensor's dtype, shape and bytes (CIFAR-100's training images: about 0.2 s)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 def feature_cache_path(args, split, views, digest):
     """Features depend on data, backbone weights (`digest`: backbone_digest), image size and the precision
     they were computed in (fp32 on a CPU and bf16 on a GPU differ slightly); cache them so grids and
@@ -572,22 +596,47 @@ def feature_cache_path(args, split, views, digest):
     return os.path.join(args.data_dir, "features", name.replace("/", "_"))
 
 
+def read_feature_cache(path, source, shape):
+    """The features cached in `path` if the file holds what split_features wrote for `source` (the digests
+    of the images and the backbone, the views, the seed, the size and precision) and `shape`, their own
+    digest intact; else None, with a warning saying why (they are then recomputed): a file of another
+    shape, another source, or altered contents is never used."""
+    try:
+        cache = plumbing.load_tensors(path)  # a regular file only, weights_only
+    except Exception as e:
+        why = f"unreadable ({type(e).__name__})"
+    else:
+        f = cache.get("features") if isinstance(cache, dict) else None
+        if not isinstance(f, torch.Tensor):
+            why = "not a feature cache of this version"
+        elif cache.get("source") != source:
+            why = "features of other images or another backbone"
+        elif tuple(f.shape) != shape or f.dtype != torch.float32:
+            why = f"features of shape {tuple(f.shape)} ({f.dtype}), not {shape} (float32)"
+        elif cache.get("digest") != tensor_digest(f):
+            why = "its features were altered"
+        else:
+            return f
+    print(f"warning: cached features {path}: {why}; recomputed", file=sys.stderr)
+    return None
+
+
 def split_features(model, data, split, views, args, device, digest=None):
     """Features of one split on device: of its clean images (views=0, N×D) or of V augmented copies
     (views=V, V×N×D, copy v drawn from the stream feature_view(seed, v)); cached on disk in
     --data-dir/features, keyed by the backbone's weights (`digest`, backbone_digest: hashed here if not
-    given), never by a file name; not for a random backbone (it differs by seed)."""
-    if args.no_pretrained:
-        path = None
-    else:
-        path = feature_cache_path(args, split, views, digest or backbone_digest(model))
+    given), never by a file name, and checked when read (read_feature_cache); not for a random backbone
+    (it differs by seed)."""
     x = data[split][0]
-    f = None
-    if path and os.path.isfile(path):
-        try:
-            f = plumbing.load_tensors(path)
-        except Exception:
-            f = None  # a corrupt cache file is just recomputed
+    shape = ((views,) if views else ()) + (len(x), model.head.in_features)
+    path = source = f = None
+    if not args.no_pretrained:
+        digest = digest or backbone_digest(model)
+        path = feature_cache_path(args, split, views, digest)
+        source = {"images": tensor_digest(x), "backbone": digest, "views": views, "seed": args.seed if views else None,
+                  "img_size": args.img_size, "precision": args.precision}
+        if os.path.lexists(path):  # read_feature_cache refuses (with a warning) what is no regular file
+            f = read_feature_cache(path, source, shape)
     if f is None:
         if views == 0:
             f = extract_features(model, x, args, device, desc=f"{split} features").cpu()
@@ -595,7 +644,7 @@ def split_features(model, data, split, views, args, device, digest=None):
             f = torch.stack([extract_features(model, x, args, device, plumbing.stream("feature_view", args.seed, v),
                                               desc=f"{split} view {v}").cpu() for v in range(views)])
         if path:
-            plumbing.atomic_save(f, path)
+            plumbing.atomic_save({"features": f, "digest": tensor_digest(f), "source": source}, path)
     return f.to(device)
 
 
@@ -807,6 +856,95 @@ SCORES = ["logit", "loglik"]
 CALIB_IMAGES = ["train-aug", "clean"]
 # The layers whose weight and bias TaLoS masks (its layers.mask_pretrained_vit wraps exactly these).
 MASKED_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm)
+
+
+# ----------------------------------------------------------------------------- the flags of steps 0-2
+
+# --ridge-views' bound: each view is one more forward pass over the training set, and split_features holds
+# every view's features at once on the device (N x D floats a view: 69 MB for CIFAR-100 on ViT-S/16, so
+# 2.2 GB at 32). 10^8 views were accepted, months of passes and terabytes.
+MAX_RIDGE_VIEWS = 32
+
+
+def ridge_views(s):
+    v = plumbing.nonneg_int(s)
+    if v > MAX_RIDGE_VIEWS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_RIDGE_VIEWS}, got {s}")
+    return v
+
+
+def edit_parser():
+    """The flags of the science above, shared by model_editing.py and fedavg.py (an argparse parent): the
+    step-0 head, and the mask (fedavg.py: only with --sparse)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("step 0: the classifier head (frozen from then on, except in dense FedAvg)")
+    g.add_argument("--head", type=plumbing.path, default="ridge", metavar="{ridge,warmup,zero,random,FILE}",
+                   help="ridge: closed-form ridge regression on frozen-backbone features, lambda chosen on "
+                        "the validation split (fedavg.py: from the clients' sufficient statistics, one "
+                        "round); warmup: SGD on the frozen backbone (fedavg.py: --warmup-rounds head-only "
+                        "rounds); zero / random (fedavg.py without --sparse only): a fresh head, all zeros or "
+                        "seeded by --seed, that FedAvg trains from scratch; FILE: a head.pt saved by an "
+                        "earlier run (e.g. the centralized baseline)")
+    g.add_argument("--ridge-views", type=ridge_views, default=0,
+                   help="with --head ridge: fit it on the clean training images plus this many augmented views "
+                        "(training crop/flip) of each (fedavg.py: each client's statistics of its own views); "
+                        f"0: clean images only; at most {MAX_RIDGE_VIEWS}: each view is another pass over "
+                        f"the training set, and all views' features are held at once")
+    g = p.add_argument_group("steps 1-2: gradient mask (model_editing.py, fedavg.py --sparse)")
+    g.add_argument("--rule", choices=MASK_RULES, default="least-sensitive",
+                   help="which backbone weights may be updated (TaLoS: least-sensitive)")
+    g.add_argument("--sparsity", type=plumbing.unit_float, default=0.9,
+                   help="fraction of the masked tensors' N entries that are FROZEN: int((1 - sparsity) * N) "
+                        "stay updatable (TaLoS's count)")
+    g.add_argument("--calib-rounds", type=plumbing.positive_int, default=4,
+                   help="mask calibration rounds; round r keeps int((1 - sparsity) ** (r / rounds) * N) entries")
+    g.add_argument("--score", choices=SCORES, default="logit",
+                   help="sensitivity: squared per-sample gradient of the sampled class's raw logit (TaLoS's "
+                        "code) or of its log-probability (the textbook Fisher)")
+    g.add_argument("--fisher-batches", type=plumbing.positive_int, default=8,
+                   help="batches of --fisher-batch-size images scored per calibration round")
+    g.add_argument("--fisher-batch-size", type=plumbing.positive_int, default=32,
+                   help="images per Fisher batch; memory grows with it (one layer's per-sample gradients)")
+    g.add_argument("--calib-damp", type=plumbing.damping, default=0.1,
+                   help="while calibrating, weights already masked out are scaled by this (TaLoS: 0.1)")
+    g.add_argument("--calib-images", choices=CALIB_IMAGES, default="train-aug",
+                   help="calibration images scored through the training augmentation, a fresh random crop "
+                        "and flip each round (train-aug: TaLoS scores through its training preprocessing) "
+                        "or as they are (clean); independent of --no-aug")
+    return p
+
+
+def check_head_flags(p, args):
+    """edit_parser's head flags, as both scripts refuse them: --ridge-views only fits a ridge head."""
+    if args.head != "ridge":
+        plumbing.refuse_ignored(p, args, ["ridge_views"], f"it fits --head ridge, and this run's head is {args.head}")
+
+
+def ridge_views_tag(args):
+    """Run-name suffix of a ridge head fitted on augmented views ('_ridge4views'; '' for the clean one,
+    whose runs keep their names): another head, so another run."""
+    return f"_ridge{args.ridge_views}views" if args.head == "ridge" and args.ridge_views else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """How step 1 calibrates a mask: the values of edit_parser's mask flags, one field each (calibrate)."""
+    rule: str
+    sparsity: float
+    calib_rounds: int
+    score: str
+    fisher_batches: int
+    fisher_batch_size: int
+    calib_damp: float
+    calib_images: str
+
+    @classmethod
+    def of(cls, args):
+        return cls(**{k: getattr(args, k) for k in CALIBRATION_FLAGS})
+
+
+# edit_parser's flags that make a mask: they do nothing without one to make (no --sparse, or --mask FILE)
+CALIBRATION_FLAGS = tuple(f.name for f in dataclasses.fields(Calibration))
 
 
 def _masked_layers(model):
@@ -1051,23 +1189,28 @@ def save_mask(mask, path):
 
 def load_mask(path, model):
     """Read a mask file and check it fits masked_params(model) (every name, every shape)."""
-    mask = plumbing.load_tensor_file(path, "mask file", "make one with model_editing.py")
+    return checked_mask(plumbing.load_tensor_file(path, "mask file", "make one with model_editing.py"), path, model)
+
+
+def checked_mask(mask, where, model):
+    """`mask` (read from `where`: a mask file, a checkpoint) as {name: bool tensor}, if it fits
+    masked_params(model) (every name, every shape) and keeps something; else a UserError naming `where`."""
     params = dict(masked_params(model))
     if not isinstance(mask, dict):
-        raise plumbing.UserError(f"{path} is not a mask file (a dict of bool tensors by parameter name; it holds a "
+        raise plumbing.UserError(f"{where} is not a mask file (a dict of bool tensors by parameter name; it holds a "
                                  f"{type(mask).__name__}): make one with model_editing.py")
     if {"cls_token", "pos_embed"} & set(mask):
-        raise plumbing.UserError(f"mask {path} was made by an older version (it masks cls_token/pos_embed); "
+        raise plumbing.UserError(f"mask {where} was made by an older version (it masks cls_token/pos_embed); "
                                  "recalibrate it: rerun model_editing.py")
     if set(mask) != set(params):
         extra, missing = sorted(set(mask) - set(params)), sorted(set(params) - set(mask))
-        raise plumbing.UserError(f"mask {path} does not fit --arch: missing {missing[:3]}, unknown {extra[:3]}")
+        raise plumbing.UserError(f"mask {where} does not fit --arch: missing {missing[:3]}, unknown {extra[:3]}")
     for n, p in params.items():
         if not isinstance(mask[n], torch.Tensor) or mask[n].shape != p.shape:
-            raise plumbing.UserError(f"mask {path} does not fit --arch: {n} should have shape {tuple(p.shape)}")
+            raise plumbing.UserError(f"mask {where} does not fit --arch: {n} should have shape {tuple(p.shape)}")
     mask = {n: m.bool() for n, m in mask.items()}
     if not any(bool(m.any()) for m in mask.values()):  # as --sparsity that keeps nothing (check_sparsity)
-        raise plumbing.UserError(f"mask {path} keeps no entry at all (every value False): it would train nothing")
+        raise plumbing.UserError(f"mask {where} keeps no entry at all (every value False): it would train nothing")
     return mask
 
 
@@ -1089,22 +1232,23 @@ def check_sparsity(model, sparsity, rounds):
                              f"after {rounds} calibration round(s): lower it")
 
 
-def calibrate(model, draw, args, device):
-    """Step 1 of model_editing.py and fedavg.py --sparse: calibrate_mask with --rule, --sparsity and
-    --calib-rounds, round r scoring the images draw(r) -> (uint8 images, uniforms for their labels)
-    with --score and --calib-damp. Prints the rounds; returns (mask, per-round log)."""
+def calibrate(model, draw, calib, seed, img_size, device):
+    """Step 1 of model_editing.py and fedavg.py --sparse: calibrate_mask with `calib`'s (a Calibration) rule,
+    sparsity and rounds, round r scoring the images draw(r) -> (uint8 images, uniforms for their labels),
+    resized to img_size, with its score and damping; the random rule draws from --seed's stream. Prints the
+    rounds; returns (mask, per-round log)."""
     def score(r, mask):  # the mean squared per-sample gradients of round r's images
         images, u = draw(r)
-        sums, n = fisher_sums(model, images, u, args.img_size, args.fisher_batch_size, device,
-                              mask=mask, damp=args.calib_damp, score=args.score)
+        sums, n = fisher_sums(model, images, u, img_size, calib.fisher_batch_size, device,
+                              mask=mask, damp=calib.calib_damp, score=calib.score)
         return {k: v / n for k, v in sums.items()}
 
     t = time.time()
-    mask, log = calibrate_mask(model, score, args.rule, args.sparsity, args.calib_rounds,
-                               plumbing.stream("mask_rule", args.seed))
+    mask, log = calibrate_mask(model, score, calib.rule, calib.sparsity, calib.calib_rounds,
+                               plumbing.stream("mask_rule", seed))
     for row in log:
         print(f"  calibration round {row['round']}: keep {row['kept']} entries ({row['kept_frac']:.4%})")
-    print(f"mask ({args.rule}, sparsity {args.sparsity}, score {args.score}, {args.calib_images} images) "
+    print(f"mask ({calib.rule}, sparsity {calib.sparsity}, score {calib.score}, {calib.calib_images} images) "
           f"calibrated in {time.time() - t:.1f}s")
     return mask, log
 

@@ -12,9 +12,11 @@ mask calibrated from the clients' summed Fisher scores (or --mask); step 2 FedAv
 clients update only masked-in backbone entries with SparseSGDM. Example:
     python fedavg.py --nc 5 --j 8 --sparse
 """
+import dataclasses
 import math
 import os
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ import splits
 
 def get_args(argv=None):
     shared = [plumbing.base_parser(common.DEFAULT_ARCH),
-              plumbing.edit_parser(common.MASK_RULES, common.SCORES, common.CALIB_IMAGES)]
+              common.edit_parser()]
     p = plumbing.Parser(parents=shared, description=__doc__.split("\n")[0],
                         example="python fedavg.py --nc 5 --j 8 --sparse   # sparse FedAvg, 5 classes per client")
     p.set_defaults(batch_size=64)
@@ -46,14 +48,14 @@ def get_args(argv=None):
                    help="test accuracy every N rounds, and always after the last round")
     g.add_argument("--ckpt-every", type=plumbing.positive_int, default=5, help="checkpoint every N rounds")
     g = p.add_argument_group("local training")
-    g.add_argument("--lr", type=plumbing.nonneg_float, default=1e-4,
+    g.add_argument("--lr", type=plumbing.rate, default=1e-4,
                    help="client learning rate of rounds that train the backbone (dense or --sparse), constant "
                         "(docs/flags.md: why this low)")
-    g.add_argument("--head-lr", type=plumbing.nonneg_float, default=0.1,
+    g.add_argument("--head-lr", type=plumbing.rate, default=0.1,
                    help="client learning rate of head-only rounds (--head warmup's warm-up, --train head)")
     g.add_argument("--momentum", type=plumbing.unit_float, default=0.9,
                    help="client momentum; a fresh buffer for every client and round")
-    g.add_argument("--wd", type=plumbing.nonneg_float, default=0.0, help="client weight decay")
+    g.add_argument("--wd", type=plumbing.rate, default=0.0, help="client weight decay")
     g.add_argument("--train", choices=["all", "head"], default="all",
                    help="what dense clients train: the whole model, or only the head on the frozen backbone "
                         "(then on cached clean features)")
@@ -77,7 +79,7 @@ def get_args(argv=None):
         p.error("--mask needs --sparse")
     if args.sparse and args.train == "head":
         p.error("--sparse fine-tunes the backbone under a frozen head; it cannot go with --train head")
-    plumbing.check_head_flags(p, args)
+    common.check_head_flags(p, args)
     if args.sparse and args.head in common.FRESH_HEADS:
         p.error(f"--sparse freezes the head, and a frozen --head {args.head} would stay a fresh head (a zero head "
                 f"passes the backbone no gradient at all): use ridge, warmup or a head.pt")
@@ -91,9 +93,9 @@ def get_args(argv=None):
     if args.train == "head":
         plumbing.refuse_ignored(p, args, ["lr"], "every round of --train head is head-only, at --head-lr")
     if not args.sparse:
-        plumbing.refuse_ignored(p, args, plumbing.CALIBRATION_FLAGS, "they make the mask of --sparse")
+        plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "they make the mask of --sparse")
     elif args.mask:
-        plumbing.refuse_ignored(p, args, plumbing.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
+        plumbing.refuse_ignored(p, args, common.CALIBRATION_FLAGS, "--mask gives the mask, nothing is calibrated")
     if args.scale_rounds and args.rounds * 4 % args.j:
         p.error(f"--scale-rounds: {args.rounds} rounds x 4 / J={args.j} is not a whole number of rounds, so local "
                 f"work would not be equal across J; choose --rounds a multiple of {args.j // math.gcd(args.j, 4)}")
@@ -131,7 +133,7 @@ def run_core(args):
                 else f"sparse-{args.rule}_s{args.sparsity}_r{args.calib_rounds}")
     if args.head in common.FRESH_HEADS:  # the baseline where FedAvg learns the head: not the ridge head's run
         kind += f"_from-{args.head}"
-    kind += plumbing.ridge_views_tag(args)
+    kind += common.ridge_views_tag(args)
     rounds = "" if args.rounds == scaled_rounds(args.defaults["rounds"], args.j) else f"_R{args.rounds}"
     return f"{args.split}_j{args.j}_{kind}{algorithms.tag(args)}{rounds}"
 
@@ -157,25 +159,25 @@ def federated_ridge(head, shards, feats, views=None):
 
 # ----------------------------------------------------------------------------- step 1: federated mask calibration
 
-def federated_mask(model, shards, x, args, device):
-    """Calibrate the mask without pooling data: in every calibration round each of the K clients scores
-    ceil(fisher_batches * fisher_batch_size / K) of its own images (squared per-sample gradients, labels
-    sampled from the model) and sends the per-entry sums and its count; the server adds them up and
-    divides by the total count: the Fisher over the union of the scored images.
+def federated_mask(model, shards, x, calib, seed, img_size, device):
+    """Calibrate the mask (common.calibrate, as `calib` says) without pooling data: in every calibration round
+    each of the K clients scores ceil(fisher_batches * fisher_batch_size / K) of its own images (squared
+    per-sample gradients, labels sampled from the model) and sends the per-entry sums and its count; the server
+    adds them up and divides by the total count: the Fisher over the union of the scored images.
     Simulated in shared batches: per-sample terms do not depend on their batch-mates (eval mode,
     labels from per-sample uniforms), so the sums are those of per-client scoring, at the cost of
     central calibration instead of K small calls."""
-    per_client = math.ceil(args.fisher_batches * args.fisher_batch_size / args.k)
+    per_client = math.ceil(calib.fisher_batches * calib.fisher_batch_size / len(shards))
 
     def draw(r):  # each client draws (and, by default, crops and flips) its own images
         images, u = [], []
         for client, shard in enumerate(shards):
-            i, v = common.draw_calibration(len(shard), per_client, plumbing.stream("fed_calib", args.seed, r, client))
-            images.append(common.calibration_view(x[shard[i].to(x.device)], args.calib_images,
-                                                  plumbing.stream("fed_calib_aug", args.seed, r, client)))
+            i, v = common.draw_calibration(len(shard), per_client, plumbing.stream("fed_calib", seed, r, client))
+            images.append(common.calibration_view(x[shard[i].to(x.device)], calib.calib_images,
+                                                  plumbing.stream("fed_calib_aug", seed, r, client)))
             u.append(v)
         return torch.cat(images), torch.cat(u)
-    return common.calibrate(model, draw, args, device)
+    return common.calibrate(model, draw, calib, seed, img_size, device)
 
 
 # ----------------------------------------------------------------------------- one round
@@ -383,7 +385,7 @@ def train_clients(forward, phase, shards, x, y, rnd, clients, weights, args, dev
     return losses, sq_norms, deltas
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- outputs, and what the planner asks
 
 def write_outputs(rows, args):
     plumbing.write_csv(rows, os.path.join(args.out, "metrics.csv"))
@@ -431,177 +433,287 @@ def image_passes(a, train, val, test):
     return a.rounds * clients_per_round(a) * a.j * a.batch_size + calib, feats + evals
 
 
+# ----------------------------------------------------------------------------- the run's state: its checkpoint
+
+ROW_KEYS = ("round", "train_loss", "update_norm", "agreement", "val_loss", "val_acc", "test_loss", "test_acc")
+
+
+@dataclasses.dataclass
+class RunState(plumbing.CheckpointState):
+    """All of a FedAvg run's state, which is its checkpoint (plumbing.CheckpointState: the fields are its
+    schema; save_checkpoint adds "run", the run's flags)."""
+    head: dict                  # step 0: the head after it (head.pt; with --head warmup, before its warm-up rounds)
+    head_info: dict             # step 0: how the head was made (into result.json)
+    upload: int                 # values the clients uploaded so far
+    round: int = 0              # rounds done, warm-up rounds included
+    rows: list = dataclasses.field(default_factory=list)  # metrics.csv so far: round 0 (the head), one per round
+    mask: Optional[dict] = None  # step 1: the mask once made ({name: bool tensor}; mask.pt is written from it)
+    calib_log: list = dataclasses.field(default_factory=list)  # step 1: its rounds (calibration.csv)
+    elapsed: float = 0.0        # seconds of work so far, across resumes
+    model: Optional[dict] = None   # from the first save on: the global model
+    scaler: Optional[dict] = None  # from the first save on: the fp16 gradient scaler
+    algo: Optional[dict] = None    # the FL algorithm's state of the phase then running (Phase.state_dict), or None
+    MAY_LACK = ("mask",)  # before version 2026-12-08 the mask was in mask.pt alone
+    DROPPED = ("calibrated",)  # the same versions' "the mask is in mask.pt", which a resume no longer trusts
+
+    def misfit(self, args, model):
+        """What makes this state not one of this run's, or None; the mask is kept as common.checked_mask reads it."""
+        total = args.warmup_rounds + args.rounds
+        if not 0 <= self.round <= total:
+            return f"round {self.round} of a run of {total} rounds"
+        problem = rows_problem(self.rows, self.round, total)
+        if problem:
+            return problem
+        if self.upload < 0 or self.elapsed < 0:
+            return "a negative upload or time"
+        calibrated = args.sparse and self.round > args.warmup_rounds  # the mask is made before the first main round
+        if self.mask is None and calibrated:
+            return f"no mask at round {self.round} (older versions left it to mask.pt, which a resume does not trust)"
+        if self.mask is not None and (not args.sparse or self.round < args.warmup_rounds):
+            return f"a mask at round {self.round}, before step 1"
+        if self.algo is not None and not isinstance(self.algo.get("head_only"), bool):
+            return "its FL algorithm's state has no phase"
+        for what, sd, module in (("head", self.head, model.head), ("model", self.model, model)):
+            problem = plumbing.state_misfit(sd, module)
+            if problem:
+                return f"its {what} does not fit --arch: {problem}"
+        if self.mask is not None:
+            try:
+                self.mask = common.checked_mask(self.mask, "in it", model)
+            except plumbing.UserError as e:
+                return str(e)
+        return None
+
+    def write_files(self, out):
+        """head.pt and, once made, mask.pt, from the state: on resume too, so a file damaged, replaced or
+        linked elsewhere meanwhile does not survive (atomic_save replaces a link, never writes through it)."""
+        plumbing.atomic_save(self.head, os.path.join(out, "head.pt"))
+        if self.mask is not None:
+            common.save_mask(self.mask, os.path.join(out, "mask.pt"))
+
+
+def rows_problem(rows, done, total):
+    """What keeps `rows` from being the metrics of a run `done` rounds into `total` (round 0 first, one row per
+    round, every value a number or empty, round 0 and the last round evaluated), or None."""
+    if len(rows) != done + 1:
+        return f"{len(rows)} rows of metrics for round {done}"
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or row.get("round") != i or not set(ROW_KEYS) <= set(row) or \
+                not all(v is None or plumbing.type_ok(v, float) for k, v in row.items() if k != "round"):
+            return f"row {i} of its metrics is not round {i}'s"
+    if not plumbing.type_ok(rows[0]["val_acc"], float) or done == total and \
+            not all(plumbing.type_ok(rows[-1][k], float) for k in ("val_acc", "test_acc", "test_loss")):
+        return "its metrics lack the evaluation of round 0 or of its last round"
+    return None
+
+
+# ----------------------------------------------------------------------------- the rounds
+
+class Rounds:
+    """A run's FedAvg rounds on its RunState: --head warmup's head-only rounds, then the main ones (step 2).
+    Holds what they share: the training set on the device, the cached features, the shards, the fp16 scaler,
+    the FL algorithm's phase (made afresh when the run passes from head-only to backbone rounds, as an
+    uninterrupted run does, and restored from the checkpoint in the phase it was saved in) and the loss
+    watches of both kinds of rounds."""
+
+    def __init__(self, model, data, feats, shards, state, args, device):
+        self.model, self.data, self.feats, self.shards, self.state = model, data, feats, shards, state
+        self.args, self.device = args, device
+        self.x, self.y = (t.to(device) for t in data["train"])  # uint8: the whole training set fits on any GPU
+        self.t0 = time.time() - state.elapsed
+        self.scaler = plumbing.grad_scaler(device, args.precision)
+        if state.scaler is not None:
+            self.scaler.load_state_dict(state.scaler)
+        self.phase, self.resumed_algo = None, state.algo
+        self.mask = None  # state.mask on the device, once made
+        head_rounds = "FedAvg head-only rounds (--train head)" if args.train == "head" else "FedAvg head warm-up rounds"
+        self.watches = {True: common.LossWatch(head_rounds, f"a --head-lr below {args.head_lr:g}"),  # their rate
+                        False: common.LossWatch(f"{'sparse ' if args.sparse else ''}FedAvg rounds",
+                                                f"a --lr below {args.lr:g}")}
+
+    def save(self):
+        s = self.state
+        s.model, s.scaler = plumbing.cpu_state(self.model), self.scaler.state_dict()
+        s.elapsed, s.algo = time.time() - self.t0, self.phase.state_dict() if self.phase is not None else None
+        plumbing.save_checkpoint(s.to_checkpoint(), self.args)
+
+    def evaluate(self, split, backbone_changed):
+        if backbone_changed:
+            return common.evaluate(self.model, *self.data[split], self.args, self.device)
+        return common.evaluate_head(self.model.head, *self.feats[split])  # same numbers, no ViT pass
+
+    def round_zero(self):
+        """Round 0's row: the head every curve leaves from, before any round."""
+        if self.state.rows:
+            return
+        row = {"round": 0, "train_loss": None, "update_norm": None, "agreement": None}
+        for split in ("val", "test"):
+            row[f"{split}_loss"], row[f"{split}_acc"] = self.evaluate(split, backbone_changed=self.feats is None)
+        self.state.rows.append(row)
+        print(f"round 0 (the head): val acc {row['val_acc']:.4f}  test acc {row['test_acc']:.4f}")
+        if self.args.head != "warmup" and self.args.head not in common.FRESH_HEADS:  # at chance by design
+            common.check_head_accuracy(row["val_acc"], self.args)
+
+    def phase_for(self, head_only):
+        if self.phase is None or self.phase.head_only != head_only:
+            if self.mask is None and self.state.mask is not None:
+                self.mask = {n: m.to(self.device) for n, m in self.state.mask.items()}
+            self.phase = Phase(self.model, self.args, None if head_only else self.mask, head_only)
+            if self.resumed_algo is not None and self.resumed_algo["head_only"] == head_only:  # saved in this phase
+                self.phase.load_state_dict(self.resumed_algo)
+            self.resumed_algo = None  # saved in an earlier phase: this one starts afresh, as it did uninterrupted
+        return self.phase
+
+    def train(self, until):
+        """The rounds from state.round to `until`: each checked for divergence, its loss and its server step,
+        before anything of it is kept; evaluated and checkpointed as --eval-every, --test-every and
+        --ckpt-every say. A stop request ends the run between two client steps, saved as of the round's start
+        (RoundStopped), or at the round's end, saved (Stopped)."""
+        from tqdm import tqdm
+        a, state = self.args, self.state
+        total = a.warmup_rounds + a.rounds
+        for rnd in tqdm(range(state.round, until), desc="rounds", disable=None):
+            head_only = rnd < a.warmup_rounds or a.train == "head"
+            phase = self.phase_for(head_only)
+            try:
+                loss, norm, agreement = train_round(self.model, phase, self.shards, self.feats["train"][0]
+                                                    if head_only else self.x, self.y, rnd, a, self.device, self.scaler)
+            except RoundStopped:  # a stop mid-round: train_round undid the round, so save the state of its start
+                self.save()
+                raise plumbing.Stopped(f"round {rnd + 1}", saved=True)
+            watch = self.watches[head_only]
+            watch.check(loss, f"round {rnd + 1}", self.scaler)  # nothing of this round is kept before the checks
+            row = {"round": rnd + 1, "train_loss": loss, "update_norm": norm, "agreement": agreement}
+            last = rnd + 1 == total
+            for split, every in (("val", a.eval_every), ("test", a.test_every)):
+                if (rnd + 1) % every == 0 or last:
+                    row[f"{split}_loss"], row[f"{split}_acc"] = self.evaluate(split, backbone_changed=not head_only)
+                else:
+                    row[f"{split}_loss"] = row[f"{split}_acc"] = None
+            watch.check_step([p for _, p in trained_params(self.model, self.mask, head_only)],
+                             {"val": row["val_loss"], "test": row["test_loss"]}, f"round {rnd + 1}",
+                             f"{watch.hint}, or a gentler server step (--server-*)")
+            state.upload += phase.upload * clients_per_round(a)
+            state.round = rnd + 1
+            state.rows.append(row)
+            if row["val_acc"] is not None:
+                watch.warn(loss, f"round {rnd + 1}")
+                write_outputs(state.rows, a)
+                tqdm.write(f"round {rnd + 1}: train loss {loss:.4f}  val acc {row['val_acc']:.4f}"
+                           + (f"  test acc {row['test_acc']:.4f}" if row["test_acc"] is not None else ""))
+            stop = plumbing.stop_requested()  # read once: a signal between two reads would skip the save
+            if (rnd + 1) % a.ckpt_every == 0 or row["val_acc"] is not None or stop:
+                self.save()
+            if stop and not last:  # SLURM preemption / time limit: saved at this round boundary
+                raise plumbing.Stopped(f"round {rnd + 1}", saved=True)
+
+    def measure_aug_gap(self):
+        """The head the backbone is about to train under (round 0's, or after the warm-up rounds), on a sample
+        of the union of the shards: as if clients counted on their own images and the server added."""
+        a, row = self.args, self.state.rows[self.args.warmup_rounds]
+        if self.state.round == a.warmup_rounds and measures_aug_gap(a) and "head_train_aug_acc" not in row:
+            gap = common.augmentation_gap(self.model, *self.data["train"], self.args, self.device)
+            row.update(gap)
+            common.warn_augmentation_gap(gap)
+
+
+# ----------------------------------------------------------------------------- the run, in its stages
+
+def make_head(model, shards, feats, data, head_file, args, device):
+    """Step 0, on model.head: the federated ridge head (one round of the clients' statistics), a head.pt, or a
+    fresh head (--head warmup: the one its warm-up rounds start from). Returns (how it was made, the values
+    each client uploaded for it)."""
+    if args.head == "ridge":
+        views = common.split_features(model, data, "train", args.ridge_views, args, device) \
+            if args.ridge_views else None
+        d = model.head.in_features + 1
+        return federated_ridge(model.head, shards, feats, views), d * d + d * common.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ, n
+    if head_file is not None:
+        model.head.load_state_dict(head_file)
+    else:
+        common.fresh_head(model.head, args.head)
+    return {}, 0
+
+
+def result_of(state, model, pretrained, label_skew, args, seconds):
+    """result.json: every flag of the run (plumbing.run_config, so a new flag is in it with no edit) and what
+    the run measured. Mask flags that made nothing are null, as summarize.SCHEMA reads them (--score is the
+    run's own with --mask too, as older results have it); the mask file is "mask_file"."""
+    rows, mask = state.rows, state.mask
+    config = plumbing.run_config(args)
+    mask_file = config.pop("mask")
+    made_nothing = () if args.sparse and not args.mask else \
+        [k for k in common.CALIBRATION_FLAGS if not (args.sparse and k == "score")]
+    best = max((r for r in rows if r["val_acc"] is not None), key=lambda r: r["val_acc"])  # first of equals wins
+    params = trained_params(model, mask, args.train == "head")
+    result = {"stage": "fedavg", **config, "split": args.split, "mask_file": mask_file,
+              "algorithm": algorithms.selected_class(args).name,
+              "label_skew": label_skew,  # the shards' mean client-to-global label TV distance (splits.label_skew)
+              **dict.fromkeys(made_nothing), **state.head_info,
+              **{k: rows[args.warmup_rounds].get(k) for k in ("head_train_acc", "head_train_aug_acc")},
+              "val_acc": rows[-1]["val_acc"], "test_acc": rows[-1]["test_acc"], "test_loss": rows[-1]["test_loss"],
+              "best_val_acc": best["val_acc"], "best_round": best["round"],
+              "clients_per_round": clients_per_round(args),
+              "comm_values_per_client_round": values_per_client(params, mask, args),
+              "comm_mb_total": state.upload * 4 / 1e6, "seconds": seconds}
+    if args.sparse:
+        changed, total = common.changed_count(model, pretrained)
+        result.update(mask_kept_frac=common.mask_kept_frac(mask), changed_frac=changed / total)
+    return result
+
+
 def main(argv=None):
-    from tqdm import tqdm
     args = get_args(argv)
     device, data, model, inputs = common.prepare(args)
-    given_mask = inputs["mask"]
     shards = splits.make_shards(data["train"][1], splits.of_args(args), args.k, args.seed)
     label_skew = splits.label_skew(shards, data["train"][1])
-    algorithms.check_memory(model, args, given_mask)
+    algorithms.check_memory(model, args, inputs["mask"])
     ckpt = plumbing.open_run(args)
-    x, y = (t.to(device) for t in data["train"])  # uint8: the whole training set fits on any GPU
-    total_rounds = args.warmup_rounds + args.rounds
+    state = RunState.from_checkpoint(ckpt, args, model) if ckpt is not None else None  # checked before any work
     print(f"{args.k} clients ({splits.split_label(args.split)}, {min(map(len, shards))}-{max(map(len, shards))} "
-          f"samples, label skew {label_skew:.3f}), {clients_per_round(args)} per "
-          f"round, J={args.j}, {args.warmup_rounds} head warm-up + {args.rounds} rounds"
-          f"{' (scaled from J=4)' if args.scale_rounds else ''}; head: {args.head}")
-    for p in model.parameters():
-        p.requires_grad_(False)
+          f"samples, label skew {label_skew:.3f}), {clients_per_round(args)} per round, J={args.j}, {args.warmup_rounds} head warm-up + "
+          f"{args.rounds} rounds{' (scaled from J=4)' if args.scale_rounds else ''}; head: {args.head}")
+    model.requires_grad_(False)
     # Frozen-backbone features of the clean images: the ridge statistics, head-only rounds and their
     # evaluation (the backbone does not change there) all read them instead of running the ViT.
     feats = common.cached_features(model, data, args, device) if needs_features(args) else None
     pretrained = {n: p.detach().cpu().clone() for n, p in common.masked_params(model)}
-    mask_path = os.path.join(args.out, "mask.pt")
-
     # written on resume too (the same bytes): a shards.csv damaged meanwhile does not survive
     plumbing.write_csv(splits.shard_rows(shards, data["train"][1]), os.path.join(args.out, "shards.csv"))
-    # -------- step 0: the head (federated ridge, a head.pt, or the warm-up rounds below)
 
-    if ckpt is None:
-        head_info, head_upload = {}, 0
-        if args.head == "ridge":
-            views = common.split_features(model, data, "train", args.ridge_views, args, device) \
-                if args.ridge_views else None
-            head_info = dict(federated_ridge(model.head, shards, feats, views), ridge_views=args.ridge_views)
-            d = model.head.in_features + 1
-            head_upload = d * d + d * common.NUM_CLASSES + 1  # Σφφᵀ, Σφyᵀ and a count, once per client
-        elif inputs["head"] is not None:
-            model.head.load_state_dict(inputs["head"])
-        else:
-            common.fresh_head(model.head, args.head)
-        # The checkpoint: all of a run's state (plumbing.save_checkpoint adds "run", the run's flags).
-        #   round                  rounds done (warm-up rounds included)
-        #   rows                   metrics.csv so far, one row per round
-        #   calibrated, calib_log  step 1 done (the mask is mask.pt), and its rounds (calibration.csv)
-        #   head_info, head        step 0: how the head was made, and the head after it (head.pt)
-        #   upload                 values the clients uploaded so far
-        #   elapsed                seconds of work so far, across resumes
-        #   model, scaler          from the first save on: the global model, the fp16 gradient scale
-        #   algo                   from the first save on: the FL algorithm's state of the phase then running
-        #                          as of the last round boundary (Phase.state_dict: head_only and the
-        #                          algorithm's state_dict, e.g. server optimizer buffers, SCAFFOLD's c and c_i),
-        #                          or None
-        ckpt = {"round": 0, "rows": [], "calib_log": [], "calibrated": False, "head_info": head_info,
-                "upload": head_upload * args.k, "elapsed": 0.0, "head": plumbing.cpu_state(model.head)}
+    # -------- step 0: the head (federated ridge, a head.pt, a fresh head; --head warmup: trained in its rounds)
+    if state is None:
+        head_info, upload = make_head(model, shards, feats, data, inputs["head"], args, device)
+        state = RunState(head=plumbing.cpu_state(model.head), head_info=head_info, upload=upload * args.k)
     else:
-        plumbing.resuming(args, f"round {ckpt['round'] + 1} of {total_rounds}")
-        model.load_state_dict(ckpt["model"])
-    # the head after step 0 (ridge, a head.pt, or with --head warmup the random head before its warm-up
-    # rounds); model.pt holds the final one. Rewritten from the checkpoint on resume: a head.pt damaged
-    # meanwhile does not survive
-    plumbing.atomic_save(ckpt["head"], os.path.join(args.out, "head.pt"))
-    t0 = time.time() - ckpt["elapsed"]
-    mask = common.load_mask(mask_path, model) if ckpt["calibrated"] else None
-    mask = {n: m.to(device) for n, m in mask.items()} if mask else None
-    scaler = plumbing.grad_scaler(device, args.precision)
-    if "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
+        plumbing.resuming(args, f"round {state.round + 1} of {args.warmup_rounds + args.rounds}")
+        model.load_state_dict(state.model)
+    state.write_files(args.out)
+    rounds = Rounds(model, data, feats, shards, state, args, device)
+    rounds.round_zero()
+    rounds.train(until=args.warmup_rounds)  # --head warmup's head-only rounds (none otherwise)
 
-    def save():
-        ckpt.update(model=plumbing.cpu_state(model), scaler=scaler.state_dict(), elapsed=time.time() - t0,
-                    algo=phase.state_dict() if phase is not None else None)
-        plumbing.save_checkpoint(ckpt, args)
+    # -------- step 1 (--sparse): the mask, under the head the backbone will train under
+    if args.sparse and state.mask is None:
+        mask, state.calib_log = (inputs["mask"], []) if inputs["mask"] is not None else \
+            federated_mask(model, shards, rounds.x, common.Calibration.of(args), args.seed, args.img_size, device)
+        state.mask = {n: m.detach().cpu().bool() for n, m in mask.items()}
+        state.write_files(args.out)
+        rounds.save()
 
-    def evaluate(split, backbone_changed):
-        if backbone_changed:
-            return common.evaluate(model, *data[split], args, device)
-        return common.evaluate_head(model.head, *feats[split])  # same numbers, no ViT pass
+    # -------- step 2: the rounds
+    rounds.measure_aug_gap()
+    rounds.train(until=args.warmup_rounds + args.rounds)
 
-    if ckpt["round"] == 0 and not ckpt["rows"]:  # round 0: the head every curve leaves from
-        row = {"round": 0, "train_loss": None, "update_norm": None, "agreement": None}
-        for split in ("val", "test"):
-            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(split, backbone_changed=feats is None)
-        ckpt["rows"].append(row)
-        print(f"round 0 (the head): val acc {row['val_acc']:.4f}  test acc {row['test_acc']:.4f}")
-        if args.head != "warmup" and args.head not in common.FRESH_HEADS:  # at chance by design: trained in rounds
-            common.check_head_accuracy(row["val_acc"], args)
-
-    # -------- the rounds: head warm-up rounds; with --sparse, step 1 (the mask, once), then step 2
-
-    phase, resumed_algo = None, ckpt.get("algo")
-    head_rounds = "FedAvg head-only rounds (--train head)" if args.train == "head" else "FedAvg head warm-up rounds"
-    watches = {True: common.LossWatch(head_rounds, f"a --head-lr below {args.head_lr:g}"),  # their rate
-               False: common.LossWatch(f"{'sparse ' if args.sparse else ''}FedAvg rounds", f"a --lr below {args.lr:g}")}
-    bar = tqdm(range(ckpt["round"], total_rounds), desc="rounds", disable=None)
-    for rnd in bar:
-        head_only = rnd < args.warmup_rounds or args.train == "head"
-        if args.sparse and not head_only and not ckpt["calibrated"]:  # step 1, once the head is there
-            mask, ckpt["calib_log"] = (given_mask, []) if given_mask is not None else \
-                federated_mask(model, shards, x, args, device)
-            common.save_mask(mask, mask_path)
-            mask = {n: m.to(device) for n, m in mask.items()}
-            ckpt["calibrated"] = True
-            save()
-        if rnd == args.warmup_rounds and measures_aug_gap(args) and "head_train_aug_acc" not in ckpt["rows"][rnd]:
-            # the head the backbone is about to train under (round 0's, or after the warm-up rounds), on a
-            # sample of the union of the shards: as if clients counted on their own images and the server added
-            gap = common.augmentation_gap(model, *data["train"], args, device)
-            ckpt["rows"][rnd].update(gap)
-            common.warn_augmentation_gap(gap)
-        if phase is None or phase.head_only != head_only:
-            phase = Phase(model, args, None if head_only else mask, head_only)
-            if resumed_algo is not None and resumed_algo["head_only"] == head_only:  # saved in this phase
-                phase.load_state_dict(resumed_algo)
-            resumed_algo = None  # saved in an earlier phase: this one starts afresh, as it did uninterrupted
-        try:
-            loss, norm, agreement = train_round(model, phase, shards, feats["train"][0] if head_only else x, y, rnd,
-                                                args, device, scaler)
-        except RoundStopped:  # a stop mid-round: train_round undid the round, so save the state as of its start
-            save()
-            raise plumbing.Stopped(f"round {rnd + 1}", saved=True)
-        watches[head_only].check(loss, f"round {rnd + 1}", scaler)  # before anything of this round is kept
-        ckpt["upload"] += phase.upload * clients_per_round(args)
-        ckpt["round"] = rnd + 1
-        row = {"round": rnd + 1, "train_loss": loss, "update_norm": norm, "agreement": agreement}
-        last = rnd + 1 == total_rounds
-        for split, every in (("val", args.eval_every), ("test", args.test_every)):
-            if (rnd + 1) % every == 0 or last:
-                row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(split, backbone_changed=not head_only)
-            else:
-                row[f"{split}_loss"] = row[f"{split}_acc"] = None
-        ckpt["rows"].append(row)
-        if row["val_acc"] is not None:
-            watches[head_only].warn(loss, f"round {rnd + 1}")
-            write_outputs(ckpt["rows"], args)
-            bar.write(f"round {rnd + 1}: train loss {loss:.4f}  val acc {row['val_acc']:.4f}"
-                      + (f"  test acc {row['test_acc']:.4f}" if row["test_acc"] is not None else ""))
-        stop = plumbing.stop_requested()  # read once: a signal between two reads would skip the save
-        if (rnd + 1) % args.ckpt_every == 0 or row["val_acc"] is not None or stop:
-            save()
-        if stop and not last:  # SLURM preemption / time limit: saved at this round boundary
-            raise plumbing.Stopped(f"round {rnd + 1}", saved=True)
-
-    # -------- results
-
-    rows = ckpt["rows"]
-    write_outputs(rows, args)
-    if ckpt["calib_log"]:
-        plumbing.write_csv(ckpt["calib_log"], os.path.join(args.out, "calibration.csv"))
-    evaluated = [r for r in rows if r["val_acc"] is not None]
-    best = max(evaluated, key=lambda r: r["val_acc"])  # first of equals wins
-    per_client = values_per_client(trained_params(model, mask, args.train == "head"), mask, args)
-    result = {"stage": "fedavg", "algorithm": algorithms.selected_class(args).name, "dataset": args.dataset, "seed": args.seed, "k": args.k, "c": args.c,
-              "j": args.j, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "split": args.split,
-              "iid": args.iid, "nc": args.nc, "train": args.train, "sparse": args.sparse, "head": args.head,
-              "label_skew": label_skew,  # the shards' mean client-to-global label TV distance (splits.label_skew)
-              **ckpt["head_info"],
-              **{k: rows[args.warmup_rounds].get(k) for k in ("head_train_acc", "head_train_aug_acc")},
-              "score": args.score if args.sparse else None,
-              "rule": args.rule if args.sparse and not args.mask else None,
-              "sparsity": args.sparsity if args.sparse and not args.mask else None,
-              "calib_rounds": args.calib_rounds if args.sparse and not args.mask else None, "mask_file": args.mask,
-              "val_acc": rows[-1]["val_acc"], "test_acc": rows[-1]["test_acc"], "test_loss": rows[-1]["test_loss"],
-              "best_val_acc": best["val_acc"], "best_round": best["round"],
-              "clients_per_round": clients_per_round(args), "comm_values_per_client_round": per_client,
-              "comm_mb_total": ckpt["upload"] * 4 / 1e6, "seconds": time.time() - t0}
-    if args.sparse:
-        changed, total = common.changed_count(model, pretrained)
-        result.update(mask_kept_frac=common.mask_kept_frac(mask), changed_frac=changed / total)
+    # -------- the result
+    write_outputs(state.rows, args)
+    if state.calib_log:
+        plumbing.write_csv(state.calib_log, os.path.join(args.out, "calibration.csv"))
+    result = result_of(state, model, pretrained, label_skew, args, time.time() - rounds.t0)
     plumbing.atomic_save(plumbing.cpu_state(model), os.path.join(args.out, "model.pt"))
     plumbing.finish_run(result, args)
-    print(f"test acc {result['test_acc']:.4f} after {total_rounds} rounds (best val {best['val_acc']:.4f} at "
-          f"round {best['round']}); results in {args.out}")
+    print(f"test acc {result['test_acc']:.4f} after {state.round} rounds (best val {result['best_val_acc']:.4f} "
+          f"at round {result['best_round']}); results in {args.out}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ run directory, plots. A script's life in three calls:
 """
 import argparse
 import csv
+import dataclasses
 import errno
 import fcntl
 import io
@@ -24,6 +25,7 @@ import stat
 import sys
 import tempfile
 import textwrap
+import typing
 
 import numpy as np
 import torch
@@ -243,16 +245,20 @@ def run_main(main):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help with every default the code has, as the flag takes it: a list as commas (the --grid-*
-    flags), nothing for an off switch or an unset value (its help says what unset means); the
-    description and the example epilog keep their line breaks."""
+    flags), nothing for an off switch or an unset value (its help says what unset means); a flag whose
+    type has a `range` (plumbing.rate) says it; the description and the example epilog keep their line
+    breaks."""
 
     def _get_help_string(self, action):
         default = action.default
         unset = default is None or default is False or default is argparse.SUPPRESS  # `is`: 0 is a default
-        if action.help and "%(default)" not in action.help and not unset and action.option_strings:
+        text = action.help
+        if text and getattr(action.type, "range", None):
+            text += f" ({action.type.range})"
+        if text and "%(default)" not in text and not unset and action.option_strings:
             shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
-            return f"{action.help} (default: {shown.replace('%', '%%')})"
-        return action.help
+            return f"{text} (default: {shown.replace('%', '%%')})"
+        return text
 
     def _split_lines(self, text, width):  # never "least-" / "sensitive" across two lines
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
@@ -323,6 +329,24 @@ def positive_float(s):
     return v
 
 
+# The largest learning rate or weight decay a flag takes. The weights are float32 (largest 3.4e38), and torch
+# casts a rate into their type at every step: a larger one was a traceback mid-run ("value cannot be converted
+# to type float without overflow"), with the run folder half-written. 1e38 still lets a test drive a run to
+# divergence on purpose (docs/safety.md).
+MAX_RATE = 1e38
+
+
+def rate(s):
+    """A learning rate or weight decay: a number in [0, MAX_RATE]."""
+    v = float(s)
+    if not 0 <= v <= MAX_RATE:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_RATE:g}] (the weights are float32), got {s}")
+    return v
+
+
+rate.range = f"0 to {MAX_RATE:g}"  # said in --help (HelpFormatter): the bound is the type's, not a second copy
+
+
 def seed_int(s):
     """A seed torch can take: from -2^63 to 2^64 - 1."""
     v = int(s)
@@ -374,13 +398,6 @@ def positive_unit_float(s):
     return v
 
 
-def positive_float(s):
-    v = float(s)
-    if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
-    return v
-
-
 def changed_flags(p, args, names):
     """The flags among `names` (dest names) whose value differs from their default: given on purpose."""
     return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != p.get_default(n)]
@@ -405,7 +422,7 @@ def hparams_from(path):
                         f"run's result.json")
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path} is not a centralized result.json with a 'best' entry")
-    for name, v, check in zip(("lr", "momentum", "wd"), hp, (nonneg_float, unit_float, nonneg_float)):
+    for name, v, check in zip(("lr", "momentum", "wd"), hp, (rate, unit_float, rate)):
         try:
             check(v)
         except argparse.ArgumentTypeError as e:
@@ -462,63 +479,6 @@ def base_parser(default_arch):
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (starts fresh if there is none)")
     return p
-
-
-def edit_parser(rules, scores, calib_images):
-    """Head and mask flags shared by model_editing.py and fedavg.py (an argparse parent; the mask flags
-    only with --sparse). The choices are the science's: common.MASK_RULES, SCORES and CALIB_IMAGES."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("step 0: the classifier head (frozen from then on, except in dense FedAvg)")
-    g.add_argument("--head", type=path, default="ridge", metavar="{ridge,warmup,zero,random,FILE}",
-                   help="ridge: closed-form ridge regression on frozen-backbone features, lambda chosen on "
-                        "the validation split (fedavg.py: from the clients' sufficient statistics, one "
-                        "round); warmup: SGD on the frozen backbone (fedavg.py: --warmup-rounds head-only "
-                        "rounds); zero / random (fedavg.py without --sparse only): a fresh head, all zeros or "
-                        "seeded by --seed, that FedAvg trains from scratch; FILE: a head.pt saved by an "
-                        "earlier run (e.g. the centralized baseline)")
-    g.add_argument("--ridge-views", type=nonneg_int, default=0,
-                   help="with --head ridge: fit it on the clean training images plus this many augmented views "
-                        "(training crop/flip) of each (fedavg.py: each client's statistics of its own views); "
-                        "0: clean images only")
-    g = p.add_argument_group("steps 1-2: gradient mask (model_editing.py, fedavg.py --sparse)")
-    g.add_argument("--rule", choices=rules, default="least-sensitive",
-                   help="which backbone weights may be updated (TaLoS: least-sensitive)")
-    g.add_argument("--sparsity", type=unit_float, default=0.9,
-                   help="fraction of the masked tensors' N entries that are FROZEN: int((1 - sparsity) * N) "
-                        "stay updatable (TaLoS's count)")
-    g.add_argument("--calib-rounds", type=positive_int, default=4,
-                   help="mask calibration rounds; round r keeps int((1 - sparsity) ** (r / rounds) * N) entries")
-    g.add_argument("--score", choices=scores, default="logit",
-                   help="sensitivity: squared per-sample gradient of the sampled class's raw logit (TaLoS's "
-                        "code) or of its log-probability (the textbook Fisher)")
-    g.add_argument("--fisher-batches", type=positive_int, default=8,
-                   help="batches of --fisher-batch-size images scored per calibration round")
-    g.add_argument("--fisher-batch-size", type=positive_int, default=32,
-                   help="images per Fisher batch; memory grows with it (one layer's per-sample gradients)")
-    g.add_argument("--calib-damp", type=damping, default=0.1,
-                   help="while calibrating, weights already masked out are scaled by this (TaLoS: 0.1)")
-    g.add_argument("--calib-images", choices=calib_images, default="train-aug",
-                   help="calibration images scored through the training augmentation, a fresh random crop "
-                        "and flip each round (train-aug: TaLoS scores through its training preprocessing) "
-                        "or as they are (clean); independent of --no-aug")
-    return p
-
-
-def check_head_flags(p, args):
-    """edit_parser's head flags, as both scripts refuse them: --ridge-views only fits a ridge head."""
-    if args.head != "ridge":
-        refuse_ignored(p, args, ["ridge_views"], f"it fits --head ridge, and this run's head is {args.head}")
-
-
-def ridge_views_tag(args):
-    """Run-name suffix of a ridge head fitted on augmented views ('_ridge4views'; '' for the clean one,
-    whose runs keep their names): another head, so another run."""
-    return f"_ridge{args.ridge_views}views" if args.head == "ridge" and args.ridge_views else ""
-
-
-# edit_parser's flags that make a mask: they do nothing without one to make (no --sparse, or --mask FILE)
-CALIBRATION_FLAGS = ("rule", "sparsity", "calib_rounds", "score", "fisher_batches", "fisher_batch_size",
-                     "calib_damp")
 
 
 # ----------------------------------------------------------------------------- device, precision, determinism
@@ -1189,6 +1149,70 @@ def open_run(args):
 def finished(args):
     """True if args.out holds a finished run (result.json) of the same flags (config.json)."""
     return config_differences(args.out, run_config(args), args.defaults) == [] and read_result_json(args.out) is not None
+
+
+def state_misfit(sd, module):
+    """What keeps state dict `sd` (from a checkpoint) from loading into `module` as it is, or None: another
+    set of names, a value that is no tensor, another shape or dtype."""
+    if not isinstance(sd, dict):
+        return f"a {type(sd).__name__}, not a state dict"
+    want = module.state_dict()
+    if set(sd) != set(want):
+        missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want), key=str)
+        return f"missing {missing[:3]}, unknown {extra[:3]}"
+    for k, t in want.items():
+        if not isinstance(sd[k], torch.Tensor) or sd[k].shape != t.shape or sd[k].dtype != t.dtype:
+            return f"{k} is not a {t.dtype} tensor of shape {tuple(t.shape)}"
+    return None
+
+
+def type_ok(value, kind):
+    """Whether `value` has type `kind`, a class or Optional[...] of classes (None then fits); a bool is no
+    number, an int fits a float."""
+    kinds = typing.get_args(kind) or (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds + ((int,) if float in kinds else ()))
+
+
+class CheckpointState:
+    """A script's run state, all of it, which is its checkpoint: a subclass is a dataclass whose fields (their
+    names and types) are the checkpoint's schema. to_checkpoint() is what save_checkpoint stores;
+    from_checkpoint() takes back only a checkpoint of that schema that fits this run (the subclass's misfit),
+    else one line naming the file: a crafted checkpoint with the right run stamp is never a traceback, and
+    never a run that goes on short of its state."""
+    MAY_LACK = ()  # fields a checkpoint may lack: their default holds (written before they had a value)
+    DROPPED = ()   # keys of older versions that are no state any more: ignored
+
+    def to_checkpoint(self):
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, args, *context):
+        """The state in checkpoint dict `ckpt` (open_run's) of run `args`; context: what misfit compares with."""
+        ckpt = {k: v for k, v in ckpt.items() if k != "run" and k not in cls.DROPPED}
+        state, problem = None, cls.schema_problem(ckpt)
+        if problem is None:
+            state = cls(**ckpt)
+            problem = state.misfit(args, *context)
+        if problem:
+            raise UserError(f"{os.path.join(args.out, 'checkpoint.pt')} is not a checkpoint this run can continue "
+                            f"({problem}); delete it to start the run over")
+        return state
+
+    @classmethod
+    def schema_problem(cls, ckpt):
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        missing = sorted(set(fields) - set(ckpt) - set(cls.MAY_LACK))
+        unknown = sorted(set(ckpt) - set(fields), key=str)
+        if missing or unknown:
+            return f"missing {missing[:3]}, unknown {unknown[:3]}"
+        wrong = [name for name, value in ckpt.items() if not type_ok(value, fields[name])]
+        return f"its {wrong[0]} is a {type(ckpt[wrong[0]]).__name__}" if wrong else None
+
+    def misfit(self, args, *context):
+        """What makes this state, of the right schema, not one of this run's, or None (a subclass's checks)."""
+        return None
 
 
 def save_checkpoint(state, args):

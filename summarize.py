@@ -263,7 +263,7 @@ def shown_flags(stage):
         return {"seed"}
     if stage == "model_editing":
         return {"seed", "mask"} | (set(SCHEMA[stage]) & flags)
-    return {"seed", "j", "sparse", "mask", *splits.SPLIT_FLAGS, *plumbing.CALIBRATION_FLAGS[:3], *Setup._fields} & flags
+    return {"seed", "j", "sparse", "mask", *splits.SPLIT_FLAGS, *common.CALIBRATION_FLAGS[:3], *Setup._fields} & flags
 
 
 def run_flags(r):
@@ -348,7 +348,7 @@ def flags_note(flags):
 
 def uncalibrated(flags):
     """The flags without the calibration flags: those a dense FedAvg run would have (see run_flags)."""
-    return tuple(kv for kv in flags if kv[0] not in plumbing.CALIBRATION_FLAGS)
+    return tuple(kv for kv in flags if kv[0] not in common.CALIBRATION_FLAGS)
 
 
 PLAN = "run_all.plan"  # run_all.sh's runs of the study: lines 'STAGE<tab>RUN DIR under the root<tab>CONFIG (JSON)'

@@ -121,7 +121,7 @@ def user_setup(model, x, y, shards, args, device):
     for the benchmark's size flags), augmentation on, the mask as fedavg.main calibrates it, and the
     evaluation shares of CIFAR-100's 5000 validation and 10000 test images."""
     user = argparse.Namespace(**dict(vars(args), no_aug=False))
-    mask, _ = fedavg.federated_mask(model, shards, x, user, device)
+    mask, _ = fedavg.federated_mask(model, shards, x, common.Calibration.of(user), user.seed, user.img_size, device)
     mask = {n: m.to(device) for n, m in mask.items()}
     evals = [(x[:math.ceil(n / every)], y[:math.ceil(n / every)])
              for n, every in ((5000, user.eval_every), (10000, user.test_every))]

@@ -109,7 +109,7 @@ def test_calibration_scores_the_images_calib_images_names(monkeypatch, flags, ho
         return {n: torch.zeros_like(p) for n, p in common.masked_params(model)}, len(images)
 
     monkeypatch.setattr(common, "fisher_sums", recording)
-    model_editing.make_mask(tiny_model(), data, args, CPU)
+    model_editing.make_mask(tiny_model(), x, common.Calibration.of(args), args.seed, 32, CPU)
     assert len(seen) == 2
     n = args.fisher_batches * args.fisher_batch_size
     for r, images in enumerate(seen, 1):
@@ -401,3 +401,45 @@ def test_interrupted_edit_resumes_to_the_same_weights(tmp_path, monkeypatch):
     b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "full" / "metrics.csv").read_text() == (tmp_path / "cut" / "metrics.csv").read_text()
+
+
+# ----------------------------------------------------------------------------- the run's state is its checkpoint
+
+EDIT = FAST + ["--epochs", "2", "--synthetic-size", "1000", "--sparsity", "0.7", "--fisher-batches", "1", "--no-aug"]
+
+
+def test_an_edit_resumes_with_the_checkpoints_mask_and_refuses_a_crafted_checkpoint(tmp_path, monkeypatch, capsys):
+    """As fedavg.py (issues 35.1 and 35.8): the mask comes from the checkpoint, never the run folder's mask.pt
+    (a planted link is replaced, nothing written through it); a checkpoint of the right run stamp but wrong
+    in any way is one line naming it."""
+    from helpers import run_as_script, stop_during_call
+    model_editing.main(EDIT + ["--out", str(tmp_path / "full")])
+    cut = tmp_path / "cut"
+    stop_during_call(monkeypatch, model_editing, "train_step", 20)  # mid second epoch (15 steps per epoch)
+    with pytest.raises(plumbing.Stopped):
+        model_editing.main(EDIT + ["--out", str(cut)])
+    monkeypatch.undo()
+    real = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert (real["epoch"], real["step"]) == (1, 5)
+    model = dict(real["model"], **{"blocks.0.norm1.weight": torch.zeros(3)})
+    crafted = {"no mask": {k: v for k, v in real.items() if k != "mask"}, "an unknown key": dict(real, extra=1),
+               "epoch 10^30": dict(real, epoch=10**30), "a step past the epoch": dict(real, step=16),
+               "no rows": dict(real, rows=[]), "a model of other shapes": dict(real, model=model),
+               "a model without its optimizer": dict(real, opt=None), "a mask of other names": dict(real, mask={}),
+               "a loss that is text": dict(real, loss_sum="0")}
+    for what, ckpt in crafted.items():
+        torch.save(ckpt, cut / "checkpoint.pt")
+        status, lines = run_as_script(model_editing.main, EDIT + ["--out", str(cut), "--resume"], capsys)
+        assert status == 2 and len(lines) == 1, (what, lines)
+        assert str(cut / "checkpoint.pt") in lines[0] and "delete it to start the run over" in lines[0], (what, lines)
+        assert not (cut / "result.json").exists(), what
+    torch.save(real, cut / "checkpoint.pt")
+    everything = {n: torch.ones_like(m) for n, m in common.load_mask(str(cut / "mask.pt"), tiny_model()).items()}
+    common.save_mask(everything, str(tmp_path / "all.pt"))
+    (cut / "mask.pt").unlink()
+    (cut / "mask.pt").symlink_to(tmp_path / "all.pt")
+    model_editing.main(EDIT + ["--out", str(cut), "--resume"])
+    target = torch.load(tmp_path / "all.pt", weights_only=True)  # nothing written through the link
+    assert not (cut / "mask.pt").is_symlink() and all(torch.equal(target[n], m) for n, m in everything.items())
+    for f in ("model.pt", "mask.pt", "head.pt", "metrics.csv"):
+        assert (tmp_path / "full" / f).read_bytes() == (cut / f).read_bytes(), f

@@ -307,3 +307,89 @@ def test_a_fifo_in_a_root_does_not_hang_summarize_and_a_c_locale_writes_utf8(tmp
     assert proc.returncode == 0, proc.stderr
     assert "metrics.csv" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "±" in (root / "summary" / "report.md").read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- the third fuzz round (issue 35)
+
+@pytest.mark.parametrize("script,argv", [
+    ("fedavg", ["--lr", "1e39"]), ("fedavg", ["--head", "warmup", "--head-lr", "1e39"]), ("fedavg", ["--wd", "1e39"]),
+    ("fedavg", ["--lr", "inf"]), ("fedavg", ["--wd", "nan"]),
+    ("model_editing", ["--lr", "1e39"]), ("model_editing", ["--wd", "1e39"]),
+    ("model_editing", ["--head", "warmup", "--warmup-lr", "1e39"]), ("centralized", ["--lr", "1e39"]),
+    ("fedavg", ["--ridge-views", "100000000"]), ("model_editing", ["--ridge-views", "33"])])
+def test_a_rate_that_would_overflow_mid_run_or_endless_views_are_refused_before_the_run_folder(script, argv, tmp_path,
+                                                                                                  capsys):
+    """--lr 1e39 passed, then torch could not cast it to the float32 weights: a traceback mid-run with the
+    run folder half-written; --ridge-views 10^8 was accepted (months of passes)."""
+    module = __import__(script)
+    out = tmp_path / "run"
+    status, lines = run_as_script(module.main, FAST + argv + ["--out", str(out)], capsys)
+    assert status == 2 and len(lines) == 1 and f"argument {argv[-2]}: must be" in lines[0], lines
+    assert not out.exists()
+
+
+def test_the_bounds_are_said_in_help_and_the_largest_is_taken(capsys):
+    import fedavg
+    import plumbing
+    with pytest.raises(SystemExit):
+        fedavg.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(0 to {plumbing.MAX_RATE:g}) (default: 0.0001)" in text  # --lr
+    assert f"at most {common.MAX_RIDGE_VIEWS}" in text
+    args = fedavg.get_args(FAST + ["--lr", "1e38", "--wd", "1e38", "--ridge-views", str(common.MAX_RIDGE_VIEWS)])
+    assert args.lr == args.wd == 1e38
+
+
+def test_no_module_defines_a_name_twice():
+    """plumbing.py defined positive_float twice, the second silently winning: every top-level function,
+    class and constant of the project's modules is defined once."""
+    import ast
+    from conftest import ROOT
+    for name in ("plumbing", "common", "fedavg", "model_editing", "centralized", "plan", "summarize"):
+        tree = ast.parse(open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8").read())
+        seen = set()
+        for node in tree.body:
+            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+                [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+            for n in names:
+                assert n not in seen, f"{name}.py defines {n} twice"
+                seen.add(n)
+
+
+@pytest.mark.parametrize("value,ok", [("1e-300", True), ("5", True), ("0", False), ("-1", False), ("nan", False),
+                                      ("inf", False), ("-inf", False)])
+def test_positive_float_takes_only_finite_numbers_above_0(value, ok):
+    import argparse
+    import plumbing
+    if ok:
+        assert plumbing.positive_float(value) == float(value)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match="finite number > 0"):
+            plumbing.positive_float(value)
+
+
+def test_a_feature_cache_of_another_shape_source_or_content_is_recomputed_with_a_warning(tmp_path, capsys):
+    """Issue 35.9: a cache file of the right name and another shape was an IndexError after the run folder
+    existed; one of the right shape and other contents was used silently."""
+    args = centralized.get_args(FAST + ["--data-dir", str(tmp_path / "data")])
+    args.precision, args.no_pretrained = "fp32", False  # features are cached only for real weights
+    data, model, cpu = common.load_data(args), tiny_model(), torch.device("cpu")
+    fresh = common.extract_features(model, data["val"][0], args, cpu)
+    path = common.feature_cache_path(args, "val", 0, common.backbone_digest(model))
+    assert torch.equal(common.split_features(model, data, "val", 0, args, cpu), fresh)  # written
+    good = torch.load(path, weights_only=True)
+    other = tiny_model(seed=1)
+    elsewhere = dict(good, features=common.extract_features(other, data["val"][0], args, cpu))
+    crafted = {"another shape": torch.zeros(3, 5), "a plain tensor of the right shape": torch.zeros_like(fresh),
+               "altered contents": dict(good, features=torch.zeros_like(fresh)),
+               "another backbone's features, their digest right": dict(elsewhere, digest=common.tensor_digest(
+                   elsewhere["features"]), source=dict(good["source"], backbone="0" * 16))}
+    capsys.readouterr()
+    for what, content in crafted.items():
+        torch.save(content, path)
+        assert torch.equal(common.split_features(model, data, "val", 0, args, cpu), fresh), what
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"warning: cached features {path}: ") and "recomputed" in err[0], err
+        assert torch.equal(torch.load(path, weights_only=True)["features"], fresh), what  # rewritten
+    common.split_features(model, data, "val", 0, args, cpu)
+    assert capsys.readouterr().err == ""  # a good cache is used without a word

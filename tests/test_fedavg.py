@@ -292,7 +292,7 @@ def test_federated_calibration_in_shared_batches_equals_per_client_scoring(monke
         return sums, n
 
     monkeypatch.setattr(common, "fisher_sums", recording)
-    fedavg.federated_mask(model, shards, x, args, torch.device("cpu"))
+    fedavg.federated_mask(model, shards, x, common.Calibration.of(args), args.seed, 32, torch.device("cpu"))
     batched, count = seen[0]
     monkeypatch.setattr(common, "fisher_sums", real)
     per_client = math.ceil(20 / args.k)
@@ -325,7 +325,7 @@ def test_federated_calibration_scores_the_images_calib_images_names(monkeypatch,
         return {n: torch.zeros_like(p) for n, p in common.masked_params(model)}, len(images)
 
     monkeypatch.setattr(common, "fisher_sums", recording)
-    fedavg.federated_mask(tiny_model(), shards, x, args, torch.device("cpu"))
+    fedavg.federated_mask(tiny_model(), shards, x, common.Calibration.of(args), args.seed, 32, torch.device("cpu"))
     assert len(seen) == 2
     per_client = math.ceil(20 / args.k)
     for r, images in enumerate(seen, 1):
@@ -508,7 +508,8 @@ def test_iid_learns_and_one_class_per_client_learns_less(tmp_path):
                                  ["--mask", "m.pt"], ["--sparse", "--train", "head"], ["--iid", "--nc", "5"],
                                  ["--head-lr", "0.5"], ["--train", "head", "--lr", "0.5"],
                                  ["--head", "warmup", "--warmup-rounds", "0"], ["--score", "fisher"],
-                                 ["--amp", "fp8"], ["--eval-every", "0"]])
+                                 ["--amp", "fp8"], ["--eval-every", "0"], ["--calib-images", "clean"],
+                                 ["--sparse", "--mask", "m.pt", "--calib-images", "clean"]])
 def test_bad_flags_are_one_line_errors(capsys, bad):
     with pytest.raises(SystemExit) as e:
         fedavg.get_args(FAST + bad)
@@ -539,3 +540,118 @@ def test_missing_or_misfit_mask_is_a_one_line_error(tmp_path):
     with pytest.raises(plumbing.UserError, match="does not fit"):
         fedavg.main(FAST + ["--sparse", "--mask", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- the run's state is its checkpoint
+
+def stopped_run(tmp_path, monkeypatch, at=2):
+    """RESUME stopped (SIGTERM) during round `at`: its folder, holding the checkpoint of round `at`."""
+    stop_during_call(monkeypatch, fedavg, "train_round", at)
+    with pytest.raises(plumbing.Stopped):
+        fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    return tmp_path / "cut"
+
+
+def test_resume_takes_the_mask_from_the_checkpoint_and_a_planted_link_does_not_survive(tmp_path, monkeypatch,
+                                                                                    uninterrupted):
+    """Issue 35.1: mask.pt of an interrupted run replaced by a link to an all-True mask; --resume used it (a
+    different model under a name that says sparsity 0.8) and the finished run's mask.pt was still a link."""
+    cut = stopped_run(tmp_path, monkeypatch)
+    everything = {n: torch.ones_like(m) for n, m in common.load_mask(str(cut / "mask.pt"), tiny_model()).items()}
+    common.save_mask(everything, str(tmp_path / "all.pt"))
+    before = (tmp_path / "all.pt").read_bytes()
+    (cut / "mask.pt").unlink()
+    (cut / "mask.pt").symlink_to(tmp_path / "all.pt")
+    fedavg.main(RESUME + ["--out", str(cut), "--resume"])
+    assert not (cut / "mask.pt").is_symlink()
+    assert (tmp_path / "all.pt").read_bytes() == before  # nothing written through the link
+    assert_same_run(uninterrupted, cut)  # the checkpoint's mask: model.pt, mask.pt and result.json as uninterrupted
+    assert json.loads((cut / "result.json").read_text())["mask_kept_frac"] < 0.3
+
+
+def crafted(ckpt):
+    """Checkpoints of the right run stamp, each wrong in one way (issue 35.8), as {what: checkpoint}."""
+    def edit(**changes):
+        c = dict(ckpt, **changes)
+        return {k: v for k, v in c.items() if v is not DROP}
+    model = dict(ckpt["model"])
+    model["blocks.0.norm1.weight"] = torch.zeros(3)
+    return {"no model": edit(model=DROP), "an unknown key": edit(extra=1), "a model of other shapes": edit(model=model),
+            "round 10^30": edit(round=10**30), "round 3 with no rows": edit(round=3, rows=[]),
+            "rows that skip a round": edit(rows=[ckpt["rows"][0], ckpt["rows"][2]]),
+            "a row of text": edit(rows=[ckpt["rows"][0], "junk", ckpt["rows"][2]]),
+            "no mask after calibration": edit(mask=None), "a mask of other names": edit(mask={"x": torch.ones(2) > 0}),
+            "round as text": edit(round="2"), "a head of other shapes": edit(head={"weight": torch.zeros(1)}),
+            "an older checkpoint that left the mask to mask.pt": edit(mask=DROP, calibrated=True)}
+
+
+DROP = object()
+
+
+def test_a_crafted_checkpoint_of_this_run_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    from helpers import run_as_script
+    cut = stopped_run(tmp_path, monkeypatch)
+    real = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert not (cut / "metrics.csv").exists()  # evaluated first at round 3
+    for what, ckpt in crafted(real).items():
+        torch.save(ckpt, cut / "checkpoint.pt")
+        status, lines = run_as_script(fedavg.main, RESUME + ["--out", str(cut), "--resume"], capsys)
+        assert status == 2 and len(lines) == 1, (what, lines)
+        assert str(cut / "checkpoint.pt") in lines[0] and "delete it to start the run over" in lines[0], (what, lines)
+        assert not (cut / "result.json").exists() and not (cut / "metrics.csv").exists(), what
+    torch.save(real, cut / "checkpoint.pt")  # the real one still resumes
+    fedavg.main(RESUME + ["--out", str(cut), "--resume"])
+    assert (cut / "result.json").exists()
+
+
+def test_a_last_round_whose_server_step_diverges_stops_with_no_result(tmp_path, monkeypatch, capsys):
+    """Issue 35.10: the weights made non-finite by the last round's server step (as --server-opt yogi
+    --server-eps 1e-300 did) went into result.json as accuracy 0.01 and a null test loss, exit 0."""
+    from helpers import run_as_script
+    real = fedavg.train_round
+
+    def diverging(model, phase, *a, **k):
+        out = real(model, phase, *a, **k)
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")  # the server's step went wrong
+        return out
+
+    monkeypatch.setattr(fedavg, "train_round", diverging)
+    out = tmp_path / "run"
+    status, lines = run_as_script(fedavg.main, FAST + ["--rounds", "1", "--no-aug", "--out", str(out)], capsys)
+    assert status == plumbing.DIVERGED_EXIT and len(lines) == 1, lines
+    assert "FedAvg rounds, round 1: the weights are not finite" in lines[0] and "--lr below" in lines[0], lines
+    assert not (out / "result.json").exists()
+    monkeypatch.undo()  # finite weights whose evaluated loss is not (logits that overflow): the same
+    monkeypatch.setattr(common, "evaluate", lambda *a: (float("inf"), 0.01))
+    status, lines = run_as_script(fedavg.main, FAST + ["--rounds", "1", "--no-aug", "--out", str(tmp_path / "b")], capsys)
+    assert status == plumbing.DIVERGED_EXIT and len(lines) == 1, lines
+    assert "round 1: the val loss is inf and the test loss is inf after the step" in lines[0], lines
+    assert not (tmp_path / "b" / "result.json").exists()
+
+
+def test_a_new_flag_reaches_result_json_and_results_csv_with_no_edit(tmp_path, monkeypatch):
+    """result.json is the run's config plus what it measured (no hand-listed flags), and results.csv has a
+    column for every flag: a flag added to a parser is in both, with nothing else edited."""
+    import csv
+    import summarize
+    real = common.edit_parser
+
+    def with_a_new_flag():
+        p = real()
+        p.add_argument("--probe", type=int, default=7)
+        return p
+
+    monkeypatch.setattr(common, "edit_parser", with_a_new_flag)
+    monkeypatch.setattr(summarize, "fedavg_plots", lambda *a: [])
+    root = tmp_path / "root"
+    fedavg.main(FAST + ["--rounds", "1", "--no-aug", "--probe", "9", "--results", str(root)])
+    result = json.loads(next(root.glob("fedavg/*/seed0/result.json")).read_text())
+    assert result["probe"] == 9 and result["lr"] == 0.05 and result["k"] == 10 and result["split"] == "iid"
+    assert result["mask_file"] is None and "mask" not in result  # the mask's key, under summarize.SCHEMA's name
+    assert result["rule"] is result["score"] is result["calib_images"] is None  # no mask made: its flags did nothing
+    summarize.main([str(root)])
+    with open(root / "summary" / "results.csv") as f:
+        row, = list(csv.DictReader(f))
+    assert row["probe"] == "9" and row["lr"] == "0.05" and row["train"] == "all" and row["rule"] == row["mask"] == ""

@@ -1,5 +1,5 @@
 """Every script's --help: one usage line, each default shown as the flag takes it (or not at all for an off
-switch or an unset value), and an example at the end whose flags the script accepts."""
+switch or an unset value) after the bounds of a bounded type, and an example at the end whose flags the script accepts."""
 import argparse
 import re
 import shlex
@@ -54,6 +54,8 @@ def test_each_default_is_shown_as_the_flag_takes_it(script, capsys, monkeypatch)
         if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or not action.help:
             continue
         said = " ".join(action.help.split()).replace("%%", "%")
+        if getattr(action.type, "range", None):  # a bounded type (plumbing.rate) says its bounds
+            said += f" ({action.type.range})"
         shown = re.search(re.escape(said) + r" \(default: ([^)]*)\)", text)
         assert shown, f"{action.option_strings[0]}: no default shown"
         if isinstance(action.default, list):  # a comma list, which the flag's own type reads back

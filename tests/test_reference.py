@@ -174,7 +174,7 @@ def test_default_mask_equals_the_talos_port(flags):
         us.append(u)
     want, want_kept = talos_calibrate(model, xs, us, args.sparsity, args.calib_rounds)
 
-    mask, log = model_editing.make_mask(model, data, args, CPU)
+    mask, log = model_editing.make_mask(model, data["train"][0], common.Calibration.of(args), args.seed, 32, CPU)
     assert [row["kept"] for row in log] == want_kept
     for n in want:
         assert torch.equal(mask[n], want[n]), n
