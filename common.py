@@ -9,6 +9,7 @@ A run's plumbing (errors, the flags the scripts share, device, random streams, f
 plots) is in plumbing.py; run_all.sh's planner (prefetch, image passes, time estimate) in plan.py.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -1083,14 +1084,8 @@ def fisher_sums(model, images, u, img_size, batch_size, device, mask=None, damp=
     sums = {n: torch.zeros_like(p) for n, p in params}
     dtype = params[0][1].dtype
     hooks = [m.register_forward_hook(_square_into(sums, n, m)) for n, m in _masked_layers(model)]
-    flags, training, saved = [(p, p.requires_grad) for p in model.parameters()], model.training, {}
     try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        if mask is not None:
-            saved = _damp(model, mask, damp)
-        with torch.enable_grad():
+        with scoring_state(model, mask, damp):
             for i in range(0, len(images), batch_size):
                 plumbing.stop_here("mask calibration")  # --resume redoes the calibration from its first round
                 x = preprocess(images[i:i + batch_size].to(device), img_size).to(dtype).requires_grad_()
@@ -1099,16 +1094,35 @@ def fisher_sums(model, images, u, img_size, batch_size, device, mask=None, damp=
                 out = logits if score == "logit" else F.log_softmax(logits, dim=1)
                 torch.autograd.grad(out.gather(1, y[:, None]).sum(), x)
     finally:
+        for h in hooks:
+            h.remove()
+    return sums, len(images)
+
+
+@contextlib.contextmanager
+def scoring_state(model, mask, damp, grad_params=()):
+    """The model as a scoring pass needs it, and put back bit for bit after (also on a stop): eval mode,
+    gradients enabled, no parameter requiring grad but `grad_params`, and with `mask` its masked-out
+    entries multiplied by `damp` (TaLoS's re-scoring)."""
+    flags, training, saved = [(p, p.requires_grad) for p in model.parameters()], model.training, {}
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in grad_params:
+            p.requires_grad_(True)
+        if mask is not None:
+            saved = _damp(model, mask, damp)
+        with torch.enable_grad():
+            yield
+    finally:
         with torch.no_grad():
-            for n, p in params:
+            for n, p in model.named_parameters():
                 if n in saved:
                     p.copy_(saved[n])
         for p, flag in flags:
             p.requires_grad_(flag)
-        for h in hooks:
-            h.remove()
         model.train(training)
-    return sums, len(images)
 
 
 RULES = {}  # --rule NAME -> its MaskRule class, in the order defined: --rule's choices, the study's rules
@@ -1127,7 +1141,8 @@ class MaskRule:
            round on that round's images (uint8 N x H x W x C) with the uniforms `u` for their sampled
            labels (sample_labels), the current `mask` (None in round 1) and the run's Calibration;
            returns ({name: sum over the images}, N), the sums of fisher_sums' kind. None: the rule
-           needs no pass (magnitudes, random), and calibration scores nothing."""
+           needs no pass (magnitudes, random), and calibration scores nothing. A pass runs inside
+           scoring_state, which damps by calib.calib_damp and puts the model back as it found it."""
     name = None
     score = None
 
