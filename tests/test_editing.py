@@ -120,6 +120,27 @@ def test_calibration_scores_the_images_calib_images_names(monkeypatch, flags, ho
         assert torch.equal(images, augmented if how == "train-aug" else x[idx])
 
 
+def test_scoring_state_gives_a_pass_its_model_and_puts_it_back_even_on_a_stop():
+    """Inside: eval mode, gradients on, only grad_params require grad, masked-out entries times damp. After,
+    also when the pass is stopped: every weight bit for bit, the requires_grad flags and the training mode."""
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    (name, first), *_ = common.masked_params(model)
+    model.head.weight.requires_grad_(False)
+    mask = random_mask(model)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        with common.scoring_state(model, mask, 0.1, grad_params=[first]):
+            assert not model.training and torch.is_grad_enabled()
+            assert [n for n, p in model.named_parameters() if p.requires_grad] == [name]
+            m = mask[name]
+            assert torch.equal(first[m], before[name][m]) and torch.equal(first[~m], before[name][~m] * 0.1)
+            raise KeyboardInterrupt
+    assert model.training and not model.head.weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "head.weight")
+    for n, p in model.named_parameters():
+        assert torch.equal(p.view(torch.int32), before[n].view(torch.int32)), n
+
+
 def test_a_rule_declares_its_own_scoring_pass_on_the_calibration_draw(monkeypatch):
     """A MaskRule subclass is a rule: calibration runs its `score` pass, and no other, on the images and label
     uniforms the Fisher rules score (the same draw each round), with the current mask, and keeps its key's
