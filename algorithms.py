@@ -458,6 +458,7 @@ class Aggregator(FedAvg):
     hands them to aggregate(), a pure function (memory: the sampled clients' updates at once)."""
     reads_update = stacked = True
     choice = None  # its --aggregate value
+    says = None  # what it is, in --aggregate's help
 
     @classmethod
     def selected(cls, args):
@@ -467,6 +468,7 @@ class Aggregator(FedAvg):
 class TIES(Aggregator):
     __doc__ = ties_merge.__doc__
     name, flags, how, choice = "TIES", ["aggregate", "ties_keep", "server_lr"], "--aggregate ties", "ties"
+    says = "TIES-merging (trim each to its top --ties-keep, elect signs, disjoint mean)"
     grid = [["--aggregate", "ties"], ["--aggregate", "ties", "--ties-keep", "0.1"],
             ["--aggregate", "ties", "--ties-keep", "0.5"]]
     # one client a round, nothing trimmed: TIES of one update is that update
@@ -489,6 +491,7 @@ class TIES(Aggregator):
 class Median(Aggregator):
     __doc__ = coordinate_median.__doc__
     name, flags, how, choice = "Median", ["aggregate", "server_lr"], "--aggregate median", "median"
+    says = "the coordinate-wise median"
     grid = [["--aggregate", "median"], ["--aggregate", "median", "--server-lr", "0.5"]]
     neutral, neutral_context = ["--aggregate", "median"], ["--c", "0.25"]  # the median of one update
     example = ["--aggregate", "median"]
@@ -504,6 +507,7 @@ class Median(Aggregator):
 class FedGMA(Aggregator):
     __doc__ = gma_mean.__doc__
     name, flags, how, choice = "FedGMA", ["aggregate", "gma_tau", "server_lr"], "--aggregate gma", "gma"
+    says = "FedGMA's sign-agreement masked mean (--gma-tau)"
     grid = [["--aggregate", "gma"], ["--aggregate", "gma", "--gma-tau", "0.2"],
             ["--aggregate", "gma", "--gma-tau", "0.6"]]
     neutral, neutral_context = ["--aggregate", "gma"], ["--c", "0.25"]  # one client agrees with itself: A = 1
@@ -529,6 +533,7 @@ class FisherMerge(Aggregator):
     gradients: a coarser, cheaper estimate than Matena & Raffel's per-example Fisher at the final weights.
     Each client uploads F_i with Δ_i (twice FedAvg's values)."""
     name, flags, how, choice = "FisherMerge", ["aggregate", "server_lr"], "--aggregate fisher", "fisher"
+    says = "the Fisher-weighted mean (each client's squared gradients of its J steps)"
     # unlike the mean, it does not shrink an update only one client makes: a server rate below 1 stands in
     grid = [["--aggregate", "fisher"], ["--aggregate", "fisher", "--server-lr", "0.2"],
             ["--aggregate", "fisher", "--server-lr", "0.5"]]
@@ -575,15 +580,19 @@ TAGGED = set(FLAGS) - {"server_eps"}
 
 # ----------------------------------------------------------------------------- the seam's flags and choice
 
+def aggregate_help():
+    """--aggregate's help: the mean, then each Aggregator's `says`."""
+    says = [c.says for c in AGGREGATORS]
+    return (f"the server's aggregate of the client updates: their mean weighted by shard size (FedAvg), "
+            f"{', '.join(says[:-1])}, or {says[-1]}")
+
+
 def add_flags(p):
     """The "FL algorithms" group of fedavg.py: the shared choices (--aggregate, --server-opt, --server-lr)
     and each class's own flags."""
     g = p.add_argument_group("FL algorithms (docs/extending.md; every default is FedAvg; one algorithm a run)")
     g.add_argument("--aggregate", choices=["mean"] + [c.choice for c in AGGREGATORS], default="mean",
-                   help="the server's aggregate of the client updates: their mean weighted by shard size (FedAvg), "
-                        "TIES-merging (trim each to its top --ties-keep, elect signs, disjoint mean), the "
-                        "coordinate-wise median, FedGMA's sign-agreement masked mean (--gma-tau), or the "
-                        "Fisher-weighted mean (each client's squared gradients of its J steps)")
+                   help=aggregate_help())
     g.add_argument("--server-opt", choices=["sgd"] + [c.kind for c in ADAPTIVE], default="sgd",
                    help="the server's optimizer on the aggregate (a task vector): sgd (FedAvg, FedAvgM with "
                         f"--server-momentum), adam or yogi (FedAdam/FedYogi, betas {SERVER_BETAS[0]}, "

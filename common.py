@@ -9,6 +9,7 @@ A run's plumbing (errors, the flags the scripts share, device, random streams, f
 plots) is in plumbing.py; run_all.sh's planner (prefetch, image passes, time estimate) in plan.py.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -849,9 +850,6 @@ def check_head_source(path, args):
 
 # ----------------------------------------------------------------------------- Fisher scores and masks
 
-MASK_RULES = ["least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"]
-# The rules that rank by a sensitivity score: only these run Fisher scoring while calibrating.
-SCORED_RULES = ("least-sensitive", "most-sensitive")
 SCORES = ["logit", "loglik"]
 CALIB_IMAGES = ["train-aug", "clean"]
 # The layers whose weight and bias TaLoS masks (its layers.mask_pretrained_vit wraps exactly these).
@@ -1086,14 +1084,8 @@ def fisher_sums(model, images, u, img_size, batch_size, device, mask=None, damp=
     sums = {n: torch.zeros_like(p) for n, p in params}
     dtype = params[0][1].dtype
     hooks = [m.register_forward_hook(_square_into(sums, n, m)) for n, m in _masked_layers(model)]
-    flags, training, saved = [(p, p.requires_grad) for p in model.parameters()], model.training, {}
     try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        if mask is not None:
-            saved = _damp(model, mask, damp)
-        with torch.enable_grad():
+        with scoring_state(model, mask, damp):
             for i in range(0, len(images), batch_size):
                 plumbing.stop_here("mask calibration")  # --resume redoes the calibration from its first round
                 x = preprocess(images[i:i + batch_size].to(device), img_size).to(dtype).requires_grad_()
@@ -1102,38 +1094,136 @@ def fisher_sums(model, images, u, img_size, batch_size, device, mask=None, damp=
                 out = logits if score == "logit" else F.log_softmax(logits, dim=1)
                 torch.autograd.grad(out.gather(1, y[:, None]).sum(), x)
     finally:
+        for h in hooks:
+            h.remove()
+    return sums, len(images)
+
+
+@contextlib.contextmanager
+def scoring_state(model, mask, damp, grad_params=()):
+    """The model as a scoring pass needs it, and put back bit for bit after (also on a stop): eval mode,
+    gradients enabled, no parameter requiring grad but `grad_params`, and with `mask` its masked-out
+    entries multiplied by `damp` (TaLoS's re-scoring)."""
+    flags, training, saved = [(p, p.requires_grad) for p in model.parameters()], model.training, {}
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in grad_params:
+            p.requires_grad_(True)
+        if mask is not None:
+            saved = _damp(model, mask, damp)
+        with torch.enable_grad():
+            yield
+    finally:
         with torch.no_grad():
-            for n, p in params:
+            for n, p in model.named_parameters():
                 if n in saved:
                     p.copy_(saved[n])
         for p, flag in flags:
             p.requires_grad_(flag)
-        for h in hooks:
-            h.remove()
         model.train(training)
-    return sums, len(images)
+
+
+RULES = {}  # --rule NAME -> its MaskRule class, in the order defined: --rule's choices, the study's rules
+
+
+class MaskRule:
+    """A mask rule (--rule NAME): how it ranks the entries and the scoring pass that ranking needs.
+    Subclassing registers it in RULES (so in --rule and in the study). A rule declares:
+
+    name   its --rule value
+    key(names, scores, params, gen)   one float per entry of the tensors `names`, flattened in that
+           order; select_mask keeps the `keep` smallest (ties: the lower flat index). `scores` are the
+           scoring pass's {name: tensor} (None for a rule without one), `params` {name: weight},
+           `gen` the run's "mask_rule" stream (a CPU generator)
+    score(model, images, u, img_size, device, mask, calib)   its scoring pass, run once per calibration
+           round on that round's images (uint8 N x H x W x C) with the uniforms `u` for their sampled
+           labels (sample_labels), the current `mask` (None in round 1) and the run's Calibration;
+           returns ({name: sum over the images}, N), the sums of fisher_sums' kind. None: the rule
+           needs no pass (magnitudes, random), and calibration scores nothing. A pass runs inside
+           scoring_state, which damps by calib.calib_damp and puts the model back as it found it."""
+    name = None
+    score = None
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        RULES[cls.name] = cls
+
+    @staticmethod
+    def key(names, scores, params, gen):
+        raise NotImplementedError
+
+
+class LeastSensitive(MaskRule):
+    """TaLoS: keep the entries of lowest Fisher sensitivity (fisher_sums, with --score and --calib-damp)."""
+    name = "least-sensitive"
+
+    @staticmethod
+    def score(model, images, u, img_size, device, mask, calib):
+        return fisher_sums(model, images, u, img_size, calib.fisher_batch_size, device,
+                           mask=mask, damp=calib.calib_damp, score=calib.score)
+
+    @staticmethod
+    def key(names, scores, params, gen):
+        return torch.cat([scores[n].flatten().float() for n in names])
+
+
+class MostSensitive(LeastSensitive):
+    """The opposite: keep the entries of highest Fisher sensitivity."""
+    name = "most-sensitive"
+
+    @staticmethod
+    def key(names, scores, params, gen):
+        return -LeastSensitive.key(names, scores, params, gen)
+
+
+class LowestMagnitude(MaskRule):
+    """Keep the entries of smallest |weight|."""
+    name = "lowest-magnitude"
+
+    @staticmethod
+    def key(names, scores, params, gen):
+        return torch.cat([params[n].detach().flatten().abs().float() for n in names])
+
+
+class HighestMagnitude(MaskRule):
+    """Keep the entries of largest |weight|."""
+    name = "highest-magnitude"
+
+    @staticmethod
+    def key(names, scores, params, gen):
+        return -LowestMagnitude.key(names, scores, params, gen)
+
+
+class Random(MaskRule):
+    """Keep a uniformly random subset, drawn from `gen`."""
+    name = "random"
+
+    @staticmethod
+    def key(names, scores, params, gen):
+        return torch.rand(sum(params[n].numel() for n in names), generator=gen).to(params[names[0]].device)
+
+
+MASK_RULES = list(RULES)
+# The rules that run a scoring pass while calibrating (the others' calibration costs no images)
+SCORED_RULES = tuple(name for name, rule in RULES.items() if rule.score is not None)
+
+
+def rule_of(name):
+    """The MaskRule class named `name` (--rule), or a ValueError."""
+    if name not in RULES:
+        raise ValueError(f"unknown rule {name}")
+    return RULES[name]
 
 
 def select_mask(scores, rule, keep, current=None, gen=None, params=None):
-    """Binary mask {name: bool} keeping (True = may be updated) exactly `keep` entries overall.
-
-    A single global threshold over all tensors (as TaLoS). Rules:
-      least-sensitive / most-sensitive: keep the lowest / highest `scores` (Fisher);
-      lowest-magnitude / highest-magnitude: keep the smallest / largest |weight| (`params`);
-      random: keep a uniformly random subset (seeded by `gen`).
+    """Binary mask {name: bool} keeping (True = may be updated) exactly `keep` entries overall: the `keep`
+    smallest keys of `rule` (RULES), a single global threshold over all tensors (as TaLoS). `scores`: the
+    rule's scoring pass's (None for a rule without one), `params` {name: weight}, `gen` the random stream.
     Entries already masked out in `current` stay out. Ties go to the lower flat index."""
     names = list(scores if scores is not None else params)
-    if rule in ("least-sensitive", "most-sensitive"):
-        key = torch.cat([scores[n].flatten().float() for n in names])
-    elif rule in ("lowest-magnitude", "highest-magnitude"):
-        key = torch.cat([params[n].detach().flatten().abs().float() for n in names])
-    elif rule == "random":
-        sizes = sum(params[n].numel() for n in names)
-        key = torch.rand(sizes, generator=gen).to(params[names[0]].device)
-    else:
-        raise ValueError(f"unknown rule {rule}")
-    if rule in ("most-sensitive", "highest-magnitude"):
-        key = -key
+    key = rule_of(rule).key(names, scores, params, gen)
     if current is not None:
         out = torch.cat([~current[n].flatten().to(key.device) for n in names])
         key = torch.where(out, torch.full_like(key, float("inf")), key)
@@ -1176,7 +1266,7 @@ def calibrate_mask(model, score_fn, rule, sparsity, rounds, gen):
     mask, log = None, []
     for r, keep in enumerate(keep_schedule(total, sparsity, rounds), start=1):
         plumbing.stop_here(f"mask calibration, round {r} of {rounds}")
-        scores = score_fn(r, mask) if rule in SCORED_RULES else None
+        scores = score_fn(r, mask) if rule_of(rule).score is not None else None
         mask = select_mask(scores, rule, keep, current=mask, gen=gen, params=params)
         log.append({"round": r, "kept": keep, "kept_frac": keep / total})
     return mask, log
@@ -1235,12 +1325,12 @@ def check_sparsity(model, sparsity, rounds):
 def calibrate(model, draw, calib, seed, img_size, device):
     """Step 1 of model_editing.py and fedavg.py --sparse: calibrate_mask with `calib`'s (a Calibration) rule,
     sparsity and rounds, round r scoring the images draw(r) -> (uint8 images, uniforms for their labels),
-    resized to img_size, with its score and damping; the random rule draws from --seed's stream. Prints the
-    rounds; returns (mask, per-round log)."""
-    def score(r, mask):  # the mean squared per-sample gradients of round r's images
+    resized to img_size, with the rule's own scoring pass (MaskRule.score: Fisher sums at --score and
+    --calib-damp for the sensitivity rules, none for magnitudes and random); the random rule draws from
+    --seed's stream. Prints the rounds; returns (mask, per-round log)."""
+    def score(r, mask):  # the rule's scoring pass over round r's images, per image
         images, u = draw(r)
-        sums, n = fisher_sums(model, images, u, img_size, calib.fisher_batch_size, device,
-                              mask=mask, damp=calib.calib_damp, score=calib.score)
+        sums, n = rule_of(calib.rule).score(model, images, u, img_size, device, mask, calib)
         return {k: v / n for k, v in sums.items()}
 
     t = time.time()

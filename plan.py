@@ -137,7 +137,7 @@ def describe_run(line):
 
 # The study (run_all.sh) is families of runs over a few lists; a family's runs are (script, grid flags).
 # run_all.sh, --dry-run, the tests and README.md's grid table all read it from here, so adding a mask rule
-# to common.MASK_RULES or a split name to SPLITS changes the study in this one place.
+# (a common.MaskRule, listed in common.MASK_RULES) or a split name to SPLITS changes the study in this one place.
 
 # The federated splits, by name (splits.split_flags gives fedavg.py's flags: iid, ncN, dirA).
 SPLITS = ["iid", "nc1", "nc5", "nc10", "nc50"]

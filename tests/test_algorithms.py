@@ -56,8 +56,22 @@ def round_args(*extra):
 
 # ----------------------------------------------------------------------------- the registry
 
+class FlagRecorder:
+    """An argparse group stand-in: the dests of the flags added to it."""
+    def __init__(self):
+        self.dests = []
+
+    def add_argument(self, *names, **kw):
+        self.dests.append(kw.get("dest", names[0].lstrip("-").replace("-", "_")))
+
+
 def test_every_algorithm_declares_its_flags_grid_and_settings():
     for cls in REGISTRY:
+        g = FlagRecorder()
+        cls.add_flags(g)  # a flag missing from `flags` is named twice in run names and never refused
+        assert set(g.dests) <= set(cls.flags), f"{cls.name}.flags lacks {sorted(set(g.dests) - set(cls.flags))}"
+        if issubclass(cls, algorithms.Aggregator):  # --aggregate's help says what each choice is
+            assert cls.says and cls.says in " ".join(algorithms.aggregate_help().split()), cls.name
         assert 1 <= len(cls.grid) <= 4 and cls.grid[0] is not None, cls.name
         for flags in [*cls.grid, cls.example] + ([cls.neutral + cls.neutral_context] if cls.neutral else []):
             args = fedavg.get_args(TINY + flags)  # each a setting the parser accepts ...

@@ -120,6 +120,70 @@ def test_calibration_scores_the_images_calib_images_names(monkeypatch, flags, ho
         assert torch.equal(images, augmented if how == "train-aug" else x[idx])
 
 
+def test_scoring_state_gives_a_pass_its_model_and_puts_it_back_even_on_a_stop():
+    """Inside: eval mode, gradients on, only grad_params require grad, masked-out entries times damp. After,
+    also when the pass is stopped: every weight bit for bit, the requires_grad flags and the training mode."""
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    (name, first), *_ = common.masked_params(model)
+    model.head.weight.requires_grad_(False)
+    mask = random_mask(model)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        with common.scoring_state(model, mask, 0.1, grad_params=[first]):
+            assert not model.training and torch.is_grad_enabled()
+            assert [n for n, p in model.named_parameters() if p.requires_grad] == [name]
+            m = mask[name]
+            assert torch.equal(first[m], before[name][m]) and torch.equal(first[~m], before[name][~m] * 0.1)
+            raise KeyboardInterrupt
+    assert model.training and not model.head.weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "head.weight")
+    for n, p in model.named_parameters():
+        assert torch.equal(p.view(torch.int32), before[n].view(torch.int32)), n
+
+
+def test_a_rule_declares_its_own_scoring_pass_on_the_calibration_draw(monkeypatch):
+    """A MaskRule subclass is a rule: calibration runs its `score` pass, and no other, on the images and label
+    uniforms the Fisher rules score (the same draw each round), with the current mask, and keeps its key's
+    smallest. The probe's pass scores |w|: its mask is lowest-magnitude's."""
+    x = torch.randint(0, 256, (3, 8, 32, 32, 3), dtype=torch.uint8)
+    us = torch.rand(3, 8, dtype=torch.float64)
+    draw = lambda r: (x[r - 1], us[r - 1])  # round r's images and label uniforms
+    calls = {"probe": [], "fisher": []}
+
+    def fisher(model, images, u, *a, mask=None, **k):
+        calls["fisher"].append((images.clone(), u.clone()))
+        return {n: torch.rand(p.shape) for n, p in common.masked_params(model)}, len(images)
+
+    monkeypatch.setattr(common, "fisher_sums", fisher)
+    monkeypatch.setattr(common, "RULES", dict(common.RULES))  # the probe registers in this copy only
+
+    class Probe(common.MaskRule):
+        name = "probe"
+
+        @staticmethod
+        def score(model, images, u, img_size, device, mask, calib):
+            calls["probe"].append((images.clone(), u.clone(), mask))
+            return {n: p.detach().abs() * len(images) for n, p in common.masked_params(model)}, len(images)
+
+        @staticmethod
+        def key(names, scores, params, gen):
+            return torch.cat([scores[n].flatten() for n in names])
+
+    model = tiny_model()
+    make = lambda rule: common.calibrate(model, draw, common.Calibration(rule, 0.9, 3, "logit", 1, 8, 0.1, "clean"),
+                                         0, 32, CPU)[0]
+    mask = make("probe")
+    assert calls["fisher"] == [] and len(calls["probe"]) == 3
+    assert calls["probe"][0][2] is None and all(m is not None for *_, m in calls["probe"][1:])
+    assert all(m.dtype == torch.bool for m in calls["probe"][1][2].values())
+    make("least-sensitive")
+    for r, ((images, u, _), (f_images, f_u)) in enumerate(zip(calls["probe"], calls["fisher"], strict=True), 1):
+        assert torch.equal(images, f_images) and torch.equal(u, f_u) and torch.equal(images, x[r - 1])
+    want = make("lowest-magnitude")
+    assert all(torch.equal(mask[n], want[n]) for n in want)
+    assert len(calls["fisher"]) == 3  # lowest-magnitude scores nothing
+
+
 def test_a_sparsity_that_keeps_nothing_after_the_rounds_is_refused():
     """The last round keeps int((1 - S) * N) entries: where that is none (the reference's kthvalue fails
     there), the run is refused."""
