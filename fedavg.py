@@ -702,7 +702,7 @@ def image_passes(a, train, val, test):
     training set; the head's augmentation gap (measures_aug_gap); sampled clients x J local batches per main
     round; federated calibration: every client scores ceil(fisher_batches * fisher_batch_size / k) images
     per calibration round; validation every --eval-every rounds, test every --test-every, both at the end.
-    It ignores that a client's batch never exceeds its shard."""
+    A client's batch never exceeds its shard (client_batch)."""
     feats = train + val + test if needs_features(a) else 0
     feats += a.ridge_views * train  # --head ridge's augmented views
     if a.train == "head":  # every round and every evaluation on cached features
@@ -712,7 +712,14 @@ def image_passes(a, train, val, test):
     if a.sparse and not a.mask and a.rule in common.SCORED_RULES:
         calib = a.calib_rounds * a.k * math.ceil(a.fisher_batches * a.fisher_batch_size / a.k)
     evals = (a.rounds // a.eval_every + 1) * val + (a.rounds // a.test_every + 1) * test
-    return a.rounds * clients_per_round(a) * a.j * a.batch_size + calib, feats + evals
+    return a.rounds * clients_per_round(a) * a.j * client_batch(a, train) + calib, feats + evals
+
+
+def client_batch(a, train):
+    """The batch a client steps at (local_batches), for run_all.sh's estimate: --batch-size, or its shard
+    where that is smaller, taken as train // k images (IID's; uneven non-IID shards make it an upper bound
+    of the mean)."""
+    return max(1, min(a.batch_size, train // a.k))
 
 
 def main(argv=None):

@@ -222,10 +222,11 @@ PREFETCH=$(quote "$PY" "$HERE/plan.py" --prefetch -- "${EXTRA[@]}")
 # A probe of about 30 s measures the runs' device with their model, image size, precision and client
 # batch, packed --per-gpu to a GPU as the runs will be (plan.py --estimate; it also picks the default
 # --per-gpu). A run's time in its slot: its start-up plus its images (each script's image_passes) at the
-# measured speed; the study's: the sum over its runs, divided among the runs at once.
-SAY=() COST=()
+# measured speed (the median of the probe's timed windows), and its spread (at the fastest and the slowest
+# window's speed: COST_LO, COST_HI); the study's: the sum over its runs, divided among the runs at once.
+SAY=() COST=() COST_LO=() COST_HI=()
 estimate() {
-  local tag value k=0 line runs=() input est=() fd status=0 gpu_env=()
+  local tag value lo hi k=0 line runs=() input est=() fd status=0 gpu_env=()
   [[ -z $GPUS ]] || gpu_env=(env CUDA_VISIBLE_DEVICES="${DEVICES[0]}")
   for i in "${TODO[@]}"; do runs+=("${SCRIPT[i]} ${ARGS[i]}"); done
   printf -v input '%s\n' "${runs[@]}"
@@ -244,7 +245,8 @@ estimate() {
     case $tag in
       per-gpu) PER_GPU=$value ;;
       say) SAY+=("$value") ;;
-      cost) COST[TODO[k]]=$value; ((k += 1)) ;;
+      cost) IFS=$'\t' read -r value lo hi <<< "$value"  # the estimate, its least and most (if given)
+            COST[TODO[k]]=$value COST_LO[TODO[k]]=${lo:-$value} COST_HI[TODO[k]]=${hi:-$value}; ((k += 1)) ;;
     esac
   done
 }
@@ -261,23 +263,27 @@ hms() {  # seconds as H:MM:SS, or in days beyond two
   else printf '%d days' $((($1 + 43200) / 86400)); fi
 }
 print_estimate() {  # per stage and in total: runs still to do, their images and, if measured, their time
-  local stage n fb f ms total_n=0 total_fb=0 total_f=0 total_ms=0 line
+  local stage n fb f ms lo hi total_n=0 total_fb=0 total_f=0 total_ms=0 total_lo=0 total_hi=0 line
   echo "# runs still to do, the images they will process (an estimate: each script's image_passes) and their time here"
   for line in "${SAY[@]}"; do echo "# $line"; done
   for stage in centralized model_editing "fedavg dense" "fedavg sparse" "fedavg head"; do
-    n=0 fb=0 f=0 ms=0
+    n=0 fb=0 f=0 ms=0 lo=0 hi=0
     for i in "${TODO[@]}"; do
       [[ ${STAGE[i]} == "$stage" ]] || continue
-      ((n += 1, fb += FWD_BWD[i], f += FWD[i], ms += ${COST[i]:-0})) || true
+      ((n += 1, fb += FWD_BWD[i], f += FWD[i], ms += ${COST[i]:-0}, lo += ${COST_LO[i]:-0},
+        hi += ${COST_HI[i]:-0})) || true
     done
-    echo "stage $stage: $n runs, $fb images forward+backward, $f forward only$(time_of "$ms")"
-    ((total_n += n, total_fb += fb, total_f += f, total_ms += ms)) || true
+    echo "stage $stage: $n runs, $fb images forward+backward, $f forward only$(time_of "$ms" "$lo" "$hi")"
+    ((total_n += n, total_fb += fb, total_f += f, total_ms += ms, total_lo += lo, total_hi += hi)) || true
   done
-  echo "total: $total_n runs, $total_fb images forward+backward, $total_f forward only$(time_of "$total_ms")$(
-    ((${#COST[@]} == 0)) || echo " with $SLOTS run(s) at once")"
+  echo "total: $total_n runs, $total_fb images forward+backward, $total_f forward only$(
+    time_of "$total_ms" "$total_lo" "$total_hi")$(((${#COST[@]} == 0)) || echo " with $SLOTS run(s) at once")"
 }
-time_of() {  # ', about H:MM:SS' of runs whose times in their slots add up to $1 ms, when measured
-  ((${#COST[@]} == 0)) || echo ", about $(hms $(($1 / 1000 / SLOTS)))"
+time_of() {  # ', about H:MM:SS (LEAST to MOST)' of runs whose times in their slots add up to $1 ms (at the
+             # probe's median speed; $2, $3 at its fastest and slowest window's), when measured
+  ((${#COST[@]} == 0)) && return
+  echo ", about $(hms $(($1 / 1000 / SLOTS)))$(((($2 == $1 && $3 == $1))) ||
+    echo " ($(hms $(($2 / 1000 / SLOTS))) to $(hms $(($3 / 1000 / SLOTS))))")"
 }
 
 if ((DRY)); then

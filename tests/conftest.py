@@ -30,6 +30,7 @@ SLOW = [
     "test_dynamics.py",
     "test_benchmarks.py",
     "test_compile.py",
+    "test_estimate.py::test_making_a_stand_in_says_so_once",
     "test_centralized.py::test_missing_and_corrupt_weights_are_one_line_errors",
     "test_centralized.py::test_interrupted_run_resumes_to_the_same_result",
     "test_centralized.py::test_short_run_learns_far_above_chance",
