@@ -802,6 +802,7 @@ def main(argv=None):
         for split in ("val", "test"):
             row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(split, backbone_changed=feats is None)
         ckpt["rows"].append(row)
+        plumbing.live_log(args, 0, row)
         print(f"round 0 (the head): val acc {row['val_acc']:.4f}  test acc {row['test_acc']:.4f}")
         if args.head != "warmup" and args.head not in common.FRESH_HEADS:  # at chance by design: trained in rounds
             common.check_head_accuracy(row["val_acc"], args)
@@ -846,6 +847,7 @@ def main(argv=None):
             else:
                 row[f"{split}_loss"] = row[f"{split}_acc"] = None
         ckpt["rows"].append(row)
+        plumbing.live_log(args, row["round"], row)
         if row["val_acc"] is not None:
             watches[head_only].warn(loss, f"round {rnd + 1}")
             write_outputs(ckpt["rows"], args)

@@ -184,6 +184,7 @@ def main(argv=None):
     if not ckpt["rows"]:  # epoch 0: the model with its frozen head, before any edit
         ckpt["rows"].append(dict(epoch=0, train_loss=None, **evaluate_splits(model, data, args, device),
                                  **{k: ckpt["head_info"].get(k) for k in ("head_train_acc", "head_train_aug_acc")}))
+        plumbing.live_log(args, 0, ckpt["rows"][-1])
 
     def save():
         ckpt.update(model=plumbing.cpu_state(model), opt=opt.state_dict(), scaler=scaler.state_dict(),
@@ -217,6 +218,7 @@ def main(argv=None):
               f"test acc {row['test_acc']:.4f}")
         loss_sum.zero_()
         ckpt["rows"].append(row)
+        plumbing.live_log(args, row["epoch"], row)
         ckpt.update(epoch=ep + 1, step=0)
         save()
         plumbing.write_csv(ckpt["rows"], os.path.join(args.out, "metrics.csv"))

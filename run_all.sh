@@ -3,7 +3,7 @@
 #
 # usage: [RESULTS=./runs] [PYTHON=python] ./run_all.sh [--quick | --grid FILE] [--extensions] [--seeds 0,1,2] [--dry-run]
 #          [[--gpus G] [--per-gpu N] | --slurm [--partition P] [--time T] [--account A] [--gres G]
-#          [--max-parallel M]] [--summary-only] [-- FLAGS FOR EVERY RUN]
+#          [--max-parallel M]] [--tensorboard] [--summary-only] [-- FLAGS FOR EVERY RUN]
 #
 #   --quick           a tiny grid with short runs that still holds every kind of run (a smoke check
 #                     of the whole pipeline); its seeds default to 0
@@ -30,6 +30,9 @@
 #                     Tasks run with --requeue --signal=B:USR1@120: two minutes before the time limit
 #                     (or on preemption) the run checkpoints at its next step and the task requeues
 #                     itself; the summary job runs after every task ended (afterany).
+#   --tensorboard     every run also logs its metrics rows to RUN/tb/ as it goes: `tensorboard --logdir
+#                     $RESULTS` shows the study while it runs (needs `pip install tensorboard`; not part of
+#                     the study's settings: a study may be continued with or without it)
 #   --summary-only    only rebuild the tables and plots (python summarize.py $RESULTS)
 #   -- FLAGS          appended to every run, e.g. a CPU-only smoke test (3-6 minutes on a busy 2-core machine):
 #                     ./run_all.sh --quick -- --dataset synthetic --arch test_vit --weights standin-sharp --img-size 32 --device cpu
@@ -62,7 +65,7 @@ while [[ $RESULTS == */ && $RESULTS != / ]]; do RESULTS=${RESULTS%/}; done
 
 # ----------------------------------------------------------------------------- flags
 
-QUICK=0 GRID_FILE="" EXTENSIONS=0 SEEDS="" GPUS="" PER_GPU="" SLURM=0 DRY=0 SUMMARY_ONLY=0 EXTRA=() SLURM_ONLY=""
+QUICK=0 GRID_FILE="" EXTENSIONS=0 TENSORBOARD=0 SEEDS="" GPUS="" PER_GPU="" SLURM=0 DRY=0 SUMMARY_ONLY=0 EXTRA=() SLURM_ONLY=""
 PARTITION="" TIME="" ACCOUNT="" GRES="" GRES_GIVEN=0 MAX_PARALLEL=""
 needs_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value"; }
 # bounded NAME VALUE MAX: an integer from 1 to MAX (bash arithmetic wraps beyond 2^63: compare digits first)
@@ -72,6 +75,7 @@ while (($#)); do
     --quick) QUICK=1 ;;
     --grid) needs_value "$@"; GRID_FILE=$2; shift ;;
     --extensions) EXTENSIONS=1 ;;
+    --tensorboard) TENSORBOARD=1 ;;
     --seeds) needs_value "$@"; SEEDS=$2; shift ;;
     --gpus) needs_value "$@"; GPUS=$2; shift ;;
     --per-gpu) needs_value "$@"; PER_GPU=$2; shift ;;
@@ -90,6 +94,7 @@ while (($#)); do
   shift
 done
 
+((!TENSORBOARD)) || EXTRA+=(--tensorboard)  # every run's flag (the planner refuses it in one line without the package)
 # The quick grid is a smoke check: one seed unless asked for more.
 [[ -n $SEEDS ]] || { ((QUICK)) && SEEDS=0 || SEEDS=0,1,2; }
 SEED_RE='(0|[1-9][0-9]*)'
@@ -196,7 +201,10 @@ PLANNED=$("$PY" "$HERE/plan.py" "${PLAN[@]}" -- "${EXTRA[@]}") || exit 2
 # Run directories do not encode --quick, the grid file or the flags after --, so one root holds one kind of
 # study. The settings are recorded only once a run has succeeded: a typo after -- that fails every run must
 # not lock the root, and a root with no finished run takes any settings.
-SETTINGS="grid=$GRID extra=$( ((${#EXTRA[@]} == 0)) || quote "${EXTRA[@]}")"
+# --tensorboard (a live view, not a result: plumbing.NON_RESULT_FLAGS) is left out of them.
+KEPT=()
+for a in "${EXTRA[@]}"; do [[ $a == --tensorboard ]] || KEPT+=("$a"); done
+SETTINGS="grid=$GRID extra=$( ((${#KEPT[@]} == 0)) || quote "${KEPT[@]}")"
 if [[ -f $RESULTS/run_all.settings && $(< "$RESULTS/run_all.settings") != "$SETTINGS" ]]; then
   die "RESULTS=$RESULTS holds a study with other settings ($(< "$RESULTS/run_all.settings")): use another RESULTS="
 fi

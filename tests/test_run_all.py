@@ -679,6 +679,22 @@ def test_sigterm_stops_the_running_runs_and_exits_130_and_a_second_study_on_the_
     assert [c[0] for c in calls(log)].count("got") == 2 and not any(map(alive, children))
 
 
+def test_tensorboard_reaches_every_run_and_is_not_a_setting_of_the_study(tmp_path):
+    """./run_all.sh --tensorboard gives every run --tensorboard; the study's settings leave it out, so the
+    same study without it finds every run done."""
+    pytest.importorskip("tensorboard")  # without it the planner refuses the flag (tests/test_tensorboard.py)
+    results, log = tmp_path / "runs", tmp_path / "calls.log"
+    maps = fake_map(tmp_path, planned(results, [*TINY, "--tensorboard"]))
+    env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": maps, "FAKE_ESTIMATE": "1"}
+    proc = run_all("--quick", "--tensorboard", "--", *TINY, results=results, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = [c for c in calls(log) if c[0] in ("centralized.py", "model_editing.py", "fedavg.py")]
+    assert len(runs) == QUICK_N and all(c[-1] == "--tensorboard" for c in runs)
+    assert "tensorboard" not in (results / "run_all.settings").read_text()
+    proc = run_all("--quick", "--", *TINY, results=results, env=env)
+    assert proc.returncode == 0 and proc.stdout.count("skip (done)") == QUICK_N, proc.stdout + proc.stderr
+
+
 def test_settings_are_recorded_only_once_a_run_succeeded(tmp_path):
     results, log = tmp_path / "runs", tmp_path / "calls.log"
     typo, good = [*TINY, "--eval-batch-size", "77"], [*TINY, "--eval-batch-size", "78"]
