@@ -379,8 +379,9 @@ def probe(line):
     precision, random weights (speed does not depend on them), random images. Prints a JSON line when
     ready (its device), waits for a line on stdin (so that the probes packed on one GPU measure at the
     same time), then prints the images/s of training steps (forward+backward and an optimizer step at the
-    run's batch size; a FedAvg client's, fedavg.client_batch) and of forward-only passes (at its evaluation batch size), each a list over timed
-    windows (images_per_second). Writes no file."""
+    run's batch size; a FedAvg client's, fedavg.client_batch) and of forward-only passes (at its evaluation
+    batch size), each a list over timed windows (images_per_second); told 'go one-thread-too', on a CPU with
+    more threads, also both on one thread ("one_thread"). Writes no file."""
     name, args = parse_run(line)
     batch = fedavg.client_batch(args, split_sizes(args)[0]) if name == "fedavg" else args.batch_size
     device = plumbing.pick_device(args.device, args.deterministic)
@@ -392,7 +393,7 @@ def probe(line):
         props = torch.cuda.get_device_properties(device)
         info.update(name=props.name, sms=props.multi_processor_count, memory_gib=props.total_memory / 2**30)
     print(json.dumps(info), flush=True)
-    sys.stdin.readline()
+    one_thread_too = sys.stdin.readline().split() == ["go", "one-thread-too"]
     x = torch.randint(0, 256, (max(batch, args.eval_batch_size), 32, 32, 3), dtype=torch.uint8,
                       device=device)
     y = torch.randint(0, common.NUM_CLASSES, (len(x),), device=device)
@@ -407,11 +408,15 @@ def probe(line):
     def forward(xb):
         model.eval()
         common.backbone_features(model, common.preprocess(xb, args.img_size), device, precision)
+    measure = lambda: {"fwd_bwd": images_per_second(train, x, batch, PROBE_SECONDS),
+                       "fwd": images_per_second(forward, x, args.eval_batch_size, PROBE_SECONDS)}
     try:
-        rates = {"fwd_bwd": images_per_second(train, x, batch, PROBE_SECONDS),
-                 "fwd": images_per_second(forward, x, args.eval_batch_size, PROBE_SECONDS)}
+        rates = measure()
     except torch.cuda.OutOfMemoryError:
         raise plumbing.UserError(f"out of GPU memory at batch {batch} (evaluation: {args.eval_batch_size})")
+    if one_thread_too and device.type == "cpu" and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+        rates["one_thread"] = measure()
     print(json.dumps(rates), flush=True)
 
 
@@ -430,10 +435,11 @@ def probe_answer(p, err, n):
 PROBES = []  # the probe processes running now, for quiet_on_stop
 
 
-def run_probes(line, n, threads):
+def run_probes(line, n, threads, one_thread_too=False):
     """Start n probe processes of the run `line` at once (each with `threads` CPU threads unless
-    OMP_NUM_THREADS says otherwise, as run_all.sh gives its runs), release them together; returns
-    (what the first said when ready, [their images/s], mean seconds until ready: a run's start-up)."""
+    OMP_NUM_THREADS says otherwise, as run_all.sh gives its runs), release them together (asking each to
+    measure on one thread too, if one_thread_too); returns (what the first said when ready, [their
+    images/s], mean seconds until ready: a run's start-up)."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(threads)}
     t0 = time.time()
     errs = [tempfile.TemporaryFile("w+") for _ in range(n)]  # not a pipe: a chatty probe must not block
@@ -446,7 +452,7 @@ def run_probes(line, n, threads):
             p.stdin.flush()
         ready = [probe_answer(p, err, n) for p, err in zip(procs, errs)]
         for p in procs:
-            p.stdin.write("go\n")
+            p.stdin.write("go one-thread-too\n" if one_thread_too else "go\n")
             p.stdin.flush()
         rates = [probe_answer(p, err, n) for p, err in zip(procs, errs)]
     finally:
@@ -498,25 +504,47 @@ def estimate(lines, gpus, per_gpu):
     """run_all.sh's estimate for the runs 'SCRIPT ARG...' still to do, with `gpus` GPUs (0: the default
     device) and `per_gpu` runs at once on each (None: the default, runs_per_gpu of the device): the probe
     runs on the device and with the model, image size, precision and batch size of the first FedAvg run
-    (the client batch), packed as the runs will be. Returns (per_gpu, lines that say what was measured,
-    run_times: [(seconds, least, most) each run takes in its slot])."""
+    (the client batch), packed as the runs will be. On a CPU with more than one thread per run and no
+    OMP_NUM_THREADS set, the probe also measures one thread per run, and the runs get whichever makes the
+    study faster (choose_threads). Returns (per_gpu, lines that say what was measured, run_times:
+    [(seconds, least, most) each run takes in its slot], the runs' CPU threads or None: as they are)."""
     t0 = time.time()
     described = [parse_run(line) for line in lines]
     line = next((x for x, (name, _) in zip(lines, described) if name == "fedavg"), lines[0])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = lambda n: max(1, cores // (max(gpus, 1) * n))  # as run_all.sh divides them among its runs
+    one_too = not os.environ.get("OMP_NUM_THREADS")  # else the user chose the threads
     alone = None
     if per_gpu is None:  # one probe alone tells the device, and so the default
-        alone = run_probes(line, 1, threads(1))
+        alone = run_probes(line, 1, threads(1), one_too)
         info = alone[0]
         per_gpu = runs_per_gpu(info["sms"], info["memory_gib"]) if info["device"] == "cuda" else 1
-    info, rates, startup = alone if alone and per_gpu == 1 else run_probes(line, per_gpu, threads(per_gpu))
-    fb, f = (packed_speed(rates, k) for k in ("fwd_bwd", "fwd"))
-    costs = run_times([STAGES[name].image_passes(a, *split_sizes(a)) for name, a in described], startup, per_gpu,
-                      fb, f)
-    said = probe_report(time.time() - t0, info, per_gpu, fb, f, startup,
+    info, rates, startup = alone if alone and per_gpu == 1 else run_probes(line, per_gpu, threads(per_gpu), one_too)
+    passes = [STAGES[name].image_passes(a, *split_sizes(a)) for name, a in described]
+    n, fb, f, costs, why = choose_threads(rates, passes, startup, per_gpu, info["threads"])
+    said = probe_report(time.time() - t0, {**info, "threads": n}, per_gpu, fb, f, startup,
                         alone[1][0] if alone and per_gpu > 1 else None)
-    return per_gpu, said, costs
+    return per_gpu, said + why, costs, n if why else None
+
+
+def choose_threads(rates, passes, startup, per_gpu, threads):
+    """(CPU threads per run, fb, f, run_times, [a line saying why]): the probes' `threads`, or one thread where
+    the probes measured that too ("one_thread") and the study's estimate is shorter with it. On a busy
+    CPU a step's threads wait for each other at every operation: on 2 cores at load 11, 2 threads per run
+    made a FedAvg run of the quick study 14 times slower than one thread (docs/speed.md)."""
+    fb, f = (packed_speed(rates, k) for k in ("fwd_bwd", "fwd"))
+    costs = run_times(passes, startup, per_gpu, fb, f)
+    if not all("one_thread" in r for r in rates):
+        return threads, fb, f, costs, []
+    fb1, f1 = (packed_speed([r["one_thread"] for r in rates], k) for k in ("fwd_bwd", "fwd"))
+    costs1 = run_times(passes, startup, per_gpu, fb1, f1)
+    ratio = sum(c[0] for c in costs) / sum(c[0] for c in costs1)
+    if ratio > 1:
+        return 1, fb1, f1, costs1, [f"one thread per run measured faster than {threads} (the study about {ratio:.1f}x "
+                                    f"faster: a busy CPU's threads wait for each other): the runs get one "
+                                    f"(OMP_NUM_THREADS=1; set OMP_NUM_THREADS to choose)"]
+    return threads, fb, f, costs, [f"{threads} threads per run measured faster than one (the study about "
+                                   f"{1 / ratio:.1f}x faster): the runs get {threads} (set OMP_NUM_THREADS to choose)"]
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -563,8 +591,9 @@ def main(argv=None):
                         "todo/done/what differs from a finished run there, and its config.json as JSON")
     p.add_argument("--estimate", action="store_true",
                    help="read lines 'SCRIPT ARG...' on stdin (the runs to do), measure this machine and print "
-                        "'per-gpu<tab>N', lines 'say<tab>TEXT' and, for each run, 'cost<tab>MS<tab>LEAST<tab>MOST' "
-                        "(its time in its slot in milliseconds: the estimate and its spread)")
+                        "'per-gpu<tab>N', 'threads<tab>T' (the runs' CPU threads, when the probe chose them), "
+                        "lines 'say<tab>TEXT' and, for each run, 'cost<tab>MS<tab>LEAST<tab>MOST' (its time in its "
+                        "slot in milliseconds: the estimate and its spread)")
     p.add_argument("--gpus", type=plumbing.nonneg_int, default=0, help="with --estimate: GPUs used (0: the default device)")
     p.add_argument("--per-gpu", default=None, type=lambda v: None if v == "auto" else plumbing.positive_int(v),
                    help="with --estimate: runs at once on each GPU, or auto (runs_per_gpu of the GPU)")
@@ -613,8 +642,8 @@ def main(argv=None):
         lines = [line.strip() for line in sys.stdin if line.strip()]
         if not lines:
             p.error("--estimate: no run on stdin")
-        per_gpu, said, costs = estimate(lines, a.gpus, a.per_gpu)
-        print(f"per-gpu\t{per_gpu}", *(f"say\t{x}" for x in said),
+        per_gpu, said, costs, threads = estimate(lines, a.gpus, a.per_gpu)
+        print(f"per-gpu\t{per_gpu}", *([f"threads\t{threads}"] if threads else []), *(f"say\t{x}" for x in said),
               *("cost\t" + "\t".join(str(round(t * 1000)) for t in c) for c in costs), sep="\n")
     elif a.probe:
         probe(sys.stdin.readline())

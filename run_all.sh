@@ -232,7 +232,7 @@ PREFETCH=$(quote "$PY" "$HERE/plan.py" --prefetch -- "${EXTRA[@]}")
 # --per-gpu). A run's time in its slot: its start-up plus its images (each script's image_passes) at the
 # measured speed (the median of the probe's timed windows), and its spread (at the fastest and the slowest
 # window's speed: COST_LO, COST_HI); the study's: the sum over its runs, divided among the runs at once.
-SAY=() COST=() COST_LO=() COST_HI=()
+SAY=() COST=() COST_LO=() COST_HI=() RUN_THREADS=""
 estimate() {
   local tag value lo hi k=0 line runs=() input est=() fd status=0 gpu_env=()
   [[ -z $GPUS ]] || gpu_env=(env CUDA_VISIBLE_DEVICES="${DEVICES[0]}")
@@ -252,6 +252,7 @@ estimate() {
     IFS=$'\t' read -r tag value <<< "$line"
     case $tag in
       per-gpu) PER_GPU=$value ;;
+      threads) RUN_THREADS=$value ;;
       say) SAY+=("$value") ;;
       cost) IFS=$'\t' read -r value lo hi <<< "$value"  # the estimate, its least and most (if given)
             COST[TODO[k]]=$value COST_LO[TODO[k]]=${lo:-$value} COST_HI[TODO[k]]=${hi:-$value}; ((k += 1)) ;;
@@ -442,6 +443,7 @@ fi
 # OMP_NUM_THREADS says otherwise): torch's default of one thread per core in every process
 # oversubscribes the CPU and can slow all of them down many times.
 THREADS=$(($(nproc) / SLOTS > 0 ? $(nproc) / SLOTS : 1))
+[[ -z $RUN_THREADS ]] || THREADS=$RUN_THREADS  # the probe measured this many faster (a busy CPU: one)
 SLOT_PID=() SLOT_RUN=() SLOT_T0=() FAILED=()
 FINISHED=0 T_START=$SECONDS DONE_S=0 DONE_MS=0 LEFT_MS=0  # progress: seconds taken and estimated (ms)
 for i in "${TODO[@]}"; do ((LEFT_MS += ${COST[i]:-0})) || true; done
@@ -508,7 +510,7 @@ for i in "${TODO[@]}"; do
   echo "run: $(command_of "$i")"
   (
     [[ -z $GPUS ]] || export CUDA_VISIBLE_DEVICES=${DEVICES[g / PER_GPU]}
-    [[ -z $GPUS ]] && ((SLOTS == 1)) || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
+    [[ -z $GPUS ]] && ((SLOTS == 1)) && [[ -z $RUN_THREADS ]] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
     eval "exec $(command_of "$i")"  # exec: the slot's pid is the run itself, a child of this shell
   ) >> "$(log_of "$i")" 2>&1 &
   SLOT_PID[g]=$! SLOT_RUN[g]=$i SLOT_T0[g]=$SECONDS

@@ -133,3 +133,21 @@ def test_making_a_stand_in_says_so_once(tmp_path, monkeypatch, capsys):
     assert said == [f"making the stand-in backbone standin-test, once: pretraining a tiny ViT for 2 steps (a "
                     f"minute or more on a busy CPU), cached in {path}"]
     assert common.standin_weights("standin-test", str(tmp_path)) == path and capsys.readouterr().out == ""
+
+
+def test_the_runs_get_one_thread_where_the_probe_measured_the_study_faster_with_it():
+    """On a busy CPU a run's threads wait for each other: where the probe's one-thread windows make the
+    study's estimate shorter, the runs get one thread and the estimate is at that speed; where they make
+    it longer, the runs keep their threads; without them (OMP_NUM_THREADS set, a GPU) nothing is said."""
+    passes = [(1000, 10000)]
+    busy = {"fwd_bwd": [10, 10, 10], "fwd": [100, 100, 100],
+            "one_thread": {"fwd_bwd": [100, 50, 200], "fwd": [1000, 500, 2000]}}
+    n, fb, f, costs, why = plan.choose_threads([busy], passes, 2.0, 1, 2)
+    assert (n, fb, f, costs) == (1, (100, 50, 200), (1000, 500, 2000), [(22.0, 12.0, 42.0)])
+    assert why == ["one thread per run measured faster than 2 (the study about 9.2x faster: a busy CPU's threads "
+                   "wait for each other): the runs get one (OMP_NUM_THREADS=1; set OMP_NUM_THREADS to choose)"]
+    idle = {**busy, "fwd_bwd": [1000] * 3, "fwd": [10000] * 3}
+    n, fb, f, costs, why = plan.choose_threads([idle], passes, 2.0, 1, 2)
+    assert (n, fb, costs) == (2, (1000, 1000, 1000), [(4.0, 4.0, 4.0)]) and "the runs get 2" in why[0]
+    alone = {k: v for k, v in busy.items() if k != "one_thread"}
+    assert plan.choose_threads([alone], passes, 2.0, 1, 2)[::4] == (2, [])
