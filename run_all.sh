@@ -13,8 +13,9 @@
 #   --extensions      add the extensions group of runs (FL algorithms x splits; python plan.py --grid-table)
 #   --seeds LIST      comma-separated seeds; every run of the grid runs once per seed (default: 0,1,2)
 #   --dry-run         print the commands, then per stage the runs still to do, the images they will
-#                     process (forward+backward and forward only) and the time they will take here,
-#                     measured by a probe of about 30 s on the runs' device; write nothing
+#                     process (forward+backward and forward only) and the time they will take here
+#                     with its spread, measured by a probe on the runs' device (seconds; a minute or two
+#                     on a busy CPU); write nothing
 #   --gpus G          use G GPUs, each run seeing one (CUDA_VISIBLE_DEVICES), from the visible ones
 #                     (CUDA_VISIBLE_DEVICES if set, an empty one meaning none; else `nvidia-smi -L`);
 #                     default: the runs' default device
@@ -441,7 +442,8 @@ fi
 # Local: a pool of SLOTS = max(GPUS, 1) x PER_GPU slots; with --gpus, slot g runs on DEVICES[g / PER_GPU],
 # so no GPU ever has more than PER_GPU runs. Runs side by side share the CPU cores (unless
 # OMP_NUM_THREADS says otherwise): torch's default of one thread per core in every process
-# oversubscribes the CPU and can slow all of them down many times.
+# oversubscribes the CPU and can slow all of them down many times. On a busy CPU even one run's threads
+# wait for each other: there the probe measures one thread faster and the runs get one (RUN_THREADS).
 THREADS=$(($(nproc) / SLOTS > 0 ? $(nproc) / SLOTS : 1))
 [[ -z $RUN_THREADS ]] || THREADS=$RUN_THREADS  # the probe measured this many faster (a busy CPU: one)
 SLOT_PID=() SLOT_RUN=() SLOT_T0=() FAILED=()
