@@ -82,7 +82,8 @@ def run_key(script, a):
 def fake_python(tmp_path, runs="fake"):
     """A stand-in for $PYTHON. plan.py runs for real (run_all.sh asks it for run directories), except
     that with $FAKE_ESTIMATE set, `plan.py --estimate` answers at once instead of measuring: the
-    --per-gpu asked for (auto: 1), and $FAKE_ESTIMATE milliseconds per run; and with runs='fake',
+    --per-gpu asked for (auto: 1), $FAKE_THREADS (if set) as the runs' threads, and $FAKE_ESTIMATE
+    milliseconds per run; with $FAKE_OMP a run logs 'omp OMP_NUM_THREADS'; and with runs='fake',
     `plan.py --prefetch` answers 'fake prefetch: ready' at once (what fake runs need is nothing: the
     prefetch's own tests and the real study run it for real). summarize.py is recorded and
     does nothing (its own tests are in test_summarize.py). A stage script is run for real with
@@ -98,12 +99,14 @@ script=$(basename "$1")
 if [[ $script == plan.py && $2 == --estimate && -n ${{FAKE_ESTIMATE:-}} ]]; then
   n=$(grep -c .); per_gpu=${{*: -1}}; [[ $per_gpu != auto ]] || per_gpu=1
   printf 'per-gpu\t%s\nsay\tfake estimate\n' "$per_gpu"
+  [[ -z ${{FAKE_THREADS:-}} ]] || printf 'threads\t%s\n' "$FAKE_THREADS"
   for ((i = 0; i < n; i++)); do printf 'cost\t%s\n' "$FAKE_ESTIMATE"; done
   exit 0
 fi
 if [[ $script == plan.py && $2 == --prefetch && {runs} == fake ]]; then echo "fake prefetch: ready"; exit 0; fi
 [[ $script != plan.py ]] || exec {sys.executable} "$@"
 echo "$script ${{CUDA_VISIBLE_DEVICES-unset}} ${{RUN_ALL_PID-unset}} ${{*:2}}" >> "$FAKE_LOG"
+[[ -z ${{FAKE_OMP:-}} || $script == summarize.py ]] || echo "omp ${{OMP_NUM_THREADS-unset}}" >> "$FAKE_LOG"
 [[ $script != summarize.py ]] || exit 0
 [[ {runs} == fake ]] || exec {sys.executable} "$@"
 if [[ -n ${{FAKE_WAIT:-}} ]]; then
@@ -693,6 +696,23 @@ def test_tensorboard_reaches_every_run_and_is_not_a_setting_of_the_study(tmp_pat
     assert "tensorboard" not in (results / "run_all.settings").read_text()
     proc = run_all("--quick", "--", *TINY, results=results, env=env)
     assert proc.returncode == 0 and proc.stdout.count("skip (done)") == QUICK_N, proc.stdout + proc.stderr
+
+
+def test_the_runs_get_the_cpu_threads_the_probe_chose(tmp_path):
+    """Where the probe chose the runs' threads (one, on a busy CPU), each run gets OMP_NUM_THREADS=1;
+    where it chose none, a lone CPU run keeps torch's default as before; OMP_NUM_THREADS given wins."""
+    log = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(PYTHON=fake_python(tmp_path), FAKE_LOG=str(log), FAKE_ESTIMATE="1", FAKE_OMP="1")
+    for root, more, want in (("a", {"FAKE_THREADS": "1"}, "1"), ("b", {}, "unset"),
+                             ("c", {"FAKE_THREADS": "1", "OMP_NUM_THREADS": "2"}, "2")):
+        results = tmp_path / root
+        log.unlink(missing_ok=True)
+        proc = subprocess.run(["bash", SCRIPT, "--quick", "--", *TINY], capture_output=True, text=True, timeout=600,
+                              env={**env, **more, "RESULTS": str(results),
+                                   "FAKE_MAP": fake_map(tmp_path, planned(results, TINY))})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert [c for c in calls(log) if c[0] == "omp"] == [["omp", want]] * QUICK_N, root
 
 
 def test_settings_are_recorded_only_once_a_run_succeeded(tmp_path):
