@@ -49,7 +49,8 @@ def prefetch(args, backbone=True, download=True):
     if not backbone:
         return
     if args.weights:  # a stand-in not made yet is made by the prefetch (standin_weights says so)
-        to_make = args.weights in common.STANDINS and not os.path.isfile(common.standin_path(args.weights, args.data_dir))
+        to_make = (args.weights in common.STANDINS
+                   and not os.path.isfile(common.standin_path(args.weights, args.data_dir)))
         source, later = f"--weights {args.weights}" + (" (made once: pretraining a tiny ViT, a minute or more on a "
                                                         "busy CPU)" if to_make else ""), not download and to_make
     elif args.no_pretrained:

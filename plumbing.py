@@ -776,7 +776,7 @@ def write_json(obj, path):
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", path)
 
 
-_live_logs = {}  # (run directory, sub-log) -> its open SummaryWriter (--tensorboard)
+_live_logs = {}  # RUN/tb or RUN/tb/PART -> its open SummaryWriter (--tensorboard), one per process
 
 
 def live_log(args, step, row, part=None):
