@@ -48,11 +48,11 @@ def prefetch(args, backbone=True, download=True):
               f"(`python plan.py --data-dir {args.data_dir}` does it now)")
     if not backbone:
         return
-    if args.weights:  # a stand-in not made yet is made by the prefetch (standin_weights says so)
-        to_make = (args.weights in common.STANDINS
-                   and not os.path.isfile(common.standin_path(args.weights, args.data_dir)))
-        source, later = f"--weights {args.weights}" + (" (made once: pretraining a tiny ViT, a minute or more on a "
-                                                        "busy CPU)" if to_make else ""), not download and to_make
+    if args.weights:  # a stand-in not made yet: the prefetch makes it (standin_weights says so), a dry run says so
+        later = not download and args.weights in common.STANDINS and not os.path.isfile(
+            common.standin_path(args.weights, args.data_dir))
+        source = f"--weights {args.weights}" + (" (made once: pretraining a tiny ViT, a minute or more on a busy "
+                                                "CPU)" if later else "")
     elif args.no_pretrained:
         source, later = "random weights (--no-pretrained)", False
     else:
