@@ -102,6 +102,8 @@ def run_trial(name, hp, ckpt, model, feats, args, test=None):
     watch = common.LossWatch(f"centralized, trial {name}", f"a learning rate below {hp['lr']:g} ({flag})")
     history, best_epoch = common.train_head(model.head, feats, hp, args.epochs, args.patience, args.batch_size,
                                             args.seed, test=test, watch=watch)
+    for row in history:
+        plumbing.live_log(args, row["epoch"], row, part=name)
     summary = dict(hp, best_val_acc=history[best_epoch - 1]["val_acc"], best_epoch=best_epoch,
                    epochs_run=len(history), history=history, seconds=time.time() - t0)
     if test is not None:

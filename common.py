@@ -190,19 +190,29 @@ def load_backbone_weights(model, sd, source):
 STANDINS = {"standin": (3, 150), "standin-sharp": (100, 200)}
 
 
+def standin_path(name, data_dir):
+    """Where the stand-in backbone `name` is cached (made there by standin_weights on first use)."""
+    return os.path.join(data_dir, "standin", f"{name}.pt")
+
+
 def standin_weights(name, data_dir):
-    """Path of the stand-in backbone `name` (see STANDINS), pretrained on first use (seconds on a CPU,
-    deterministic) and cached in DATA_DIR/standin/ like the features."""
-    path = os.path.join(data_dir, "standin", f"{name}.pt")
+    """Path of the stand-in backbone `name` (see STANDINS), pretrained on first use (deterministic; about
+    20 s on an idle 2-core CPU, minutes on a busy one: it says so, with a progress bar) and cached in
+    DATA_DIR/standin/ like the features."""
+    from tqdm import tqdm
+    path = standin_path(name, data_dir)
     if os.path.isfile(path):
         return path
     import timm
     classes, steps = STANDINS[name]
+    print(f"making the stand-in backbone {name}, once: pretraining a tiny ViT for {steps} steps (a minute or "
+          f"more on a busy CPU), cached in {path}", flush=True)
     x, y, _, _ = make_synthetic(4000, 1, seed=1, num_classes=classes, family=1)
     torch.manual_seed(0)
     model = timm.create_model("test_vit", num_classes=classes, img_size=32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     gen, batch, step = plumbing.stream("standin", 0), 128, 0
+    bar = tqdm(total=steps, desc=f"stand-in {name}", leave=False, disable=None)
     while step < steps:
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x) - batch + 1, batch):
@@ -214,8 +224,10 @@ def standin_weights(name, data_dir):
             loss.backward()
             opt.step()
             step += 1
+            bar.update()
             if step == steps:
                 break
+    bar.close()
     plumbing.atomic_save({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, path)
     return path
 

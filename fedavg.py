@@ -420,7 +420,7 @@ def image_passes(a, train, val, test):
     training set; the head's augmentation gap (measures_aug_gap); sampled clients x J local batches per main
     round; federated calibration: every client scores ceil(fisher_batches * fisher_batch_size / k) images
     per calibration round; validation every --eval-every rounds, test every --test-every, both at the end.
-    It ignores that a client's batch never exceeds its shard."""
+    A client's batch never exceeds its shard (client_batch)."""
     feats = train + val + test if needs_features(a) else 0
     feats += a.ridge_views * train  # --head ridge's augmented views
     if a.train == "head":  # every round and every evaluation on cached features
@@ -430,7 +430,14 @@ def image_passes(a, train, val, test):
     if a.sparse and not a.mask and a.rule in common.SCORED_RULES:
         calib = a.calib_rounds * a.k * math.ceil(a.fisher_batches * a.fisher_batch_size / a.k)
     evals = (a.rounds // a.eval_every + 1) * val + (a.rounds // a.test_every + 1) * test
-    return a.rounds * clients_per_round(a) * a.j * a.batch_size + calib, feats + evals
+    return a.rounds * clients_per_round(a) * a.j * client_batch(a, train) + calib, feats + evals
+
+
+def client_batch(a, train):
+    """The batch a client steps at (local_batches), for run_all.sh's estimate: --batch-size, or its shard
+    where that is smaller, taken as train // k images (IID's; uneven non-IID shards make it an upper bound
+    of the mean)."""
+    return max(1, min(a.batch_size, train // a.k))
 
 
 # ----------------------------------------------------------------------------- the run's state: its checkpoint
@@ -550,6 +557,7 @@ class Rounds:
         for split in ("val", "test"):
             row[f"{split}_loss"], row[f"{split}_acc"] = self.evaluate(split, backbone_changed=self.feats is None)
         self.state.rows.append(row)
+        plumbing.live_log(self.args, 0, row)
         print(f"round 0 (the head): val acc {row['val_acc']:.4f}  test acc {row['test_acc']:.4f}")
         if self.args.head != "warmup" and self.args.head not in common.FRESH_HEADS:  # at chance by design
             common.check_head_accuracy(row["val_acc"], self.args)
@@ -596,6 +604,7 @@ class Rounds:
             state.upload += phase.upload * clients_per_round(a)
             state.round = rnd + 1
             state.rows.append(row)
+            plumbing.live_log(a, row["round"], row)
             if row["val_acc"] is not None:
                 watch.warn(loss, f"round {rnd + 1}")
                 write_outputs(state.rows, a)

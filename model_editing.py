@@ -232,6 +232,7 @@ class FineTuning:
                                                                                    self.device),
                                         **{k: self.state.head_info.get(k) for k in ("head_train_acc",
                                                                                      "head_train_aug_acc")}))
+            plumbing.live_log(self.args, 0, self.state.rows[-1])
 
     def train(self):
         """The epochs from state.epoch, step state.step on: a stop request saves at the next step boundary
@@ -261,6 +262,7 @@ class FineTuning:
                   f"test acc {row['test_acc']:.4f}")
             self.loss_sum.zero_()
             state.rows.append(row)
+            plumbing.live_log(self.args, row["epoch"], row)
             state.epoch, state.step = ep + 1, 0
             self.save()
             plumbing.write_csv(state.rows, os.path.join(a.out, "metrics.csv"))

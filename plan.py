@@ -50,8 +50,11 @@ def prefetch(args, backbone=True, download=True):
               f"(`python plan.py --data-dir {args.data_dir}` does it now)")
     if not backbone:
         return
-    if args.weights:
-        source, later = f"--weights {args.weights}", not download and args.weights in common.STANDINS
+    if args.weights:  # a stand-in not made yet: the prefetch makes it (standin_weights says so), a dry run says so
+        later = not download and args.weights in common.STANDINS and not os.path.isfile(
+            common.standin_path(args.weights, args.data_dir))
+        source = f"--weights {args.weights}" + (" (made once: pretraining a tiny ViT, a minute or more on a busy "
+                                                "CPU)" if later else "")
     elif args.no_pretrained:
         source, later = "random weights (--no-pretrained)", False
     else:
@@ -344,7 +347,8 @@ def grid_table():
 
 # ----------------------------------------------------------------------------- run_all.sh's estimate of the time
 
-PROBE_SECONDS = 6  # at most, per kind of pass (forward+backward, forward only) in each probe process
+PROBE_SECONDS = 2.5  # timed, per kind of pass (forward+backward, forward only) in each probe process
+PROBE_WINDOWS = 5  # timed windows per kind: their median is the speed, their lowest and highest its spread
 
 
 def runs_per_gpu(sms, memory_gib):
@@ -354,25 +358,51 @@ def runs_per_gpu(sms, memory_gib):
     return max(1, min(4, sms // 32, int(memory_gib // 8)))
 
 
-def images_per_second(step, x, batch, seconds):
-    """Images/s of step(images) on batches of random images like x[:1]: the batch grows from 1 to `batch`
-    while a step stays short (on a CPU a step of the full batch may take a minute; its images/s is about
-    that of a smaller batch), then steps of that size are timed for about a second, `seconds` at most.
-    The steps while it grows are the warm-up (allocations, kernel selection)."""
+def images_per_second(step, x, batch, seconds, windows=PROBE_WINDOWS, clock=time.perf_counter):
+    """[images/s of each timed window] of step(images) on batches of random images like x:
+    - the batch doubles from 1 towards `batch` while the next size's step (at most twice this one's)
+      stays within a quarter of `seconds` (on a CPU a step of the full batch may take a minute; its
+      images/s is about that of a smaller batch). Judged by the faster of two steps: the first call's
+      lazy initialisation, allocations and kernel selection (seconds on a busy CPU, which once stopped
+      the batch at 1 and made a quick study look like 3 days) and a busy machine's stalls only ever slow
+      a step. On one CPU thread: on a busy machine a step's threads wait for each other at every
+      operation, a fixed cost per step that would stop the batch at a few images, whose speed is many
+      times below the runs' (the windows below time that wait, at the runs' batch);
+    - then, after an untimed step (warm-up at this batch and thread count), each window times whole
+      steps for `seconds / windows` (at least one step), until `windows` windows or `seconds` are done,
+      3 windows at least: a run's speed is their median, a window stalled by a busy machine part of its
+      spread (speed)."""
     def timed(b):
-        t = time.perf_counter()
+        t = clock()
         step(x[:b])
         if x.is_cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t
-    start, b = time.perf_counter(), 1
-    while timed(b) < seconds / 8 and b < batch:
-        b = min(batch, 2 * b)
-    steps = spent = 0
-    while steps < 2 or spent < min(1.0, seconds - (time.perf_counter() - start)):
-        spent += timed(b)
-        steps += 1
-    return steps * b / spent
+        return clock() - t
+    b, threads = 1, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        while b < batch and 2 * min(timed(b), timed(b)) <= seconds / 4:
+            b = min(batch, 2 * b)
+    finally:
+        torch.set_num_threads(threads)
+    timed(b)  # warm-up at the batch and threads the windows time
+    rates, spent = [], 0.0
+    while len(rates) < windows and (len(rates) < 3 or spent < seconds):  # 3 windows at least, however slow
+        steps, took = 0, 0.0
+        while steps == 0 or took < seconds / windows:
+            took += timed(b)
+            steps += 1
+        rates.append(steps * b / max(took, 1e-9))
+        spent += took
+    return rates
+
+
+def speed(windows):
+    """(median, lowest, highest) images/s of the timed windows [images/s]: the median is the speed a run
+    is estimated at (robust to a window that a busy machine stalled), the others its spread."""
+    s = sorted(windows)
+    mid = len(s) // 2
+    return (s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2), s[0], s[-1]
 
 
 def probe(line):
@@ -380,19 +410,22 @@ def probe(line):
     precision, random weights (speed does not depend on them), random images. Prints a JSON line when
     ready (its device), waits for a line on stdin (so that the probes packed on one GPU measure at the
     same time), then prints the images/s of training steps (forward+backward and an optimizer step at the
-    run's batch size) and of forward-only passes (at its evaluation batch size). Writes no file."""
-    _, args = parse_run(line)
+    run's batch size; a FedAvg client's, fedavg.client_batch) and of forward-only passes (at its evaluation
+    batch size), each a list over timed windows (images_per_second); told 'go one-thread-too', on a CPU with
+    more threads, also both on one thread ("one_thread"). Writes no file."""
+    name, args = parse_run(line)
+    batch = fedavg.client_batch(args, split_sizes(args)[0]) if name == "fedavg" else args.batch_size
     device = plumbing.pick_device(args.device, args.deterministic)
     precision = plumbing.resolve_amp(args.amp, device)
     model = common.build_model(argparse.Namespace(**{**vars(args), "weights": None, "no_pretrained": True})).to(device)
-    info = {"ready": time.time(), "device": device.type, "precision": precision, "batch": args.batch_size,
+    info = {"ready": time.time(), "device": device.type, "precision": precision, "batch": batch,
             "threads": torch.get_num_threads()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(name=props.name, sms=props.multi_processor_count, memory_gib=props.total_memory / 2**30)
     print(json.dumps(info), flush=True)
-    sys.stdin.readline()
-    x = torch.randint(0, 256, (max(args.batch_size, args.eval_batch_size), 32, 32, 3), dtype=torch.uint8,
+    one_thread_too = sys.stdin.readline().split() == ["go", "one-thread-too"]
+    x = torch.randint(0, 256, (max(batch, args.eval_batch_size), 32, 32, 3), dtype=torch.uint8,
                       device=device)
     y = torch.randint(0, common.NUM_CLASSES, (len(x),), device=device)
     opt, scaler = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9), plumbing.grad_scaler(device, precision)
@@ -406,11 +439,15 @@ def probe(line):
     def forward(xb):
         model.eval()
         common.backbone_features(model, common.preprocess(xb, args.img_size), device, precision)
+    measure = lambda: {"fwd_bwd": images_per_second(train, x, batch, PROBE_SECONDS),
+                       "fwd": images_per_second(forward, x, args.eval_batch_size, PROBE_SECONDS)}
     try:
-        rates = {"fwd_bwd": images_per_second(train, x, args.batch_size, PROBE_SECONDS),
-                 "fwd": images_per_second(forward, x, args.eval_batch_size, PROBE_SECONDS / 2)}
+        rates = measure()
     except torch.cuda.OutOfMemoryError:
-        raise plumbing.UserError(f"out of GPU memory at batch {args.batch_size} (evaluation: {args.eval_batch_size})")
+        raise plumbing.UserError(f"out of GPU memory at batch {batch} (evaluation: {args.eval_batch_size})")
+    if one_thread_too and device.type == "cpu" and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+        rates["one_thread"] = measure()
     print(json.dumps(rates), flush=True)
 
 
@@ -429,10 +466,11 @@ def probe_answer(p, err, n):
 PROBES = []  # the probe processes running now, for quiet_on_stop
 
 
-def run_probes(line, n, threads):
+def run_probes(line, n, threads, one_thread_too=False):
     """Start n probe processes of the run `line` at once (each with `threads` CPU threads unless
-    OMP_NUM_THREADS says otherwise, as run_all.sh gives its runs), release them together; returns
-    (what the first said when ready, [their images/s], mean seconds until ready: a run's start-up)."""
+    OMP_NUM_THREADS says otherwise, as run_all.sh gives its runs), release them together (asking each to
+    measure on one thread too, if one_thread_too); returns (what the first said when ready, [their
+    images/s], mean seconds until ready: a run's start-up)."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(threads)}
     t0 = time.time()
     errs = [tempfile.TemporaryFile("w+") for _ in range(n)]  # not a pipe: a chatty probe must not block
@@ -445,7 +483,7 @@ def run_probes(line, n, threads):
             p.stdin.flush()
         ready = [probe_answer(p, err, n) for p, err in zip(procs, errs)]
         for p in procs:
-            p.stdin.write("go\n")
+            p.stdin.write("go one-thread-too\n" if one_thread_too else "go\n")
             p.stdin.flush()
         rates = [probe_answer(p, err, n) for p, err in zip(procs, errs)]
     finally:
@@ -458,15 +496,18 @@ def run_probes(line, n, threads):
 
 
 def probe_report(seconds, info, per_gpu, fb, f, startup, alone=None):
-    """What the probe measured, as lines for run_all.sh (and, on the CPU, that the full study is out of reach)."""
+    """What the probe measured, as lines for run_all.sh (and, on the CPU, that the full study is out of
+    reach); fb and f are speed()'s (median, lowest, highest) images/s, alone a probe's own windows."""
     per_s = lambda x: f"{x:.0f}" if x >= 10 else f"{x:.2g}"  # images/s: a CPU may do less than one
+    spread = lambda s: f"{per_s(s[0])} ({per_s(s[1])}-{per_s(s[2])})"
     where = (f"{info['name']} ({info['sms']} SMs, {info['memory_gib']:.0f} GiB)" if info["device"] == "cuda"
              else f"the CPU ({info['threads']} thread(s) per run)")
     precision = "fp32" if info["precision"] == "off" else info["precision"]
     said = [f"probe ({seconds:.0f} s): {per_gpu} run(s) at once on {where}, {precision}, batch {info['batch']}: "
-            f"{per_s(fb)} images/s forward+backward and {per_s(f)} forward only, all together; {startup:.1f} s "
-            f"to start a run"
-            + (f" (one run alone: {per_s(alone['fwd_bwd'])} and {per_s(alone['fwd'])})" if alone else "")]
+            f"{spread(fb)} images/s forward+backward and {spread(f)} forward only, all together (the median "
+            f"of its timed windows, their slowest-fastest in brackets); {startup:.1f} s to start a run"
+            + (f" (one run alone: {per_s(speed(alone['fwd_bwd'])[0])} and {per_s(speed(alone['fwd'])[0])})"
+               if alone else "")]
     if info["device"] == "cpu":
         said.append("no GPU: these runs go to the CPU, where the full study at the default size (ViT-S/16, 224 px) "
                     "takes months or more (see the total below). For a smoke check of the whole pipeline: "
@@ -475,29 +516,66 @@ def probe_report(seconds, info, per_gpu, fb, f, startup, alone=None):
     return said
 
 
+def packed_speed(rates, kind):
+    """(median, lowest, highest) images/s of all probes packed on a GPU together, from each probe's windows
+    of this kind of pass (rates: [{kind: [images/s per window]}]): they ran at the same time, so their
+    speeds add up."""
+    return tuple(sum(x) for x in zip(*(speed(r[kind]) for r in rates)))
+
+
+def run_times(passes, startup, per_gpu, fb, f):
+    """[(seconds, least, most)] each run takes in its slot, for its image passes [(forward+backward,
+    forward only)]: start-up plus its images at the packed speeds fb and f ((median, lowest, highest)
+    images/s, shared by per_gpu runs) - at the median speed, at the fastest window's and at the slowest's."""
+    at = lambda n_fb, n_f, i: startup + per_gpu * (n_fb / fb[i] + n_f / f[i])
+    return [(at(n_fb, n_f, 0), at(n_fb, n_f, 2), at(n_fb, n_f, 1)) for n_fb, n_f in passes]
+
+
 def estimate(lines, gpus, per_gpu):
     """run_all.sh's estimate for the runs 'SCRIPT ARG...' still to do, with `gpus` GPUs (0: the default
     device) and `per_gpu` runs at once on each (None: the default, runs_per_gpu of the device): the probe
     runs on the device and with the model, image size, precision and batch size of the first FedAvg run
-    (the client batch), packed as the runs will be. Returns (per_gpu, lines that say what was measured,
-    [seconds each run takes in its slot: start-up + its images at the packed speed])."""
+    (the client batch), packed as the runs will be. On a CPU with more than one thread per run and no
+    OMP_NUM_THREADS set, the probe also measures one thread per run, and the runs get whichever makes the
+    study faster (choose_threads). Returns (per_gpu, lines that say what was measured, run_times:
+    [(seconds, least, most) each run takes in its slot], the runs' CPU threads or None: as they are)."""
     t0 = time.time()
     described = [parse_run(line) for line in lines]
     line = next((x for x, (name, _) in zip(lines, described) if name == "fedavg"), lines[0])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = lambda n: max(1, cores // (max(gpus, 1) * n))  # as run_all.sh divides them among its runs
+    one_too = not os.environ.get("OMP_NUM_THREADS")  # else the user chose the threads
     alone = None
     if per_gpu is None:  # one probe alone tells the device, and so the default
-        alone = run_probes(line, 1, threads(1))
+        alone = run_probes(line, 1, threads(1), one_too)
         info = alone[0]
         per_gpu = runs_per_gpu(info["sms"], info["memory_gib"]) if info["device"] == "cuda" else 1
-    info, rates, startup = alone if alone and per_gpu == 1 else run_probes(line, per_gpu, threads(per_gpu))
-    fb, f = (sum(r[k] for r in rates) for k in ("fwd_bwd", "fwd"))  # all packed runs together
-    costs = [startup + per_gpu * (fb_i / fb + f_i / f)
-             for (name, a) in described for fb_i, f_i in [STAGES[name].image_passes(a, *split_sizes(a))]]
-    said = probe_report(time.time() - t0, info, per_gpu, fb, f, startup,
+    info, rates, startup = alone if alone and per_gpu == 1 else run_probes(line, per_gpu, threads(per_gpu), one_too)
+    passes = [STAGES[name].image_passes(a, *split_sizes(a)) for name, a in described]
+    n, fb, f, costs, why = choose_threads(rates, passes, startup, per_gpu, info["threads"])
+    said = probe_report(time.time() - t0, {**info, "threads": n}, per_gpu, fb, f, startup,
                         alone[1][0] if alone and per_gpu > 1 else None)
-    return per_gpu, said, costs
+    return per_gpu, said + why, costs, n if why else None
+
+
+def choose_threads(rates, passes, startup, per_gpu, threads):
+    """(CPU threads per run, fb, f, run_times, [a line saying why]): the probes' `threads`, or one thread where
+    the probes measured that too ("one_thread") and the study's estimate is shorter with it. On a busy
+    CPU a step's threads wait for each other at every operation: on 2 cores at load 11, 2 threads per run
+    made a FedAvg run of the quick study 14 times slower than one thread (docs/speed.md)."""
+    fb, f = (packed_speed(rates, k) for k in ("fwd_bwd", "fwd"))
+    costs = run_times(passes, startup, per_gpu, fb, f)
+    if not all("one_thread" in r for r in rates):
+        return threads, fb, f, costs, []
+    fb1, f1 = (packed_speed([r["one_thread"] for r in rates], k) for k in ("fwd_bwd", "fwd"))
+    costs1 = run_times(passes, startup, per_gpu, fb1, f1)
+    ratio = sum(c[0] for c in costs) / sum(c[0] for c in costs1)
+    if ratio > 1:
+        return 1, fb1, f1, costs1, [f"one thread per run measured faster than {threads} (the study about {ratio:.1f}x "
+                                    f"faster: a busy CPU's threads wait for each other): the runs get one "
+                                    f"(OMP_NUM_THREADS=1; set OMP_NUM_THREADS to choose)"]
+    return threads, fb, f, costs, [f"{threads} threads per run measured faster than one (the study about "
+                                   f"{1 / ratio:.1f}x faster): the runs get {threads} (set OMP_NUM_THREADS to choose)"]
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -544,8 +622,9 @@ def main(argv=None):
                         "todo/done/what differs from a finished run there, and its config.json as JSON")
     p.add_argument("--estimate", action="store_true",
                    help="read lines 'SCRIPT ARG...' on stdin (the runs to do), measure this machine and print "
-                        "'per-gpu<tab>N', lines 'say<tab>TEXT' and, for each run, 'cost<tab>MILLISECONDS' "
-                        "(its time in its slot)")
+                        "'per-gpu<tab>N', 'threads<tab>T' (the runs' CPU threads, when the probe chose them), "
+                        "lines 'say<tab>TEXT' and, for each run, 'cost<tab>MS<tab>LEAST<tab>MOST' (its time in its "
+                        "slot in milliseconds: the estimate and its spread)")
     p.add_argument("--gpus", type=plumbing.nonneg_int, default=0, help="with --estimate: GPUs used (0: the default device)")
     p.add_argument("--per-gpu", default=None, type=lambda v: None if v == "auto" else plumbing.positive_int(v),
                    help="with --estimate: runs at once on each GPU, or auto (runs_per_gpu of the GPU)")
@@ -595,9 +674,9 @@ def main(argv=None):
         lines = [line.strip() for line in sys.stdin if line.strip()]
         if not lines:
             p.error("--estimate: no run on stdin")
-        per_gpu, said, costs = estimate(lines, a.gpus, a.per_gpu)
-        print(f"per-gpu\t{per_gpu}", *(f"say\t{x}" for x in said), *(f"cost\t{round(c * 1000)}" for c in costs),
-              sep="\n")
+        per_gpu, said, costs, threads = estimate(lines, a.gpus, a.per_gpu)
+        print(f"per-gpu\t{per_gpu}", *([f"threads\t{threads}"] if threads else []), *(f"say\t{x}" for x in said),
+              *("cost\t" + "\t".join(str(round(t * 1000)) for t in c) for c in costs), sep="\n")
     elif a.probe:
         probe(sys.stdin.readline())
     elif a.grid_table:

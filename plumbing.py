@@ -478,7 +478,34 @@ def base_parser(default_arch):
                    help="run directory (none: RESULTS/STAGE/NAME/seedSEED, NAME from the main flags)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (starts fresh if there is none)")
+    g.add_argument("--tensorboard", action=TensorBoardFlag,
+                   help="also log every metrics row (round, epoch) to RUN/tb/ as it is written, for a live view: "
+                        "tensorboard --logdir RESULTS (needs the optional tensorboard package)")
     return p
+
+
+def tensorboard_missing():
+    """None if torch.utils.tensorboard can be imported, else the one line that says what to do."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        return "--tensorboard needs the tensorboard package: pip install tensorboard (or leave --tensorboard out)"
+    return None
+
+
+class TensorBoardFlag(argparse.Action):
+    """--tensorboard, refused as one line (exit status 2) when the package is missing: checked as the flags
+    are parsed, before anything is written (and by run_all.sh's planner before the first run starts), not
+    a study of hours that turns out to have no live view."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        missing = tensorboard_missing()
+        if missing:
+            parser.error(missing)
+        setattr(namespace, self.dest, True)
 
 
 # ----------------------------------------------------------------------------- device, precision, determinism
@@ -769,6 +796,30 @@ def write_json(obj, path):
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", path)
 
 
+_live_logs = {}  # RUN/tb or RUN/tb/PART -> its open SummaryWriter (--tensorboard), one per process
+
+
+def live_log(args, step, row, part=None):
+    """--tensorboard (else nothing): the metrics row `row` (dict) at `step` (its round or epoch) into the
+    run's TensorBoard log RUN/tb/ (RUN/tb/PART/ for a part of a run with steps of its own, a centralized
+    trial), every number a scalar named by its column, flushed at once: `tensorboard --logdir RESULTS`
+    shows a study while it runs. A log opens at the first row this process logs, with purge_step = that
+    step: TensorBoard hides what an interrupted session wrote from that step on, so a resumed run, which
+    logs again from its checkpoint, neither duplicates a step nor keeps one the resume recomputed."""
+    if not getattr(args, "tensorboard", False):
+        return
+    where = os.path.join(args.out, "tb", *([name_value(part)] if part else []))
+    writer = _live_logs.get(where)
+    if writer is None:
+        from torch.utils.tensorboard import SummaryWriter
+        refuse_links(where, args.out)  # RUN/tb linked elsewhere would steer the log's writes out of the root
+        writer = _live_logs[where] = SummaryWriter(where, purge_step=step)
+    for k, v in row.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            writer.add_scalar(k, v, step)
+    writer.flush()
+
+
 def write_csv(rows, path):
     """Rows (dicts) to CSV, atomically; columns in first-seen order; None is an empty cell."""
     cols = []
@@ -786,7 +837,7 @@ def write_csv(rows, path):
 
 # Flags that do not change a run's result: a run may be resumed with other values of these.
 # (Not --eval-batch-size: the order in which evaluation sums its batches shows in the last digits.)
-NON_RESULT_FLAGS = {"out", "results", "resume", "device", "data_dir"}
+NON_RESULT_FLAGS = {"out", "results", "resume", "device", "data_dir", "tensorboard"}
 
 
 def file_tag(path):

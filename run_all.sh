@@ -3,7 +3,7 @@
 #
 # usage: [RESULTS=./runs] [PYTHON=python] ./run_all.sh [--quick | --grid FILE] [--extensions] [--seeds 0,1,2] [--dry-run]
 #          [[--gpus G] [--per-gpu N] | --slurm [--partition P] [--time T] [--account A] [--gres G]
-#          [--max-parallel M]] [--summary-only] [-- FLAGS FOR EVERY RUN]
+#          [--max-parallel M]] [--tensorboard] [--summary-only] [-- FLAGS FOR EVERY RUN]
 #
 #   --quick           a tiny grid with short runs that still holds every kind of run (a smoke check
 #                     of the whole pipeline); its seeds default to 0
@@ -16,8 +16,9 @@
 #                     split (python plan.py --grid-table; --dry-run says how many runs and how long it adds)
 #   --seeds LIST      comma-separated seeds; every run of the grid runs once per seed (default: 0,1,2)
 #   --dry-run         print the commands, then per stage the runs still to do, the images they will
-#                     process (forward+backward and forward only) and the time they will take here,
-#                     measured by a probe of about 30 s on the runs' device; write nothing
+#                     process (forward+backward and forward only) and the time they will take here
+#                     with its spread, measured by a probe on the runs' device (seconds; a minute or two
+#                     on a busy CPU); write nothing
 #   --gpus G          use G GPUs, each run seeing one (CUDA_VISIBLE_DEVICES), from the visible ones
 #                     (CUDA_VISIBLE_DEVICES if set, an empty one meaning none; else `nvidia-smi -L`);
 #                     default: the runs' default device
@@ -33,6 +34,9 @@
 #                     Tasks run with --requeue --signal=B:USR1@120: two minutes before the time limit
 #                     (or on preemption) the run checkpoints at its next step and the task requeues
 #                     itself; the summary job runs after every task ended (afterany).
+#   --tensorboard     every run also logs its metrics rows to RUN/tb/ as it goes: `tensorboard --logdir
+#                     $RESULTS` shows the study while it runs (needs `pip install tensorboard`; not part of
+#                     the study's settings: a study may be continued with or without it)
 #   --summary-only    only rebuild the tables and plots (python summarize.py $RESULTS)
 #   -- FLAGS          appended to every run, e.g. a CPU-only smoke test (3-6 minutes on a busy 2-core machine):
 #                     ./run_all.sh --quick -- --dataset synthetic --arch test_vit --weights standin-sharp --img-size 32 --device cpu
@@ -65,7 +69,7 @@ while [[ $RESULTS == */ && $RESULTS != / ]]; do RESULTS=${RESULTS%/}; done
 
 # ----------------------------------------------------------------------------- flags
 
-QUICK=0 GRID_FILE="" EXTENSIONS=0 SEEDS="" GPUS="" PER_GPU="" SLURM=0 DRY=0 SUMMARY_ONLY=0 EXTRA=() SLURM_ONLY=""
+QUICK=0 GRID_FILE="" EXTENSIONS=0 TENSORBOARD=0 SEEDS="" GPUS="" PER_GPU="" SLURM=0 DRY=0 SUMMARY_ONLY=0 EXTRA=() SLURM_ONLY=""
 PARTITION="" TIME="" ACCOUNT="" GRES="" GRES_GIVEN=0 MAX_PARALLEL=""
 needs_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value"; }
 # bounded NAME VALUE MAX: an integer from 1 to MAX (bash arithmetic wraps beyond 2^63: compare digits first)
@@ -75,6 +79,7 @@ while (($#)); do
     --quick) QUICK=1 ;;
     --grid) needs_value "$@"; GRID_FILE=$2; shift ;;
     --extensions) EXTENSIONS=1 ;;
+    --tensorboard) TENSORBOARD=1 ;;
     --seeds) needs_value "$@"; SEEDS=$2; shift ;;
     --gpus) needs_value "$@"; GPUS=$2; shift ;;
     --per-gpu) needs_value "$@"; PER_GPU=$2; shift ;;
@@ -93,6 +98,7 @@ while (($#)); do
   shift
 done
 
+((!TENSORBOARD)) || EXTRA+=(--tensorboard)  # every run's flag (the planner refuses it in one line without the package)
 # The quick grid is a smoke check: one seed unless asked for more.
 [[ -n $SEEDS ]] || { ((QUICK)) && SEEDS=0 || SEEDS=0,1,2; }
 SEED_RE='(0|[1-9][0-9]*)'
@@ -215,7 +221,10 @@ GRID=${OUTPUT[0]-} ROWS=("${OUTPUT[@]:1}")
 # Run directories do not encode --quick, the grid file or the flags after --, so one root holds one kind of
 # study. The settings are recorded only once a run has succeeded: a typo after -- that fails every run must
 # not lock the root, and a root with no finished run takes any settings.
-SETTINGS="grid=$GRID extra=$( ((${#EXTRA[@]} == 0)) || quote "${EXTRA[@]}")"
+# --tensorboard (a live view, not a result: plumbing.NON_RESULT_FLAGS) is left out of them.
+KEPT=()
+for a in "${EXTRA[@]}"; do [[ $a == --tensorboard ]] || KEPT+=("$a"); done
+SETTINGS="grid=$GRID extra=$( ((${#KEPT[@]} == 0)) || quote "${KEPT[@]}")"
 if [[ -f $RESULTS/run_all.settings && $(< "$RESULTS/run_all.settings") != "$SETTINGS" ]]; then
   die "RESULTS=$RESULTS holds a study with other settings ($(< "$RESULTS/run_all.settings")): use another RESULTS="
 fi
@@ -248,10 +257,11 @@ PREFETCH=$(quote "$PY" "$HERE/plan.py" --prefetch -- "${EXTRA[@]}")
 # A probe of about 30 s measures the runs' device with their model, image size, precision and client
 # batch, packed --per-gpu to a GPU as the runs will be (plan.py --estimate; it also picks the default
 # --per-gpu). A run's time in its slot: its start-up plus its images (each script's image_passes) at the
-# measured speed; the study's: the sum over its runs, divided among the runs at once.
-SAY=() COST=()
+# measured speed (the median of the probe's timed windows), and its spread (at the fastest and the slowest
+# window's speed: COST_LO, COST_HI); the study's: the sum over its runs, divided among the runs at once.
+SAY=() COST=() COST_LO=() COST_HI=() RUN_THREADS=""
 estimate() {
-  local tag value k=0 line runs=() input gpu_env=()
+  local tag value lo hi k=0 line runs=() input gpu_env=()
   [[ -z $GPUS ]] || gpu_env=(env CUDA_VISIBLE_DEVICES="${DEVICES[0]}")
   for i in "${TODO[@]}"; do runs+=("${SCRIPT[i]} ${ARGS[i]}"); done
   printf -v input '%s\n' "${runs[@]}"
@@ -261,8 +271,10 @@ estimate() {
     IFS=$'\t' read -r tag value <<< "$line"
     case $tag in
       per-gpu) PER_GPU=$value ;;
+      threads) RUN_THREADS=$value ;;
       say) SAY+=("$value") ;;
-      cost) COST[TODO[k]]=$value; ((k += 1)) ;;
+      cost) IFS=$'\t' read -r value lo hi <<< "$value"  # the estimate, its least and most (if given)
+            COST[TODO[k]]=$value COST_LO[TODO[k]]=${lo:-$value} COST_HI[TODO[k]]=${hi:-$value}; ((k += 1)) ;;
     esac
   done
 }
@@ -279,26 +291,32 @@ hms() {  # seconds as H:MM:SS, or in days beyond two
   else printf '%d days' $((($1 + 43200) / 86400)); fi
 }
 print_estimate() {  # per stage and in total: runs still to do, their images and, if measured, their time
-  local stage n fb f ms total_n=0 total_fb=0 total_f=0 total_ms=0 line
+  local stage n fb f ms lo hi total_n=0 total_fb=0 total_f=0 total_ms=0 total_lo=0 total_hi=0 line
   echo "# runs still to do, the images they will process (an estimate: each script's image_passes) and their time here"
   for line in "${SAY[@]}"; do echo "# $line"; done
   for stage in centralized model_editing "fedavg dense" "fedavg sparse" "fedavg head"; do
-    n=0 fb=0 f=0 ms=0
+    n=0 fb=0 f=0 ms=0 lo=0 hi=0
     for i in "${TODO[@]}"; do
       [[ ${STAGE[i]} == "$stage" ]] || continue
-      ((n += 1, fb += FWD_BWD[i], f += FWD[i], ms += ${COST[i]:-0})) || true
+      ((n += 1, fb += FWD_BWD[i], f += FWD[i], ms += ${COST[i]:-0}, lo += ${COST_LO[i]:-0},
+        hi += ${COST_HI[i]:-0})) || true
     done
-    echo "stage $stage: $n runs, $fb images forward+backward, $f forward only$(time_of "$ms")"
-    ((total_n += n, total_fb += fb, total_f += f, total_ms += ms)) || true
+    echo "stage $stage: $n runs, $fb images forward+backward, $f forward only$(time_of "$ms" "$lo" "$hi")"
+    ((total_n += n, total_fb += fb, total_f += f, total_ms += ms, total_lo += lo, total_hi += hi)) || true
   done
-  echo "total: $total_n runs, $total_fb images forward+backward, $total_f forward only$(time_of "$total_ms")$(
-    ((${#COST[@]} == 0)) || echo " with $SLOTS run(s) at once")"
-  n=0 ms=0  # what the opt-in group adds (plan.py's GROUP of a run)
-  for i in "${TODO[@]}"; do [[ ${GROUP[i]} != extensions ]] || ((n += 1, ms += ${COST[i]:-0})) || true; done
-  ((!EXTENSIONS)) || echo "of these, --extensions adds $n runs$(time_of "$ms")"
+  echo "total: $total_n runs, $total_fb images forward+backward, $total_f forward only$(
+    time_of "$total_ms" "$total_lo" "$total_hi")$(((${#COST[@]} == 0)) || echo " with $SLOTS run(s) at once")"
+  n=0 ms=0 lo=0 hi=0  # what the opt-in group adds (plan.py's GROUP of a run)
+  for i in "${TODO[@]}"; do
+    [[ ${GROUP[i]} != extensions ]] || ((n += 1, ms += ${COST[i]:-0}, lo += ${COST_LO[i]:-0}, hi += ${COST_HI[i]:-0})) || true
+  done
+  ((!EXTENSIONS)) || echo "of these, --extensions adds $n runs$(time_of "$ms" "$lo" "$hi")"
 }
-time_of() {  # ', about H:MM:SS' of runs whose times in their slots add up to $1 ms, when measured
-  ((${#COST[@]} == 0)) || echo ", about $(hms $(($1 / 1000 / SLOTS)))"
+time_of() {  # ', about H:MM:SS (LEAST to MOST)' of runs whose times in their slots add up to $1 ms (at the
+             # probe's median speed; $2, $3 at its fastest and slowest window's), when measured
+  ((${#COST[@]} == 0)) && return
+  echo ", about $(hms $(($1 / 1000 / SLOTS)))$(((($2 == $1 && $3 == $1))) ||
+    echo " ($(hms $(($2 / 1000 / SLOTS))) to $(hms $(($3 / 1000 / SLOTS))))")"
 }
 
 if ((DRY)); then
@@ -466,8 +484,10 @@ fi
 # Local: a pool of SLOTS = max(GPUS, 1) x PER_GPU slots; with --gpus, slot g runs on DEVICES[g / PER_GPU],
 # so no GPU ever has more than PER_GPU runs. Runs side by side share the CPU cores (unless
 # OMP_NUM_THREADS says otherwise): torch's default of one thread per core in every process
-# oversubscribes the CPU and can slow all of them down many times.
+# oversubscribes the CPU and can slow all of them down many times. On a busy CPU even one run's threads
+# wait for each other: there the probe measures one thread faster and the runs get one (RUN_THREADS).
 THREADS=$(($(nproc) / SLOTS > 0 ? $(nproc) / SLOTS : 1))
+[[ -z $RUN_THREADS ]] || THREADS=$RUN_THREADS  # the probe measured this many faster (a busy CPU: one)
 SLOT_PID=() SLOT_RUN=() SLOT_T0=() FAILED=()
 FINISHED=0 T_START=$SECONDS DONE_S=0 DONE_MS=0 LEFT_MS=0  # progress: seconds taken and estimated (ms)
 for i in "${TODO[@]}"; do ((LEFT_MS += ${COST[i]:-0})) || true; done
@@ -538,7 +558,7 @@ for i in "${TODO[@]}"; do
   echo "run: $(command_of "$i")"
   (
     [[ -z $GPUS ]] || export CUDA_VISIBLE_DEVICES=${DEVICES[g / PER_GPU]}
-    [[ -z $GPUS ]] && ((SLOTS == 1)) || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
+    [[ -z $GPUS ]] && ((SLOTS == 1)) && [[ -z $RUN_THREADS ]] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
     eval "exec $(command_of "$i")"  # exec: the slot's pid is the run itself, a child of this shell
   ) >> "$(log_of "$i")" 2>&1 &
   SLOT_PID[g]=$! SLOT_RUN[g]=$i SLOT_T0[g]=$SECONDS

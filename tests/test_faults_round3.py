@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import common
-import fedavg
 import plan
 import plumbing
 from conftest import ROOT, TINY

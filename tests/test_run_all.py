@@ -83,7 +83,8 @@ def run_key(script, a):
 def fake_python(tmp_path, runs="fake"):
     """A stand-in for $PYTHON. plan.py runs for real (run_all.sh asks it for run directories), except
     that with $FAKE_ESTIMATE set, `plan.py --estimate` answers at once instead of measuring: the
-    --per-gpu asked for (auto: 1), and $FAKE_ESTIMATE milliseconds per run; and with runs='fake',
+    --per-gpu asked for (auto: 1), $FAKE_THREADS (if set) as the runs' threads, and $FAKE_ESTIMATE
+    milliseconds per run; with $FAKE_OMP a run logs 'omp OMP_NUM_THREADS'; and with runs='fake',
     `plan.py --prefetch` answers 'fake prefetch: ready' at once (what fake runs need is nothing: the
     prefetch's own tests and the real study run it for real). summarize.py is recorded and
     does nothing (its own tests are in test_summarize.py). A stage script is run for real with
@@ -99,12 +100,14 @@ script=$(basename "$1")
 if [[ $script == plan.py && $2 == --estimate && -n ${{FAKE_ESTIMATE:-}} ]]; then
   n=$(grep -c .); per_gpu=${{*: -1}}; [[ $per_gpu != auto ]] || per_gpu=1
   printf 'per-gpu\t%s\nsay\tfake estimate\n' "$per_gpu"
+  [[ -z ${{FAKE_THREADS:-}} ]] || printf 'threads\t%s\n' "$FAKE_THREADS"
   for ((i = 0; i < n; i++)); do printf 'cost\t%s\n' "$FAKE_ESTIMATE"; done
   exit 0
 fi
 if [[ $script == plan.py && $2 == --prefetch && {runs} == fake ]]; then echo "fake prefetch: ready"; exit 0; fi
 [[ $script != plan.py ]] || exec {sys.executable} "$@"
 echo "$script ${{CUDA_VISIBLE_DEVICES-unset}} ${{RUN_ALL_PID-unset}} ${{*:2}}" >> "$FAKE_LOG"
+[[ -z ${{FAKE_OMP:-}} || $script == summarize.py ]] || echo "omp ${{OMP_NUM_THREADS-unset}}" >> "$FAKE_LOG"
 [[ $script != summarize.py ]] || exit 0
 [[ {runs} == fake ]] || exec {sys.executable} "$@"
 if [[ -n ${{FAKE_WAIT:-}} ]]; then
@@ -678,6 +681,39 @@ def test_sigterm_stops_the_running_runs_and_exits_130_and_a_second_study_on_the_
     assert [c[0] for c in calls(log)].count("got") == 2 and not any(map(alive, children))
 
 
+def test_tensorboard_reaches_every_run_and_is_not_a_setting_of_the_study(tmp_path):
+    """./run_all.sh --tensorboard gives every run --tensorboard; the study's settings leave it out, so the
+    same study without it finds every run done."""
+    pytest.importorskip("tensorboard")  # without it the planner refuses the flag (tests/test_tensorboard.py)
+    results, log = tmp_path / "runs", tmp_path / "calls.log"
+    maps = fake_map(tmp_path, planned(results, [*TINY, "--tensorboard"]))
+    env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_MAP": maps, "FAKE_ESTIMATE": "1"}
+    proc = run_all("--quick", "--tensorboard", "--", *TINY, results=results, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = [c for c in calls(log) if c[0] in ("centralized.py", "model_editing.py", "fedavg.py")]
+    assert len(runs) == QUICK_N and all(c[-1] == "--tensorboard" for c in runs)
+    assert "tensorboard" not in (results / "run_all.settings").read_text()
+    proc = run_all("--quick", "--", *TINY, results=results, env=env)
+    assert proc.returncode == 0 and proc.stdout.count("skip (done)") == QUICK_N, proc.stdout + proc.stderr
+
+
+def test_the_runs_get_the_cpu_threads_the_probe_chose(tmp_path):
+    """Where the probe chose the runs' threads (one, on a busy CPU), each run gets OMP_NUM_THREADS=1;
+    where it chose none, a lone CPU run keeps torch's default as before; OMP_NUM_THREADS given wins."""
+    log = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(PYTHON=fake_python(tmp_path), FAKE_LOG=str(log), FAKE_ESTIMATE="1", FAKE_OMP="1")
+    for root, more, want in (("a", {"FAKE_THREADS": "1"}, "1"), ("b", {}, "unset"),
+                             ("c", {"FAKE_THREADS": "1", "OMP_NUM_THREADS": "2"}, "2")):
+        results = tmp_path / root
+        log.unlink(missing_ok=True)
+        proc = subprocess.run(["bash", SCRIPT, "--quick", "--", *TINY], capture_output=True, text=True, timeout=600,
+                              env={**env, **more, "RESULTS": str(results),
+                                   "FAKE_MAP": fake_map(tmp_path, planned(results, TINY))})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert [c for c in calls(log) if c[0] == "omp"] == [["omp", want]] * QUICK_N, root
+
+
 def test_settings_are_recorded_only_once_a_run_succeeded(tmp_path):
     results, log = tmp_path / "runs", tmp_path / "calls.log"
     typo, good = [*TINY, "--eval-batch-size", "77"], [*TINY, "--eval-batch-size", "78"]
@@ -766,7 +802,8 @@ def test_per_gpu_packs_that_many_runs_on_each_gpu_and_never_more(tmp_path):
 
 def test_dry_run_estimates_the_time_from_a_probe(tmp_path):
     """The probe measures (2 processes at once, as --per-gpu 2 packs the runs) and the estimate is each
-    run's start-up plus its images at the measured speed, divided among the 4 runs at once."""
+    run's start-up plus its images at the measured speed (the median of the probe's windows; its spread
+    at the fastest and the slowest window's), divided among the 4 runs at once."""
     results = tmp_path / "runs"
     proc = run_all("--dry-run", "--quick", "--gpus", "2", "--per-gpu", "2", "--", *TINY, results=results,
                    env={"CUDA_VISIBLE_DEVICES": "0,1"})
@@ -774,16 +811,23 @@ def test_dry_run_estimates_the_time_from_a_probe(tmp_path):
     assert not results.exists()
     said = [line for line in proc.stdout.splitlines() if line.startswith("# probe (")]
     assert len(said) == 1 and "2 run(s) at once on the CPU" in said[0], proc.stdout
-    fb, f, startup = (float(x) for x in re.search(r"batch \d+: ([\d.]+) images/s forward\+backward and ([\d.]+) "
-                                                 r"forward only, all together; ([\d.]+) s to start", said[0]).groups())
+    speed = r"([\d.]+) \(([\d.]+)-([\d.]+)\)"
+    fb_mid, fb_lo, fb_hi, f_mid, f_lo, f_hi, startup = (float(x) for x in re.search(
+        rf"batch \d+: {speed} images/s forward\+backward and {speed} forward only, all together \(the median of "
+        r"its timed windows, their slowest-fastest in brackets\); ([\d.]+) s to start", said[0]).groups())
+    assert fb_lo <= fb_mid <= fb_hi and f_lo <= f_mid <= f_hi
     assert "no GPU: these runs go to the CPU" in proc.stdout and "--slurm" in proc.stdout
-    want = sum(startup + 2 * (fb_i / fb + f_i / f) for _, fb_i, f_i, _, _ in
-               (plan.describe_run(shlex.join([s, *words])) for s, _, words in listed_runs(proc.stdout))) / 4
+    passes = [plan.describe_run(shlex.join([s, *words]))[1:3] for s, _, words in listed_runs(proc.stdout)]
+    want = [sum(startup + 2 * (fb_i / fb + f_i / f) for fb_i, f_i in passes) / 4
+            for fb, f in ((fb_mid, f_mid), (fb_hi, f_hi), (fb_lo, f_lo))]
     total = [line for line in proc.stdout.splitlines() if line.startswith("total: ")][0]
-    h, m, sec = map(int, re.search(r"about (\d+):(\d\d):(\d\d) with 4 run\(s\) at once$", total).groups())
-    assert abs(h * 3600 + m * 60 + sec - want) <= 1 + 0.01 * want
-    assert all(re.search(r", about \d+:\d\d:\d\d$", line) for line in proc.stdout.splitlines()
-               if line.startswith("stage "))
+    hms_re = r"(\d+):(\d\d):(\d\d)"
+    got = re.search(rf"about {hms_re} \({hms_re} to {hms_re}\) with 4 run\(s\) at once$", total).groups()
+    for k, w in enumerate(want):
+        h, m, sec = map(int, got[3 * k:3 * k + 3])
+        assert abs(h * 3600 + m * 60 + sec - w) <= 1 + 0.01 * w, (total, want)
+    assert all(re.search(rf", about {hms_re}( \({hms_re} to {hms_re}\))?$", line)
+               for line in proc.stdout.splitlines() if line.startswith("stage "))
 
 
 def test_runs_per_gpu_keeps_a_big_gpu_busy_and_a_small_one_alone():

@@ -297,5 +297,6 @@ def test_a_dry_run_reads_a_weights_file_and_makes_no_stand_in(tmp_path):
     proc = run_all("--dry-run", "--slurm", "--quick", "--", *flags, "--weights", "standin", "--data-dir", str(data),
                    results=tmp_path / "runs")
     assert proc.returncode == 0, proc.stderr
-    assert "backbone test_vit at 32 px with --weights standin: the study fetches or makes them first" in proc.stdout
+    assert ("backbone test_vit at 32 px with --weights standin (made once: pretraining a tiny ViT, a minute or more "
+            "on a busy CPU): the study fetches or makes them first") in proc.stdout
     assert not data.exists()  # the stand-in is pretrained by the study, not by a dry run

@@ -810,7 +810,6 @@ def test_per_run_titles_carry_every_flag_that_differs(tmp_path, monkeypatch):
 
 def test_a_cifar100_head_far_below_the_published_probes_warns(capsys):
     import argparse
-    import common
     args = argparse.Namespace(dataset="cifar100", arch=common.DEFAULT_ARCH, no_pretrained=False)
     assert common.check_head_accuracy(0.05, args) and not common.check_head_accuracy(0.78, args)
     err = capsys.readouterr().err.splitlines()
