@@ -161,7 +161,7 @@ def pytest_cmdline_main(config):
     if xdist and config.option.numprocesses is None and not config.option.collectonly \
             and not os.environ.get("PYTEST_XDIST_WORKER"):
         config.option.numprocesses = "auto"
-    if xdist and config.option.maxschedchunk is None:
+    if xdist and getattr(config.option, "maxschedchunk", 0) is None:  # an option since pytest-xdist 3.2
         # Hand a worker one or two tests at a time, in the order of schedule_order, instead of xdist's
         # first quarter of the suite at once: the longest tests then start first on whichever worker is
         # free, and no long test starts last to keep one worker busy while the other idles.
