@@ -139,6 +139,33 @@ SLOW = [
     "test_faults.py::test_a_feature_cache_of_another_shape_source_or_content_is_recomputed_with_a_warning",
 ]
 
+# The longest tests, longest first (CPU seconds measured one file at a time, -n 0, 2026-12-08): under
+# pytest-xdist they start first (schedule_order). A test's place here changes when it runs, never whether.
+LONGEST = [
+    "test_run_all.py::test_a_quick_study_killed_then_resumed_then_nothing_to_redo",  # about 100 s
+    "test_heads.py::test_fedavg_learns_a_zero_head_and_iid_learns_more_than_one_class_per_client",  # and standin_dir
+    "test_dynamics.py::test_standin_is_deterministic_and_cached",
+    "test_run_all_safety.py::test_a_dry_run_reads_a_weights_file_and_makes_no_stand_in",
+    "test_compile.py::test_a_compiled_run_equals_the_eager_one_to_float_rounding_and_resumes_exactly",
+    "test_run_all.py::test_dry_run_estimates_the_time_from_a_probe",
+    "test_fedavg.py::test_iid_learns_and_one_class_per_client_learns_less",
+    "test_fedavg.py::test_interrupted_run_resumes_to_the_same_files",
+    "test_run_all.py::test_settings_are_recorded_only_once_a_run_succeeded",
+    "test_run_all.py::test_sigterm_stops_the_running_runs_and_exits_130_and_a_second_study_on_the_root_is_refused",
+    "test_run_all.py::test_a_grid_file_runs_per_seed_through_the_same_machinery",
+    "test_faults.py::test_racing_starts_give_one_writer_and_leave_the_winners_files",
+    "test_benchmarks.py::test_bench_step_times_each_setting_it_is_asked_for",
+    "test_run_all_safety.py::test_a_dry_run_says_that_cifar100_is_missing_offline",
+    "test_safety.py::test_ctrl_c_checkpoints_at_the_round_boundary_exits_130_and_resumes_to_the_same_run",
+    "test_run_all_safety.py::test_a_non_ascii_root_under_lc_all_c_is_quoted_so_python_reads_it",
+    "test_run_all.py::test_a_missing_weights_file_stops_the_study_in_seconds_with_one_line",
+    "test_run_all.py::test_per_gpu_packs_that_many_runs_on_each_gpu_and_never_more",
+    "test_run_all_safety.py::test_a_stop_before_the_first_run_ends_the_planner_quietly_and_leaves_no_root",
+    "test_safety.py::test_a_script_exits_143_with_a_checkpoint_on_sigterm",
+    "test_safety.py::test_an_orphan_dies_with_run_all",
+    "test_dynamics.py::test_fine_tuning_keeps_and_improves_a_partial_step0_head",  # about 7 s a parameter
+]
+
 
 @pytest.fixture(scope="session")
 def standin_dir(tmp_path_factory):
@@ -167,6 +194,11 @@ def pytest_cmdline_main(config):
     if xdist and config.option.numprocesses is None and not config.option.collectonly \
             and not os.environ.get("PYTEST_XDIST_WORKER"):
         config.option.numprocesses = "auto"
+    if xdist and getattr(config.option, "maxschedchunk", 0) is None:  # an option since pytest-xdist 3.2
+        # Hand a worker one or two tests at a time, in the order of schedule_order, instead of xdist's
+        # first quarter of the suite at once: the longest tests then start first on whichever worker is
+        # free, and no long test starts last to keep one worker busy while the other idles.
+        config.option.maxschedchunk = 1
 
 
 def slow_entry(nodeid):
@@ -184,7 +216,20 @@ def pytest_collection_modifyitems(config, items):
         if slow_entry(item.nodeid):
             item.add_marker(pytest.mark.slow)
     # An entry naming a test its file no longer has would silently put that test back in the fast lane.
-    stale = [e for e in SLOW if "::" in e and e.split("::")[0] in modules
+    stale = [e for e in SLOW + LONGEST if "::" in e and e.split("::")[0] in modules
              and not hasattr(modules[e.split("::")[0]], e.split("::")[1])]
     if stale:
-        raise pytest.UsageError(f"tests/conftest.py SLOW names a test that does not exist: {', '.join(stale)}")
+        raise pytest.UsageError(f"tests/conftest.py SLOW or LONGEST names a test that does not exist: "
+                                f"{', '.join(stale)}")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike: xdist checks their collections agree
+        items.sort(key=schedule_order)
+
+
+def schedule_order(item):
+    """LONGEST first, in its order, then the other slow tests, then the fast ones (each in file order):
+    with two workers the suite ends about when the longest test alone would, not a long test later."""
+    path, _, test = item.nodeid.partition("::")
+    entry = f"{os.path.basename(path)}::{test.split('[')[0]}"
+    if entry in LONGEST:
+        return LONGEST.index(entry)
+    return len(LONGEST) + (0 if item.get_closest_marker("slow") else 1)

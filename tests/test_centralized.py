@@ -9,7 +9,7 @@ import centralized
 import common
 import plumbing
 from conftest import TINY
-from helpers import assert_usage_error, count_calls, record_plots, run_script
+from helpers import count_calls, record_plots, run_as_script
 
 FAST = TINY + ["--synthetic-size", "2000", "--batch-size", "64"]
 
@@ -138,11 +138,14 @@ def test_malformed_hparams_are_refused_before_features_or_a_run_dir(tmp_path):
     assert (tmp_path / "r" / "result.json").is_file()  # the corrected command works
 
 
-def test_missing_and_corrupt_weights_are_one_line_errors(tmp_path):
-    proc = run_script("centralized.py", *FAST, "--weights", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "r"))
-    assert "not found" in assert_usage_error(proc)
+def test_missing_and_corrupt_weights_are_one_line_errors(tmp_path, capsys):
+    # main() as the script's __main__ runs it, in this process (a new one costs seconds of imports; the
+    # scripts' own processes are tested in test_safety.py)
+    status, err = run_as_script(centralized.main, FAST + ["--weights", str(tmp_path / "nope.pth"),
+                                                          "--out", str(tmp_path / "r")], capsys)
+    assert status == 2 and len(err) == 1 and "not found" in err[0], err
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00garbage")
-    proc = run_script("centralized.py", *FAST, "--weights", str(bad), "--out", str(tmp_path / "r2"))
-    assert "cannot read" in assert_usage_error(proc)
+    status, err = run_as_script(centralized.main, FAST + ["--weights", str(bad), "--out", str(tmp_path / "r2")], capsys)
+    assert status == 2 and len(err) == 1 and "cannot read" in err[0], err
     assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()

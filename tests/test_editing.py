@@ -9,8 +9,7 @@ import common
 import model_editing
 import plumbing
 from conftest import TINY
-from helpers import (assert_usage_error, backbone_file, count_calls, masked_weights_moved, record_plots,
-                     run_script, tiny_model)
+from helpers import backbone_file, count_calls, masked_weights_moved, record_plots, run_as_script, tiny_model
 
 FAST = TINY + ["--synthetic-size", "3000", "--batch-size", "64", "--warmup-lr", "0.1", "--fisher-batches", "2",
                "--fisher-batch-size", "16"]
@@ -422,7 +421,7 @@ def test_head_sources_warmup_and_file(tmp_path):
     assert json.loads((tmp_path / "f" / "result.json").read_text())["head_val_acc"] == warm["head_val_acc"]
 
 
-def test_editing_reuses_a_saved_mask_and_rejects_a_bad_one(tmp_path):
+def test_editing_reuses_a_saved_mask_and_rejects_a_bad_one(tmp_path, capsys):
     weights, _ = backbone_file(tmp_path)
     first = tmp_path / "first"
     no_calibration = FAST[:FAST.index("--fisher-batches")]  # --mask: nothing to calibrate, no such flag
@@ -436,8 +435,10 @@ def test_editing_reuses_a_saved_mask_and_rejects_a_bad_one(tmp_path):
 
     old = dict(a, cls_token=torch.ones(1, 1, 64, dtype=torch.bool))  # a mask made before cls/pos left it
     torch.save(old, tmp_path / "old.pt")
-    proc = run_script("model_editing.py", *shared, "--mask", str(tmp_path / "old.pt"), "--out", str(tmp_path / "third"))
-    assert "recalibrate" in assert_usage_error(proc)
+    # main() as the script's __main__ runs it, in this process (its own process: test_safety.py's signal tests)
+    status, err = run_as_script(model_editing.main, shared + ["--mask", str(tmp_path / "old.pt"),
+                                                              "--out", str(tmp_path / "third")], capsys)
+    assert status == 2 and len(err) == 1 and "recalibrate" in err[0], err
     assert not (tmp_path / "third").exists()
 
 

@@ -438,7 +438,7 @@ def assert_same_run(a, b):
     assert ra == rb
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: under pytest-xdist its tests may run apart (conftest.schedule_order)
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
     fedavg.main(RESUME + ["--out", str(out)])

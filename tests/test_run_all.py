@@ -41,15 +41,15 @@ def run_all(*argv, results, env=None, timeout=600):
                           timeout=timeout)
 
 
-def listed_runs(stdout):
-    """The stage-script commands of a --dry-run, each as (script, parsed args): parsed by the script's
-    own get_args, so a flag it would refuse fails here."""
+def listed_runs(stdout, python=sys.executable):
+    """The stage-script commands of a --dry-run (run by $PYTHON python), each as (script, parsed args):
+    parsed by the script's own get_args, so a flag it would refuse fails here."""
     parse = {"centralized.py": centralized.get_args, "model_editing.py": model_editing.get_args,
              "fedavg.py": fedavg.get_args}
     out = []
     for line in stdout.splitlines():
-        words = shlex.split(line) if line.startswith(sys.executable) else []
-        if len(words) > 1 and words[0] == sys.executable and os.path.basename(words[1]) in parse:
+        words = shlex.split(line) if line.startswith(python) else []
+        if len(words) > 1 and words[0] == python and os.path.basename(words[1]) in parse:
             script = os.path.basename(words[1])
             out.append((script, parse[script](words[2:]), words[2:]))
     return out
@@ -229,12 +229,14 @@ def test_the_planned_study_is_its_grid_seed_by_seed_core_first(sizes):
 # --slurm: the same list, without the local speed probe (test_dry_run_estimates_the_time_from_a_probe)
 @pytest.mark.parametrize("sizes,argv,seeds", [(plan.FULL, [], [0, 1, 2]), (plan.QUICK, ["--quick", "--seeds", "3,5"], [3, 5])])
 def test_dry_run_lists_the_planned_grid_and_counts_its_runs_and_images(tmp_path, sizes, argv, seeds):
-    results = tmp_path / "runs"
-    proc = run_all("--dry-run", "--slurm", *argv, results=results)
+    # plan.py runs for real; the dry run's look at the data and weights (a model built: seconds) is answered
+    # at once, as it has tests of its own (test_a_dry_run_reads_a_weights_file_and_makes_no_stand_in)
+    results, python = tmp_path / "runs", fake_python(tmp_path)
+    proc = run_all("--dry-run", "--slurm", *argv, results=results, env={"PYTHON": python})
     assert proc.returncode == 0, proc.stderr
     assert not results.exists()  # a dry run writes nothing
 
-    runs = listed_runs(proc.stdout)
+    runs = listed_runs(proc.stdout, python)
     assert [(script, words) for script, _, words in runs] == \
         [(script, words) for _, script, words in planned(results, seeds=seeds, quick=sizes is plan.QUICK)]
     for _, a, words in runs:  # what run_all.sh adds to every run
@@ -326,10 +328,12 @@ def test_a_grid_file_runs_per_seed_through_the_same_machinery(tmp_path):
                     "  model_editing.py --rule random --epochs 1\nfedavg.py --iid --train head --head zero\n")
     lines = [["fedavg.py", "--nc", "5", "--j", "4", "--lr", "0.001"], ["model_editing.py", "--rule", "random", "--epochs", "1"],
              ["fedavg.py", "--iid", "--train", "head", "--head", "zero"]]
-    proc = run_all("--dry-run", "--slurm", "--grid", str(grid), "--seeds", "0,1", "--", *TINY, results=results)
+    python = fake_python(tmp_path)  # plan.py for real, the prefetch answered at once
+    proc = run_all("--dry-run", "--slurm", "--grid", str(grid), "--seeds", "0,1", "--", *TINY, results=results,
+                   env={"PYTHON": python})
     assert proc.returncode == 0, proc.stderr
     common_flags = lambda seed: ["--results", str(results), "--seed", str(seed), "--resume", "--deterministic", *TINY]
-    assert [[s, *w] for s, _, w in listed_runs(proc.stdout)] == \
+    assert [[s, *w] for s, _, w in listed_runs(proc.stdout, python)] == \
         [[*line, *common_flags(seed)] for seed in (0, 1) for line in lines]
     counted = stage_lines(proc.stdout)
     assert [counted[s][0] for s in STAGES] == [0, 2, 2, 0, 2]  # a head-only line is the stage 'fedavg head'
@@ -395,18 +399,19 @@ def test_a_finished_run_counts_as_done_only_with_the_flags_of_the_study(tmp_path
             f.write("{}")
         plumbing.write_json({**plumbing.run_config(a), "epochs": epochs, "precision": "off"},
                             os.path.join(a.out, "config.json"))
-    proc = run_all("--dry-run", "--slurm", "--quick", "--", *flags, results=results)
+    python = fake_python(tmp_path)  # plan.py for real, the prefetch answered at once
+    proc = run_all("--dry-run", "--slurm", "--quick", "--", *flags, results=results, env={"PYTHON": python})
     assert proc.returncode == 0, proc.stderr
     assert f"skip (done): {done.out}" in proc.stdout.splitlines()
     assert (f"skip (other flags): {other.out} holds a finished run that differs in epochs: not this study's run, "
             f"not counted as done; move it away to run this one") in proc.stdout.splitlines()
-    runs = listed_runs(proc.stdout)
+    runs = listed_runs(proc.stdout, python)
     assert len(runs) == n - 2 and not {done.out, other.out} & {a.out for _, a, _ in runs}
     assert stage_lines(proc.stdout)["model_editing"][0] == n_editing - 2
     for _, a, words in runs:
         assert words[-len(flags):] == flags and a.batch_size == 9
-    prefetch = [line for line in proc.stdout.splitlines() if line.startswith(sys.executable) and "plan.py" in line]
-    assert prefetch == [shlex.join([sys.executable, os.path.join(ROOT, "plan.py"), "--prefetch", "--", *flags])]
+    prefetch = [line for line in proc.stdout.splitlines() if line.startswith(python) and "plan.py" in line]
+    assert prefetch == [shlex.join([python, os.path.join(ROOT, "plan.py"), "--prefetch", "--", *flags])]
 
     # running: the other run is left alone, reported at the end, and the summary does not count it
     env = {"PYTHON": fake_python(tmp_path), "FAKE_LOG": str(log), "FAKE_ESTIMATE": "1",

@@ -82,14 +82,14 @@ def test_a_run_behind_a_wrapper_that_does_not_exec_lives_and_dies_with_run_all(t
 # ----------------------------------------------------------------------------- case 7: locales, glob characters, odd files
 
 def test_a_non_ascii_root_under_lc_all_c_is_quoted_so_python_reads_it(tmp_path):
-    results = tmp_path / "résultats"
+    results, python = tmp_path / "résultats", fake_python(tmp_path)  # plan.py for real, the prefetch at once
     env = {"LC_ALL": "C"}
-    proc = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results, env=env)
+    proc = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results, env={**env, "PYTHON": python})
     assert proc.returncode == 0, proc.stderr
-    runs = listed_runs(proc.stdout)
+    runs = listed_runs(proc.stdout, python)
     assert len(runs) == QUICK_N and {a.results for _, a, _ in runs} == {str(results)}
     summary = [shlex.split(line) for line in proc.stdout.splitlines() if "summarize.py" in line]
-    assert summary == [[sys.executable, os.path.join(ROOT, "summarize.py"), str(results)]]
+    assert summary == [[python, os.path.join(ROOT, "summarize.py"), str(results)]]
     # a finished study is finished: nothing reruns, nothing is reported failed
     assert run_all("--quick", "--", *TINY, results=results, env={**fake_env(tmp_path, planned(results, TINY)), **env}).returncode == 0
     proc = fake_study(tmp_path, results, env=env)
@@ -135,8 +135,8 @@ def test_a_link_in_place_of_the_roots_own_file_is_refused_before_anything_is_wri
 
 def test_a_link_at_a_runs_log_is_refused_before_the_first_run(tmp_path):
     results, target = tmp_path / "runs", victim(tmp_path)
-    dry = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results)
-    some = [a.out for _, a, _ in listed_runs(dry.stdout)][5]
+    _, script, words = planned(results, TINY)[5]  # the sixth run of the quick study, as run_all.sh lists them
+    some = plan.parse_run(shlex.join([script, *words]))[1].out
     (results / "logs").mkdir(parents=True)
     log = results / "logs" / (os.path.relpath(some, results).replace("/", "_") + ".log")
     log.symlink_to(target)
@@ -203,9 +203,10 @@ def test_a_tab_or_newline_in_a_config_key_keeps_the_plan_whole(tmp_path, key):
         json.dump({key: 1}, f)
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump({}, f)
-    proc = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results)
+    python = fake_python(tmp_path)  # plan.py for real, the prefetch answered at once
+    proc = run_all("--dry-run", "--slurm", "--quick", "--", *TINY, results=results, env={"PYTHON": python})
     assert proc.returncode == 0, proc.stderr
-    assert len(listed_runs(proc.stdout)) == QUICK_N - 1
+    assert len(listed_runs(proc.stdout, python)) == QUICK_N - 1
     assert f"skip (other flags): {out} holds a finished run that differs in " in proc.stdout
 
 
@@ -262,12 +263,12 @@ def test_results_slash_is_named_as_the_filesystems_root(tmp_path):
 
 
 def test_results_starting_with_a_dash_is_a_folder_not_a_flag(tmp_path):
-    env = {"PWD": str(tmp_path)}
+    env, python = {"PWD": str(tmp_path)}, fake_python(tmp_path)  # plan.py for real, the prefetch at once
     proc = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "--dry-run", "--slurm", "--quick", "--", *TINY],
                           capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, **env, "RESULTS": "-x", "PYTHON": sys.executable})
+                          env={**os.environ, **env, "RESULTS": "-x", "PYTHON": python})
     assert proc.returncode == 0, proc.stderr
-    runs = listed_runs(proc.stdout)
+    runs = listed_runs(proc.stdout, python)
     assert len(runs) == QUICK_N and {a.results for _, a, _ in runs} == {"./-x"}
     assert not (tmp_path / "-x").exists()
 

@@ -20,8 +20,7 @@ import model_editing
 import plumbing
 import summarize
 from conftest import ROOT, TINY
-from helpers import (assert_usage_error, backbone_file, parse_refused, run_as_script, run_script,
-                     stop_during_call, tiny_model)
+from helpers import backbone_file, parse_refused, run_as_script, stop_during_call, tiny_model
 
 FAST = TINY + ["--synthetic-size", "2000", "--batch-size", "64"]
 
@@ -226,9 +225,10 @@ def test_an_out_dir_that_cannot_be_created_is_one_line(tmp_path):
         centralized.main(FAST + ["--epochs", "1", "--out", str(tmp_path / "afile" / "run")])
 
 
-def test_an_empty_path_is_refused_in_every_path_flag(tmp_path, capsys):
-    proc = run_script("fedavg.py", *FAST, "--results", "", cwd=tmp_path)  # wrote to /fedavg/... before
-    assert "--results: an empty path" in assert_usage_error(proc)
+def test_an_empty_path_is_refused_in_every_path_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # main() as the script's __main__ runs it, here (no new process's imports)
+    status, err = run_as_script(fedavg.main, FAST + ["--results", ""], capsys)  # wrote to /fedavg/... before
+    assert status == 2 and len(err) == 1 and "--results: an empty path" in err[0], err
     assert os.listdir(tmp_path) == []
     for get_args, flags in [(centralized.get_args, ["--results", "--out", "--data-dir", "--weights", "--hparams"]),
                             (model_editing.get_args, ["--head", "--mask", "--hparams"]),
