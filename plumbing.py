@@ -233,6 +233,11 @@ def run_main(main):
         print(f"diverged: {e}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT)
     except Stopped as e:
+        # Stopped, its checkpoint saved: a further stop signal changes nothing. Ignored from here, as Python's
+        # shutdown would otherwise put back the default handler and a second Ctrl-C there would kill the
+        # process by the signal (exit -2) instead of its stop status
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
         by = f"signal {_stop_signal}" + (" (Ctrl-C)" if _stop_signal == signal.SIGINT else "")
         print(f"stopped by {by} during {e.phase}: {_what_was_kept(e)}", file=sys.stderr)
         sys.exit(stop_status())

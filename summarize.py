@@ -1427,12 +1427,14 @@ def defining_keys(stage):
 def csv_columns(runs):
     """results.csv's columns: the run, its split and algorithm, what each stage's tables group by (SCHEMA;
     the centralized run's chosen hyperparameters), every other flag that differs among the runs of a stage
-    (mark_flags: lr, mu, head_lr, ...; taken from config.json), then the measurements."""
+    (mark_flags: lr, mu, head_lr, ...; taken from config.json), every flag any run takes (so a new flag has
+    its column with no edit here), then the measurements."""
     cols = ["stage", "run", "dataset", "seed", "split", "algorithm"]
     for stage in STAGES:
         cols += defining_keys(stage) + (list(SCHEMA["best"]) if stage == "centralized" else []) + ["mask"]
-    cols += [k for r in runs for k, _ in r["flags"]] + MEASURES
-    return list(dict.fromkeys(cols))
+    cols += [k for r in runs for k, _ in r["flags"]]
+    cols += [k for r in runs for k in run_flags(r) if k != "mask"]  # every other flag a run takes: a new flag too
+    return list(dict.fromkeys(cols + MEASURES))
 
 
 def csv_row(r, root, columns):
@@ -1441,8 +1443,10 @@ def csv_row(r, root, columns):
     validation accuracy; the head it keeps is the best-validation one). A flag the run refused (run_flags)
     or does not have is an empty cell."""
     row = dict.fromkeys(columns)
+    takes = run_flags(r)
+    row.update({k: v for k, v in takes.items() if k in row and k != "mask"})
     row.update({k: json.loads(v) for k, v in r["flags"]})
-    refused = set(r["config"]) - set(run_flags(r))
+    refused = set(r["config"]) - set(takes)
     row.update({k: r.get(k) for k in ("stage", "dataset", "seed", "algorithm", *defining_keys(r["stage"]), *MEASURES)
                 if k not in refused}, run=os.path.relpath(r["dir"], root))
     if r["stage"] == "centralized":
@@ -1451,6 +1455,8 @@ def csv_row(r, root, columns):
         return row
     row.update(best_val_acc=r["best_val_acc"], test_acc_at_best_val=r.get("test_acc_at_best_val"),
                final_val_acc=r["val_acc"], final_test_acc=r["test_acc"])
+    if r["stage"] == "model_editing" and r.get("mask_file"):  # a given mask: its editing run's settings (mask_of)
+        row.update({k: r.get(k) for k in ("rule", "sparsity", "calib_rounds")})
     if r["stage"] == "fedavg":
         row.update({k: r.get(k) for k in ("split", "rounds_to_target")}, target_val_acc=r["target"])
         if r["mask"]:

@@ -545,8 +545,9 @@ def test_missing_or_misfit_mask_is_a_one_line_error(tmp_path):
 # ----------------------------------------------------------------------------- the run's state is its checkpoint
 
 def stopped_run(tmp_path, monkeypatch, at=2):
-    """RESUME stopped (SIGTERM) during round `at`: its folder, holding the checkpoint of round `at`."""
-    stop_during_call(monkeypatch, fedavg, "train_round", at)
+    """RESUME stopped (SIGTERM) during round `at` + 1, which the stop undoes: its folder, holding the
+    checkpoint of round `at`."""
+    stop_during_call(monkeypatch, fedavg, "train_round", at + 1)
     with pytest.raises(plumbing.Stopped):
         fedavg.main(RESUME + ["--out", str(tmp_path / "cut")])
     monkeypatch.undo()
@@ -644,7 +645,7 @@ def test_a_new_flag_reaches_result_json_and_results_csv_with_no_edit(tmp_path, m
         return p
 
     monkeypatch.setattr(common, "edit_parser", with_a_new_flag)
-    monkeypatch.setattr(summarize, "fedavg_plots", lambda *a: [])
+    monkeypatch.setattr(summarize, "fedavg_plots", lambda *a: ([], []))
     root = tmp_path / "root"
     fedavg.main(FAST + ["--rounds", "1", "--no-aug", "--probe", "9", "--results", str(root)])
     result = json.loads(next(root.glob("fedavg/*/seed0/result.json")).read_text())
