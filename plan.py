@@ -158,7 +158,7 @@ FULL = dict(  # the study's lists and sizes
     fed_sparsities=[0.5, 0.75, 0.9, 0.95, 0.99], fed_calibs=[1, 4, 8],
     # --extensions: every FL algorithm at every setting of its grid (extension_settings: the first N of
     # each grid, None: all), from both starts, dense and sparse, on an IID, an Nc and a Dirichlet split
-    extension_splits=["iid", "nc5", "dir0.1"], extension_j=4, extension_settings=None)
+    extension_splits=["iid", "nc5", "dir0.1"], extension_j=4, extension_settings=None, extension_split_flags={})
 QUICK = dict(  # every kind of run of the full study, each as small as it gets (a smoke check)
     FULL, central=["--grid", "--compare-schedulers", "--epochs", "2", "--grid-lr", "0.1,0.01", "--grid-momentum",
                    "0.9", "--grid-wd", "0", "--schedulers", "cosine,constant"],
@@ -168,8 +168,9 @@ QUICK = dict(  # every kind of run of the full study, each as small as it gets (
     edit_sparsities=[0.5, 0.9], edit_calibs=[1, 2], splits=["iid", "nc5"], js=[4, 8],
     rule_splits=["iid", "nc5"], ablation_split="nc5", fed_sparsities=[0.5, 0.9], fed_calibs=[2],
     # every algorithm, two settings of it, both starts, dense and sparse, on a CPU in minutes; one split, the
-    # kind the default study lacks (IID and Nc=5 are in it)
-    extension_splits=["dir0.1"], extension_settings=2)
+    # kind the default study lacks (IID and Nc=5 are in it). Its clients may hold 5 images: at the README's
+    # --synthetic-size 2000 no Dir(0.1) draw gave each of 100 clients the default 10 (seeds 0-5 give 5+)
+    extension_splits=["dir0.1"], extension_settings=2, extension_split_flags={"dir0.1": ["--min-shard", "5"]})
 
 # The FL algorithms of the extensions group (run_all.sh --extensions): name -> its grid, the fedavg.py flag
 # lists of its own hyperparameters to select from on validation accuracy, the first its default guess.
@@ -198,8 +199,8 @@ def families(s):
     default = ("least-sensitive", s["sparsity"], s["calib"])
     grid = [(split, j) for split in s["splits"] for j in s["js"]]
     # --extensions: each algorithm's settings (its grid, or the first extension_settings of it) x splits
-    ext = [(split, flags) for split in s["extension_splits"] for settings in ALGORITHMS.values()
-           for flags in settings[:s["extension_settings"]]]
+    ext = [(split, [*s["extension_split_flags"].get(split, []), *flags]) for split in s["extension_splits"]
+           for settings in ALGORITHMS.values() for flags in settings[:s["extension_settings"]]]
     fresh = ("--train", "head", "--head", "zero")  # the fresh head: FedAvg itself learns it
     each = lambda xs: "{" + ", ".join(map(str, xs)) + "}"
     labels = lambda names: each(map(splits.split_label, names))

@@ -41,7 +41,8 @@ def extension_dirs(s, seed=0):
         for flags in grid[:s["extension_settings"]]:
             for split in s["extension_splits"]:
                 for stage, start in starts.items():
-                    words = ["fedavg.py", *s["fed"], *splits.split_flags(split), "--j", "4", *start, *flags,
+                    words = ["fedavg.py", *s["fed"], *splits.split_flags(split), "--j", "4", *start,
+                             *s["extension_split_flags"].get(split, []), *flags,
                              "--results", "R", "--seed", str(seed), "--resume", "--deterministic"]
                     out[plan.parse_run(shlex.join(words))[1].out] = stage
     return out
