@@ -67,9 +67,10 @@ AT_ONCE_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a second of these stops at 
 
 
 def _on_stop_signal(signum, frame):
-    """Python's handler: only where no _count_stop_signals thread counts the signals (it sets the flag)."""
+    """Python's handler, in the main thread: the first stop signal sets the flag, so the main thread's next
+    check sees it at once (the _count_stop_signals thread, which counts them, may read its pipe later)."""
     global _stop_signal
-    if not _counting:
+    if _stop_signal is None:
         _stop_signal = signum
 
 
@@ -79,13 +80,15 @@ def _count_stop_signals(fd):
     that handler for seconds, and two signals that arrive meanwhile would run it once. The first asks
     for a stop at the next step boundary; a second SIGTERM or Ctrl-C stops at once."""
     global _stop_signal
+    seen = 0  # stop signals so far: the flag alone cannot tell, as Python's handler may have set it first
     while True:
         for signum in os.read(fd, 64):
             if signum not in STOP_SIGNALS:
                 continue
+            seen += 1
             if _stop_signal is None:
                 _stop_signal = signum
-            elif signum in AT_ONCE_SIGNALS:
+            if seen > 1 and signum in AT_ONCE_SIGNALS:
                 _stop_at_once(signum)
 
 
