@@ -59,6 +59,7 @@ DIVERGED_EXIT = 3  # exit status of a diverged run (2: bad input, 130/143: stopp
 _stop_signal = None
 _open_run = None  # the run directory open_run prepared: where run_main looks for a checkpoint on a stop
 _counting = False  # whether _count_stop_signals watches the stop signals (run_main starts it)
+_stop_count = 0  # stop signals the _count_stop_signals thread has read: a second one stops at once
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -79,16 +80,15 @@ def _count_stop_signals(fd):
     the wakeup fd), not when the main thread gets round to Python's handler: a long torch call delays
     that handler for seconds, and two signals that arrive meanwhile would run it once. The first asks
     for a stop at the next step boundary; a second SIGTERM or Ctrl-C stops at once."""
-    global _stop_signal
-    seen = 0  # stop signals so far: the flag alone cannot tell, as Python's handler may have set it first
+    global _stop_signal, _stop_count
     while True:
         for signum in os.read(fd, 64):
             if signum not in STOP_SIGNALS:
                 continue
-            seen += 1
+            _stop_count += 1  # counted here: the flag alone cannot tell, as Python's handler may have set it first
             if _stop_signal is None:
                 _stop_signal = signum
-            if seen > 1 and signum in AT_ONCE_SIGNALS:
+            if _stop_count > 1 and signum in AT_ONCE_SIGNALS:
                 _stop_at_once(signum)
 
 

@@ -167,6 +167,16 @@ LONGEST = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def no_stop_yet(monkeypatch):
+    """Every test starts with no stop requested and no stop signal counted: a run_main in this process leaves
+    its signal-counting thread running (plumbing._count_stop_signals), and a count carried over from an
+    earlier test would make this test's first signal a second one, which stops the process at once."""
+    import plumbing
+    monkeypatch.setattr(plumbing, "_stop_signal", None)
+    monkeypatch.setattr(plumbing, "_stop_count", 0)
+
+
 @pytest.fixture(scope="session")
 def standin_dir(tmp_path_factory):
     """A data dir holding every stand-in backbone (common.STANDINS), pretrained once per test run (seconds
