@@ -695,10 +695,19 @@ def render(doc):
             md += [f"### {block.title}", ""] + ([block.note, ""] if block.note else []) + [md_table(block), ""]
             label = tex_label(block.title, labels)
             labels.add(label)
-            tex += ["", tex_table(block, label)]
+            floats = sum(line.count(r"\end{table}") for line in tex)
+            table = tex_table(block, label)
+            tex += ["", table]
+            if (floats + table.count(r"\end{table}")) // TEX_FLUSH > floats // TEX_FLUSH:
+                tex.append(r"\clearpage")
         else:
             md.append(block)
     return "\n".join(md).rstrip() + "\n", "\n".join(tex) + "\n"
+
+
+# Tables between two \clearpage in tables.tex: LaTeX holds at most 18 unplaced floats, and a study's 100+
+# tables in a row stopped pdflatex ("Output loop---100 consecutive dead cycles" after 51 tables, 2026-12-08)
+TEX_FLUSH = 10
 
 
 def acc(runs, key="test_acc"):

@@ -1029,3 +1029,12 @@ def test_a_wide_or_long_table_is_cut_into_parts_at_8_pt_never_shrunk():
     assert all(sum(summarize.WRAP_PT + 12 if i == 0 else width(i) for i in g) <= summarize.TEXT_WIDTH_PT
                for g in groups)
     assert md.count("| setup") == 70  # report.md keeps the table whole
+
+
+def test_tables_tex_flushes_its_floats_every_few_tables():
+    """A study's 100+ tables in a row overflowed LaTeX's queue of unplaced floats (pdflatex stopped after 51):
+    a \\clearpage follows every TEX_FLUSH tables, so none waits behind more than that."""
+    doc = [summarize.Table(f"table {i}", ["a", "b"], [["x", "1"]]) for i in range(3 * summarize.TEX_FLUSH + 2)]
+    _, tex = summarize.render(doc)
+    runs = [chunk.count(r"\end{table}") for chunk in tex.split(r"\clearpage")]
+    assert runs == [summarize.TEX_FLUSH] * 3 + [2], runs
