@@ -1316,6 +1316,34 @@ def checked_mask(mask, where, model):
     return mask
 
 
+class EditedModelState:
+    """What a checkpoint state of fedavg.py (RunState) and model_editing.py (EditState) shares: its `head`,
+    `model` (the weights, None before the first save) and `mask` (None before step 1), checked against the
+    run's model and written out as head.pt and mask.pt."""
+
+    def model_misfit(self, model, saved=True):
+        """What keeps the head, the weights (when `saved`) and the mask from fitting `model`, or None; the
+        mask is kept as checked_mask reads it."""
+        parts = [("head", self.head, model.head)] + ([("model", self.model, model)] if saved else [])
+        for what, sd, module in parts:
+            problem = plumbing.state_misfit(sd, module)
+            if problem:
+                return f"its {what} does not fit --arch: {problem}"
+        if self.mask is not None:
+            try:
+                self.mask = checked_mask(self.mask, "in it", model)
+            except plumbing.UserError as e:
+                return str(e)
+        return None
+
+    def write_files(self, out):
+        """head.pt and, once made, mask.pt, from the state: on resume too, so a file damaged, replaced or
+        linked elsewhere meanwhile does not survive (atomic_save replaces a link, never writes through it)."""
+        plumbing.atomic_save(self.head, os.path.join(out, "head.pt"))
+        if self.mask is not None:
+            save_mask(self.mask, os.path.join(out, "mask.pt"))
+
+
 def mask_kept_frac(mask):
     return sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
 

@@ -446,7 +446,7 @@ ROW_KEYS = ("round", "train_loss", "update_norm", "agreement", "val_loss", "val_
 
 
 @dataclasses.dataclass
-class RunState(plumbing.CheckpointState):
+class RunState(plumbing.CheckpointState, common.EditedModelState):
     """All of a FedAvg run's state, which is its checkpoint (plumbing.CheckpointState: the fields are its
     schema; save_checkpoint adds "run", the run's flags)."""
     head: dict                  # step 0: the head after it (head.pt; with --head warmup, before its warm-up rounds)
@@ -480,23 +480,7 @@ class RunState(plumbing.CheckpointState):
             return f"a mask at round {self.round}, before step 1"
         if self.algo is not None and not isinstance(self.algo.get("head_only"), bool):
             return "its FL algorithm's state has no phase"
-        for what, sd, module in (("head", self.head, model.head), ("model", self.model, model)):
-            problem = plumbing.state_misfit(sd, module)
-            if problem:
-                return f"its {what} does not fit --arch: {problem}"
-        if self.mask is not None:
-            try:
-                self.mask = common.checked_mask(self.mask, "in it", model)
-            except plumbing.UserError as e:
-                return str(e)
-        return None
-
-    def write_files(self, out):
-        """head.pt and, once made, mask.pt, from the state: on resume too, so a file damaged, replaced or
-        linked elsewhere meanwhile does not survive (atomic_save replaces a link, never writes through it)."""
-        plumbing.atomic_save(self.head, os.path.join(out, "head.pt"))
-        if self.mask is not None:
-            common.save_mask(self.mask, os.path.join(out, "mask.pt"))
+        return self.model_misfit(model)
 
 
 def rows_problem(rows, done, total):

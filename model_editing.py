@@ -140,7 +140,7 @@ def image_passes(a, train, val, test):
 # ----------------------------------------------------------------------------- the run's state: its checkpoint
 
 @dataclasses.dataclass
-class EditState(plumbing.CheckpointState):
+class EditState(plumbing.CheckpointState, common.EditedModelState):
     """All of an editing run's state, which is its checkpoint (plumbing.CheckpointState: the fields are its
     schema; save_checkpoint adds "run", the run's flags). Steps 0 and 1 are saved together once both are done."""
     head: dict                  # step 0: the head (head.pt), frozen from then on
@@ -173,27 +173,14 @@ class EditState(plumbing.CheckpointState):
             return "its loss so far is not a number"
         if (self.opt is not None, self.scaler is not None) != (started, started):
             return "a model without its optimizer and scaler, or these without a model"
-        problem = plumbing.state_misfit(self.head, model.head)
+        problem = self.model_misfit(model, saved=started)
         if problem:
-            return f"its head does not fit --arch: {problem}"
-        problem = started and plumbing.state_misfit(self.model, model)
-        if problem:
-            return f"its model does not fit --arch: {problem}"
+            return problem
         groups = self.opt.get("param_groups") if started else None
         if started and not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict) and
                             len(groups[0].get("params", ())) == len(common.backbone_params(model))):
             return "its optimizer is not the backbone's"
-        try:
-            self.mask = common.checked_mask(self.mask, "in it", model)
-        except plumbing.UserError as e:
-            return str(e)
         return None
-
-    def write_files(self, out):
-        """head.pt and mask.pt from the state: on resume too, so a file damaged, replaced or linked elsewhere
-        meanwhile does not survive (atomic_save replaces a link, never writes through it)."""
-        plumbing.atomic_save(self.head, os.path.join(out, "head.pt"))
-        common.save_mask(self.mask, os.path.join(out, "mask.pt"))
 
 
 # ----------------------------------------------------------------------------- step 2 and the result
